@@ -1,0 +1,359 @@
+"""The method registry: what every merge method needs, takes and means.
+
+A method is a small pure function ``merge(inputs: TensorInputs) -> Tensor`` that knows nothing about
+files, devices or progress. It is registered with a :class:`MergeMethod` that says how it uses the
+base model, how many models it takes, its parameters (type, default, range, one-line meaning), whether
+the engine may split a tensor into row chunks for it, and the statistics it needs before merging:
+
+* ``prepare_tensor(source)``: per-tensor statistics (a top-k threshold, a norm) computed from a
+  re-iterable stream of row chunks of that tensor, so huge tensors never need to be whole in memory.
+* ``prepare_model(scope)``: whole-model statistics (TIES' global trim threshold, a global sign
+  majority) computed from a stream over every tensor the method merges.
+
+The registry is what ``mergelab methods`` prints and what the recipe validator checks.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+
+from mergelab.errors import RecipeError
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method: its type, default, allowed values and meaning.
+
+    ``low``/``high`` bound numbers (inclusive unless ``low_open``/``high_open``); ``choices`` lists the
+    allowed strings. ``per_layer=False`` forbids gradients and filters (the value must be one scalar
+    for the whole model, e.g. a density used for a whole-model trim).
+    """
+
+    name: str
+    kind: type
+    meaning: str
+    default: Any = REQUIRED
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: Optional[tuple] = None
+    per_layer: bool = True
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def allowed(self) -> str:
+        """Human-readable description of the allowed values."""
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.kind is bool:
+            return "true or false"
+        kind = {float: "a number", int: "an integer", str: "a string"}.get(self.kind, self.kind.__name__)
+        if self.low is None and self.high is None:
+            return kind
+        lo = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
+        hi = "" if self.high is None else f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"{kind} " + " and ".join(x for x in (lo, hi) if x)
+
+    def check(self, value: Any, where: str) -> Any:
+        """Return ``value`` coerced to this parameter's type, or raise :class:`RecipeError`."""
+        bad = RecipeError(f"{where}: parameter '{self.name}' = {value!r} is invalid; expected {self.allowed()}")
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise bad
+            return value
+        if self.kind is str:
+            if not isinstance(value, str) or (self.choices is not None and value not in self.choices):
+                raise bad
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        if self.kind is int:
+            if float(value) != int(value):
+                raise bad
+            value = int(value)
+        else:
+            value = float(value)
+        if value != value:  # NaN
+            raise bad
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            raise bad
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            raise bad
+        return value
+
+
+class BaseUse(str, enum.Enum):
+    """How a method uses ``base_model``."""
+
+    REQUIRED = "required"  # task-vector methods: base passed separately, deltas taken against it
+    OPTIONAL = "optional"  # works on deltas when a base is given, on raw weights otherwise
+    INPUT = "input"  # no special role: the base is one more weighted input when listed in models
+    IGNORED = "ignored"  # the base, if any, is not used by the math
+
+
+def stream_seed(*parts: Any) -> int:
+    """A 63-bit seed derived from ``parts`` (seed, tensor name, chunk, model, purpose).
+
+    Randomness is keyed by what it is for, never by the order tensors are processed in, so results
+    do not depend on order, threads or device.
+    """
+    digest = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class TensorInputs:
+    """Everything a method sees for one output tensor, or one row chunk of it.
+
+    Tensors are float32 on the compute device. ``base`` is ``None`` when the method has no base.
+    ``rows`` is the ``[start, stop)`` range of dimension 0 this chunk covers (the whole tensor when it
+    is not chunked); ``shape`` is the full tensor's shape.
+    """
+
+    name: str
+    shape: tuple
+    base: Optional[torch.Tensor]
+    models: list
+    params: dict
+    model_params: list
+    seed: int = 0
+    chunk: int = 0
+    rows: tuple = (0, 0)
+    layer: Optional[int] = None
+    num_layers: Optional[int] = None
+    tensor_stats: Any = None
+    model_stats: Any = None
+    aux: dict = field(default_factory=dict)
+
+    def model_param(self, name: str) -> list:
+        """The per-model parameter ``name`` as a list, one value per model."""
+        return [p[name] for p in self.model_params]
+
+    def generator(self, model_index: int = 0, purpose: str = "") -> torch.Generator:
+        """A CPU generator seeded from (seed, tensor name, chunk, model, purpose)."""
+        g = torch.Generator(device="cpu")
+        g.manual_seed(stream_seed(self.seed, self.name, self.chunk, model_index, purpose))
+        return g
+
+    def rand(self, model_index: int, purpose: str = "") -> torch.Tensor:
+        """Uniform [0, 1) numbers shaped like this chunk, drawn on the CPU (device-independent)."""
+        like = self.models[model_index]
+        u = torch.rand(like.shape, generator=self.generator(model_index, purpose), dtype=torch.float32)
+        return u.to(like.device)
+
+
+@dataclass
+class TensorSource:
+    """A re-iterable stream of the row chunks of one tensor, for ``prepare_tensor``.
+
+    ``chunks()`` may be called several times (multi-pass statistics). Each call yields
+    :class:`TensorInputs` without statistics. ``numel`` and ``shape`` describe the whole tensor.
+    """
+
+    name: str
+    shape: tuple
+    params: dict
+    model_params: list
+    num_models: int
+    num_chunks: int
+    _chunks: Callable[[], Iterator[TensorInputs]]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def chunks(self) -> Iterator[TensorInputs]:
+        return self._chunks()
+
+
+@dataclass
+class ModelScope:
+    """A re-iterable stream over every chunk of every tensor a method merges, for ``prepare_model``.
+
+    ``params`` are the method's global parameters; per-model parameters that must hold for the whole
+    model (``per_layer=False``) are in ``model_params``.
+    """
+
+    params: dict
+    model_params: list
+    num_models: int
+    _chunks: Callable[[], Iterator[TensorInputs]]
+
+    def chunks(self) -> Iterator[TensorInputs]:
+        return self._chunks()
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method. See the module docstring for the contract.
+
+    ``aux_inputs`` names per-model string parameters whose value is a path to a checkpoint holding
+    tensors named like the model's (e.g. Adam second moments for OTA). The engine reads the tensor of
+    the same name from it and passes the list (one per model, float32) as ``inputs.aux[param]``.
+    ``validate(params, model_params)`` gets the resolved parameters of one tensor and raises
+    :class:`RecipeError` for combinations the per-parameter checks cannot see.
+    """
+
+    name: str
+    summary: str
+    reference: str
+    merge: Callable[[TensorInputs], torch.Tensor]
+    base: BaseUse
+    params: tuple = ()
+    model_params: tuple = ()
+    min_models: int = 1
+    max_models: Optional[int] = None
+    chunkable: bool = False
+    prepare_tensor: Optional[Callable[[TensorSource], Any]] = None
+    prepare_model: Optional[Callable[[ModelScope], Any]] = None
+    validate: Optional[Callable[[dict, list], None]] = None
+    aux_inputs: tuple = ()
+    notes: str = ""
+    family: str = ""
+
+    def param(self, name: str) -> Optional[Param]:
+        for p in self.params:
+            if p.name == name:
+                return p
+        return None
+
+    def model_param(self, name: str) -> Optional[Param]:
+        for p in self.model_params:
+            if p.name == name:
+                return p
+        return None
+
+
+@dataclass(frozen=True)
+class PostStep:
+    """A transform applied to the merged task vector of any task-vector method (e.g. LiNeS).
+
+    ``apply(inputs, merged_delta) -> delta`` sees the same :class:`TensorInputs` as the method (layer
+    index and layer count included) and the method's merged delta ``merged - base``. A recipe lists
+    post-steps under ``post:`` in order; they need a base model.
+    """
+
+    name: str
+    summary: str
+    reference: str
+    apply: Callable[[TensorInputs, torch.Tensor], torch.Tensor]
+    params: tuple = ()
+    chunkable: bool = True
+
+    def param(self, name: str) -> Optional[Param]:
+        for p in self.params:
+            if p.name == name:
+                return p
+        return None
+
+
+_REGISTRY: dict = {}
+_POST_STEPS: dict = {}
+
+
+def register_post_step(step: PostStep) -> PostStep:
+    """Add a post-step to the registry (names are unique)."""
+    if step.name in _POST_STEPS:
+        raise ValueError(f"post-step {step.name!r} is registered twice")
+    _POST_STEPS[step.name] = step
+    return step
+
+
+def get_post_step(name: str) -> PostStep:
+    """The post-step called ``name``; unknown names raise :class:`RecipeError` with a suggestion."""
+    _load_builtin_methods()
+    if name in _POST_STEPS:
+        return _POST_STEPS[name]
+    close = difflib.get_close_matches(name, list(_POST_STEPS), n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise RecipeError(f"post: unknown post-step '{name}'{hint}; known: {', '.join(sorted(_POST_STEPS)) or 'none'}")
+
+
+def all_post_steps() -> Sequence[PostStep]:
+    _load_builtin_methods()
+    return [_POST_STEPS[n] for n in sorted(_POST_STEPS)]
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    """Add ``method`` to the registry (names are unique)."""
+    if method.name in _REGISTRY:
+        raise ValueError(f"merge method {method.name!r} is registered twice")
+    names = [p.name for p in method.params] + [p.name for p in method.model_params]
+    if len(set(names)) != len(names):
+        raise ValueError(f"merge method {method.name!r} declares a parameter twice")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def _load_builtin_methods() -> None:
+    import mergelab.methods  # noqa: F401  (importing the package registers every family)
+
+
+def get_method(name: str) -> MergeMethod:
+    """The method called ``name``; unknown names raise :class:`RecipeError` with a suggestion."""
+    _load_builtin_methods()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    close = difflib.get_close_matches(name.replace("-", "_"), list(_REGISTRY), n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise RecipeError(
+        f"merge_method: unknown method '{name}'{hint}; run `mergelab methods` to list them. "
+        f"Known: {', '.join(sorted(_REGISTRY))}"
+    )
+
+
+def available_methods() -> list:
+    """Names of every registered method, sorted."""
+    _load_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def all_methods() -> Sequence[MergeMethod]:
+    _load_builtin_methods()
+    return [_REGISTRY[n] for n in sorted(_REGISTRY)]
+
+
+def describe(method: MergeMethod) -> dict:
+    """A plain description of ``method`` for ``mergelab methods --json`` and the docs."""
+
+    def row(p: Param) -> dict:
+        return {
+            "name": p.name,
+            "default": None if p.required else p.default,
+            "required": p.required,
+            "allowed": p.allowed(),
+            "meaning": p.meaning,
+        }
+
+    return {
+        "name": method.name,
+        "family": method.family,
+        "summary": method.summary,
+        "reference": method.reference,
+        "base_model": method.base.value,
+        "models": {"min": method.min_models, "max": method.max_models},
+        "parameters": [row(p) for p in method.params],
+        "per_model_parameters": [row(p) for p in method.model_params],
+        "notes": method.notes,
+    }
+

@@ -1,0 +1,164 @@
+"""Composable transforms on task vectors (the task-arithmetic family as one pipeline).
+
+A :class:`TaskVectors` holds the stacked task vectors ``deltas`` (shape ``[n, *chunk]``, float32), the
+per-model ``weights`` (shape ``[n]``), and, once elected, the ``sign`` to agree with. Each transform is
+a function ``TaskVectors -> TaskVectors``; :func:`chain` composes them the way optax chains gradient
+transformations, and :func:`combine` turns the result into one merged delta::
+
+    ties      = chain(trim(thresholds), weigh(w), elect_sign(), disjoint(divisor="weight"))
+    dare_ties = chain(drop(masks, rescale="l1"), weigh(w), elect_sign(), disjoint(normalize=False))
+
+Every transform is usable on its own and is tested on its own. Thresholds and masks are computed
+outside (see :mod:`mergelab.methods.select`) so that the same transform serves a per-tensor trim, a
+whole-model trim and a chunked tensor alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Sequence
+
+import torch
+
+Transform = Callable[["TaskVectors"], "TaskVectors"]
+
+
+@dataclass(frozen=True)
+class TaskVectors:
+    """Stacked task vectors and what the pipeline has decided about them so far."""
+
+    deltas: torch.Tensor
+    weights: torch.Tensor
+    sign: Optional[torch.Tensor] = None
+
+    @classmethod
+    def from_models(
+        cls, base: torch.Tensor, models: Sequence[torch.Tensor], weights: Optional[Sequence[float]] = None
+    ) -> "TaskVectors":
+        """Task vectors tau_i = theta_i - theta_0, with unit weights unless given."""
+        deltas = torch.stack([m - base for m in models])
+        w = [1.0] * len(models) if weights is None else list(weights)
+        return cls(deltas, torch.tensor(w, dtype=deltas.dtype, device=deltas.device))
+
+    def expand(self, per_model: torch.Tensor) -> torch.Tensor:
+        """Reshape a ``[n]`` tensor to broadcast against ``deltas``."""
+        return per_model.reshape((-1,) + (1,) * (self.deltas.dim() - 1))
+
+
+def chain(*transforms: Transform) -> Transform:
+    """Compose transforms left to right."""
+
+    def run(tv: TaskVectors) -> TaskVectors:
+        for t in transforms:
+            tv = t(tv)
+        return tv
+
+    return run
+
+
+def trim(thresholds: Sequence[float]) -> Transform:
+    """Keep entries with ``|tau_i| >= thresholds[i]`` (TIES "trim"); ties at the threshold are kept.
+
+    A threshold of ``0`` keeps everything, ``inf`` keeps nothing. Thresholds come from
+    :func:`mergelab.methods.select.kth_largest` over a tensor or the whole model.
+    """
+
+    def run(tv: TaskVectors) -> TaskVectors:
+        thr = torch.tensor([float(t) for t in thresholds], dtype=tv.deltas.dtype, device=tv.deltas.device)
+        keep = tv.deltas.abs() >= tv.expand(thr)
+        return replace(tv, deltas=tv.deltas * keep)
+
+    return run
+
+
+def drop(keep_masks: torch.Tensor, rescale: Optional[str], keep_prob: Optional[Sequence[float]] = None,
+         l1_scale: Optional[Sequence[float]] = None) -> Transform:
+    """Apply DARE-style keep masks ``[n, *chunk]`` (1 keeps, 0 drops) and rescale what is kept.
+
+    ``rescale``: ``None`` (drop only), ``"inverse"`` (multiply by ``1/keep_prob[i]``, the DARE paper's
+    unbiased rescale; a mask of per-element probabilities may be given as ``keep_prob`` tensors), or
+    ``"l1"`` (mergekit: multiply by ``l1_scale[i] = ||tau_i||_1 / ||m_i * tau_i||_1``, computed over the
+    whole tensor by the caller so that chunking does not change it).
+    """
+
+    def run(tv: TaskVectors) -> TaskVectors:
+        kept = tv.deltas * keep_masks
+        if rescale is None:
+            return replace(tv, deltas=kept)
+        if rescale == "inverse":
+            if isinstance(keep_prob, torch.Tensor):
+                return replace(tv, deltas=kept / keep_prob)
+            p = torch.tensor([float(x) for x in keep_prob], dtype=kept.dtype, device=kept.device)
+            return replace(tv, deltas=kept / tv.expand(p))
+        if rescale == "l1":
+            s = torch.tensor([float(x) for x in l1_scale], dtype=kept.dtype, device=kept.device)
+            return replace(tv, deltas=kept * tv.expand(s))
+        raise ValueError(f"unknown rescale {rescale!r}")
+
+    return run
+
+
+def weigh() -> Transform:
+    """Multiply each task vector by its weight (mergekit applies weights before the sign election)."""
+
+    def run(tv: TaskVectors) -> TaskVectors:
+        return replace(tv, deltas=tv.deltas * tv.expand(tv.weights))
+
+    return run
+
+
+def elect_sign(tie_sign: float = 1.0) -> Transform:
+    """Elect the sign of each coordinate by mass: ``sign(sum_i tau_i)`` (TIES "elect").
+
+    Where the sum is exactly zero the sign is ``tie_sign``: ``+1`` in mergekit; the TIES reference
+    uses the sign of the total elected mass over the whole model (see ``mergelab.methods.ties``).
+    """
+
+    def run(tv: TaskVectors) -> TaskVectors:
+        total = tv.deltas.sum(dim=0)
+        sign = torch.sign(total)
+        if tie_sign != 0:
+            sign = torch.where(total == 0, torch.full_like(sign, float(tie_sign)), sign)
+        return replace(tv, sign=sign)
+
+    return run
+
+
+def agreement(tv: TaskVectors) -> torch.Tensor:
+    """1 where a task vector entry is non-zero and has the elected sign, else 0."""
+    return (torch.sign(tv.deltas) == tv.sign.unsqueeze(0)).to(tv.deltas.dtype)
+
+
+def disjoint_merge(tv: TaskVectors, normalize: bool = True, divisor: str = "weight") -> torch.Tensor:
+    """Sum (or mean) of the entries that agree with the elected sign (TIES "disjoint merge").
+
+    ``divisor="weight"`` divides by the summed weights of the agreeing models, a zero divisor
+    becoming 1 (mergekit). ``divisor="count"`` divides by the number of agreeing non-zero entries,
+    at least 1 (the TIES paper's disjoint mean). ``normalize=False`` returns the disjoint sum.
+    """
+    agree = agreement(tv)
+    merged = (tv.deltas * agree).sum(dim=0)
+    if not normalize:
+        return merged
+    if divisor == "weight":
+        div = (tv.expand(tv.weights) * agree).sum(dim=0)
+        div[div == 0] = 1
+    elif divisor == "count":
+        div = agree.sum(dim=0).clamp_min(1)
+    else:
+        raise ValueError(f"unknown divisor {divisor!r}")
+    return merged / div
+
+
+def linear_combine(tv: TaskVectors, normalize: bool = False) -> torch.Tensor:
+    """Sum of the (already weighted) task vectors, divided by the summed weights if ``normalize``.
+
+    A summed weight with ``|sum w| < 1e-8`` divides by 1 (mergekit).
+    """
+    merged = tv.deltas.sum(dim=0)
+    if not normalize:
+        return merged
+    div = tv.weights.sum()
+    if div.abs() < 1e-8:
+        return merged
+    return merged / div
