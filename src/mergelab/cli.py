@@ -1,0 +1,172 @@
+"""The ``mergelab`` command line: parse, call the API, print. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mergelab.errors import MergeLabError
+
+app = typer.Typer(
+    name="mergelab",
+    help="Merge fine-tuned neural networks: paper-faithful methods, streaming engine, evaluation.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+@app.command()
+def merge(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (mergekit-compatible: merge_method, base_model, models, parameters...)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (written as OUT.partial, renamed when done)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (or a leftover OUT.partial)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed merge from the completed shards in OUT.partial."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate everything, print tensors, bytes and estimated peak memory; write nothing."),
+    device: str = typer.Option("cpu", "--device", help="Compute device: cpu, cuda or cuda:N."),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard file, in bytes (5GB, 500MB, 2GiB or a number)."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Merge even if an input holds NaN or inf."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+) -> None:
+    """Merge the models named by RECIPE into the Hugging Face folder OUT."""
+    from mergelab.merge import merge as run_merge
+
+    if out is None and not dry_run:
+        raise MergeLabError("an output folder is required: -o OUT")
+    result = run_merge(recipe, out, overwrite=overwrite, resume=resume, dry_run=dry_run, device=device,
+                       shard_size=shard_size, allow_nonfinite=allow_nonfinite,
+                       progress=not quiet and sys.stderr.isatty())
+    s = result.summary
+    if dry_run:
+        table = Table(title=f"dry run: {s['method']}", show_header=False)
+        table.add_row("tensors", f"{s['tensors']} ({s['merged']} merged, {s['copied']} copied)")
+        table.add_row("input bytes read", _human(s["input_bytes"]))
+        table.add_row("output bytes", _human(s["output_bytes"]))
+        if s["largest_tensor"]:
+            table.add_row("largest tensor", f"{s['largest_tensor']['name']} {s['largest_tensor']['shape']}")
+        table.add_row("estimated peak working memory", _human(s["estimated_peak_working_bytes"]))
+        table.add_row("shard size", _human(s["shard_bytes"]))
+        out_console.print(table)
+        for note in result.notes:
+            out_console.print(f"note: {note}")
+        return
+    if not quiet:
+        out_console.print(
+            f"merged {s['tensors']} tensors ({_human(s['output_bytes'])}) with {s['method']} into {result.out} "
+            f"in {result.seconds:.1f} s, peak memory {_human(result.peak_rss_bytes)}"
+        )
+        for note in result.notes:
+            out_console.print(f"note: {note}")
+
+
+@app.command()
+def methods(
+    name: Optional[str] = typer.Argument(None, help="Show one method in detail."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+) -> None:
+    """List every merge method with its parameters, defaults, meaning and reference."""
+    from mergelab.methods.registry import all_methods, all_post_steps, describe, get_method
+
+    chosen = [get_method(name)] if name else list(all_methods())
+    if as_json:
+        out_console.print_json(json.dumps([describe(m) for m in chosen]))
+        return
+    for m in chosen:
+        d = describe(m)
+        out_console.print(f"[bold]{m.name}[/bold]  ({m.family}) {m.summary}")
+        out_console.print(f"  reference: {m.reference}")
+        models = f"{m.min_models}" + ("+" if m.max_models is None else (f"-{m.max_models}" if m.max_models != m.min_models else ""))
+        out_console.print(f"  base model: {m.base.value}; models: {models}")
+        rows = [("", p) for p in d["parameters"]] + [("per model", p) for p in d["per_model_parameters"]]
+        if rows:
+            t = Table(show_edge=False, pad_edge=False, box=None)
+            for col in ("parameter", "scope", "default", "allowed", "meaning"):
+                t.add_column(col, overflow="fold")
+            for scope, p in rows:
+                default = "required" if p["required"] else repr(p["default"])
+                t.add_row(p["name"], scope or "global", default, p["allowed"], p["meaning"])
+            out_console.print(t)
+        if m.notes:
+            out_console.print(f"  notes: {m.notes}")
+        out_console.print()
+    if not name:
+        for step in all_post_steps():
+            out_console.print(f"[bold]post-step {step.name}[/bold]: {step.summary} ({step.reference})")
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("mergelab-demo"), "--workdir", help="Where the demo writes its models."),
+    method: str = typer.Option("ties", "--method", help="Merge method to demonstrate."),
+) -> None:
+    """Build a small base + 3 experts, merge them, load the result with transformers and compare."""
+    from mergelab.demo import run_demo
+
+    run_demo(workdir, method, out_console)
+
+
+def _mount_optional() -> None:
+    """Sub-commands that live with their own concerns (evaluation, benchmarks, diagnostics)."""
+    for module, name, help_text in (
+        ("mergelab.evaluate.cli", "evaluate", "Evaluate a checkpoint on a suite, or an LM's perplexity."),
+        ("mergelab.bench.cli", "bench", "Prepare experts and run the merge-quality benchmark suite."),
+        ("mergelab.inspect.cli", "inspect", "Task-vector diagnostics: norms, sparsity, similarity, conflicts."),
+        ("mergelab.calibrate.cli", "calibrate", "Collect calibration statistics (Gram matrices, Fisher)."),
+    ):
+        try:
+            mod = __import__(module, fromlist=["app"])
+        except ImportError:
+            continue
+        sub = getattr(mod, "app", None)
+        if sub is None:
+            continue
+        if isinstance(sub, typer.Typer) and sub.registered_commands and len(sub.registered_commands) == 1 \
+                and not sub.registered_groups and getattr(mod, "SINGLE_COMMAND", False):
+            app.command(name=name, help=help_text)(sub.registered_commands[0].callback)
+        else:
+            app.add_typer(sub, name=name, help=help_text)
+
+
+_mount_optional()
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except MergeLabError as e:
+        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; continue an unfinished merge with --resume")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

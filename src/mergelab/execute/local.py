@@ -1,0 +1,218 @@
+"""The local streaming executor: one tensor (or row chunk) at a time, reading ahead on a thread.
+
+For each output tensor the executor reads its inputs lazily, converts them to float32 on the compute
+device, runs the method, applies post-steps, casts once to the output dtype and hands the result to
+the sink, which writes it in place. While one chunk is computed the next is read on a background
+thread and the previous one is written on another, so reading, compute and writing overlap.
+
+Memory is bounded by the chunk size, not the model size: tensors of chunkable methods are split into
+row chunks of about ``chunk_elements`` elements (chunk boundaries depend only on the tensor's shape,
+so random streams and results do not depend on settings). Methods that need statistics over a whole
+tensor or the whole model get them from ``prepare_tensor``/``prepare_model`` passes over the stream.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from mergelab.errors import MergeLabError, NonFiniteError
+from mergelab.execute.base import Executor, ExecutionReport
+from mergelab.methods.registry import ModelScope, TensorInputs, TensorSource
+from mergelab.plan import MergePlan, Source, TensorJob
+
+CHUNK_ELEMENTS = 1 << 22  # 4M elements: 16 MB per float32 input chunk
+
+
+def chunk_rows(job: TensorJob, chunkable: bool, chunk_elements: int = CHUNK_ELEMENTS) -> List[Tuple[int, int]]:
+    """Row ranges ``[start, stop)`` of dim 0 a tensor is processed in (one range if not chunked)."""
+    if not job.shape:
+        return [(0, 0)]
+    rows = job.shape[0]
+    if not chunkable or len(job.shape) < 2 or job.numel <= chunk_elements:
+        return [(0, rows)]
+    per_row = job.numel // rows if rows else 1
+    step = max(1, chunk_elements // max(1, per_row))
+    return [(a, min(rows, a + step)) for a in range(0, rows, step)]
+
+
+@dataclass
+class _Loaded:
+    base: Optional[torch.Tensor]
+    models: List[torch.Tensor]
+    aux: Dict[str, List[torch.Tensor]] = field(default_factory=dict)
+
+
+class LocalExecutor(Executor):
+    """Runs a plan on one machine; ``device`` is ``cpu``, ``cuda`` or ``cuda:N``."""
+
+    def __init__(self, device: str = "cpu", allow_nonfinite: bool = False, seed: int = 0,
+                 chunk_elements: int = CHUNK_ELEMENTS, progress: Optional[Callable[[TensorJob, int], None]] = None,
+                 read_ahead: bool = True):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise MergeLabError(f"--device {device}: no CUDA device is available on this machine")
+        self.device = device
+        self.allow_nonfinite = allow_nonfinite
+        self.seed = seed
+        self.chunk_elements = chunk_elements
+        self.progress = progress
+        self.read_ahead = read_ahead
+        self.aux_sources: Dict[str, List] = {}
+
+    # ------------------------------------------------------------------ reading
+    def _read(self, plan: MergePlan, src: Source, rows: Tuple[int, int], chunked: bool) -> torch.Tensor:
+        ckpt = plan.checkpoints[src.checkpoint]
+        info = ckpt.info(src.name)
+        read_rows = rows if chunked else (None if src.crop is None else (0, src.crop[0]))
+        t = ckpt.read(src.name, read_rows, torch.float32, self.device)
+        if src.crop is not None:
+            t = t[:, : src.crop[1]] if t.dim() == 2 else t
+            t = t.contiguous()
+        if not self.allow_nonfinite and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+            where = f" (rows {rows[0]}:{rows[1]})" if chunked else ""
+            raise NonFiniteError(
+                f"tensor '{src.name}'{where} of model '{getattr(ckpt, 'label', '?')}' holds NaN or inf values; "
+                f"fix the checkpoint or pass --allow-nonfinite to merge anyway"
+            )
+        del info
+        return t
+
+    def _load(self, plan: MergePlan, job: TensorJob, rows: Tuple[int, int], chunked: bool) -> _Loaded:
+        base = self._read(plan, job.base, rows, chunked) if job.base is not None else None
+        models = [self._read(plan, s, rows, chunked) for s in job.models]
+        aux = {}
+        for pname, ckpts in self.aux_sources.items():
+            aux[pname] = [c.read(job.name, rows if chunked else None, torch.float32, self.device) for c in ckpts]
+        return _Loaded(base, models, aux)
+
+    def _inputs(self, plan: MergePlan, job: TensorJob, loaded: _Loaded, chunk: int, rows: Tuple[int, int],
+                tensor_stats=None, model_stats=None) -> TensorInputs:
+        return TensorInputs(
+            name=job.name, shape=job.shape, base=loaded.base, models=loaded.models, params=job.params,
+            model_params=job.model_params, seed=self.seed, chunk=chunk, rows=rows, layer=job.layer,
+            num_layers=job.num_layers, tensor_stats=tensor_stats, model_stats=model_stats, aux=loaded.aux,
+        )
+
+    # ------------------------------------------------------------------ statistics
+    def _model_stats(self, plan: MergePlan) -> object:
+        method = plan.method
+        jobs = plan.merged_jobs
+        if method.prepare_model is None or not jobs:
+            return None
+
+        def chunks() -> Iterator[TensorInputs]:
+            for job in jobs:
+                ranges = chunk_rows(job, method.chunkable, self.chunk_elements)
+                for c, rows in enumerate(ranges):
+                    loaded = self._load(plan, job, rows, len(ranges) > 1)
+                    yield self._inputs(plan, job, loaded, c, rows)
+
+        first = jobs[0]
+        scope = ModelScope(first.params, first.model_params, len(first.models), chunks)
+        return method.prepare_model(scope)
+
+    def _tensor_stats(self, plan: MergePlan, job: TensorJob, ranges, first: Optional[_Loaded]) -> object:
+        method = plan.method
+        if method.prepare_tensor is None:
+            return None
+
+        def chunks() -> Iterator[TensorInputs]:
+            for c, rows in enumerate(ranges):
+                loaded = first if (c == 0 and first is not None) else self._load(plan, job, rows, len(ranges) > 1)
+                yield self._inputs(plan, job, loaded, c, rows)
+
+        src = TensorSource(job.name, job.shape, job.params, job.model_params, len(job.models), len(ranges), chunks)
+        return method.prepare_tensor(src)
+
+    # ------------------------------------------------------------------ main loop
+    def _compute(self, plan: MergePlan, job: TensorJob, x: TensorInputs) -> torch.Tensor:
+        out = plan.method.merge(x)
+        expected = (x.rows[1] - x.rows[0],) + tuple(job.shape[1:]) if job.shape else ()
+        if tuple(out.shape) != tuple(expected):
+            raise MergeLabError(
+                f"method '{plan.method.name}' returned shape {list(out.shape)} for tensor '{job.name}', "
+                f"expected {list(expected)}"
+            )
+        if job.post:
+            delta = out - x.base
+            for step, params in job.post:
+                px = TensorInputs(**{**x.__dict__, "params": params})
+                delta = step.apply(px, delta)
+            out = x.base + delta
+        if not self.allow_nonfinite and not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
+            raise NonFiniteError(
+                f"method '{plan.method.name}' produced NaN or inf for tensor '{job.name}' from finite inputs; "
+                f"check its parameters ({job.params})"
+            )
+        return out.to(job.out_dtype).cpu()
+
+    def run(self, plan: MergePlan, sink) -> ExecutionReport:
+        report = ExecutionReport()
+        started = time.perf_counter()
+        model_stats = self._model_stats(plan)
+        report.stats_seconds = time.perf_counter() - started
+
+        units: List[Tuple[TensorJob, int, Tuple[int, int], List[Tuple[int, int]]]] = []
+        for job in plan.jobs:
+            if sink.is_complete(job.name):
+                report.skipped += 1
+                continue
+            chunkable = plan.method.chunkable and all(step.chunkable for step, _ in job.post)
+            ranges = chunk_rows(job, chunkable and job.action == "merge", self.chunk_elements)
+            for c, rows in enumerate(ranges):
+                units.append((job, c, rows, ranges))
+
+        def load(unit) -> object:
+            job, c, rows, ranges = unit
+            if job.action == "copy":
+                ck = plan.checkpoints[job.base.checkpoint]
+                return ck.read(job.base.name, None, None, "cpu")
+            return self._load(plan, job, rows, len(ranges) > 1)
+
+        reader = ThreadPoolExecutor(1, thread_name_prefix="mergelab-read") if self.read_ahead else None
+        writer = ThreadPoolExecutor(1, thread_name_prefix="mergelab-write")
+        pending_write: Optional[Future] = None
+        next_load: Optional[Future] = None
+        tensor_stats = None
+        try:
+            for k, unit in enumerate(units):
+                job, c, rows, ranges = unit
+                n = len(ranges)
+                if next_load is not None:
+                    loaded = next_load.result()
+                else:
+                    loaded = load(unit)
+                next_load = reader.submit(load, units[k + 1]) if reader and k + 1 < len(units) else None
+                if job.action == "copy":
+                    result = loaded.to(job.out_dtype) if job.out_dtype != loaded.dtype else loaded
+                else:
+                    if c == 0:
+                        tensor_stats = self._tensor_stats(plan, job, ranges, loaded)
+                    x = self._inputs(plan, job, loaded, c, rows, tensor_stats, model_stats)
+                    result = self._compute(plan, job, x)
+                    del x
+                del loaded
+                if pending_write is not None:
+                    pending_write.result()
+                pending_write = writer.submit(sink.write, job.name, result, rows[0] if n > 1 else 0)
+                del result
+                if c == n - 1:
+                    report.tensors += 1
+                    report.bytes += job.nbytes
+                    if self.progress:
+                        self.progress(job, job.nbytes)
+            if pending_write is not None:
+                pending_write.result()
+        finally:
+            if next_load is not None:
+                next_load.cancel()
+            if reader:
+                reader.shutdown(wait=True, cancel_futures=True)
+            writer.shutdown(wait=True)
+        report.seconds = time.perf_counter() - started
+        return report
+

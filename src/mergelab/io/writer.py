@@ -1,0 +1,219 @@
+"""Sharded safetensors output written in place, tensor by tensor, with resumable shards.
+
+Every output tensor's name, dtype and shape is known from the plan before any is computed, so each
+shard's safetensors header (and so every tensor's byte offset) is fixed up front. A shard is created
+as ``<name>.incomplete`` at its final size with its header, each tensor (or row chunk) is written at its
+offset as soon as it is computed, and the file is renamed to its final name when its last byte lands.
+Nothing is buffered beyond the tensor being written: memory does not grow with the shard size.
+
+``--resume`` keeps shards that are complete (final name, right size, same plan fingerprint) and redoes
+the rest, so a killed merge ends with the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from mergelab.errors import OutputError
+
+_ST_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+PROGRESS_FILE = ".mergelab-progress.json"
+
+
+def parse_size(text) -> int:
+    """Bytes from ``5GB``, ``500MB``, ``2GiB``, ``1e9`` or an int. Decimal units are powers of 10."""
+    if isinstance(text, int):
+        return text
+    s = str(text)
+    try:
+        return int(float(s))
+    except ValueError:
+        pass
+    m = _SIZE.match(s)
+    unit = (m.group(2) or "").lower() if m else None
+    if not m or unit not in _UNITS:
+        raise OutputError(f"--shard-size '{text}' is not a size; expected bytes like 5GB, 500MB, 2GiB or 1000000")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+@dataclass
+class ShardEntry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple
+    offset: int = 0  # from the start of the data section
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class Shard:
+    filename: str
+    entries: List[ShardEntry] = field(default_factory=list)
+    header: bytes = b""
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    @property
+    def file_bytes(self) -> int:
+        return len(self.header) + self.data_bytes
+
+
+def _header(entries: List[ShardEntry]) -> bytes:
+    meta: Dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    for e in entries:
+        meta[e.name] = {"dtype": _ST_NAMES[e.dtype], "shape": list(e.shape),
+                        "data_offsets": [e.offset, e.offset + e.nbytes]}
+    body = json.dumps(meta, separators=(",", ":")).encode()
+    body += b" " * (-(len(body) + 8) % 8)
+    return len(body).to_bytes(8, "little") + body
+
+
+def layout_shards(tensors: Iterable[Tuple[str, torch.dtype, tuple]], max_bytes: int) -> List[Shard]:
+    """Pack tensors, in order, into shards of at most ``max_bytes`` per file (header included).
+
+    A tensor larger than ``max_bytes`` gets a shard of its own. Inside a shard, tensors are laid out by
+    decreasing element size so every tensor is aligned to its element size.
+    """
+    groups: List[List[ShardEntry]] = [[]]
+    size = 0
+    for name, dtype, shape in tensors:
+        e = ShardEntry(name, dtype, tuple(shape))
+        cost = e.nbytes + 64 + len(name) + 12 * len(shape)
+        if groups[-1] and size + cost > max_bytes - 64:
+            groups.append([])
+            size = 0
+        groups[-1].append(e)
+        size += cost
+    n = len(groups)
+    shards = []
+    for i, group in enumerate(groups):
+        order = sorted(range(len(group)), key=lambda k: (-group[k].dtype.itemsize, k))
+        offset = 0
+        entries = []
+        for k in order:
+            group[k].offset = offset
+            offset += group[k].nbytes
+            entries.append(group[k])
+        filename = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        shards.append(Shard(filename, entries, _header(entries)))
+    return shards
+
+
+class ShardWriter:
+    """Writes the planned shards into ``folder`` (the ``OUT.partial`` directory)."""
+
+    def __init__(self, folder: Path, shards: List[Shard], fingerprint: str, resume: bool = False):
+        self.folder = folder
+        self.shards = shards
+        self.fingerprint = fingerprint
+        self._where: Dict[str, Tuple[Shard, ShardEntry]] = {}
+        for s in shards:
+            for e in s.entries:
+                self._where[e.name] = (s, e)
+        self._remaining: Dict[str, int] = {}
+        self._fds: Dict[str, int] = {}
+        self.completed_on_start: List[str] = []
+        self._start(resume)
+
+    def _start(self, resume: bool) -> None:
+        progress = self.folder / PROGRESS_FILE
+        if resume and progress.exists():
+            try:
+                recorded = json.loads(progress.read_text()).get("plan_fingerprint")
+            except json.JSONDecodeError:
+                recorded = None
+            if recorded != self.fingerprint:
+                raise OutputError(
+                    f"'{self.folder}' holds a merge of a different recipe, inputs or options; "
+                    f"remove it or run with --overwrite to start over"
+                )
+        progress.write_text(json.dumps({"plan_fingerprint": self.fingerprint}))
+        for s in self.shards:
+            final = self.folder / s.filename
+            if resume and final.exists() and final.stat().st_size == s.file_bytes:
+                with open(final, "rb") as f:
+                    if f.read(len(s.header)) == s.header:
+                        self.completed_on_start.append(s.filename)
+                        continue
+            self._remaining[s.filename] = s.data_bytes
+            if s.data_bytes == 0:
+                self._create(s)
+                self._finish_shard(s)
+
+    def _create(self, s: Shard) -> int:
+        path = self.folder / (s.filename + ".incomplete")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(fd, s.file_bytes)
+        os.pwrite(fd, s.header, 0)
+        self._fds[s.filename] = fd
+        return fd
+
+    def _finish_shard(self, s: Shard) -> None:
+        fd = self._fds.pop(s.filename)
+        os.fsync(fd)
+        os.close(fd)
+        os.replace(self.folder / (s.filename + ".incomplete"), self.folder / s.filename)
+        del self._remaining[s.filename]
+
+    def is_complete(self, name: str) -> bool:
+        """Whether the shard holding ``name`` was already complete when the writer started."""
+        return self._where[name][0].filename not in self._remaining
+
+    def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
+        """Write ``tensor`` (all of output tensor ``name``, or its rows from ``row_start``)."""
+        shard, entry = self._where[name]
+        if tensor.dtype != entry.dtype:
+            raise OutputError(f"internal: tensor '{name}' is {tensor.dtype}, planned {entry.dtype}")
+        fd = self._fds.get(shard.filename)
+        if fd is None:
+            fd = self._create(shard)
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        row_bytes = entry.nbytes // entry.shape[0] if entry.shape and entry.shape[0] else 0
+        pos = len(shard.header) + entry.offset + row_start * row_bytes
+        view = memoryview(data)
+        while view.nbytes:
+            written = os.pwrite(fd, view, pos)
+            pos += written
+            view = view[written:]
+        self._remaining[shard.filename] -= data.nbytes
+        if self._remaining[shard.filename] == 0:
+            self._finish_shard(shard)
+
+    def finish(self) -> dict:
+        """Write the weight index (sharded output) and return it; every shard must be complete."""
+        if self._remaining:
+            raise OutputError(f"internal: shards not fully written: {sorted(self._remaining)}")
+        total = sum(s.data_bytes for s in self.shards)
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {e.name: s.filename for s in self.shards for e in s.entries}}
+        if len(self.shards) > 1:
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (self.folder / PROGRESS_FILE).unlink(missing_ok=True)
+        return index
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

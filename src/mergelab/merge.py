@@ -1,0 +1,276 @@
+"""Running a merge: recipe -> plan -> executor -> output folder. The Python API lives here.
+
+* :func:`merge` merges the checkpoints a recipe names into a Hugging Face folder.
+* :func:`merge_state_dicts` merges in-memory state dicts (``nn.Module.state_dict()``) with the same
+  methods, planner and executor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from mergelab.errors import CheckpointError, MergeLabError, RecipeError
+from mergelab.execute.base import Executor
+from mergelab.execute.local import CHUNK_ELEMENTS, LocalExecutor
+from mergelab.io.checkpoint import Checkpoint
+from mergelab.io.memory import StateDictCheckpoint, StateDictSink
+from mergelab.io.output import (
+    copy_donor_files, partial_path, prepare_output, publish, versions, write_config, write_manifest,
+    write_model_card,
+)
+from mergelab.io.writer import ShardWriter, layout_shards, parse_size
+from mergelab.methods.registry import get_method
+from mergelab.plan import LAYER_COUNT_KEYS, MergePlan, build_plan
+from mergelab.recipe import Recipe, dump_recipe, load_recipe, normalize_dtype
+
+DEFAULT_SHARD_SIZE = "5GB"
+
+
+@dataclass
+class MergeResult:
+    """What a merge did: where, how long, how much memory, and the plan's summary."""
+
+    out: Optional[Path]
+    seconds: float
+    peak_rss_bytes: int
+    summary: dict
+    notes: List[str] = field(default_factory=list)
+    dry_run: bool = False
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def open_checkpoints(recipe: Recipe) -> Dict[str, Checkpoint]:
+    """Open (headers only) every model the recipe names."""
+    return {ref: Checkpoint.open(ref) for ref in recipe.model_refs()}
+
+
+def _aux_checkpoints(plan: MergePlan) -> Dict[str, list]:
+    """Auxiliary per-model inputs (e.g. optimizer second moments) named by the method's parameters."""
+    out: Dict[str, list] = {}
+    for pname in plan.method.aux_inputs:
+        paths = []
+        for i, settings in enumerate(plan.model_settings):
+            value = settings.get(pname, plan.global_settings.get(pname))
+            if not isinstance(value, str):
+                raise RecipeError(f"models[{i}]: parameter '{pname}' must be a path to a checkpoint")
+            paths.append(Checkpoint.open(value, label=f"{pname} of model {i}"))
+        for job in plan.merged_jobs:
+            for ck in paths:
+                if job.name not in ck.tensors:
+                    raise CheckpointError(f"tensor '{job.name}' is missing from {ck.label} ('{ck.path}')")
+        out[pname] = paths
+    return out
+
+
+def plan_fingerprint(plan: MergePlan, shard_bytes: int, seed: int) -> str:
+    data = {
+        "recipe": dump_recipe(plan.recipe),
+        "inputs": [c.fingerprint() for c in plan.checkpoints],
+        "shard_bytes": shard_bytes,
+        "seed": seed,
+        "chunk_elements": CHUNK_ELEMENTS,
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def merge(
+    recipe: Union[str, Path, dict, Recipe],
+    out: Optional[Union[str, Path]] = None,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    dry_run: bool = False,
+    device: str = "cpu",
+    shard_size: Union[str, int] = DEFAULT_SHARD_SIZE,
+    allow_nonfinite: bool = False,
+    progress: bool = False,
+    executor: Optional[Executor] = None,
+) -> MergeResult:
+    """Merge the checkpoints named by ``recipe`` into the Hugging Face folder ``out``.
+
+    Everything is validated (recipe, inputs' headers, names, shapes, parameters) before any tensor is
+    read. The output is written to ``out.partial`` and renamed at the end; an existing ``out`` is
+    refused unless ``overwrite``; ``resume`` continues a killed merge from its completed shards.
+    """
+    started = time.perf_counter()
+    r = load_recipe(recipe)
+    shard_bytes = parse_size(shard_size)
+    if shard_bytes <= 0:
+        raise MergeLabError(f"--shard-size must be positive, got {shard_size}")
+    checkpoints = open_checkpoints(r)
+    plan = build_plan(r, checkpoints)
+    aux = _aux_checkpoints(plan)
+    summary = plan.summary(CHUNK_ELEMENTS, shard_bytes)
+    if dry_run:
+        return MergeResult(None, time.perf_counter() - started, peak_rss_bytes(), summary, plan.notes, True)
+    if out is None:
+        raise MergeLabError("an output folder is required (-o OUT)")
+    out = Path(out)
+    partial, fresh = prepare_output(out, [c.path for c in plan.checkpoints], overwrite, resume)
+    try:
+        shards = layout_shards([(j.name, j.out_dtype, j.shape) for j in plan.jobs], shard_bytes)
+        writer = ShardWriter(partial, shards, plan_fingerprint(plan, shard_bytes, r.seed), resume=resume)
+        bar = _progress_bar(plan, writer) if progress else None
+        try:
+            if executor is None:
+                executor = LocalExecutor(device=device, allow_nonfinite=allow_nonfinite, seed=r.seed,
+                                         progress=bar.advance if bar else None)
+            if isinstance(executor, LocalExecutor):
+                executor.aux_sources = aux
+            report = executor.run(plan, writer)
+        finally:
+            writer.close()
+            if bar:
+                bar.close()
+        index = writer.finish()
+        _write_metadata(plan, partial, summary, report, index, started, device, shard_bytes, writer)
+        publish(partial, out, overwrite)
+    except MergeLabError:
+        if fresh:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return MergeResult(out, time.perf_counter() - started, peak_rss_bytes(), summary, plan.notes)
+
+
+def _write_metadata(plan, folder: Path, summary, report, index, started, device, shard_bytes, writer) -> None:
+    r = plan.recipe
+    donor = plan.checkpoints[plan.donor_index]
+    out_dtype = normalize_dtype(r.out_dtype) or normalize_dtype(r.dtype)
+    if out_dtype is None:
+        dtypes = {str(j.out_dtype).replace("torch.", "") for j in plan.merged_jobs}
+        out_dtype = dtypes.pop() if len(dtypes) == 1 else None
+    updates = {}
+    cfg = donor.config()
+    for job in plan.jobs:
+        src = job.models[0] if job.models else job.base
+        if src is not None and src.crop is not None and "vocab_size" in (cfg or {}) and job.name.endswith(
+                ("embed_tokens.weight", "lm_head.weight", "word_embeddings.weight", "wte.weight")):
+            updates["vocab_size"] = job.shape[0]
+    if plan.num_layers and cfg:
+        for key in LAYER_COUNT_KEYS:
+            if key in cfg and cfg[key] != plan.num_layers:
+                updates[key] = plan.num_layers
+    write_config(cfg, folder, out_dtype, updates)
+    copied = copy_donor_files(donor.path, folder)
+    recipe_data = dump_recipe(r)
+    write_model_card(folder, recipe_data, plan.method.summary, plan.method.reference)
+    write_manifest(folder, {
+        "mergelab_version": versions().get("mergelab"),
+        "recipe": recipe_data,
+        "method": {"name": plan.method.name, "reference": plan.method.reference},
+        "inputs": {c.label: c.fingerprint() for c in plan.checkpoints},
+        "versions": versions(),
+        "device": device,
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        "statistics_seconds": round(report.stats_seconds, 3),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "tensors_written": report.tensors,
+        "tensors_resumed": report.skipped,
+        "shard_size_bytes": shard_bytes,
+        "shards": [s.filename for s in writer.shards],
+        "output_bytes": index["metadata"]["total_size"],
+        "donor": {"path": str(donor.path), "files_copied": copied},
+        "config_updates": updates,
+        "plan": summary,
+        "notes": plan.notes,
+    })
+
+
+class _Bar:
+    """A rich progress bar over output bytes, with tensors done, bytes/s and ETA."""
+
+    def __init__(self, total_bytes: int, total_tensors: int, done_tensors: int):
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
+        self.progress = Progress(
+            TextColumn("[bold]merging"), BarColumn(), TextColumn("{task.fields[tensors]} tensors"),
+            DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), transient=False,
+        )
+        self.total_tensors = total_tensors
+        self.done = done_tensors
+        self.task = self.progress.add_task("merge", total=total_bytes, tensors=f"{done_tensors}/{total_tensors}")
+        self.progress.start()
+
+    def advance(self, job, nbytes: int) -> None:
+        self.done += 1
+        self.progress.update(self.task, advance=nbytes, tensors=f"{self.done}/{self.total_tensors}")
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def _progress_bar(plan: MergePlan, writer: ShardWriter) -> _Bar:
+    todo = [j for j in plan.jobs if not writer.is_complete(j.name)]
+    return _Bar(sum(j.nbytes for j in todo), len(plan.jobs), len(plan.jobs) - len(todo))
+
+
+# --------------------------------------------------------------------------- in-memory API
+def merge_state_dicts(
+    base: Optional[Dict[str, torch.Tensor]],
+    models: Sequence[Dict[str, torch.Tensor]],
+    method: str,
+    *,
+    params: Optional[Dict[str, Any]] = None,
+    device: str = "cpu",
+    seed: int = 0,
+    out_dtype: Optional[str] = None,
+    post: Optional[List[dict]] = None,
+    vocab_policy: str = "error",
+    **kwargs: Any,
+) -> Dict[str, torch.Tensor]:
+    """Merge in-memory state dicts (e.g. ``module.state_dict()``) with a registered method.
+
+    Parameters are given as keyword arguments or in ``params`` (use ``params`` or ``lambda_`` for
+    ``lambda``). A per-model parameter may be one value for every model or a list with one value per
+    model; any value may also be a mergekit-style gradient or filter list. Non-float tensors are
+    copied from the base (or the first model). Output tensors keep the base's dtypes unless
+    ``out_dtype`` is given. Computation is in float32, exactly as for checkpoint files.
+    """
+    m = get_method(method)
+    settings: Dict[str, Any] = dict(params or {})
+    for k, v in kwargs.items():
+        settings[k.rstrip("_") if k.endswith("_") and k[:-1] in ("lambda",) else k] = v
+    if not models:
+        raise RecipeError("merge_state_dicts: at least one model is required")
+    per_model: List[Dict[str, Any]] = [{} for _ in models]
+    global_settings: Dict[str, Any] = {}
+    for key, value in settings.items():
+        if m.model_param(key) is not None and isinstance(value, (list, tuple)) and len(value) == len(models) \
+                and all(isinstance(v, (int, float, bool, str)) for v in value) and len(models) > 1:
+            for i, v in enumerate(value):
+                per_model[i][key] = v
+        else:
+            global_settings[key] = list(value) if isinstance(value, tuple) else value
+    sources: Dict[str, Any] = {}
+    recipe: Dict[str, Any] = {"merge_method": method, "parameters": global_settings, "seed": seed,
+                              "vocab_policy": vocab_policy, "post": post or []}
+    if base is not None:
+        sources["base"] = StateDictCheckpoint(base, "base")
+        recipe["base_model"] = "base"
+    recipe["models"] = []
+    for i, sd in enumerate(models):
+        sources[f"model_{i}"] = StateDictCheckpoint(sd, f"model_{i}")
+        recipe["models"].append({"model": f"model_{i}", "parameters": per_model[i]})
+    if out_dtype:
+        recipe["out_dtype"] = out_dtype
+    r = load_recipe(recipe)
+    plan = build_plan(r, sources)
+    sink = StateDictSink({j.name: j.shape for j in plan.jobs}, {j.name: j.out_dtype for j in plan.jobs})
+    LocalExecutor(device=device, seed=seed, read_ahead=False).run(plan, sink)
+    return sink.state

@@ -1,0 +1,310 @@
+"""Recipes: mergekit-compatible YAML (a superset), validated before any tensor is read.
+
+A recipe names a ``merge_method``, a ``base_model``, the ``models`` (each with ``parameters``), the
+global ``parameters``, ``dtype``/``out_dtype`` and ``tokenizer_source``, exactly as mergekit's
+``models:`` configs do. mergelab adds ``seed`` (per-tensor random streams), ``post`` (post-steps such
+as LiNeS applied to the merged task vector) and ``vocab_policy`` (what to do when embedding shapes
+differ: ``error``, the default, or ``common_submatrix``, mergekit's old silent crop, made explicit).
+
+Parameter values are resolved per tensor as mergekit does (:func:`resolve_setting`):
+
+* a scalar;
+* a list of numbers, a *gradient*, interpolated linearly at ``t = layer / (num_layers - 1)``
+  (``t = 0`` for tensors outside the layers); a list of non-numbers is indexed at ``int(t*(n-1))``;
+* a list of ``{filter, value}`` conditionals: the first whose ``filter`` is missing, ``"*"`` or a
+  substring of the tensor name wins, and its value is resolved in turn.
+
+Per-model parameters are looked up in the model's own ``parameters``, then in the top-level
+``parameters``, then the method's default; global parameters in the top-level ``parameters``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from mergelab.errors import RecipeError
+from mergelab.methods.registry import MergeMethod, Param, get_method, get_post_step
+
+Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
+
+
+class Conditional(BaseModel):
+    """``{filter: substring, value: setting}``: applies where ``filter`` is in the tensor name."""
+
+    model_config = ConfigDict(extra="forbid")
+    filter: Optional[str] = None
+    value: "Setting"
+
+
+Setting = Union[Scalar, List[Scalar], List[Conditional], Conditional]
+Conditional.model_rebuild()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelEntry(_Strict):
+    model: str
+    parameters: Dict[str, Setting] = Field(default_factory=dict)
+
+
+class SliceSource(_Strict):
+    model: str
+    layer_range: Tuple[int, int]
+    parameters: Dict[str, Setting] = Field(default_factory=dict)
+
+
+class OutputSlice(_Strict):
+    sources: List[SliceSource]
+    base_model: Optional[str] = None
+    parameters: Dict[str, Setting] = Field(default_factory=dict)
+    residual_weight: Optional[float] = None
+
+
+class PostStepEntry(_Strict):
+    name: str
+    parameters: Dict[str, Setting] = Field(default_factory=dict)
+
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
+                  "float": "float32", "fp64": "float64"}
+
+
+class Recipe(_Strict):
+    """A merge recipe. See the module docstring; field names follow mergekit."""
+
+    merge_method: str
+    base_model: Optional[str] = None
+    models: Optional[List[ModelEntry]] = None
+    slices: Optional[List[OutputSlice]] = None
+    modules: Optional[Dict[str, Any]] = None
+    parameters: Dict[str, Setting] = Field(default_factory=dict)
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    tokenizer: Optional[Dict[str, Any]] = None
+    chat_template: Optional[str] = None
+    # mergelab extensions
+    seed: int = 0
+    post: List[PostStepEntry] = Field(default_factory=list)
+    vocab_policy: Literal["error", "common_submatrix"] = "error"
+    name: Optional[str] = None
+
+    def model_refs(self) -> List[str]:
+        """Every model path the recipe names, base first, without duplicates."""
+        refs: List[str] = []
+        if self.base_model:
+            refs.append(self.base_model)
+        for m in self.models or []:
+            refs.append(m.model)
+        for s in self.slices or []:
+            refs.extend(src.model for src in s.sources)
+            if s.base_model:
+                refs.append(s.base_model)
+        return list(dict.fromkeys(refs))
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "union[")))
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"{loc}: required key is missing")
+        else:
+            lines.append(f"{loc}: {e['msg']}")
+    # Union members each report; keep the distinct messages, first few only.
+    uniq = list(dict.fromkeys(lines))[:6]
+    allowed = ", ".join(Recipe.model_fields)
+    return f"recipe {source} is invalid:\n  " + "\n  ".join(uniq) + f"\n(top-level keys allowed: {allowed})"
+
+
+def load_recipe(recipe: Union[str, Path, dict, Recipe]) -> Recipe:
+    """Parse and structurally validate a recipe from a YAML path, a dict or a :class:`Recipe`."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    source = "(dict)"
+    if isinstance(recipe, (str, Path)):
+        path = Path(recipe)
+        source = f"'{path}'"
+        if not path.exists():
+            raise RecipeError(f"recipe file '{path}' does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise RecipeError(f"recipe '{path}' is not valid YAML: {e}")
+    else:
+        data = recipe
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {source} must be a mapping with at least 'merge_method'")
+    try:
+        parsed = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_validation_error(e, source))
+    _check_structure(parsed)
+    return parsed
+
+
+def _check_structure(r: Recipe) -> None:
+    given = [k for k in ("models", "slices", "modules") if getattr(r, k)]
+    if len(given) != 1:
+        raise RecipeError(f"recipe must have exactly one of 'models', 'slices' or 'modules' (found: {given or 'none'})")
+    if r.modules:
+        raise RecipeError("'modules:' (multi-module architectures) is not supported yet; use 'models:'")
+    if r.tokenizer is not None or r.tokenizer_source == "union":
+        raise RecipeError(
+            "tokenizer_source: union / tokenizer: (building a merged vocabulary) is not supported yet; "
+            "use tokenizer_source: base or a model path"
+        )
+    if r.chat_template is not None:
+        raise RecipeError("chat_template: is not supported yet; the donor's chat template is copied as is")
+    for ref in r.model_refs():
+        if "+" in ref and not Path(ref).exists():
+            raise RecipeError(f"model '{ref}': LoRA references 'model+adapter' are not supported yet")
+    for key in ("dtype", "out_dtype"):
+        v = getattr(r, key)
+        if v is not None and normalize_dtype(v) is None:
+            raise RecipeError(f"{key}: '{v}' is not a float dtype; expected one of {', '.join(DTYPES)}")
+    get_method(r.merge_method)
+    for p in r.post:
+        get_post_step(p.name)
+
+
+def normalize_dtype(name: Optional[str]) -> Optional[str]:
+    if name is None:
+        return None
+    name = _DTYPE_ALIASES.get(name, name)
+    return name if name in DTYPES else None
+
+
+# --------------------------------------------------------------------------- parameter resolution
+def resolve_setting(setting: Any, tensor_name: str, t: float) -> Any:
+    """Resolve a parameter setting for one tensor at depth ``t`` (mergekit's semantics)."""
+    if isinstance(setting, Conditional):
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)):
+        return setting
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(e, (bool, int, float, str)) for e in setting):
+            if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+                return setting[int(t * (len(setting) - 1))]
+            scaled = t * (len(setting) - 1)
+            i0 = int(scaled)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * setting[i0] + frac * setting[i1]
+        for cond in setting:
+            if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
+                return resolve_setting(cond.value, tensor_name, t)
+        return None
+    raise RecipeError(f"unexpected parameter value {setting!r}")
+
+
+def _leaf_values(setting: Any) -> List[Any]:
+    """Every scalar a setting can resolve to (gradient endpoints, conditional values)."""
+    if isinstance(setting, Conditional):
+        return _leaf_values(setting.value)
+    if isinstance(setting, list):
+        out: List[Any] = []
+        for e in setting:
+            out.extend(_leaf_values(e))
+        return out
+    return [setting]
+
+
+def _is_scalar(setting: Any) -> bool:
+    return isinstance(setting, (bool, int, float, str))
+
+
+def check_setting(param: Param, setting: Any, where: str) -> None:
+    """Validate every value ``setting`` can take; gradients of numbers stay within range by convexity."""
+    if not param.per_layer and not _is_scalar(setting):
+        raise RecipeError(f"{where}: parameter '{param.name}' must be a single value, not a gradient or filter list")
+    for v in _leaf_values(setting):
+        param.check(v, where)
+
+
+def validate_parameters(
+    method: MergeMethod,
+    global_settings: Dict[str, Any],
+    per_model_settings: List[Tuple[str, Dict[str, Any]]],
+    where: str = "parameters",
+) -> None:
+    """Reject unknown, misplaced, missing or out-of-range parameters, naming the key and what is allowed.
+
+    ``per_model_settings`` is ``[(label, model_parameters), ...]`` for every model the method treats as
+    an input (the base too, for methods that use it as an ordinary input).
+    """
+    global_names = {p.name for p in method.params}
+    model_names = {p.name for p in method.model_params}
+    allowed = ", ".join(sorted(global_names | model_names)) or "none"
+    for key, setting in global_settings.items():
+        p = method.param(key) or method.model_param(key)
+        if p is None:
+            raise RecipeError(f"{where}: unknown parameter '{key}' for method '{method.name}'; allowed: {allowed}")
+        check_setting(p, setting, where)
+    for label, settings in per_model_settings:
+        for key, setting in settings.items():
+            if key in global_names:
+                raise RecipeError(
+                    f"models[{label}].parameters: '{key}' is a global parameter of '{method.name}'; "
+                    f"set it under the top-level 'parameters'"
+                )
+            p = method.model_param(key)
+            if p is None:
+                raise RecipeError(
+                    f"models[{label}].parameters: unknown parameter '{key}' for method '{method.name}'; "
+                    f"per-model parameters allowed: {', '.join(sorted(model_names)) or 'none'}"
+                )
+            check_setting(p, setting, f"models[{label}].parameters")
+        for p in method.model_params:
+            if p.required and p.name not in settings and p.name not in global_settings:
+                raise RecipeError(
+                    f"models[{label}]: required parameter '{p.name}' of method '{method.name}' is missing "
+                    f"({p.meaning} Expected {p.allowed()})"
+                )
+    for p in method.params:
+        if p.required and p.name not in global_settings:
+            raise RecipeError(
+                f"{where}: required parameter '{p.name}' of method '{method.name}' is missing; expected {p.allowed()}"
+            )
+
+
+def resolve_parameters(
+    method: MergeMethod,
+    global_settings: Dict[str, Any],
+    per_model_settings: List[Dict[str, Any]],
+    tensor_name: str,
+    t: float,
+) -> Tuple[dict, List[dict]]:
+    """Resolved global and per-model parameter values for one tensor."""
+
+    def value(p: Param, settings: Dict[str, Any], fallback: Dict[str, Any]) -> Any:
+        for source in (settings, fallback):
+            if p.name in source:
+                v = resolve_setting(source[p.name], tensor_name, t)
+                if v is not None:
+                    return p.check(v, f"parameter '{p.name}' for tensor '{tensor_name}'")
+        if p.required:
+            raise RecipeError(f"required parameter '{p.name}' resolves to nothing for tensor '{tensor_name}'")
+        return p.default
+
+    params = {p.name: value(p, global_settings, {}) for p in method.params}
+    model_params = [{p.name: value(p, s, global_settings) for p in method.model_params} for s in per_model_settings]
+    if method.validate is not None:
+        method.validate(params, model_params)
+    return params, model_params
+
+
+def dump_recipe(recipe: Recipe) -> dict:
+    """The recipe as plain data (for the manifest and the model card)."""
+    return recipe.model_dump(mode="json", exclude_defaults=False)
