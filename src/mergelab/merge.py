@@ -232,6 +232,7 @@ def merge_state_dicts(
     out_dtype: Optional[str] = None,
     post: Optional[List[dict]] = None,
     vocab_policy: str = "error",
+    chunk_elements: int = CHUNK_ELEMENTS,
     **kwargs: Any,
 ) -> Dict[str, torch.Tensor]:
     """Merge in-memory state dicts (e.g. ``module.state_dict()``) with a registered method.
@@ -241,6 +242,11 @@ def merge_state_dicts(
     model; any value may also be a mergekit-style gradient or filter list. Non-float tensors are
     copied from the base (or the first model). Output tensors keep the base's dtypes unless
     ``out_dtype`` is given. Computation is in float32, exactly as for checkpoint files.
+
+    Methods that take no base (``linear``) ignore ``base`` except as the source of non-float
+    tensors: to average the base in, list it among ``models``. ``chunk_elements`` is the row-chunk
+    size of the streaming engine (results of random methods depend on it; the file API uses the
+    default).
     """
     m = get_method(method)
     settings: Dict[str, Any] = dict(params or {})
@@ -260,7 +266,7 @@ def merge_state_dicts(
     sources: Dict[str, Any] = {}
     recipe: Dict[str, Any] = {"merge_method": method, "parameters": global_settings, "seed": seed,
                               "vocab_policy": vocab_policy, "post": post or []}
-    if base is not None:
+    if base is not None and m.base.value in ("required", "optional"):
         sources["base"] = StateDictCheckpoint(base, "base")
         recipe["base_model"] = "base"
     recipe["models"] = []
@@ -272,5 +278,5 @@ def merge_state_dicts(
     r = load_recipe(recipe)
     plan = build_plan(r, sources)
     sink = StateDictSink({j.name: j.shape for j in plan.jobs}, {j.name: j.out_dtype for j in plan.jobs})
-    LocalExecutor(device=device, seed=seed, read_ahead=False).run(plan, sink)
+    LocalExecutor(device=device, seed=seed, read_ahead=False, chunk_elements=chunk_elements).run(plan, sink)
     return sink.state

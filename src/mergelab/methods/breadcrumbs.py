@@ -113,14 +113,10 @@ def rank_windows(stream: Stream, bounds: Sequence[Tuple[int, int]], numel: int, 
     """
     n = len(bounds)
     windows: List[Optional[RankWindow]] = [None] * n
-    need_hi, need_lo = [], []
     for i, (start, stop) in enumerate(bounds):
         w = RankWindow(max(0, start), min(numel, stop), numel)
         if w.empty or w.everything:
             windows[i] = w
-            continue
-        need_hi.append(w.start > 0)
-        need_lo.append(w.stop < numel)
     if all(w is not None for w in windows):
         return windows  # type: ignore[return-value]
     ks_hi = [b[0] + 1 if windows[i] is None and b[0] > 0 else 0 for i, b in enumerate(bounds)]
@@ -308,9 +304,7 @@ def sparsified(x: TensorInputs) -> TaskVectors:
     stats: Optional[BreadcrumbsStats] = x.tensor_stats
     tv = TaskVectors.from_models(x.base, x.models, x.model_param("weight"))
     masks = _masks(x, stats)
-    if masks is None:
-        if stats is not None and stats.l1_scale is not None:
-            return drop(torch.ones_like(tv.deltas), "l1", l1_scale=stats.l1_scale)(tv)
+    if masks is None:  # nothing masked: the L1 factors are exactly 1
         return tv
     if stats is not None and stats.l1_scale is not None:
         return drop(masks, "l1", l1_scale=stats.l1_scale)(tv)

@@ -1,0 +1,127 @@
+"""Fine-tuning an encoder with one linear head per task (single-task experts and multi-task training).
+
+One loop serves both: an expert is the one-task case. Each step takes a batch from one task (tasks
+visited in a seeded shuffled order, in proportion to their training-set sizes), computes the
+cross-entropy of that task's head on the pooled ``[CLS]`` output, and updates the encoder and the head
+with AdamW (linear warm-up for the first 10% of steps, then linear decay to zero). The word-embedding
+matrix is frozen: it holds half of MiniLM's parameters and half of the CPU step time, and the
+experts then differ only in the transformer layers, the position/type embeddings, norms and pooler.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from mergelab.evaluate.model import MAX_LENGTH, build_encoder
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by experts and multi-task training."""
+
+    epochs: float = 3.0
+    batch_size: int = 32
+    lr: float = 1e-4
+    head_lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.1
+    max_length: int = MAX_LENGTH
+    freeze_word_embeddings: bool = True
+    seed: int = 0
+    threads: Optional[int] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def steps_for(n_train: int, cfg: TrainConfig) -> int:
+    """Optimiser steps for ``n_train`` examples: ``ceil(epochs * n_train / batch_size)``."""
+    return max(1, math.ceil(cfg.epochs * n_train / cfg.batch_size))
+
+
+def _schedule(step: int, total: int, warmup: float) -> float:
+    w = max(1, int(total * warmup))
+    if step < w:
+        return (step + 1) / w
+    return max(0.0, (total - step) / max(1, total - w))
+
+
+def _task_plan(sizes: Sequence[int], batch_size: int, epochs: float, rng: random.Random) -> list:
+    """For each step, ``(task index, example indices)``; every task gets ``epochs`` passes over its data."""
+    plan = []
+    for t, n in enumerate(sizes):
+        order: list = []
+        need = math.ceil(epochs * n / batch_size) * batch_size
+        while len(order) < need:
+            perm = list(range(n))
+            rng.shuffle(perm)
+            order.extend(perm)
+        plan.extend((t, order[i:i + batch_size]) for i in range(0, need, batch_size))
+    rng.shuffle(plan)
+    return plan
+
+
+def train(config, encoder_state: dict, tokenizer, task_data: Sequence[tuple], cfg: TrainConfig,
+          progress: Optional[Callable[[int], None]] = None, heads: Optional[Sequence[dict]] = None) -> tuple:
+    """Fine-tune from ``encoder_state`` on ``task_data`` = ``[(texts, labels, num_labels), ...]``.
+
+    Returns ``(encoder_state, heads, info)``: the trained encoder tensors (float32, BertModel names),
+    one ``{"weight", "bias"}`` head per task, and ``{"steps", "seconds"}``. ``heads`` may give initial
+    heads; otherwise they start like Hugging Face's (normal(0, 0.02) weights, zero bias).
+    ``progress(n)`` is called after each step with the number of steps just done (1).
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    encoder = build_encoder(config, encoder_state).train()
+    hidden = config.hidden_size
+    dropout = torch.nn.Dropout(config.hidden_dropout_prob)
+    linear = torch.nn.ModuleList()
+    for i, (_, _, c) in enumerate(task_data):
+        lin = torch.nn.Linear(hidden, c)
+        if heads is not None:
+            lin.weight.data.copy_(heads[i]["weight"])
+            lin.bias.data.copy_(heads[i]["bias"])
+        else:
+            torch.nn.init.normal_(lin.weight, std=config.initializer_range)
+            torch.nn.init.zeros_(lin.bias)
+        linear.append(lin)
+    if cfg.freeze_word_embeddings:
+        encoder.embeddings.word_embeddings.weight.requires_grad_(False)
+    decay = [p for n, p in encoder.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in encoder.named_parameters() if p.requires_grad and p.ndim < 2]
+    opt = torch.optim.AdamW([
+        {"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0},
+        {"params": list(linear.parameters()), "lr": cfg.head_lr, "weight_decay": 0.0},
+    ])
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    plan = _task_plan([len(t[0]) for t in task_data], cfg.batch_size, cfg.epochs, rng)
+    start = time.perf_counter()
+    for step, (t, idx) in enumerate(plan):
+        texts, labels, _ = task_data[t]
+        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=cfg.max_length,
+                        return_tensors="pt")
+        y = torch.tensor([labels[i] for i in idx])
+        pooled = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output
+        loss = torch.nn.functional.cross_entropy(linear[t](dropout(pooled)), y)
+        loss.backward()
+        factor = _schedule(step, len(plan), cfg.warmup)
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * factor
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if progress is not None:
+            progress(1)
+    seconds = time.perf_counter() - start
+    encoder.eval()
+    state = {k: v.detach().clone().float() for k, v in encoder.state_dict().items() if v.is_floating_point()}
+    out_heads = [{"weight": lin.weight.detach().clone(), "bias": lin.bias.detach().clone()} for lin in linear]
+    return state, out_heads, {"steps": len(plan), "seconds": round(seconds, 2)}

@@ -1,0 +1,30 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def tiny_family(tmp_path):
+    """A float32 tiny Llama base + 3 experts on disk; returns (base, [experts])."""
+    from mergelab.synthetic import make_llama_family
+
+    paths = make_llama_family(tmp_path / "models", experts=3, hidden=32, layers=2, intermediate=64, vocab=128)
+    return paths[0], paths[1:]
+
+
+def run_cli(args, capsys=None):
+    """Run the mergelab CLI in-process; returns (exit_code, stdout, stderr)."""
+    from mergelab.cli import main
+
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if capsys is not None:
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+    return code, "", ""
