@@ -1,0 +1,426 @@
+#!/usr/bin/env python
+"""Wall time and peak memory of ``mergelab merge`` against ``mergekit-yaml`` (0.1.5) on the same recipes.
+
+What it does, in one run:
+
+1. Writes synthetic Llama checkpoints (base + 3 experts) with :func:`mergelab.synthetic.make_llama_family`
+   into ``--workdir`` (default ``bench-out/``, git-ignored) and reuses them on later runs.
+   The default size (``156m``) is hidden 1024, 8 layers, intermediate 2816, vocab 32000, bf16.
+2. Writes one recipe YAML per method, in mergekit's format, and gives the *same file* to both tools.
+3. Runs each tool as a separate process, ``--runs`` times per method (median reported), alternating
+   which tool goes first so that slow drift of the machine's load hits both alike. Each process's
+   wall time is taken around the process (interpreter start and imports included, as a user sees it)
+   and its peak resident memory is the ``ru_maxrss`` that the kernel reports for that one child when
+   it is reaped (``os.wait4``): the high-water mark of the merge process itself.
+4. Prints a table of medians, spreads (min-max) and ratios (mergekit / mergelab), writes it to
+   ``<workdir>/results-<time>.json`` and ``.md``, and removes every output right after its run.
+
+``--sizes 156m,156m-2xlayers`` also merges a second, larger model (twice the layers, same largest
+tensor) to show that mergelab's peak memory follows the largest tensor, not the model size.
+
+Both tools use their default shard size, 5e9 bytes (mergelab ``--shard-size 5GB``, mergekit
+``--out-shard-size 5B``, which mergekit compares against bytes); the flags are passed explicitly.
+mergekit keeps a whole output shard in memory before writing it; mergelab writes each tensor in place.
+
+mergekit is found through ``--mergekit-yaml``, else the ``MERGEKIT_YAML`` or ``MERGEKIT_PYTHON``
+environment variable, else ``.venv-mergekit/`` in the repository (``benchmarks/setup_mergekit_venv.sh``).
+
+Example (about 10 minutes on 2 cores)::
+
+    bash benchmarks/setup_mergekit_venv.sh
+    .venv/bin/python benchmarks/bench_vs_mergekit.py --runs 3 --sizes 156m,156m-2xlayers
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+
+# name -> make_llama_family arguments. "156m" is the size of the issue (about 159.9M parameters with
+# 4 attention heads and 2 key/value heads, the make_llama_family defaults).
+SIZES: Dict[str, dict] = {
+    "156m": dict(hidden=1024, layers=8, intermediate=2816, vocab=32000),
+    "156m-2xlayers": dict(hidden=1024, layers=16, intermediate=2816, vocab=32000),
+    "156m-2xhidden": dict(hidden=2048, layers=8, intermediate=5632, vocab=32000),
+    "tiny": dict(hidden=128, layers=2, intermediate=256, vocab=1000),  # for checking the script itself
+}
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear")
+# Targets of the issue: minimum speed-up (mergekit time / mergelab time) per method; peak memory of
+# mergelab at most half of mergekit's everywhere.
+SPEED_TARGETS = {"ties": 5.0, "dare_ties": 4.0, "linear": 2.5, "task_arithmetic": 2.5}
+MEMORY_TARGET = 0.5
+SHARD_BYTES = 5_000_000_000
+TOOLS = ("mergelab", "mergekit")
+
+
+# --------------------------------------------------------------------------- inputs
+def model_folders(workdir: Path, size: str, experts: int = 3) -> List[Path]:
+    root = workdir / "models" / size
+    return [root / "base"] + [root / f"expert_{i}" for i in range(experts)]
+
+
+def ensure_models(workdir: Path, size: str, seed: int = 0, experts: int = 3) -> List[Path]:
+    """Synthetic bf16 checkpoints of ``size`` under ``workdir/models/size``, made once and reused.
+
+    A ``.complete`` file records the arguments; a folder without it (or with other arguments) is
+    written again, so an interrupted generation is never mistaken for a finished one.
+    """
+    from mergelab.synthetic import make_llama_family
+
+    spec = dict(SIZES[size], experts=experts, dtype="bfloat16", seed=seed)
+    root = workdir / "models" / size
+    marker = root / ".complete"
+    if marker.exists() and json.loads(marker.read_text()) == spec:
+        return model_folders(workdir, size, experts)
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    print(f"writing synthetic checkpoints '{size}' {spec} to {root} ...", flush=True)
+    t = time.perf_counter()
+    make_llama_family(root, **spec)
+    marker.write_text(json.dumps(spec))
+    print(f"  done in {time.perf_counter() - t:.0f} s", flush=True)
+    return model_folders(workdir, size, experts)
+
+
+def parameter_count(folder: Path) -> int:
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                count = 1
+                for s in st.get_slice(k).get_shape():
+                    count *= s
+                n += count
+    return n
+
+
+def warm_page_cache(folders: Sequence[Path]) -> None:
+    """Read every input file once so that both tools start from the same (warm) page cache."""
+    for folder in folders:
+        for f in sorted(folder.glob("*.safetensors")):
+            with open(f, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+
+
+# --------------------------------------------------------------------------- recipes
+def recipe_text(method: str, folders: Sequence[Path], dtype: str) -> str:
+    """A mergekit-format recipe for ``method`` over ``folders`` (base first), identical for both tools."""
+    base, experts = folders[0], folders[1:]
+    weights = [0.5, 0.3, 0.2, 0.1, 0.1][: len(experts)]
+    lines = [f"merge_method: {method}"]
+    if method != "linear":
+        lines.append(f"base_model: {base}")
+    lines.append("models:")
+    for path, w in zip(experts, weights):
+        params = {"weight": w}
+        if method in ("ties", "dare_ties", "dare_linear"):
+            params["density"] = 0.5
+        inner = ", ".join(f"{k}: {v}" for k, v in params.items())
+        lines += [f"  - model: {path}", f"    parameters: {{{inner}}}"]
+    lines.append(f"dtype: {dtype}")
+    return "\n".join(lines) + "\n"
+
+
+def write_recipes(workdir: Path, size: str, folders: Sequence[Path], methods: Sequence[str], dtype: str) -> Dict[str, Path]:
+    out = {}
+    rdir = workdir / "recipes"
+    rdir.mkdir(parents=True, exist_ok=True)
+    for m in methods:
+        p = rdir / f"{size}-{m}-{dtype}.yml"
+        p.write_text(recipe_text(m, folders, dtype))
+        out[m] = p
+    return out
+
+
+# --------------------------------------------------------------------------- tools
+def find_mergekit_yaml(explicit: Optional[str]) -> Path:
+    """The ``mergekit-yaml`` executable, from the flag, the environment, or ``.venv-mergekit``."""
+    candidates = []
+    if explicit:
+        candidates.append(Path(explicit))
+    if os.environ.get("MERGEKIT_YAML"):
+        candidates.append(Path(os.environ["MERGEKIT_YAML"]))
+    if os.environ.get("MERGEKIT_PYTHON"):
+        candidates.append(Path(os.environ["MERGEKIT_PYTHON"]).parent / "mergekit-yaml")
+    candidates.append(REPO / ".venv-mergekit" / "bin" / "mergekit-yaml")
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return c
+    raise SystemExit(
+        "mergekit-yaml not found (tried: " + ", ".join(str(c) for c in candidates) + "). Create its venv with "
+        "`bash benchmarks/setup_mergekit_venv.sh`, or set MERGEKIT_YAML / MERGEKIT_PYTHON, or pass --mergekit-yaml."
+    )
+
+
+def mergelab_command() -> List[str]:
+    exe = Path(sys.executable).parent / "mergelab"
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "mergelab.cli"]
+
+
+def command(tool: str, recipe: Path, out: Path, mergekit_yaml: Path, device: str) -> List[str]:
+    if tool == "mergelab":
+        return mergelab_command() + ["merge", str(recipe), "-o", str(out), "--quiet", "--shard-size",
+                                     str(SHARD_BYTES), "--device", device]
+    cmd = [str(mergekit_yaml), str(recipe), str(out), "--out-shard-size", "5B", "--quiet"]
+    if device != "cpu":
+        cmd += ["--device", device]
+    return cmd
+
+
+@dataclass
+class Run:
+    tool: str
+    method: str
+    size: str
+    seconds: float
+    peak_rss_bytes: int
+    returncode: int
+    output_bytes: int = 0
+
+
+def run_once(tool: str, method: str, size: str, recipe: Path, workdir: Path, mergekit_yaml: Path,
+             device: str) -> Run:
+    """Run one merge in a fresh process; its wall time and its own peak RSS (``os.wait4``)."""
+    out = workdir / "out" / f"{tool}-{size}-{method}"
+    for p in (out, out.with_name(out.name + ".partial")):
+        shutil.rmtree(p, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = workdir / "logs" / f"{tool}-{size}-{method}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = command(tool, recipe, out, mergekit_yaml, device)
+    with open(log, "w") as fh:
+        fh.write(" ".join(cmd) + "\n")
+        fh.flush()
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(workdir))
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    size_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors")) if out.exists() else 0
+    shutil.rmtree(out, ignore_errors=True)
+    if proc.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise SystemExit(f"{tool} failed on {recipe} (exit {proc.returncode}); log {log}:\n{tail}")
+    if size_bytes == 0:
+        raise SystemExit(f"{tool} wrote no safetensors for {recipe}; log {log}")
+    return Run(tool, method, size, seconds, peak, proc.returncode, size_bytes)
+
+
+# --------------------------------------------------------------------------- reporting
+@dataclass
+class Cell:
+    """The runs of one tool on one method and size."""
+
+    seconds: List[float] = field(default_factory=list)
+    peak: List[int] = field(default_factory=list)
+
+    @property
+    def t(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def m(self) -> float:
+        return statistics.median(self.peak)
+
+    def spread(self) -> str:
+        return f"{min(self.seconds):.1f}-{max(self.seconds):.1f}"
+
+    def mem_spread(self) -> str:
+        return f"{min(self.peak) / 1e9:.2f}-{max(self.peak) / 1e9:.2f}"
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def table(cells: Dict[tuple, Cell], methods: Sequence[str], size: str) -> List[str]:
+    rows = [
+        "| method | mergelab time (s) | mergekit time (s) | speed-up | target | mergelab peak | mergekit peak | memory ratio | met |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in methods:
+        a, b = cells.get(("mergelab", m, size)), cells.get(("mergekit", m, size))
+        if not a or not b:
+            continue
+        speed = b.t / a.t
+        mem = a.m / b.m
+        target = SPEED_TARGETS.get(m)
+        ok = (target is None or speed >= target) and mem <= MEMORY_TARGET
+        rows.append(
+            f"| {m} | {a.t:.2f} ({a.spread()}) | {b.t:.2f} ({b.spread()}) | {speed:.1f}x | "
+            f"{'>= %.1fx' % target if target else '-'} | {gb(a.m)} ({a.mem_spread()}) | {gb(b.m)} ({b.mem_spread()}) | "
+            f"{mem:.2f} | {'yes' if ok else 'NO'} |"
+        )
+    return rows
+
+
+def size_table(cells: Dict[tuple, Cell], methods: Sequence[str], sizes: Sequence[str], params: Dict[str, int]) -> List[str]:
+    rows = ["| tool | method | " + " | ".join(f"{s} ({params[s] / 1e6:.0f}M params): time, peak" for s in sizes) + " |",
+            "|---|---|" + "---|" * len(sizes)]
+    for tool in TOOLS:
+        for m in methods:
+            cs = [cells.get((tool, m, s)) for s in sizes]
+            if sum(c is not None for c in cs) < 2:
+                continue
+            rows.append(f"| {tool} | {m} | " + " | ".join(
+                f"{c.t:.1f} s, {gb(c.m)}" if c else "-" for c in cs) + " |")
+    return rows
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        import psutil
+
+        mem = f", {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
+    except ImportError:
+        pass
+    return f"{os.cpu_count()} cores ({cpu}){mem}, {platform.system()} {platform.release()}"
+
+
+def versions(mergekit_yaml: Path) -> dict:
+    import torch
+
+    import mergelab
+
+    py = mergekit_yaml.parent / "python"
+    mk = subprocess.run([str(py), "-c", "from importlib.metadata import version as v; import torch; "
+                         "print(v('mergekit'), torch.__version__)"], capture_output=True, text=True)
+    mk_version, mk_torch = (mk.stdout.split() + ["?", "?"])[:2]
+    return {"mergelab": mergelab.__version__, "mergelab_torch": torch.__version__,
+            "mergekit": mk_version, "mergekit_torch": mk_torch, "python": platform.python_version()}
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default="linear,task_arithmetic,ties,dare_ties",
+                    help=f"comma-separated, from {', '.join(METHODS)}")
+    ap.add_argument("--runs", type=int, default=3, help="runs per tool and method; the median is reported")
+    ap.add_argument("--sizes", default="156m",
+                    help=f"comma-separated model sizes; the first is compared with mergekit, the others are "
+                         f"run with --size-tools only (to show memory vs model size). Known: {', '.join(SIZES)}")
+    ap.add_argument("--size-tools", default="mergelab", help="tools run on the extra sizes: mergelab or mergelab,mergekit")
+    ap.add_argument("--size-methods", default=None, help="methods run on the extra sizes (default: all of --methods)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="the recipe's dtype: (bfloat16 as a user would; float32 makes mergekit compute in float32)")
+    ap.add_argument("--tools", default="mergelab,mergekit", help="which tools to run on the first size")
+    ap.add_argument("--workdir", type=Path, default=REPO / "bench-out", help="checkpoints, recipes, logs, results")
+    ap.add_argument("--mergekit-yaml", default=None, help="path to mergekit-yaml (else MERGEKIT_YAML / MERGEKIT_PYTHON)")
+    ap.add_argument("--device", default="cpu", help="compute device for both tools")
+    ap.add_argument("--no-warm", action="store_true", help="do not read the inputs once before timing")
+    args = ap.parse_args(argv)
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    for m in methods:
+        if m not in METHODS:
+            ap.error(f"unknown method '{m}'; known: {', '.join(METHODS)}")
+    for s in sizes:
+        if s not in SIZES:
+            ap.error(f"unknown size '{s}'; known: {', '.join(SIZES)}")
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    size_tools = [t.strip() for t in args.size_tools.split(",") if t.strip()]
+    size_methods = [m.strip() for m in (args.size_methods or args.methods).split(",") if m.strip()]
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    mergekit_yaml = find_mergekit_yaml(args.mergekit_yaml) if "mergekit" in tools + size_tools else Path("?")
+
+    # (tool, method, size) -> Cell, and the order of the runs.
+    plan: List[tuple] = []
+    recipes: Dict[tuple, Path] = {}
+    params: Dict[str, int] = {}
+    for k, size in enumerate(sizes):
+        folders = ensure_models(workdir, size)
+        params[size] = parameter_count(folders[0])
+        these = methods if k == 0 else size_methods
+        for m, p in write_recipes(workdir, size, folders, these, args.dtype).items():
+            recipes[(m, size)] = p
+        for m in these:
+            plan.append((m, size, tools if k == 0 else size_tools))
+        if not args.no_warm:
+            warm_page_cache(folders)
+
+    started = _dt.datetime.now()
+    load_before = os.getloadavg()
+    cells: Dict[tuple, Cell] = {}
+    runs: List[Run] = []
+    print(f"{len(plan)} method/size pairs x {args.runs} runs; machine: {machine()}; load {load_before[0]:.2f}", flush=True)
+    for r in range(args.runs):
+        for m, size, these_tools in plan:
+            order = list(these_tools) if r % 2 == 0 else list(reversed(these_tools))
+            for tool in order:
+                run = run_once(tool, m, size, recipes[(m, size)], workdir, mergekit_yaml, args.device)
+                runs.append(run)
+                cell = cells.setdefault((tool, m, size), Cell())
+                cell.seconds.append(run.seconds)
+                cell.peak.append(run.peak_rss_bytes)
+                print(f"  run {r + 1}/{args.runs} {size:>14} {m:>16} {tool:>8}: {run.seconds:7.2f} s  "
+                      f"peak {gb(run.peak_rss_bytes)}  (load {os.getloadavg()[0]:.2f})", flush=True)
+    load_after = os.getloadavg()
+
+    info = {
+        "date": started.isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, "benchmarks/bench_vs_mergekit.py"] + list(argv or sys.argv[1:])),
+        "machine": machine(),
+        "versions": versions(mergekit_yaml) if "mergekit" in tools + size_tools else {},
+        "load_average_1min": [round(load_before[0], 2), round(load_after[0], 2)],
+        "dtype": args.dtype,
+        "shard_bytes": SHARD_BYTES,
+        "parameters": params,
+        "runs": [asdict(r) for r in runs],
+    }
+    lines = [
+        f"Date: {info['date']}; machine: {info['machine']}; {args.runs} runs per cell (median, min-max in brackets); "
+        f"recipe dtype {args.dtype}; load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after.",
+        f"Versions: {info['versions']}",
+        "",
+        f"Model '{sizes[0]}': base + 3 experts, {params[sizes[0]] / 1e6:.1f}M parameters each. "
+        f"Speed-up = mergekit time / mergelab time; memory ratio = mergelab peak RSS / mergekit peak RSS "
+        f"(target <= {MEMORY_TARGET}).",
+        "",
+    ] + table(cells, methods, sizes[0])
+    if len(sizes) > 1:
+        lines += ["", "Peak memory against model size (the largest tensor, the 32000 x hidden embedding, is "
+                  "the same size in the first two):", ""] + size_table(cells, methods, sizes, params)
+    text = "\n".join(lines)
+    print()
+    print(text)
+    stamp = started.strftime("%Y%m%d-%H%M%S")
+    (workdir / f"results-{stamp}.json").write_text(json.dumps(info, indent=2))
+    (workdir / f"results-{stamp}.md").write_text(text + "\n")
+    print(f"\nresults: {workdir / f'results-{stamp}.json'} and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Recipe parsing, mergekit-style parameter resolution and validation before any tensor is read."""
+
+import pytest
+
+from mergelab.errors import RecipeError
+from mergelab.methods.registry import get_method
+from mergelab.recipe import Conditional, load_recipe, resolve_parameters, resolve_setting, validate_parameters
+
+
+def test_scalar_gradient_and_filters_resolve_like_mergekit():
+    assert resolve_setting(0.5, "x", 0.7) == 0.5
+    # gradient [0, 1, 0.5] at t=0.25: scaled 0.5 -> halfway between 0 and 1
+    assert resolve_setting([0.0, 1.0, 0.5], "x", 0.25) == pytest.approx(0.5)
+    assert resolve_setting([0.0, 1.0, 0.5], "x", 0.75) == pytest.approx(0.75)
+    assert resolve_setting([0.0, 1.0, 0.5], "x", 1.0) == pytest.approx(0.5)
+    conds = [Conditional(filter="self_attn", value=[0.0, 1.0]), Conditional(filter="mlp", value=0.3),
+             Conditional(value=0.9)]
+    assert resolve_setting(conds, "model.layers.1.self_attn.q_proj.weight", 0.5) == pytest.approx(0.5)
+    assert resolve_setting(conds, "model.layers.1.mlp.up_proj.weight", 0.5) == 0.3
+    assert resolve_setting(conds, "model.norm.weight", 0.0) == 0.9
+    # non-numeric lists are indexed, not interpolated
+    assert resolve_setting(["a", "b", "c"], "x", 0.6) == "b"
+
+
+def test_model_parameters_fall_back_to_top_level_then_default():
+    m = get_method("ties")
+    glob, per = resolve_parameters(m, {"density": 0.3, "lambda": 2.0}, [{"weight": 1.0}, {"weight": 0.5, "density": 0.9}],
+                                   "t", 0.0)
+    assert glob["lambda"] == 2.0 and glob["normalize"] is True
+    assert per == [{"weight": 1.0, "density": 0.3}, {"weight": 0.5, "density": 0.9}]
+
+
+def recipe(**over):
+    data = {"merge_method": "ties", "base_model": "b", "models": [{"model": "m", "parameters": {"weight": 1.0}}]}
+    data.update(over)
+    return data
+
+
+def test_unknown_top_level_key_is_named():
+    with pytest.raises(RecipeError, match="merge_metod: unknown key"):
+        load_recipe({**recipe(), "merge_metod": "x"})
+
+
+def test_unknown_method_suggests_the_closest():
+    with pytest.raises(RecipeError, match="did you mean 'dare_ties'"):
+        load_recipe(recipe(merge_method="dare-ties"))
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"densty": 0.5}, "unknown parameter 'densty' for method 'ties'"),
+    ({"density": 1.5}, r"'density' = 1.5 is invalid; expected a number >= 0 and <= 1"),
+    ({"density": [0.2, 2.0]}, r"'density' = 2.0 is invalid"),
+    ({"normalize": "yes"}, "expected true or false"),
+    ({"semantics": "papr"}, "one of 'mergekit', 'paper'"),
+])
+def test_bad_global_parameters(params, message):
+    m = get_method("ties")
+    with pytest.raises(RecipeError, match=message):
+        validate_parameters(m, params, [("m", {"weight": 1.0})])
+
+
+def test_missing_required_and_misplaced_parameters():
+    m = get_method("ties")
+    with pytest.raises(RecipeError, match=r"models\[m\]: required parameter 'weight'"):
+        validate_parameters(m, {}, [("m", {})])
+    with pytest.raises(RecipeError, match="'lambda' is a global parameter"):
+        validate_parameters(m, {}, [("m", {"weight": 1.0, "lambda": 1.0})])
+    with pytest.raises(RecipeError, match="must be a single value"):
+        validate_parameters(m, {"semantics": ["paper", "mergekit"]}, [("m", {"weight": 1.0})])
+
+
+def test_structure_errors():
+    with pytest.raises(RecipeError, match="exactly one of 'models', 'slices'"):
+        load_recipe({"merge_method": "linear"})
+    with pytest.raises(RecipeError, match="union"):
+        load_recipe(recipe(tokenizer_source="union"))
+    with pytest.raises(RecipeError, match="out_dtype: 'int8' is not a float dtype"):
+        load_recipe(recipe(out_dtype="int8"))
+
+
+def test_yaml_file_errors(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("merge_method: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
