@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mergelab.errors import MergeLabError
@@ -150,7 +151,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except MergeLabError as e:
-        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted; continue an unfinished merge with --resume")

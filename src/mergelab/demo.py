@@ -31,7 +31,7 @@ def run_demo(workdir: Path, method: str, console) -> dict:
     workdir = Path(workdir)
     console.print(f"[bold]1.[/bold] writing a base model and 3 experts (Llama-shaped, synthetic) to {workdir}/")
     paths = make_llama_family(workdir / "models", experts=3, hidden=128, layers=4, intermediate=256, vocab=512,
-                              delta_scale=0.5, seed=7)
+                              delta_scale=0.15, seed=7)
     recipe = {
         "merge_method": method,
         "base_model": str(paths[0]),

@@ -86,6 +86,9 @@ def _tensors() -> dict:
     t["m.twice"] = 2 * t["m.base"]  # colinear with the base
     t["m.neg"] = t["m.base"] - (t["m.0"] - t["m.base"])  # task vector opposite to m.0's
     t["m.zero"] = torch.zeros(16, 24)
+    shared = torch.randn(16, 24, generator=_g(60))  # positively correlated task vectors (Model Stock)
+    t["m.corr0"] = t["m.base"] + 0.1 * (shared + torch.randn(16, 24, generator=_g(61)))
+    t["m.corr1"] = t["m.base"] + 0.1 * (shared + torch.randn(16, 24, generator=_g(62)))
     t["m.big"] = t["m.base"] + torch.randn(16, 24, generator=_g(55))  # task vectors of scale 1 (SCE)
     t["m.big2"] = t["m.base"] + torch.randn(16, 24, generator=_g(56))
     t["m.big3"] = t["m.base"] + torch.randn(16, 24, generator=_g(57))
@@ -202,7 +205,8 @@ def _cases() -> List[Case]:
         c.append(Case(id, "model_stock", base, models, dict(params, semantics=semantics), None, dict(params), 3))
 
     mst("mst-2", "m.base", ["m.0", "m.1"])
-    mst("mst-2-paper", "m.base", ["m.0", "m.1"], semantics="paper")
+    mst("mst-corr", "m.base", ["m.corr0", "m.corr1"])
+    mst("mst-corr-paper", "m.base", ["m.corr0", "m.corr1"], semantics="paper")  # 0 < t < 1: no clamp
     mst("mst-3", "m.base", ["m.0", "m.1", "m.2"])
     mst("mst-filter", "m.base", ["m.0", "m.1", "m.2"], filter_wise=True)
     mst("mst-filter-1d", "v.base", ["v.0", "v.1"], filter_wise=True)

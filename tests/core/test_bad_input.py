@@ -1,0 +1,191 @@
+"""Bad input: a clear message naming the file/tensor/key, a non-zero exit, no output, inputs untouched."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import run_cli
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def recipe_file(tmp_path, base, experts, method="ties", **extra):
+    data = {"merge_method": method, "base_model": str(base),
+            "models": [{"model": str(e), "parameters": {"weight": 1.0, "density": 0.5}} for e in experts], **extra}
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def expect_failure(capsys, tmp_path, recipe, *fragments, extra_args=()):
+    models = tmp_path / "models"
+    before = snapshot(models) if models.exists() else {}
+    out = tmp_path / "out"
+    code, _, err = run_cli(["merge", recipe, "-o", out, "-q", *extra_args], capsys)
+    assert code != 0
+    flat = " ".join(err.split())
+    for f in fragments:
+        assert f in flat, (f, flat)
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+    if before:
+        assert snapshot(models) == before
+    return flat
+
+
+def rewrite(folder: Path, fn):
+    """Apply fn to the state dict of a single-file checkpoint folder."""
+    f = folder / "model.safetensors"
+    sd = fn(load_file(str(f)))
+    save_file(sd, str(f), metadata={"format": "pt"})
+
+
+def test_missing_path(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    r = recipe_file(tmp_path, base, [experts[0], tmp_path / "nowhere"])
+    expect_failure(capsys, tmp_path, r, "nowhere", "does not exist")
+
+
+def test_hub_id_is_refused_with_download_hint(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    r = recipe_file(tmp_path, base, [experts[0], "meta-llama/Llama-3.1-8B"])
+    expect_failure(capsys, tmp_path, r, "meta-llama/Llama-3.1-8B", "never downloads")
+
+
+def test_folder_without_weights(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    empty = tmp_path / "models" / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    r = recipe_file(tmp_path, base, [experts[0], empty])
+    expect_failure(capsys, tmp_path, r, "no weights in folder", "empty", "model.safetensors")
+
+
+def test_truncated_safetensors(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    f = experts[1] / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    r = recipe_file(tmp_path, base, experts)
+    expect_failure(capsys, tmp_path, r, str(f), "truncated or corrupt")
+
+
+def test_corrupt_safetensors_header(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    f = experts[1] / "model.safetensors"
+    f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    r = recipe_file(tmp_path, base, experts)
+    expect_failure(capsys, tmp_path, r, str(f), "not a valid safetensors file")
+
+
+def test_tensor_missing_from_one_model(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    rewrite(experts[2], lambda sd: {k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"})
+    r = recipe_file(tmp_path, base, experts)
+    expect_failure(capsys, tmp_path, r, "model.layers.1.mlp.up_proj.weight", "missing from model", str(experts[2]))
+
+
+def test_shape_mismatch(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    rewrite(experts[0], lambda sd: {**sd, "model.norm.weight": torch.ones(33)})
+    r = recipe_file(tmp_path, base, experts)
+    expect_failure(capsys, tmp_path, r, "model.norm.weight", "different shapes", "[33]", "[32]")
+
+
+def test_vocab_mismatch_is_an_error_unless_a_policy_is_named(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+
+    def grow(sd):
+        sd["model.embed_tokens.weight"] = torch.cat([sd["model.embed_tokens.weight"], torch.randn(4, 32)])
+        sd["lm_head.weight"] = torch.cat([sd["lm_head.weight"], torch.randn(4, 32)])
+        return sd
+
+    rewrite(experts[0], grow)
+    r = recipe_file(tmp_path, base, experts)
+    expect_failure(capsys, tmp_path, r, "different shapes", "[132, 32]", "vocab_policy: common_submatrix")
+    r = recipe_file(tmp_path, base, experts, vocab_policy="common_submatrix")
+    code, _, err = run_cli(["merge", r, "-o", tmp_path / "out", "-q"], capsys)
+    assert code == 0, err
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert merged["model.embed_tokens.weight"].shape == (128, 32)
+    manifest = json.loads((tmp_path / "out" / "mergelab.json").read_text())
+    assert any("cropped" in n for n in manifest["notes"])
+
+
+def test_nan_in_input_is_reported_by_tensor_name(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+
+    def poison(sd):
+        sd["model.layers.0.self_attn.v_proj.weight"][3, 4] = float("nan")
+        return sd
+
+    rewrite(experts[1], poison)
+    r = recipe_file(tmp_path, base, experts, merge_method="task_arithmetic")
+    r.write_text(r.read_text().replace("density: 0.5", "weight: 1.0").replace("merge_method: ties", "merge_method: task_arithmetic"))
+    data = yaml.safe_load(r.read_text())
+    for m in data["models"]:
+        m["parameters"] = {"weight": 1.0}
+    r.write_text(yaml.safe_dump(data))
+    expect_failure(capsys, tmp_path, r, "model.layers.0.self_attn.v_proj.weight", "NaN or inf", "--allow-nonfinite")
+    code, _, err = run_cli(["merge", r, "-o", tmp_path / "out", "-q", "--allow-nonfinite"], capsys)
+    assert code == 0, err
+
+
+def test_non_float_tensors_are_copied_from_the_base(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    rewrite(base, lambda sd: {**sd, "model.position_ids": torch.arange(8)})
+    for e in experts:
+        rewrite(e, lambda sd: {**sd, "model.position_ids": torch.arange(8) * 7})
+    r = recipe_file(tmp_path, base, experts)
+    code, _, err = run_cli(["merge", r, "-o", tmp_path / "out", "-q"], capsys)
+    assert code == 0, err
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert torch.equal(merged["model.position_ids"], torch.arange(8))
+
+
+def test_unwritable_output(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    r = recipe_file(tmp_path, base, experts)
+    code, _, err = run_cli(["merge", r, "-o", blocker / "out", "-q"], capsys)
+    assert code != 0
+    assert "cannot write output folder" in " ".join(err.split()) or "cannot create output folder" in err
+    assert blocker.read_text() == "x"
+
+
+def test_output_inside_an_input_is_refused(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    r = recipe_file(tmp_path, base, experts)
+    code, _, err = run_cli(["merge", r, "-o", base / "merged", "-q"], capsys)
+    assert code != 0 and "overlaps input" in err
+    assert not (base / "merged").exists()
+
+
+def test_bad_parameter_fails_before_reading_tensors(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    # Corrupt data bytes (header intact): a validation error must come first, naming the parameter.
+    r = recipe_file(tmp_path, base, experts)
+    data = yaml.safe_load(r.read_text())
+    data["models"][0]["parameters"]["density"] = 7
+    r.write_text(yaml.safe_dump(data))
+    expect_failure(capsys, tmp_path, r, "'density' = 7", "expected a number >= 0 and <= 1")
+
+
+def test_malicious_pickle_is_refused(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    evil = tmp_path / "models" / "evil"
+    evil.mkdir()
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"model.norm.weight": Boom()}, evil / "pytorch_model.bin")
+    r = recipe_file(tmp_path, base, [experts[0], evil])
+    expect_failure(capsys, tmp_path, r, "pytorch_model.bin", "weights_only=True")
