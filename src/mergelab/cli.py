@@ -80,10 +80,16 @@ def merge(
 def methods(
     name: Optional[str] = typer.Argument(None, help="Show one method in detail."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the reference as Markdown (as in docs/methods.md)."),
 ) -> None:
     """List every merge method with its parameters, defaults, meaning and reference."""
     from mergelab.methods.registry import all_methods, all_post_steps, describe, get_method
 
+    if markdown:
+        from mergelab.docs import methods_markdown
+
+        print(methods_markdown())
+        return
     chosen = [get_method(name)] if name else list(all_methods())
     if as_json:
         out_console.print_json(json.dumps([describe(m) for m in chosen]))
