@@ -61,7 +61,8 @@ def merge(
         table.add_row("output bytes", _human(s["output_bytes"]))
         if s["largest_tensor"]:
             table.add_row("largest tensor", f"{s['largest_tensor']['name']} {s['largest_tensor']['shape']}")
-        table.add_row("estimated peak working memory", _human(s["estimated_peak_working_bytes"]))
+        table.add_row("estimated peak memory", f"{_human(s['estimated_peak_bytes'])} "
+                      f"(this process now + {_human(s['estimated_peak_working_bytes'])} working set)")
         table.add_row("shard size", _human(s["shard_bytes"]))
         out_console.print(table)
         for note in result.notes:

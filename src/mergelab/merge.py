@@ -116,6 +116,9 @@ def merge(
     plan = build_plan(r, checkpoints)
     aux = _aux_checkpoints(plan)
     summary = plan.summary(CHUNK_ELEMENTS, shard_bytes)
+    import psutil
+
+    summary["estimated_peak_bytes"] = psutil.Process().memory_info().rss + summary["estimated_peak_working_bytes"]
     if dry_run:
         return MergeResult(None, time.perf_counter() - started, peak_rss_bytes(), summary, plan.notes, True)
     if out is None:

@@ -77,7 +77,7 @@ def test_shard_size_is_honest_and_index_is_valid(tiny_family, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", base, experts, method="task_arithmetic",
                           model_params={"weight": 0.5})
     out = tmp_path / "m"
-    mergelab.merge(recipe, out, shard_size="20KB")
+    mergelab.merge(recipe, out, shard_size="20KB", progress=True)
     shards = sorted(out.glob("model-*.safetensors"))
     assert len(shards) > 3
     biggest_tensor = max(t.numel() * t.element_size() for t in load_folder(base).values())
@@ -110,7 +110,7 @@ def test_dry_run_validates_and_writes_nothing(tiny_family, tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", base, experts)
     code, stdout, err = run_cli(["merge", recipe, "--dry-run"], capsys)
     assert code == 0, err
-    assert "tensors" in stdout and "estimated peak working memory" in stdout
+    assert "tensors" in stdout and "estimated peak memory" in stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "r.yaml"]
 
 
