@@ -141,6 +141,10 @@ def merge(
             if bar:
                 bar.close()
         index = writer.finish()
+        for name, rep in report.reports.items():
+            if rep.get("rank") == 0:
+                plan.notes.append(f"{plan.method.name} kept rank 0 for tensor '{name}' (more models than its rank): "
+                                  f"the merged task vector is zero there")
         _write_metadata(plan, partial, summary, report, index, started, device, shard_bytes, writer)
         publish(partial, out, overwrite)
     except MergeLabError:
@@ -191,6 +195,7 @@ def _write_metadata(plan, folder: Path, summary, report, index, started, device,
         "config_updates": updates,
         "plan": summary,
         "notes": plan.notes,
+        "reports": report.reports,
     })
 
 
@@ -236,6 +241,7 @@ def merge_state_dicts(
     post: Optional[List[dict]] = None,
     vocab_policy: str = "error",
     chunk_elements: int = CHUNK_ELEMENTS,
+    aux: Optional[Dict[str, Sequence[Dict[str, torch.Tensor]]]] = None,
     **kwargs: Any,
 ) -> Dict[str, torch.Tensor]:
     """Merge in-memory state dicts (e.g. ``module.state_dict()``) with a registered method.
@@ -249,7 +255,8 @@ def merge_state_dicts(
     Methods that take no base (``linear``) ignore ``base`` except as the source of non-float
     tensors: to average the base in, list it among ``models``. ``chunk_elements`` is the row-chunk
     size of the streaming engine (results of random methods depend on it; the file API uses the
-    default).
+    default). ``aux`` gives a method's auxiliary inputs in memory, one state dict per model, e.g.
+    ``aux={"second_moments": [v_0, v_1]}`` for OTA.
     """
     m = get_method(method)
     settings: Dict[str, Any] = dict(params or {})
@@ -266,6 +273,9 @@ def merge_state_dicts(
                 per_model[i][key] = v
         else:
             global_settings[key] = list(value) if isinstance(value, tuple) else value
+    for name in m.aux_inputs:
+        for i, row in enumerate(per_model):
+            row.setdefault(name, f"<aux {name} of model {i}, in memory>")
     sources: Dict[str, Any] = {}
     recipe: Dict[str, Any] = {"merge_method": method, "parameters": global_settings, "seed": seed,
                               "vocab_policy": vocab_policy, "post": post or []}
@@ -281,5 +291,11 @@ def merge_state_dicts(
     r = load_recipe(recipe)
     plan = build_plan(r, sources)
     sink = StateDictSink({j.name: j.shape for j in plan.jobs}, {j.name: j.out_dtype for j in plan.jobs})
-    LocalExecutor(device=device, seed=seed, read_ahead=False, chunk_elements=chunk_elements).run(plan, sink)
+    executor = LocalExecutor(device=device, seed=seed, read_ahead=False, chunk_elements=chunk_elements)
+    for name in m.aux_inputs:
+        given = (aux or {}).get(name)
+        if given is None or len(given) != len(models):
+            raise RecipeError(f"method '{method}' needs aux={{'{name}': [one state dict per model]}}")
+        executor.aux_sources[name] = [StateDictCheckpoint(sd, f"{name} of model {i}") for i, sd in enumerate(given)]
+    executor.run(plan, sink)
     return sink.state

@@ -122,8 +122,7 @@ def test_row_chunks_give_the_same_tensor(shape, semantics):
     models = [base + rand(*shape, seed=s) for s in (6, 7)]
     mp = [{"weight": 1.0, "density": 0.45, "gamma": 0.1}, {"weight": 0.7, "density": 0.8, "gamma": 0.02}]
     whole = run("breadcrumbs_ties", base, models, {"semantics": semantics}, mp)
-    for chunks in (2, 5):
-        assert torch.equal(run("breadcrumbs_ties", base, models, {"semantics": semantics}, mp, chunks=chunks), whole)
+    assert torch.equal(run("breadcrumbs_ties", base, models, {"semantics": semantics}, mp, chunks=4), whole)
 
 
 def test_magnitude_ties_keep_exact_counts_whole_and_chunked():
@@ -134,18 +133,19 @@ def test_magnitude_ties_keep_exact_counts_whole_and_chunked():
     whole = run("breadcrumbs", base, [model], None, p)
     assert int((whole != 0).sum()) == 30
     assert int((whole.abs() == 3.0).sum()) == 0 and int((whole.abs() == 2.0).sum()) == 28  # 12 threes dropped
-    for chunks in (3, 10):
-        assert torch.equal(run("breadcrumbs", base, [model], None, p, chunks=chunks), whole)
+    assert torch.equal(run("breadcrumbs", base, [model], None, p, chunks=10), whole)  # one row per chunk
 
 
-def test_rank_windows_match_a_sort_by_magnitude_then_position():
+@pytest.mark.parametrize("bounds", [[(5, 40), (0, 11)], [(62, 63), (3, 62)], [(0, 63), (20, 20)]])
+@pytest.mark.parametrize("single", [False, True])
+def test_rank_windows_match_a_sort_by_magnitude_then_position(bounds, single):
     g = torch.Generator().manual_seed(3)
     values = torch.randint(-4, 5, (2, 9, 7), generator=g).float()  # heavy ties, zeros included
+    values[1, 8, 6] = 0.5  # a unique smallest non-zero magnitude
     flat = values.reshape(2, -1)
-    bounds = [(5, 40), (0, 11)]
-    chunks = [(0, 4), (4, 5), (5, 9)]
+    chunks = [(0, 9)] if single else [(0, 4), (4, 5), (5, 9)]
     stream = lambda: ((r0, values[:, r0:r1]) for r0, r1 in chunks)  # noqa: E731
-    windows = rank_windows(stream, bounds, flat.shape[1])
+    windows = rank_windows(stream, bounds, flat.shape[1], single=single)
     mask = torch.cat([window_mask(values[:, r0:r1], r0, windows) for r0, r1 in chunks], dim=1).reshape(2, -1)
     for i, (start, stop) in enumerate(bounds):
         order = sorted(range(flat.shape[1]), key=lambda j: (-abs(float(flat[i, j])), j))
@@ -170,3 +170,17 @@ def test_breadcrumbs_ties_by_hand():
 def test_rescale_restores_each_task_vectors_l1_norm():
     out = run("breadcrumbs", BASE, MODELS[:1], {"rescale": True}, {"weight": 1.0, "density": 0.3, "gamma": 0.05})
     torch.testing.assert_close((out - BASE).abs().sum(), (MODELS[0] - BASE).abs().sum(), rtol=1e-5, atol=0)
+
+
+def test_merge_without_prepared_statistics_computes_them_for_a_whole_tensor_only():
+    from mergelab.methods.registry import get_method
+    from tests.methods.mergekit_family_util import inputs
+
+    p = {"weight": 1.0, "density": 0.5, "gamma": 0.1}
+    m = get_method("breadcrumbs")
+    x = inputs("breadcrumbs", BASE, MODELS[:1], None, p)
+    assert torch.equal(m.merge(x), run("breadcrumbs", BASE, MODELS[:1], None, p))
+    chunk = inputs("breadcrumbs", BASE[:4], [MODELS[0][:4]], None, p)
+    chunk.shape, chunk.rows = tuple(BASE.shape), (0, 4)
+    with pytest.raises(RuntimeError, match="prepare_tensor"):
+        m.merge(chunk)

@@ -93,7 +93,7 @@ def test_merged_entries_are_convex_combinations_of_kept_clipped_entries():
     tensors, _ = two_tensor_model(n=4, seed=7)
     spec = tensors["a"]
     glob, per_model = resolve("pcb", 4, {"ratio": 0.5, "granularity": "tensor"})
-    from mergelab.methods.registry import TensorInputs, TensorSource
+    from mergelab.methods.registry import TensorInputs
 
     x = TensorInputs("a", (7, 5), spec["base"], spec["models"], glob, per_model, rows=(0, 7))
     stats = pcb_statistics(lambda: iter([x]), glob["clip"], glob["ratio"], glob["inter"])
@@ -163,7 +163,8 @@ def test_reachable_from_the_python_api():
     tensors, flat = two_tensor_model(n=2, seed=21)
     base = {k: v["base"] for k, v in tensors.items()}
     models = [{k: v["models"][i] for k, v in tensors.items()} for i in range(2)]
-    out = mergelab.merge_state_dicts(base, models, "pcb", ratio=0.25)
     expect, _ = pcb_oracle(flat, ratio=0.25)
-    got = np.concatenate([(out["a"] - base["a"]).numpy().ravel(), (out["b"] - base["b"]).numpy().ravel()])
-    np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-6)
+    for chunk_elements in (1 << 22, 10):  # whole tensors, and the executor's row chunks of 2 rows
+        out = mergelab.merge_state_dicts(base, models, "pcb", ratio=0.25, chunk_elements=chunk_elements)
+        got = np.concatenate([(out["a"] - base["a"]).numpy().ravel(), (out["b"] - base["b"]).numpy().ravel()])
+        np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-6)

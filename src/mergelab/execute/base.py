@@ -8,7 +8,7 @@ executor (Ray) implements the same interface without touching methods or the pla
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -18,6 +18,7 @@ class ExecutionReport:
     bytes: int = 0
     seconds: float = 0.0
     stats_seconds: float = 0.0
+    reports: dict = field(default_factory=dict)
 
 
 class Executor(abc.ABC):

@@ -115,6 +115,37 @@ class LocalExecutor(Executor):
         scope = ModelScope(first.params, first.model_params, len(first.models), chunks)
         return method.prepare_model(scope)
 
+    def _post_stats(self, plan: MergePlan, model_stats) -> Dict[int, object]:
+        """Whole-model statistics of post-steps, over the merged task vector (one extra merge pass each)."""
+        jobs = plan.merged_jobs
+        out: Dict[int, object] = {}
+        if not jobs:
+            return out
+        for k, (step, params) in enumerate(jobs[0].post):
+            if step.prepare_model is None:
+                continue
+
+            def chunks(k=k) -> Iterator[TensorInputs]:
+                for job in jobs:
+                    ranges = chunk_rows(job, self._chunkable(plan, job), self.chunk_elements)
+                    loaded = self._load(plan, job, ranges[0], len(ranges) > 1)
+                    tstats = self._tensor_stats(plan, job, ranges, loaded)
+                    for c, rows in enumerate(ranges):
+                        if c:
+                            loaded = self._load(plan, job, rows, True)
+                        x = self._inputs(plan, job, loaded, c, rows, tstats, model_stats)
+                        delta = self._merged_delta(plan, job, x, upto=k, post_stats=out)
+                        yield TensorInputs(**{**x.__dict__, "params": job.post[k][1],
+                                              "aux": {**x.aux, "merged_delta": delta}})
+
+            scope = ModelScope(params, jobs[0].model_params, len(jobs[0].models), chunks)
+            out[k] = step.prepare_model(scope)
+        return out
+
+    @staticmethod
+    def _chunkable(plan: MergePlan, job: TensorJob) -> bool:
+        return plan.method.chunkable and all(step.chunkable for step, _ in job.post)
+
     def _tensor_stats(self, plan: MergePlan, job: TensorJob, ranges, first: Optional[_Loaded]) -> object:
         method = plan.method
         if method.prepare_tensor is None:
@@ -129,7 +160,9 @@ class LocalExecutor(Executor):
         return method.prepare_tensor(src)
 
     # ------------------------------------------------------------------ main loop
-    def _compute(self, plan: MergePlan, job: TensorJob, x: TensorInputs) -> torch.Tensor:
+    def _merged_delta(self, plan: MergePlan, job: TensorJob, x: TensorInputs, upto: int,
+                      post_stats: Dict[int, object]) -> torch.Tensor:
+        """The method's merged chunk minus the base, after post-steps ``0..upto-1``."""
         out = plan.method.merge(x)
         expected = (x.rows[1] - x.rows[0],) + tuple(job.shape[1:]) if job.shape else ()
         if tuple(out.shape) != tuple(expected):
@@ -137,12 +170,24 @@ class LocalExecutor(Executor):
                 f"method '{plan.method.name}' returned shape {list(out.shape)} for tensor '{job.name}', "
                 f"expected {list(expected)}"
             )
+        delta = out - x.base
+        for k, (step, params) in enumerate(job.post[:upto]):
+            px = TensorInputs(**{**x.__dict__, "params": params, "model_stats": post_stats.get(k)})
+            delta = step.apply(px, delta)
+        return delta
+
+    def _compute(self, plan: MergePlan, job: TensorJob, x: TensorInputs,
+                 post_stats: Optional[Dict[int, object]] = None) -> torch.Tensor:
         if job.post:
-            delta = out - x.base
-            for step, params in job.post:
-                px = TensorInputs(**{**x.__dict__, "params": params})
-                delta = step.apply(px, delta)
-            out = x.base + delta
+            out = x.base + self._merged_delta(plan, job, x, len(job.post), post_stats or {})
+        else:
+            out = plan.method.merge(x)
+            expected = (x.rows[1] - x.rows[0],) + tuple(job.shape[1:]) if job.shape else ()
+            if tuple(out.shape) != tuple(expected):
+                raise MergeLabError(
+                    f"method '{plan.method.name}' returned shape {list(out.shape)} for tensor '{job.name}', "
+                    f"expected {list(expected)}"
+                )
         if not self.allow_nonfinite and not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
             raise NonFiniteError(
                 f"method '{plan.method.name}' produced NaN or inf for tensor '{job.name}' from finite inputs; "
@@ -154,6 +199,7 @@ class LocalExecutor(Executor):
         report = ExecutionReport()
         started = time.perf_counter()
         model_stats = self._model_stats(plan)
+        post_stats = self._post_stats(plan, model_stats)
         report.stats_seconds = time.perf_counter() - started
 
         units: List[Tuple[TensorJob, int, Tuple[int, int], List[Tuple[int, int]]]] = []
@@ -161,8 +207,7 @@ class LocalExecutor(Executor):
             if sink.is_complete(job.name):
                 report.skipped += 1
                 continue
-            chunkable = plan.method.chunkable and all(step.chunkable for step, _ in job.post)
-            ranges = chunk_rows(job, chunkable and job.action == "merge", self.chunk_elements)
+            ranges = chunk_rows(job, self._chunkable(plan, job) and job.action == "merge", self.chunk_elements)
             for c, rows in enumerate(ranges):
                 units.append((job, c, rows, ranges))
 
@@ -193,7 +238,9 @@ class LocalExecutor(Executor):
                     if c == 0:
                         tensor_stats = self._tensor_stats(plan, job, ranges, loaded)
                     x = self._inputs(plan, job, loaded, c, rows, tensor_stats, model_stats)
-                    result = self._compute(plan, job, x)
+                    if c == 0 and plan.method.report is not None:
+                        report.reports[job.name] = plan.method.report(x)
+                    result = self._compute(plan, job, x, post_stats)
                     del x
                 del loaded
                 if pending_write is not None:

@@ -79,28 +79,33 @@ Stream = Callable[[], Iterable[Tuple[int, torch.Tensor]]]
 
 
 def _kth_largest(stream: Stream, ks: List[int], numel: int, single: bool) -> List[float]:
-    """Exact k-th largest ``|x|`` per model for ``1 <= k <= numel`` (other ks give ``inf``)."""
+    """Exact k-th largest ``|x|`` for ``1 <= k <= numel`` (other ks give ``inf``).
+
+    ``ks`` may list several ks per model: ``ks[j]`` applies to model ``j % n`` of the stream's ``n``.
+    """
     out = [float("inf")] * len(ks)
-    mid = [i for i, k in enumerate(ks) if 1 <= k < numel]
-    last = [i for i, k in enumerate(ks) if k == numel and numel > 0]
-    if mid:
-        if single:
-            ((_, v),) = list(stream())
-            for i in mid:
-                out[i] = kth_largest_in_memory(v[i], ks[i])
-        else:
-            found = kth_largest_abs(lambda: (v for _, v in stream()), [ks[i] if i in mid else 0 for i in range(len(ks))])
-            for i in mid:
-                out[i] = found[i]
+    mid = [j for j, k in enumerate(ks) if 1 <= k < numel]
+    last = [j for j, k in enumerate(ks) if k == numel and numel > 0]
+    if mid and single:
+        ((_, v),) = list(stream())
+        for j in mid:
+            out[j] = kth_largest_in_memory(v[j % v.shape[0]], ks[j])
+    elif mid:
+        def repeated():
+            for _, v in stream():
+                yield v.repeat((len(ks) // v.shape[0],) + (1,) * (v.dim() - 1))
+        found = kth_largest_abs(repeated, [ks[j] if j in mid else 0 for j in range(len(ks))])
+        for j in mid:
+            out[j] = found[j]
     if last:  # the smallest magnitude (select's conventions map k == numel to 0.0)
-        low = [float("inf")] * len(ks)
+        low: Optional[list] = None
         for _, v in stream():
             a = v.abs().reshape(v.shape[0], -1)
             if a.shape[1]:
                 m = a.min(dim=1).values.tolist()
-                low = [min(x, y) for x, y in zip(low, m)]
-        for i in last:
-            out[i] = low[i]
+                low = m if low is None else [min(x, y) for x, y in zip(low, m)]
+        for j in last:
+            out[j] = low[j % len(low)]
     return out
 
 
@@ -121,8 +126,9 @@ def rank_windows(stream: Stream, bounds: Sequence[Tuple[int, int]], numel: int, 
         return windows  # type: ignore[return-value]
     ks_hi = [b[0] + 1 if windows[i] is None and b[0] > 0 else 0 for i, b in enumerate(bounds)]
     ks_lo = [b[1] if windows[i] is None and b[1] < numel else 0 for i, b in enumerate(bounds)]
-    his = _kth_largest(stream, ks_hi, numel, single) if any(ks_hi) else [float("inf")] * n
-    los = _kth_largest(stream, ks_lo, numel, single) if any(ks_lo) else [float("inf")] * n
+    # One selection for both boundaries: 2n ks (upper bounds, then lower) over the n models.
+    both = _kth_largest(stream, ks_hi + ks_lo, numel, single)
+    his, los = both[:n], both[n:]
     hi_t = torch.tensor(his, dtype=torch.float32)
     lo_t = torch.tensor(los, dtype=torch.float32)
     above_hi = [0] * n
@@ -154,6 +160,15 @@ def rank_windows(stream: Stream, bounds: Sequence[Tuple[int, int]], numel: int, 
     return windows  # type: ignore[return-value]
 
 
+def _before(counts: dict, first_row: int) -> int:
+    if first_row in counts:
+        return counts[first_row]
+    if len(counts) == 1:  # one chunk: whatever rows label the engine gave it
+        return next(iter(counts.values()))
+    raise RuntimeError(f"no tie counts for the row chunk starting at row {first_row}: the chunks given to "
+                       f"merge differ from those given to prepare_tensor")
+
+
 def _tie_rank(a: torch.Tensor, value: float, above: int, before: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Entries equal to ``value`` and their global ranks (ties ordered by flat position)."""
     eq = a == value
@@ -174,11 +189,11 @@ def window_mask(values: torch.Tensor, first_row: int, windows: Sequence[RankWind
             keep = torch.ones_like(a, dtype=torch.bool)
             if w.start > 0:
                 keep &= a <= w.hi
-                eq, rank = _tie_rank(a, w.hi, w.hi_above, w.hi_before[first_row])
+                eq, rank = _tie_rank(a, w.hi, w.hi_above, _before(w.hi_before, first_row))
                 keep &= ~eq | (rank >= w.start)
             if w.stop < w.numel:
                 keep &= a >= w.lo
-                eq, rank = _tie_rank(a, w.lo, w.lo_above, w.lo_before[first_row])
+                eq, rank = _tie_rank(a, w.lo, w.lo_above, _before(w.lo_before, first_row))
                 keep &= ~eq | (rank < w.stop)
         out[i] = keep.reshape(values[i].shape).to(torch.float32)
     return out
@@ -201,6 +216,18 @@ def row_window_mask(values: torch.Tensor, bounds: Sequence[Tuple[int, int]]) -> 
     return out
 
 
+def whole_source(x: TensorInputs) -> TensorSource:
+    """A one-chunk :class:`TensorSource` over ``x``, to compute statistics the engine did not provide.
+
+    Only a whole tensor can stand for itself; a row chunk without its statistics is a contract error.
+    """
+    if tuple(x.models[0].shape) != tuple(x.shape):
+        raise RuntimeError(
+            f"tensor '{x.name}': a row chunk reached merge without the statistics of prepare_tensor"
+        )
+    return TensorSource(x.name, tuple(x.shape), x.params, x.model_params, len(x.models), 1, lambda: iter([x]))
+
+
 def exact_l1_factors(src: TensorSource, masked: Callable[[TensorInputs], torch.Tensor]) -> list:
     """mergekit's L1 rescale factors ``||tau||_1 / ||m*tau||_1`` per model over the whole tensor.
 
@@ -219,11 +246,6 @@ def exact_l1_factors(src: TensorSource, masked: Callable[[TensorInputs], torch.T
         after = m[i].abs().sum()
         out.append(1.0 if bool(before < 1e-7) or bool(after < 1e-7) else float(before / after))
     return out
-
-
-def is_whole(x: TensorInputs) -> bool:
-    """True when ``x`` holds the whole tensor rather than a row chunk of it."""
-    return tuple(x.models[0].shape) == tuple(x.shape)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,10 +307,12 @@ def _prepare_tensor(src: TensorSource) -> Optional[BreadcrumbsStats]:
     bounds = _bounds(tuple(src.shape), src.numel, src.model_params, src.params["semantics"])
     windows = None
     if bounds is not None and not all(b == (0, src.numel) for b in bounds):
-        windows = rank_windows(
-            lambda: ((c.rows[0], deltas_of(c)) for c in src.chunks()), bounds, src.numel,
-            single=src.num_chunks == 1,
-        )
+        if src.num_chunks == 1:  # take the task vectors once
+            cached = [(c.rows[0], deltas_of(c)) for c in src.chunks()]
+            stream = lambda: iter(cached)  # noqa: E731
+        else:
+            stream = lambda: ((c.rows[0], deltas_of(c)) for c in src.chunks())  # noqa: E731
+        windows = rank_windows(stream, bounds, src.numel, single=src.num_chunks == 1)
     stats = BreadcrumbsStats(windows)
     if src.params["rescale"]:
         def masked(c: TensorInputs) -> torch.Tensor:
@@ -302,6 +326,8 @@ def _prepare_tensor(src: TensorSource) -> Optional[BreadcrumbsStats]:
 def sparsified(x: TensorInputs) -> TaskVectors:
     """The chunk's task vectors after the breadcrumbs masks (and L1 rescale when asked)."""
     stats: Optional[BreadcrumbsStats] = x.tensor_stats
+    if stats is None:
+        stats = _prepare_tensor(whole_source(x))
     tv = TaskVectors.from_models(x.base, x.models, x.model_param("weight"))
     masks = _masks(x, stats)
     if masks is None:  # nothing masked: the L1 factors are exactly 1

@@ -29,7 +29,7 @@ from typing import List, Optional
 import torch
 
 from mergelab.errors import RecipeError
-from mergelab.methods.breadcrumbs import exact_l1_factors
+from mergelab.methods.breadcrumbs import exact_l1_factors, whole_source
 from mergelab.methods.common import DENSITY, INT8_MASK, LAMBDA, SEMANTICS, WEIGHT, normalize, rescale_flag
 from mergelab.methods.registry import BaseUse, MergeMethod, Param, TensorInputs, TensorSource, register
 from mergelab.methods.ties import deltas_of
@@ -107,6 +107,11 @@ def sparsified(x: TensorInputs) -> TaskVectors:
     """The chunk's task vectors after MagPrune and the rescale chosen by ``semantics``."""
     tv = TaskVectors.from_models(x.base, x.models, x.model_param("weight"))
     stats: Optional[DellaStats] = x.tensor_stats
+    if stats is None and any(0 < p["density"] < 1 for p in x.model_params):
+        if x.params["rescale"] and x.params["semantics"] == "mergekit":
+            stats = _prepare_tensor(whole_source(x))
+        elif len(x.shape) <= 1:
+            whole_source(x)  # a chunk of a 1-D tensor needs the whole vector's ranks
     masks, probs = _masks_and_probs(x, tv.deltas, stats)
     if not x.params["rescale"]:
         return drop(masks, None)(tv)

@@ -28,7 +28,6 @@ here the engine's layer index (``TensorInputs.layer``) is used, which avoids fal
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -162,11 +161,6 @@ def lines_post_apply(x: TensorInputs, merged_delta: torch.Tensor) -> torch.Tenso
     return layer_scale(x.layer, x.num_layers, alpha, x.params["beta"], x.params["non_layer"]) * merged_delta
 
 
-_POST_HOOKS = (
-    {"prepare_model": lines_post_statistics}
-    if "prepare_model" in {f.name for f in dataclasses.fields(PostStep)} else {}
-)
-
 register_post_step(PostStep(
     name="lines",
     summary="Scale the merged task vector linearly with depth (alpha at the first block, alpha + beta at the last).",
@@ -183,5 +177,5 @@ register_post_step(PostStep(
         NON_LAYER,
     ),
     chunkable=True,
-    **_POST_HOOKS,
+    prepare_model=lines_post_statistics,
 ))

@@ -26,6 +26,7 @@ from typing import List, Optional
 
 import torch
 
+from mergelab.methods.breadcrumbs import whole_source
 from mergelab.methods.common import SEMANTICS
 from mergelab.methods.registry import BaseUse, MergeMethod, Param, TensorInputs, TensorSource, register
 from mergelab.methods.spherical import _gram
@@ -78,6 +79,8 @@ def model_stock_merge(x: TensorInputs) -> torch.Tensor:
     base, models = _vectors(x, filter_wise)
     n = len(models)
     if x.tensor_stats is None:
+        if not filter_wise or len(x.shape) <= 1:
+            whole_source(x)  # the cosines need the whole tensor
         cos = _mean_cosine([m - base for m in models])
     else:
         cos = x.tensor_stats.to(base.device)

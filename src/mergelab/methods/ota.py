@@ -49,7 +49,6 @@ import torch
 from mergelab.errors import RecipeError
 from mergelab.methods.registry import BaseUse, MergeMethod, ModelScope, Param, TensorInputs, TensorSource, register
 from mergelab.methods.select import kth_largest_abs
-from mergelab.methods.ties import uniform_model_param
 
 SECOND_MOMENTS = "second_moments"
 DEFAULT_RANK_EXCLUDE = r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|tok_embeddings|embed_in)\.weight$"
@@ -220,7 +219,7 @@ def saliency(x: TensorInputs, i: int, v: torch.Tensor) -> torch.Tensor:
     if x.base is None:
         return v
     tau = x.models[i] - x.base
-    return v * tau * tau
+    return v * torch.pow(tau, 2)  # the reference's expression, so float32 ties at the threshold agree
 
 
 def _model_compressions(scope: ModelScope) -> dict:
@@ -247,7 +246,9 @@ def _model_compressions(scope: ModelScope) -> dict:
 
 
 def _prepare_model(scope: ModelScope) -> Optional[OTAModelStats]:
-    densities = uniform_model_param(scope, "ffg_density")
+    # ffg_density is per_layer=False, so the recipe makes it one value per model for the whole model;
+    # reading it from the scope avoids a pass over the model when no density is set.
+    densities = [p["ffg_density"] for p in scope.model_params]
     if not densities or all(d >= 1 for d in densities):
         return None
     compressions = _model_compressions(scope)

@@ -211,7 +211,9 @@ class MergeMethod:
     tensors named like the model's (e.g. Adam second moments for OTA). The engine reads the tensor of
     the same name from it and passes the list (one per model, float32) as ``inputs.aux[param]``.
     ``validate(params, model_params)`` gets the resolved parameters of one tensor and raises
-    :class:`RecipeError` for combinations the per-parameter checks cannot see.
+    :class:`RecipeError` for combinations the per-parameter checks cannot see. ``report(inputs)``, if
+    given, says what the method did to a tensor (e.g. the rank TSV-M kept); the engine stores it in the
+    manifest under ``reports``.
     """
 
     name: str
@@ -228,6 +230,7 @@ class MergeMethod:
     prepare_model: Optional[Callable[[ModelScope], Any]] = None
     validate: Optional[Callable[[dict, list], None]] = None
     aux_inputs: tuple = ()
+    report: Optional[Callable[[TensorInputs], dict]] = None
     notes: str = ""
     family: str = ""
 
@@ -250,7 +253,10 @@ class PostStep:
 
     ``apply(inputs, merged_delta) -> delta`` sees the same :class:`TensorInputs` as the method (layer
     index and layer count included) and the method's merged delta ``merged - base``. A recipe lists
-    post-steps under ``post:`` in order; they need a base model.
+    post-steps under ``post:`` in order; they need a base model. ``prepare_model(scope)`` computes
+    whole-model statistics of the merged task vector: each chunk of the scope carries the merged delta
+    (after the earlier post-steps) as ``aux["merged_delta"]``; the result reaches ``apply`` as
+    ``inputs.model_stats``.
     """
 
     name: str
@@ -259,6 +265,7 @@ class PostStep:
     apply: Callable[[TensorInputs, torch.Tensor], torch.Tensor]
     params: tuple = ()
     chunkable: bool = True
+    prepare_model: Optional[Callable[[ModelScope], Any]] = None
 
     def param(self, name: str) -> Optional[Param]:
         for p in self.params:

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from mergelab.methods.breadcrumbs import rank_windows, window_mask
+from mergelab.methods.breadcrumbs import rank_windows, whole_source, window_mask
 from mergelab.methods.common import INT8_MASK, SEMANTICS
 from mergelab.methods.registry import BaseUse, MergeMethod, Param, TensorInputs, TensorSource, register
 from mergelab.methods.ties import deltas_of
@@ -63,16 +63,16 @@ def _selection(src: TensorSource) -> SceStats:
         return SceStats(placeholder)
     if topk <= 0:
         return SceStats(placeholder, select_none=True)
-    nonzero = 0
-    for c in src.chunks():
-        nonzero += int(torch.count_nonzero(_variance(deltas_of(c))).item())
+    if src.num_chunks == 1:  # compute the variance once
+        cached = [(c.rows[0], _variance(deltas_of(c)).unsqueeze(0)) for c in src.chunks()]
+        stream = lambda: iter(cached)  # noqa: E731
+    else:
+        stream = lambda: ((c.rows[0], _variance(deltas_of(c)).unsqueeze(0)) for c in src.chunks())  # noqa: E731
+    nonzero = sum(int(torch.count_nonzero(v).item()) for _, v in stream())
     k = int(nonzero * topk)
     if k == 0:
         return SceStats(placeholder, select_none=True)
-    windows = rank_windows(
-        lambda: ((c.rows[0], _variance(deltas_of(c)).unsqueeze(0)) for c in src.chunks()),
-        [(0, k)], src.numel, single=src.num_chunks == 1,
-    )
+    windows = rank_windows(stream, [(0, k)], src.numel, single=src.num_chunks == 1)
     return SceStats(placeholder, windows)
 
 
@@ -107,7 +107,7 @@ def _prepare_tensor(src: TensorSource) -> SceStats:
 
 def sce_merge(x: TensorInputs) -> torch.Tensor:
     paper = x.params["semantics"] == "paper"
-    stats: SceStats = x.tensor_stats
+    stats: SceStats = x.tensor_stats if x.tensor_stats is not None else _prepare_tensor(whole_source(x))
     d = deltas_of(x)
     mask = _select_mask(x, d, stats)
     if mask is not None and not paper:

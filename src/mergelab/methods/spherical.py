@@ -28,7 +28,7 @@ from typing import List, Optional
 import torch
 
 from mergelab.errors import RecipeError
-from mergelab.methods.breadcrumbs import is_whole
+from mergelab.methods.breadcrumbs import whole_source
 from mergelab.methods.common import SEMANTICS, WEIGHT
 from mergelab.methods.registry import BaseUse, MergeMethod, Param, TensorInputs, TensorSource, register
 
@@ -118,7 +118,11 @@ def slerp_merge(x: TensorInputs) -> torch.Tensor:
     t = x.params["t"]
     if v0.numel() == 0:
         return (1 - t) * v0 + t * v1
-    dot = _slerp_dot_whole(v0, v1) if x.tensor_stats is None else x.tensor_stats.to(v0.device)
+    if x.tensor_stats is None:
+        whole_source(x)  # the dot product needs the whole tensor
+        dot = _slerp_dot_whole(v0, v1)
+    else:
+        dot = x.tensor_stats.to(v0.device)
     a, b = slerp_coefficients(dot, t)
     return a * v0 + b * v1
 
@@ -203,6 +207,8 @@ def nuslerp_merge(x: TensorInputs) -> torch.Tensor:
     t = _nuslerp_t(x.model_param("weight"))
     v0, v1 = _nuslerp_vectors(x)
     if x.tensor_stats is None:
+        if x.params["nuslerp_flatten"] or x.params["nuslerp_row_wise"] or len(x.shape) <= 1:
+            whole_source(x)  # these vectors span rows: the cosines need the whole tensor
         res = _nuslerp_whole(t, v0, v1, x.params["nuslerp_row_wise"], x.params["nuslerp_flatten"])
     else:
         res = _nuslerp_combine(t, x.tensor_stats.to(v0.device), v0, v1)

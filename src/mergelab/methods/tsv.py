@@ -26,7 +26,6 @@ matrix rank, ``k = 0`` and the merged matrix is zero, as in the reference (the r
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import torch
@@ -108,9 +107,6 @@ def _validate(params: dict, model_params: list) -> None:
                           f"({e})") from None
 
 
-# ``report`` is the rank-reporting hook proposed for MergeMethod; passed only once the field exists.
-_HOOKS = {"report": tsv_report} if "report" in {f.name for f in dataclasses.fields(MergeMethod)} else {}
-
 register(MergeMethod(
     name="tsv",
     family="tsv",
@@ -137,5 +133,5 @@ register(MergeMethod(
     notes="lambda is the paper's alpha (swept over 0.1-3.0 in the paper; FusionBench default 1.0). Non-matrix "
           "tensors get lambda times the MEAN of the task vectors (task arithmetic uses the sum). "
           "Not in mergekit or PEFT.",
-    **_HOOKS,
+    report=tsv_report,
 ))

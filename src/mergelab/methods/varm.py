@@ -1,6 +1,7 @@
 """VaRM: variation-ratio merging weights (FuseChat 1.0).
 
-Wan et al., "FuseChat: Knowledge Fusion of Chat Models", 2024 (arXiv:2402.16107; reference code
+Wan et al., "FuseChat: Knowledge Fusion of Chat Models", 2024 (arXiv:2402.16107, the report that
+introduced VaRM; the later report arXiv:2408.07990 is FuseChat 2.0 with SCE; reference code
 fanqiwan/FuseAI history commit 4135974, ``FuseChat/merge/VaRM/{analysis.py,merge.py}``, deleted at HEAD).
 
 The target models (fine-tuned from one pivot, the base) are averaged with weights proportional to how
@@ -141,7 +142,7 @@ register(MergeMethod(
     name="varm",
     family="fusechat",
     summary="Average the target models with weights proportional to their squared variation from the pivot.",
-    reference="Wan et al. 2024, FuseChat (arXiv:2402.16107) VaRM; fanqiwan/FuseAI@4135974 FuseChat/merge/VaRM.",
+    reference="Wan et al. 2024, FuseChat 1.0 (arXiv:2402.16107) VaRM; fanqiwan/FuseAI@4135974 FuseChat/merge/VaRM.",
     merge=varm_merge,
     base=BaseUse.REQUIRED,
     params=(

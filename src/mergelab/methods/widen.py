@@ -17,9 +17,12 @@ Per tensor, with ``theta_0`` the base and ``delta_t = theta_t - theta_0``:
   same softmax / above-average / calibration rule; ``theta = theta_0 + sum_t S_t delta_t``.
 
 The reference has no temperature (it is 1); ``temperature`` is an extension for the paper's
-formulation and defaults to the reference. Column statistics are accumulated over row chunks in
-float64, so the method streams (``chunkable``): the per-tensor statistics and the column weights
-come from :func:`_prepare_tensor`, and the merge of a row chunk is elementwise.
+formulation and defaults to the reference. Ranks, their mean and the scores of matrices are computed
+in float64 with the exact mean rank ``(in - 1) / (2 in)``: the reference's float32 mean makes the
+middle column's "above average" test depend on rounding (calibrated for ``in = 4097``, not for 9).
+Column statistics are accumulated over row chunks in float64, so the method streams
+(``chunkable``): the per-tensor statistics and the column weights come from :func:`_prepare_tensor`,
+and the merge of a row chunk is elementwise.
 
 Edge cases (NaN in the reference): a column that is zero in both ``W_t`` and ``W_0`` has
 ``dd = 0``; a column that is zero in only one of them has ``dd = 1``. Tensors with more than two
@@ -55,11 +58,11 @@ def _kind(name: str, shape: tuple, params: dict) -> str:
 
 
 def within_model_rank(diff: torch.Tensor) -> torch.Tensor:
-    """Rank of each entry within its row ``[n, k]``: stable ascending argsort position / k."""
+    """Rank of each entry within its row ``[n, k]``: stable ascending argsort position / k (float64)."""
     n, k = diff.shape
     order = torch.argsort(diff, dim=1, descending=False, stable=True)
-    ranks = torch.empty_like(diff, dtype=torch.float32)
-    positions = (torch.arange(k, dtype=torch.float32, device=diff.device) / k).expand(n, k)
+    ranks = torch.empty(n, k, dtype=torch.float64, device=diff.device)
+    positions = (torch.arange(k, dtype=torch.float64, device=diff.device) / k).expand(n, k)
     ranks.scatter_(1, order, positions.contiguous())
     return ranks
 
@@ -100,10 +103,10 @@ def column_weights(mm: torch.Tensor, bb: torch.Tensor, mb: torch.Tensor, params:
     both_zero = (mag_t == 0) & (mag_0 == 0)
     cos = torch.where(denom > 0, mb / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(mb))
     dd = torch.where(both_zero, torch.zeros_like(cos), 1.0 - cos)
-    rank_m = within_model_rank(dm.float())
-    rank_d = within_model_rank(dd.float())
-    s_m = importance_scores(rank_m, rank_m.mean(dim=1, keepdim=True), params)
-    s_d = importance_scores(rank_d, rank_d.mean(dim=1, keepdim=True), params)
+    cols = dm.shape[1]
+    mean_rank = torch.tensor((cols - 1) / (2 * cols), dtype=torch.float64, device=dm.device)  # exact
+    s_m = importance_scores(within_model_rank(dm), mean_rank, params)
+    s_d = importance_scores(within_model_rank(dd), mean_rank, params)
     return 0.5 * (s_m + s_d)
 
 
