@@ -8,6 +8,7 @@ names a ``vocab_policy``), dtypes. Non-float tensors are copied from the base, n
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -56,10 +57,7 @@ class TensorJob:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

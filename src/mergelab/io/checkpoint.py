@@ -18,6 +18,7 @@ Nothing is ever downloaded: a hub id is rejected with a message saying to downlo
 
 from __future__ import annotations
 
+import math
 import hashlib
 import json
 import os
@@ -51,10 +52,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

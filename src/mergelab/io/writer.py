@@ -13,6 +13,7 @@ the rest, so a killed merge ends with the same bytes as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -59,10 +60,7 @@ class ShardEntry:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
+        return self.dtype.itemsize * math.prod(self.shape)
 
 
 @dataclass

@@ -15,6 +15,7 @@ The registry is what ``mergelab methods`` prints and what the recipe validator c
 
 from __future__ import annotations
 
+import math
 import difflib
 import enum
 import hashlib
@@ -177,10 +178,7 @@ class TensorSource:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     def chunks(self) -> Iterator[TensorInputs]:
         return self._chunks()
