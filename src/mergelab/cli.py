@@ -146,7 +146,7 @@ def _mount_optional() -> None:
             continue
         if isinstance(sub, typer.Typer) and sub.registered_commands and len(sub.registered_commands) == 1 \
                 and not sub.registered_groups and getattr(mod, "SINGLE_COMMAND", False):
-            app.command(name=name, help=help_text)(sub.registered_commands[0].callback)
+            app.command(name=name)(sub.registered_commands[0].callback)
         else:
             app.add_typer(sub, name=name, help=help_text)
 
