@@ -10,8 +10,9 @@ What it does, in one run:
 3. Runs each tool as a separate process, ``--runs`` times per method (median reported), alternating
    which tool goes first so that slow drift of the machine's load hits both alike. Each process's
    wall time is taken around the process (interpreter start and imports included, as a user sees it)
-   and its peak resident memory is the ``ru_maxrss`` that the kernel reports for that one child when
-   it is reaped (``os.wait4``): the high-water mark of the merge process itself.
+   and its peak resident memory is the ``ru_maxrss`` that the kernel reports for that child when it
+   is reaped: the high-water mark of the merge process itself (measured from a tiny wrapper process,
+   see ``_MEASURE``, because a child forked from a large process inherits its high-water mark).
 4. Prints a table of medians, spreads (min-max) and ratios (mergekit / mergelab), writes it to
    ``<workdir>/results-<time>.json`` and ``.md``, and removes every output right after its run.
 
@@ -78,8 +79,6 @@ def ensure_models(workdir: Path, size: str, seed: int = 0, experts: int = 3) -> 
     A ``.complete`` file records the arguments; a folder without it (or with other arguments) is
     written again, so an interrupted generation is never mistaken for a finished one.
     """
-    from mergelab.synthetic import make_llama_family
-
     spec = dict(SIZES[size], experts=experts, dtype="bfloat16", seed=seed)
     root = workdir / "models" / size
     marker = root / ".complete"
@@ -90,7 +89,10 @@ def ensure_models(workdir: Path, size: str, seed: int = 0, experts: int = 3) -> 
     root.mkdir(parents=True)
     print(f"writing synthetic checkpoints '{size}' {spec} to {root} ...", flush=True)
     t = time.perf_counter()
-    make_llama_family(root, **spec)
+    # In a child process, so that this script stays small (see _MEASURE) and frees the memory at once.
+    code = (f"from pathlib import Path; from mergelab.synthetic import make_llama_family; "
+            f"make_llama_family(Path({str(root)!r}), **{spec!r})")
+    subprocess.run([sys.executable, "-c", code], check=True)
     marker.write_text(json.dumps(spec))
     print(f"  done in {time.perf_counter() - t:.0f} s", flush=True)
     return model_folders(workdir, size, experts)
@@ -193,35 +195,60 @@ class Run:
     peak_rss_bytes: int
     returncode: int
     output_bytes: int = 0
+    cpu_seconds: float = 0.0  # user + system time of the merge process
+
+
+# Runs one command and reports its wall time and peak RSS. It is a separate, small process on purpose:
+# a child's ru_maxrss also counts the memory of the process it was forked from (Linux records the
+# high-water mark of the old address space at exec), so measuring straight from this script, which
+# may hold hundreds of MB, would overstate small merges. Forked from this ~10 MB wrapper instead,
+# the child's ru_maxrss is its own peak.
+_MEASURE = r"""
+import json, os, resource, sys, time
+out, cmd = sys.argv[1], sys.argv[2:]
+t = time.perf_counter()
+pid = os.posix_spawn(cmd[0], cmd, os.environ)
+_, status = os.waitpid(pid, 0)
+seconds = time.perf_counter() - t
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+with open(out, "w") as f:
+    json.dump({"seconds": seconds, "maxrss": usage.ru_maxrss, "cpu": usage.ru_utime + usage.ru_stime,
+               "exit": os.waitstatus_to_exitcode(status)}, f)
+"""
+
+
+def measure(cmd: Sequence[str], log: Path, cwd: Path) -> tuple:
+    """(wall seconds, peak RSS bytes, exit code, CPU seconds) of ``cmd``, with its output in ``log``."""
+    result = log.with_suffix(".measure.json")
+    with open(log, "w") as fh:
+        fh.write(" ".join(cmd) + "\n")
+        fh.flush()
+        subprocess.run([sys.executable, "-I", "-S", "-c", _MEASURE, str(result)] + list(cmd),
+                       stdout=fh, stderr=subprocess.STDOUT, cwd=str(cwd), check=True)
+    data = json.loads(result.read_text())
+    result.unlink()
+    unit = 1 if sys.platform == "darwin" else 1024
+    return data["seconds"], data["maxrss"] * unit, data["exit"], data["cpu"]
 
 
 def run_once(tool: str, method: str, size: str, recipe: Path, workdir: Path, mergekit_yaml: Path,
              device: str) -> Run:
-    """Run one merge in a fresh process; its wall time and its own peak RSS (``os.wait4``)."""
+    """Run one merge in a fresh process: its wall time and its own peak RSS. The output is removed."""
     out = workdir / "out" / f"{tool}-{size}-{method}"
     for p in (out, out.with_name(out.name + ".partial")):
         shutil.rmtree(p, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     log = workdir / "logs" / f"{tool}-{size}-{method}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = command(tool, recipe, out, mergekit_yaml, device)
-    with open(log, "w") as fh:
-        fh.write(" ".join(cmd) + "\n")
-        fh.flush()
-        started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(workdir))
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    seconds, peak, code, cpu = measure(command(tool, recipe, out, mergekit_yaml, device), log, workdir)
     size_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors")) if out.exists() else 0
     shutil.rmtree(out, ignore_errors=True)
-    if proc.returncode != 0:
+    if code != 0:
         tail = log.read_text()[-3000:]
-        raise SystemExit(f"{tool} failed on {recipe} (exit {proc.returncode}); log {log}:\n{tail}")
+        raise SystemExit(f"{tool} failed on {recipe} (exit {code}); log {log}:\n{tail}")
     if size_bytes == 0:
         raise SystemExit(f"{tool} wrote no safetensors for {recipe}; log {log}")
-    return Run(tool, method, size, seconds, peak, proc.returncode, size_bytes)
+    return Run(tool, method, size, seconds, peak, code, size_bytes, cpu)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -231,6 +258,7 @@ class Cell:
 
     seconds: List[float] = field(default_factory=list)
     peak: List[int] = field(default_factory=list)
+    cpu: List[float] = field(default_factory=list)
 
     @property
     def t(self) -> float:
@@ -239,6 +267,10 @@ class Cell:
     @property
     def m(self) -> float:
         return statistics.median(self.peak)
+
+    @property
+    def c(self) -> float:
+        return statistics.median(self.cpu)
 
     def spread(self) -> str:
         return f"{min(self.seconds):.1f}-{max(self.seconds):.1f}"
@@ -253,8 +285,8 @@ def gb(n: float) -> str:
 
 def table(cells: Dict[tuple, Cell], methods: Sequence[str], size: str) -> List[str]:
     rows = [
-        "| method | mergelab time (s) | mergekit time (s) | speed-up | target | mergelab peak | mergekit peak | memory ratio | met |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | mergelab time (s) | mergekit time (s) | speed-up | target | CPU s mergelab / mergekit (ratio) | mergelab peak | mergekit peak | memory ratio | met |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in methods:
         a, b = cells.get(("mergelab", m, size)), cells.get(("mergekit", m, size))
@@ -266,7 +298,8 @@ def table(cells: Dict[tuple, Cell], methods: Sequence[str], size: str) -> List[s
         ok = (target is None or speed >= target) and mem <= MEMORY_TARGET
         rows.append(
             f"| {m} | {a.t:.2f} ({a.spread()}) | {b.t:.2f} ({b.spread()}) | {speed:.1f}x | "
-            f"{'>= %.1fx' % target if target else '-'} | {gb(a.m)} ({a.mem_spread()}) | {gb(b.m)} ({b.mem_spread()}) | "
+            f"{'>= %.1fx' % target if target else '-'} | {a.c:.1f} / {b.c:.1f} ({b.c / a.c:.1f}x) | "
+            f"{gb(a.m)} ({a.mem_spread()}) | {gb(b.m)} ({b.mem_spread()}) | "
             f"{mem:.2f} | {'yes' if ok else 'NO'} |"
         )
     return rows
@@ -384,8 +417,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 cell = cells.setdefault((tool, m, size), Cell())
                 cell.seconds.append(run.seconds)
                 cell.peak.append(run.peak_rss_bytes)
+                cell.cpu.append(run.cpu_seconds)
                 print(f"  run {r + 1}/{args.runs} {size:>14} {m:>16} {tool:>8}: {run.seconds:7.2f} s  "
-                      f"peak {gb(run.peak_rss_bytes)}  (load {os.getloadavg()[0]:.2f})", flush=True)
+                      f"cpu {run.cpu_seconds:6.1f} s  peak {gb(run.peak_rss_bytes)}  (load {os.getloadavg()[0]:.2f})",
+                      flush=True)
     load_after = os.getloadavg()
 
     info = {
@@ -405,8 +440,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"Versions: {info['versions']}",
         "",
         f"Model '{sizes[0]}': base + 3 experts, {params[sizes[0]] / 1e6:.1f}M parameters each. "
-        f"Speed-up = mergekit time / mergelab time; memory ratio = mergelab peak RSS / mergekit peak RSS "
-        f"(target <= {MEMORY_TARGET}).",
+        f"Speed-up = mergekit time / mergelab time (medians of wall time); CPU s = user + system seconds of "
+        f"the merge process (less sensitive to other load on the machine); memory ratio = mergelab peak RSS / "
+        f"mergekit peak RSS (target <= {MEMORY_TARGET}).",
         "",
     ] + table(cells, methods, sizes[0])
     if len(sizes) > 1:

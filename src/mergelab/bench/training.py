@@ -27,7 +27,7 @@ class TrainConfig:
 
     epochs: float = 3.0
     batch_size: int = 32
-    lr: float = 1e-4
+    lr: float = 2e-4
     head_lr: float = 2e-3
     weight_decay: float = 0.01
     warmup: float = 0.1
@@ -72,8 +72,8 @@ def train(config, encoder_state: dict, tokenizer, task_data: Sequence[tuple], cf
     """Fine-tune from ``encoder_state`` on ``task_data`` = ``[(texts, labels, num_labels), ...]``.
 
     Returns ``(encoder_state, heads, info)``: the trained encoder tensors (float32, BertModel names),
-    one ``{"weight", "bias"}`` head per task, and ``{"steps", "seconds"}``. ``heads`` may give initial
-    heads; otherwise they start like Hugging Face's (normal(0, 0.02) weights, zero bias).
+    one ``{"weight", "bias"}`` head per task, and ``{"steps", "seconds", "cpu_seconds"}``. ``heads``
+    may give initial heads; otherwise they start like Hugging Face's (normal(0, 0.02) weights, zero bias).
     ``progress(n)`` is called after each step with the number of steps just done (1).
     """
     if cfg.threads:
@@ -104,7 +104,7 @@ def train(config, encoder_state: dict, tokenizer, task_data: Sequence[tuple], cf
     ])
     base_lrs = [g["lr"] for g in opt.param_groups]
     plan = _task_plan([len(t[0]) for t in task_data], cfg.batch_size, cfg.epochs, rng)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for step, (t, idx) in enumerate(plan):
         texts, labels, _ = task_data[t]
         enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=cfg.max_length,
@@ -120,8 +120,8 @@ def train(config, encoder_state: dict, tokenizer, task_data: Sequence[tuple], cf
         opt.zero_grad(set_to_none=True)
         if progress is not None:
             progress(1)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     encoder.eval()
     state = {k: v.detach().clone().float() for k, v in encoder.state_dict().items() if v.is_floating_point()}
     out_heads = [{"weight": lin.weight.detach().clone(), "bias": lin.bias.detach().clone()} for lin in linear]
-    return state, out_heads, {"steps": len(plan), "seconds": round(seconds, 2)}
+    return state, out_heads, {"steps": len(plan), "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2)}

@@ -27,7 +27,6 @@ import sys
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from mergelab.evaluate.tasks import Example, SuiteError, Task, stratified_split, write_task_jsonl
 

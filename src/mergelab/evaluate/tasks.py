@@ -193,8 +193,8 @@ def stratified_split(items: Sequence, labels: Sequence[int], seed: int, fraction
         group = by_label[lab]
         rng.shuffle(group)
         n = len(group)
-        n_val = int(round(n * fractions[1]))
-        n_test = int(round(n * fractions[2]))
+        n_val = int(n * fractions[1] + 0.5)
+        n_test = int(n * fractions[2] + 0.5)
         if n >= 3:
             n_val, n_test = max(n_val, 1 if fractions[1] > 0 else 0), max(n_test, 1 if fractions[2] > 0 else 0)
         n_train = n - n_val - n_test

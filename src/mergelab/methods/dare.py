@@ -22,8 +22,8 @@ import torch
 
 from mergelab.methods.common import DENSITY, INT8_MASK, LAMBDA, SEMANTICS, WEIGHT, normalize, rescale_flag
 from mergelab.methods.registry import BaseUse, MergeMethod, ModelScope, TensorInputs, TensorSource, register
-from mergelab.methods.ties import TrimStats, deltas_of, global_tie_sign, l1_rescale_factors
-from mergelab.methods.transforms import TaskVectors, disjoint_merge, drop, elect_sign, linear_combine, weigh
+from mergelab.methods.ties import TrimStats, consensus_merge, global_tie_sign, l1_rescale_factors
+from mergelab.methods.transforms import TaskVectors, linear_combine
 
 
 def keep_masks(x: TensorInputs) -> torch.Tensor:
@@ -37,17 +37,58 @@ def keep_masks(x: TensorInputs) -> torch.Tensor:
     return torch.stack(masks)
 
 
+def dropped_deltas(x: TensorInputs, l1_scale: Optional[list] = None, weighted: bool = False,
+                   inline_l1: bool = False) -> torch.Tensor:
+    """The chunk's task vectors ``[n, *chunk]`` after DARE's drop and rescale (per ``semantics``),
+    multiplied by the models' weights if ``weighted``.
+
+    Value for value ``weigh()(drop(keep_masks(x), ...)(TaskVectors.from_models(...)))``, computed in
+    one buffer with one mask at a time (full-size temporaries cost more than the arithmetic on CPUs).
+    ``inline_l1`` computes mergekit's L1 rescale factors from this chunk, which must be the whole
+    tensor, exactly as :func:`~mergelab.methods.ties.l1_rescale_factors` would in a separate pass
+    (the random masks are then drawn once instead of twice).
+    """
+    base = x.base
+    dens = x.model_param("density")
+    paper = x.params["semantics"] == "paper"
+    deltas = torch.empty((len(x.models),) + tuple(base.shape), dtype=base.dtype, device=base.device)
+    # Per-model factors as float32 tensors, exactly as the transforms apply them.
+    prob = torch.tensor([min(1.0, d) if d > 0 else 1.0 for d in dens], dtype=base.dtype, device=base.device)
+    scale = None if l1_scale is None else torch.tensor([float(v) for v in l1_scale], dtype=base.dtype,
+                                                        device=base.device)
+    weights = torch.tensor(x.model_param("weight"), dtype=base.dtype, device=base.device)
+    n = len(x.models)
+    if inline_l1:
+        for i, m in enumerate(x.models):
+            torch.sub(m, base, out=deltas[i])
+        before = deltas.abs().reshape(n, -1).sum(1).double().tolist()
+        for i in range(n):
+            if dens[i] < 1:
+                deltas[i].mul_(x.rand(i, "dare") < dens[i])
+        after = deltas.abs().reshape(n, -1).sum(1).double().tolist()
+        factors = [1.0 if b < 1e-7 or a < 1e-7 else float(b / a) for b, a in zip(before, after)]
+        scale = torch.tensor(factors, dtype=base.dtype, device=base.device)
+    for i, m in enumerate(x.models):
+        if inline_l1:
+            d = deltas[i]
+        else:
+            d = torch.sub(m, base, out=deltas[i])
+            if dens[i] < 1:
+                d.mul_(x.rand(i, "dare") < dens[i])
+        if paper:
+            # A density of 0 drops everything; nothing is left to rescale.
+            d.div_(prob[i])
+        elif scale is not None:
+            d.mul_(scale[i])
+        if weighted:
+            d.mul_(weights[i])
+    return deltas
+
+
 def dropped(x: TensorInputs, l1_scale: Optional[list] = None) -> TaskVectors:
     """The chunk's task vectors after DARE's drop and rescale (per ``semantics``)."""
-    tv = TaskVectors.from_models(x.base, x.models, x.model_param("weight"))
-    masks = keep_masks(x)
-    if x.params["semantics"] == "paper":
-        dens = x.model_param("density")
-        # A density of 0 drops everything; nothing is left to rescale.
-        return drop(masks, "inverse", keep_prob=[min(1.0, d) if d > 0 else 1.0 for d in dens])(tv)
-    if l1_scale is not None:
-        return drop(masks, "l1", l1_scale=l1_scale)(tv)
-    return drop(masks, None)(tv)
+    deltas = dropped_deltas(x, l1_scale)
+    return TaskVectors(deltas, torch.tensor(x.model_param("weight"), dtype=deltas.dtype, device=deltas.device))
 
 
 def _prepare_tensor(src: TensorSource) -> Optional[TrimStats]:
@@ -55,11 +96,25 @@ def _prepare_tensor(src: TensorSource) -> Optional[TrimStats]:
         return None
     if all(p["density"] >= 1 for p in src.model_params):
         return None
+    if src.num_chunks == 1:
+        return None  # the merge computes the factors from the same (only) chunk: see _inline_l1
     return TrimStats([], l1_rescale_factors(src, lambda c: dropped(c).deltas))
 
 
 def _scale(x: TensorInputs) -> Optional[list]:
     return None if x.tensor_stats is None else x.tensor_stats.l1_scale
+
+
+def _inline_l1(x: TensorInputs) -> bool:
+    """Whether the merge must compute mergekit's L1 factors itself (a tensor in one chunk)."""
+    if x.tensor_stats is not None or x.params["semantics"] == "paper" or not x.params["rescale"]:
+        return False
+    if all(d >= 1 for d in x.model_param("density")):
+        return False
+    whole = (0, x.shape[0]) if x.shape else (0, 0)
+    if tuple(x.rows) not in (whole, (0, 0)):  # (0, 0): the default, a whole tensor given directly
+        raise RuntimeError(f"internal: L1 rescale factors missing for row chunk {x.rows} of tensor '{x.name}'")
+    return True
 
 
 def _finish(x: TensorInputs, merged: torch.Tensor) -> torch.Tensor:
@@ -69,15 +124,18 @@ def _finish(x: TensorInputs, merged: torch.Tensor) -> torch.Tensor:
 
 
 def dare_linear_merge(x: TensorInputs) -> torch.Tensor:
-    tv = weigh()(dropped(x, _scale(x)))
-    return _finish(x, linear_combine(tv, normalize=x.params["normalize"]))
+    deltas = dropped_deltas(x, _scale(x), weighted=True, inline_l1=_inline_l1(x))
+    weights = torch.tensor(x.model_param("weight"), dtype=deltas.dtype, device=deltas.device)
+    return _finish(x, linear_combine(TaskVectors(deltas, weights), normalize=x.params["normalize"]))
 
 
 def dare_ties_merge(x: TensorInputs) -> torch.Tensor:
     paper = x.params["semantics"] == "paper"
     tie = x.model_stats.tie_sign if paper else 1.0
-    tv = elect_sign(tie)(weigh()(dropped(x, _scale(x))))
-    return _finish(x, disjoint_merge(tv, normalize=x.params["normalize"], divisor="count" if paper else "weight"))
+    deltas = dropped_deltas(x, _scale(x), weighted=True, inline_l1=_inline_l1(x))
+    weights = torch.tensor(x.model_param("weight"), dtype=deltas.dtype, device=deltas.device)
+    merged = consensus_merge(deltas, weights, tie, x.params["normalize"], "count" if paper else "weight")
+    return _finish(x, merged)
 
 
 _REFERENCE = ("Yu et al. 2024, DARE (arXiv:2311.03099), yule-BUAA/MergeLM; mergekit 0.1.5 `{}`.")

@@ -22,9 +22,27 @@ _BINS = 1 << 16
 
 
 def _bits(values: torch.Tensor) -> torch.Tensor:
-    """int64 bit patterns of ``|values|`` as float32, flattened per model: shape ``[n, m]``."""
-    a = values.abs().to(torch.float32).reshape(values.shape[0], -1)
-    return a.view(torch.int32).to(torch.int64)
+    """int32 bit patterns of ``|values|`` as float32, flattened per model: shape ``[n, m]``.
+
+    For non-negative floats the bit pattern orders like the value and is itself non-negative, so
+    int32 is enough (no int64 copy: on large chunks every extra full-size buffer costs as much as
+    the counting itself).
+    """
+    a = values.reshape(values.shape[0], -1)
+    a = a.abs() if a.dtype == torch.float32 else a.to(torch.float32).abs()
+    return a.view(torch.int32)
+
+
+def _high_histograms(b: torch.Tensor) -> torch.Tensor:
+    """Per-model counts of the high 16 bits of ``b`` (``[n, m]`` int32): ``[n, 65536]`` int64.
+
+    One ``bincount`` for all models: model ``i``'s buckets are offset by ``i * 65536``.
+    """
+    n = b.shape[0]
+    idx = b >> 16
+    if n > 1:
+        idx += (torch.arange(n, dtype=idx.dtype, device=idx.device) * _BINS).unsqueeze(1)
+    return torch.bincount(idx.reshape(-1), minlength=n * _BINS).reshape(n, _BINS)
 
 
 def _locate(hist: torch.Tensor, k: int) -> tuple:
@@ -50,9 +68,10 @@ def kth_largest_abs(
     total = 0
     for c in chunks():
         b = _bits(c)
-        h = torch.stack([torch.bincount(b[i] >> 16, minlength=_BINS) for i in range(b.shape[0])])
+        h = _high_histograms(b)
         hi = h if hi is None else hi + h
         total += b.shape[1]
+        del b
     if callable(ks):
         ks = ks(total)
     n = len(ks)
@@ -69,15 +88,18 @@ def kth_largest_abs(
             want.append(i)
     if not want:
         return out
-    located = {i: _locate(hi[i].cpu(), int(ks[i])) for i in want}
+    hi = hi.cpu()
+    located = {i: _locate(hi[i], int(ks[i])) for i in want}
     lo = {i: torch.zeros(_BINS, dtype=torch.int64) for i in want}
     for c in chunks():
         b = _bits(c)
         for i in want:
             bucket, _ = located[i]
-            sel = b[i][(b[i] >> 16) == bucket]
+            row = b[i]
+            sel = row[(row >> 16) == bucket]
             if sel.numel():
                 lo[i] += torch.bincount(sel & 0xFFFF, minlength=_BINS).cpu()
+        del b
     for i in want:
         bucket, rank = located[i]
         low, _ = _locate(lo[i], rank)
@@ -93,10 +115,12 @@ def kth_largest_in_memory(values: torch.Tensor, k: int) -> float:
         return float("inf")
     if k >= n:
         return 0.0
-    a = values.detach().abs().reshape(-1)
+    a = values.detach().reshape(-1)
+    a = a.abs() if a.dtype == torch.float32 else a.to(torch.float32).abs()
     if a.device.type == "cpu":
-        arr = a.to(torch.float32).numpy()
-        return float(np.partition(arr, n - k)[n - k])
+        arr = a.numpy()  # a fresh buffer of our own: partition it in place, no second copy
+        arr.partition(n - k)
+        return float(arr[n - k])
     return float(torch.kthvalue(a.float(), n - k + 1).values.item())
 
 

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from mergelab.errors import RecipeError
@@ -65,9 +66,78 @@ def tensor_thresholds(src: TensorSource, semantics: str = "mergekit") -> list:
         return trivial
     if src.num_chunks == 1:
         (x,) = list(src.chunks())
-        d = deltas_of(x)
-        return [t if t is not None else kth_largest_in_memory(d[i], ks[i]) for i, t in enumerate(trivial)]
+        # One model at a time: a [n, *shape] stack would be one more full-size buffer.
+        return [t if t is not None else kth_largest_in_memory(x.models[i] - x.base, ks[i])
+                for i, t in enumerate(trivial)]
+    found = bracketed_thresholds(src, [k if t is None else None for k, t in zip(ks, trivial)])
+    if found is not None:
+        return [t if t is not None else f for t, f in zip(trivial, found)]
     return kth_largest_abs(lambda: (deltas_of(c) for c in src.chunks()), ks)
+
+
+def bracketed_thresholds(src: TensorSource, ks: list, budget: float = 0.125) -> Optional[list]:
+    """Exact k-th largest ``|tau_i|`` per model over a chunked tensor in *one* pass, or None.
+
+    ``ks[i]`` is 1-based and ``0 < ks[i] < numel``, or None for a model to skip (its entry in the
+    result is None too).
+
+    The first chunk's quantiles give each model a bracket ``[lo, hi]`` that very probably holds the
+    k-th largest magnitude. One pass then counts the entries above ``hi`` and keeps those inside the
+    bracket; if the k-th largest falls inside, it is found exactly among the kept values. If a bracket
+    missed (the first chunk was not representative) or kept more than ``budget`` of the entries,
+    None is returned and the caller uses the two-pass radix select, which is always exact. Either
+    way the result is the same number; this only saves re-reading every chunk a second time.
+    """
+    numel = src.numel
+    chunks = src.chunks()
+    first = next(chunks)
+    want = [i for i, k in enumerate(ks) if k is not None]
+    lo: dict = {}
+    hi: dict = {}
+    for i in want:
+        a = (first.models[i] - first.base).abs_().reshape(-1)
+        m = a.numel()
+        k = min(max(int(ks[i]), 1), numel)
+        q = 1.0 - k / numel  # where the threshold sits, as a quantile of |tau_i|
+        margin = 0.01 + 4.0 * math.sqrt(max(q * (1 - q), 1.0 / m) / m)
+        ilo = min(m - 1, max(0, int((q - margin) * m)))
+        ihi = min(m - 1, max(0, int(math.ceil((q + margin) * m))))
+        arr = a.numpy() if a.device.type == "cpu" else a.cpu().numpy()
+        arr.partition([ilo, ihi])
+        lo[i] = float(arr[ilo]) if q - margin > 0 else 0.0
+        hi[i] = float(arr[ihi]) if q + margin < 1 else math.inf
+    above = {i: 0 for i in want}
+    kept: dict = {i: [] for i in want}
+    kept_count = {i: 0 for i in want}
+    limit = max(1 << 16, int(budget * numel))
+
+    def scan(c: TensorInputs) -> bool:
+        for i in want:
+            # numpy's counting and compress are several times faster than torch's on CPU here.
+            a = (c.models[i] - c.base).abs_().reshape(-1).cpu().numpy()
+            above[i] += a.size - int(np.count_nonzero(a <= hi[i]))  # NaN counts as above, as in the radix select
+            sel = a[(a >= lo[i]) & (a <= hi[i])]
+            kept_count[i] += sel.size
+            if kept_count[i] > limit:
+                return False
+            kept[i].append(sel)
+        return True
+
+    if not scan(first):
+        return None
+    del first
+    for c in chunks:
+        if not scan(c):
+            return None
+    out: list = [None] * len(ks)
+    for i in want:
+        rank = int(ks[i]) - above[i]  # rank of the threshold among the bracketed values, from the top
+        if rank < 1 or rank > kept_count[i]:
+            return None
+        values = np.concatenate(kept[i])
+        values.partition(values.size - rank)
+        out[i] = float(values[values.size - rank])
+    return out
 
 
 def l1_rescale_factors(src: TensorSource, masked: Callable[[TensorInputs], torch.Tensor]) -> list:
@@ -137,19 +207,68 @@ def _prepare_model(scope: ModelScope) -> Optional[TrimStats]:
     return TrimStats(thresholds, None, tie)
 
 
+def consensus_merge(deltas: torch.Tensor, weights: torch.Tensor, tie_sign: float, normalize: bool,
+                    divisor: str) -> torch.Tensor:
+    """Sign election and disjoint merge of weighted task vectors ``deltas`` ``[n, *chunk]``.
+
+    The same arithmetic as ``disjoint_merge(elect_sign(tie_sign)(tv), normalize, divisor)`` from
+    :mod:`mergelab.methods.transforms`, value for value, but done in place in ``deltas`` (which the
+    caller gives up) with per-model temporaries: on a CPU every fresh full-size buffer costs page
+    faults that take longer than the arithmetic, and a large model merges thousands of them.
+    """
+    total = deltas.sum(dim=0)
+    sign = torch.sign(total)
+    if tie_sign != 0:
+        sign.masked_fill_(total == 0, float(tie_sign))
+    del total
+    agree = torch.empty(deltas.shape, dtype=torch.bool, device=deltas.device)
+    for i in range(deltas.shape[0]):
+        torch.eq(torch.sign(deltas[i]), sign, out=agree[i])
+    del sign
+    deltas.mul_(agree)
+    merged = deltas.sum(dim=0)
+    if not normalize:
+        return merged
+    # The divisor reuses the deltas buffer: sum_i w_i [agree_i] (weight) or sum_i [agree_i] (count).
+    if divisor == "weight":
+        deltas.copy_(agree).mul_(weights.reshape((-1,) + (1,) * (deltas.dim() - 1)))
+        div = deltas.sum(dim=0)
+        div.masked_fill_(div == 0, 1)
+    elif divisor == "count":
+        deltas.copy_(agree)
+        div = deltas.sum(dim=0).clamp_min_(1)
+    else:
+        raise ValueError(f"unknown divisor {divisor!r}")
+    return merged.div_(div)
+
+
 def ties_merge(x: TensorInputs) -> torch.Tensor:
+    """``chain(trim, rescale, weigh, elect_sign, disjoint_merge)`` of one chunk, computed in place.
+
+    Value for value the pipeline of :mod:`mergelab.methods.transforms`; see :func:`consensus_merge`.
+    """
     paper = x.params["semantics"] == "paper"
     stats: TrimStats = x.model_stats if paper else x.tensor_stats
-    tv = TaskVectors.from_models(x.base, x.models, x.model_param("weight"))
-    tv = trim(stats.thresholds)(tv)
+    base = x.base
+    weights = torch.tensor(x.model_param("weight"), dtype=base.dtype, device=base.device)
+    scale = None
     if stats.l1_scale is not None:
-        s = torch.tensor(stats.l1_scale, dtype=tv.deltas.dtype, device=tv.deltas.device)
-        tv = TaskVectors(tv.deltas * tv.expand(s), tv.weights)
-    tv = elect_sign(stats.tie_sign)(weigh()(tv))
-    merged = disjoint_merge(tv, normalize=x.params["normalize"], divisor="count" if paper else "weight")
+        scale = torch.tensor(stats.l1_scale, dtype=base.dtype, device=base.device)
+    deltas = torch.empty((len(x.models),) + tuple(base.shape), dtype=base.dtype, device=base.device)
+    for i, m in enumerate(x.models):
+        d = torch.sub(m, base, out=deltas[i])
+        thr = float(stats.thresholds[i])
+        if thr > 0:  # a threshold of 0 keeps every entry
+            d.mul_(d.abs() >= thr)
+        if scale is not None:
+            d.mul_(scale[i])
+        d.mul_(weights[i])
+    merged = consensus_merge(deltas, weights, stats.tie_sign, x.params["normalize"],
+                             "count" if paper else "weight")
+    del deltas
     if x.params["lambda"] != 1:
-        merged = merged * x.params["lambda"]
-    return x.base + merged
+        merged.mul_(x.params["lambda"])
+    return merged.add_(base)
 
 
 register(MergeMethod(

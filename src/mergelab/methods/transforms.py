@@ -36,7 +36,10 @@ class TaskVectors:
         cls, base: torch.Tensor, models: Sequence[torch.Tensor], weights: Optional[Sequence[float]] = None
     ) -> "TaskVectors":
         """Task vectors tau_i = theta_i - theta_0, with unit weights unless given."""
-        deltas = torch.stack([m - base for m in models])
+        # Subtract straight into the stacked buffer: no per-model temporaries, no stacking copy.
+        deltas = torch.empty((len(models),) + tuple(base.shape), dtype=base.dtype, device=base.device)
+        for i, m in enumerate(models):
+            torch.sub(m, base, out=deltas[i])
         w = [1.0] * len(models) if weights is None else list(weights)
         return cls(deltas, torch.tensor(w, dtype=deltas.dtype, device=deltas.device))
 
