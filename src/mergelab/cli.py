@@ -121,9 +121,9 @@ def methods(
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("mergelab-demo"), "--workdir", help="Where the demo writes its models."),
-    method: str = typer.Option("ties", "--method", help="Merge method to demonstrate."),
+    method: str = typer.Option("all", "--method", help="Merge method to demonstrate, or 'all'."),
 ) -> None:
-    """Build a small base + 3 experts, merge them, load the result with transformers and compare."""
+    """Build a small base + 3 experts, merge them several ways, load each with transformers, compare."""
     from mergelab.demo import run_demo
 
     run_demo(workdir, method, out_console)
