@@ -9,16 +9,17 @@
 #   MERGEKIT_VENV=/path/to/venv bash benchmarks/setup_mergekit_venv.sh
 #                                                     # reuses that venv if it already has mergekit 0.1.5
 #
-# torch is installed first, pinned to 2.13.0: the CPU build (torch-2.13.0+cpu) that these machines
-# carry on disk in pip's find-links folder. Once it is there, resolving mergekit's dependencies finds
-# torch satisfied and can never pull a multi-gigabyte CUDA build. Elsewhere, set TORCH_SPEC and
-# PIP_EXTRA_INDEX_URL to a CPU wheel index of your choice.
+# torch is installed first, pinned to torch==2.13.0+cpu: the CPU build that these machines carry on
+# disk in pip's find-links folder (the "+cpu" local label means pip can only ever pick a CPU build;
+# without such a wheel it fails instead of downloading a multi-gigabyte CUDA one). Once torch is
+# there, resolving mergekit's dependencies finds it satisfied and leaves it alone. Elsewhere, point
+# PIP_EXTRA_INDEX_URL at a CPU wheel index, or set TORCH_SPEC.
 # At the end it prints the two variables the benchmark and the tests read.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${MERGEKIT_VENV:-$repo/.venv-mergekit}"
-torch_spec="${TORCH_SPEC:-torch==2.13.0}"
+torch_spec="${TORCH_SPEC:-torch==2.13.0+cpu}"
 mergekit_spec="${MERGEKIT_SPEC:-mergekit==0.1.5}"
 python="${PYTHON:-python3}"
 

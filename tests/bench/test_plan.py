@@ -48,3 +48,10 @@ def test_slow_and_inapplicable_methods_are_explained():
     assert doge.grid == [doge.default] and "optimisation" in doge.reason
     mwa = plan_method("mwa", 8)
     assert mwa.default is None and "one training run" in mwa.reason
+
+
+def test_grid_overrides_per_parameter_and_per_method():
+    grids = {"lambda": (0.4,), "ties.lambda": (1.0, 2.0), "density": (0.2,)}
+    assert [g["lambda"] for g in plan_method("task_arithmetic", 3, grids).grid] == [0.4]
+    ties = plan_method("ties", 3, grids)
+    assert [(g["lambda"], g["density"]) for g in ties.grid] == [(1.0, 0.2), (2.0, 0.2)]

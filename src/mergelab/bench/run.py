@@ -113,7 +113,8 @@ def plan_method(name: str, n_models: int, grids: Optional[dict] = None) -> Metho
     """Default parameters and the tuning grid of ``name`` for merging ``n_models`` experts.
 
     ``grids`` (parameter name -> values) replaces the built-in values of those parameters and may add
-    axes for other parameters the method has.
+    axes for other parameters the method has; a key ``<method>.<parameter>`` applies to that method
+    only and wins over a plain ``<parameter>`` key.
     """
     from mergelab.methods.registry import get_method
 
@@ -147,7 +148,8 @@ def plan_method(name: str, n_models: int, grids: Optional[dict] = None) -> Metho
     if "lambda" in names:
         norm = names.get("normalize")
         axes["lambda"] = LAMBDA_MEAN if norm is not None and norm.default is True else LAMBDA_SUM
-    user = dict(grids or {})
+    user = {k: v for k, v in (grids or {}).items() if "." not in k}
+    user.update({k.split(".", 1)[1]: v for k, v in (grids or {}).items() if k.startswith(name + ".")})
     for key, values in list(GRIDS.items()) + [(k, v) for k, v in user.items() if k not in GRIDS]:
         values = user.get(key, values)
         if key == "lambda" and key in names:
@@ -415,19 +417,22 @@ def run_bench(suite: Suite, cache: BenchCache, methods: Sequence[str], out: Path
     start = time.perf_counter()
     runner = BenchRunner(suite, cache, tasks, held, base, seed, log, Path(out) / "models" if save_models else None)
     rows = runner.references()
-    for name in methods:
-        rows.extend(runner.run_method(plan_method(name, len(tasks), grids), tune))
     report = {
         "suite": suite.name, "suite_fingerprint": suite.fingerprint(), "suite_source": suite.source,
         "base_model": base, "cache": str(cache.dir), "merge_tasks": tasks, "held_out": held,
         "test_sizes": {t: len(suite.task(t).split("test")) for t in tasks},
         "methods": list(methods), "tuned": tune, "grids": grids or {}, "seed": seed, "mergelab_version": __version__,
-        "command": command, "seconds": round(time.perf_counter() - start, 1),
+        "command": command, "seconds": 0.0,
         "protocol": ("encoders merged, each task keeps its own expert's head; coefficients chosen on the "
                      "validation splits only; metrics on the test splits; held-out tasks scored by a "
                      "linear probe refitted on the merged encoder"),
-        "rows": rows,
+        "rows": rows, "complete": False,
     }
-    write_report(report, Path(out))
+    for name in methods:
+        rows.extend(runner.run_method(plan_method(name, len(tasks), grids), tune))
+        # the files are rewritten after every method, so an interrupted run keeps what it measured
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        report["complete"] = name == methods[-1]
+        write_report(report, Path(out))
     return report
 

@@ -34,6 +34,9 @@ def markdown(report: dict) -> str:
              f"held out: {', '.join(held) or 'none'}. Accuracy, normalised accuracy (merged / expert) and "
              "negative-flip rate (expert right, model wrong) on the test splits, in %.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if not report.get("complete", True):
+        done = sorted({r["method"] for r in report["rows"] if r.get("method")})
+        lines[:0] = [f"**Incomplete run** (so far: {', '.join(done)}; requested: {', '.join(report['methods'])}).", ""]
     for row in report["rows"]:
         if row.get("status") != "ok":
             continue

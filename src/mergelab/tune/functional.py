@@ -86,7 +86,23 @@ class ModelPool:
             return {k: src[k].detach().to(torch.float32) for k in names}
         ck = self._checkpoint(i)
         names = keys if keys is not None else [k for k, info in ck.tensors.items() if info.dtype.is_floating_point]
-        return {k: ck.read(self.rename.get(k, k), dtype=torch.float32) for k in names}
+        stored = {k: self.rename.get(k, k) for k in names}
+        missing = [k for k, v in stored.items() if v not in ck.tensors]
+        if missing:
+            raise CheckpointError(f"model '{self.names[i]}' ({self.sources[i]}) lacks tensor '{stored[missing[0]]}'")
+        if ck.format != "safetensors":
+            return {k: ck.read(v, dtype=torch.float32) for k, v in stored.items()}
+        from safetensors import safe_open
+
+        by_file: Dict[Path, List[str]] = {}
+        for k, v in stored.items():
+            by_file.setdefault(ck.tensors[v].file, []).append(k)
+        out: Dict[str, torch.Tensor] = {}
+        for file, ks in by_file.items():  # one open per shard, not per tensor
+            with safe_open(str(file), framework="pt") as f:
+                for k in ks:
+                    out[k] = f.get_tensor(stored[k]).to(torch.float32)
+        return {k: out[k] for k in names}
 
 
 def merge_keys(base: Mapping[str, torch.Tensor], pool: ModelPool, exclude: str = "") -> List[str]:
@@ -119,6 +135,8 @@ def chunk_bounds(numel: int, chunks: int) -> List[tuple]:
 
 def chunkscale(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Flatten ``t``, split it into ``len(w)`` contiguous chunks (``torch.chunk``), scale chunk ``c`` by ``w[c]``."""
+    if w.numel() == 1:
+        return t * w.reshape(())
     flat = t.reshape(-1)
     bounds = chunk_bounds(flat.numel(), int(w.numel()))
     if len(bounds) != w.numel():
@@ -220,10 +238,12 @@ class CoefficientSpace:
         out = {k: v.clone() for k, v in self.base.items()}
         for k, tau in self.task_vectors():
             for key, t in tau.items():
-                if key in self.layout:
-                    out[key].add_(chunkscale(t, self.tensor_weights(w, k, key)))
-                else:  # frozen at the initial weight
+                if key not in self.layout:  # frozen at the initial weight
                     out[key].add_(t, alpha=self.init)
+                elif self.layout[key][1] == 1:
+                    out[key].add_(t, alpha=float(self.tensor_weights(w, k, key)[0]))
+                else:
+                    out[key].add_(chunkscale(t, self.tensor_weights(w, k, key)))
         return out
 
     @torch.no_grad()
@@ -235,9 +255,9 @@ class CoefficientSpace:
                 g = grads.get(key)
                 if g is None:
                     continue
-                prod = (g.reshape(-1).double() * tau[key].reshape(-1).double())
-                for c, (a, b) in enumerate(chunk_bounds(prod.numel(), n)):
-                    out[k, col + c] += prod[a:b].sum()
+                gf, tf = g.reshape(-1).float(), tau[key].reshape(-1).float()
+                for c, (a, b) in enumerate(chunk_bounds(gf.numel(), n)):
+                    out[k, col + c] += float(torch.dot(gf[a:b], tf[a:b]))
         return out.to(torch.float32)
 
     def backward(self, w: torch.Tensor, grads: Mapping[str, torch.Tensor]) -> None:

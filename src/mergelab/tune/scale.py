@@ -124,13 +124,14 @@ def worker(args) -> dict:
 
     mem = PeakMemory(interval=0.01).__enter__()
     t0 = time.perf_counter()
-    if args.method == "fw":
+    if args.method in ("fw", "fw_ip"):
         from mergelab.tune.fw_merging import FWConfig, fw_merging
 
         data = bench.batches("train", args.examples, 16)
         res = fw_merging(tm, bench.base, pool, data,
                          FWConfig(iterations=args.iterations, step_size=args.step_size, scaling_factor=1.0,
-                                  init="base", exclude=bench.exclude, granularity=args.granularity))
+                                  init="base", exclude=bench.exclude, granularity=args.granularity,
+                                  lmo="inner_product" if args.method == "fw_ip" else "cosine_raw"))
         detail = {"selections": [h["selected"] for h in res.history], "coefficients": res.coefficients}
     else:
         from mergelab.tune.adamerging import AdaMergingConfig, adamerging
@@ -167,7 +168,8 @@ def plot(results: List[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    labels = {"fw": "FW-Merging (hard, stream)", "ada": "AdaMerging (layer-wise, stream)"}
+    labels = {"fw": "FW-Merging hard, LMO cosine_raw (reference)", "fw_ip": "FW-Merging hard, LMO inner_product",
+              "ada": "AdaMerging layer-wise"}
     for method in sorted({r["method"] for r in results}):
         rs = sorted([r for r in results if r["method"] == method], key=lambda r: r["size"])
         sizes = [r["size"] for r in rs]
@@ -214,7 +216,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--method", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        args.granularity = args.granularity or ("task" if args.method == "fw" else "layer")
+        args.granularity = args.granularity or ("task" if args.method.startswith("fw") else "layer")
         print("RESULT " + json.dumps(worker(args)))
         return
     from mergelab.bench.cache import BenchCache
