@@ -133,13 +133,24 @@ def worker(args) -> dict:
                                   init="base", exclude=bench.exclude, granularity=args.granularity,
                                   lmo="inner_product" if args.method == "fw_ip" else "cosine_raw"))
         detail = {"selections": [h["selected"] for h in res.history], "coefficients": res.coefficients}
+    elif args.method == "ta":  # data-free contrast: task arithmetic (lambda 0.3) over the whole pool, streamed
+        from mergelab.tune.functional import CoefficientSpace, merge_keys
+
+        space = CoefficientSpace(bench.base, pool, merge_keys(bench.base, pool, bench.exclude), "task", init=0.3,
+                                 storage="stream")
+
+        class _Res:
+            state = space.assemble()
+
+        res = _Res()
+        detail = {}
     else:
         from mergelab.tune.adamerging import AdaMergingConfig, adamerging
 
         data = bench.batches("validation", args.examples, 16)
         res = adamerging(tm, bench.base, pool, data,
                          AdaMergingConfig(args.granularity, lr=args.lr, steps=args.steps, exclude=bench.exclude,
-                                          storage="stream"))
+                                          storage="memory" if args.method == "ada_mem" else "stream"))
         per_model = {}
         for name, c in res.coefficients.items():
             per_model[name] = c if isinstance(c, float) else sum(v for vs in c.values() for v in vs) / max(
@@ -169,7 +180,8 @@ def plot(results: List[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     labels = {"fw": "FW-Merging hard, LMO cosine_raw (reference)", "fw_ip": "FW-Merging hard, LMO inner_product",
-              "ada": "AdaMerging layer-wise"}
+              "ada": "AdaMerging layer-wise (stream)", "ada_mem": "AdaMerging layer-wise (task vectors in memory)",
+              "ta": "task arithmetic, lambda 0.3 (no data)"}
     for method in sorted({r["method"] for r in results}):
         rs = sorted([r for r in results if r["method"] == method], key=lambda r: r["size"])
         sizes = [r["size"] for r in rs]
@@ -216,7 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--method", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        args.granularity = args.granularity or ("task" if args.method.startswith("fw") else "layer")
+        args.granularity = args.granularity or ("task" if args.method.startswith(("fw", "ta")) else "layer")
         print("RESULT " + json.dumps(worker(args)))
         return
     from mergelab.bench.cache import BenchCache
