@@ -78,3 +78,77 @@ def test_chain_composes_left_to_right():
     out = chain(trim([1.5, 1.5]), elect_sign())(x)
     assert out.deltas.tolist() == [[0.0, -5.0], [2.0, 0.0]]
     assert out.sign.tolist() == [1.0, -1.0]
+
+
+# --------------------------------------------------------------------------- fused fast paths
+# The methods compute the pipeline in place with cheaper operations; they must give the same bits.
+
+def _awkward_deltas(seed: int, n: int = 4, size: int = 4000) -> torch.Tensor:
+    """Task vectors with exact zeros, exact ties in magnitude and coordinates whose sum is exactly 0."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randint(-3, 4, (n, size), generator=g).float() * 0.25
+    d[:, : size // 2] += torch.randn(n, size // 2, generator=g)
+    d[1, -100:] = -d[0, -100:]  # pairs that cancel
+    d[2:, -100:] = 0.0
+    return d
+
+
+@pytest.mark.parametrize("tie_sign", [1.0, -1.0, 0.0])
+@pytest.mark.parametrize("normalize,divisor", [(True, "weight"), (True, "count"), (False, "weight")])
+def test_consensus_merge_is_the_pipeline_bit_for_bit(tie_sign, normalize, divisor):
+    from mergelab.methods.ties import consensus_merge
+
+    for seed in range(3):
+        d = _awkward_deltas(seed)
+        w = torch.tensor([0.5, 1.5, -0.25, 1.0])
+        expected = disjoint_merge(elect_sign(tie_sign)(weigh()(TaskVectors(d, w))), normalize, divisor)
+        got = consensus_merge(weigh()(TaskVectors(d, w)).deltas.clone(), w, tie_sign, normalize, divisor)
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_zero_below_keeps_exactly_the_entries_at_or_above_the_threshold(dtype):
+    from mergelab.methods.transforms import zero_below
+
+    d = _awkward_deltas(7).to(dtype)
+    magnitudes = d.abs().flatten().unique()
+    for thr in [magnitudes[5].item(), magnitudes[-3].item(), 0.3, 1e-40, 0.0]:
+        got = zero_below(d.clone(), thr)
+        assert torch.equal(got, d * (d.abs() >= thr)), thr
+    assert zero_below(d.clone(), math.inf).abs().sum() == 0
+
+
+def test_keep_mask_is_bernoulli_and_keyed_by_seed_tensor_chunk_and_model():
+    from mergelab.methods.registry import TensorInputs
+
+    models = [torch.zeros(300, 1000), torch.zeros(300, 1000)]
+
+    def inputs(seed=0, name="w", chunk=0):
+        return TensorInputs(name=name, shape=(300, 1000), base=None, models=models, params={}, model_params=[{}, {}],
+                            seed=seed, chunk=chunk)
+
+    m = inputs().keep_mask(0, 0.3)
+    assert m.dtype == torch.float32 and set(m.unique().tolist()) <= {0.0, 1.0}
+    assert abs(m.mean().item() - 0.3) < 0.005  # 300k draws: 5 standard deviations is 0.004
+    assert torch.equal(m, inputs().keep_mask(0, 0.3))
+    for other in (inputs(seed=1).keep_mask(0, 0.3), inputs(name="v").keep_mask(0, 0.3),
+                  inputs(chunk=1).keep_mask(0, 0.3), inputs().keep_mask(1, 0.3)):
+        assert not torch.equal(m, other)
+    assert inputs().keep_mask(0, 1.0).min() == 1 and inputs().keep_mask(0, 0.0).max() == 0
+    u = inputs().rand(0)
+    assert u.min() >= 0 and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.005
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_task_arithmetic_is_the_pipeline_bit_for_bit(normalize):
+    from mergelab.methods.registry import TensorInputs
+    from mergelab.methods.task_arithmetic import task_arithmetic_merge
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(64, 33, generator=g)
+    models = [base + 0.01 * torch.randn(64, 33, generator=g) for _ in range(3)]
+    weights = [0.7, 0.2, 0.45]
+    x = TensorInputs(name="w", shape=(64, 33), base=base, models=models,
+                     params={"lambda": 0.6, "normalize": normalize}, model_params=[{"weight": w} for w in weights])
+    merged = linear_combine(weigh()(TaskVectors.from_models(base, models, weights)), normalize=normalize)
+    assert torch.equal(task_arithmetic_merge(x), base + merged * 0.6)

@@ -28,13 +28,7 @@ from mergelab.methods.transforms import TaskVectors, linear_combine
 
 def keep_masks(x: TensorInputs) -> torch.Tensor:
     """Bernoulli(density) keep masks ``[n, *chunk]``; a density of 1 or more keeps everything."""
-    masks = []
-    for i, d in enumerate(x.model_param("density")):
-        if d >= 1:
-            masks.append(torch.ones_like(x.models[i]))
-        else:
-            masks.append((x.rand(i, "dare") < d).to(x.models[i].dtype))
-    return torch.stack(masks)
+    return torch.stack([x.keep_mask(i, d, "dare") for i, d in enumerate(x.model_param("density"))])
 
 
 def dropped_deltas(x: TensorInputs, l1_scale: Optional[list] = None, weighted: bool = False,
@@ -64,7 +58,7 @@ def dropped_deltas(x: TensorInputs, l1_scale: Optional[list] = None, weighted: b
         before = deltas.abs().reshape(n, -1).sum(1).double().tolist()
         for i in range(n):
             if dens[i] < 1:
-                deltas[i].mul_(x.rand(i, "dare") < dens[i])
+                deltas[i].mul_(x.keep_mask(i, dens[i], "dare"))
         after = deltas.abs().reshape(n, -1).sum(1).double().tolist()
         factors = [1.0 if b < 1e-7 or a < 1e-7 else float(b / a) for b, a in zip(before, after)]
         scale = torch.tensor(factors, dtype=base.dtype, device=base.device)
@@ -74,7 +68,7 @@ def dropped_deltas(x: TensorInputs, l1_scale: Optional[list] = None, weighted: b
         else:
             d = torch.sub(m, base, out=deltas[i])
             if dens[i] < 1:
-                d.mul_(x.rand(i, "dare") < dens[i])
+                d.mul_(x.keep_mask(i, dens[i], "dare"))
         if paper:
             # A density of 0 drops everything; nothing is left to rescale.
             d.div_(prob[i])

@@ -22,6 +22,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 
 from mergelab.errors import RecipeError
@@ -148,16 +149,38 @@ class TensorInputs:
         return [p[name] for p in self.model_params]
 
     def generator(self, model_index: int = 0, purpose: str = "") -> torch.Generator:
-        """A CPU generator seeded from (seed, tensor name, chunk, model, purpose)."""
+        """A CPU torch generator seeded from (seed, tensor name, chunk, model, purpose)."""
         g = torch.Generator(device="cpu")
         g.manual_seed(stream_seed(self.seed, self.name, self.chunk, model_index, purpose))
         return g
 
+    def random_bits(self, model_index: int, purpose: str = "") -> np.ndarray:
+        """Independent uniform 32-bit integers, one per entry of this chunk (flat, on the CPU).
+
+        Drawn from numpy's SFC64 seeded with (seed, tensor name, chunk, model, purpose): the same
+        numbers on every device and thread, about ten times faster than ``torch.rand`` on a CPU.
+        """
+        n = math.prod(self.models[model_index].shape)
+        rng = np.random.Generator(np.random.SFC64(stream_seed(self.seed, self.name, self.chunk, model_index, purpose)))
+        return rng.bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n]
+
     def rand(self, model_index: int, purpose: str = "") -> torch.Tensor:
-        """Uniform [0, 1) numbers shaped like this chunk, drawn on the CPU (device-independent)."""
+        """Uniform numbers on the grid ``{j / 2**24}`` of [0, 1), shaped like this chunk (float32,
+        on the models' device); the top 24 bits of :meth:`random_bits`."""
         like = self.models[model_index]
-        u = torch.rand(like.shape, generator=self.generator(model_index, purpose), dtype=torch.float32)
-        return u.to(like.device)
+        u = (self.random_bits(model_index, purpose) >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)
+        return torch.from_numpy(u).reshape(like.shape).to(like.device)
+
+    def keep_mask(self, model_index: int, keep_prob: float, purpose: str = "") -> torch.Tensor:
+        """A float32 mask shaped like this chunk: each entry is 1 with probability ``keep_prob``
+        (exactly ``floor(keep_prob * 2**32) / 2**32``), independently, else 0 (Bernoulli draws for
+        DARE-style dropping). ``keep_prob >= 1`` keeps everything."""
+        like = self.models[model_index]
+        if keep_prob >= 1:
+            return torch.ones_like(like)
+        threshold = np.uint32(max(0, math.floor(keep_prob * 2.0 ** 32)))
+        keep = self.random_bits(model_index, purpose) < threshold
+        return torch.from_numpy(keep).reshape(like.shape).to(device=like.device, dtype=like.dtype)
 
 
 @dataclass

@@ -9,15 +9,31 @@ import torch
 
 from mergelab.methods.common import LAMBDA, WEIGHT, INT8_MASK, normalize
 from mergelab.methods.registry import BaseUse, MergeMethod, TensorInputs, register
-from mergelab.methods.transforms import TaskVectors, linear_combine, weigh
 
 
 def task_arithmetic_merge(x: TensorInputs) -> torch.Tensor:
-    tv = weigh()(TaskVectors.from_models(x.base, x.models, x.model_param("weight")))
-    merged = linear_combine(tv, normalize=x.params["normalize"])
+    """``base + lambda * linear_combine(weigh()(task vectors), normalize)``, bit for bit.
+
+    Accumulated in one output buffer with one scratch buffer, model by model, instead of stacking
+    the task vectors: the same float32 operations in the same order, about half the memory traffic.
+    """
+    base = x.base
+    weights = torch.tensor(x.model_param("weight"), dtype=base.dtype, device="cpu")
+    merged = torch.empty_like(base)
+    scratch = torch.empty_like(base) if len(x.models) > 1 else None
+    for i, m in enumerate(x.models):
+        d = torch.sub(m, base, out=merged if i == 0 else scratch)
+        d.mul_(float(weights[i]))
+        if i:
+            merged.add_(d)
+    del scratch
+    if x.params["normalize"]:
+        div = weights.sum()
+        if div.abs() >= 1e-8:
+            merged.div_(float(div))
     if x.params["lambda"] != 1:
-        merged = merged * x.params["lambda"]
-    return x.base + merged
+        merged.mul_(x.params["lambda"])
+    return merged.add_(base)
 
 
 register(MergeMethod(

@@ -29,7 +29,7 @@ from mergelab.errors import RecipeError
 from mergelab.methods.common import DENSITY, INT8_MASK, LAMBDA, SEMANTICS, WEIGHT, normalize, rescale_flag
 from mergelab.methods.registry import BaseUse, MergeMethod, ModelScope, TensorInputs, TensorSource, register
 from mergelab.methods.select import kth_largest_abs, kth_largest_in_memory
-from mergelab.methods.transforms import TaskVectors, disjoint_merge, elect_sign, trim, weigh
+from mergelab.methods.transforms import TaskVectors, disjoint_merge, elect_sign, trim, weigh, zero_below
 
 
 def keep_count(density: float, numel: int, semantics: str) -> int:
@@ -66,7 +66,8 @@ def tensor_thresholds(src: TensorSource, semantics: str = "mergekit") -> list:
         return trivial
     if src.num_chunks == 1:
         (x,) = list(src.chunks())
-        # One model at a time: a [n, *shape] stack would be one more full-size buffer.
+        # One model at a time: a [n, *shape] stack would be one more full-size buffer. (A partition in
+        # memory costs less than the bracketed scan below once the tensor is read anyway.)
         return [t if t is not None else kth_largest_in_memory(x.models[i] - x.base, ks[i])
                 for i, t in enumerate(trivial)]
     found = bracketed_thresholds(src, [k if t is None else None for k, t in zip(ks, trivial)])
@@ -75,14 +76,17 @@ def tensor_thresholds(src: TensorSource, semantics: str = "mergekit") -> list:
     return kth_largest_abs(lambda: (deltas_of(c) for c in src.chunks()), ks)
 
 
+_BRACKET_SAMPLE = 1 << 16
+
+
 def bracketed_thresholds(src: TensorSource, ks: list, budget: float = 0.125) -> Optional[list]:
-    """Exact k-th largest ``|tau_i|`` per model over a chunked tensor in *one* pass, or None.
+    """Exact k-th largest ``|tau_i|`` per model over a tensor in *one* pass, or None.
 
     ``ks[i]`` is 1-based and ``0 < ks[i] < numel``, or None for a model to skip (its entry in the
     result is None too).
 
-    The first chunk's quantiles give each model a bracket ``[lo, hi]`` that very probably holds the
-    k-th largest magnitude. One pass then counts the entries above ``hi`` and keeps those inside the
+    Quantiles of a random sample of the first chunk give each model a bracket ``[lo, hi]`` that very
+    probably holds the k-th largest magnitude. One pass then counts the entries above ``hi`` and keeps those inside the
     bracket; if the k-th largest falls inside, it is found exactly among the kept values. If a bracket
     missed (the first chunk was not representative) or kept more than ``budget`` of the entries,
     None is returned and the caller uses the two-pass radix select, which is always exact. Either
@@ -94,8 +98,17 @@ def bracketed_thresholds(src: TensorSource, ks: list, budget: float = 0.125) -> 
     want = [i for i, k in enumerate(ks) if k is not None]
     lo: dict = {}
     hi: dict = {}
+    flat_base = first.base.reshape(-1)
+    size = flat_base.numel()
+    # Quantiles of a fixed random sample of the first chunk (the sample only sets the bracket; the
+    # result is exact whatever it is, so a fixed seed keeps the run time reproducible).
+    picks = None
+    if size > _BRACKET_SAMPLE:
+        g = torch.Generator().manual_seed(0)
+        picks = torch.randint(0, size, (_BRACKET_SAMPLE,), generator=g).to(flat_base.device)
     for i in want:
-        a = (first.models[i] - first.base).abs_().reshape(-1)
+        flat = first.models[i].reshape(-1)
+        a = (flat - flat_base).abs_() if picks is None else (flat[picks] - flat_base[picks]).abs_()
         m = a.numel()
         k = min(max(int(ks[i]), 1), numel)
         q = 1.0 - k / numel  # where the threshold sits, as a quantile of |tau_i|
@@ -211,35 +224,52 @@ def consensus_merge(deltas: torch.Tensor, weights: torch.Tensor, tie_sign: float
                     divisor: str) -> torch.Tensor:
     """Sign election and disjoint merge of weighted task vectors ``deltas`` ``[n, *chunk]``.
 
-    The same arithmetic as ``disjoint_merge(elect_sign(tie_sign)(tv), normalize, divisor)`` from
-    :mod:`mergelab.methods.transforms`, value for value, but done in place in ``deltas`` (which the
-    caller gives up) with per-model temporaries: on a CPU every fresh full-size buffer costs page
-    faults that take longer than the arithmetic, and a large model merges thousands of them.
+    The same values as ``disjoint_merge(elect_sign(tie_sign)(tv), normalize, divisor)`` from
+    :mod:`mergelab.methods.transforms`, bit for bit, computed in place in ``deltas`` (which the caller
+    gives up). With an elected sign ``s`` of +1 or -1, an entry agrees exactly when ``s * tau > 0``,
+    so the agreeing entries are ``s * relu(s * tau)``: negation is exact and rounding is symmetric,
+    so ``s * sum_i relu(s * tau_i)`` equals the masked sum, without boolean masks or multiplies by
+    them (which cost more than the arithmetic on a CPU).
     """
-    total = deltas.sum(dim=0)
-    sign = torch.sign(total)
-    if tie_sign != 0:
-        sign.masked_fill_(total == 0, float(tie_sign))
-    del total
-    agree = torch.empty(deltas.shape, dtype=torch.bool, device=deltas.device)
-    for i in range(deltas.shape[0]):
-        torch.eq(torch.sign(deltas[i]), sign, out=agree[i])
-    del sign
-    deltas.mul_(agree)
-    merged = deltas.sum(dim=0)
+    if tie_sign == 0:  # a zero sum elects no sign; rare, so the plain pipeline does it
+        tv = elect_sign(0.0)(TaskVectors(deltas, weights))
+        return disjoint_merge(tv, normalize, divisor)
+    n = deltas.shape[0]
+    sign = sum_models(deltas)
+    if tie_sign > 0:
+        sign = torch.where(sign >= 0, 1.0, -1.0)
+    else:
+        sign = torch.where(sign > 0, 1.0, -1.0)
+    for i in range(n):
+        deltas[i].mul_(sign).relu_()
+    merged = sum_models(deltas)
+    merged.mul_(sign)
     if not normalize:
         return merged
-    # The divisor reuses the deltas buffer: sum_i w_i [agree_i] (weight) or sum_i [agree_i] (count).
+    # The divisor: sum_i w_i [agree_i] ("weight") or sum_i [agree_i] ("count"), in model order.
+    div = sign  # reuse the buffer
+    agree = torch.empty_like(merged)
+    for i in range(n):
+        torch.sign(deltas[i], out=agree)
+        if i == 0:
+            torch.mul(agree, float(weights[0]) if divisor == "weight" else 1.0, out=div)
+        else:
+            div.add_(agree, alpha=float(weights[i]) if divisor == "weight" else 1.0)
     if divisor == "weight":
-        deltas.copy_(agree).mul_(weights.reshape((-1,) + (1,) * (deltas.dim() - 1)))
-        div = deltas.sum(dim=0)
         div.masked_fill_(div == 0, 1)
     elif divisor == "count":
-        deltas.copy_(agree)
-        div = deltas.sum(dim=0).clamp_min_(1)
+        div.clamp_min_(1)
     else:
         raise ValueError(f"unknown divisor {divisor!r}")
     return merged.div_(div)
+
+
+def sum_models(deltas: torch.Tensor) -> torch.Tensor:
+    """``deltas.sum(dim=0)`` into a new buffer, adding the models in order (the same values, fewer passes)."""
+    total = deltas[0].clone()
+    for i in range(1, deltas.shape[0]):
+        total.add_(deltas[i])
+    return total
 
 
 def ties_merge(x: TensorInputs) -> torch.Tensor:
@@ -257,9 +287,7 @@ def ties_merge(x: TensorInputs) -> torch.Tensor:
     deltas = torch.empty((len(x.models),) + tuple(base.shape), dtype=base.dtype, device=base.device)
     for i, m in enumerate(x.models):
         d = torch.sub(m, base, out=deltas[i])
-        thr = float(stats.thresholds[i])
-        if thr > 0:  # a threshold of 0 keeps every entry
-            d.mul_(d.abs() >= thr)
+        zero_below(d, stats.thresholds[i])
         if scale is not None:
             d.mul_(scale[i])
         d.mul_(weights[i])

@@ -15,9 +15,11 @@ whole-model trim and a chunked tensor alike.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 Transform = Callable[["TaskVectors"], "TaskVectors"]
@@ -67,11 +69,38 @@ def trim(thresholds: Sequence[float]) -> Transform:
     """
 
     def run(tv: TaskVectors) -> TaskVectors:
-        thr = torch.tensor([float(t) for t in thresholds], dtype=tv.deltas.dtype, device=tv.deltas.device)
-        keep = tv.deltas.abs() >= tv.expand(thr)
-        return replace(tv, deltas=tv.deltas * keep)
+        deltas = tv.deltas.clone()
+        for i, t in enumerate(thresholds):
+            zero_below(deltas[i], t)
+        return replace(tv, deltas=deltas)
 
     return run
+
+
+_FLOAT_INFO = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def zero_below(t: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Set the entries of ``t`` with ``|t| < threshold`` to zero, in place; returns ``t``.
+
+    Entries equal to the threshold are kept; ``threshold <= 0`` keeps everything and ``inf`` nothing.
+    For float32/float64 this is one pass of ``hardshrink`` at the largest representable value below
+    the threshold (``|x| > lam`` is then exactly ``|x| >= threshold``), several times faster on a CPU
+    than building ``|t| >= threshold`` and multiplying by it.
+    """
+    thr = float(threshold)
+    if thr <= 0:
+        return t
+    if math.isinf(thr):
+        return t.zero_()
+    kind = _FLOAT_INFO.get(t.dtype)
+    if kind is None:
+        return t.mul_(t.abs() >= thr)
+    ceil = kind(thr)
+    if float(ceil) < thr:
+        ceil = np.nextafter(ceil, kind(np.inf))
+    lam = float(np.nextafter(ceil, kind(0)))
+    return torch.ops.aten.hardshrink.out(t, lam, out=t)
 
 
 def drop(keep_masks: torch.Tensor, rescale: Optional[str], keep_prob: Optional[Sequence[float]] = None,
