@@ -58,7 +58,32 @@ SIZES: Dict[str, dict] = {
     "156m-2xhidden": dict(hidden=2048, layers=8, intermediate=5632, vocab=32000),
     "tiny": dict(hidden=128, layers=2, intermediate=256, vocab=1000),  # for checking the script itself
 }
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear")
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+           "della", "della_linear", "sce", "model_stock", "multislerp", "karcher", "nuslerp", "slerp", "nearswap",
+           "arcee_fusion", "passthrough")
+# How each method's recipe is built (the same file for both tools): which inputs it takes ("all": base
+# and every expert; "experts": the experts without a base; "pair": the base and the first expert;
+# "two": the first two experts), per-model parameters besides the weight, and global parameters.
+RECIPE_SHAPE: Dict[str, dict] = {
+    "linear": dict(inputs="experts"),
+    "task_arithmetic": dict(inputs="all"),
+    "ties": dict(inputs="all", model={"density": 0.5}),
+    "dare_ties": dict(inputs="all", model={"density": 0.5}),
+    "dare_linear": dict(inputs="all", model={"density": 0.5}),
+    "breadcrumbs": dict(inputs="all", model={"density": 0.5, "gamma": 0.01}),
+    "breadcrumbs_ties": dict(inputs="all", model={"density": 0.5, "gamma": 0.01}),
+    "della": dict(inputs="all", model={"density": 0.5, "epsilon": 0.1}),
+    "della_linear": dict(inputs="all", model={"density": 0.5, "epsilon": 0.1}),
+    "sce": dict(inputs="all", weights=False, globals={"select_topk": 0.5}),
+    "model_stock": dict(inputs="all", weights=False),
+    "multislerp": dict(inputs="experts"),
+    "karcher": dict(inputs="experts", weights=False),
+    "nuslerp": dict(inputs="two"),
+    "slerp": dict(inputs="pair", weights=False, globals={"t": 0.5}),
+    "nearswap": dict(inputs="pair", weights=False, globals={"t": 0.001}),
+    "arcee_fusion": dict(inputs="pair", weights=False),
+    "passthrough": dict(inputs="slices"),
+}
 # Targets of the issue: minimum speed-up (mergekit time / mergelab time) per method; peak memory of
 # mergelab at most half of mergekit's everywhere.
 SPEED_TARGETS = {"ties": 5.0, "dare_ties": 4.0, "linear": 2.5, "task_arithmetic": 2.5}
@@ -122,31 +147,43 @@ def warm_page_cache(folders: Sequence[Path]) -> None:
 
 
 # --------------------------------------------------------------------------- recipes
-def recipe_text(method: str, folders: Sequence[Path], dtype: str) -> str:
+def recipe_text(method: str, folders: Sequence[Path], dtype: str, layers: int = 8) -> str:
     """A mergekit-format recipe for ``method`` over ``folders`` (base first), identical for both tools."""
     base, experts = folders[0], folders[1:]
-    weights = [0.5, 0.3, 0.2, 0.1, 0.1][: len(experts)]
+    shape = RECIPE_SHAPE[method]
     lines = [f"merge_method: {method}"]
-    if method != "linear":
+    if shape["inputs"] == "slices":  # layer stacking: all of the base, then the top half of an expert
+        lines += ["slices:",
+                  f"  - sources: [{{model: {base}, layer_range: [0, {layers}]}}]",
+                  f"  - sources: [{{model: {experts[0]}, layer_range: [{layers // 2}, {layers}]}}]",
+                  f"dtype: {dtype}"]
+        return "\n".join(lines) + "\n"
+    if shape["inputs"] in ("all", "pair"):
         lines.append(f"base_model: {base}")
+    members = {"all": experts, "experts": experts, "two": experts[:2], "pair": experts[:1]}[shape["inputs"]]
+    weights = {"two": [0.5, 0.5]}.get(shape["inputs"], [0.5, 0.3, 0.2, 0.1, 0.1])
     lines.append("models:")
-    for path, w in zip(experts, weights):
-        params = {"weight": w}
-        if method in ("ties", "dare_ties", "dare_linear"):
-            params["density"] = 0.5
+    for path, w in zip(members, weights):
+        params = {"weight": w} if shape.get("weights", True) else {}
+        params.update(shape.get("model", {}))
         inner = ", ".join(f"{k}: {v}" for k, v in params.items())
-        lines += [f"  - model: {path}", f"    parameters: {{{inner}}}"]
+        lines.append(f"  - model: {path}")
+        if inner:
+            lines.append(f"    parameters: {{{inner}}}")
+    if shape.get("globals"):
+        lines.append("parameters: {" + ", ".join(f"{k}: {v}" for k, v in shape["globals"].items()) + "}")
     lines.append(f"dtype: {dtype}")
     return "\n".join(lines) + "\n"
 
 
 def write_recipes(workdir: Path, size: str, folders: Sequence[Path], methods: Sequence[str], dtype: str) -> Dict[str, Path]:
     out = {}
+    layers = SIZES[size]["layers"]
     rdir = workdir / "recipes"
     rdir.mkdir(parents=True, exist_ok=True)
     for m in methods:
         p = rdir / f"{size}-{m}-{dtype}.yml"
-        p.write_text(recipe_text(m, folders, dtype))
+        p.write_text(recipe_text(m, folders, dtype, layers))
         out[m] = p
     return out
 
@@ -355,7 +392,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default="linear,task_arithmetic,ties,dare_ties",
-                    help=f"comma-separated, from {', '.join(METHODS)}")
+                    help=f"comma-separated, from {', '.join(METHODS)}; 'all' for every one")
     ap.add_argument("--runs", type=int, default=3, help="runs per tool and method; the median is reported")
     ap.add_argument("--sizes", default="156m",
                     help=f"comma-separated model sizes; the first is compared with mergekit, the others are "
@@ -371,7 +408,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-warm", action="store_true", help="do not read the inputs once before timing")
     args = ap.parse_args(argv)
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     for m in methods:
         if m not in METHODS:
@@ -381,7 +418,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ap.error(f"unknown size '{s}'; known: {', '.join(SIZES)}")
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     size_tools = [t.strip() for t in args.size_tools.split(",") if t.strip()]
-    size_methods = [m.strip() for m in (args.size_methods or args.methods).split(",") if m.strip()]
+    size_methods = methods if not args.size_methods else [m.strip() for m in args.size_methods.split(",") if m.strip()]
     if args.runs < 1:
         ap.error("--runs must be at least 1")
     workdir = args.workdir.resolve()

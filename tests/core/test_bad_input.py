@@ -189,3 +189,20 @@ def test_malicious_pickle_is_refused(tiny_family, tmp_path, capsys):
     torch.save({"model.norm.weight": Boom()}, evil / "pytorch_model.bin")
     r = recipe_file(tmp_path, base, [experts[0], evil])
     expect_failure(capsys, tmp_path, r, "pytorch_model.bin", "weights_only=True")
+
+
+def test_unknown_option_is_a_usage_error_with_status_2(capsys):
+    code, _, err = run_cli(["merge", "--no-such-flag"], capsys)
+    assert code == 2 and "No such option: --no-such-flag" in err
+
+
+def test_the_program_exits_with_the_commands_status(tmp_path):
+    """``mergelab`` as a program ends with os._exit after flushing: the status and the output must survive."""
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "mergelab.cli", "methods", "--json"], capture_output=True, text=True)
+    assert ok.returncode == 0 and '"task_arithmetic"' in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "mergelab.cli", "merge", str(tmp_path / "missing.yml"), "-o",
+                          str(tmp_path / "out")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "missing.yml" in bad.stderr
