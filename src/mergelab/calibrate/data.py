@@ -11,7 +11,6 @@ random order, so "the first ``n`` examples" of a split is a reproducible random 
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Iterator, List, Optional, Sequence
 import torch
 
 from mergelab.errors import MergeLabError
+from mergelab.io.records import iter_jsonl
 
 HELD_OUT_SPLIT = "test"
 
@@ -98,22 +98,15 @@ def file_texts(path, text_field: str = "text", label_field: Optional[str] = None
     texts: List[str] = []
     labels: List[int] = []
     if path.suffix.lower() in (".jsonl", ".ndjson"):
-        with path.open(encoding="utf-8") as fh:
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise MergeLabError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or text_field not in row:
-                    raise MergeLabError(f"{path}:{i}: expected a JSON object with the text field '{text_field}'")
-                texts.append(str(row[text_field]))
-                if label_field is not None:
-                    if label_field not in row or isinstance(row[label_field], bool) \
-                            or not isinstance(row[label_field], int):
-                        raise MergeLabError(f"{path}:{i}: expected an integer label under '{label_field}'")
-                    labels.append(int(row[label_field]))
+        for i, row in iter_jsonl(path):
+            if text_field not in row:
+                raise MergeLabError(f"{path}:{i}: expected a JSON object with the text field '{text_field}'")
+            texts.append(str(row[text_field]))
+            if label_field is not None:
+                if label_field not in row or isinstance(row[label_field], bool) \
+                        or not isinstance(row[label_field], int):
+                    raise MergeLabError(f"{path}:{i}: expected an integer label under '{label_field}'")
+                labels.append(int(row[label_field]))
     else:
         if label_field is not None:
             raise MergeLabError(f"{path}: labels (--label-field) need a .jsonl file")

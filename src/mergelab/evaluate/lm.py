@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional
@@ -24,6 +23,7 @@ import torch
 from mergelab.errors import CheckpointError
 from mergelab.evaluate.model import offline
 from mergelab.evaluate.tasks import SuiteError
+from mergelab.io.records import iter_jsonl
 
 
 def load_causal_lm(path):
@@ -74,14 +74,8 @@ def read_qa(path) -> list:
     if not path.is_file():
         raise SuiteError(f"exact-match file {path} does not exist")
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SuiteError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
+    for i, row in iter_jsonl(path, SuiteError):
+        if "prompt" not in row or "answer" not in row:
             raise SuiteError(f"{path}:{i}: expected an object with 'prompt' and 'answer'")
         rows.append((str(row["prompt"]), str(row["answer"])))
     if not rows:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from mergelab.errors import MergeLabError
+from mergelab.io.records import iter_jsonl
 
 SPLITS = ("train", "validation", "test")
 
@@ -147,17 +148,7 @@ def _read_rows(path: Path) -> list:
     suffix = "".join(path.suffixes[-1:]).lower()
     rows = []
     if suffix in (".jsonl", ".ndjson"):
-        with path.open(encoding="utf-8") as fh:
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SuiteError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise SuiteError(f"{path}:{i}: expected a JSON object per line, got {type(row).__name__}")
-                rows.append((i, row))
+        rows.extend(iter_jsonl(path, SuiteError))
     elif suffix in (".csv", ".tsv"):
         with path.open(encoding="utf-8", newline="") as fh:
             reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
