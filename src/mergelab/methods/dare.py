@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from mergelab.methods.common import DENSITY, INT8_MASK, LAMBDA, SEMANTICS, WEIGHT, normalize, rescale_flag
+from mergelab.methods.parallel import map_models
 from mergelab.methods.registry import BaseUse, MergeMethod, ModelScope, TensorInputs, TensorSource, register
 from mergelab.methods.ties import TrimStats, consensus_merge, global_tie_sign, l1_rescale_factors
 from mergelab.methods.transforms import TaskVectors, linear_combine
@@ -37,7 +38,7 @@ def dropped_deltas(x: TensorInputs, l1_scale: Optional[list] = None, weighted: b
     multiplied by the models' weights if ``weighted``.
 
     Value for value ``weigh()(drop(keep_masks(x), ...)(TaskVectors.from_models(...)))``, computed in
-    one buffer with one mask at a time (full-size temporaries cost more than the arithmetic on CPUs).
+    one buffer (full-size temporaries cost more than the arithmetic on CPUs).
     ``inline_l1`` computes mergekit's L1 rescale factors from this chunk, which must be the whole
     tensor, exactly as :func:`~mergelab.methods.ties.l1_rescale_factors` would in a separate pass
     (the random masks are then drawn once instead of twice).
@@ -52,13 +53,15 @@ def dropped_deltas(x: TensorInputs, l1_scale: Optional[list] = None, weighted: b
                                                         device=base.device)
     weights = torch.tensor(x.model_param("weight"), dtype=base.dtype, device=base.device)
     n = len(x.models)
+    # The random masks are the expensive part on a CPU; draw them for all models side by side.
+    dropping = [i for i in range(n) if dens[i] < 1]
+    masks = dict(zip(dropping, map_models(lambda i: x.keep_mask(i, dens[i], "dare"), dropping, base.device.type)))
     if inline_l1:
         for i, m in enumerate(x.models):
             torch.sub(m, base, out=deltas[i])
         before = deltas.abs().reshape(n, -1).sum(1).double().tolist()
-        for i in range(n):
-            if dens[i] < 1:
-                deltas[i].mul_(x.keep_mask(i, dens[i], "dare"))
+        for i in dropping:
+            deltas[i].mul_(masks.pop(i))
         after = deltas.abs().reshape(n, -1).sum(1).double().tolist()
         factors = [1.0 if b < 1e-7 or a < 1e-7 else float(b / a) for b, a in zip(before, after)]
         scale = torch.tensor(factors, dtype=base.dtype, device=base.device)
@@ -67,8 +70,8 @@ def dropped_deltas(x: TensorInputs, l1_scale: Optional[list] = None, weighted: b
             d = deltas[i]
         else:
             d = torch.sub(m, base, out=deltas[i])
-            if dens[i] < 1:
-                d.mul_(x.keep_mask(i, dens[i], "dare"))
+            if i in masks:
+                d.mul_(masks.pop(i))
         if paper:
             # A density of 0 drops everything; nothing is left to rescale.
             d.div_(prob[i])

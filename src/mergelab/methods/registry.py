@@ -20,7 +20,7 @@ import difflib
 import enum
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -110,6 +110,9 @@ class BaseUse(str, enum.Enum):
     IGNORED = "ignored"  # the base, if any, is not used by the math
 
 
+RANDOM_BLOCK = 1 << 20  # values drawn per block (even, so blocks split the stream at 64-bit draws)
+
+
 def stream_seed(*parts: Any) -> int:
     """A 63-bit seed derived from ``parts`` (seed, tensor name, chunk, model, purpose).
 
@@ -154,22 +157,35 @@ class TensorInputs:
         g.manual_seed(stream_seed(self.seed, self.name, self.chunk, model_index, purpose))
         return g
 
-    def random_bits(self, model_index: int, purpose: str = "") -> np.ndarray:
-        """Independent uniform 32-bit integers, one per entry of this chunk (flat, on the CPU).
+    def random_bits(self, model_index: int, purpose: str = "") -> Iterator[Tuple[int, np.ndarray]]:
+        """Independent uniform 32-bit integers, one per entry of this chunk (in flat order), as
+        ``(offset, block)`` pairs of at most ``RANDOM_BLOCK`` values, so that no full-size integer
+        buffer is ever held.
 
         Drawn from numpy's SFC64 seeded with (seed, tensor name, chunk, model, purpose): the same
         numbers on every device and thread, about ten times faster than ``torch.rand`` on a CPU.
         """
         n = math.prod(self.models[model_index].shape)
-        rng = np.random.Generator(np.random.SFC64(stream_seed(self.seed, self.name, self.chunk, model_index, purpose)))
-        return rng.bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n]
+        gen = np.random.SFC64(stream_seed(self.seed, self.name, self.chunk, model_index, purpose))
+        for start in range(0, n, RANDOM_BLOCK):
+            size = min(RANDOM_BLOCK, n - start)
+            yield start, gen.random_raw((size + 1) // 2).view(np.uint32)[:size]
+
+    def _fill(self, model_index: int, purpose: str, block_fn) -> torch.Tensor:
+        like = self.models[model_index]
+        out = np.empty(math.prod(like.shape), dtype=np.float32)
+        for start, bits in self.random_bits(model_index, purpose):
+            block_fn(bits, out[start:start + bits.size])
+        return torch.from_numpy(out).reshape(like.shape).to(device=like.device, dtype=like.dtype)
 
     def rand(self, model_index: int, purpose: str = "") -> torch.Tensor:
         """Uniform numbers on the grid ``{j / 2**24}`` of [0, 1), shaped like this chunk (float32,
         on the models' device); the top 24 bits of :meth:`random_bits`."""
-        like = self.models[model_index]
-        u = (self.random_bits(model_index, purpose) >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)
-        return torch.from_numpy(u).reshape(like.shape).to(like.device)
+
+        def block(bits, out):
+            np.multiply(bits >> np.uint32(8), np.float32(2.0 ** -24), out=out, casting="unsafe")
+
+        return self._fill(model_index, purpose, block)
 
     def keep_mask(self, model_index: int, keep_prob: float, purpose: str = "") -> torch.Tensor:
         """A float32 mask shaped like this chunk: each entry is 1 with probability ``keep_prob``
@@ -179,8 +195,11 @@ class TensorInputs:
         if keep_prob >= 1:
             return torch.ones_like(like)
         threshold = np.uint32(max(0, math.floor(keep_prob * 2.0 ** 32)))
-        keep = self.random_bits(model_index, purpose) < threshold
-        return torch.from_numpy(keep).reshape(like.shape).to(device=like.device, dtype=like.dtype)
+
+        def block(bits, out):
+            np.less(bits, threshold, out=out, casting="unsafe")
+
+        return self._fill(model_index, purpose, block)
 
 
 @dataclass

@@ -13,10 +13,12 @@ partition (numpy's introselect on the CPU, ``torch.kthvalue`` elsewhere).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, List, Sequence, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from mergelab.methods.parallel import map_models
 
 _BINS = 1 << 16
 
@@ -122,6 +124,17 @@ def kth_largest_in_memory(values: torch.Tensor, k: int) -> float:
         arr.partition(n - k)
         return float(arr[n - k])
     return float(torch.kthvalue(a.float(), n - k + 1).values.item())
+
+
+def kth_largest_deltas(base: torch.Tensor, models: Sequence[torch.Tensor], ks: Sequence[Optional[int]]) -> list:
+    """``kth_largest_in_memory(models[i] - base, ks[i])`` for each model whose ``ks[i]`` is not None
+    (else None), the models on parallel CPU threads (see :mod:`mergelab.methods.parallel`)."""
+    todo = [i for i, k in enumerate(ks) if k is not None]
+    found = map_models(lambda i: kth_largest_in_memory(models[i] - base, ks[i]), todo, base.device.type)
+    out: list = [None] * len(ks)
+    for i, value in zip(todo, found):
+        out[i] = value
+    return out
 
 
 def stream_of(values: Iterator[torch.Tensor]) -> Callable[[], Iterable[torch.Tensor]]:

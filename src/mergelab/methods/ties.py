@@ -28,7 +28,7 @@ import torch
 from mergelab.errors import RecipeError
 from mergelab.methods.common import DENSITY, INT8_MASK, LAMBDA, SEMANTICS, WEIGHT, normalize, rescale_flag
 from mergelab.methods.registry import BaseUse, MergeMethod, ModelScope, TensorInputs, TensorSource, register
-from mergelab.methods.select import kth_largest_abs, kth_largest_in_memory
+from mergelab.methods.select import kth_largest_abs, kth_largest_deltas
 from mergelab.methods.transforms import TaskVectors, disjoint_merge, elect_sign, trim, weigh, zero_below
 
 
@@ -66,10 +66,10 @@ def tensor_thresholds(src: TensorSource, semantics: str = "mergekit") -> list:
         return trivial
     if src.num_chunks == 1:
         (x,) = list(src.chunks())
-        # One model at a time: a [n, *shape] stack would be one more full-size buffer. (A partition in
-        # memory costs less than the bracketed scan below once the tensor is read anyway.)
-        return [t if t is not None else kth_largest_in_memory(x.models[i] - x.base, ks[i])
-                for i, t in enumerate(trivial)]
+        # One task vector per model at a time, not a [n, *shape] stack. (A partition in memory costs
+        # less than the bracketed scan below once the tensor is read anyway.)
+        found = kth_largest_deltas(x.base, x.models, [k if t is None else None for k, t in zip(ks, trivial)])
+        return [t if t is not None else f for t, f in zip(trivial, found)]
     found = bracketed_thresholds(src, [k if t is None else None for k, t in zip(ks, trivial)])
     if found is not None:
         return [t if t is not None else f for t, f in zip(trivial, found)]
