@@ -32,7 +32,8 @@ import torch
 
 from mergelab.methods.common import DENSITY, INT8_MASK, LAMBDA, SEMANTICS, WEIGHT, normalize, rescale_flag
 from mergelab.methods.registry import BaseUse, MergeMethod, Param, TensorInputs, TensorSource, register
-from mergelab.methods.select import kth_largest_abs, kth_largest_in_memory
+from mergelab.methods.parallel import map_models
+from mergelab.methods.select import kth_largest_abs, kth_largests_in_memory
 from mergelab.methods.ties import deltas_of, l1_rescale_factors
 from mergelab.methods.transforms import TaskVectors, disjoint_merge, drop, elect_sign, linear_combine, weigh
 
@@ -52,8 +53,9 @@ class RankWindow:
 
     Ranks are 0-based in descending order of magnitude over the whole tensor; equal magnitudes are
     ordered by flat position (earlier first). ``hi``/``lo`` are the magnitudes at ranks ``start`` and
-    ``stop - 1``; ``*_above`` count the entries strictly larger; ``*_before`` map the first row of each
-    chunk to the number of entries equal to ``hi``/``lo`` in the chunks before it.
+    ``stop - 1``; ``*_above`` count the entries strictly larger and ``*_equal`` those equal, over the
+    whole tensor; ``*_before`` map the first row of each chunk to the number of entries equal to
+    ``hi``/``lo`` in the chunks before it.
     """
 
     start: int
@@ -65,6 +67,18 @@ class RankWindow:
     lo: float = 0.0
     lo_above: int = 0
     lo_before: Optional[dict] = None
+    hi_equal: int = 0
+    lo_equal: int = 0
+
+    @property
+    def splits_hi(self) -> bool:
+        """Whether entries equal to ``hi`` fall on both sides of ``start`` (ranks must break the tie)."""
+        return self.start > 0 and self.hi_above < self.start
+
+    @property
+    def splits_lo(self) -> bool:
+        """Whether entries equal to ``lo`` fall on both sides of ``stop``."""
+        return self.stop < self.numel and self.lo_above + self.lo_equal > self.stop
 
     @property
     def empty(self) -> bool:
@@ -88,8 +102,14 @@ def _kth_largest(stream: Stream, ks: List[int], numel: int, single: bool) -> Lis
     last = [j for j, k in enumerate(ks) if k == numel and numel > 0]
     if mid and single:
         ((_, v),) = list(stream())
-        for j in mid:
-            out[j] = kth_largest_in_memory(v[j % v.shape[0]], ks[j])
+        n = v.shape[0]
+        models = sorted({j % n for j in mid})
+        # One partition per model for all of its ks, the models on parallel threads.
+        per_model = map_models(lambda i: kth_largests_in_memory(v[i], [ks[j] for j in mid if j % n == i]),
+                               models, v.device.type)
+        for i, found in zip(models, per_model):
+            for j, value in zip([j for j in mid if j % n == i], found):
+                out[j] = value
     elif mid:
         def repeated():
             for _, v in stream():
@@ -155,7 +175,8 @@ def rank_windows(stream: Stream, bounds: Sequence[Tuple[int, int]], numel: int, 
     for i, (start, stop) in enumerate(bounds):
         if windows[i] is None:
             windows[i] = RankWindow(
-                start, stop, numel, his[i], above_hi[i], before_hi[i], los[i], above_lo[i], before_lo[i]
+                start, stop, numel, his[i], above_hi[i], before_hi[i], los[i], above_lo[i], before_lo[i],
+                eq_hi[i], eq_lo[i],
             )
     return windows  # type: ignore[return-value]
 
@@ -189,12 +210,14 @@ def window_mask(values: torch.Tensor, first_row: int, windows: Sequence[RankWind
             keep = torch.ones_like(a, dtype=torch.bool)
             if w.start > 0:
                 keep &= a <= w.hi
-                eq, rank = _tie_rank(a, w.hi, w.hi_above, _before(w.hi_before, first_row))
-                keep &= ~eq | (rank >= w.start)
+                if w.splits_hi:  # else every entry equal to hi has rank >= start
+                    eq, rank = _tie_rank(a, w.hi, w.hi_above, _before(w.hi_before, first_row))
+                    keep &= ~eq | (rank >= w.start)
             if w.stop < w.numel:
                 keep &= a >= w.lo
-                eq, rank = _tie_rank(a, w.lo, w.lo_above, _before(w.lo_before, first_row))
-                keep &= ~eq | (rank < w.stop)
+                if w.splits_lo:  # else every entry equal to lo has rank < stop
+                    eq, rank = _tie_rank(a, w.lo, w.lo_above, _before(w.lo_before, first_row))
+                    keep &= ~eq | (rank < w.stop)
         out[i] = keep.reshape(values[i].shape).to(torch.float32)
     return out
 

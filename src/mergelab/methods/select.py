@@ -112,18 +112,25 @@ def kth_largest_abs(
 
 def kth_largest_in_memory(values: torch.Tensor, k: int) -> float:
     """Exact k-th largest ``|values|`` (1-based) of one tensor; same conventions as above."""
+    return kth_largests_in_memory(values, [k])[0]
+
+
+def kth_largests_in_memory(values: torch.Tensor, ks: Sequence[int]) -> List[float]:
+    """:func:`kth_largest_in_memory` for several ``ks`` of one tensor, with one partition."""
     n = values.numel()
-    if k <= 0:
-        return float("inf")
-    if k >= n:
-        return 0.0
+    out = [float("inf") if k <= 0 else 0.0 for k in ks]
+    inside = sorted({n - k for k in ks if 0 < k < n})
+    if not inside:
+        return out
     a = values.detach().reshape(-1)
     a = a.abs() if a.dtype == torch.float32 else a.to(torch.float32).abs()
     if a.device.type == "cpu":
         arr = a.numpy()  # a fresh buffer of our own: partition it in place, no second copy
-        arr.partition(n - k)
-        return float(arr[n - k])
-    return float(torch.kthvalue(a.float(), n - k + 1).values.item())
+        arr.partition(inside)
+        found = {i: float(arr[i]) for i in inside}
+    else:
+        found = {i: float(torch.kthvalue(a, i + 1).values.item()) for i in inside}
+    return [found[n - k] if 0 < k < n else o for k, o in zip(ks, out)]
 
 
 def kth_largest_deltas(base: torch.Tensor, models: Sequence[torch.Tensor], ks: Sequence[Optional[int]]) -> list:
