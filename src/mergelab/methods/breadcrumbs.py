@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from mergelab.methods.common import DENSITY, INT8_MASK, LAMBDA, SEMANTICS, WEIGHT, normalize, rescale_flag
@@ -111,12 +112,18 @@ def _kth_largest(stream: Stream, ks: List[int], numel: int, single: bool) -> Lis
             for j, value in zip([j for j in mid if j % n == i], found):
                 out[j] = value
     elif mid:
-        def repeated():
-            for _, v in stream():
-                yield v.repeat((len(ks) // v.shape[0],) + (1,) * (v.dim() - 1))
-        found = kth_largest_abs(repeated, [ks[j] if j in mid else 0 for j in range(len(ks))])
-        for j in mid:
-            out[j] = found[j]
+        # One streamed selection per group of n ks (not one over a repeated [2n, *chunk] copy).
+        n = None
+        for _, v in stream():
+            n = v.shape[0]
+            break
+        for g in range(0, len(ks), n):
+            group = [ks[j] if j in mid else 0 for j in range(g, g + n)]
+            if any(group):
+                found = kth_largest_abs(lambda: (v for _, v in stream()), group)
+                for j in range(g, g + n):
+                    if j in mid:
+                        out[j] = found[j - g]
     if last:  # the smallest magnitude (select's conventions map k == numel to 0.0)
         low: Optional[list] = None
         for _, v in stream():
@@ -157,14 +164,21 @@ def rank_windows(stream: Stream, bounds: Sequence[Tuple[int, int]], numel: int, 
     eq_lo = [0] * n
     before_hi = [dict() for _ in range(n)]
     before_lo = [dict() for _ in range(n)]
+    todo = [i for i in range(n) if windows[i] is None]
+
+    def counts(v: torch.Tensor, i: int) -> Tuple[int, int, int, int]:
+        """Entries of model i's chunk above and equal to its hi and lo magnitudes."""
+        a = v[i].abs().reshape(-1).to(torch.float32)
+        if a.device.type == "cpu":  # numpy compares and counts several times faster than torch here
+            x = a.numpy()
+            return (int(np.count_nonzero(x > his[i])), int(np.count_nonzero(x == his[i])),
+                    int(np.count_nonzero(x > los[i])), int(np.count_nonzero(x == los[i])))
+        return (int((a > hi_t[i]).sum()), int((a == hi_t[i]).sum()), int((a > lo_t[i]).sum()),
+                int((a == lo_t[i]).sum()))
+
     for first_row, v in stream():
-        a = v.abs().reshape(v.shape[0], -1).to(torch.float32)
-        h = hi_t.to(a.device).unsqueeze(1)
-        l = lo_t.to(a.device).unsqueeze(1)
-        gh = (a > h).sum(1).tolist()
-        qh = (a == h).sum(1).tolist()
-        gl = (a > l).sum(1).tolist()
-        ql = (a == l).sum(1).tolist()
+        found = dict(zip(todo, map_models(lambda i: counts(v, i), todo, v.device.type)))
+        gh, qh, gl, ql = ([found.get(i, (0, 0, 0, 0))[c] for i in range(n)] for c in range(4))
         for i in range(n):
             before_hi[i][first_row] = eq_hi[i]
             before_lo[i][first_row] = eq_lo[i]
@@ -190,11 +204,13 @@ def _before(counts: dict, first_row: int) -> int:
                        f"merge differ from those given to prepare_tensor")
 
 
-def _tie_rank(a: torch.Tensor, value: float, above: int, before: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Entries equal to ``value`` and their global ranks (ties ordered by flat position)."""
-    eq = a == value
-    rank = above + before + torch.cumsum(eq.to(torch.int64), 0) - 1
-    return eq, rank
+def _drop_tied(keep: torch.Tensor, a: torch.Tensor, value: float, first_kept: int, last_kept: int) -> None:
+    """Among the entries of ``a`` equal to ``value``, numbered ``0, 1, ...`` in flat order, clear ``keep``
+    for those outside ``[first_kept, last_kept)`` (the position tie-break of a rank window)."""
+    eq = (a == value).nonzero().squeeze(1)
+    lo, hi = min(max(first_kept, 0), eq.numel()), min(max(last_kept, 0), eq.numel())
+    keep[eq[:lo]] = False
+    keep[eq[hi:]] = False
 
 
 def window_mask(values: torch.Tensor, first_row: int, windows: Sequence[RankWindow]) -> torch.Tensor:
@@ -211,13 +227,13 @@ def window_mask(values: torch.Tensor, first_row: int, windows: Sequence[RankWind
             if w.start > 0:
                 keep &= a <= w.hi
                 if w.splits_hi:  # else every entry equal to hi has rank >= start
-                    eq, rank = _tie_rank(a, w.hi, w.hi_above, _before(w.hi_before, first_row))
-                    keep &= ~eq | (rank >= w.start)
+                    # The j-th such entry here has rank hi_above + (those in earlier chunks) + j.
+                    skip = w.start - w.hi_above - _before(w.hi_before, first_row)
+                    _drop_tied(keep, a, w.hi, skip, a.numel())
             if w.stop < w.numel:
                 keep &= a >= w.lo
                 if w.splits_lo:  # else every entry equal to lo has rank < stop
-                    eq, rank = _tie_rank(a, w.lo, w.lo_above, _before(w.lo_before, first_row))
-                    keep &= ~eq | (rank < w.stop)
+                    _drop_tied(keep, a, w.lo, 0, w.stop - w.lo_above - _before(w.lo_before, first_row))
         out[i] = keep.reshape(values[i].shape).to(torch.float32)
     return out
 
