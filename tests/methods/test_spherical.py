@@ -160,6 +160,13 @@ def test_multislerp_antipodal_three_models_is_an_error_naming_the_weights():
         run("multislerp", None, [A, -A, 2 * A], None, [{"weight": 1.0}, {"weight": 2.0}, {"weight": 1.0}])
 
 
+def test_multislerp_of_a_tensor_no_model_changed_is_the_base():
+    # e.g. frozen embeddings: every task vector is zero, so there is no direction and the base comes back
+    w = [{"weight": 1.0}] * 3
+    assert torch.equal(run("multislerp", A, [A.clone(), A.clone(), A.clone()], None, w), A)
+    assert torch.equal(run("multislerp", None, [torch.zeros(3, 4)] * 3, None, w), torch.zeros(3, 4))
+
+
 # ----------------------------------------------------------------------------- karcher
 @pytest.mark.parametrize("semantics", ["paper", "mergekit"])
 def test_karcher_of_two_is_the_slerp_midpoint_with_the_mean_norm(semantics):

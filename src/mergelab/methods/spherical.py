@@ -259,6 +259,10 @@ def multislerp_merge(x: TensorInputs) -> torch.Tensor:
     if x.params["normalize_weights"]:
         weights = weights / weights.sum()
     norms = torch.norm(flat, dim=-1, keepdim=True)
+    if bool((norms <= eps).all()):
+        # Every input is (numerically) zero, e.g. a tensor no model changed from the base: there is
+        # no direction to average, and the merged norm is zero. (mergekit raises here.)
+        return torch.zeros(shape, dtype=_F32, device=flat.device) if x.base is None else x.base.clone()
     units = flat / (norms + eps)
     mean = (units * weights.view(-1, 1)).sum(0)
     mean_norm = torch.norm(mean)
@@ -297,7 +301,9 @@ register(MergeMethod(
     min_models=1,
     notes="A single exponential-map step, not an iterated Frechet mean (see karcher). With a base model the "
           "task vectors are interpolated and added to the base. Two antipodal inputs with balancing "
-          "weights fall back to the linear blend; more than two raise an error naming the weights.",
+          "weights fall back to the linear blend; more than two raise an error naming the weights. "
+          "A tensor that every input leaves at zero (with a base: that no model changed) gives zero "
+          "(the base), where mergekit raises.",
 ))
 
 # --------------------------------------------------------------------------------------------------
