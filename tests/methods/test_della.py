@@ -139,3 +139,13 @@ def test_density_one_or_zero_accepts_any_epsilon():
     assert torch.equal(run("della", BASE, MODELS[:1], None, {"weight": 1.0, "density": 1.0, "epsilon": 0.15}),
                        MODELS[0])
     assert torch.equal(run("della", BASE, MODELS[:1], None, {"weight": 1.0, "density": 0.0, "epsilon": 0.15}), BASE)
+
+
+def test_fast_ascending_order_is_torchs_stable_argsort_of_magnitudes():
+    from mergelab.methods.della import ascending_order
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(7, 5), (64, 1000), (3, 2)]:
+        x = torch.randint(-3, 4, shape, generator=g).float() * 0.5  # many equal magnitudes
+        x += (torch.rand(shape, generator=g) < 0.3).float() * torch.randn(shape, generator=g)
+        assert torch.equal(ascending_order(x), torch.argsort(x.abs(), dim=1, stable=True))

@@ -26,11 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
+import numpy as np
 import torch
 
 from mergelab.errors import RecipeError
 from mergelab.methods.breadcrumbs import exact_l1_factors, whole_source
 from mergelab.methods.common import DENSITY, INT8_MASK, LAMBDA, SEMANTICS, WEIGHT, normalize, rescale_flag
+from mergelab.methods.parallel import map_models
 from mergelab.methods.registry import BaseUse, MergeMethod, Param, TensorInputs, TensorSource, register
 from mergelab.methods.ties import deltas_of
 from mergelab.methods.transforms import TaskVectors, disjoint_merge, drop, elect_sign, linear_combine, weigh
@@ -57,17 +59,42 @@ def validate_della(params: dict, model_params: list) -> None:
             )
 
 
+def ascending_order(rows: torch.Tensor) -> torch.Tensor:
+    """``torch.argsort(rows.abs(), dim=1, stable=True)``, computed faster.
+
+    On a CPU, float32 rows are sorted as int64 keys ``bits(|x|) << b | column``: the bit pattern of a
+    non-negative float orders like its value and the column breaks ties, so one plain sort of
+    unique keys (numpy's vectorised sort) gives the stable order, about five times faster than
+    torch's stable argsort.
+    """
+    mags = rows.abs()
+    if mags.device.type != "cpu" or mags.dtype != torch.float32:
+        return torch.argsort(mags.view(torch.int32) if mags.dtype == torch.float32 else mags, dim=1, stable=True)
+    cols = mags.shape[1]
+    shift = max(1, (cols - 1).bit_length())
+    keys = mags.contiguous().view(torch.int32).numpy().astype(np.int64) << shift
+    keys |= np.arange(cols, dtype=np.int64)
+    keys.sort(axis=1)
+    keys &= (1 << shift) - 1
+    return torch.from_numpy(keys)
+
+
 def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """MagPrune keep probabilities shaped like ``delta``, ranked along dimension 1 (mergekit's order of ops)."""
     rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
-    if rows.shape[1] == 1:
+    cols = rows.shape[1]
+    if cols == 1:
         rank_norm = torch.full_like(rows, 0.5)
     else:
-        ascending = torch.argsort(rows.abs(), dim=1, stable=True)
-        ranks = torch.argsort(ascending, dim=1).to(torch.float32) + 1
-        low = ranks.min(dim=1, keepdim=True).values
-        high = ranks.max(dim=1, keepdim=True).values
-        rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)
+        # 1-based rank of each |entry| along dimension 1, ties by position (a stable argsort, inverted
+        # by a scatter). The ranks are 1..cols, so mergekit's min-max scaling is (r - 1) / (cols - 1).
+        lines = rows.movedim(1, -1)
+        flat = lines.reshape(-1, cols)
+        ranks = torch.empty(flat.shape, dtype=torch.float32, device=rows.device)
+        positions = torch.arange(1, cols + 1, dtype=torch.float32, device=rows.device).expand(flat.shape)
+        ranks.scatter_(1, ascending_order(flat), positions)
+        ranks = ranks.reshape(lines.shape).movedim(-1, 1)
+        rank_norm = ((ranks - 1.0) / float(cols - 1)).clamp(0, 1)
     probs = (density - epsilon) + rank_norm * 2 * epsilon
     return probs.reshape(delta.shape)
 
@@ -76,6 +103,8 @@ def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> t
 class DellaStats:
     probs: Optional[list] = None  # per model keep probabilities of a chunked 1-D tensor (whole vector)
     l1_scale: Optional[list] = None
+    # (masks, probs) drawn for the L1 factors of a tensor in one chunk, reused by its merge (not redrawn)
+    drawn: Optional[tuple] = None
 
 
 def _probs(x: TensorInputs, i: int, delta: torch.Tensor, stats: Optional[DellaStats]) -> torch.Tensor:
@@ -86,21 +115,21 @@ def _probs(x: TensorInputs, i: int, delta: torch.Tensor, stats: Optional[DellaSt
 
 
 def _masks_and_probs(x: TensorInputs, deltas: torch.Tensor, stats: Optional[DellaStats]):
-    masks: List[torch.Tensor] = []
-    probs: List[torch.Tensor] = []
-    for i, p in enumerate(x.model_params):
-        d = p["density"]
+    if stats is not None and stats.drawn is not None:
+        return stats.drawn
+
+    def one(i: int):
+        d = x.model_params[i]["density"]
         if d >= 1:
-            masks.append(torch.ones_like(deltas[i]))
-            probs.append(torch.ones_like(deltas[i]))
-        elif d <= 0:
-            masks.append(torch.zeros_like(deltas[i]))
-            probs.append(torch.ones_like(deltas[i]))
-        else:
-            pr = _probs(x, i, deltas[i], stats)
-            masks.append((x.rand(i, _PURPOSE) < pr).to(deltas.dtype))
-            probs.append(pr)
-    return torch.stack(masks), torch.stack(probs)
+            return torch.ones_like(deltas[i]), torch.ones_like(deltas[i])
+        if d <= 0:
+            return torch.zeros_like(deltas[i]), torch.ones_like(deltas[i])
+        pr = _probs(x, i, deltas[i], stats)
+        return (x.rand(i, _PURPOSE) < pr).to(deltas.dtype), pr
+
+    # The ranking sorts and the random draws run on one core each: models side by side.
+    pairs = map_models(one, range(len(x.model_params)), deltas.device.type)
+    return torch.stack([m for m, _ in pairs]), torch.stack([p for _, p in pairs])
 
 
 def sparsified(x: TensorInputs) -> TaskVectors:
@@ -136,10 +165,16 @@ def _prepare_tensor(src: TensorSource) -> Optional[DellaStats]:
         ]
     stats = DellaStats(probs)
     if src.params["rescale"] and src.params["semantics"] == "mergekit":
+        drawn = []
+
         def masked(c: TensorInputs) -> torch.Tensor:
             d = deltas_of(c)
-            return d * _masks_and_probs(c, d, stats)[0]
-        stats = DellaStats(probs, exact_l1_factors(src, masked))
+            masks_probs = _masks_and_probs(c, d, stats)
+            if src.num_chunks == 1:
+                drawn.append(masks_probs)
+            return d * masks_probs[0]
+        l1 = exact_l1_factors(src, masked)
+        stats = DellaStats(probs, l1, drawn[0] if len(drawn) == 1 else None)
     return stats
 
 
