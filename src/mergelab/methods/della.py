@@ -24,7 +24,7 @@ Randomness: the keep draws use the same per-(seed, tensor, chunk, model) stream 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
 import numpy as np
 import torch
