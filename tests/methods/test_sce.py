@@ -84,3 +84,12 @@ def test_row_chunks_agree(semantics, shape):
     p = {"semantics": semantics, "select_topk": 0.4}
     whole = run("sce", base, models, p)
     torch.testing.assert_close(run("sce", base, models, p, chunks=3), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_fast_variance_is_torch_var_bit_for_bit():
+    from mergelab.methods.sce import _variance
+
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 3, 5, 8):
+        d = (torch.randn(n, 20000, generator=g) * 0.01).bfloat16().float()
+        assert torch.equal(_variance(d), torch.var(d, dim=0, unbiased=False))

@@ -45,7 +45,19 @@ class SceStats:
 
 
 def _variance(d: torch.Tensor) -> torch.Tensor:
-    return torch.var(d, dim=0, unbiased=False)
+    """``torch.var(d, dim=0, unbiased=False)`` (mergekit's statistic), computed the way torch's CPU
+    kernel does -- Welford's updates in float64, model by model -- but vectorised over the entries
+    instead of one entry at a time, which is many times faster."""
+    if d.device.type != "cpu":
+        return torch.var(d, dim=0, unbiased=False)
+    mean = d[0].double()
+    m2 = torch.zeros_like(mean)
+    for k in range(1, d.shape[0]):
+        x = d[k].double()
+        delta = x - mean
+        mean += delta / (k + 1)
+        m2 += delta * (x - mean)
+    return (m2 / d.shape[0]).to(d.dtype)
 
 
 def _select_mask(x: TensorInputs, d: torch.Tensor, stats: SceStats) -> Optional[torch.Tensor]:
