@@ -34,3 +34,39 @@ def test_ties_at_threshold_and_zeros():
     x = torch.tensor([0.0, 0.5, 0.5, 0.5, 2.0, -2.0, 0.0])
     assert kth_largest_abs(stream_of([x.unsqueeze(0)]), [3])[0] == 0.5
     assert kth_largest_in_memory(x, 2) == 2.0
+
+
+def _chunked_source(base, models, density, rows_per_chunk):
+    from mergelab.methods.registry import TensorInputs, TensorSource
+
+    mp = [{"density": density, "weight": 1.0} for _ in models]
+    starts = list(range(0, base.shape[0], rows_per_chunk))
+
+    def chunks():
+        for c, r in enumerate(starts):
+            sl = slice(r, r + rows_per_chunk)
+            yield TensorInputs(name="w", shape=tuple(base.shape), base=base[sl], models=[m[sl] for m in models],
+                               params={}, model_params=mp, chunk=c, rows=(r, min(base.shape[0], r + rows_per_chunk)))
+
+    return TensorSource("w", tuple(base.shape), {}, mp, len(models), len(starts), chunks)
+
+
+def test_bracketed_thresholds_are_exact_and_fall_back_when_the_first_chunk_misleads():
+    from mergelab.methods.ties import bracketed_thresholds, keep_count, tensor_thresholds
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(512, 300, generator=g)
+    models = [base + 0.01 * torch.randn(512, 300, generator=g) for _ in range(2)]
+    k = keep_count(0.3, base.numel(), "mergekit")
+    expected = [float((m - base).abs().flatten().sort(descending=True).values[k - 1]) for m in models]
+    src = _chunked_source(base, models, 0.3, 64)
+    assert bracketed_thresholds(src, [k, k]) == expected  # representative first chunk: one pass
+    # A first chunk 100x smaller than the rest puts the bracket in the wrong place: None, and the
+    # caller's two-pass radix select still gives the exact value.
+    skewed = [m.clone() for m in models]
+    for m in skewed:
+        m[:64] = base[:64] + (m[:64] - base[:64]) / 100
+    expected = [float((m - base).abs().flatten().sort(descending=True).values[k - 1]) for m in skewed]
+    src = _chunked_source(base, skewed, 0.3, 64)
+    assert bracketed_thresholds(src, [k, k]) is None
+    assert tensor_thresholds(src) == expected
