@@ -137,6 +137,8 @@ def _mount_optional() -> None:
         ("mergelab.bench.cli", "bench", "Prepare experts and run the merge-quality benchmark suite."),
         ("mergelab.inspect.cli", "inspect", "Task-vector diagnostics: norms, sparsity, similarity, conflicts."),
         ("mergelab.calibrate.cli", "calibrate", "Collect calibration statistics (Gram matrices, Fisher)."),
+        ("mergelab.tune.cli", "tune", "Merges that learn coefficients in memory (RegMean++, AdaMerging, "
+                                      "Expert Merging, FW-Merging), their benchmark and the pool-scaling study."),
     ):
         try:
             mod = __import__(module, fromlist=["app"])

@@ -51,3 +51,10 @@ def test_regmean_pp_cli_writes_a_loadable_model_equal_to_the_api(tmp_path, famil
 def test_regmean_pp_cli_refuses_bad_input(tmp_path):
     res = CliRunner().invoke(app, ["regmean-pp", str(tmp_path / "a"), "-o", str(tmp_path / "o")])
     assert res.exit_code != 0 and "at least 2 models" in str(res.exception)
+
+
+def test_tune_commands_are_mounted_in_the_mergelab_cli(capsys):
+    from tests.conftest import run_cli
+
+    code, out, _ = run_cli(["tune", "--help"], capsys)
+    assert code == 0 and "regmean-pp" in out and "scale" in out and "bench" in out
