@@ -151,12 +151,6 @@ class TensorInputs:
         """The per-model parameter ``name`` as a list, one value per model."""
         return [p[name] for p in self.model_params]
 
-    def generator(self, model_index: int = 0, purpose: str = "") -> torch.Generator:
-        """A CPU torch generator seeded from (seed, tensor name, chunk, model, purpose)."""
-        g = torch.Generator(device="cpu")
-        g.manual_seed(stream_seed(self.seed, self.name, self.chunk, model_index, purpose))
-        return g
-
     def random_bits(self, model_index: int, purpose: str = "") -> Iterator[Tuple[int, np.ndarray]]:
         """Independent uniform 32-bit integers, one per entry of this chunk (in flat order), as
         ``(offset, block)`` pairs of at most ``RANDOM_BLOCK`` values, so that no full-size integer
