@@ -21,7 +21,7 @@ import torch
 
 from mergelab.errors import CheckpointError, MergeLabError, RecipeError
 from mergelab.execute.base import Executor
-from mergelab.execute.local import CHUNK_ELEMENTS, LocalExecutor
+from mergelab.execute.local import CHUNK_ELEMENTS, WHOLE_ELEMENTS, LocalExecutor
 from mergelab.io.checkpoint import Checkpoint
 from mergelab.io.memory import StateDictCheckpoint, StateDictSink
 from mergelab.io.output import (
@@ -84,6 +84,7 @@ def plan_fingerprint(plan: MergePlan, shard_bytes: int, seed: int) -> str:
         "shard_bytes": shard_bytes,
         "seed": seed,
         "chunk_elements": CHUNK_ELEMENTS,
+        "whole_elements": WHOLE_ELEMENTS,
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -115,7 +116,7 @@ def merge(
     checkpoints = open_checkpoints(r)
     plan = build_plan(r, checkpoints)
     aux = _aux_checkpoints(plan)
-    summary = plan.summary(CHUNK_ELEMENTS, shard_bytes)
+    summary = plan.summary(CHUNK_ELEMENTS, shard_bytes, WHOLE_ELEMENTS)
     import psutil
 
     summary["estimated_peak_bytes"] = psutil.Process().memory_info().rss + summary["estimated_peak_working_bytes"]
@@ -240,7 +241,7 @@ def merge_state_dicts(
     out_dtype: Optional[str] = None,
     post: Optional[List[dict]] = None,
     vocab_policy: str = "error",
-    chunk_elements: int = CHUNK_ELEMENTS,
+    chunk_elements: Optional[int] = None,
     aux: Optional[Dict[str, Sequence[Dict[str, torch.Tensor]]]] = None,
     **kwargs: Any,
 ) -> Dict[str, torch.Tensor]:
@@ -253,9 +254,9 @@ def merge_state_dicts(
     ``out_dtype`` is given. Computation is in float32, exactly as for checkpoint files.
 
     Methods that take no base (``linear``) ignore ``base`` except as the source of non-float
-    tensors: to average the base in, list it among ``models``. ``chunk_elements`` is the row-chunk
-    size of the streaming engine (results of random methods depend on it; the file API uses the
-    default). ``aux`` gives a method's auxiliary inputs in memory, one state dict per model, e.g.
+    tensors: to average the base in, list it among ``models``. ``chunk_elements``, if given, splits
+    every tensor of more elements into row chunks of that size (results of random methods depend on
+    it); by default the engine chunks as for checkpoint files. ``aux`` gives a method's auxiliary inputs in memory, one state dict per model, e.g.
     ``aux={"second_moments": [v_0, v_1]}`` for OTA.
     """
     m = get_method(method)
@@ -291,7 +292,8 @@ def merge_state_dicts(
     r = load_recipe(recipe)
     plan = build_plan(r, sources)
     sink = StateDictSink({j.name: j.shape for j in plan.jobs}, {j.name: j.out_dtype for j in plan.jobs})
-    executor = LocalExecutor(device=device, seed=seed, read_ahead=False, chunk_elements=chunk_elements)
+    sizes = {} if chunk_elements is None else {"chunk_elements": chunk_elements, "whole_elements": None}
+    executor = LocalExecutor(device=device, seed=seed, read_ahead=False, **sizes)
     for name in m.aux_inputs:
         given = (aux or {}).get(name)
         if given is None or len(given) != len(models):

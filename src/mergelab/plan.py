@@ -91,13 +91,23 @@ class MergePlan:
     def largest_job(self) -> Optional[TensorJob]:
         return max(self.jobs, key=lambda j: j.numel, default=None)
 
-    def summary(self, chunk_elements: int, shard_bytes: int) -> dict:
-        """Tensors, bytes, and an estimate of the executor's peak memory above the interpreter's."""
+    def summary(self, chunk_elements: int, shard_bytes: int, whole_elements: int = 0) -> dict:
+        """Tensors, bytes, and an estimate of the executor's peak memory above the interpreter's.
+
+        Tensors of a chunkable method with more than ``max(whole_elements, chunk_elements)`` elements
+        are computed in chunks of ``chunk_elements``, the others whole (as the local executor does).
+        """
         largest = self.largest_job()
         n_in = len(self.model_indices) + (1 if self.base_index is not None else 0)
         work = 0
         if largest is not None:
-            elems = min(largest.numel, chunk_elements) if self.method.chunkable else largest.numel
+            whole = max(whole_elements, chunk_elements)
+
+            def unit(job: TensorJob) -> int:
+                split = self.method.chunkable and len(job.shape) >= 2 and job.numel > whole
+                return min(job.numel, chunk_elements) if split else job.numel
+
+            elems = max(unit(j) for j in self.merged_jobs) if self.merged_jobs else 0
             # Inputs of the current and the prefetched chunk, float32, plus ~3 stacked intermediates.
             work = elems * 4 * (2 * n_in + 3 * max(1, len(self.model_indices)))
         return {

@@ -215,3 +215,48 @@ def test_karcher_result_satisfies_the_mean_condition():
 def test_karcher_weight_sum_must_be_positive():
     with pytest.raises(RecipeError, match="weight"):
         run("karcher", None, [A, B], None, [{"weight": 0.0}, {"weight": 0.0}])
+
+
+# ----------------------------------------------------------------------------- row chunks (Gram-matrix path)
+MULTI = [rand(9, 7, seed=s) for s in (30, 31, 32)]
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0), (0.5, 0.3, 0.2), (2.0, -0.5, 1.0)])
+def test_multislerp_row_chunks_agree_with_the_whole_tensor(with_base, weights):
+    base = rand(9, 7, seed=33) if with_base else None
+    w = [{"weight": x} for x in weights]
+    whole = run("multislerp", base, MULTI, None, w)
+    for chunks in (2, 5):
+        torch.testing.assert_close(run("multislerp", base, MULTI, None, w, chunks=chunks), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_multislerp_row_chunks_keep_the_edge_cases():
+    w = [{"weight": 1.0}] * 3
+    same = [MULTI[0].clone() for _ in range(3)]
+    assert torch.equal(run("multislerp", MULTI[0], same, None, w, chunks=3), MULTI[0])  # nothing changed: base
+    a = MULTI[0]
+    pair = run("multislerp", None, [a, -a], None, [{"weight": 1.0}, {"weight": 1.0}], chunks=3)
+    torch.testing.assert_close(pair, run("multislerp", None, [a, -a], None, [{"weight": 1.0}, {"weight": 1.0}]))
+    with pytest.raises(RecipeError, match="weight"):
+        run("multislerp", None, [a, -a, 2 * a], None, [{"weight": 1.0}, {"weight": 2.0}, {"weight": 1.0}], chunks=3)
+
+
+@pytest.mark.parametrize("params,weights", [
+    ({}, (1.0, 1.0, 1.0)),
+    ({}, (0.5, 0.3, 0.2)),
+    ({"semantics": "mergekit"}, (5.0, 1.0, 1.0)),
+    ({"max_iter": 0}, (0.2, 0.2, 0.6)),
+])
+def test_karcher_row_chunks_agree_with_the_whole_tensor(params, weights):
+    w = [{"weight": x} for x in weights]
+    whole = run("karcher", None, MULTI, params, w)
+    for chunks in (2, 5):
+        torch.testing.assert_close(run("karcher", None, MULTI, params, w, chunks=chunks), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_karcher_row_chunks_with_a_zero_input_and_identical_inputs():
+    xs = [MULTI[0], torch.zeros(9, 7), MULTI[1]]
+    torch.testing.assert_close(run("karcher", None, xs, chunks=3), run("karcher", None, xs), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run("karcher", None, [MULTI[2]] * 3, chunks=3), MULTI[2], rtol=1e-6, atol=1e-6)
+    assert torch.equal(run("karcher", None, [torch.zeros(9, 7)] * 2, chunks=3), torch.zeros(9, 7))

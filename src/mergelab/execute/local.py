@@ -5,9 +5,9 @@ device, runs the method, applies post-steps, casts once to the output dtype and 
 the sink, which writes it in place. While one chunk is computed the next is read on a background
 thread and the previous one is written on another, so reading, compute and writing overlap.
 
-Memory is bounded by the chunk size, not the model size: tensors of chunkable methods are split into
-row chunks of about ``chunk_elements`` elements (chunk boundaries depend only on the tensor's shape,
-so random streams and results do not depend on settings). Methods that need statistics over a whole
+Memory is bounded by the chunk size, not the model size: tensors of chunkable methods with more than
+``whole_elements`` elements are split into row chunks of about ``chunk_elements`` elements (chunk
+boundaries depend only on the tensor's shape and these two sizes, never on threads or timing). Methods that need statistics over a whole
 tensor or the whole model get them from ``prepare_tensor``/``prepare_model`` passes over the stream.
 """
 
@@ -25,7 +25,12 @@ from mergelab.execute.base import Executor, ExecutionReport
 from mergelab.methods.registry import ModelScope, TensorInputs, TensorSource
 from mergelab.plan import MergePlan, Source, TensorJob
 
-CHUNK_ELEMENTS = 1 << 22  # 4M elements: 16 MB per float32 input chunk
+CHUNK_ELEMENTS = 1 << 20  # 1M elements: 4 MB per float32 input chunk
+# Tensors up to 4M elements (16 MB per float32 input) are computed whole: their statistics (order
+# statistics, norms) then come from one in-memory pass instead of a streamed one, which is faster,
+# while the large tensors (embeddings, and every matrix of a 7B model) stream in small chunks. Peak
+# memory follows the largest unit times the number of inputs, and glibc keeps the high-water mark.
+WHOLE_ELEMENTS = 1 << 22
 
 _MALLOC_TUNED = False
 
@@ -56,12 +61,18 @@ def reuse_freed_buffers() -> None:
         pass
 
 
-def chunk_rows(job: TensorJob, chunkable: bool, chunk_elements: int = CHUNK_ELEMENTS) -> List[Tuple[int, int]]:
-    """Row ranges ``[start, stop)`` of dim 0 a tensor is processed in (one range if not chunked)."""
+def chunk_rows(job: TensorJob, chunkable: bool, chunk_elements: int = CHUNK_ELEMENTS,
+               whole_elements: Optional[int] = None) -> List[Tuple[int, int]]:
+    """Row ranges ``[start, stop)`` of dim 0 a tensor is processed in (one range if not chunked).
+
+    A tensor is split only if its method is chunkable and it has more than ``whole_elements``
+    (default ``chunk_elements``) elements.
+    """
     if not job.shape:
         return [(0, 0)]
     rows = job.shape[0]
-    if not chunkable or len(job.shape) < 2 or job.numel <= chunk_elements:
+    whole = chunk_elements if whole_elements is None else max(whole_elements, chunk_elements)
+    if not chunkable or len(job.shape) < 2 or job.numel <= whole:
         return [(0, rows)]
     per_row = job.numel // rows if rows else 1
     step = max(1, chunk_elements // max(1, per_row))
@@ -76,17 +87,22 @@ class _Loaded:
 
 
 class LocalExecutor(Executor):
-    """Runs a plan on one machine; ``device`` is ``cpu``, ``cuda`` or ``cuda:N``."""
+    """Runs a plan on one machine; ``device`` is ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Tensors of more than ``whole_elements`` elements are split into row chunks of ``chunk_elements``
+    (see :func:`chunk_rows`); ``whole_elements=None`` splits everything above ``chunk_elements``.
+    """
 
     def __init__(self, device: str = "cpu", allow_nonfinite: bool = False, seed: int = 0,
                  chunk_elements: int = CHUNK_ELEMENTS, progress: Optional[Callable[[TensorJob, int], None]] = None,
-                 read_ahead: bool = True):
+                 read_ahead: bool = True, whole_elements: Optional[int] = WHOLE_ELEMENTS):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise MergeLabError(f"--device {device}: no CUDA device is available on this machine")
         self.device = device
         self.allow_nonfinite = allow_nonfinite
         self.seed = seed
         self.chunk_elements = chunk_elements
+        self.whole_elements = whole_elements
         self.progress = progress
         self.read_ahead = read_ahead
         self.aux_sources: Dict[str, List] = {}
@@ -134,7 +150,7 @@ class LocalExecutor(Executor):
 
         def chunks() -> Iterator[TensorInputs]:
             for job in jobs:
-                ranges = chunk_rows(job, method.chunkable, self.chunk_elements)
+                ranges = self._ranges(job, method.chunkable)
                 for c, rows in enumerate(ranges):
                     loaded = self._load(plan, job, rows, len(ranges) > 1)
                     yield self._inputs(plan, job, loaded, c, rows)
@@ -155,7 +171,7 @@ class LocalExecutor(Executor):
 
             def chunks(k=k) -> Iterator[TensorInputs]:
                 for job in jobs:
-                    ranges = chunk_rows(job, self._chunkable(plan, job), self.chunk_elements)
+                    ranges = self._ranges(job, self._chunkable(plan, job))
                     loaded = self._load(plan, job, ranges[0], len(ranges) > 1)
                     tstats = self._tensor_stats(plan, job, ranges, loaded)
                     for c, rows in enumerate(ranges):
@@ -169,6 +185,9 @@ class LocalExecutor(Executor):
             scope = ModelScope(params, jobs[0].model_params, len(jobs[0].models), chunks)
             out[k] = step.prepare_model(scope)
         return out
+
+    def _ranges(self, job: TensorJob, chunkable: bool) -> List[Tuple[int, int]]:
+        return chunk_rows(job, chunkable, self.chunk_elements, self.whole_elements)
 
     @staticmethod
     def _chunkable(plan: MergePlan, job: TensorJob) -> bool:
@@ -236,7 +255,7 @@ class LocalExecutor(Executor):
             if sink.is_complete(job.name):
                 report.skipped += 1
                 continue
-            ranges = chunk_rows(job, self._chunkable(plan, job) and job.action == "merge", self.chunk_elements)
+            ranges = self._ranges(job, self._chunkable(plan, job) and job.action == "merge")
             for c, rows in enumerate(ranges):
                 units.append((job, c, rows, ranges))
 

@@ -115,21 +115,25 @@ def _probs(x: TensorInputs, i: int, delta: torch.Tensor, stats: Optional[DellaSt
 
 
 def _masks_and_probs(x: TensorInputs, deltas: torch.Tensor, stats: Optional[DellaStats]):
+    """Keep masks ``[n, *chunk]`` and, for ``semantics: paper`` (which divides by them), the keep
+    probabilities (else None: they are not kept, to save a full-size buffer)."""
     if stats is not None and stats.drawn is not None:
         return stats.drawn
+    need_probs = x.params["semantics"] == "paper"
 
     def one(i: int):
         d = x.model_params[i]["density"]
         if d >= 1:
-            return torch.ones_like(deltas[i]), torch.ones_like(deltas[i])
+            return torch.ones_like(deltas[i]), torch.ones_like(deltas[i]) if need_probs else None
         if d <= 0:
-            return torch.zeros_like(deltas[i]), torch.ones_like(deltas[i])
+            return torch.zeros_like(deltas[i]), torch.ones_like(deltas[i]) if need_probs else None
         pr = _probs(x, i, deltas[i], stats)
-        return (x.rand(i, _PURPOSE) < pr).to(deltas.dtype), pr
+        return (x.rand(i, _PURPOSE) < pr).to(deltas.dtype), pr if need_probs else None
 
     # The ranking sorts and the random draws run on one core each: models side by side.
     pairs = map_models(one, range(len(x.model_params)), deltas.device.type)
-    return torch.stack([m for m, _ in pairs]), torch.stack([p for _, p in pairs])
+    masks = torch.stack([m for m, _ in pairs])
+    return masks, torch.stack([p for _, p in pairs]) if need_probs else None
 
 
 def sparsified(x: TensorInputs) -> TaskVectors:

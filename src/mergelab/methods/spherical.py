@@ -13,10 +13,13 @@ the inputs instead of the chord, so the merged tensor keeps a norm close to the 
 * ``karcher``: the Riemannian (Karcher/Frechet) mean of the unit directions by fixed-point iteration,
   scaled by the mean norm (Karcher 1977; mergekit ``karcher``, docs citing arXiv:2603.04972).
 
-All four reproduce mergekit 0.1.5 in float32 (same order of operations). ``slerp`` and ``nuslerp`` are
-chunkable: the whole-tensor norms and dot products are computed in ``prepare_tensor`` (float64
-accumulation) when the engine splits a tensor into row chunks; unsplit tensors use mergekit's exact
-float32 reductions. ``multislerp`` and ``karcher`` need the whole tensor.
+All four reproduce mergekit 0.1.5 in float32 (same order of operations) on tensors the engine
+computes whole. All four are chunkable: when the engine splits a tensor into row chunks, the
+whole-tensor norms and dot products are computed in ``prepare_tensor`` (float64 accumulation). For
+``multislerp`` and ``karcher`` every vector the algorithm forms is a linear combination of the inputs,
+so the whole algorithm runs on the inputs' Gram matrix (N x N numbers, Karcher's iterations included)
+and each chunk is then one weighted sum of the inputs: same result up to rounding, memory bounded by
+the chunk, and Karcher's iterations cost nothing per element.
 """
 
 from __future__ import annotations
@@ -244,11 +247,86 @@ register(MergeMethod(
 # --------------------------------------------------------------------------------------------------
 
 
+def _gram_matrix(src: TensorSource, vectors) -> torch.Tensor:
+    """The float64 Gram matrix ``G[i, j] = <v_i, v_j>`` of the vectors ``vectors(chunk)`` over the stream."""
+    n = src.num_models
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    g = _gram(src, vectors, pairs)
+    out = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        out[i, i] = g.sq[i].cpu()
+    for (i, j), v in g.dot.items():
+        out[i, j] = out[j, i] = v.cpu()
+    return out
+
+
+def _combine(vectors: List[torch.Tensor], coefficients: torch.Tensor) -> torch.Tensor:
+    """``sum_i coefficients[i] * vectors[i]`` in float32."""
+    c = coefficients.to(_F32).tolist()
+    out = vectors[0] * c[0]
+    for v, ci in zip(vectors[1:], c[1:]):
+        out.add_(v, alpha=ci)
+    return out
+
+
+def _multislerp_vectors(c: TensorInputs) -> list:
+    return list(c.models) if c.base is None else [m - c.base for m in c.models]
+
+
+def multislerp_plan(gram: torch.Tensor, weights: List[float], normalize: bool, eps: float, name: str):
+    """Multi-SLERP on the Gram matrix of the inputs ``v_i``: ``("zero", None)`` when every input is
+    zero, ``("linear", w)`` for the two-antipodal fallback (``w`` weighs the inputs), else
+    ``("combine", beta)`` with the result ``sum_i beta_i v_i``. Same steps as :func:`multislerp_merge`
+    with every vector written in the basis of the unit inputs ``u_i = v_i / (||v_i|| + eps)``."""
+    g = gram.to(torch.float64)
+    w = torch.tensor(weights, dtype=torch.float64)
+    if normalize:
+        w = w / w.sum()
+    norms = torch.sqrt(torch.diagonal(g).clamp(min=0))
+    if bool((norms <= eps).all()):
+        return "zero", None
+    scale = norms + eps
+    u = g / torch.outer(scale, scale)  # Gram matrix of the units
+
+    def norm(c: torch.Tensor) -> float:
+        return math.sqrt(max(0.0, float(c @ u @ c)))
+
+    mean_norm = norm(w)
+    if mean_norm < eps:
+        if len(weights) != 2:
+            raise RecipeError(
+                f"multislerp: parameter 'weight' = {weights} exactly balances opposite directions in tensor "
+                f"'{name}' (the weighted mean direction is zero); expected weights that do not cancel"
+            )
+        return "linear", w
+    mean = w / mean_norm
+    dots = u @ mean
+    tangent = w - float(w @ dots) * mean
+    tangent_norm = norm(tangent) + eps
+    res = mean * math.cos(tangent_norm) + tangent * (math.sin(tangent_norm) / tangent_norm)
+    return "combine", res * float(norms @ w) / scale
+
+
+def _multislerp_prepare(src: TensorSource):
+    if src.num_chunks == 1 or src.num_models == 1:
+        return None  # merge reproduces mergekit's float32 steps on the whole tensor
+    gram = _gram_matrix(src, _multislerp_vectors)
+    return multislerp_plan(gram, [p["weight"] for p in src.model_params], src.params["normalize_weights"],
+                           src.params["eps"], src.name)
+
+
 def multislerp_merge(x: TensorInputs) -> torch.Tensor:
     """One exponential-map step from the weighted mean direction, scaled by the weighted mean norm."""
     models = x.models
     if len(models) == 1:
         return models[0]
+    if x.tensor_stats is not None:
+        kind, coefficients = x.tensor_stats
+        if kind == "zero":
+            return torch.zeros_like(models[0]) if x.base is None else x.base.clone()
+        res = _combine(_multislerp_vectors(x), coefficients)
+        return res if x.base is None else res + x.base
+    whole_source(x)  # the norms need the whole tensor
     eps = x.params["eps"]
     shape = models[0].shape
     tensors = torch.stack(models, dim=0)
@@ -299,6 +377,8 @@ register(MergeMethod(
     ),
     model_params=(WEIGHT,),
     min_models=1,
+    chunkable=True,
+    prepare_tensor=_multislerp_prepare,
     notes="A single exponential-map step, not an iterated Frechet mean (see karcher). With a base model the "
           "task vectors are interpolated and added to the base. Two antipodal inputs with balancing "
           "weights fall back to the linear blend; more than two raise an error naming the weights. "
@@ -354,13 +434,72 @@ def karcher_mean(tensors: List[torch.Tensor], alphas: List[float], max_iter: int
     return scale * mean
 
 
-def karcher_alphas(x: TensorInputs) -> List[float]:
-    n = len(x.models)
+def karcher_plan(gram: torch.Tensor, alphas: List[float], max_iter: int, tol: float) -> torch.Tensor:
+    """:func:`karcher_mean` on the Gram matrix of the inputs: coefficients ``c`` with the result
+    ``sum_i c_i x_i``. Every iterate is a combination of the unit inputs, so each step (cosines,
+    tangent, norms) is an N x N computation; same decisions (zero norms, ``tol`` cut-offs)."""
+    g = gram.to(torch.float64)
+    n = g.shape[0]
+    norms = torch.sqrt(torch.diagonal(g).clamp(min=0))
+    inv = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
+    u = g * torch.outer(inv, inv)  # Gram matrix of the units (zero rows for zero inputs)
+    if n == 1:
+        return torch.ones(1, dtype=torch.float64)
+    valid = [i for i in range(n) if float(norms[i]) > tol]
+    if not valid:
+        return torch.zeros(n, dtype=torch.float64)
+    total = sum(alphas[i] for i in valid)
+    a = {i: alphas[i] / total for i in valid}
+
+    def norm(c: torch.Tensor) -> float:
+        return math.sqrt(max(0.0, float(c @ u @ c)))
+
+    mean = torch.zeros(n, dtype=torch.float64)
+    for i in valid:
+        mean[i] += a[i]
+    mean_norm = norm(mean)
+    if mean_norm < tol:
+        mean = torch.zeros(n, dtype=torch.float64)
+        mean[valid[0]] = 1.0
+    else:
+        mean = mean / mean_norm
+    for _ in range(max_iter):
+        tangent = torch.zeros(n, dtype=torch.float64)
+        cosines = u @ mean
+        for j in valid:
+            cos = min(1.0, max(-1.0, float(cosines[j])))
+            theta = math.acos(cos)
+            if theta < tol:
+                continue
+            step = a[j] * theta / math.sin(theta)
+            tangent[j] += step
+            tangent -= step * cos * mean
+        tangent_norm = norm(tangent)
+        if tangent_norm < tol:
+            break
+        mean = math.cos(tangent_norm) * mean + math.sin(tangent_norm) * (tangent / tangent_norm)
+        unit_norm = norm(mean)
+        if unit_norm > tol:
+            mean = mean / unit_norm
+    scale = float(sum(alphas[i] * float(norms[i]) for i in range(n)))
+    return scale * mean * inv
+
+
+def karcher_alphas(x) -> List[float]:
+    """Per-input weights: uniform under ``semantics: mergekit``, else the normalised ``weight``s."""
+    n = len(x.model_params)
     if x.params["semantics"] == "mergekit":
         return [1.0 / n] * n
-    w = x.model_param("weight")
+    w = [p["weight"] for p in x.model_params]
     total = sum(w)
     return [wi / total for wi in w]
+
+
+def _karcher_prepare(src: TensorSource) -> Optional[torch.Tensor]:
+    if src.num_chunks == 1 or src.num_models == 1:
+        return None  # merge reproduces mergekit's float32 iterations on the whole tensor
+    gram = _gram_matrix(src, lambda c: list(c.models))
+    return karcher_plan(gram, karcher_alphas(src), src.params["max_iter"], src.params["tol"])
 
 
 def validate_karcher(params: dict, model_params: list) -> None:
@@ -372,6 +511,10 @@ def validate_karcher(params: dict, model_params: list) -> None:
 
 
 def karcher_merge(x: TensorInputs) -> torch.Tensor:
+    if x.tensor_stats is not None:
+        return _combine(list(x.models), x.tensor_stats)
+    if len(x.models) > 1:
+        whole_source(x)  # the norms and angles need the whole tensor
     return karcher_mean(list(x.models), karcher_alphas(x), x.params["max_iter"], x.params["tol"])
 
 
@@ -392,6 +535,8 @@ register(MergeMethod(
                           meaning="Weight of this model in the mean (normalised to sum to 1; "
                                   "ignored with semantics: mergekit)."),),
     min_models=1,
+    chunkable=True,
+    prepare_tensor=_karcher_prepare,
     validate=validate_karcher,
     notes="semantics: paper (default) weights the mean by the per-model 'weight' (a weighted Karcher mean; "
           "equal weights give mergekit's result bit for bit). semantics: mergekit ignores the weights, "

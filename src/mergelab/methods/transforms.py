@@ -114,17 +114,17 @@ def drop(keep_masks: torch.Tensor, rescale: Optional[str], keep_prob: Optional[S
     """
 
     def run(tv: TaskVectors) -> TaskVectors:
-        kept = tv.deltas * keep_masks
+        kept = tv.deltas * keep_masks  # a fresh buffer: the rescales below work in place
         if rescale is None:
             return replace(tv, deltas=kept)
         if rescale == "inverse":
             if isinstance(keep_prob, torch.Tensor):
-                return replace(tv, deltas=kept / keep_prob)
+                return replace(tv, deltas=kept.div_(keep_prob))
             p = torch.tensor([float(x) for x in keep_prob], dtype=kept.dtype, device=kept.device)
-            return replace(tv, deltas=kept / tv.expand(p))
+            return replace(tv, deltas=kept.div_(tv.expand(p)))
         if rescale == "l1":
             s = torch.tensor([float(x) for x in l1_scale], dtype=kept.dtype, device=kept.device)
-            return replace(tv, deltas=kept * tv.expand(s))
+            return replace(tv, deltas=kept.mul_(tv.expand(s)))
         raise ValueError(f"unknown rescale {rescale!r}")
 
     return run
@@ -169,17 +169,17 @@ def disjoint_merge(tv: TaskVectors, normalize: bool = True, divisor: str = "weig
     at least 1 (the TIES paper's disjoint mean). ``normalize=False`` returns the disjoint sum.
     """
     agree = agreement(tv)
-    merged = (tv.deltas * agree).sum(dim=0)
-    if not normalize:
-        return merged
-    if divisor == "weight":
-        div = (tv.expand(tv.weights) * agree).sum(dim=0)
-        div[div == 0] = 1
-    elif divisor == "count":
-        div = agree.sum(dim=0).clamp_min(1)
-    else:
-        raise ValueError(f"unknown divisor {divisor!r}")
-    return merged / div
+    div = None
+    if normalize:
+        if divisor == "weight":
+            div = (tv.expand(tv.weights) * agree).sum(dim=0)
+            div[div == 0] = 1
+        elif divisor == "count":
+            div = agree.sum(dim=0).clamp_min(1)
+        else:
+            raise ValueError(f"unknown divisor {divisor!r}")
+    merged = agree.mul_(tv.deltas).sum(dim=0)  # the agreement mask is ours: reuse its buffer
+    return merged if div is None else merged.div_(div)
 
 
 def linear_combine(tv: TaskVectors, normalize: bool = False) -> torch.Tensor:
