@@ -18,20 +18,37 @@ import torch
 from safetensors.torch import load_file
 
 import mergelab
+from mergelab.methods.registry import get_method
 from mergelab.synthetic import make_llama_family
 
 CASES = [
-    ("linear", {"weight": 1.0}, {}),
+    # (method, global parameters, per-model parameters: one dict for every model, or a list with one
+    # per model); methods that take at most k models get the first k experts.
+    ("linear", {"weight": 1.0}, {}),  # the base is one of linear's inputs: a global weight covers it
     ("task_arithmetic", {"lambda": 0.5}, {"weight": 1.0}),
     ("ties", {}, {"weight": 1.0, "density": 0.5}),
     ("ties", {"semantics": "paper"}, {"weight": 1.0, "density": 0.2}),
     ("dare_ties", {}, {"weight": 1.0, "density": 0.5}),
+    ("dare_linear", {}, {"weight": 1.0, "density": 0.5}),
     ("della", {}, {"weight": 1.0, "density": 0.5}),
+    ("della_linear", {}, {"weight": 1.0, "density": 0.5}),
     ("breadcrumbs", {}, {"weight": 1.0, "density": 0.5}),
+    ("breadcrumbs_ties", {}, {"weight": 1.0, "density": 0.5}),
+    ("sce", {"select_topk": 0.5}, {}),
     ("slerp", {"t": 0.3}, {}),
+    ("nuslerp", {}, {"weight": 1.0}),
+    ("multislerp", {}, {"weight": 1.0}),
+    ("karcher", {}, {}),
     ("model_stock", {}, {}),
-    ("tsv", {}, {}),
+    ("nearswap", {"t": 0.001}, {}),
+    ("arcee_fusion", {}, {}),
+    ("lines", {"alpha": 0.5}, {}),
     ("pcb", {}, {}),
+    ("tsv", {}, {}),
+    ("varm", {}, {}),
+    ("widen", {}, {}),
+    ("doge_ta", {}, {}),
+    ("mwa", {}, [{"loss": 0.9}, {"loss": 0.8}, {"loss": 0.7}]),
 ]
 
 
@@ -65,11 +82,13 @@ def main() -> None:
         if wanted and method not in wanted:
             continue
         recipe = {"merge_method": method, "base_model": str(paths[0]), "parameters": dict(params),
-                  "models": [{"model": str(p), "parameters": dict(model_params)} for p in paths[1:]]}
-        if method == "slerp":
-            recipe["models"] = recipe["models"][:1]
+                  "models": [{"model": str(p), "parameters": dict(model_params[i] if isinstance(model_params, list) else model_params)}
+                             for i, p in enumerate(paths[1:])]}
+        limit = get_method(method).max_models
+        if limit is not None:
+            recipe["models"] = recipe["models"][:limit]
         times, outs = {}, {}
-        for device in ("cpu", args.device):
+        for device in dict.fromkeys(("cpu", args.device)):
             out = args.root / f"out-{method}-{len(rows)}-{device.replace(':', '')}"
             start = time.perf_counter()
             try:

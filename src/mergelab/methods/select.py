@@ -7,6 +7,10 @@ two-pass radix select on the IEEE-754 bit patterns of ``|x|`` (for non-negative 
 orders like the value): pass one counts the high 16 bits, pass two counts the low 16 bits inside the
 one bucket that holds the k-th value. Memory is two histograms per model, whatever the stream's length.
 
+:func:`kth_smallest` does the same for signed values (quantiles of a whole tensor streamed in row
+chunks, e.g. Arcee Fusion's importance scores): the float32 bit patterns are first mapped to int32
+keys that order like the values.
+
 When the data is one in-memory tensor, :func:`kth_largest_in_memory` gets the same value with a
 partition (numpy's introselect on the CPU, ``torch.kthvalue`` elsewhere).
 """
@@ -107,6 +111,94 @@ def kth_largest_abs(
         low, _ = _locate(lo[i], rank)
         pattern = np.array([(bucket << 16) | low], dtype=np.int32)
         out[i] = float(pattern.view(np.float32)[0])
+    return out
+
+
+def _ordered_keys(values: torch.Tensor) -> torch.Tensor:
+    """Flat int32 keys of ``values`` as float32 whose int32 order is the float order.
+
+    A non-negative float's bit pattern is a non-negative int32 that orders like the value; a negative
+    float's pattern has the sign bit set and grows with the magnitude, so its 31 magnitude bits are
+    flipped (``bits ^ 0x7FFFFFFF``): larger magnitudes become smaller (more negative) keys. ``-0.0``
+    maps to ``-1``, just below ``+0.0``'s ``0``, with nothing in between, so either zero answers a
+    rank that falls on zeros. NaNs are not ordered meaningfully (callers pass finite values).
+    """
+    a = values.reshape(-1)
+    a = a if a.dtype == torch.float32 else a.to(torch.float32)
+    bits = a.view(torch.int32)
+    keys = bits >> 31  # -1 for negatives, 0 otherwise (a fresh buffer: the input is never written)
+    keys &= 0x7FFFFFFF
+    keys ^= bits
+    return keys
+
+
+def _key_value(key: int) -> float:
+    """The float32 value whose :func:`_ordered_keys` key is ``key`` (an int in the int32 range)."""
+    k = np.array([key], dtype=np.int32)
+    if key < 0:
+        k ^= np.int32(0x7FFFFFFF)
+    return float(k.view(np.float32)[0])
+
+
+def _locate_from_bottom(hist: torch.Tensor, k: int) -> tuple:
+    """Bucket holding the k-th smallest count-wise (1-based), and the rank within it from the bottom."""
+    below = hist.cumsum(0)
+    idx = int(torch.searchsorted(below, torch.tensor([k], dtype=below.dtype)).item())
+    return idx, k - (int(below[idx - 1].item()) if idx > 0 else 0)
+
+
+def kth_smallest(
+    chunks: Callable[[], Iterable[torch.Tensor]],
+    ks: Union[Sequence[int], Callable[[int], Sequence[int]]],
+) -> List[float]:
+    """Exact k-th smallest value of all the entries of a re-iterable stream of tensors, for each k.
+
+    Unlike :func:`kth_largest_abs` (one population per model, along dim 0), every entry of every
+    tensor ``chunks()`` yields, whatever its shape, belongs to one population of signed values (cast
+    to float32; finite, NaN is not supported); ``ks`` lists several 1-based ranks in it, or is a
+    function of the number of entries, which is known only after the first pass. The result is the
+    value ``torch.sort(all_entries).values[k - 1]`` would give (the two zeros are one value: a rank
+    that falls on zeros gives ``0.0`` or ``-0.0``); ``k <= 0`` gives ``-inf`` and ``k`` beyond the
+    number of entries gives ``inf``.
+
+    ``chunks()`` is called once, or twice when some ``k`` is in range. Memory is one histogram of
+    65536 counts for the first pass and one per distinct bucket sought for the second, plus
+    temporaries the size of one chunk, whatever the stream's length. Chunks may live on any device.
+    """
+    hi = None
+    total = 0
+    for c in chunks():
+        keys = _ordered_keys(c)
+        keys >>= 16
+        keys += _BINS // 2  # high 16 bits as a bucket in [0, 65536), in key order
+        h = torch.bincount(keys, minlength=_BINS)
+        hi = h if hi is None else hi + h
+        total += keys.numel()
+        del keys
+    if callable(ks):
+        ks = ks(total)
+    ks = [int(k) for k in ks]
+    out = [float("-inf") if k <= 0 else float("inf") for k in ks]
+    want = [i for i, k in enumerate(ks) if 0 < k <= total]
+    if not want:
+        return out
+    hi = hi.cpu()
+    located = {i: _locate_from_bottom(hi, ks[i]) for i in want}
+    buckets = sorted({bucket for bucket, _ in located.values()})
+    lo = {b: torch.zeros(_BINS, dtype=torch.int64) for b in buckets}
+    for c in chunks():
+        keys = _ordered_keys(c)
+        high = keys >> 16
+        for b in buckets:
+            sel = keys[high == b - _BINS // 2]
+            if sel.numel():
+                sel &= 0xFFFF
+                lo[b] += torch.bincount(sel, minlength=_BINS).cpu()
+        del keys, high
+    for i in want:
+        bucket, rank = located[i]
+        low, _ = _locate_from_bottom(lo[bucket], rank)
+        out[i] = _key_value(((bucket - _BINS // 2) << 16) | low)
     return out
 
 
