@@ -61,6 +61,8 @@ SIZES: Dict[str, dict] = {
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
            "della", "della_linear", "sce", "model_stock", "multislerp", "karcher", "nuslerp", "slerp", "nearswap",
            "arcee_fusion", "passthrough")
+# Methods mergekit does not have: timed with mergelab alone on the same checkpoints (``--methods papers``).
+MERGELAB_ONLY = ("pcb", "widen", "lines", "tsv", "varm", "mwa", "ota", "doge_ta")
 # How each method's recipe is built (the same file for both tools): which inputs it takes ("all": base
 # and every expert; "experts": the experts without a base; "pair": the base and the first expert;
 # "two": the first two experts), per-model parameters besides the weight, and global parameters.
@@ -83,6 +85,14 @@ RECIPE_SHAPE: Dict[str, dict] = {
     "nearswap": dict(inputs="pair", weights=False, globals={"t": 0.001}),
     "arcee_fusion": dict(inputs="pair", weights=False),
     "passthrough": dict(inputs="slices"),
+    "pcb": dict(inputs="all", globals={"ratio": 0.1}),
+    "widen": dict(inputs="all", weights=False),
+    "lines": dict(inputs="pair", weights=False, globals={"alpha": 0.5}),
+    "tsv": dict(inputs="all"),
+    "varm": dict(inputs="all", weights=False),
+    "mwa": dict(inputs="experts", weights=False, per_model={"loss": [0.9, 0.8, 0.7]}),
+    "ota": dict(inputs="all", weights=False, per_model={"second_moments": "moments"}),
+    "doge_ta": dict(inputs="all", weights=False),
 }
 # Targets of the issue: minimum speed-up (mergekit time / mergelab time) per method; peak memory of
 # mergelab at most half of mergekit's everywhere.
@@ -137,6 +147,32 @@ def parameter_count(folder: Path) -> int:
     return n
 
 
+def second_moments_path(model: Path) -> Path:
+    return model.parent / f"{model.name}-exp_avg_sq.safetensors"
+
+
+def ensure_second_moments(folders: Sequence[Path]) -> None:
+    """Adam second moments for each expert (for OTA), made once: ``(0.1 * (expert - base))^2 + 1e-12``
+    per tensor in float32, a stand-in with the shape and scale of a fine-tuning run's ``exp_avg_sq``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    base = folders[0]
+    for expert in folders[1:]:
+        target = second_moments_path(expert)
+        if target.exists():
+            continue
+        out = {}
+        for f in sorted(expert.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as e, safe_open(str(base / f.name), framework="pt") as b:
+                for k in e.keys():
+                    d = e.get_tensor(k).float() - b.get_tensor(k).float()
+                    out[k] = (0.1 * d).square_().add_(1e-12)
+        partial = target.with_name(target.name + ".partial")
+        save_file(out, str(partial))
+        partial.replace(target)
+
+
 def warm_page_cache(folders: Sequence[Path]) -> None:
     """Read every input file once so that both tools start from the same (warm) page cache."""
     for folder in folders:
@@ -163,9 +199,11 @@ def recipe_text(method: str, folders: Sequence[Path], dtype: str, layers: int = 
     members = {"all": experts, "experts": experts, "two": experts[:2], "pair": experts[:1]}[shape["inputs"]]
     weights = {"two": [0.5, 0.5]}.get(shape["inputs"], [0.5, 0.3, 0.2, 0.1, 0.1])
     lines.append("models:")
-    for path, w in zip(members, weights):
+    for k, (path, w) in enumerate(zip(members, weights)):
         params = {"weight": w} if shape.get("weights", True) else {}
         params.update(shape.get("model", {}))
+        for key, values in shape.get("per_model", {}).items():
+            params[key] = second_moments_path(path) if values == "moments" else values[k]
         inner = ", ".join(f"{k}: {v}" for k, v in params.items())
         lines.append(f"  - model: {path}")
         if inner:
@@ -392,7 +430,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default="linear,task_arithmetic,ties,dare_ties",
-                    help=f"comma-separated, from {', '.join(METHODS)}; 'all' for every one")
+                    help=f"comma-separated, from {', '.join(METHODS + MERGELAB_ONLY)}; 'all' for every "
+                         f"mergekit method, 'papers' for every mergelab-only one (timed without mergekit)")
     ap.add_argument("--runs", type=int, default=3, help="runs per tool and method; the median is reported")
     ap.add_argument("--sizes", default="156m",
                     help=f"comma-separated model sizes; the first is compared with mergekit, the others are "
@@ -408,11 +447,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-warm", action="store_true", help="do not read the inputs once before timing")
     args = ap.parse_args(argv)
 
-    methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    groups = {"all": list(METHODS), "papers": list(MERGELAB_ONLY)}
+    methods = [m for part in args.methods.split(",") if part.strip() for m in groups.get(part.strip(), [part.strip()])]
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     for m in methods:
-        if m not in METHODS:
-            ap.error(f"unknown method '{m}'; known: {', '.join(METHODS)}")
+        if m not in METHODS + MERGELAB_ONLY:
+            ap.error(f"unknown method '{m}'; known: {', '.join(METHODS + MERGELAB_ONLY)}")
     for s in sizes:
         if s not in SIZES:
             ap.error(f"unknown size '{s}'; known: {', '.join(SIZES)}")
@@ -435,8 +475,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         these = methods if k == 0 else size_methods
         for m, p in write_recipes(workdir, size, folders, these, args.dtype).items():
             recipes[(m, size)] = p
+        if "ota" in these:
+            ensure_second_moments(folders)
         for m in these:
-            plan.append((m, size, tools if k == 0 else size_tools))
+            run_tools = tools if k == 0 else size_tools
+            if m in MERGELAB_ONLY:
+                run_tools = [t for t in run_tools if t == "mergelab"]
+            plan.append((m, size, run_tools))
         if not args.no_warm:
             warm_page_cache(folders)
 
@@ -482,6 +527,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"mergekit peak RSS (target <= {MEMORY_TARGET}).",
         "",
     ] + table(cells, methods, sizes[0])
+    only = [m for m in methods if m in MERGELAB_ONLY and ("mergelab", m, sizes[0]) in cells]
+    if only:
+        lines += ["", "Methods mergekit does not have (mergelab alone, same checkpoints):", "",
+                  "| method | mergelab time (s) | CPU s | peak |", "|---|---|---|---|"]
+        for m in only:
+            c = cells[("mergelab", m, sizes[0])]
+            lines.append(f"| {m} | {c.t:.2f} ({c.spread()}) | {c.c:.1f} | {gb(c.m)} ({c.mem_spread()}) |")
     if len(sizes) > 1:
         lines += ["", "Peak memory against model size (the largest tensor, the 32000 x hidden embedding, is "
                   "the same size in the first two):", ""] + size_table(cells, methods, sizes, params)
