@@ -60,7 +60,15 @@ def open_checkpoints(recipe: Recipe) -> Dict[str, Checkpoint]:
 
 
 def _aux_checkpoints(plan: MergePlan) -> Dict[str, list]:
-    """Auxiliary per-model inputs (e.g. optimizer second moments) named by the method's parameters."""
+    """Auxiliary per-model inputs (e.g. optimizer second moments) named by the method's parameters.
+
+    OTA's ``second_moments`` may also name a PyTorch optimizer checkpoint (``optimizer.pt``, or a Hugging
+    Face checkpoint folder holding one), whose parameter indices are named from model ``i``'s folder: see
+    :mod:`mergelab.io.optimizer_state`.
+    """
+    from mergelab.io.optimizer_state import OptimizerStateCheckpoint, optimizer_state_path
+    from mergelab.methods.ota import SECOND_MOMENTS
+
     out: Dict[str, list] = {}
     for pname in plan.method.aux_inputs:
         paths = []
@@ -68,7 +76,13 @@ def _aux_checkpoints(plan: MergePlan) -> Dict[str, list]:
             value = settings.get(pname, plan.global_settings.get(pname))
             if not isinstance(value, str):
                 raise RecipeError(f"models[{i}]: parameter '{pname}' must be a path to a checkpoint")
-            paths.append(Checkpoint.open(value, label=f"{pname} of model {i}"))
+            label = f"{pname} of model {i}"
+            optimizer = optimizer_state_path(value) if pname == SECOND_MOMENTS else None
+            if optimizer is not None:
+                model = plan.checkpoints[plan.model_indices[i]] if i < len(plan.model_indices) else None
+                paths.append(OptimizerStateCheckpoint.open(optimizer, label, model=model))
+            else:
+                paths.append(Checkpoint.open(value, label=label))
         for job in plan.merged_jobs:
             for ck in paths:
                 if job.name not in ck.tensors:

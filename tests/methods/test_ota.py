@@ -203,3 +203,167 @@ def test_end_to_end_from_second_moment_files(tmp_path):
     for k in names:
         expect = ota_oracle(base[k], [m[k] for m in models], [v[k] for v in moments], thresholds=thresholds)
         np.testing.assert_allclose(out[k].numpy(), expect, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- optimizer checkpoints
+# second_moments given as a PyTorch optimizer checkpoint (optimizer.pt as the HF Trainer saves it), on a
+# tiny Llama saved with save_pretrained: base + two fine-tuned copies, each with its own optimizer.
+
+
+def _tiny_llama(seed, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=1, vocab_size=64, tie_word_embeddings=True)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**cfg))
+
+
+def _trainer_groups(model):
+    # The Trainer's two groups for Llama, written out: weight decay for every matrix, none for the norms.
+    named = list(model.named_parameters())
+    return [{"params": [p for n, p in named if "norm" not in n], "weight_decay": 0.1},
+            {"params": [p for n, p in named if "norm" in n], "weight_decay": 0.0}]
+
+
+def _train(model, opt, steps=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        ids = torch.randint(0, 64, (2, 8), generator=g)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _exp_avg_sq(model, opt):
+    return {n: opt.state[p]["exp_avg_sq"].detach().clone() for n, p in model.named_parameters() if p in opt.state}
+
+
+def _read_out(path):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_family(tmp_path_factory):
+    """base, two fine-tuned copies (each folder also holds the Trainer-style optimizer.pt), their
+    exp_avg_sq as safetensors files, and a param_names optimizer per copy."""
+    root = tmp_path_factory.mktemp("ota_optim")
+    base = _tiny_llama(0)
+    base.save_pretrained(root / "base")
+    out = {"root": root, "base": root / "base", "models": [], "optim": [], "moments": [], "named_optim": []}
+    for i in range(2):
+        model = _tiny_llama(0)
+        opt = torch.optim.AdamW(_trainer_groups(model), lr=1e-2)
+        _train(model, opt, seed=10 + i)
+        folder = root / f"ft{i}"
+        model.save_pretrained(folder)
+        torch.save(opt.state_dict(), folder / "optimizer.pt")
+        save_file(_exp_avg_sq(model, opt), str(root / f"v{i}.safetensors"))
+        # Same moments, optimizer built from named parameters in another order: param_names map them.
+        named = torch.optim.AdamW(list(model.named_parameters())[::-1], lr=0.0)
+        for n, p in model.named_parameters():
+            named.state[p] = {"step": torch.tensor(2.0), "exp_avg": torch.zeros_like(p),
+                              "exp_avg_sq": opt.state[p]["exp_avg_sq"].detach().clone()}
+        torch.save(named.state_dict(), root / f"named{i}.pt")
+        out["models"].append(folder)
+        out["optim"].append(folder / "optimizer.pt")
+        out["moments"].append(root / f"v{i}.safetensors")
+        out["named_optim"].append(root / f"named{i}.pt")
+    return out
+
+
+def _ota_recipe(fam, second_moments, **params):
+    return {"merge_method": "ota", "base_model": str(fam["base"]),
+            "models": [{"model": str(m), "parameters": {"second_moments": str(v), **params}}
+                       for m, v in zip(fam["models"], second_moments)]}
+
+
+def test_optimizer_pt_gives_the_same_merge_as_exp_avg_sq_safetensors(llama_family, tmp_path):
+    fam = llama_family
+    assert "param_names" not in torch.load(fam["optim"][0], weights_only=True)["param_groups"][0]
+    # Model 0: the optimizer file; model 1: the HF checkpoint folder holding optimizer.pt and the weights.
+    mergelab.merge(_ota_recipe(fam, [fam["optim"][0], fam["models"][1]], ffg_density=0.5), tmp_path / "a")
+    mergelab.merge(_ota_recipe(fam, fam["moments"], ffg_density=0.5), tmp_path / "b")
+    a, b = _read_out(tmp_path / "a"), _read_out(tmp_path / "b")
+    assert a.keys() == b.keys() and "model.layers.1.mlp.down_proj.weight" in a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_optimizer_param_names_map_the_indices(llama_family, tmp_path):
+    from mergelab.io.checkpoint import Checkpoint
+    from mergelab.io.optimizer_state import OptimizerStateCheckpoint
+
+    fam = llama_family
+    ck = OptimizerStateCheckpoint.open(fam["named_optim"][0], "v", model=Checkpoint.open(str(fam["models"][0])))
+    assert ck.naming == "param_names"
+    ref = Checkpoint.open(str(fam["moments"][0]))
+    assert set(ck.tensors) == set(ref.tensors)
+    name = "model.layers.0.self_attn.k_proj.weight"
+    torch.testing.assert_close(ck.read(name, (2, 5)), ref.read(name, (2, 5)), rtol=0, atol=0)
+    mergelab.merge(_ota_recipe(fam, fam["named_optim"]), tmp_path / "a")
+    mergelab.merge(_ota_recipe(fam, fam["moments"]), tmp_path / "b")
+    a, b = _read_out(tmp_path / "a"), _read_out(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_adafactor_state_gives_its_rank1_estimate(llama_family, tmp_path):
+    from transformers.optimization import Adafactor
+
+    from mergelab.io.checkpoint import Checkpoint
+    from mergelab.io.optimizer_state import OptimizerStateCheckpoint
+
+    fam = llama_family
+    model = _tiny_llama(0)
+    opt = Adafactor(_trainer_groups(model), scale_parameter=False, relative_step=False, lr=1e-3)
+    _train(model, opt, steps=3)
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    ck = OptimizerStateCheckpoint.open(tmp_path / "optimizer.pt", "v", model=Checkpoint.open(str(fam["models"][0])))
+    params = dict(model.named_parameters())
+    name = "model.layers.0.mlp.down_proj.weight"  # (16, 32)
+    st = opt.state[params[name]]
+    row, col = st["exp_avg_sq_row"], st["exp_avg_sq_col"]
+    expect = torch.outer(row / row.mean(), col)
+    torch.testing.assert_close(ck.read(name), expect, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ck.read(name, (3, 7)), expect[3:7], rtol=1e-6, atol=0)
+    # The estimate Adafactor divides its update by: _approx_sq_grad returns its inverse square root.
+    torch.testing.assert_close(ck.read(name), Adafactor._approx_sq_grad(row, col) ** -2, rtol=1e-5, atol=0)
+    # Its row and column means are Adafactor's factors (mean(row) == mean(col): both track the mean of g^2).
+    torch.testing.assert_close(expect.mean(1), row, rtol=1e-5, atol=0)
+    torch.testing.assert_close(expect.mean(0), col, rtol=1e-5, atol=0)
+    norm = "model.layers.1.input_layernorm.weight"  # vectors keep a dense exp_avg_sq
+    torch.testing.assert_close(ck.read(norm), opt.state[params[norm]]["exp_avg_sq"], rtol=0, atol=0)
+    recipe = _ota_recipe(fam, [tmp_path / "optimizer.pt", fam["optim"][1]])
+    mergelab.merge(recipe, tmp_path / "out")
+    assert "model.layers.0.mlp.down_proj.weight" in _read_out(tmp_path / "out")
+
+
+def test_optimizer_of_another_model_or_not_an_optimizer_is_refused(llama_family, tmp_path):
+    from mergelab.errors import CheckpointError
+
+    fam = llama_family
+    other = _tiny_llama(1, intermediate_size=24)
+    opt = torch.optim.AdamW(_trainer_groups(other), lr=1e-2)
+    _train(other, opt, steps=1)
+    torch.save(opt.state_dict(), tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match=r"other\.pt.*mlp\.gate_proj\.weight.*\(32, 16\).*\(24, 16\)"
+                                              r".*safetensors file of exp_avg_sq"):
+        mergelab.merge(_ota_recipe(fam, [tmp_path / "other.pt", fam["optim"][1]]), tmp_path / "out")
+    torch.save({"model.norm.weight": torch.ones(16)}, tmp_path / "flat.pt")
+    with pytest.raises(CheckpointError, match=r"flat\.pt.*not an optimizer state"):
+        mergelab.merge(_ota_recipe(fam, [tmp_path / "flat.pt", fam["optim"][1]]), tmp_path / "out")
+    # A parameter the optimizer never stepped has no second moments: the tensor is missing.
+    model = _tiny_llama(0)
+    model.model.norm.weight.requires_grad_(False)
+    opt = torch.optim.AdamW(_trainer_groups(model), lr=1e-2)
+    _train(model, opt, steps=1)
+    torch.save(opt.state_dict(), tmp_path / "frozen.pt")
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight' is missing from second_moments of model 0"):
+        mergelab.merge(_ota_recipe(fam, [tmp_path / "frozen.pt", fam["optim"][1]]), tmp_path / "out")

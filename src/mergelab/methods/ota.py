@@ -6,7 +6,9 @@ configs ``configs/hf_ota_ffg_*.yml``).
 
 Each model comes with the Adam second moments ``v_t`` (``exp_avg_sq``) saved at the end of its
 fine-tuning, read by the engine from the per-model parameter ``second_moments`` (a safetensors file
-or folder of tensors named like the model's parameters) and passed as ``inputs.aux["second_moments"]``.
+or folder of tensors named like the model's parameters, or a PyTorch optimizer checkpoint such as the
+Hugging Face Trainer's ``optimizer.pt``, see :mod:`mergelab.io.optimizer_state`) and passed as
+``inputs.aux["second_moments"]``.
 Per tensor and model:
 
 1. Optional compression of ``v_t`` (2-D tensors only), used in every later step:
@@ -353,8 +355,13 @@ register(MergeMethod(
               "embeddings).", default=DEFAULT_RANK_EXCLUDE),
     ),
     model_params=(
-        Param(SECOND_MOMENTS, str, "Path to this model's Adam exp_avg_sq tensors (safetensors file or folder, "
-              "tensors named like the parameters; the reference's preconditioner_path)."),
+        Param(SECOND_MOMENTS, str, "Path to this model's Adam exp_avg_sq tensors (the reference's "
+              "preconditioner_path): a safetensors file or folder of tensors named like the parameters, or a "
+              "PyTorch optimizer checkpoint: a .pt/.bin file holding torch.save(optimizer.state_dict()) (keys "
+              "'state' and 'param_groups'), or a folder with optimizer.pt and no safetensors besides the model's "
+              "weights (a Hugging Face Trainer checkpoint). Its indices are named by the groups' param_names, "
+              "else by the Trainer's grouping of this model's architecture (config.json), checked against every "
+              "shape; Adafactor's factored exp_avg_sq_row/col give its rank-1 estimate."),
         Param("precond_threshold", float, "Absolute FFG threshold on v*tau^2 (v without a base); 0 disables "
               "(paper configs: ~1e-21 to 1e-18 per model).", default=0.0, low=0.0),
         Param("ffg_density", float, "Keep the top fraction of this model's FFG saliencies over the whole model "
