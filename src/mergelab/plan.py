@@ -101,7 +101,8 @@ class MergePlan:
         n_in = len(self.model_indices) + (1 if self.base_index is not None else 0)
         work = 0
         if largest is not None:
-            whole = max(whole_elements, chunk_elements)
+            preferred = self.method.whole_elements
+            whole = max(whole_elements if preferred is None else min(whole_elements, preferred), chunk_elements)
 
             def unit(job: TensorJob) -> int:
                 split = self.method.chunkable and len(job.shape) >= 2 and job.numel > whole

@@ -150,7 +150,7 @@ class LocalExecutor(Executor):
 
         def chunks() -> Iterator[TensorInputs]:
             for job in jobs:
-                ranges = self._ranges(job, method.chunkable)
+                ranges = self._ranges(job, method.chunkable, method)
                 for c, rows in enumerate(ranges):
                     loaded = self._load(plan, job, rows, len(ranges) > 1)
                     yield self._inputs(plan, job, loaded, c, rows)
@@ -171,7 +171,7 @@ class LocalExecutor(Executor):
 
             def chunks(k=k) -> Iterator[TensorInputs]:
                 for job in jobs:
-                    ranges = self._ranges(job, self._chunkable(plan, job))
+                    ranges = self._ranges(job, self._chunkable(plan, job), plan.method)
                     loaded = self._load(plan, job, ranges[0], len(ranges) > 1)
                     tstats = self._tensor_stats(plan, job, ranges, loaded)
                     for c, rows in enumerate(ranges):
@@ -186,8 +186,12 @@ class LocalExecutor(Executor):
             out[k] = step.prepare_model(scope)
         return out
 
-    def _ranges(self, job: TensorJob, chunkable: bool) -> List[Tuple[int, int]]:
-        return chunk_rows(job, chunkable, self.chunk_elements, self.whole_elements)
+    def _ranges(self, job: TensorJob, chunkable: bool, method=None) -> List[Tuple[int, int]]:
+        whole = self.whole_elements
+        preferred = getattr(method, "whole_elements", None)
+        if preferred is not None and whole is not None:
+            whole = min(whole, preferred)
+        return chunk_rows(job, chunkable, self.chunk_elements, whole)
 
     @staticmethod
     def _chunkable(plan: MergePlan, job: TensorJob) -> bool:
@@ -255,7 +259,7 @@ class LocalExecutor(Executor):
             if sink.is_complete(job.name):
                 report.skipped += 1
                 continue
-            ranges = self._ranges(job, self._chunkable(plan, job) and job.action == "merge")
+            ranges = self._ranges(job, self._chunkable(plan, job) and job.action == "merge", plan.method)
             for c, rows in enumerate(ranges):
                 units.append((job, c, rows, ranges))
 

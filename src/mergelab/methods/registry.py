@@ -247,7 +247,9 @@ class MergeMethod:
     ``validate(params, model_params)`` gets the resolved parameters of one tensor and raises
     :class:`RecipeError` for combinations the per-parameter checks cannot see. ``report(inputs)``, if
     given, says what the method did to a tensor (e.g. the rank TSV-M kept); the engine stores it in the
-    manifest under ``reports``.
+    manifest under ``reports``. ``whole_elements``, if set, lowers the engine's size up to which a
+    chunkable tensor is computed whole: for methods whose streamed path (``prepare_tensor`` plus one
+    pass per chunk) is cheaper than their whole-tensor one, e.g. Karcher's iterations on the Gram matrix.
     """
 
     name: str
@@ -267,6 +269,7 @@ class MergeMethod:
     report: Optional[Callable[[TensorInputs], dict]] = None
     notes: str = ""
     family: str = ""
+    whole_elements: Optional[int] = None
 
     def param(self, name: str) -> Optional[Param]:
         for p in self.params:

@@ -19,7 +19,8 @@ whole-tensor norms and dot products are computed in ``prepare_tensor`` (float64 
 ``multislerp`` and ``karcher`` every vector the algorithm forms is a linear combination of the inputs,
 so the whole algorithm runs on the inputs' Gram matrix (N x N numbers, Karcher's iterations included)
 and each chunk is then one weighted sum of the inputs: same result up to rounding, memory bounded by
-the chunk, and Karcher's iterations cost nothing per element.
+the chunk, and Karcher's iterations cost nothing per element. Karcher therefore streams every tensor
+of more than one chunk (1M elements), not only those too large to compute whole.
 """
 
 from __future__ import annotations
@@ -537,6 +538,9 @@ register(MergeMethod(
     min_models=1,
     chunkable=True,
     prepare_tensor=_karcher_prepare,
+    # Iterating on the N x N Gram matrix is far cheaper than iterating over a large whole tensor, so
+    # tensors above one chunk (1M elements) always stream; smaller ones keep mergekit's float32 steps.
+    whole_elements=0,
     validate=validate_karcher,
     notes="semantics: paper (default) weights the mean by the per-model 'weight' (a weighted Karcher mean; "
           "equal weights give mergekit's result bit for bit). semantics: mergekit ignores the weights, "
