@@ -526,7 +526,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"the merge process (less sensitive to other load on the machine); memory ratio = mergelab peak RSS / "
         f"mergekit peak RSS (target <= {MEMORY_TARGET}).",
         "",
-    ] + table(cells, methods, sizes[0])
+    ] + (table(cells, methods, sizes[0]) if any(("mergekit", m, sizes[0]) in cells for m in methods) else [])
     only = [m for m in methods if m in MERGELAB_ONLY and ("mergelab", m, sizes[0]) in cells]
     if only:
         lines += ["", "Methods mergekit does not have (mergelab alone, same checkpoints):", "",
