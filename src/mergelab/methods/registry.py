@@ -326,6 +326,8 @@ def register_post_step(step: PostStep) -> PostStep:
 def get_post_step(name: str) -> PostStep:
     """The post-step called ``name``; unknown names raise :class:`RecipeError` with a suggestion."""
     _load_builtin_methods()
+    if name not in _POST_STEPS:
+        _load_all_methods()
     if name in _POST_STEPS:
         return _POST_STEPS[name]
     close = difflib.get_close_matches(name, list(_POST_STEPS), n=1, cutoff=0.5)
@@ -334,7 +336,7 @@ def get_post_step(name: str) -> PostStep:
 
 
 def all_post_steps() -> Sequence[PostStep]:
-    _load_builtin_methods()
+    _load_all_methods()
     return [_POST_STEPS[n] for n in sorted(_POST_STEPS)]
 
 
@@ -353,9 +355,18 @@ def _load_builtin_methods() -> None:
     import mergelab.methods  # noqa: F401  (importing the package registers every family)
 
 
+def _load_all_methods() -> None:
+    """Built-in methods and third-party plugins."""
+    import mergelab.methods
+
+    mergelab.methods.load_plugins()
+
+
 def get_method(name: str) -> MergeMethod:
     """The method called ``name``; unknown names raise :class:`RecipeError` with a suggestion."""
     _load_builtin_methods()
+    if name not in _REGISTRY:
+        _load_all_methods()
     if name in _REGISTRY:
         return _REGISTRY[name]
     close = difflib.get_close_matches(name.replace("-", "_"), list(_REGISTRY), n=1, cutoff=0.5)
@@ -368,12 +379,12 @@ def get_method(name: str) -> MergeMethod:
 
 def available_methods() -> list:
     """Names of every registered method, sorted."""
-    _load_builtin_methods()
+    _load_all_methods()
     return sorted(_REGISTRY)
 
 
 def all_methods() -> Sequence[MergeMethod]:
-    _load_builtin_methods()
+    _load_all_methods()
     return [_REGISTRY[n] for n in sorted(_REGISTRY)]
 
 
