@@ -117,21 +117,29 @@ def test_vocab_mismatch_is_an_error_unless_a_policy_is_named(tiny_family, tmp_pa
     assert any("cropped" in n for n in manifest["notes"])
 
 
-def test_nan_in_input_is_reported_by_tensor_name(tiny_family, tmp_path, capsys):
+@pytest.mark.parametrize("method,value,weight", [
+    ("task_arithmetic", float("nan"), 1.0),  # checked on the output, then the inputs are searched
+    ("task_arithmetic", float("inf"), 0.0),  # a zero weight still carries inf (0 * inf is nan)
+    ("ties", float("nan"), 1.0),  # checked on every input as it is read
+])
+def test_nan_in_input_is_reported_by_tensor_name(tiny_family, tmp_path, capsys, method, value, weight):
     base, experts = tiny_family
 
     def poison(sd):
-        sd["model.layers.0.self_attn.v_proj.weight"][3, 4] = float("nan")
+        sd["model.layers.0.self_attn.v_proj.weight"][3, 4] = value
         return sd
 
     rewrite(experts[1], poison)
-    r = recipe_file(tmp_path, base, experts, merge_method="task_arithmetic")
-    r.write_text(r.read_text().replace("density: 0.5", "weight: 1.0").replace("merge_method: ties", "merge_method: task_arithmetic"))
+    r = recipe_file(tmp_path, base, experts, merge_method=method)
     data = yaml.safe_load(r.read_text())
-    for m in data["models"]:
-        m["parameters"] = {"weight": 1.0}
+    data["merge_method"] = method
+    for i, m in enumerate(data["models"]):
+        m["parameters"] = {"weight": weight if i == 1 else 1.0}
+        if method == "ties":
+            m["parameters"]["density"] = 0.5
     r.write_text(yaml.safe_dump(data))
-    expect_failure(capsys, tmp_path, r, "model.layers.0.self_attn.v_proj.weight", "NaN or inf", "--allow-nonfinite")
+    msg = expect_failure(capsys, tmp_path, r, "model.layers.0.self_attn.v_proj.weight", "NaN or inf", "--allow-nonfinite")
+    assert str(experts[1]) in msg  # names the model that holds it
     code, _, err = run_cli(["merge", r, "-o", tmp_path / "out", "-q", "--allow-nonfinite"], capsys)
     assert code == 0, err
 

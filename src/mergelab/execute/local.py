@@ -79,6 +79,20 @@ def chunk_rows(job: TensorJob, chunkable: bool, chunk_elements: int = CHUNK_ELEM
     return [(a, min(rows, a + step)) for a in range(0, rows, step)]
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in ``t`` (one reduction; the element-wise test only when the sum is not finite)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def _nonfinite_input(plan: MergePlan, src: Source, rows: Tuple[int, int], chunked: bool) -> NonFiniteError:
+    ckpt = plan.checkpoints[src.checkpoint]
+    where = f" (rows {rows[0]}:{rows[1]})" if chunked else ""
+    return NonFiniteError(
+        f"tensor '{src.name}'{where} of model '{getattr(ckpt, 'label', '?')}' holds NaN or inf values; "
+        f"fix the checkpoint or pass --allow-nonfinite to merge anyway"
+    )
+
+
 @dataclass
 class _Loaded:
     base: Optional[torch.Tensor]
@@ -116,12 +130,10 @@ class LocalExecutor(Executor):
         if src.crop is not None:
             t = t[:, : src.crop[1]] if t.dim() == 2 else t
             t = t.contiguous()
-        if not self.allow_nonfinite and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
-            where = f" (rows {rows[0]}:{rows[1]})" if chunked else ""
-            raise NonFiniteError(
-                f"tensor '{src.name}'{where} of model '{getattr(ckpt, 'label', '?')}' holds NaN or inf values; "
-                f"fix the checkpoint or pass --allow-nonfinite to merge anyway"
-            )
+        # A method whose output carries every input entry (a weighted sum) is checked on its output
+        # instead, which saves one reduction over every input; see _check_output.
+        if not self.allow_nonfinite and not plan.method.propagates_nonfinite and not _finite(t):
+            raise _nonfinite_input(plan, src, rows, chunked)
         del info
         return t
 
@@ -239,7 +251,13 @@ class LocalExecutor(Executor):
                     f"method '{plan.method.name}' returned shape {list(out.shape)} for tensor '{job.name}', "
                     f"expected {list(expected)}"
                 )
-        if not self.allow_nonfinite and not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
+        if not self.allow_nonfinite and not _finite(out):
+            if plan.method.propagates_nonfinite:  # the inputs were not checked when read: find the culprit
+                chunked = tuple(x.models[0].shape) != tuple(job.shape)
+                for src, t in zip(([job.base] if job.base is not None else []) + list(job.models),
+                                  ([x.base] if job.base is not None else []) + list(x.models)):
+                    if not _finite(t):
+                        raise _nonfinite_input(plan, src, x.rows, chunked)
             raise NonFiniteError(
                 f"method '{plan.method.name}' produced NaN or inf for tensor '{job.name}' from finite inputs; "
                 f"check its parameters ({job.params})"

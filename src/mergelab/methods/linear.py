@@ -35,5 +35,6 @@ register(MergeMethod(
     params=(Param("normalize", bool, "Divide by the sum of the weights.", default=True),),
     model_params=(WEIGHT,),
     chunkable=True,
+    propagates_nonfinite=True,
     notes="As in mergekit, a base_model not listed under models is added as one more input and needs a weight.",
 ))

@@ -250,6 +250,9 @@ class MergeMethod:
     manifest under ``reports``. ``whole_elements``, if set, lowers the engine's size up to which a
     chunkable tensor is computed whole: for methods whose streamed path (``prepare_tensor`` plus one
     pass per chunk) is cheaper than their whole-tensor one, e.g. Karcher's iterations on the Gram matrix.
+    ``propagates_nonfinite`` says every input entry reaches the output through arithmetic that keeps
+    NaN and inf (a weighted sum: ``0 * nan`` is ``nan``), so the engine checks the output for NaN/inf
+    instead of every input, and names the input only when the output fails.
     """
 
     name: str
@@ -270,6 +273,7 @@ class MergeMethod:
     notes: str = ""
     family: str = ""
     whole_elements: Optional[int] = None
+    propagates_nonfinite: bool = False
 
     def param(self, name: str) -> Optional[Param]:
         for p in self.params:

@@ -47,4 +47,5 @@ register(MergeMethod(
     params=(LAMBDA, normalize(False), INT8_MASK),
     model_params=(WEIGHT,),
     chunkable=True,
+    propagates_nonfinite=True,
 ))
