@@ -367,3 +367,21 @@ def test_optimizer_of_another_model_or_not_an_optimizer_is_refused(llama_family,
     torch.save(opt.state_dict(), tmp_path / "frozen.pt")
     with pytest.raises(CheckpointError, match=r"model\.norm\.weight' is missing from second_moments of model 0"):
         mergelab.merge(_ota_recipe(fam, [tmp_path / "frozen.pt", fam["optim"][1]]), tmp_path / "out")
+
+
+@pytest.mark.parametrize("chunk_elements", [None, 8])
+def test_second_moments_are_cropped_like_their_model_under_a_vocab_policy(chunk_elements):
+    # A model with a larger vocabulary: its embedding and its second moments are both cut to the
+    # common sub-matrix, row for row, so the result equals merging pre-cropped inputs.
+    g = torch.Generator().manual_seed(7)
+    name = "model.embed_tokens.weight"
+    base = {name: torch.randn(10, 4, generator=g)}
+    models = [{name: torch.randn(12, 4, generator=g)}, {name: torch.randn(10, 4, generator=g)}]
+    moments = [{name: torch.rand(12, 4, generator=g) + 0.1}, {name: torch.rand(10, 4, generator=g) + 0.1}]
+    sizes = {} if chunk_elements is None else {"chunk_elements": chunk_elements}
+    out = mergelab.merge_state_dicts(base, models, "ota", vocab_policy="common_submatrix",
+                                     aux={"second_moments": moments}, **sizes)
+    cropped = [{name: m[name][:10]} for m in models]
+    cropped_moments = [{name: v[name][:10]} for v in moments]
+    expected = mergelab.merge_state_dicts(base, cropped, "ota", aux={"second_moments": cropped_moments}, **sizes)
+    assert torch.equal(out[name], expected[name])

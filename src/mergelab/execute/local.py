@@ -142,8 +142,16 @@ class LocalExecutor(Executor):
         models = [self._read(plan, s, rows, chunked) for s in job.models]
         aux = {}
         for pname, ckpts in self.aux_sources.items():
-            aux[pname] = [c.read(job.name, rows if chunked else None, torch.float32, self.device) for c in ckpts]
+            # One per model, shaped like it: cropped like the model's own tensor (vocab_policy).
+            crops = [src.crop for src in job.models] + [None] * max(0, len(ckpts) - len(job.models))
+            aux[pname] = [self._read_aux(c, job.name, crop, rows, chunked) for c, crop in zip(ckpts, crops)]
         return _Loaded(base, models, aux)
+
+    def _read_aux(self, ckpt, name: str, crop: Optional[tuple], rows: Tuple[int, int], chunked: bool) -> torch.Tensor:
+        t = ckpt.read(name, rows if chunked else (None if crop is None else (0, crop[0])), torch.float32, self.device)
+        if crop is not None and t.dim() == 2:
+            t = t[:, : crop[1]].contiguous()
+        return t
 
     def _inputs(self, plan: MergePlan, job: TensorJob, loaded: _Loaded, chunk: int, rows: Tuple[int, int],
                 tensor_stats=None, model_stats=None) -> TensorInputs:
