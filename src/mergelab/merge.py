@@ -91,10 +91,13 @@ def _aux_checkpoints(plan: MergePlan) -> Dict[str, list]:
     return out
 
 
-def plan_fingerprint(plan: MergePlan, shard_bytes: int, seed: int) -> str:
+def plan_fingerprint(plan: MergePlan, shard_bytes: int, seed: int, aux: Optional[Dict[str, list]] = None) -> str:
+    """What a resumed merge must share with the interrupted one: recipe, inputs (auxiliary ones such as
+    OTA's second moments included), shard size, seed and chunking."""
     data = {
         "recipe": dump_recipe(plan.recipe),
         "inputs": [c.fingerprint() for c in plan.checkpoints],
+        "aux": {name: [c.fingerprint() for c in ckpts] for name, ckpts in sorted((aux or {}).items())},
         "shard_bytes": shard_bytes,
         "seed": seed,
         "chunk_elements": CHUNK_ELEMENTS,
@@ -142,7 +145,7 @@ def merge(
     partial, fresh = prepare_output(out, [c.path for c in plan.checkpoints], overwrite, resume)
     try:
         shards = layout_shards([(j.name, j.out_dtype, j.shape) for j in plan.jobs], shard_bytes)
-        writer = ShardWriter(partial, shards, plan_fingerprint(plan, shard_bytes, r.seed), resume=resume)
+        writer = ShardWriter(partial, shards, plan_fingerprint(plan, shard_bytes, r.seed, aux), resume=resume)
         bar = _progress_bar(plan, writer) if progress else None
         try:
             if executor is None:

@@ -166,6 +166,26 @@ def test_resume_refuses_a_different_recipe(tiny_family, tmp_path):
         mergelab.merge(recipe, tmp_path / "m", resume=True)
 
 
+def test_resume_fingerprint_covers_auxiliary_inputs(tiny_family, tmp_path):
+    from mergelab.merge import build_plan, load_recipe, open_checkpoints, plan_fingerprint
+
+    class Aux:
+        def __init__(self, size):
+            self.size = size
+
+        def fingerprint(self):
+            return {"path": "moments.safetensors", "bytes": self.size}
+
+    base, experts = tiny_family
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", base, experts, method="task_arithmetic",
+                                      model_params={"weight": 1.0}))
+    plan = build_plan(recipe, open_checkpoints(recipe))
+    plain = plan_fingerprint(plan, 1000, 0)
+    assert plan_fingerprint(plan, 1000, 0, {}) == plain
+    one = plan_fingerprint(plan, 1000, 0, {"second_moments": [Aux(10)]})
+    assert one != plain and one != plan_fingerprint(plan, 1000, 0, {"second_moments": [Aux(11)]})
+
+
 def test_random_streams_do_not_depend_on_tensor_order():
     g = torch.Generator().manual_seed(0)
     base = {f"layers.{i}.w": torch.randn(20, 10, generator=g) for i in range(4)}
