@@ -273,8 +273,8 @@ def merge_state_dicts(
     Methods that take no base (``linear``) ignore ``base`` except as the source of non-float
     tensors: to average the base in, list it among ``models``. ``chunk_elements``, if given, splits
     every tensor of more elements into row chunks of that size (results of random methods depend on
-    it); by default the engine chunks as for checkpoint files. ``aux`` gives a method's auxiliary inputs in memory, one state dict per model, e.g.
-    ``aux={"second_moments": [v_0, v_1]}`` for OTA.
+    it); by default the engine chunks as for checkpoint files. ``aux`` gives a method's auxiliary
+    inputs in memory, one state dict per model, e.g. ``aux={"second_moments": [v_0, v_1]}`` for OTA.
     """
     m = get_method(method)
     settings: Dict[str, Any] = dict(params or {})

@@ -24,6 +24,23 @@ _EMBEDDING = re.compile(r"(embed_tokens|lm_head|wte|word_embeddings|shared|embed
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
+def split_threshold(chunk_elements: int, whole_elements: Optional[int], method: Optional[MergeMethod]) -> int:
+    """Elements above which a tensor of a chunkable method is split into row chunks of ``chunk_elements``.
+
+    ``whole_elements`` is the engine's size up to which a tensor is computed whole (``None``: split
+    everything above one chunk); a method's own ``whole_elements`` can lower it. Never below one chunk.
+    """
+    whole = chunk_elements if whole_elements is None else whole_elements
+    if whole_elements is not None and method is not None and method.whole_elements is not None:
+        whole = min(whole, method.whole_elements)
+    return max(whole, chunk_elements)
+
+
+def is_split(job: "TensorJob", chunkable: bool, threshold: int) -> bool:
+    """Whether ``job`` is computed in row chunks (see :func:`split_threshold`)."""
+    return chunkable and len(job.shape) >= 2 and job.numel > threshold
+
+
 def layer_index(name: str) -> Optional[int]:
     """Transformer block index of a tensor (the first ``.<int>.`` in its name), or None."""
     m = _LAYER.search(name)
@@ -91,22 +108,20 @@ class MergePlan:
     def largest_job(self) -> Optional[TensorJob]:
         return max(self.jobs, key=lambda j: j.numel, default=None)
 
-    def summary(self, chunk_elements: int, shard_bytes: int, whole_elements: int = 0) -> dict:
+    def summary(self, chunk_elements: int, shard_bytes: int, whole_elements: Optional[int] = None) -> dict:
         """Tensors, bytes, and an estimate of the executor's peak memory above the interpreter's.
 
-        Tensors of a chunkable method with more than ``max(whole_elements, chunk_elements)`` elements
-        are computed in chunks of ``chunk_elements``, the others whole (as the local executor does).
+        Tensors are taken whole or in chunks of ``chunk_elements`` by the executor's rule
+        (:func:`split_threshold`).
         """
         largest = self.largest_job()
         n_in = len(self.model_indices) + (1 if self.base_index is not None else 0)
         work = 0
         if largest is not None:
-            preferred = self.method.whole_elements
-            whole = max(whole_elements if preferred is None else min(whole_elements, preferred), chunk_elements)
+            threshold = split_threshold(chunk_elements, whole_elements, self.method)
 
             def unit(job: TensorJob) -> int:
-                split = self.method.chunkable and len(job.shape) >= 2 and job.numel > whole
-                return min(job.numel, chunk_elements) if split else job.numel
+                return min(job.numel, chunk_elements) if is_split(job, self.method.chunkable, threshold) else job.numel
 
             elems = max(unit(j) for j in self.merged_jobs) if self.merged_jobs else 0
             # Inputs of the current and the prefetched chunk, float32, plus ~3 stacked intermediates.

@@ -7,8 +7,9 @@ thread and the previous one is written on another, so reading, compute and writi
 
 Memory is bounded by the chunk size, not the model size: tensors of chunkable methods with more than
 ``whole_elements`` elements are split into row chunks of about ``chunk_elements`` elements (chunk
-boundaries depend only on the tensor's shape and these two sizes, never on threads or timing). Methods that need statistics over a whole
-tensor or the whole model get them from ``prepare_tensor``/``prepare_model`` passes over the stream.
+boundaries depend only on the tensor's shape and these sizes, never on threads or timing). Methods
+that need statistics over a whole tensor or the whole model get them from
+``prepare_tensor``/``prepare_model`` passes over the stream.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from mergelab.errors import MergeLabError, NonFiniteError
 from mergelab.execute.base import Executor, ExecutionReport
 from mergelab.methods.registry import ModelScope, TensorInputs, TensorSource
-from mergelab.plan import MergePlan, Source, TensorJob
+from mergelab.plan import MergePlan, Source, TensorJob, is_split, split_threshold
 
 CHUNK_ELEMENTS = 1 << 20  # 1M elements: 4 MB per float32 input chunk
 # Tensors up to 4M elements (16 MB per float32 input) are computed whole: their statistics (order
@@ -62,17 +63,16 @@ def reuse_freed_buffers() -> None:
 
 
 def chunk_rows(job: TensorJob, chunkable: bool, chunk_elements: int = CHUNK_ELEMENTS,
-               whole_elements: Optional[int] = None) -> List[Tuple[int, int]]:
+               threshold: Optional[int] = None) -> List[Tuple[int, int]]:
     """Row ranges ``[start, stop)`` of dim 0 a tensor is processed in (one range if not chunked).
 
-    A tensor is split only if its method is chunkable and it has more than ``whole_elements``
-    (default ``chunk_elements``) elements.
+    A tensor is split only if its method is chunkable and it has more than ``threshold`` (default
+    ``chunk_elements``; see :func:`mergelab.plan.split_threshold`) elements.
     """
     if not job.shape:
         return [(0, 0)]
     rows = job.shape[0]
-    whole = chunk_elements if whole_elements is None else max(whole_elements, chunk_elements)
-    if not chunkable or len(job.shape) < 2 or job.numel <= whole:
+    if not is_split(job, chunkable, chunk_elements if threshold is None else threshold):
         return [(0, rows)]
     per_row = job.numel // rows if rows else 1
     step = max(1, chunk_elements // max(1, per_row))
@@ -122,19 +122,21 @@ class LocalExecutor(Executor):
         self.aux_sources: Dict[str, List] = {}
 
     # ------------------------------------------------------------------ reading
+    def _read_cropped(self, ckpt, name: str, crop: Optional[tuple], rows: Tuple[int, int],
+                      chunked: bool) -> torch.Tensor:
+        """Rows ``rows`` (or all) of tensor ``name``, cut to ``crop`` (vocab_policy), float32 on the device."""
+        ckpt.info(name)  # a missing tensor is reported by name, whatever the checkpoint kind
+        t = ckpt.read(name, rows if chunked else (None if crop is None else (0, crop[0])), torch.float32, self.device)
+        if crop is not None and t.dim() == 2:
+            t = t[:, : crop[1]].contiguous()
+        return t
+
     def _read(self, plan: MergePlan, src: Source, rows: Tuple[int, int], chunked: bool) -> torch.Tensor:
-        ckpt = plan.checkpoints[src.checkpoint]
-        info = ckpt.info(src.name)
-        read_rows = rows if chunked else (None if src.crop is None else (0, src.crop[0]))
-        t = ckpt.read(src.name, read_rows, torch.float32, self.device)
-        if src.crop is not None:
-            t = t[:, : src.crop[1]] if t.dim() == 2 else t
-            t = t.contiguous()
+        t = self._read_cropped(plan.checkpoints[src.checkpoint], src.name, src.crop, rows, chunked)
         # A method whose output carries every input entry (a weighted sum) is checked on its output
-        # instead, which saves one reduction over every input; see _check_output.
+        # instead, which saves one reduction over every input; see _compute.
         if not self.allow_nonfinite and not plan.method.propagates_nonfinite and not _finite(t):
             raise _nonfinite_input(plan, src, rows, chunked)
-        del info
         return t
 
     def _load(self, plan: MergePlan, job: TensorJob, rows: Tuple[int, int], chunked: bool) -> _Loaded:
@@ -144,14 +146,8 @@ class LocalExecutor(Executor):
         for pname, ckpts in self.aux_sources.items():
             # One per model, shaped like it: cropped like the model's own tensor (vocab_policy).
             crops = [src.crop for src in job.models] + [None] * max(0, len(ckpts) - len(job.models))
-            aux[pname] = [self._read_aux(c, job.name, crop, rows, chunked) for c, crop in zip(ckpts, crops)]
+            aux[pname] = [self._read_cropped(c, job.name, crop, rows, chunked) for c, crop in zip(ckpts, crops)]
         return _Loaded(base, models, aux)
-
-    def _read_aux(self, ckpt, name: str, crop: Optional[tuple], rows: Tuple[int, int], chunked: bool) -> torch.Tensor:
-        t = ckpt.read(name, rows if chunked else (None if crop is None else (0, crop[0])), torch.float32, self.device)
-        if crop is not None and t.dim() == 2:
-            t = t[:, : crop[1]].contiguous()
-        return t
 
     def _inputs(self, plan: MergePlan, job: TensorJob, loaded: _Loaded, chunk: int, rows: Tuple[int, int],
                 tensor_stats=None, model_stats=None) -> TensorInputs:
@@ -206,12 +202,9 @@ class LocalExecutor(Executor):
             out[k] = step.prepare_model(scope)
         return out
 
-    def _ranges(self, job: TensorJob, chunkable: bool, method=None) -> List[Tuple[int, int]]:
-        whole = self.whole_elements
-        preferred = getattr(method, "whole_elements", None)
-        if preferred is not None and whole is not None:
-            whole = min(whole, preferred)
-        return chunk_rows(job, chunkable, self.chunk_elements, whole)
+    def _ranges(self, job: TensorJob, chunkable: bool, method) -> List[Tuple[int, int]]:
+        threshold = split_threshold(self.chunk_elements, self.whole_elements, method)
+        return chunk_rows(job, chunkable, self.chunk_elements, threshold)
 
     @staticmethod
     def _chunkable(plan: MergePlan, job: TensorJob) -> bool:

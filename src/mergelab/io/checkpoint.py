@@ -76,7 +76,7 @@ def _header_digest(path: Path) -> str:
         return hashlib.sha256(prefix + f.read(min(n, 100_000_000))).hexdigest()
 
 
-def _owned(t: torch.Tensor, dtype: Optional[torch.dtype], device: str) -> torch.Tensor:
+def owned_tensor(t: torch.Tensor, dtype: Optional[torch.dtype], device: str) -> torch.Tensor:
     """``t`` converted to ``dtype``/``device`` in a buffer of its own (never a view of a mapping)."""
     out = t.to(device=device, dtype=dtype or t.dtype)
     if out.data_ptr() == t.data_ptr():
@@ -249,13 +249,12 @@ class Checkpoint:
             if state is None:
                 state = self._bin_cache[info.file] = self._load_bin(info.file)
             t = state[name]
-            return _owned(t[rows[0]:rows[1]] if rows else t, dtype, device)
+            return owned_tensor(t[rows[0]:rows[1]] if rows else t, dtype, device)
         try:
             t = self._pread(info, rows)
         except OSError as e:
             raise CheckpointError(f"cannot read tensor '{name}' from '{info.file}': {e}")
-        out = t.to(device=device, dtype=dtype or t.dtype)
-        return out
+        return t.to(device=device, dtype=dtype or t.dtype)  # t is a buffer of our own already
 
     # ------------------------------------------------------------------ metadata
     def config(self) -> Optional[dict]:

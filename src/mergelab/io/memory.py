@@ -7,7 +7,7 @@ from typing import Dict, Optional
 import torch
 
 from mergelab.errors import CheckpointError
-from mergelab.io.checkpoint import TensorInfo
+from mergelab.io.checkpoint import TensorInfo, owned_tensor
 
 
 class StateDictCheckpoint:
@@ -29,8 +29,7 @@ class StateDictCheckpoint:
         t = self.state[name].detach()
         if rows is not None and t.dim() > 0:
             t = t[rows[0]:rows[1]]
-        out = t.to(device=device, dtype=dtype or t.dtype)
-        return out.clone() if out.data_ptr() == t.data_ptr() else out
+        return owned_tensor(t, dtype, device)
 
     def config(self) -> None:
         return None

@@ -47,7 +47,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from mergelab.errors import CheckpointError
-from mergelab.io.checkpoint import TensorInfo
+from mergelab.io.checkpoint import TensorInfo, owned_tensor
 
 OPTIMIZER_FILE = "optimizer.pt"
 REMAP_BYTES = 1 << 30  # bytes read through one mapping of the file before it is mapped afresh
@@ -355,8 +355,7 @@ class OptimizerStateCheckpoint:
             if rows is not None and t.dim() > 0:
                 t = t[rows[0]:rows[1]]
             self._mapped_bytes += t.nbytes
-            out = t.to(device=device, dtype=dtype or t.dtype)
-            return out.clone() if out.data_ptr() == t.data_ptr() else out
+            return owned_tensor(t, dtype, device)
 
     def release(self) -> None:
         """Unmap the file (the next read maps it again)."""

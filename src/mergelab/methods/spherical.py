@@ -276,9 +276,9 @@ def _multislerp_vectors(c: TensorInputs) -> list:
 
 def multislerp_plan(gram: torch.Tensor, weights: List[float], normalize: bool, eps: float, name: str):
     """Multi-SLERP on the Gram matrix of the inputs ``v_i``: ``("zero", None)`` when every input is
-    zero, ``("linear", w)`` for the two-antipodal fallback (``w`` weighs the inputs), else
-    ``("combine", beta)`` with the result ``sum_i beta_i v_i``. Same steps as :func:`multislerp_merge`
-    with every vector written in the basis of the unit inputs ``u_i = v_i / (||v_i|| + eps)``."""
+    zero, else ``("combine", beta)`` with the result ``sum_i beta_i v_i`` (for the two-antipodal
+    fallback, ``beta`` is the weights themselves). Same steps as :func:`multislerp_merge` with every
+    vector written in the basis of the unit inputs ``u_i = v_i / (||v_i|| + eps)``."""
     g = gram.to(torch.float64)
     w = torch.tensor(weights, dtype=torch.float64)
     if normalize:
@@ -299,7 +299,7 @@ def multislerp_plan(gram: torch.Tensor, weights: List[float], normalize: bool, e
                 f"multislerp: parameter 'weight' = {weights} exactly balances opposite directions in tensor "
                 f"'{name}' (the weighted mean direction is zero); expected weights that do not cancel"
             )
-        return "linear", w
+        return "combine", w  # the linear blend of the two inputs
     mean = w / mean_norm
     dots = u @ mean
     tangent = w - float(w @ dots) * mean

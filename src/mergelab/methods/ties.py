@@ -89,8 +89,9 @@ def bracketed_thresholds(src: TensorSource, ks: list, budget: float = 0.125) -> 
     probably holds the k-th largest magnitude. One pass then counts the entries above ``hi`` and
     keeps those inside the bracket; if the k-th largest falls inside, it is found exactly among the
     kept values. If a bracket missed (the first chunk was not representative) or kept more than
-    ``budget`` of the entries, None is returned and the caller uses the two-pass radix select, which is always exact. Either
-    way the result is the same number; this only saves re-reading every chunk a second time.
+    ``budget`` of the entries, None is returned and the caller uses the two-pass radix select, which
+    is always exact. Either way the result is the same number; this only saves re-reading every chunk
+    a second time.
     """
     numel = src.numel
     chunks = src.chunks()
