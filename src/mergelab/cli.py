@@ -45,6 +45,8 @@ def merge(
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard file, in bytes (5GB, 500MB, 2GiB or a number)."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Merge even if an input holds NaN or inf."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    fsync: bool = typer.Option(False, "--fsync", help="Flush each shard to disk before renaming it, so a finished "
+                               "shard survives a power loss (slower; a killed merge is safe without it)."),
 ) -> None:
     """Merge the models named by RECIPE into the Hugging Face folder OUT."""
     from mergelab.merge import merge as run_merge
@@ -52,7 +54,7 @@ def merge(
     if out is None and not dry_run:
         raise MergeLabError("an output folder is required: -o OUT")
     result = run_merge(recipe, out, overwrite=overwrite, resume=resume, dry_run=dry_run, device=device,
-                       shard_size=shard_size, allow_nonfinite=allow_nonfinite,
+                       shard_size=shard_size, allow_nonfinite=allow_nonfinite, fsync=fsync,
                        progress=not quiet and sys.stderr.isatty())
     s = result.summary
     if dry_run:

@@ -118,12 +118,14 @@ def merge(
     allow_nonfinite: bool = False,
     progress: bool = False,
     executor: Optional[Executor] = None,
+    fsync: bool = False,
 ) -> MergeResult:
     """Merge the checkpoints named by ``recipe`` into the Hugging Face folder ``out``.
 
     Everything is validated (recipe, inputs' headers, names, shapes, parameters) before any tensor is
     read. The output is written to ``out.partial`` and renamed at the end; an existing ``out`` is
     refused unless ``overwrite``; ``resume`` continues a killed merge from its completed shards.
+    ``fsync`` flushes each shard to disk before renaming it (see :class:`~mergelab.io.writer.ShardWriter`).
     """
     started = time.perf_counter()
     r = load_recipe(recipe)
@@ -145,7 +147,8 @@ def merge(
     partial, fresh = prepare_output(out, [c.path for c in plan.checkpoints], overwrite, resume)
     try:
         shards = layout_shards([(j.name, j.out_dtype, j.shape) for j in plan.jobs], shard_bytes)
-        writer = ShardWriter(partial, shards, plan_fingerprint(plan, shard_bytes, r.seed, aux), resume=resume)
+        writer = ShardWriter(partial, shards, plan_fingerprint(plan, shard_bytes, r.seed, aux), resume=resume,
+                             durable=fsync)
         bar = _progress_bar(plan, writer) if progress else None
         try:
             if executor is None:

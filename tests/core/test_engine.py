@@ -91,6 +91,26 @@ def test_shard_size_is_honest_and_index_is_valid(tiny_family, tmp_path):
     AutoModelForCausalLM.from_pretrained(str(out))
 
 
+@pytest.mark.parametrize("durable", [False, True])
+def test_fsync_flushes_every_shard_before_its_rename_only_when_asked(tiny_family, tmp_path, monkeypatch, durable):
+    from mergelab.io import writer
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(writer.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    # (os is one module: the final rename of OUT.partial to OUT is seen too and left out here)
+    monkeypatch.setattr(writer.os, "replace", lambda a, b: (
+        events.append("rename") if str(a).endswith(".incomplete") else None, real_replace(a, b))[1])
+    base, experts = tiny_family
+    recipe = write_recipe(tmp_path / "r.yaml", base, experts, method="task_arithmetic",
+                          model_params={"weight": 0.5})
+    out = tmp_path / "m"
+    run_cli(["merge", str(recipe), "-o", str(out), "--quiet", "--shard-size", "20KB"] + (["--fsync"] if durable else []))
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 3 and events.count("rename") == len(shards)
+    assert events == (["fsync", "rename"] * len(shards) if durable else ["rename"] * len(shards))
+
+
 def test_existing_output_is_refused_then_replaced_with_overwrite(tiny_family, tmp_path, capsys):
     base, experts = tiny_family
     recipe = write_recipe(tmp_path / "r.yaml", base, experts)

@@ -268,6 +268,8 @@ class LocalExecutor(Executor):
     def run(self, plan: MergePlan, sink) -> ExecutionReport:
         report = ExecutionReport()
         reuse_freed_buffers()
+        if plan.method.warm_up is not None and self.device == "cpu" and plan.merged_jobs:
+            plan.method.warm_up(len(plan.merged_jobs[0].models))
         started = time.perf_counter()
         model_stats = self._model_stats(plan)
         post_stats = self._post_stats(plan, model_stats)
@@ -282,12 +284,18 @@ class LocalExecutor(Executor):
             for c, rows in enumerate(ranges):
                 units.append((job, c, rows, ranges))
 
-        def load(unit) -> object:
+        def load(unit) -> tuple:
+            """A unit's inputs, and for the first chunk of a merged tensor its statistics.
+
+            Run on the read-ahead thread, so the statistics of the next tensor (order statistics,
+            norms: numpy and torch work that releases the GIL) are computed while this one is merged.
+            """
             job, c, rows, ranges = unit
             if job.action == "copy":
                 ck = plan.checkpoints[job.base.checkpoint]
-                return ck.read(job.base.name, None, None, "cpu")
-            return self._load(plan, job, rows, len(ranges) > 1)
+                return ck.read(job.base.name, None, None, "cpu"), None
+            loaded = self._load(plan, job, rows, len(ranges) > 1)
+            return loaded, (self._tensor_stats(plan, job, ranges, loaded) if c == 0 else None)
 
         reader = ThreadPoolExecutor(1, thread_name_prefix="mergelab-read") if self.read_ahead else None
         writer = ThreadPoolExecutor(1, thread_name_prefix="mergelab-write")
@@ -298,16 +306,15 @@ class LocalExecutor(Executor):
             for k, unit in enumerate(units):
                 job, c, rows, ranges = unit
                 n = len(ranges)
-                if next_load is not None:
-                    loaded = next_load.result()
-                else:
-                    loaded = load(unit)
+                current = next_load
                 next_load = reader.submit(load, units[k + 1]) if reader and k + 1 < len(units) else None
+                loaded, stats = current.result() if current is not None else load(unit)
+                del current
                 if job.action == "copy":
                     result = loaded.to(job.out_dtype) if job.out_dtype != loaded.dtype else loaded
                 else:
                     if c == 0:
-                        tensor_stats = self._tensor_stats(plan, job, ranges, loaded)
+                        tensor_stats = stats
                     x = self._inputs(plan, job, loaded, c, rows, tensor_stats, model_stats)
                     if c == 0 and plan.method.report is not None:
                         report.reports[job.name] = plan.method.report(x)

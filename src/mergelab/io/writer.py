@@ -120,10 +120,19 @@ def layout_shards(tensors: Iterable[Tuple[str, torch.dtype, tuple]], max_bytes: 
 
 
 class ShardWriter:
-    """Writes the planned shards into ``folder`` (the ``OUT.partial`` directory)."""
+    """Writes the planned shards into ``folder`` (the ``OUT.partial`` directory).
 
-    def __init__(self, folder: Path, shards: List[Shard], fingerprint: str, resume: bool = False):
+    A shard is renamed to its final name only once its last byte is written, so a killed or failed
+    merge never leaves a shard that looks complete. ``durable`` also fsyncs each shard before the
+    rename, so a renamed shard survives an operating-system crash or power loss too. That is off by
+    default, as in mergekit, safetensors and transformers' ``save_pretrained``: the final fsync
+    waits for the disk (0.3-0.5 s for a 320 MB shard here, about a tenth of a task-arithmetic merge).
+    """
+
+    def __init__(self, folder: Path, shards: List[Shard], fingerprint: str, resume: bool = False,
+                 durable: bool = False):
         self.folder = folder
+        self.durable = durable
         self.shards = shards
         self.fingerprint = fingerprint
         self._where: Dict[str, Tuple[Shard, ShardEntry]] = {}
@@ -170,7 +179,8 @@ class ShardWriter:
 
     def _finish_shard(self, s: Shard) -> None:
         fd = self._fds.pop(s.filename)
-        os.fsync(fd)
+        if self.durable:
+            os.fsync(fd)
         os.close(fd)
         os.replace(self.folder / (s.filename + ".incomplete"), self.folder / s.filename)
         del self._remaining[s.filename]

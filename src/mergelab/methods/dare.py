@@ -16,10 +16,13 @@ do not depend on the order tensors are processed in, on threads, or on the devic
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
+import numpy as np
 import torch
 
+from mergelab.methods import fused
 from mergelab.methods.common import DENSITY, INT8_MASK, LAMBDA, SEMANTICS, WEIGHT, normalize, rescale_flag
 from mergelab.methods.parallel import map_models
 from mergelab.methods.registry import BaseUse, MergeMethod, ModelScope, TensorInputs, TensorSource, register
@@ -95,7 +98,59 @@ def _prepare_tensor(src: TensorSource) -> Optional[TrimStats]:
         return None
     if src.num_chunks == 1:
         return None  # the merge computes the factors from the same (only) chunk: see _inline_l1
+    if fused.kernels() is not None:
+        sums = np.zeros((src.num_models, 2))
+        for c in src.chunks():
+            part = _fused_l1_sums(c) if fused.usable(c.base, *c.models) else None
+            if part is None:
+                break
+            sums += part
+        else:
+            return TrimStats([], [_l1_factor(b, a) for b, a in sums.tolist()])
     return TrimStats([], l1_rescale_factors(src, lambda c: dropped(c).deltas))
+
+
+def _l1_factor(before: float, after: float) -> float:
+    """mergekit's L1 rescale factor (1 where either norm is below 1e-7)."""
+    return 1.0 if before < 1e-7 or after < 1e-7 else float(before / after)
+
+
+def _random_words(x: TensorInputs) -> tuple:
+    """Per model, the uint32 words whose comparison with the keep limit draws DARE's mask (the same
+    numbers :meth:`TensorInputs.keep_mask` uses), and those limits; a model kept whole gets zeros
+    and a limit above every word."""
+    dens = x.model_param("density")
+    size = x.models[0].numel()
+    words = map_models(lambda i: x.random_words(i, "dare") if dens[i] < 1 else np.zeros(size, np.uint32),
+                       range(len(dens)), "cpu")
+    limits = [max(0, math.floor(d * 2.0 ** 32)) if d < 1 else 1 << 32 for d in dens]
+    return words, limits
+
+
+def _fused_l1_sums(x: TensorInputs) -> Optional[np.ndarray]:
+    words, limits = _random_words(x)
+    return fused.masked_l1_sums(x.base, x.models, words, limits)
+
+
+def _fused_dare_ties(x: TensorInputs, tie: float, paper: bool) -> Optional[torch.Tensor]:
+    """:func:`dare_ties_merge` with the fused CPU kernels (see :mod:`mergelab.methods.fused`), or None."""
+    n = len(x.models)
+    dens = x.model_param("density")
+    words, limits = _random_words(x)
+    factors = [1.0] * n
+    divisors = [1.0] * n
+    if paper:
+        divisors = [min(1.0, d) if d > 0 else 1.0 for d in dens]
+    elif _inline_l1(x):
+        sums = fused.masked_l1_sums(x.base, x.models, words, limits)
+        if sums is None:
+            return None
+        factors = [_l1_factor(b, a) for b, a in sums.tolist()]
+    elif _scale(x) is not None:
+        factors = list(_scale(x))
+    return fused.consensus_merge(x.base, x.models, thresholds=[0.0] * n, factors=factors, divisors=divisors,
+                                 weights=x.model_param("weight"), tie_sign=tie, normalize=x.params["normalize"],
+                                 count_divisor=paper, lam=x.params["lambda"], words=words, keep_below=limits)
 
 
 def _scale(x: TensorInputs) -> Optional[list]:
@@ -129,6 +184,10 @@ def dare_linear_merge(x: TensorInputs) -> torch.Tensor:
 def dare_ties_merge(x: TensorInputs) -> torch.Tensor:
     paper = x.params["semantics"] == "paper"
     tie = x.model_stats.tie_sign if paper else 1.0
+    if tie != 0 and fused.usable(x.base, *x.models):
+        merged = _fused_dare_ties(x, tie, paper)
+        if merged is not None:
+            return merged
     deltas = dropped_deltas(x, _scale(x), weighted=True, inline_l1=_inline_l1(x))
     weights = torch.tensor(x.model_param("weight"), dtype=deltas.dtype, device=deltas.device)
     merged = consensus_merge(deltas, weights, tie, x.params["normalize"], "count" if paper else "weight")
@@ -170,6 +229,7 @@ register(MergeMethod(
     chunkable=True,
     prepare_tensor=_prepare_tensor,
     prepare_model=_prepare_model_ties,
+    warm_up=fused.warm_up,
     notes="mergekit rescales by L1-norm matching and sums the agreeing entries (normalize: false); "
           "semantics: paper rescales by 1/density and resolves zero sums by the model's majority sign.",
 ))

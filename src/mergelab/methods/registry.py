@@ -165,6 +165,12 @@ class TensorInputs:
             size = min(RANDOM_BLOCK, n - start)
             yield start, gen.random_raw((size + 1) // 2).view(np.uint32)[:size]
 
+    def random_words(self, model_index: int, purpose: str = "") -> np.ndarray:
+        """The numbers :meth:`random_bits` yields, as one uint32 array (for the fused CPU kernels)."""
+        n = math.prod(self.models[model_index].shape)
+        gen = np.random.SFC64(stream_seed(self.seed, self.name, self.chunk, model_index, purpose))
+        return gen.random_raw((n + 1) // 2).view(np.uint32)[:n]
+
     def _fill(self, model_index: int, purpose: str, block_fn) -> torch.Tensor:
         like = self.models[model_index]
         out = np.empty(math.prod(like.shape), dtype=np.float32)
@@ -252,7 +258,9 @@ class MergeMethod:
     pass per chunk) is cheaper than their whole-tensor one, e.g. Karcher's iterations on the Gram matrix.
     ``propagates_nonfinite`` says every input entry reaches the output through arithmetic that keeps
     NaN and inf (a weighted sum: ``0 * nan`` is ``nan``), so the engine checks the output for NaN/inf
-    instead of every input, and names the input only when the output fails.
+    instead of every input, and names the input only when the output fails. ``warm_up(num_models)``,
+    if given, is called when a CPU merge starts, to begin one-off preparation in the background
+    (loading compiled kernels) while the first tensors are read.
     """
 
     name: str
@@ -274,6 +282,7 @@ class MergeMethod:
     family: str = ""
     whole_elements: Optional[int] = None
     propagates_nonfinite: bool = False
+    warm_up: Optional[Callable[[int], None]] = None
 
     def param(self, name: str) -> Optional[Param]:
         for p in self.params:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from mergelab.errors import RecipeError
+from mergelab.methods import fused
 from mergelab.methods.common import DENSITY, INT8_MASK, LAMBDA, SEMANTICS, WEIGHT, normalize, rescale_flag
 from mergelab.methods.registry import BaseUse, MergeMethod, ModelScope, TensorInputs, TensorSource, register
 from mergelab.methods.select import kth_largest_abs, kth_largest_deltas
@@ -64,6 +65,13 @@ def tensor_thresholds(src: TensorSource, semantics: str = "mergekit") -> list:
     trivial = [0.0 if k >= src.numel else (math.inf if k <= 0 else None) for k in ks]
     if all(t is not None for t in trivial):
         return trivial
+    want = [k if t is None else None for k, t in zip(ks, trivial)]
+    if fused.kernels() is not None:
+        first = next(iter(src.chunks()))
+        if fused.usable(first.base, *first.models):
+            found = fused.kth_largest_abs_deltas(lambda: ((c.base, c.models) for c in src.chunks()), want,
+                                                 src.numel)
+            return [t if t is not None else f for t, f in zip(trivial, found)]
     if src.num_chunks == 1:
         (x,) = list(src.chunks())
         # One task vector per model at a time, not a [n, *shape] stack. (A partition in memory costs
@@ -281,6 +289,14 @@ def ties_merge(x: TensorInputs) -> torch.Tensor:
     paper = x.params["semantics"] == "paper"
     stats: TrimStats = x.model_stats if paper else x.tensor_stats
     base = x.base
+    if stats.tie_sign != 0 and fused.usable(base, *x.models):
+        n = len(x.models)
+        merged = fused.consensus_merge(
+            base, x.models, thresholds=stats.thresholds, factors=stats.l1_scale or [1.0] * n, divisors=[1.0] * n,
+            weights=x.model_param("weight"), tie_sign=stats.tie_sign, normalize=x.params["normalize"],
+            count_divisor=paper, lam=x.params["lambda"])
+        if merged is not None:
+            return merged
     weights = torch.tensor(x.model_param("weight"), dtype=base.dtype, device=base.device)
     scale = None
     if stats.l1_scale is not None:
@@ -313,6 +329,7 @@ register(MergeMethod(
     chunkable=True,
     prepare_tensor=_prepare_tensor,
     prepare_model=_prepare_model,
+    warm_up=fused.warm_up,
     notes="semantics: paper trims over the whole model (exact, streamed), resolves zero sums by the "
           "model's majority sign and divides by the count of agreeing entries. The paper's default "
           "density is 0.2 (K=20); mergekit's is 1.0 (no trim).",

@@ -1,0 +1,223 @@
+"""Fused CPU kernels for the hot loops of TIES and DARE-TIES: one pass over the inputs, not thirty.
+
+On a CPU, TIES written as tensor operations (subtract, trim, weigh, sum, sign, relu, sum, count,
+divide, add) reads and writes every entry some thirty times, and its per-tensor trim threshold is a
+partition of every task vector; the merge is bound by memory traffic, not arithmetic. These kernels
+(compiled by numba, in :mod:`mergelab.methods._fused_kernels`) do the same float32 operations in
+the same order in two passes over cache-sized blocks, and find the exact k-th largest ``|tau|``
+with two histogram passes over the raw inputs (a radix select on the IEEE-754 bit patterns, as
+:func:`mergelab.methods.select.kth_largest_abs`, without materialising the task vectors).
+
+The tensor code in :mod:`mergelab.methods.ties` and :mod:`mergelab.methods.dare` stays the
+reference (and the path on GPUs and wherever numba is missing); ``tests/methods/test_fused.py``
+checks that both give the same bits. Two documented differences: DARE's L1 norms are summed here in
+float64 (the tensor code sums in float32), so its rescale factors, and so the merged values, can
+differ in the last bits between the two paths (each path is deterministic); and the sign of a zero
+may differ where the base weight itself is zero. Inputs holding NaN or inf make a kernel report
+them, and the caller takes the reference path, which defines what NaN does.
+
+The kernels compile on first use and are cached on disk next to their source by numba (about
+10 seconds once; a fresh process then loads them in well under a second). ``MERGELAB_FUSED=0`` in the
+environment turns them off.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from mergelab.methods.parallel import map_models
+
+_BINS = 1 << 16
+_RANGE = 1 << 18  # elements per parallel task (fixed: float64 partial sums then combine the same way)
+
+_kernels = None
+_unavailable = False
+
+
+def kernels():
+    """The compiled kernels module, or None (turned off, or numba missing)."""
+    global _kernels, _unavailable
+    if _kernels is None and not _unavailable:
+        if os.environ.get("MERGELAB_FUSED", "1") == "0":
+            _unavailable = True
+            return None
+        try:
+            from mergelab.methods import _fused_kernels
+        except ImportError:
+            _unavailable = True
+            return None
+        _kernels = _fused_kernels
+    return _kernels
+
+
+def warm_up(num_models: int) -> None:
+    """Load (or compile) the kernels for ``num_models`` inputs on a background thread, now.
+
+    Loading numba and the cached kernels costs about a second of mostly Python work; started when
+    a merge starts, it overlaps the first reads (which release the GIL) instead of delaying the
+    first tensor. Calls made meanwhile wait for it (numba's dispatchers hold a compile lock).
+    """
+    import threading
+
+    def run() -> None:
+        k = kernels()
+        if k is None:
+            return
+        base = np.zeros(4, np.float32)
+        models = tuple(np.zeros(4, np.float32) for _ in range(num_models))
+        words = tuple(np.zeros(4, np.uint32) for _ in range(num_models))
+        counts = np.zeros((num_models, _BINS), np.int64)
+        k.high_histograms(models, base, 0, 4, counts)
+        k.low_histograms(models, base, 0, 4, np.zeros(num_models, np.int32), counts)
+        k.masked_l1(models, base, 0, 4, words, np.zeros(num_models, np.int64), np.zeros((num_models, 2)))
+        ones = np.ones(num_models, np.float32)
+        for use_words in (False, True):
+            k.consensus(models, base, 0, 4, ones, words, np.zeros(num_models, np.int64), use_words, ones, ones,
+                        ones, True, True, False, np.float32(1), np.empty(4, np.float32))
+
+    if num_models > 0 and not _unavailable and os.environ.get("MERGELAB_FUSED", "1") != "0":
+        threading.Thread(target=run, name="mergelab-fused-warm-up", daemon=True).start()
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can take these tensors: numba present, contiguous float32 CPU tensors."""
+    return kernels() is not None and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+
+
+def _flat(t: torch.Tensor) -> np.ndarray:
+    return t.detach().reshape(-1).numpy()
+
+
+def _ranges(n: int, parts: Optional[int] = None) -> List[Tuple[int, int]]:
+    """``[lo, hi)`` ranges covering ``range(n)``: ``parts`` equal ones, or ``_RANGE``-sized ones."""
+    if parts is None:
+        parts = max(1, math.ceil(n / _RANGE))
+    parts = max(1, min(parts, n)) if n else 1
+    bounds = [n * p // parts for p in range(parts + 1)]
+    return [(bounds[p], bounds[p + 1]) for p in range(parts)]
+
+
+def _threads() -> int:
+    return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------- order statistics
+ChunkStream = Callable[[], Iterable[Tuple[torch.Tensor, Sequence[torch.Tensor]]]]
+
+
+def kth_largest_abs_deltas(chunks: ChunkStream, ks: Sequence[Optional[int]], numel: int) -> List[Optional[float]]:
+    """Exact k-th largest ``|models[i] - base|`` (1-based ``ks[i]``; None skips model ``i``) over a
+    re-iterable stream of ``(base, models)`` chunks that hold ``numel`` entries per model.
+
+    The same value as :func:`mergelab.methods.select.kth_largest_abs` on the stacked task vectors:
+    ``k <= 0`` gives ``inf``, ``k >= numel`` gives ``0.0``. ``chunks()`` is called twice at most.
+    """
+    k = kernels()
+    out: List[Optional[float]] = [None] * len(ks)
+    want = []
+    for i, kk in enumerate(ks):
+        if kk is None:
+            continue
+        if kk <= 0:
+            out[i] = math.inf
+        elif kk >= numel:
+            out[i] = 0.0
+        else:
+            want.append(i)
+    if not want:
+        return out
+    high = np.zeros((len(want), _BINS), np.int64)
+    for base, models in chunks():
+        b = _flat(base)
+        ms = tuple(_flat(models[i]) for i in want)
+        parts = _ranges(b.size, _threads())
+        hists = [np.zeros((len(want), _BINS), np.int64) for _ in parts]
+        map_models(lambda p: k.high_histograms(ms, b, parts[p][0], parts[p][1], hists[p]), range(len(parts)))
+        for h in hists:
+            high += h
+    located = [_from_top(high[r], int(ks[i])) for r, i in enumerate(want)]
+    buckets = np.array([bucket for bucket, _ in located], np.int32)
+    low = np.zeros((len(want), _BINS), np.int64)
+    for base, models in chunks():
+        b = _flat(base)
+        ms = tuple(_flat(models[i]) for i in want)
+        parts = _ranges(b.size, _threads())
+        hists = [np.zeros((len(want), _BINS), np.int64) for _ in parts]
+        map_models(lambda p: k.low_histograms(ms, b, parts[p][0], parts[p][1], buckets, hists[p]),
+                   range(len(parts)))
+        for h in hists:
+            low += h
+    for r, i in enumerate(want):
+        bucket, rank = located[r]
+        lowbits, _ = _from_top(low[r], rank)
+        out[i] = float(np.array([(bucket << 16) | lowbits], np.int32).view(np.float32)[0])
+    return out
+
+
+def _from_top(hist: np.ndarray, k: int) -> Tuple[int, int]:
+    """The bucket holding the k-th largest entry (1-based), and its rank inside that bucket from the top."""
+    from_top = np.cumsum(hist[::-1])
+    idx = int(np.searchsorted(from_top, k))
+    above = int(from_top[idx - 1]) if idx > 0 else 0
+    return hist.size - 1 - idx, k - above
+
+
+# ---------------------------------------------------------------------------------------- DARE's L1 norms
+def masked_l1_sums(base: torch.Tensor, models: Sequence[torch.Tensor], words: Sequence[np.ndarray],
+                   keep_below: Sequence[int]) -> Optional[np.ndarray]:
+    """``[n, 2]`` float64: ``sum |tau_i|`` and ``sum |tau_i * keep_i|`` with ``keep_i = words[i] <
+    keep_below[i]``; None if a task vector holds NaN or inf. Summed in fixed ranges, then in range
+    order, so the result does not depend on threads."""
+    k = kernels()
+    b = _flat(base)
+    ms = tuple(_flat(m) for m in models)
+    parts = _ranges(b.size)
+    sums = [np.zeros((len(ms), 2), np.float64) for _ in parts]
+    limits = np.asarray(keep_below, np.int64)
+    words = tuple(words)
+    bad = map_models(lambda p: k.masked_l1(ms, b, parts[p][0], parts[p][1], words, limits, sums[p]),
+                     range(len(parts)))
+    if any(bad):
+        return None
+    return np.sum(sums, axis=0) if sums else np.zeros((len(ms), 2))
+
+
+# ---------------------------------------------------------------------------------------- sign election and merge
+def consensus_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, thresholds: Sequence[float],
+                    factors: Sequence[float], divisors: Sequence[float], weights: Sequence[float],
+                    tie_sign: float, normalize: bool, count_divisor: bool, lam: float,
+                    words: Optional[Sequence[np.ndarray]] = None,
+                    keep_below: Optional[Sequence[int]] = None) -> Optional[torch.Tensor]:
+    """``base + lam * disjoint_merge(elect_sign(prepared task vectors))`` as one fused pass; see
+    :func:`mergelab.methods._fused_kernels.consensus` for the exact operations. ``tie_sign`` must be
+    ``+1`` or ``-1``. Returns None if a task vector holds NaN or inf (take the reference path)."""
+    if tie_sign not in (1.0, -1.0, 1, -1):
+        raise ValueError(f"fused consensus_merge needs a tie sign of +1 or -1, got {tie_sign}")
+    k = kernels()
+    n = len(models)
+    b = _flat(base)
+    ms = tuple(_flat(m) for m in models)
+    use_words = words is not None
+    if use_words:
+        wd = tuple(words)
+        limits = np.asarray(keep_below, np.int64)
+    else:
+        wd = tuple(np.zeros(1, np.uint32) for _ in range(n))
+        limits = np.zeros(n, np.int64)
+    f32 = lambda v: np.asarray([float(x) for x in v], np.float32)  # noqa: E731
+    thr, fac, dvs, wts = f32(thresholds), f32(factors), f32(divisors), f32(weights)
+    out = np.empty(b.size, np.float32)
+    lam32 = np.float32(lam)
+    parts = _ranges(b.size, max(1, min(4 * _threads(), math.ceil(b.size / (1 << 16)))))
+    bad = map_models(lambda p: k.consensus(ms, b, parts[p][0], parts[p][1], thr, wd, limits, use_words, fac, dvs,
+                                           wts, tie_sign > 0, normalize, count_divisor, lam32, out),
+                     range(len(parts)))
+    if any(bad):
+        return None
+    return torch.from_numpy(out).reshape(base.shape)

@@ -1,0 +1,177 @@
+"""The fused CPU kernels give the tensor code's results: the same bits for TIES and for DARE-TIES
+without the L1 rescale, the same order statistics, and DARE's L1-rescaled merge within the rounding
+of its norms (summed in float64 by the kernels, float32 by the tensor code)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import mergelab
+from mergelab.methods import fused
+from mergelab.methods.registry import TensorSource, get_method
+from mergelab.methods.select import kth_largest_abs, stream_of
+from mergelab.methods.ties import TrimStats, ties_merge
+from tests.methods.helpers import inputs_for
+
+pytestmark = pytest.mark.skipif(fused.kernels() is None, reason="numba is not installed")
+
+
+@pytest.fixture
+def reference(monkeypatch):
+    """Run the tensor code instead of the kernels inside ``with reference():``."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def off():
+        with monkeypatch.context() as m:
+            m.setattr(fused, "_kernels", None)
+            m.setattr(fused, "_unavailable", True)
+            assert fused.kernels() is None
+            yield
+
+    return off
+
+
+def bf16_family(shape, n=3, seed=0, scale=0.01):
+    """A base and ``n`` fine-tunes rounded to bfloat16 (many exactly tied magnitudes, like real checkpoints)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g).to(torch.bfloat16).float()
+    models = [(base + torch.randn(shape, generator=g) * scale).to(torch.bfloat16).float() for _ in range(n)]
+    return base, models
+
+
+def test_kth_largest_abs_deltas_matches_the_sort_and_the_streamed_radix_select():
+    base, models = bf16_family((97, 211))
+    models[1][:10] = base[:10]  # some zero task-vector entries
+    numel = base.numel()
+    ks = [numel // 2, 1, 5, None]
+    models.append(models[0].clone())
+    got = fused.kth_largest_abs_deltas(lambda: [(base, models)], ks, numel)
+    for i, k in enumerate(ks):
+        if k is None:
+            assert got[i] is None
+            continue
+        oracle = (models[i] - base).abs().reshape(-1).sort(descending=True).values[k - 1].item()
+        assert got[i] == oracle
+    deltas = torch.stack([m - base for m in models[:3]])
+    assert got[:3] == kth_largest_abs(stream_of([deltas]), ks[:3])
+    # A stream of row chunks gives the same values as the whole tensor.
+    chunks = [(base[a:a + 20], [m[a:a + 20] for m in models]) for a in range(0, 97, 20)]
+    assert fused.kth_largest_abs_deltas(lambda: iter(chunks), ks, numel) == got
+    # Out-of-range ranks: nothing reaches k <= 0, everything reaches k >= numel.
+    assert fused.kth_largest_abs_deltas(lambda: [(base, models)], [0, numel, numel + 3, -1], numel) == \
+        [math.inf, 0.0, 0.0, math.inf]
+
+
+@pytest.mark.parametrize("semantics", ["mergekit", "paper"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("tie_sign", [1.0, -1.0])
+def test_ties_kernel_is_bit_identical_to_the_tensor_pipeline(reference, semantics, normalize, tie_sign):
+    base, models = bf16_family((64, 300), n=4, seed=1)
+    models[2][3:7] = base[3:7]
+    # Thresholds of every kind: a median, none (keep all), inf (keep nothing) and a tied value.
+    thresholds = [float((models[0] - base).abs().median()), 0.0, math.inf,
+                  float((models[3] - base).abs().reshape(-1)[5])]
+    x = inputs_for("ties", base, models, weight=[0.5, -0.3, 0.2, 1.7], density=0.5, semantics=semantics,
+                   normalize=normalize, **{"lambda": 0.8})
+    stats = TrimStats(thresholds, [1.25, 0.9, 1.0, 1.1], tie_sign)
+    x.tensor_stats = stats
+    x.model_stats = stats
+    got = ties_merge(x)
+    with reference():
+        want = ties_merge(x)
+    assert torch.equal(got, want)
+    nonzero = want != 0  # the sign of an exact zero is not promised
+    assert torch.equal(got.view(torch.int32)[nonzero], want.view(torch.int32)[nonzero])
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_whole_merges_agree_with_the_tensor_code(reference, method):
+    base, models = bf16_family((128, 515), seed=2)
+    params = dict(weight=[0.5, 0.3, 0.2], density=[0.5, 0.3, 0.9], normalize=True)
+    got = get_method(method).merge(inputs_for(method, base, models, seed=7, **params))
+    with reference():
+        want = get_method(method).merge(inputs_for(method, base, models, seed=7, **params))
+    if method == "ties":
+        assert torch.equal(got, want)
+    else:  # L1 norms summed in float64 here, float32 there: rescale factors differ in the last bits
+        torch.testing.assert_close(got - base, want - base, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("semantics,rescale", [("paper", True), ("mergekit", False)])
+def test_dare_ties_without_l1_rescale_is_bit_identical(reference, semantics, rescale):
+    base, models = bf16_family((40, 333), seed=3)
+    params = dict(weight=[0.5, -0.3, 0.2], density=[0.5, 0.25, 1.0], semantics=semantics, rescale=rescale,
+                  normalize=True)
+    x = inputs_for("dare_ties", base, models, seed=11, **params)
+    got = get_method("dare_ties").merge(x)
+    with reference():
+        want = get_method("dare_ties").merge(inputs_for("dare_ties", base, models, seed=11, **params))
+    assert torch.equal(got, want)
+    assert not torch.equal(got, base)
+
+
+def test_chunked_dare_rescale_factors_match_the_tensor_code(reference):
+    base, models = bf16_family((90, 70), seed=4)
+    params = dict(weight=[1.0, 1.0, 1.0], density=[0.4, 0.6, 0.5])
+    whole = inputs_for("dare_ties", base, models, seed=5, **params)
+    chunks = []
+    for c, a in enumerate(range(0, 90, 30)):
+        x = inputs_for("dare_ties", base[a:a + 30], [m[a:a + 30] for m in models], seed=5, **params)
+        x.name, x.shape, x.chunk, x.rows, x.tensor_stats = whole.name, (90, 70), c, (a, a + 30), None
+        chunks.append(x)
+    src = TensorSource(whole.name, (90, 70), whole.params, whole.model_params, 3, 3, lambda: iter(chunks))
+    prepare = get_method("dare_ties").prepare_tensor
+    got = prepare(src).l1_scale
+    with reference():
+        want = prepare(src).l1_scale
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert all(f > 1.2 for f in got)  # dropping about half the entries roughly doubles what is kept
+
+
+def test_random_words_are_the_numbers_of_the_keep_mask():
+    base, models = bf16_family((33, 35), seed=6)
+    x = inputs_for("dare_ties", base, models, seed=9, weight=1.0, density=0.3)
+    words = x.random_words(1, "dare")
+    mask = x.keep_mask(1, 0.3, "dare")
+    limit = math.floor(0.3 * 2.0 ** 32)
+    assert torch.equal(torch.from_numpy((words < limit).astype(np.float32)).reshape(mask.shape), mask)
+
+
+def test_nonfinite_inputs_take_the_reference_path(reference):
+    base, models = bf16_family((16, 50), seed=8)
+    models[1][2, 3] = float("nan")
+    models[0][4, 4] = float("inf")
+    x = inputs_for("ties", base, models, weight=1.0, density=1.0)
+    assert fused.consensus_merge(base, models, thresholds=[0.0] * 3, factors=[1.0] * 3, divisors=[1.0] * 3,
+                                 weights=[1.0] * 3, tie_sign=1, normalize=True, count_divisor=False,
+                                 lam=1.0) is None
+    got = ties_merge(x)
+    with reference():
+        want = ties_merge(x)
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+
+
+def test_results_do_not_depend_on_the_number_of_threads(monkeypatch):
+    base, models = bf16_family((300, 1100), seed=10)  # several parallel ranges
+    params = dict(weight=[0.5, 0.3, 0.2], density=0.5)
+    many = get_method("dare_ties").merge(inputs_for("dare_ties", base, models, seed=1, **params))
+    monkeypatch.setattr(fused.os, "cpu_count", lambda: 1)
+    from mergelab.methods import parallel
+
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 1)
+    one = get_method("dare_ties").merge(inputs_for("dare_ties", base, models, seed=1, **params))
+    assert torch.equal(many, one)
+
+
+def test_state_dict_merge_end_to_end_equals_the_tensor_code(reference):
+    base, models = bf16_family((64, 96), seed=12)
+    sd = lambda t: {"layer.weight": t, "layer.bias": t[0].clone()}  # noqa: E731
+    got = mergelab.merge_state_dicts(sd(base), [sd(m) for m in models], "ties", weight=[1.0, 0.5, 0.25],
+                                     density=0.4)
+    with reference():
+        want = mergelab.merge_state_dicts(sd(base), [sd(m) for m in models], "ties", weight=[1.0, 0.5, 0.25],
+                                          density=0.4)
+    assert all(torch.equal(got[k], want[k]) for k in want)
