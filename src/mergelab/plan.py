@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -34,6 +34,20 @@ def split_threshold(chunk_elements: int, whole_elements: Optional[int], method: 
     if whole_elements is not None and method is not None and method.whole_elements is not None:
         whole = min(whole, method.whole_elements)
     return max(whole, chunk_elements)
+
+
+def chunking(chunk_elements: int, whole_elements: Optional[int], method: Optional[MergeMethod]) -> Tuple[int, int]:
+    """The engine's chunk size and split threshold for ``method``: ``(chunk, threshold)``.
+
+    By default a tensor above the threshold (:func:`split_threshold`) is split into chunks of
+    ``chunk_elements``. A method with ``stream_elements`` (element-wise, no per-tensor statistics:
+    chunking cannot change its result) streams every matrix in chunks of that size instead, which
+    keep its passes over the inputs in the CPU caches. ``whole_elements=None`` (a caller asking for
+    exactly ``chunk_elements``) overrides both.
+    """
+    if whole_elements is not None and method is not None and method.stream_elements:
+        return method.stream_elements, method.stream_elements
+    return chunk_elements, split_threshold(chunk_elements, whole_elements, method)
 
 
 def is_split(job: "TensorJob", chunkable: bool, threshold: int) -> bool:
@@ -111,14 +125,13 @@ class MergePlan:
     def summary(self, chunk_elements: int, shard_bytes: int, whole_elements: Optional[int] = None) -> dict:
         """Tensors, bytes, and an estimate of the executor's peak memory above the interpreter's.
 
-        Tensors are taken whole or in chunks of ``chunk_elements`` by the executor's rule
-        (:func:`split_threshold`).
+        Tensors are taken whole or in chunks by the executor's rule (:func:`chunking`).
         """
         largest = self.largest_job()
         n_in = len(self.model_indices) + (1 if self.base_index is not None else 0)
         work = 0
         if largest is not None:
-            threshold = split_threshold(chunk_elements, whole_elements, self.method)
+            chunk_elements, threshold = chunking(chunk_elements, whole_elements, self.method)
 
             def unit(job: TensorJob) -> int:
                 return min(job.numel, chunk_elements) if is_split(job, self.method.chunkable, threshold) else job.numel

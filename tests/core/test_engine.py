@@ -274,3 +274,13 @@ def test_methods_command_lists_every_method_with_parameters(capsys):
     data = json.loads(out)
     params = {p["name"]: p for p in data[0]["parameters"] + data[0]["per_model_parameters"]}
     assert params["density"]["default"] == 1.0 and "arXiv:2306.01708" in data[0]["reference"]
+
+
+def test_elementwise_methods_stream_every_matrix_in_cache_sized_chunks():
+    from mergelab.methods.registry import STREAM_ELEMENTS, get_method
+    from mergelab.plan import chunking
+
+    ta, ties = get_method("task_arithmetic"), get_method("ties")
+    assert chunking(1 << 20, 1 << 22, ta) == (STREAM_ELEMENTS, STREAM_ELEMENTS)
+    assert chunking(1 << 20, 1 << 22, ties) == (1 << 20, 1 << 22)  # per-tensor statistics: whole up to 4M
+    assert chunking(1000, None, ta) == (1000, 1000)  # an explicit chunk size wins

@@ -24,7 +24,7 @@ import torch
 from mergelab.errors import MergeLabError, NonFiniteError
 from mergelab.execute.base import Executor, ExecutionReport
 from mergelab.methods.registry import ModelScope, TensorInputs, TensorSource
-from mergelab.plan import MergePlan, Source, TensorJob, is_split, split_threshold
+from mergelab.plan import MergePlan, Source, TensorJob, chunking, is_split
 
 CHUNK_ELEMENTS = 1 << 20  # 1M elements: 4 MB per float32 input chunk
 # Tensors up to 4M elements (16 MB per float32 input) are computed whole: their statistics (order
@@ -203,8 +203,8 @@ class LocalExecutor(Executor):
         return out
 
     def _ranges(self, job: TensorJob, chunkable: bool, method) -> List[Tuple[int, int]]:
-        threshold = split_threshold(self.chunk_elements, self.whole_elements, method)
-        return chunk_rows(job, chunkable, self.chunk_elements, threshold)
+        chunk, threshold = chunking(self.chunk_elements, self.whole_elements, method)
+        return chunk_rows(job, chunkable, chunk, threshold)
 
     @staticmethod
     def _chunkable(plan: MergePlan, job: TensorJob) -> bool:

@@ -7,7 +7,7 @@ without increasing inference time", ICML 2022 (arXiv:2203.05482). Semantics of m
 import torch
 
 from mergelab.methods.common import WEIGHT
-from mergelab.methods.registry import BaseUse, MergeMethod, Param, TensorInputs, register
+from mergelab.methods.registry import STREAM_ELEMENTS, BaseUse, MergeMethod, Param, TensorInputs, register
 
 
 def linear_merge(x: TensorInputs) -> torch.Tensor:
@@ -36,5 +36,6 @@ register(MergeMethod(
     model_params=(WEIGHT,),
     chunkable=True,
     propagates_nonfinite=True,
+    stream_elements=STREAM_ELEMENTS,
     notes="As in mergekit, a base_model not listed under models is added as one more input and needs a weight.",
 ))

@@ -12,7 +12,7 @@ differ more move toward it by ``t / d``, so the change at any entry is at most `
 
 import torch
 
-from mergelab.methods.registry import BaseUse, MergeMethod, Param, TensorInputs, register
+from mergelab.methods.registry import STREAM_ELEMENTS, BaseUse, MergeMethod, Param, TensorInputs, register
 
 
 def nearswap_merge(x: TensorInputs) -> torch.Tensor:
@@ -33,5 +33,6 @@ register(MergeMethod(
     min_models=1,
     max_models=1,
     chunkable=True,
+    stream_elements=STREAM_ELEMENTS,
     notes="Identical to mergekit 0.1.5 (elementwise, float32).",
 ))

@@ -8,7 +8,7 @@ Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023 (arXiv:2212.040
 import torch
 
 from mergelab.methods.common import LAMBDA, WEIGHT, INT8_MASK, normalize
-from mergelab.methods.registry import BaseUse, MergeMethod, TensorInputs, register
+from mergelab.methods.registry import STREAM_ELEMENTS, BaseUse, MergeMethod, TensorInputs, register
 
 
 def task_arithmetic_merge(x: TensorInputs) -> torch.Tensor:
@@ -48,4 +48,5 @@ register(MergeMethod(
     model_params=(WEIGHT,),
     chunkable=True,
     propagates_nonfinite=True,
+    stream_elements=STREAM_ELEMENTS,
 ))
