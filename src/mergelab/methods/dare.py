@@ -16,6 +16,7 @@ do not depend on the order tensors are processed in, on threads, or on the devic
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -91,14 +92,16 @@ def dropped(x: TensorInputs, l1_scale: Optional[list] = None) -> TaskVectors:
     return TaskVectors(deltas, torch.tensor(x.model_param("weight"), dtype=deltas.dtype, device=deltas.device))
 
 
-def _prepare_tensor(src: TensorSource) -> Optional[TrimStats]:
+def _prepare_tensor(src: TensorSource, use_fused: bool = False) -> Optional[TrimStats]:
+    """mergekit's L1 rescale factors of a chunked tensor (with ``use_fused``, from the fused CPU
+    kernels where they run: DARE-TIES, whose merge loads them anyway)."""
     if src.params["semantics"] == "paper" or not src.params["rescale"]:
         return None
     if all(p["density"] >= 1 for p in src.model_params):
         return None
     if src.num_chunks == 1:
         return None  # the merge computes the factors from the same (only) chunk: see _inline_l1
-    if fused.kernels() is not None:
+    if use_fused and fused.kernels() is not None:
         sums = np.zeros((src.num_models, 2))
         for c in src.chunks():
             part = _fused_l1_sums(c) if fused.usable(c.base, *c.models) else None
@@ -227,7 +230,7 @@ register(MergeMethod(
     params=(LAMBDA, normalize(False), rescale_flag(True), INT8_MASK, SEMANTICS),
     model_params=(WEIGHT, DENSITY),
     chunkable=True,
-    prepare_tensor=_prepare_tensor,
+    prepare_tensor=functools.partial(_prepare_tensor, use_fused=True),
     prepare_model=_prepare_model_ties,
     warm_up=fused.warm_up,
     notes="mergekit rescales by L1-norm matching and sums the agreeing entries (normalize: false); "
