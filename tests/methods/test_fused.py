@@ -175,3 +175,44 @@ def test_state_dict_merge_end_to_end_equals_the_tensor_code(reference):
         want = mergelab.merge_state_dicts(sd(base), [sd(m) for m in models], "ties", weight=[1.0, 0.5, 0.25],
                                           density=0.4)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+@pytest.mark.parametrize("semantics", ["mergekit", "paper"])
+def test_bfloat16_inputs_as_stored_give_the_float32_result(reference, method, semantics):
+    """Methods with raw_inputs get bfloat16 tensors as stored on a CPU: the kernels widen them exactly,
+    and the tensor code converts them first; either way the result is the float32 inputs' one."""
+    base, models = bf16_family((48, 260), seed=13)
+    params = dict(weight=[0.5, 0.3, 0.2], density=0.5, semantics=semantics)
+    assert get_method(method).raw_inputs
+    want = get_method(method).merge(inputs_for(method, base, models, seed=2, **params))
+    raw = get_method(method).merge(inputs_for(method, base.to(torch.bfloat16),
+                                              [m.to(torch.bfloat16) for m in models], seed=2, **params))
+    assert raw.dtype == torch.float32 and torch.equal(raw, want)
+    with reference():
+        want_ref = get_method(method).merge(inputs_for(method, base, models, seed=2, **params))
+        raw_ref = get_method(method).merge(inputs_for(method, base.to(torch.bfloat16),
+                                                      [m.to(torch.bfloat16) for m in models], seed=2, **params))
+    assert torch.equal(raw_ref, want_ref)
+
+
+def test_the_engine_reads_bfloat16_as_stored_only_for_raw_input_methods(tmp_path, monkeypatch):
+    from mergelab.execute import local
+    from mergelab.synthetic import make_llama_family
+
+    seen = {}
+    real = local.LocalExecutor._compute
+
+    def spy(self, plan, job, x, post_stats=None):
+        seen.setdefault(plan.method.name, set()).add(x.models[0].dtype)
+        return real(self, plan, job, x, post_stats)
+
+    monkeypatch.setattr(local.LocalExecutor, "_compute", spy)
+    base, *experts = make_llama_family(tmp_path / "models", experts=3, hidden=32, layers=2, intermediate=64,
+                                       vocab=128, dtype="bfloat16")
+    for method in ("ties", "task_arithmetic"):
+        recipe = {"merge_method": method, "base_model": str(base), "dtype": "bfloat16",
+                  "models": [{"model": str(e), "parameters": {"weight": 0.5, "density": 0.5}
+                              if method == "ties" else {"weight": 0.5}} for e in experts]}
+        mergelab.merge(recipe, tmp_path / method)
+    assert seen["ties"] == {torch.bfloat16} and seen["task_arithmetic"] == {torch.float32}

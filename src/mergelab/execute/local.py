@@ -123,16 +123,19 @@ class LocalExecutor(Executor):
 
     # ------------------------------------------------------------------ reading
     def _read_cropped(self, ckpt, name: str, crop: Optional[tuple], rows: Tuple[int, int],
-                      chunked: bool) -> torch.Tensor:
-        """Rows ``rows`` (or all) of tensor ``name``, cut to ``crop`` (vocab_policy), float32 on the device."""
-        ckpt.info(name)  # a missing tensor is reported by name, whatever the checkpoint kind
-        t = ckpt.read(name, rows if chunked else (None if crop is None else (0, crop[0])), torch.float32, self.device)
+                      chunked: bool, raw: bool = False) -> torch.Tensor:
+        """Rows ``rows`` (or all) of tensor ``name``, cut to ``crop`` (vocab_policy), float32 on the device
+        (with ``raw``, a bfloat16 tensor stays bfloat16: see ``MergeMethod.raw_inputs``)."""
+        info = ckpt.info(name)  # a missing tensor is reported by name, whatever the checkpoint kind
+        dtype = None if raw and info.dtype == torch.bfloat16 else torch.float32
+        t = ckpt.read(name, rows if chunked else (None if crop is None else (0, crop[0])), dtype, self.device)
         if crop is not None and t.dim() == 2:
             t = t[:, : crop[1]].contiguous()
         return t
 
-    def _read(self, plan: MergePlan, src: Source, rows: Tuple[int, int], chunked: bool) -> torch.Tensor:
-        t = self._read_cropped(plan.checkpoints[src.checkpoint], src.name, src.crop, rows, chunked)
+    def _read(self, plan: MergePlan, src: Source, rows: Tuple[int, int], chunked: bool,
+              raw: bool = False) -> torch.Tensor:
+        t = self._read_cropped(plan.checkpoints[src.checkpoint], src.name, src.crop, rows, chunked, raw)
         # A method whose output carries every input entry (a weighted sum) is checked on its output
         # instead, which saves one reduction over every input; see _compute.
         if not self.allow_nonfinite and not plan.method.propagates_nonfinite and not _finite(t):
@@ -140,8 +143,10 @@ class LocalExecutor(Executor):
         return t
 
     def _load(self, plan: MergePlan, job: TensorJob, rows: Tuple[int, int], chunked: bool) -> _Loaded:
-        base = self._read(plan, job.base, rows, chunked) if job.base is not None else None
-        models = [self._read(plan, s, rows, chunked) for s in job.models]
+        # Post-steps and auxiliary inputs see the method's inputs too, and expect float32.
+        raw = plan.method.raw_inputs and self.device == "cpu" and not job.post and not self.aux_sources
+        base = self._read(plan, job.base, rows, chunked, raw) if job.base is not None else None
+        models = [self._read(plan, s, rows, chunked, raw) for s in job.models]
         aux = {}
         for pname, ckpts in self.aux_sources.items():
             # One per model, shaped like it: cropped like the model's own tensor (vocab_policy).

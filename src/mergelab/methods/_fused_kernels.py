@@ -7,12 +7,28 @@ operations, in the same order, as the torch code it replaces (see the docstrings
 """
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 _FLOAT32_MAX = np.float32(3.4028234663852886e38)
 _BLOCK = 2048  # elements whose intermediates stay in the L1 cache between the two passes over models
 
 _JIT = dict(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+
+
+def widen(value):
+    """The float32 value of an input entry: float32 as is, bfloat16 (stored as uint16 bits) widened
+    exactly (its bits are the high half of the float32's)."""
+    raise NotImplementedError  # only called from compiled code, where the overload below applies
+
+
+@overload(widen, inline="always")
+def _widen(value):
+    if isinstance(value, types.Float):
+        return lambda value: value
+    if isinstance(value, types.Integer) and value.bitwidth == 16:
+        return lambda value: np.uint32(np.uint32(value) << np.uint32(16)).view(np.float32)
+    return None
 
 
 @njit(**_JIT)
@@ -22,7 +38,7 @@ def high_histograms(models, base, lo, hi, hist):
         m = models[i]
         h = hist[i]
         for j in range(lo, hi):
-            d = np.float32(abs(m[j] - base[j]))
+            d = np.float32(abs(widen(m[j]) - widen(base[j])))
             h[d.view(np.int32) >> 16] += 1
 
 
@@ -37,7 +53,7 @@ def low_histograms(models, base, lo, hi, buckets, hist):
         m = models[i]
         h = hist[i]
         for j in range(lo, hi):
-            bits = np.float32(abs(m[j] - base[j])).view(np.int32)
+            bits = np.float32(abs(widen(m[j]) - widen(base[j]))).view(np.int32)
             if (bits >> 16) == want:
                 h[bits & 0xFFFF] += 1
 
@@ -57,7 +73,7 @@ def masked_l1(models, base, lo, hi, words, keep_below, sums):
         before = 0.0
         after = 0.0
         for j in range(lo, hi):
-            a = np.float64(abs(m[j] - base[j]))
+            a = np.float64(abs(widen(m[j]) - widen(base[j])))
             bad += 0 if a <= _FLOAT32_MAX else 1
             before += a
             after += a if np.int64(w[j]) < k else 0.0
@@ -102,14 +118,14 @@ def consensus(models, base, lo, hi, thresholds, words, keep_below, use_words, fa
                 wd = words[i][start:start + size]
                 k = keep_below[i]
                 for j in range(size):
-                    d = m[j] - b[j]
+                    d = widen(m[j]) - widen(b[j])
                     bad += 0 if abs(d) <= _FLOAT32_MAX else 1
                     d = d if abs(d) >= t else zero
                     d = d * (one if np.int64(wd[j]) < k else zero)
                     p[j] = d * f / q * w
             else:
                 for j in range(size):
-                    d = m[j] - b[j]
+                    d = widen(m[j]) - widen(b[j])
                     bad += 0 if abs(d) <= _FLOAT32_MAX else 1
                     d = d if abs(d) >= t else zero
                     p[j] = d * f / q * w
@@ -145,5 +161,5 @@ def consensus(models, base, lo, hi, thresholds, words, keep_below, use_words, fa
                 else:
                     dv = dv if dv != zero else one
                 merged = merged / dv
-            out[start + j] = merged * lam + b[j]
+            out[start + j] = merged * lam + widen(b[j])
     return bad

@@ -110,7 +110,7 @@ def _prepare_tensor(src: TensorSource, use_fused: bool = False) -> Optional[Trim
             sums += part
         else:
             return TrimStats([], [_l1_factor(b, a) for b, a in sums.tolist()])
-    return TrimStats([], l1_rescale_factors(src, lambda c: dropped(c).deltas))
+    return TrimStats([], l1_rescale_factors(src.as_float32(), lambda c: dropped(c).deltas))
 
 
 def _l1_factor(before: float, after: float) -> float:
@@ -191,6 +191,7 @@ def dare_ties_merge(x: TensorInputs) -> torch.Tensor:
         merged = _fused_dare_ties(x, tie, paper)
         if merged is not None:
             return merged
+    x = x.as_float32()
     deltas = dropped_deltas(x, _scale(x), weighted=True, inline_l1=_inline_l1(x))
     weights = torch.tensor(x.model_param("weight"), dtype=deltas.dtype, device=deltas.device)
     merged = consensus_merge(deltas, weights, tie, x.params["normalize"], "count" if paper else "weight")
@@ -217,7 +218,7 @@ register(MergeMethod(
 def _prepare_model_ties(scope: ModelScope) -> Optional[TrimStats]:
     if scope.params["semantics"] != "paper":
         return None
-    return TrimStats([], None, global_tie_sign(scope, lambda c: dropped(c).deltas))
+    return TrimStats([], None, global_tie_sign(scope.as_float32(), lambda c: dropped(c).deltas))
 
 
 register(MergeMethod(
@@ -233,6 +234,7 @@ register(MergeMethod(
     prepare_tensor=functools.partial(_prepare_tensor, use_fused=True),
     prepare_model=_prepare_model_ties,
     warm_up=fused.warm_up,
+    raw_inputs=True,
     notes="mergekit rescales by L1-norm matching and sums the agreeing entries (normalize: false); "
           "semantics: paper rescales by 1/density and resolves zero sums by the model's majority sign.",
 ))

@@ -84,14 +84,18 @@ def warm_up(num_models: int) -> None:
         threading.Thread(target=run, name="mergelab-fused-warm-up", daemon=True).start()
 
 
-def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels can take these tensors: numba present, contiguous float32 CPU tensors."""
-    return kernels() is not None and all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+def usable(base: torch.Tensor, *models: torch.Tensor) -> bool:
+    """Whether the kernels can take these tensors: numba present, contiguous CPU tensors in float32
+    or bfloat16 (read as stored: the kernels widen it exactly), the models all of one dtype."""
+    return kernels() is not None and len({m.dtype for m in models}) <= 1 and all(
+        t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) and t.is_contiguous()
+        for t in (base,) + models)
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:
-    return t.detach().reshape(-1).numpy()
+    """A flat numpy view: float32, or a bfloat16 tensor's bits as uint16 (numpy has no bfloat16)."""
+    t = t.detach().reshape(-1)
+    return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def _ranges(n: int, parts: Optional[int] = None) -> List[Tuple[int, int]]:

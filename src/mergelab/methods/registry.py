@@ -19,7 +19,7 @@ import math
 import difflib
 import enum
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
@@ -156,6 +156,15 @@ class TensorInputs:
         """The per-model parameter ``name`` as a list, one value per model."""
         return [p[name] for p in self.model_params]
 
+    def as_float32(self) -> "TensorInputs":
+        """These inputs with every tensor in float32 (itself if they are): for the tensor code of a
+        method with ``raw_inputs``, which may be given bfloat16 tensors as they are stored."""
+        tensors = ([self.base] if self.base is not None else []) + list(self.models)
+        if all(t.dtype == torch.float32 for t in tensors):
+            return self
+        f32 = lambda t: t if t.dtype == torch.float32 else t.to(torch.float32)  # noqa: E731
+        return replace(self, base=None if self.base is None else f32(self.base), models=[f32(m) for m in self.models])
+
     def random_bits(self, model_index: int, purpose: str = "") -> Iterator[Tuple[int, np.ndarray]]:
         """Independent uniform 32-bit integers, one per entry of this chunk (in flat order), as
         ``(offset, block)`` pairs of at most ``RANDOM_BLOCK`` values, so that no full-size integer
@@ -230,6 +239,11 @@ class TensorSource:
     def chunks(self) -> Iterator[TensorInputs]:
         return self._chunks()
 
+    def as_float32(self):
+        """The same stream with every chunk's tensors in float32 (see :meth:`TensorInputs.as_float32`)."""
+        inner = self._chunks
+        return replace(self, _chunks=lambda: (c.as_float32() for c in inner()))
+
 
 @dataclass
 class ModelScope:
@@ -246,6 +260,11 @@ class ModelScope:
 
     def chunks(self) -> Iterator[TensorInputs]:
         return self._chunks()
+
+    def as_float32(self):
+        """The same stream with every chunk's tensors in float32 (see :meth:`TensorInputs.as_float32`)."""
+        inner = self._chunks
+        return replace(self, _chunks=lambda: (c.as_float32() for c in inner()))
 
 
 @dataclass(frozen=True)
@@ -268,7 +287,10 @@ class MergeMethod:
     (loading compiled kernels) while the first tensors are read. ``stream_elements``, for an
     element-wise method without per-tensor statistics (chunking cannot change its result), makes the
     engine stream every matrix in chunks of about that many elements, small enough for the CPU caches
-    (see :func:`mergelab.plan.chunking`).
+    (see :func:`mergelab.plan.chunking`). ``raw_inputs`` says the method's CPU kernels take inputs
+    stored in bfloat16 as they are (widening them exactly, as the float32 conversion would): the
+    engine then skips that conversion on a CPU, and the method's other paths call
+    :meth:`TensorInputs.as_float32` (or :meth:`TensorSource.as_float32`) first.
     """
 
     name: str
@@ -291,6 +313,7 @@ class MergeMethod:
     whole_elements: Optional[int] = None
     propagates_nonfinite: bool = False
     warm_up: Optional[Callable[[int], None]] = None
+    raw_inputs: bool = False
     stream_elements: Optional[int] = None
 
     def param(self, name: str) -> Optional[Param]:

@@ -72,6 +72,7 @@ def tensor_thresholds(src: TensorSource, semantics: str = "mergekit") -> list:
             found = fused.kth_largest_abs_deltas(lambda: ((c.base, c.models) for c in src.chunks()), want,
                                                  src.numel)
             return [t if t is not None else f for t, f in zip(trivial, found)]
+    src = src.as_float32()
     if src.num_chunks == 1:
         (x,) = list(src.chunks())
         # One task vector per model at a time, not a [n, *shape] stack. (A partition in memory costs
@@ -213,13 +214,14 @@ def _prepare_tensor(src: TensorSource) -> Optional[TrimStats]:
     thresholds = tensor_thresholds(src)
     scale = None
     if src.params["rescale"]:
-        scale = l1_rescale_factors(src, lambda c: trim(thresholds)(TaskVectors.from_models(c.base, c.models)).deltas)
+        scale = l1_rescale_factors(src.as_float32(), lambda c: trim(thresholds)(TaskVectors.from_models(c.base, c.models)).deltas)
     return TrimStats(thresholds, scale)
 
 
 def _prepare_model(scope: ModelScope) -> Optional[TrimStats]:
     if scope.params["semantics"] != "paper":
         return None
+    scope = scope.as_float32()
     densities = uniform_model_param(scope, "density")
     thresholds = kth_largest_abs(
         lambda: (deltas_of(c) for c in scope.chunks()),
@@ -297,6 +299,8 @@ def ties_merge(x: TensorInputs) -> torch.Tensor:
             count_divisor=paper, lam=x.params["lambda"])
         if merged is not None:
             return merged
+    x = x.as_float32()
+    base = x.base
     weights = torch.tensor(x.model_param("weight"), dtype=base.dtype, device=base.device)
     scale = None
     if stats.l1_scale is not None:
@@ -330,6 +334,7 @@ register(MergeMethod(
     prepare_tensor=_prepare_tensor,
     prepare_model=_prepare_model,
     warm_up=fused.warm_up,
+    raw_inputs=True,
     notes="semantics: paper trims over the whole model (exact, streamed), resolves zero sums by the "
           "model's majority sign and divides by the count of agreeing entries. The paper's default "
           "density is 0.2 (K=20); mergekit's is 1.0 (no trim).",
