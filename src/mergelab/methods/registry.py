@@ -132,7 +132,9 @@ def stream_seed(*parts: Any) -> int:
 class TensorInputs:
     """Everything a method sees for one output tensor, or one row chunk of it.
 
-    Tensors are float32 on the compute device. ``base`` is ``None`` when the method has no base.
+    Tensors are float32 on the compute device (for a method with ``raw_inputs``, on a CPU, inputs
+    stored in bfloat16 stay bfloat16: see :meth:`as_float32`). ``base`` is ``None`` when the method
+    has no base.
     ``rows`` is the ``[start, stop)`` range of dimension 0 this chunk covers (the whole tensor when it
     is not chunked); ``shape`` is the full tensor's shape.
     """
