@@ -216,3 +216,10 @@ def test_the_engine_reads_bfloat16_as_stored_only_for_raw_input_methods(tmp_path
                               if method == "ties" else {"weight": 0.5}} for e in experts]}
         mergelab.merge(recipe, tmp_path / method)
     assert seen["ties"] == {torch.bfloat16} and seen["task_arithmetic"] == {torch.float32}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345678901234, 2**63 - 1])
+@pytest.mark.parametrize("n", [1, 2, 7, 100_001])
+def test_kernel_random_words_are_numpys_sfc64_stream(seed, n):
+    want = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
+    assert np.array_equal(fused.random_words(seed, n), want)

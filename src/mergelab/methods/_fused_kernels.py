@@ -32,6 +32,23 @@ def _widen(value):
 
 
 @njit(**_JIT)
+def sfc64_fill(state, out):
+    """Fill ``out`` (uint64) with the next outputs of the SFC64 generator whose ``state`` is
+    ``[a, b, c, counter]`` (updated in place): the numbers numpy's ``SFC64.random_raw`` gives."""
+    a, b, c, counter = state[0], state[1], state[2], state[3]
+    s11, s3, s24, s40 = np.uint64(11), np.uint64(3), np.uint64(24), np.uint64(40)
+    one = np.uint64(1)
+    for j in range(out.size):
+        tmp = a + b + counter
+        counter += one
+        a = b ^ (b >> s11)
+        b = c + (c << s3)
+        c = ((c << s24) | (c >> s40)) + tmp
+        out[j] = tmp
+    state[0], state[1], state[2], state[3] = a, b, c, counter
+
+
+@njit(**_JIT)
 def high_histograms(models, base, lo, hi, hist):
     """``hist[i, b] += #{j in [lo, hi): high 16 bits of |models[i, j] - base[j]| == b}``."""
     for i in range(len(models)):

@@ -182,10 +182,15 @@ class TensorInputs:
             yield start, gen.random_raw((size + 1) // 2).view(np.uint32)[:size]
 
     def random_words(self, model_index: int, purpose: str = "") -> np.ndarray:
-        """The numbers :meth:`random_bits` yields, as one uint32 array (for the fused CPU kernels)."""
+        """The numbers :meth:`random_bits` yields, as one uint32 array (for the fused CPU kernels,
+        which draw them themselves, faster, when numba is present)."""
+        from mergelab.methods import fused
+
         n = math.prod(self.models[model_index].shape)
-        gen = np.random.SFC64(stream_seed(self.seed, self.name, self.chunk, model_index, purpose))
-        return gen.random_raw((n + 1) // 2).view(np.uint32)[:n]
+        seed = stream_seed(self.seed, self.name, self.chunk, model_index, purpose)
+        if fused.kernels() is not None:
+            return fused.random_words(seed, n)
+        return np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
 
     def _fill(self, model_index: int, purpose: str, block_fn) -> torch.Tensor:
         like = self.models[model_index]
