@@ -1,8 +1,9 @@
 """The local streaming executor: one tensor (or row chunk) at a time, reading ahead on a thread.
 
 For each output tensor the executor reads its inputs lazily, converts them to float32 on the compute
-device (except bfloat16 inputs of methods whose CPU kernels take them as stored), runs the method, applies post-steps, casts once to the output dtype and hands the result to
-the sink, which writes it in place. While one chunk is computed the next is read on a background
+device (except bfloat16 inputs of methods whose CPU kernels take them as stored), runs the method,
+applies post-steps, casts once to the output dtype and hands the result to the sink, which writes it
+in place. While one chunk is computed the next is read (and its statistics computed) on a background
 thread and the previous one is written on another, so reading, compute and writing overlap.
 
 Memory is bounded by the chunk size, not the model size: tensors of chunkable methods with more than

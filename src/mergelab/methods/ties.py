@@ -77,9 +77,9 @@ def tensor_thresholds(src: TensorSource, semantics: str = "mergekit") -> list:
         (x,) = list(src.chunks())
         # One task vector per model at a time, not a [n, *shape] stack. (A partition in memory costs
         # less than the bracketed scan below once the tensor is read anyway.)
-        found = kth_largest_deltas(x.base, x.models, [k if t is None else None for k, t in zip(ks, trivial)])
+        found = kth_largest_deltas(x.base, x.models, want)
         return [t if t is not None else f for t, f in zip(trivial, found)]
-    found = bracketed_thresholds(src, [k if t is None else None for k, t in zip(ks, trivial)])
+    found = bracketed_thresholds(src, want)
     if found is not None:
         return [t if t is not None else f for t, f in zip(trivial, found)]
     return kth_largest_abs(lambda: (deltas_of(c) for c in src.chunks()), ks)
@@ -214,7 +214,8 @@ def _prepare_tensor(src: TensorSource) -> Optional[TrimStats]:
     thresholds = tensor_thresholds(src)
     scale = None
     if src.params["rescale"]:
-        scale = l1_rescale_factors(src.as_float32(), lambda c: trim(thresholds)(TaskVectors.from_models(c.base, c.models)).deltas)
+        scale = l1_rescale_factors(src.as_float32(),
+                                   lambda c: trim(thresholds)(TaskVectors.from_models(c.base, c.models)).deltas)
     return TrimStats(thresholds, scale)
 
 
