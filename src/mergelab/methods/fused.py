@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from mergelab.methods.parallel import map_models
+from mergelab.methods.select import locate_from_top
 
 _BINS = 1 << 16
 _RANGE = 1 << 18  # elements per parallel task (fixed: float64 partial sums then combine the same way)
@@ -148,40 +149,30 @@ def kth_largest_abs_deltas(chunks: ChunkStream, ks: Sequence[Optional[int]], num
             want.append(i)
     if not want:
         return out
-    high = np.zeros((len(want), _BINS), np.int64)
-    for base, models in chunks():
-        b = _flat(base)
-        ms = tuple(_flat(models[i]) for i in want)
-        parts = _ranges(b.size, _threads())
-        hists = [np.zeros((len(want), _BINS), np.int64) for _ in parts]
-        map_models(lambda p: k.high_histograms(ms, b, parts[p][0], parts[p][1], hists[p]), range(len(parts)))
-        for h in hists:
-            high += h
-    located = [_from_top(high[r], int(ks[i])) for r, i in enumerate(want)]
+    high = _histograms(chunks, want, k.high_histograms)
+    located = [locate_from_top(torch.from_numpy(high[r]), int(ks[i])) for r, i in enumerate(want)]
     buckets = np.array([bucket for bucket, _ in located], np.int32)
-    low = np.zeros((len(want), _BINS), np.int64)
-    for base, models in chunks():
-        b = _flat(base)
-        ms = tuple(_flat(models[i]) for i in want)
-        parts = _ranges(b.size, _threads())
-        hists = [np.zeros((len(want), _BINS), np.int64) for _ in parts]
-        map_models(lambda p: k.low_histograms(ms, b, parts[p][0], parts[p][1], buckets, hists[p]),
-                   range(len(parts)))
-        for h in hists:
-            low += h
+    low = _histograms(chunks, want, lambda ms, b, lo, hi, h: k.low_histograms(ms, b, lo, hi, buckets, h))
     for r, i in enumerate(want):
         bucket, rank = located[r]
-        lowbits, _ = _from_top(low[r], rank)
+        lowbits, _ = locate_from_top(torch.from_numpy(low[r]), rank)
         out[i] = float(np.array([(bucket << 16) | lowbits], np.int32).view(np.float32)[0])
     return out
 
 
-def _from_top(hist: np.ndarray, k: int) -> Tuple[int, int]:
-    """The bucket holding the k-th largest entry (1-based), and its rank inside that bucket from the top."""
-    from_top = np.cumsum(hist[::-1])
-    idx = int(np.searchsorted(from_top, k))
-    above = int(from_top[idx - 1]) if idx > 0 else 0
-    return hist.size - 1 - idx, k - above
+def _histograms(chunks: ChunkStream, want: List[int], count) -> np.ndarray:
+    """``[len(want), 65536]`` counts over the stream: ``count(models, base, lo, hi, hist)`` run on
+    parallel ranges of each chunk (models ``want`` only), one histogram per range, then summed."""
+    total = np.zeros((len(want), _BINS), np.int64)
+    for base, models in chunks():
+        b = _flat(base)
+        ms = tuple(_flat(models[i]) for i in want)
+        parts = _ranges(b.size, _threads())
+        hists = [np.zeros((len(want), _BINS), np.int64) for _ in parts]
+        map_models(lambda p: count(ms, b, parts[p][0], parts[p][1], hists[p]), range(len(parts)))
+        for h in hists:
+            total += h
+    return total
 
 
 # ---------------------------------------------------------------------------------------- DARE's L1 norms

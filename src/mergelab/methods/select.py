@@ -51,7 +51,7 @@ def _high_histograms(b: torch.Tensor) -> torch.Tensor:
     return torch.bincount(idx.reshape(-1), minlength=n * _BINS).reshape(n, _BINS)
 
 
-def _locate(hist: torch.Tensor, k: int) -> tuple:
+def locate_from_top(hist: torch.Tensor, k: int) -> tuple:
     """Bucket holding the k-th largest count-wise (1-based), and the rank within it from the top."""
     from_top = torch.flip(hist, dims=[0]).cumsum(0)
     idx = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype, device=from_top.device)).item())
@@ -95,7 +95,7 @@ def kth_largest_abs(
     if not want:
         return out
     hi = hi.cpu()
-    located = {i: _locate(hi[i], int(ks[i])) for i in want}
+    located = {i: locate_from_top(hi[i], int(ks[i])) for i in want}
     lo = {i: torch.zeros(_BINS, dtype=torch.int64) for i in want}
     for c in chunks():
         b = _bits(c)
@@ -108,7 +108,7 @@ def kth_largest_abs(
         del b
     for i in want:
         bucket, rank = located[i]
-        low, _ = _locate(lo[i], rank)
+        low, _ = locate_from_top(lo[i], rank)
         pattern = np.array([(bucket << 16) | low], dtype=np.int32)
         out[i] = float(pattern.view(np.float32)[0])
     return out
