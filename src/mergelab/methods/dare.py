@@ -17,7 +17,6 @@ do not depend on the order tensors are processed in, on threads, or on the devic
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import numpy as np
@@ -26,7 +25,8 @@ import torch
 from mergelab.methods import fused
 from mergelab.methods.common import DENSITY, INT8_MASK, LAMBDA, SEMANTICS, WEIGHT, normalize, rescale_flag
 from mergelab.methods.parallel import map_models
-from mergelab.methods.registry import BaseUse, MergeMethod, ModelScope, TensorInputs, TensorSource, register
+from mergelab.methods.registry import (BaseUse, MergeMethod, ModelScope, TensorInputs, TensorSource, keep_limit,
+                                      register)
 from mergelab.methods.ties import TrimStats, consensus_merge, global_tie_sign, l1_rescale_factors
 from mergelab.methods.transforms import TaskVectors, linear_combine
 
@@ -126,7 +126,7 @@ def _random_words(x: TensorInputs) -> tuple:
     size = x.models[0].numel()
     words = map_models(lambda i: x.random_words(i, "dare") if dens[i] < 1 else np.zeros(size, np.uint32),
                        range(len(dens)), "cpu")
-    limits = [max(0, math.floor(d * 2.0 ** 32)) if d < 1 else 1 << 32 for d in dens]
+    limits = [keep_limit(d) for d in dens]
     return words, limits
 
 

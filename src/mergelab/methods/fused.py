@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from mergelab.methods.parallel import map_models
-from mergelab.methods.select import locate_from_top
+from mergelab.methods.select import locate_from_top, split_ranks
 
 _BINS = 1 << 16
 _RANGE = 1 << 18  # elements per parallel task (fixed: float64 partial sums then combine the same way)
@@ -40,11 +40,15 @@ _kernels = None
 _unavailable = False
 
 
+def _turned_off() -> bool:
+    return _unavailable or os.environ.get("MERGELAB_FUSED", "1") == "0"
+
+
 def kernels():
     """The compiled kernels module, or None (turned off, or numba missing)."""
     global _kernels, _unavailable
     if _kernels is None and not _unavailable:
-        if os.environ.get("MERGELAB_FUSED", "1") == "0":
+        if _turned_off():
             _unavailable = True
             return None
         try:
@@ -82,7 +86,7 @@ def warm_up(num_models: int) -> None:
             k.consensus(models, base, 0, 4, ones, words, np.zeros(num_models, np.int64), use_words, ones, ones,
                         ones, True, True, False, np.float32(1), np.empty(4, np.float32))
 
-    if num_models > 0 and not _unavailable and os.environ.get("MERGELAB_FUSED", "1") != "0":
+    if num_models > 0 and not _turned_off():
         threading.Thread(target=run, name="mergelab-fused-warm-up", daemon=True).start()
 
 
@@ -136,17 +140,7 @@ def kth_largest_abs_deltas(chunks: ChunkStream, ks: Sequence[Optional[int]], num
     ``k <= 0`` gives ``inf``, ``k >= numel`` gives ``0.0``. ``chunks()`` is called twice at most.
     """
     k = kernels()
-    out: List[Optional[float]] = [None] * len(ks)
-    want = []
-    for i, kk in enumerate(ks):
-        if kk is None:
-            continue
-        if kk <= 0:
-            out[i] = math.inf
-        elif kk >= numel:
-            out[i] = 0.0
-        else:
-            want.append(i)
+    out, want = split_ranks(ks, numel)
     if not want:
         return out
     high = _histograms(chunks, want, k.high_histograms)
@@ -192,7 +186,7 @@ def masked_l1_sums(base: torch.Tensor, models: Sequence[torch.Tensor], words: Se
                      range(len(parts)))
     if any(bad):
         return None
-    return np.sum(sums, axis=0) if sums else np.zeros((len(ms), 2))
+    return np.sum(sums, axis=0)  # _ranges gives at least one range
 
 
 # ---------------------------------------------------------------------------------------- sign election and merge
@@ -204,7 +198,7 @@ def consensus_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, thres
     """``base + lam * disjoint_merge(elect_sign(prepared task vectors))`` as one fused pass; see
     :func:`mergelab.methods._fused_kernels.consensus` for the exact operations. ``tie_sign`` must be
     ``+1`` or ``-1``. Returns None if a task vector holds NaN or inf (take the reference path)."""
-    if tie_sign not in (1.0, -1.0, 1, -1):
+    if tie_sign not in (1, -1):
         raise ValueError(f"fused consensus_merge needs a tie sign of +1 or -1, got {tie_sign}")
     k = kernels()
     n = len(models)

@@ -118,6 +118,12 @@ STREAM_ELEMENTS = 1 << 19
 RANDOM_BLOCK = 1 << 20  # values drawn per block (even, so blocks split the stream at 64-bit draws)
 
 
+def keep_limit(keep_prob: float) -> int:
+    """The uint32 word below which an entry is kept with probability ``keep_prob`` (exactly
+    ``floor(keep_prob * 2**32) / 2**32``); ``2**32``, above every word, for ``keep_prob >= 1``."""
+    return 1 << 32 if keep_prob >= 1 else max(0, math.floor(keep_prob * 2.0 ** 32))
+
+
 def stream_seed(*parts: Any) -> int:
     """A 63-bit seed derived from ``parts`` (seed, tensor name, chunk, model, purpose).
 
@@ -167,6 +173,10 @@ class TensorInputs:
         f32 = lambda t: t if t.dtype == torch.float32 else t.to(torch.float32)  # noqa: E731
         return replace(self, base=None if self.base is None else f32(self.base), models=[f32(m) for m in self.models])
 
+    def _stream_seed(self, model_index: int, purpose: str) -> int:
+        """The seed of model ``model_index``'s random stream for ``purpose`` in this chunk."""
+        return stream_seed(self.seed, self.name, self.chunk, model_index, purpose)
+
     def random_bits(self, model_index: int, purpose: str = "") -> Iterator[Tuple[int, np.ndarray]]:
         """Independent uniform 32-bit integers, one per entry of this chunk (in flat order), as
         ``(offset, block)`` pairs of at most ``RANDOM_BLOCK`` values, so that no full-size integer
@@ -176,7 +186,7 @@ class TensorInputs:
         numbers on every device and thread, about ten times faster than ``torch.rand`` on a CPU.
         """
         n = math.prod(self.models[model_index].shape)
-        gen = np.random.SFC64(stream_seed(self.seed, self.name, self.chunk, model_index, purpose))
+        gen = np.random.SFC64(self._stream_seed(model_index, purpose))
         for start in range(0, n, RANDOM_BLOCK):
             size = min(RANDOM_BLOCK, n - start)
             yield start, gen.random_raw((size + 1) // 2).view(np.uint32)[:size]
@@ -187,7 +197,7 @@ class TensorInputs:
         from mergelab.methods import fused
 
         n = math.prod(self.models[model_index].shape)
-        seed = stream_seed(self.seed, self.name, self.chunk, model_index, purpose)
+        seed = self._stream_seed(model_index, purpose)
         if fused.kernels() is not None:
             return fused.random_words(seed, n)
         return np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
@@ -215,7 +225,7 @@ class TensorInputs:
         like = self.models[model_index]
         if keep_prob >= 1:
             return torch.ones_like(like)
-        threshold = np.uint32(max(0, math.floor(keep_prob * 2.0 ** 32)))
+        threshold = np.uint32(keep_limit(keep_prob))
 
         def block(bits, out):
             np.less(bits, threshold, out=out, casting="unsafe")
@@ -223,8 +233,20 @@ class TensorInputs:
         return self._fill(model_index, purpose, block)
 
 
+class _ChunkStream:
+    """What :class:`TensorSource` and :class:`ModelScope` share: a re-iterable stream ``_chunks``."""
+
+    def chunks(self) -> Iterator[TensorInputs]:
+        return self._chunks()
+
+    def as_float32(self):
+        """The same stream with every chunk's tensors in float32 (see :meth:`TensorInputs.as_float32`)."""
+        inner = self._chunks
+        return replace(self, _chunks=lambda: (c.as_float32() for c in inner()))
+
+
 @dataclass
-class TensorSource:
+class TensorSource(_ChunkStream):
     """A re-iterable stream of the row chunks of one tensor, for ``prepare_tensor``.
 
     ``chunks()`` may be called several times (multi-pass statistics). Each call yields
@@ -243,17 +265,9 @@ class TensorSource:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def chunks(self) -> Iterator[TensorInputs]:
-        return self._chunks()
-
-    def as_float32(self):
-        """The same stream with every chunk's tensors in float32 (see :meth:`TensorInputs.as_float32`)."""
-        inner = self._chunks
-        return replace(self, _chunks=lambda: (c.as_float32() for c in inner()))
-
 
 @dataclass
-class ModelScope:
+class ModelScope(_ChunkStream):
     """A re-iterable stream over every chunk of every tensor a method merges, for ``prepare_model``.
 
     ``params`` are the method's global parameters; per-model parameters that must hold for the whole
@@ -264,14 +278,6 @@ class ModelScope:
     model_params: list
     num_models: int
     _chunks: Callable[[], Iterator[TensorInputs]]
-
-    def chunks(self) -> Iterator[TensorInputs]:
-        return self._chunks()
-
-    def as_float32(self):
-        """The same stream with every chunk's tensors in float32 (see :meth:`TensorInputs.as_float32`)."""
-        inner = self._chunks
-        return replace(self, _chunks=lambda: (c.as_float32() for c in inner()))
 
 
 @dataclass(frozen=True)

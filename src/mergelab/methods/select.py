@@ -17,7 +17,7 @@ partition (numpy's introselect on the CPU, ``torch.kthvalue`` elsewhere).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -60,6 +60,27 @@ def locate_from_top(hist: torch.Tensor, k: int) -> tuple:
     return bucket, k - above
 
 
+def split_ranks(ks: Sequence[Optional[int]], total: int) -> Tuple[list, List[int]]:
+    """The answers a k-th-largest search knows without looking, and the ranks it must search for.
+
+    Returns ``(out, want)``: ``out[i]`` is ``inf`` for ``ks[i] <= 0`` (nothing reaches it), ``0.0``
+    for ``ks[i] >= total`` (everything does), None for ``ks[i]`` None (model skipped) or in range;
+    ``want`` lists the indices with ``0 < ks[i] < total``.
+    """
+    out: list = [None] * len(ks)
+    want: List[int] = []
+    for i, k in enumerate(ks):
+        if k is None:
+            continue
+        if k <= 0:
+            out[i] = float("inf")
+        elif k >= total:
+            out[i] = 0.0
+        else:
+            want.append(i)
+    return out, want
+
+
 def kth_largest_abs(
     chunks: Callable[[], Iterable[torch.Tensor]],
     ks: Union[Sequence[int], Callable[[int], Sequence[int]]],
@@ -80,18 +101,9 @@ def kth_largest_abs(
         del b
     if callable(ks):
         ks = ks(total)
-    n = len(ks)
     if hi is None:
         return [float("inf") if k <= 0 else 0.0 for k in ks]
-    out: List[float] = [0.0] * n
-    want = []
-    for i, k in enumerate(ks):
-        if k <= 0:
-            out[i] = float("inf")
-        elif k >= total:
-            out[i] = 0.0
-        else:
-            want.append(i)
+    out, want = split_ranks(ks, total)
     if not want:
         return out
     hi = hi.cpu()
