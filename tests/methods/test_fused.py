@@ -10,6 +10,8 @@ import torch
 
 import mergelab
 from mergelab.methods import fused
+from mergelab.methods import registry
+from mergelab.methods.randomness import stream_words
 from mergelab.methods.registry import TensorSource, get_method
 from mergelab.methods.select import kth_largest_abs, stream_of
 from mergelab.methods.ties import TrimStats, ties_merge
@@ -131,13 +133,28 @@ def test_chunked_dare_rescale_factors_match_the_tensor_code(reference):
     assert all(f > 1.2 for f in got)  # dropping about half the entries roughly doubles what is kept
 
 
-def test_random_words_are_the_numbers_of_the_keep_mask():
-    base, models = bf16_family((33, 35), seed=6)
-    x = inputs_for("dare_ties", base, models, seed=9, weight=1.0, density=0.3)
-    words = x.random_words(1, "dare")
-    mask = x.keep_mask(1, 0.3, "dare")
-    limit = math.floor(0.3 * 2.0 ** 32)
-    assert torch.equal(torch.from_numpy((words < limit).astype(np.float32)).reshape(mask.shape), mask)
+def test_kernel_masks_are_the_keep_masks(monkeypatch):
+    """The kernels draw their words themselves: the L1 norm of the kept entries they sum is that of
+    the tensor code's keep masks (odd sizes, so ranges split the 64-bit outputs)."""
+    monkeypatch.setattr(fused, "_RANGE", 1001)
+    base, models = bf16_family((33, 135), seed=6)
+    dens = [0.3, 0.5, 1.0]
+    x = inputs_for("dare_ties", base, models, seed=9, weight=1.0, density=dens)
+    keys = [x.stream_key(i, "dare") for i in range(3)]
+    sums = fused.masked_l1_sums(base, models, keys, [registry.keep_limit(d) for d in dens])
+    for i, d in enumerate(dens):
+        tau = (models[i] - base).abs().double()
+        mask = x.keep_mask(i, d, "dare").double()
+        assert 0 < mask.mean() <= 1
+        np.testing.assert_allclose(sums[i], [tau.sum().item(), (tau * mask).sum().item()], rtol=1e-12)
+
+
+def test_kernel_block_words_are_the_stream_words():
+    k = fused.kernels()
+    scratch = np.empty(600, np.uint64)
+    for key, start, size in [(0, 0, 1), (7, 1, 1), (2**63 - 1, 3, 1000), (12345, 1000, 999), (5, 2**33 + 1, 17)]:
+        got = k.block_words(np.uint64(key), start, size, scratch)
+        assert np.array_equal(got, stream_words(key, start, size))
 
 
 def test_nonfinite_inputs_take_the_reference_path(reference):
@@ -216,10 +233,3 @@ def test_the_engine_reads_bfloat16_as_stored_only_for_raw_input_methods(tmp_path
                               if method == "ties" else {"weight": 0.5}} for e in experts]}
         mergelab.merge(recipe, tmp_path / method)
     assert seen["ties"] == {torch.bfloat16} and seen["task_arithmetic"] == {torch.float32}
-
-
-@pytest.mark.parametrize("seed", [0, 1, 12345678901234, 2**63 - 1])
-@pytest.mark.parametrize("n", [1, 2, 7, 100_001])
-def test_kernel_random_words_are_numpys_sfc64_stream(seed, n):
-    want = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
-    assert np.array_equal(fused.random_words(seed, n), want)

@@ -31,7 +31,7 @@ import torch
 from mergelab.calibrate.data import Batch
 from mergelab.calibrate.model import CAUSAL_LM, CLASSIFIER, CalibrationModel
 from mergelab.errors import MergeLabError
-from mergelab.methods.registry import stream_seed
+from mergelab.methods.randomness import stream_seed
 
 FISHER_MODES = ("exact", "sampled", "empirical", "batched")
 

@@ -118,34 +118,29 @@ def _l1_factor(before: float, after: float) -> float:
     return 1.0 if before < 1e-7 or after < 1e-7 else float(before / after)
 
 
-def _random_words(x: TensorInputs) -> tuple:
-    """Per model, the uint32 words whose comparison with the keep limit draws DARE's mask (the same
-    numbers :meth:`TensorInputs.keep_mask` uses), and those limits; a model kept whole gets zeros
-    and a limit above every word."""
+def _stream_keys(x: TensorInputs) -> tuple:
+    """Per model, the key of the random stream whose words draw DARE's mask (the words
+    :meth:`TensorInputs.keep_mask` compares) and the keep limit; a model kept whole gets a limit
+    above every word."""
     dens = x.model_param("density")
-    size = x.models[0].numel()
-    words = map_models(lambda i: x.random_words(i, "dare") if dens[i] < 1 else np.zeros(size, np.uint32),
-                       range(len(dens)), "cpu")
-    limits = [keep_limit(d) for d in dens]
-    return words, limits
+    return [x.stream_key(i, "dare") for i in range(len(dens))], [keep_limit(d) for d in dens]
 
 
 def _fused_l1_sums(x: TensorInputs) -> Optional[np.ndarray]:
-    words, limits = _random_words(x)
-    return fused.masked_l1_sums(x.base, x.models, words, limits)
+    return fused.masked_l1_sums(x.base, x.models, *_stream_keys(x))
 
 
 def _fused_dare_ties(x: TensorInputs, tie: float, paper: bool) -> Optional[torch.Tensor]:
     """:func:`dare_ties_merge` with the fused CPU kernels (see :mod:`mergelab.methods.fused`), or None."""
     n = len(x.models)
     dens = x.model_param("density")
-    words, limits = _random_words(x)
+    keys, limits = _stream_keys(x)
     factors = [1.0] * n
     divisors = [1.0] * n
     if paper:
         divisors = [min(1.0, d) if d > 0 else 1.0 for d in dens]
     elif _inline_l1(x):
-        sums = fused.masked_l1_sums(x.base, x.models, words, limits)
+        sums = fused.masked_l1_sums(x.base, x.models, keys, limits)
         if sums is None:
             return None
         factors = [_l1_factor(b, a) for b, a in sums.tolist()]
@@ -153,7 +148,7 @@ def _fused_dare_ties(x: TensorInputs, tie: float, paper: bool) -> Optional[torch
         factors = list(_scale(x))
     return fused.consensus_merge(x.base, x.models, thresholds=[0.0] * n, factors=factors, divisors=divisors,
                                  weights=x.model_param("weight"), tie_sign=tie, normalize=x.params["normalize"],
-                                 count_divisor=paper, lam=x.params["lambda"], words=words, keep_below=limits)
+                                 count_divisor=paper, lam=x.params["lambda"], keys=keys, keep_below=limits)
 
 
 def _scale(x: TensorInputs) -> Optional[list]:

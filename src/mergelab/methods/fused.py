@@ -75,16 +75,15 @@ def warm_up(num_models: int) -> None:
             return
         base = np.zeros(4, np.float32)
         models = tuple(np.zeros(4, np.float32) for _ in range(num_models))
-        words = tuple(np.zeros(4, np.uint32) for _ in range(num_models))
+        keys = np.zeros(num_models, np.uint64)
         counts = np.zeros((num_models, _BINS), np.int64)
         k.high_histograms(models, base, 0, 4, counts)
         k.low_histograms(models, base, 0, 4, np.zeros(num_models, np.int32), counts)
-        k.masked_l1(models, base, 0, 4, words, np.zeros(num_models, np.int64), np.zeros((num_models, 2)))
-        k.sfc64_fill(np.ones(4, np.uint64), np.empty(2, np.uint64))
+        limits = np.zeros(num_models, np.int64)
+        k.masked_l1(models, base, 0, 4, keys, limits, np.zeros((num_models, 2)))
         ones = np.ones(num_models, np.float32)
-        for use_words in (False, True):
-            k.consensus(models, base, 0, 4, ones, words, np.zeros(num_models, np.int64), use_words, ones, ones,
-                        ones, True, True, False, np.float32(1), np.empty(4, np.float32))
+        k.consensus(models, base, 0, 4, ones, keys, limits, ones, ones, ones, True, True, False, np.float32(1),
+                    np.empty(4, np.float32))
 
     if num_models > 0 and not _turned_off():
         threading.Thread(target=run, name="mergelab-fused-warm-up", daemon=True).start()
@@ -115,17 +114,6 @@ def _ranges(n: int, parts: Optional[int] = None) -> List[Tuple[int, int]]:
 
 def _threads() -> int:
     return os.cpu_count() or 1
-
-
-# ---------------------------------------------------------------------------------------- random numbers
-def random_words(seed: int, n: int) -> np.ndarray:
-    """``n`` uint32 words of numpy's ``SFC64(seed)`` stream: what ``SFC64(seed).random_raw((n + 1) // 2)
-    .view(np.uint32)[:n]`` gives. numpy seeds the generator; the kernel draws the numbers, about twice
-    as fast as ``random_raw`` (which calls the generator through a function pointer per number)."""
-    state = np.array(np.random.SFC64(seed).state["state"]["state"], np.uint64)  # [a, b, c, counter]
-    words = np.empty((n + 1) // 2, np.uint64)
-    kernels().sfc64_fill(state, words)
-    return words.view(np.uint32)[:n]
 
 
 # ---------------------------------------------------------------------------------------- order statistics
@@ -170,19 +158,20 @@ def _histograms(chunks: ChunkStream, want: List[int], count) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------- DARE's L1 norms
-def masked_l1_sums(base: torch.Tensor, models: Sequence[torch.Tensor], words: Sequence[np.ndarray],
+def masked_l1_sums(base: torch.Tensor, models: Sequence[torch.Tensor], keys: Sequence[int],
                    keep_below: Sequence[int]) -> Optional[np.ndarray]:
-    """``[n, 2]`` float64: ``sum |tau_i|`` and ``sum |tau_i * keep_i|`` with ``keep_i = words[i] <
-    keep_below[i]``; None if a task vector holds NaN or inf. Summed in fixed ranges, then in range
-    order, so the result does not depend on threads."""
+    """``[n, 2]`` float64: ``sum |tau_i|`` and ``sum |tau_i * keep_i|``, where entry ``j`` is kept when
+    word ``j`` of the random stream keyed ``keys[i]`` is below ``keep_below[i]`` (``2**32`` keeps
+    all); None if a task vector holds NaN or inf. Summed in fixed ranges, then in range order, so
+    the result does not depend on threads."""
     k = kernels()
     b = _flat(base)
     ms = tuple(_flat(m) for m in models)
     parts = _ranges(b.size)
     sums = [np.zeros((len(ms), 2), np.float64) for _ in parts]
+    keys64 = np.asarray(keys, np.uint64)
     limits = np.asarray(keep_below, np.int64)
-    words = tuple(words)
-    bad = map_models(lambda p: k.masked_l1(ms, b, parts[p][0], parts[p][1], words, limits, sums[p]),
+    bad = map_models(lambda p: k.masked_l1(ms, b, parts[p][0], parts[p][1], keys64, limits, sums[p]),
                      range(len(parts)))
     if any(bad):
         return None
@@ -193,31 +182,30 @@ def masked_l1_sums(base: torch.Tensor, models: Sequence[torch.Tensor], words: Se
 def consensus_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, thresholds: Sequence[float],
                     factors: Sequence[float], divisors: Sequence[float], weights: Sequence[float],
                     tie_sign: float, normalize: bool, count_divisor: bool, lam: float,
-                    words: Optional[Sequence[np.ndarray]] = None,
+                    keys: Optional[Sequence[int]] = None,
                     keep_below: Optional[Sequence[int]] = None) -> Optional[torch.Tensor]:
     """``base + lam * disjoint_merge(elect_sign(prepared task vectors))`` as one fused pass; see
-    :func:`mergelab.methods._fused_kernels.consensus` for the exact operations. ``tie_sign`` must be
-    ``+1`` or ``-1``. Returns None if a task vector holds NaN or inf (take the reference path)."""
+    :func:`mergelab.methods._fused_kernels.consensus` for the exact operations. With ``keys``, model
+    ``i``'s entry ``j`` is dropped unless word ``j`` of the random stream keyed ``keys[i]`` is below
+    ``keep_below[i]`` (DARE). ``tie_sign`` must be ``+1`` or ``-1``. Returns None if a task vector
+    holds NaN or inf (take the reference path)."""
     if tie_sign not in (1, -1):
         raise ValueError(f"fused consensus_merge needs a tie sign of +1 or -1, got {tie_sign}")
     k = kernels()
     n = len(models)
     b = _flat(base)
     ms = tuple(_flat(m) for m in models)
-    use_words = words is not None
-    if use_words:
-        wd = tuple(words)
-        limits = np.asarray(keep_below, np.int64)
-    else:
-        wd = tuple(np.zeros(1, np.uint32) for _ in range(n))
-        limits = np.zeros(n, np.int64)
+    if keys is None:
+        keys, keep_below = [0] * n, [1 << 32] * n
+    keys64 = np.asarray(keys, np.uint64)
+    limits = np.asarray(keep_below, np.int64)
     f32 = lambda v: np.asarray([float(x) for x in v], np.float32)  # noqa: E731
     thr, fac, dvs, wts = f32(thresholds), f32(factors), f32(divisors), f32(weights)
     out = np.empty(b.size, np.float32)
     lam32 = np.float32(lam)
     parts = _ranges(b.size, max(1, min(4 * _threads(), math.ceil(b.size / (1 << 16)))))
-    bad = map_models(lambda p: k.consensus(ms, b, parts[p][0], parts[p][1], thr, wd, limits, use_words, fac, dvs,
-                                           wts, tie_sign > 0, normalize, count_divisor, lam32, out),
+    bad = map_models(lambda p: k.consensus(ms, b, parts[p][0], parts[p][1], thr, keys64, limits, fac, dvs, wts,
+                                           tie_sign > 0, normalize, count_divisor, lam32, out),
                      range(len(parts)))
     if any(bad):
         return None

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import difflib
 import enum
-import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from mergelab.errors import RecipeError
+from mergelab.methods.randomness import stream_seed, stream_words
 
 
 class _Required:
@@ -115,23 +115,13 @@ class BaseUse(str, enum.Enum):
 # laptop's L2/L3 caches between its passes. Measured on a 160M-parameter merge: 25% less merge time
 # than whole tensors (up to 16 MB per input); 256K or 1M chunks lie in between.
 STREAM_ELEMENTS = 1 << 19
-RANDOM_BLOCK = 1 << 20  # values drawn per block (even, so blocks split the stream at 64-bit draws)
+RANDOM_BLOCK = 1 << 20  # random words drawn per block by the tensor code
 
 
 def keep_limit(keep_prob: float) -> int:
     """The uint32 word below which an entry is kept with probability ``keep_prob`` (exactly
     ``floor(keep_prob * 2**32) / 2**32``); ``2**32``, above every word, for ``keep_prob >= 1``."""
     return 1 << 32 if keep_prob >= 1 else max(0, math.floor(keep_prob * 2.0 ** 32))
-
-
-def stream_seed(*parts: Any) -> int:
-    """A 63-bit seed derived from ``parts`` (seed, tensor name, chunk, model, purpose).
-
-    Randomness is keyed by what it is for, never by the order tensors are processed in, so results
-    do not depend on order, threads or device.
-    """
-    digest = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 @dataclass
@@ -173,34 +163,21 @@ class TensorInputs:
         f32 = lambda t: t if t.dtype == torch.float32 else t.to(torch.float32)  # noqa: E731
         return replace(self, base=None if self.base is None else f32(self.base), models=[f32(m) for m in self.models])
 
-    def _stream_seed(self, model_index: int, purpose: str) -> int:
-        """The seed of model ``model_index``'s random stream for ``purpose`` in this chunk."""
+    def stream_key(self, model_index: int, purpose: str) -> int:
+        """The key of model ``model_index``'s random stream for ``purpose`` in this chunk (see
+        :mod:`mergelab.methods.randomness`)."""
         return stream_seed(self.seed, self.name, self.chunk, model_index, purpose)
 
     def random_bits(self, model_index: int, purpose: str = "") -> Iterator[Tuple[int, np.ndarray]]:
         """Independent uniform 32-bit integers, one per entry of this chunk (in flat order), as
         ``(offset, block)`` pairs of at most ``RANDOM_BLOCK`` values, so that no full-size integer
-        buffer is ever held.
-
-        Drawn from numpy's SFC64 seeded with (seed, tensor name, chunk, model, purpose): the same
-        numbers on every device and thread, about ten times faster than ``torch.rand`` on a CPU.
-        """
+        buffer is ever held: words ``0 .. numel - 1`` of the stream keyed by (seed, tensor name,
+        chunk, model, purpose), the same numbers on every device and thread, and the numbers the
+        fused CPU kernels draw for themselves."""
         n = math.prod(self.models[model_index].shape)
-        gen = np.random.SFC64(self._stream_seed(model_index, purpose))
+        key = self.stream_key(model_index, purpose)
         for start in range(0, n, RANDOM_BLOCK):
-            size = min(RANDOM_BLOCK, n - start)
-            yield start, gen.random_raw((size + 1) // 2).view(np.uint32)[:size]
-
-    def random_words(self, model_index: int, purpose: str = "") -> np.ndarray:
-        """The numbers :meth:`random_bits` yields, as one uint32 array (for the fused CPU kernels,
-        which draw them themselves, faster, when numba is present)."""
-        from mergelab.methods import fused
-
-        n = math.prod(self.models[model_index].shape)
-        seed = self._stream_seed(model_index, purpose)
-        if fused.kernels() is not None:
-            return fused.random_words(seed, n)
-        return np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
+            yield start, stream_words(key, start, min(RANDOM_BLOCK, n - start))
 
     def _fill(self, model_index: int, purpose: str, block_fn) -> torch.Tensor:
         like = self.models[model_index]
