@@ -149,6 +149,22 @@ def test_kernel_masks_are_the_keep_masks(monkeypatch):
         np.testing.assert_allclose(sums[i], [tau.sum().item(), (tau * mask).sum().item()], rtol=1e-12)
 
 
+def test_stored_keep_flags_give_the_merge_that_draws_the_words(monkeypatch):
+    monkeypatch.setattr(fused, "_RANGE", 1001)
+    base, models = bf16_family((33, 135), seed=7)
+    dens = [0.3, 1.0, 0.6]
+    keys, limits = [11, 12, 13], [registry.keep_limit(d) for d in dens]
+    kept = np.full((3, base.numel()), 7, np.uint8)
+    sums = fused.masked_l1_sums(base, models, keys, limits, kept)
+    assert np.array_equal(sums, fused.masked_l1_sums(base, models, keys, limits))
+    for i in (0, 2):  # models that drop have their flags stored, as the words say
+        want = stream_words(keys[i], 0, base.numel()) < limits[i]
+        assert np.array_equal(kept[i], want.astype(np.uint8))
+    kw = dict(thresholds=[0.0] * 3, factors=[1.5, 1.0, 2.0], divisors=[1.0] * 3, weights=[0.5, 0.3, 0.2],
+              tie_sign=1, normalize=False, count_divisor=False, lam=1.0, keys=keys, keep_below=limits)
+    assert torch.equal(fused.consensus_merge(base, models, kept=kept, **kw), fused.consensus_merge(base, models, **kw))
+
+
 def test_kernel_block_words_are_the_stream_words():
     k = fused.kernels()
     scratch = np.empty(600, np.uint64)

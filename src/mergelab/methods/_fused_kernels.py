@@ -79,14 +79,16 @@ def low_histograms(models, base, lo, hi, buckets, hist):
 # Only the two L1 sums may be reassociated (their order is not part of any reference result: the
 # tensor code's float32 sums round differently anyway); it lets them vectorize.
 @njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath={"reassoc"})
-def masked_l1(models, base, lo, hi, keys, keep_below, sums):
+def masked_l1(models, base, lo, hi, keys, keep_below, sums, kept):
     """``sums[i, 0] += sum |d|`` and ``sums[i, 1] += sum |d * keep|`` over ``[lo, hi)`` (float64),
     ``d = models[i] - base``, ``keep = word_j < keep_below[i]`` with ``word_j`` the ``j``-th word of
-    the stream keyed ``keys[i]``. Returns the number of non-finite ``d`` seen."""
+    the stream keyed ``keys[i]``; the keep flags are also stored in ``kept[i, j]`` (uint8) unless
+    ``kept`` has no columns. Returns the number of non-finite ``d`` seen."""
     bad = 0
     n = len(models)
     scratch = np.empty(_BLOCK // 2 + 1, np.uint64)
     acc = np.zeros((n, 2))
+    store = kept.shape[1] > 0
     # Block by block, all models: the base's block stays in the L1 cache (twice as fast as model by model).
     for start in range(lo, hi, _BLOCK):
         size = min(hi, start + _BLOCK) - start
@@ -109,6 +111,10 @@ def masked_l1(models, base, lo, hi, keys, keep_below, sums):
                     bad += 0 if a <= _FLOAT32_MAX else 1
                     before += a
                     after += a if np.int64(w[j]) < limit else 0.0
+                if store:
+                    k = kept[i, start:start + size]
+                    for j in range(size):
+                        k[j] = 1 if np.int64(w[j]) < limit else 0
             acc[i, 0] += before
             acc[i, 1] += after
     for i in range(n):
@@ -118,14 +124,16 @@ def masked_l1(models, base, lo, hi, keys, keep_below, sums):
 
 
 @njit(**_JIT)
-def consensus(models, base, lo, hi, thresholds, keys, keep_below, factors, divisors, weights,
+def consensus(models, base, lo, hi, thresholds, keys, keep_below, kept, factors, divisors, weights,
               tie_up, normalize, count_divisor, lam, out):
     """TIES' elect-sign and disjoint merge of prepared task vectors, plus the base, into ``out``.
 
     Per model ``i`` and entry ``j``: ``d = models[i, j] - base[j]``; ``d = 0`` unless
     ``|d| >= thresholds[i]`` (trim) and, where ``keep_below[i] < 2**32``, ``d = d * (word_j <
     keep_below[i])`` with ``word_j`` the ``j``-th word of the stream keyed ``keys[i]`` (a random
-    drop, as a multiply by the mask); then ``d = d * factors[i] / divisors[i] * weights[i]``.
+    drop, as a multiply by the mask; where ``kept`` has columns, the keep flags ``kept[i, j]`` that
+    :func:`masked_l1` stored from the same words are read instead); then ``d = d * factors[i] /
+    divisors[i] * weights[i]``.
     The elected sign is ``+1`` where ``sum_i d >= 0`` (``tie_up``) or ``> 0``, else ``-1``; the
     merged delta is ``sign * sum_i relu(sign * d_i)``, divided (``normalize``) by the summed weights
     (or the count, ``count_divisor``) of the agreeing models, a zero divisor becoming 1 (or at least
@@ -140,6 +148,7 @@ def consensus(models, base, lo, hi, thresholds, keys, keep_below, factors, divis
     div = np.empty(_BLOCK, np.float32)
     sign = np.empty(_BLOCK, np.float32)
     scratch = np.empty(_BLOCK // 2 + 1, np.uint64)
+    stored = kept.shape[1] > 0
     bad = 0
     for start in range(lo, hi, _BLOCK):
         size = min(hi, start + _BLOCK) - start
@@ -152,7 +161,15 @@ def consensus(models, base, lo, hi, thresholds, keys, keep_below, factors, divis
             q = divisors[i]
             w = weights[i]
             limit = keep_below[i]
-            if limit <= 0xFFFFFFFF:
+            if limit <= 0xFFFFFFFF and stored:
+                k = kept[i, start:start + size]
+                for j in range(size):
+                    d = widen(m[j]) - widen(b[j])
+                    bad += 0 if abs(d) <= _FLOAT32_MAX else 1
+                    d = d if abs(d) >= t else zero
+                    d = d * (one if k[j] != 0 else zero)
+                    p[j] = d * f / q * w
+            elif limit <= 0xFFFFFFFF:
                 wd = block_words(keys[i], start, size, scratch)
                 for j in range(size):
                     d = widen(m[j]) - widen(b[j])

@@ -135,12 +135,16 @@ def _fused_dare_ties(x: TensorInputs, tie: float, paper: bool) -> Optional[torch
     n = len(x.models)
     dens = x.model_param("density")
     keys, limits = _stream_keys(x)
+    kept = None
     factors = [1.0] * n
     divisors = [1.0] * n
     if paper:
         divisors = [min(1.0, d) if d > 0 else 1.0 for d in dens]
     elif _inline_l1(x):
-        sums = fused.masked_l1_sums(x.base, x.models, keys, limits)
+        # The L1 pass stores its keep flags (1 byte an entry: a whole tensor is at most a few million)
+        # so the merge reads them instead of drawing the words again.
+        kept = np.empty((n, x.base.numel()), np.uint8)
+        sums = fused.masked_l1_sums(x.base, x.models, keys, limits, kept)
         if sums is None:
             return None
         factors = [_l1_factor(b, a) for b, a in sums.tolist()]
@@ -148,7 +152,7 @@ def _fused_dare_ties(x: TensorInputs, tie: float, paper: bool) -> Optional[torch
         factors = list(_scale(x))
     return fused.consensus_merge(x.base, x.models, thresholds=[0.0] * n, factors=factors, divisors=divisors,
                                  weights=x.model_param("weight"), tie_sign=tie, normalize=x.params["normalize"],
-                                 count_divisor=paper, lam=x.params["lambda"], keys=keys, keep_below=limits)
+                                 count_divisor=paper, lam=x.params["lambda"], keys=keys, keep_below=limits, kept=kept)
 
 
 def _scale(x: TensorInputs) -> Optional[list]:

@@ -80,10 +80,11 @@ def warm_up(num_models: int) -> None:
         k.high_histograms(models, base, 0, 4, counts)
         k.low_histograms(models, base, 0, 4, np.zeros(num_models, np.int32), counts)
         limits = np.zeros(num_models, np.int64)
-        k.masked_l1(models, base, 0, 4, keys, limits, np.zeros((num_models, 2)))
+        kept = np.zeros((num_models, 4), np.uint8)
+        k.masked_l1(models, base, 0, 4, keys, limits, np.zeros((num_models, 2)), kept)
         ones = np.ones(num_models, np.float32)
-        k.consensus(models, base, 0, 4, ones, keys, limits, ones, ones, ones, True, True, False, np.float32(1),
-                    np.empty(4, np.float32))
+        k.consensus(models, base, 0, 4, ones, keys, limits, kept, ones, ones, ones, True, True, False,
+                    np.float32(1), np.empty(4, np.float32))
 
     if num_models > 0 and not _turned_off():
         threading.Thread(target=run, name="mergelab-fused-warm-up", daemon=True).start()
@@ -95,6 +96,10 @@ def usable(base: torch.Tensor, *models: torch.Tensor) -> bool:
     return kernels() is not None and len({m.dtype for m in models}) <= 1 and all(
         t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) and t.is_contiguous()
         for t in (base,) + models)
+
+
+def _no_flags(n: int) -> np.ndarray:
+    return np.zeros((n, 0), np.uint8)
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:
@@ -159,11 +164,13 @@ def _histograms(chunks: ChunkStream, want: List[int], count) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------- DARE's L1 norms
 def masked_l1_sums(base: torch.Tensor, models: Sequence[torch.Tensor], keys: Sequence[int],
-                   keep_below: Sequence[int]) -> Optional[np.ndarray]:
+                   keep_below: Sequence[int], kept: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
     """``[n, 2]`` float64: ``sum |tau_i|`` and ``sum |tau_i * keep_i|``, where entry ``j`` is kept when
     word ``j`` of the random stream keyed ``keys[i]`` is below ``keep_below[i]`` (``2**32`` keeps
     all); None if a task vector holds NaN or inf. Summed in fixed ranges, then in range order, so
-    the result does not depend on threads."""
+    the result does not depend on threads. With ``kept`` (uint8 ``[n, numel]``), the keep flags of
+    the models that drop are stored there, for :func:`consensus_merge` to read instead of drawing
+    the words again."""
     k = kernels()
     b = _flat(base)
     ms = tuple(_flat(m) for m in models)
@@ -171,7 +178,8 @@ def masked_l1_sums(base: torch.Tensor, models: Sequence[torch.Tensor], keys: Seq
     sums = [np.zeros((len(ms), 2), np.float64) for _ in parts]
     keys64 = np.asarray(keys, np.uint64)
     limits = np.asarray(keep_below, np.int64)
-    bad = map_models(lambda p: k.masked_l1(ms, b, parts[p][0], parts[p][1], keys64, limits, sums[p]),
+    kept = _no_flags(len(ms)) if kept is None else kept
+    bad = map_models(lambda p: k.masked_l1(ms, b, parts[p][0], parts[p][1], keys64, limits, sums[p], kept),
                      range(len(parts)))
     if any(bad):
         return None
@@ -182,12 +190,13 @@ def masked_l1_sums(base: torch.Tensor, models: Sequence[torch.Tensor], keys: Seq
 def consensus_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, thresholds: Sequence[float],
                     factors: Sequence[float], divisors: Sequence[float], weights: Sequence[float],
                     tie_sign: float, normalize: bool, count_divisor: bool, lam: float,
-                    keys: Optional[Sequence[int]] = None,
-                    keep_below: Optional[Sequence[int]] = None) -> Optional[torch.Tensor]:
+                    keys: Optional[Sequence[int]] = None, keep_below: Optional[Sequence[int]] = None,
+                    kept: Optional[np.ndarray] = None) -> Optional[torch.Tensor]:
     """``base + lam * disjoint_merge(elect_sign(prepared task vectors))`` as one fused pass; see
     :func:`mergelab.methods._fused_kernels.consensus` for the exact operations. With ``keys``, model
     ``i``'s entry ``j`` is dropped unless word ``j`` of the random stream keyed ``keys[i]`` is below
-    ``keep_below[i]`` (DARE). ``tie_sign`` must be ``+1`` or ``-1``. Returns None if a task vector
+    ``keep_below[i]`` (DARE; ``kept``: the keep flags :func:`masked_l1_sums` stored from the same
+    words). ``tie_sign`` must be ``+1`` or ``-1``. Returns None if a task vector
     holds NaN or inf (take the reference path)."""
     if tie_sign not in (1, -1):
         raise ValueError(f"fused consensus_merge needs a tie sign of +1 or -1, got {tie_sign}")
@@ -199,12 +208,13 @@ def consensus_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, thres
         keys, keep_below = [0] * n, [1 << 32] * n
     keys64 = np.asarray(keys, np.uint64)
     limits = np.asarray(keep_below, np.int64)
+    kept = _no_flags(n) if kept is None else kept
     f32 = lambda v: np.asarray([float(x) for x in v], np.float32)  # noqa: E731
     thr, fac, dvs, wts = f32(thresholds), f32(factors), f32(divisors), f32(weights)
     out = np.empty(b.size, np.float32)
     lam32 = np.float32(lam)
     parts = _ranges(b.size, max(1, min(4 * _threads(), math.ceil(b.size / (1 << 16)))))
-    bad = map_models(lambda p: k.consensus(ms, b, parts[p][0], parts[p][1], thr, keys64, limits, fac, dvs, wts,
+    bad = map_models(lambda p: k.consensus(ms, b, parts[p][0], parts[p][1], thr, keys64, limits, kept, fac, dvs, wts,
                                            tie_sign > 0, normalize, count_divisor, lam32, out),
                      range(len(parts)))
     if any(bad):
