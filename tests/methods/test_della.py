@@ -42,16 +42,17 @@ def test_one_d_tensors_are_one_row_and_single_column_rows_get_the_density():
 def test_epsilon_zero_is_dare(semantics, monkeypatch):
     w = [{"weight": x, "density": 0.6, "epsilon": 0.0} for x in (1.0, 0.5, 0.8)]
     dare_w = [{"weight": x["weight"], "density": 0.6} for x in w]
-    lin = run("della_linear", BASE, MODELS, {"semantics": semantics}, w, seed=11)
-    dare = run("dare_linear", BASE, MODELS, {"semantics": semantics}, dare_w, seed=11)
-    assert torch.equal(lin, dare)
-    if semantics == "mergekit":  # same consensus as mergekit's dare_ties once normalize agrees
-        # DELLA is tensor code; so is dare_ties here (its fused CPU kernel sums the L1 norms of the
-        # rescale in float64, which moves the last bits: see mergelab.methods.fused).
+    if semantics == "mergekit":
+        # DELLA is tensor code; DARE's fused CPU kernels sum the L1 norms of mergekit's rescale in
+        # float64, which moves the last bits (see mergelab.methods.fused): compare with the tensor code.
         from mergelab.methods import fused
 
         monkeypatch.setattr(fused, "_kernels", None)
         monkeypatch.setattr(fused, "_unavailable", True)
+    lin = run("della_linear", BASE, MODELS, {"semantics": semantics}, w, seed=11)
+    dare = run("dare_linear", BASE, MODELS, {"semantics": semantics}, dare_w, seed=11)
+    assert torch.equal(lin, dare)
+    if semantics == "mergekit":  # same consensus as mergekit's dare_ties once normalize agrees
         ties = run("della", BASE, MODELS, {"normalize": False}, w, seed=11)
         dare_ties = run("dare_ties", BASE, MODELS, None, dare_w, seed=11)
         assert torch.equal(ties, dare_ties)

@@ -123,19 +123,57 @@ def masked_l1(models, base, lo, hi, keys, keep_below, sums, kept):
     return bad
 
 
+@njit(inline="always")
+def prepare_block(model, base, start, size, i, thresholds, keys, keep_below, kept, factors, divisors, weights,
+                  scratch, p):
+    """Model ``i``'s prepared task vector on ``[start, start + size)`` into ``p``: per entry ``j``,
+    ``d = model[j] - base[j]``; ``d = 0`` unless ``|d| >= thresholds[i]`` (trim); where
+    ``keep_below[i] < 2**32``, ``d = d * (word_j < keep_below[i])`` with ``word_j`` the ``j``-th word
+    of the stream keyed ``keys[i]`` (DARE's drop, as a multiply by the mask; where ``kept`` has
+    columns, the keep flags :func:`masked_l1` stored from the same words are read instead); then
+    ``p[j] = d * factors[i] / divisors[i] * weights[i]``. Returns the number of non-finite ``d``."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    m = model[start:start + size]
+    b = base[start:start + size]
+    t = thresholds[i]
+    f = factors[i]
+    q = divisors[i]
+    w = weights[i]
+    limit = keep_below[i]
+    bad = 0
+    if limit <= 0xFFFFFFFF and kept.shape[1] > 0:
+        k = kept[i, start:start + size]
+        for j in range(size):
+            d = widen(m[j]) - widen(b[j])
+            bad += 0 if abs(d) <= _FLOAT32_MAX else 1
+            d = d if abs(d) >= t else zero
+            d = d * (one if k[j] != 0 else zero)
+            p[j] = d * f / q * w
+    elif limit <= 0xFFFFFFFF:
+        wd = block_words(keys[i], start, size, scratch)
+        for j in range(size):
+            d = widen(m[j]) - widen(b[j])
+            bad += 0 if abs(d) <= _FLOAT32_MAX else 1
+            d = d if abs(d) >= t else zero
+            d = d * (one if np.int64(wd[j]) < limit else zero)
+            p[j] = d * f / q * w
+    else:
+        for j in range(size):
+            d = widen(m[j]) - widen(b[j])
+            bad += 0 if abs(d) <= _FLOAT32_MAX else 1
+            d = d if abs(d) >= t else zero
+            p[j] = d * f / q * w
+    return bad
+
+
 @njit(**_JIT)
 def consensus(models, base, lo, hi, thresholds, keys, keep_below, kept, factors, divisors, weights,
               tie_up, normalize, count_divisor, lam, out):
     """TIES' elect-sign and disjoint merge of prepared task vectors, plus the base, into ``out``.
 
-    Per model ``i`` and entry ``j``: ``d = models[i, j] - base[j]``; ``d = 0`` unless
-    ``|d| >= thresholds[i]`` (trim) and, where ``keep_below[i] < 2**32``, ``d = d * (word_j <
-    keep_below[i])`` with ``word_j`` the ``j``-th word of the stream keyed ``keys[i]`` (a random
-    drop, as a multiply by the mask; where ``kept`` has columns, the keep flags ``kept[i, j]`` that
-    :func:`masked_l1` stored from the same words are read instead); then ``d = d * factors[i] /
-    divisors[i] * weights[i]``.
-    The elected sign is ``+1`` where ``sum_i d >= 0`` (``tie_up``) or ``> 0``, else ``-1``; the
-    merged delta is ``sign * sum_i relu(sign * d_i)``, divided (``normalize``) by the summed weights
+    Each model's task vector is prepared as :func:`prepare_block` says (``d``). The elected sign is
+    ``+1`` where ``sum_i d >= 0`` (``tie_up``) or ``> 0``, else ``-1``; the merged delta is ``sign * sum_i relu(sign * d_i)``, divided (``normalize``) by the summed weights
     (or the count, ``count_divisor``) of the agreeing models, a zero divisor becoming 1 (or at least
     1), times ``lam``, plus the base. Sums run in model order. Returns the number of non-finite ``d``
     seen (the caller then takes the reference path, whose NaN handling this does not copy).
@@ -148,41 +186,13 @@ def consensus(models, base, lo, hi, thresholds, keys, keep_below, kept, factors,
     div = np.empty(_BLOCK, np.float32)
     sign = np.empty(_BLOCK, np.float32)
     scratch = np.empty(_BLOCK // 2 + 1, np.uint64)
-    stored = kept.shape[1] > 0
     bad = 0
     for start in range(lo, hi, _BLOCK):
         size = min(hi, start + _BLOCK) - start
         b = base[start:start + size]
         for i in range(n):
-            m = models[i][start:start + size]
-            p = prepared[i]
-            t = thresholds[i]
-            f = factors[i]
-            q = divisors[i]
-            w = weights[i]
-            limit = keep_below[i]
-            if limit <= 0xFFFFFFFF and stored:
-                k = kept[i, start:start + size]
-                for j in range(size):
-                    d = widen(m[j]) - widen(b[j])
-                    bad += 0 if abs(d) <= _FLOAT32_MAX else 1
-                    d = d if abs(d) >= t else zero
-                    d = d * (one if k[j] != 0 else zero)
-                    p[j] = d * f / q * w
-            elif limit <= 0xFFFFFFFF:
-                wd = block_words(keys[i], start, size, scratch)
-                for j in range(size):
-                    d = widen(m[j]) - widen(b[j])
-                    bad += 0 if abs(d) <= _FLOAT32_MAX else 1
-                    d = d if abs(d) >= t else zero
-                    d = d * (one if np.int64(wd[j]) < limit else zero)
-                    p[j] = d * f / q * w
-            else:
-                for j in range(size):
-                    d = widen(m[j]) - widen(b[j])
-                    bad += 0 if abs(d) <= _FLOAT32_MAX else 1
-                    d = d if abs(d) >= t else zero
-                    p[j] = d * f / q * w
+            bad += prepare_block(models[i], base, start, size, i, thresholds, keys, keep_below, kept, factors,
+                                 divisors, weights, scratch, prepared[i])
         for j in range(size):
             total[j] = prepared[0, j]
         for i in range(1, n):
@@ -216,4 +226,32 @@ def consensus(models, base, lo, hi, thresholds, keys, keep_below, kept, factors,
                     dv = dv if dv != zero else one
                 merged = merged / dv
             out[start + j] = merged * lam + widen(b[j])
+    return bad
+
+
+@njit(**_JIT)
+def weighted_sum(models, base, lo, hi, keys, keep_below, kept, factors, divisors, weights, divide_by, lam, out):
+    """``out = base + (sum_i d_i) / divide_by * lam`` with each model's task vector ``d_i`` prepared as
+    :func:`prepare_block` says (no trim); the sum runs in model order. Returns the number of
+    non-finite ``d`` seen."""
+    n = len(models)
+    prepared = np.empty((n, _BLOCK), np.float32)
+    total = np.empty(_BLOCK, np.float32)
+    no_trim = np.zeros(n, np.float32)
+    scratch = np.empty(_BLOCK // 2 + 1, np.uint64)
+    bad = 0
+    for start in range(lo, hi, _BLOCK):
+        size = min(hi, start + _BLOCK) - start
+        b = base[start:start + size]
+        for i in range(n):
+            bad += prepare_block(models[i], base, start, size, i, no_trim, keys, keep_below, kept, factors,
+                                 divisors, weights, scratch, prepared[i])
+        for j in range(size):
+            total[j] = prepared[0, j]
+        for i in range(1, n):
+            p = prepared[i]
+            for j in range(size):
+                total[j] = total[j] + p[j]
+        for j in range(size):
+            out[start + j] = total[j] / divide_by * lam + widen(b[j])
     return bad

@@ -16,7 +16,6 @@ do not depend on the order tensors are processed in, on threads, or on the devic
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import numpy as np
@@ -92,16 +91,15 @@ def dropped(x: TensorInputs, l1_scale: Optional[list] = None) -> TaskVectors:
     return TaskVectors(deltas, torch.tensor(x.model_param("weight"), dtype=deltas.dtype, device=deltas.device))
 
 
-def _prepare_tensor(src: TensorSource, use_fused: bool = False) -> Optional[TrimStats]:
-    """mergekit's L1 rescale factors of a chunked tensor (with ``use_fused``, from the fused CPU
-    kernels where they run: DARE-TIES, whose merge loads them anyway)."""
+def _prepare_tensor(src: TensorSource) -> Optional[TrimStats]:
+    """mergekit's L1 rescale factors of a chunked tensor (from the fused CPU kernels where they run)."""
     if src.params["semantics"] == "paper" or not src.params["rescale"]:
         return None
     if all(p["density"] >= 1 for p in src.model_params):
         return None
     if src.num_chunks == 1:
         return None  # the merge computes the factors from the same (only) chunk: see _inline_l1
-    if use_fused and fused.kernels() is not None:
+    if fused.kernels() is not None:
         sums = np.zeros((src.num_models, 2))
         for c in src.chunks():
             part = _fused_l1_sums(c) if fused.usable(c.base, *c.models) else None
@@ -130,10 +128,12 @@ def _fused_l1_sums(x: TensorInputs) -> Optional[np.ndarray]:
     return fused.masked_l1_sums(x.base, x.models, *_stream_keys(x))
 
 
-def _fused_dare_ties(x: TensorInputs, tie: float, paper: bool) -> Optional[torch.Tensor]:
-    """:func:`dare_ties_merge` with the fused CPU kernels (see :mod:`mergelab.methods.fused`), or None."""
+def _fused_dare(x: TensorInputs, tie: Optional[float]) -> Optional[torch.Tensor]:
+    """:func:`dare_ties_merge` (with the sign election's ``tie`` sign) or :func:`dare_linear_merge`
+    (``tie`` None) with the fused CPU kernels (see :mod:`mergelab.methods.fused`), or None."""
     n = len(x.models)
     dens = x.model_param("density")
+    paper = x.params["semantics"] == "paper"
     keys, limits = _stream_keys(x)
     kept = None
     factors = [1.0] * n
@@ -150,8 +150,17 @@ def _fused_dare_ties(x: TensorInputs, tie: float, paper: bool) -> Optional[torch
         factors = [_l1_factor(b, a) for b, a in sums.tolist()]
     elif _scale(x) is not None:
         factors = list(_scale(x))
+    weights = x.model_param("weight")
+    if tie is None:
+        divide_by = 1.0
+        if x.params["normalize"]:
+            total = torch.tensor(weights, dtype=torch.float32).sum().item()  # as linear_combine sums them
+            divide_by = 1.0 if abs(total) < 1e-8 else total
+        return fused.weighted_sum_merge(x.base, x.models, factors=factors, divisors=divisors, weights=weights,
+                                        divide_by=divide_by, lam=x.params["lambda"], keys=keys, keep_below=limits,
+                                        kept=kept)
     return fused.consensus_merge(x.base, x.models, thresholds=[0.0] * n, factors=factors, divisors=divisors,
-                                 weights=x.model_param("weight"), tie_sign=tie, normalize=x.params["normalize"],
+                                 weights=weights, tie_sign=tie, normalize=x.params["normalize"],
                                  count_divisor=paper, lam=x.params["lambda"], keys=keys, keep_below=limits, kept=kept)
 
 
@@ -178,6 +187,11 @@ def _finish(x: TensorInputs, merged: torch.Tensor) -> torch.Tensor:
 
 
 def dare_linear_merge(x: TensorInputs) -> torch.Tensor:
+    if fused.usable(x.base, *x.models):
+        merged = _fused_dare(x, None)
+        if merged is not None:
+            return merged
+    x = x.as_float32()
     deltas = dropped_deltas(x, _scale(x), weighted=True, inline_l1=_inline_l1(x))
     weights = torch.tensor(x.model_param("weight"), dtype=deltas.dtype, device=deltas.device)
     return _finish(x, linear_combine(TaskVectors(deltas, weights), normalize=x.params["normalize"]))
@@ -187,7 +201,7 @@ def dare_ties_merge(x: TensorInputs) -> torch.Tensor:
     paper = x.params["semantics"] == "paper"
     tie = x.model_stats.tie_sign if paper else 1.0
     if tie != 0 and fused.usable(x.base, *x.models):
-        merged = _fused_dare_ties(x, tie, paper)
+        merged = _fused_dare(x, tie)
         if merged is not None:
             return merged
     x = x.as_float32()
@@ -210,6 +224,8 @@ register(MergeMethod(
     model_params=(WEIGHT, DENSITY),
     chunkable=True,
     prepare_tensor=_prepare_tensor,
+    warm_up=fused.warm_up,
+    raw_inputs=True,
     notes="mergekit rescales by L1-norm matching over the tensor; semantics: paper rescales by 1/density.",
 ))
 
@@ -230,7 +246,7 @@ register(MergeMethod(
     params=(LAMBDA, normalize(False), rescale_flag(True), INT8_MASK, SEMANTICS),
     model_params=(WEIGHT, DENSITY),
     chunkable=True,
-    prepare_tensor=functools.partial(_prepare_tensor, use_fused=True),
+    prepare_tensor=_prepare_tensor,
     prepare_model=_prepare_model_ties,
     warm_up=fused.warm_up,
     raw_inputs=True,

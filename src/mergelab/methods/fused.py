@@ -1,4 +1,4 @@
-"""Fused CPU kernels for the hot loops of TIES and DARE-TIES: one pass over the inputs, not thirty.
+"""Fused CPU kernels for the hot loops of TIES and DARE: one pass over the inputs, not thirty.
 
 On a CPU, TIES written as tensor operations (subtract, trim, weigh, sum, sign, relu, sum, count,
 divide, add) reads and writes every entry some thirty times, and its per-tensor trim threshold is a
@@ -85,6 +85,8 @@ def warm_up(num_models: int) -> None:
         ones = np.ones(num_models, np.float32)
         k.consensus(models, base, 0, 4, ones, keys, limits, kept, ones, ones, ones, True, True, False,
                     np.float32(1), np.empty(4, np.float32))
+        k.weighted_sum(models, base, 0, 4, keys, limits, kept, ones, ones, ones, np.float32(1), np.float32(1),
+                       np.empty(4, np.float32))
 
     if num_models > 0 and not _turned_off():
         threading.Thread(target=run, name="mergelab-fused-warm-up", daemon=True).start()
@@ -216,6 +218,33 @@ def consensus_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, thres
     parts = _ranges(b.size, max(1, min(4 * _threads(), math.ceil(b.size / (1 << 16)))))
     bad = map_models(lambda p: k.consensus(ms, b, parts[p][0], parts[p][1], thr, keys64, limits, kept, fac, dvs, wts,
                                            tie_sign > 0, normalize, count_divisor, lam32, out),
+                     range(len(parts)))
+    if any(bad):
+        return None
+    return torch.from_numpy(out).reshape(base.shape)
+
+
+# ---------------------------------------------------------------------------------------- weighted sum
+def weighted_sum_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, factors: Sequence[float],
+                       divisors: Sequence[float], weights: Sequence[float], divide_by: float, lam: float,
+                       keys: Sequence[int], keep_below: Sequence[int],
+                       kept: Optional[np.ndarray] = None) -> Optional[torch.Tensor]:
+    """``base + lam * (sum_i prepared task vector i) / divide_by`` as one fused pass (DARE-linear: the
+    task vectors dropped and rescaled as in :func:`consensus_merge`, without a trim); see
+    :func:`mergelab.methods._fused_kernels.weighted_sum`. Returns None if a task vector holds NaN or
+    inf (take the reference path)."""
+    k = kernels()
+    b = _flat(base)
+    ms = tuple(_flat(m) for m in models)
+    keys64 = np.asarray(keys, np.uint64)
+    limits = np.asarray(keep_below, np.int64)
+    kept = _no_flags(len(ms)) if kept is None else kept
+    f32 = lambda v: np.asarray([float(x) for x in v], np.float32)  # noqa: E731
+    fac, dvs, wts = f32(factors), f32(divisors), f32(weights)
+    out = np.empty(b.size, np.float32)
+    parts = _ranges(b.size, max(1, min(4 * _threads(), math.ceil(b.size / (1 << 16)))))
+    bad = map_models(lambda p: k.weighted_sum(ms, b, parts[p][0], parts[p][1], keys64, limits, kept, fac, dvs, wts,
+                                              np.float32(divide_by), np.float32(lam), out),
                      range(len(parts)))
     if any(bad):
         return None

@@ -5,7 +5,7 @@ not depend on order, threads or device. A stream's 64-bit key is a hash of its n
 (:func:`stream_seed`); its numbers are SplitMix64's (Steele, Lea & Flood, "Fast Splittable
 Pseudorandom Number Generators", OOPSLA 2014; the generator behind Java's ``SplittableRandom``):
 output ``k`` of the stream keyed ``key`` is ``mix64(key + (k + 1) * GAMMA)`` modulo ``2**64``, where
-``mix64`` is the variant-13 finaliser of MurmurHash3 with the constants below.
+``mix64`` is David Stafford's "variant 13" of MurmurHash3's 64-bit finaliser (the constants below).
 
 Word ``j`` (a uint32, one per tensor entry) is the low half of output ``j // 2`` for even ``j`` and
 the high half for odd ``j``: the order in which a little-endian machine reads the 64-bit outputs
