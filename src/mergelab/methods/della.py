@@ -142,7 +142,7 @@ def sparsified(x: TensorInputs) -> TaskVectors:
     stats: Optional[DellaStats] = x.tensor_stats
     if stats is None and any(0 < p["density"] < 1 for p in x.model_params):
         if x.params["rescale"] and x.params["semantics"] == "mergekit":
-            stats = _prepare_tensor(whole_source(x))
+            stats = _statistics(whole_source(x))
         elif len(x.shape) <= 1:
             whole_source(x)  # a chunk of a 1-D tensor needs the whole vector's ranks
     masks, probs = _masks_and_probs(x, tv.deltas, stats)
@@ -156,6 +156,15 @@ def sparsified(x: TensorInputs) -> TaskVectors:
 
 
 def _prepare_tensor(src: TensorSource) -> Optional[DellaStats]:
+    """The statistics of a chunked tensor. A whole tensor's are computed in its merge (see
+    :func:`sparsified`), which keeps its masks: computed ahead on the read-ahead thread, they would be
+    held beside the previous tensor's merge (8% more peak memory on a 160M model)."""
+    if src.num_chunks == 1:
+        return None
+    return _statistics(src)
+
+
+def _statistics(src: TensorSource) -> Optional[DellaStats]:
     pruning = [0 < p["density"] < 1 for p in src.model_params]
     if not any(pruning):
         return None
