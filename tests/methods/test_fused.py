@@ -263,3 +263,49 @@ def test_the_engine_reads_bfloat16_as_stored_only_for_raw_input_methods(tmp_path
                               if method != "task_arithmetic" else {"weight": 0.5}} for e in experts]}
         mergelab.merge(recipe, tmp_path / method)
     assert seen["ties"] == seen["dare_linear"] == {torch.bfloat16} and seen["task_arithmetic"] == {torch.float32}
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear"])
+def test_bfloat16_output_is_the_float32_result_rounded(method):
+    """Told the output dtype, the kernels write bfloat16 themselves: the float32 result rounded as
+    Tensor.to rounds (large weights put entries on every exponent, ties to even included)."""
+    base, models = bf16_family((64, 257), seed=21, scale=0.3)
+    params = dict(weight=[0.7, 1.9, -0.4], density=0.6, **{"lambda": 1.3})
+    x = inputs_for(method, base, models, seed=3, **params)
+    want = get_method(method).merge(x)
+    x.out_dtype = torch.bfloat16
+    got = get_method(method).merge(x)
+    assert want.dtype == torch.float32 and got.dtype == torch.bfloat16
+    assert torch.equal(got.view(torch.int16), want.to(torch.bfloat16).view(torch.int16))
+    x.out_dtype = torch.float16  # not a kernel output: float32, the engine casts
+    assert torch.equal(get_method(method).merge(x), want)
+
+
+def test_the_engine_tells_raw_input_methods_the_output_dtype(tmp_path, monkeypatch):
+    from mergelab.execute import local
+    from mergelab.synthetic import make_llama_family
+
+    seen = {}
+    real = local.LocalExecutor._compute
+
+    def spy(self, plan, job, x, post_stats=None):
+        seen.setdefault(plan.method.name, set()).add(x.out_dtype)
+        return real(self, plan, job, x, post_stats)
+
+    monkeypatch.setattr(local.LocalExecutor, "_compute", spy)
+    base, *experts = make_llama_family(tmp_path / "models", experts=2, hidden=32, layers=1, intermediate=64,
+                                       vocab=128, dtype="bfloat16")
+    for method, dtype in (("dare_ties", "bfloat16"), ("dare_ties", "float32"), ("task_arithmetic", "bfloat16")):
+        recipe = {"merge_method": method, "base_model": str(base), "out_dtype": dtype,
+                  "models": [{"model": str(e), "parameters": {"weight": 0.5, "density": 0.5}
+                              if method == "dare_ties" else {"weight": 0.5}} for e in experts]}
+        mergelab.merge(recipe, tmp_path / f"{method}-{dtype}")
+    assert seen["dare_ties"] == {torch.bfloat16, torch.float32} and seen["task_arithmetic"] == {None}
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "dare_ties-bfloat16" / "model.safetensors"))
+    b = load_file(str(tmp_path / "dare_ties-float32" / "model.safetensors"))
+    merged = [n for n in a if n.endswith("proj.weight")]
+    assert merged and all(a[n].dtype == torch.bfloat16 and b[n].dtype == torch.float32 for n in merged)
+    for name in merged:  # the bfloat16 merge is the float32 merge rounded
+        assert torch.equal(a[name], b[name].to(torch.bfloat16)), name

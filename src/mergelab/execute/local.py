@@ -143,9 +143,14 @@ class LocalExecutor(Executor):
             raise _nonfinite_input(plan, src, rows, chunked)
         return t
 
+    def _raw(self, plan: MergePlan, job: TensorJob) -> bool:
+        """Whether the method sees inputs as stored and may return its output in the output dtype
+        (``MergeMethod.raw_inputs``, on a CPU): not where post-steps or auxiliary inputs see the
+        method's inputs and output too, which they expect in float32."""
+        return plan.method.raw_inputs and self.device == "cpu" and not job.post and not self.aux_sources
+
     def _load(self, plan: MergePlan, job: TensorJob, rows: Tuple[int, int], chunked: bool) -> _Loaded:
-        # Post-steps and auxiliary inputs see the method's inputs too, and expect float32.
-        raw = plan.method.raw_inputs and self.device == "cpu" and not job.post and not self.aux_sources
+        raw = self._raw(plan, job)
         base = self._read(plan, job.base, rows, chunked, raw) if job.base is not None else None
         models = [self._read(plan, s, rows, chunked, raw) for s in job.models]
         aux = {}
@@ -161,6 +166,7 @@ class LocalExecutor(Executor):
             name=job.name, shape=job.shape, base=loaded.base, models=loaded.models, params=job.params,
             model_params=job.model_params, seed=self.seed, chunk=chunk, rows=rows, layer=job.layer,
             num_layers=job.num_layers, tensor_stats=tensor_stats, model_stats=model_stats, aux=loaded.aux,
+            out_dtype=job.out_dtype if self._raw(plan, job) else None,
         )
 
     # ------------------------------------------------------------------ statistics

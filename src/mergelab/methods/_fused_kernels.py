@@ -33,6 +33,28 @@ def _widen(value):
     return None
 
 
+def narrow(out, value):
+    """``value`` (float32) as an entry of ``out``: itself for float32 output, or for bfloat16 output
+    (stored as uint16 bits) rounded to the nearest even, as torch's ``Tensor.to(torch.bfloat16)``
+    rounds; a NaN becomes the quiet NaN 0x7FC0 (torch's payload and sign are not copied)."""
+    raise NotImplementedError  # only called from compiled code, where the overload below applies
+
+
+@overload(narrow, inline="always")
+def _narrow(out, value):
+    if isinstance(out, types.Array) and isinstance(out.dtype, types.Float):
+        return lambda out, value: value
+    if isinstance(out, types.Array) and out.dtype == types.uint16:
+        def to_bfloat16(out, value):
+            if value != value:
+                return np.uint16(0x7FC0)
+            bits = np.uint32(np.float32(value).view(np.uint32))
+            bits = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+            return np.uint16(bits >> np.uint32(16))
+        return to_bfloat16
+    return None
+
+
 @njit(inline="always")
 def block_words(key, start, size, scratch):
     """Words ``start .. start + size - 1`` of the random stream keyed ``key`` (uint32; see
@@ -225,7 +247,7 @@ def consensus(models, base, lo, hi, thresholds, keys, keep_below, kept, factors,
                 else:
                     dv = dv if dv != zero else one
                 merged = merged / dv
-            out[start + j] = merged * lam + widen(b[j])
+            out[start + j] = narrow(out, merged * lam + widen(b[j]))
     return bad
 
 
@@ -253,5 +275,5 @@ def weighted_sum(models, base, lo, hi, keys, keep_below, kept, factors, divisors
             for j in range(size):
                 total[j] = total[j] + p[j]
         for j in range(size):
-            out[start + j] = total[j] / divide_by * lam + widen(b[j])
+            out[start + j] = narrow(out, total[j] / divide_by * lam + widen(b[j]))
     return bad

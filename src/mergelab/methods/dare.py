@@ -158,10 +158,11 @@ def _fused_dare(x: TensorInputs, tie: Optional[float]) -> Optional[torch.Tensor]
             divide_by = 1.0 if abs(total) < 1e-8 else total
         return fused.weighted_sum_merge(x.base, x.models, factors=factors, divisors=divisors, weights=weights,
                                         divide_by=divide_by, lam=x.params["lambda"], keys=keys, keep_below=limits,
-                                        kept=kept)
+                                        kept=kept, out_dtype=x.out_dtype)
     return fused.consensus_merge(x.base, x.models, thresholds=[0.0] * n, factors=factors, divisors=divisors,
                                  weights=weights, tie_sign=tie, normalize=x.params["normalize"],
-                                 count_divisor=paper, lam=x.params["lambda"], keys=keys, keep_below=limits, kept=kept)
+                                 count_divisor=paper, lam=x.params["lambda"], keys=keys, keep_below=limits, kept=kept,
+                                 out_dtype=x.out_dtype)
 
 
 def _scale(x: TensorInputs) -> Optional[list]:

@@ -83,10 +83,11 @@ def warm_up(num_models: int) -> None:
         kept = np.zeros((num_models, 4), np.uint8)
         k.masked_l1(models, base, 0, 4, keys, limits, np.zeros((num_models, 2)), kept)
         ones = np.ones(num_models, np.float32)
-        k.consensus(models, base, 0, 4, ones, keys, limits, kept, ones, ones, ones, True, True, False,
-                    np.float32(1), np.empty(4, np.float32))
-        k.weighted_sum(models, base, 0, 4, keys, limits, kept, ones, ones, ones, np.float32(1), np.float32(1),
-                       np.empty(4, np.float32))
+        for out in (np.empty(4, np.float32), np.empty(4, np.uint16)):
+            k.consensus(models, base, 0, 4, ones, keys, limits, kept, ones, ones, ones, True, True, False,
+                        np.float32(1), out)
+            k.weighted_sum(models, base, 0, 4, keys, limits, kept, ones, ones, ones, np.float32(1), np.float32(1),
+                           out)
 
     if num_models > 0 and not _turned_off():
         threading.Thread(target=run, name="mergelab-fused-warm-up", daemon=True).start()
@@ -98,6 +99,17 @@ def usable(base: torch.Tensor, *models: torch.Tensor) -> bool:
     return kernels() is not None and len({m.dtype for m in models}) <= 1 and all(
         t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) and t.is_contiguous()
         for t in (base,) + models)
+
+
+def _output(size: int, dtype: Optional[torch.dtype]) -> Tuple[np.ndarray, torch.Tensor]:
+    """The kernels' output buffer and the tensor it is: bfloat16 (written as its bits, rounded to
+    nearest even as ``Tensor.to`` rounds) when ``dtype`` is bfloat16, which saves the float32
+    result's memory traffic and the cast after it; float32 otherwise (the caller casts)."""
+    if dtype == torch.bfloat16:
+        out = np.empty(size, np.uint16)
+        return out, torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
+    out = np.empty(size, np.float32)
+    return out, torch.from_numpy(out)
 
 
 def _no_flags(n: int) -> np.ndarray:
@@ -193,13 +205,15 @@ def consensus_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, thres
                     factors: Sequence[float], divisors: Sequence[float], weights: Sequence[float],
                     tie_sign: float, normalize: bool, count_divisor: bool, lam: float,
                     keys: Optional[Sequence[int]] = None, keep_below: Optional[Sequence[int]] = None,
-                    kept: Optional[np.ndarray] = None) -> Optional[torch.Tensor]:
+                    kept: Optional[np.ndarray] = None,
+                    out_dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
     """``base + lam * disjoint_merge(elect_sign(prepared task vectors))`` as one fused pass; see
     :func:`mergelab.methods._fused_kernels.consensus` for the exact operations. With ``keys``, model
     ``i``'s entry ``j`` is dropped unless word ``j`` of the random stream keyed ``keys[i]`` is below
     ``keep_below[i]`` (DARE; ``kept``: the keep flags :func:`masked_l1_sums` stored from the same
-    words). ``tie_sign`` must be ``+1`` or ``-1``. Returns None if a task vector
-    holds NaN or inf (take the reference path)."""
+    words). ``tie_sign`` must be ``+1`` or ``-1``. The result is float32, or bfloat16 if
+    ``out_dtype`` says so (see :func:`_output`). Returns None if a task vector holds NaN or inf (take
+    the reference path)."""
     if tie_sign not in (1, -1):
         raise ValueError(f"fused consensus_merge needs a tie sign of +1 or -1, got {tie_sign}")
     k = kernels()
@@ -213,7 +227,7 @@ def consensus_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, thres
     kept = _no_flags(n) if kept is None else kept
     f32 = lambda v: np.asarray([float(x) for x in v], np.float32)  # noqa: E731
     thr, fac, dvs, wts = f32(thresholds), f32(factors), f32(divisors), f32(weights)
-    out = np.empty(b.size, np.float32)
+    out, result = _output(b.size, out_dtype)
     lam32 = np.float32(lam)
     parts = _ranges(b.size, max(1, min(4 * _threads(), math.ceil(b.size / (1 << 16)))))
     bad = map_models(lambda p: k.consensus(ms, b, parts[p][0], parts[p][1], thr, keys64, limits, kept, fac, dvs, wts,
@@ -221,18 +235,19 @@ def consensus_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, thres
                      range(len(parts)))
     if any(bad):
         return None
-    return torch.from_numpy(out).reshape(base.shape)
+    return result.reshape(base.shape)
 
 
 # ---------------------------------------------------------------------------------------- weighted sum
 def weighted_sum_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, factors: Sequence[float],
                        divisors: Sequence[float], weights: Sequence[float], divide_by: float, lam: float,
-                       keys: Sequence[int], keep_below: Sequence[int],
-                       kept: Optional[np.ndarray] = None) -> Optional[torch.Tensor]:
+                       keys: Sequence[int], keep_below: Sequence[int], kept: Optional[np.ndarray] = None,
+                       out_dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
     """``base + lam * (sum_i prepared task vector i) / divide_by`` as one fused pass (DARE-linear: the
     task vectors dropped and rescaled as in :func:`consensus_merge`, without a trim); see
-    :func:`mergelab.methods._fused_kernels.weighted_sum`. Returns None if a task vector holds NaN or
-    inf (take the reference path)."""
+    :func:`mergelab.methods._fused_kernels.weighted_sum`; float32, or bfloat16 if ``out_dtype`` says
+    so (see :func:`_output`). Returns None if a task vector holds NaN or inf (take the reference
+    path)."""
     k = kernels()
     b = _flat(base)
     ms = tuple(_flat(m) for m in models)
@@ -241,11 +256,11 @@ def weighted_sum_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, fa
     kept = _no_flags(len(ms)) if kept is None else kept
     f32 = lambda v: np.asarray([float(x) for x in v], np.float32)  # noqa: E731
     fac, dvs, wts = f32(factors), f32(divisors), f32(weights)
-    out = np.empty(b.size, np.float32)
+    out, result = _output(b.size, out_dtype)
     parts = _ranges(b.size, max(1, min(4 * _threads(), math.ceil(b.size / (1 << 16)))))
     bad = map_models(lambda p: k.weighted_sum(ms, b, parts[p][0], parts[p][1], keys64, limits, kept, fac, dvs, wts,
                                               np.float32(divide_by), np.float32(lam), out),
                      range(len(parts)))
     if any(bad):
         return None
-    return torch.from_numpy(out).reshape(base.shape)
+    return result.reshape(base.shape)

@@ -149,6 +149,9 @@ class TensorInputs:
     tensor_stats: Any = None
     model_stats: Any = None
     aux: dict = field(default_factory=dict)
+    # The dtype the output is written in, where a method may return its result already cast to it
+    # (rounded to nearest even, as Tensor.to does; CPU merges without post-steps), else None: float32.
+    out_dtype: Optional[torch.dtype] = None
 
     def model_param(self, name: str) -> list:
         """The per-model parameter ``name`` as a list, one value per model."""
@@ -280,7 +283,8 @@ class MergeMethod:
     (see :func:`mergelab.plan.chunking`). ``raw_inputs`` says the method's CPU kernels take inputs
     stored in bfloat16 as they are (widening them exactly, as the float32 conversion would): the
     engine then skips that conversion on a CPU, and the method's other paths call
-    :meth:`TensorInputs.as_float32` (or :meth:`TensorSource.as_float32`) first.
+    :meth:`TensorInputs.as_float32` (or :meth:`TensorSource.as_float32`) first; such a method is
+    also told the output dtype (:attr:`TensorInputs.out_dtype`) and may return its result in it.
     """
 
     name: str

@@ -297,7 +297,7 @@ def ties_merge(x: TensorInputs) -> torch.Tensor:
         merged = fused.consensus_merge(
             base, x.models, thresholds=stats.thresholds, factors=stats.l1_scale or [1.0] * n, divisors=[1.0] * n,
             weights=x.model_param("weight"), tie_sign=stats.tie_sign, normalize=x.params["normalize"],
-            count_divisor=paper, lam=x.params["lambda"])
+            count_divisor=paper, lam=x.params["lambda"], out_dtype=x.out_dtype)
         if merged is not None:
             return merged
     x = x.as_float32()
