@@ -189,6 +189,24 @@ def prepare_block(model, base, start, size, i, thresholds, keys, keep_below, kep
     return bad
 
 
+@njit(inline="always")
+def prepare_and_sum(models, base, start, size, thresholds, keys, keep_below, kept, factors, divisors, weights,
+                    scratch, prepared, total):
+    """Every model's prepared block (:func:`prepare_block`) into ``prepared[i]``, and their sum in
+    model order into ``total``. Returns the number of non-finite task-vector entries."""
+    bad = 0
+    for i in range(len(models)):
+        bad += prepare_block(models[i], base, start, size, i, thresholds, keys, keep_below, kept, factors,
+                             divisors, weights, scratch, prepared[i])
+    for j in range(size):
+        total[j] = prepared[0, j]
+    for i in range(1, len(models)):
+        p = prepared[i]
+        for j in range(size):
+            total[j] = total[j] + p[j]
+    return bad
+
+
 @njit(**_JIT)
 def consensus(models, base, lo, hi, thresholds, keys, keep_below, kept, factors, divisors, weights,
               tie_up, normalize, count_divisor, lam, out):
@@ -212,15 +230,8 @@ def consensus(models, base, lo, hi, thresholds, keys, keep_below, kept, factors,
     for start in range(lo, hi, _BLOCK):
         size = min(hi, start + _BLOCK) - start
         b = base[start:start + size]
-        for i in range(n):
-            bad += prepare_block(models[i], base, start, size, i, thresholds, keys, keep_below, kept, factors,
-                                 divisors, weights, scratch, prepared[i])
-        for j in range(size):
-            total[j] = prepared[0, j]
-        for i in range(1, n):
-            p = prepared[i]
-            for j in range(size):
-                total[j] = total[j] + p[j]
+        bad += prepare_and_sum(models, base, start, size, thresholds, keys, keep_below, kept, factors, divisors,
+                               weights, scratch, prepared, total)
         for j in range(size):
             s = total[j]
             up = s >= zero if tie_up else s > zero
@@ -265,15 +276,8 @@ def weighted_sum(models, base, lo, hi, keys, keep_below, kept, factors, divisors
     for start in range(lo, hi, _BLOCK):
         size = min(hi, start + _BLOCK) - start
         b = base[start:start + size]
-        for i in range(n):
-            bad += prepare_block(models[i], base, start, size, i, no_trim, keys, keep_below, kept, factors,
-                                 divisors, weights, scratch, prepared[i])
-        for j in range(size):
-            total[j] = prepared[0, j]
-        for i in range(1, n):
-            p = prepared[i]
-            for j in range(size):
-                total[j] = total[j] + p[j]
+        bad += prepare_and_sum(models, base, start, size, no_trim, keys, keep_below, kept, factors, divisors,
+                               weights, scratch, prepared, total)
         for j in range(size):
             out[start + j] = narrow(out, total[j] / divide_by * lam + widen(b[j]))
     return bad
