@@ -107,15 +107,13 @@ def masked_l1(models, base, lo, hi, keys, keep_below, sums, kept):
     the stream keyed ``keys[i]``; the keep flags are also stored in ``kept[i, j]`` (uint8) unless
     ``kept`` has no columns. Returns the number of non-finite ``d`` seen."""
     bad = 0
-    n = len(models)
     scratch = np.empty(_BLOCK // 2 + 1, np.uint64)
-    acc = np.zeros((n, 2))
     store = kept.shape[1] > 0
     # Block by block, all models: the base's block stays in the L1 cache (twice as fast as model by model).
     for start in range(lo, hi, _BLOCK):
         size = min(hi, start + _BLOCK) - start
         b = base[start:start + size]
-        for i in range(n):
+        for i in range(len(models)):
             m = models[i][start:start + size]
             limit = keep_below[i]
             before = 0.0
@@ -137,11 +135,8 @@ def masked_l1(models, base, lo, hi, keys, keep_below, sums, kept):
                     k = kept[i, start:start + size]
                     for j in range(size):
                         k[j] = 1 if np.int64(w[j]) < limit else 0
-            acc[i, 0] += before
-            acc[i, 1] += after
-    for i in range(n):
-        sums[i, 0] += acc[i, 0]
-        sums[i, 1] += acc[i, 1]
+            sums[i, 0] += before
+            sums[i, 1] += after
     return bad
 
 

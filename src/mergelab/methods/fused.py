@@ -112,10 +112,6 @@ def _output(size: int, dtype: Optional[torch.dtype]) -> Tuple[np.ndarray, torch.
     return out, torch.from_numpy(out)
 
 
-def _no_flags(n: int) -> np.ndarray:
-    return np.zeros((n, 0), np.uint8)
-
-
 def _flat(t: torch.Tensor) -> np.ndarray:
     """A flat numpy view: float32, or a bfloat16 tensor's bits as uint16 (numpy has no bfloat16)."""
     t = t.detach().reshape(-1)
@@ -190,9 +186,7 @@ def masked_l1_sums(base: torch.Tensor, models: Sequence[torch.Tensor], keys: Seq
     ms = tuple(_flat(m) for m in models)
     parts = _ranges(b.size)
     sums = [np.zeros((len(ms), 2), np.float64) for _ in parts]
-    keys64 = np.asarray(keys, np.uint64)
-    limits = np.asarray(keep_below, np.int64)
-    kept = _no_flags(len(ms)) if kept is None else kept
+    keys64, limits, kept = _drop_arrays(len(ms), keys, keep_below, kept)
     bad = map_models(lambda p: k.masked_l1(ms, b, parts[p][0], parts[p][1], keys64, limits, sums[p], kept),
                      range(len(parts)))
     if any(bad):
@@ -216,26 +210,15 @@ def consensus_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, thres
     the reference path)."""
     if tie_sign not in (1, -1):
         raise ValueError(f"fused consensus_merge needs a tie sign of +1 or -1, got {tie_sign}")
-    k = kernels()
     n = len(models)
-    b = _flat(base)
-    ms = tuple(_flat(m) for m in models)
     if keys is None:
         keys, keep_below = [0] * n, [1 << 32] * n
-    keys64 = np.asarray(keys, np.uint64)
-    limits = np.asarray(keep_below, np.int64)
-    kept = _no_flags(n) if kept is None else kept
-    f32 = lambda v: np.asarray([float(x) for x in v], np.float32)  # noqa: E731
-    thr, fac, dvs, wts = f32(thresholds), f32(factors), f32(divisors), f32(weights)
-    out, result = _output(b.size, out_dtype)
+    drop = _drop_arrays(n, keys, keep_below, kept)
+    thr, fac, dvs, wts = _f32(thresholds), _f32(factors), _f32(divisors), _f32(weights)
     lam32 = np.float32(lam)
-    parts = _ranges(b.size, max(1, min(4 * _threads(), math.ceil(b.size / (1 << 16)))))
-    bad = map_models(lambda p: k.consensus(ms, b, parts[p][0], parts[p][1], thr, keys64, limits, kept, fac, dvs, wts,
-                                           tie_sign > 0, normalize, count_divisor, lam32, out),
-                     range(len(parts)))
-    if any(bad):
-        return None
-    return result.reshape(base.shape)
+    k = kernels()
+    return _merge_pass(base, models, out_dtype, lambda ms, b, lo, hi, out: k.consensus(
+        ms, b, lo, hi, thr, *drop, fac, dvs, wts, tie_sign > 0, normalize, count_divisor, lam32, out))
 
 
 # ---------------------------------------------------------------------------------------- weighted sum
@@ -248,19 +231,34 @@ def weighted_sum_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, fa
     :func:`mergelab.methods._fused_kernels.weighted_sum`; float32, or bfloat16 if ``out_dtype`` says
     so (see :func:`_output`). Returns None if a task vector holds NaN or inf (take the reference
     path)."""
+    drop = _drop_arrays(len(models), keys, keep_below, kept)
+    fac, dvs, wts = _f32(factors), _f32(divisors), _f32(weights)
+    div32, lam32 = np.float32(divide_by), np.float32(lam)
     k = kernels()
+    return _merge_pass(base, models, out_dtype, lambda ms, b, lo, hi, out: k.weighted_sum(
+        ms, b, lo, hi, *drop, fac, dvs, wts, div32, lam32, out))
+
+
+def _f32(values: Sequence[float]) -> np.ndarray:
+    return np.asarray([float(v) for v in values], np.float32)
+
+
+def _drop_arrays(n: int, keys: Sequence[int], keep_below: Sequence[int],
+                 kept: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The kernels' ``keys, keep_below, kept`` arguments (no stored flags: a ``[n, 0]`` array)."""
+    flags = np.zeros((n, 0), np.uint8) if kept is None else kept
+    return np.asarray(keys, np.uint64), np.asarray(keep_below, np.int64), flags
+
+
+def _merge_pass(base: torch.Tensor, models: Sequence[torch.Tensor], out_dtype: Optional[torch.dtype],
+                kernel: Callable) -> Optional[torch.Tensor]:
+    """Run ``kernel(models, base, lo, hi, out)`` on parallel ranges of the flat inputs into one output
+    (see :func:`_output`), shaped like ``base``; None if a range saw a non-finite task vector."""
     b = _flat(base)
     ms = tuple(_flat(m) for m in models)
-    keys64 = np.asarray(keys, np.uint64)
-    limits = np.asarray(keep_below, np.int64)
-    kept = _no_flags(len(ms)) if kept is None else kept
-    f32 = lambda v: np.asarray([float(x) for x in v], np.float32)  # noqa: E731
-    fac, dvs, wts = f32(factors), f32(divisors), f32(weights)
     out, result = _output(b.size, out_dtype)
     parts = _ranges(b.size, max(1, min(4 * _threads(), math.ceil(b.size / (1 << 16)))))
-    bad = map_models(lambda p: k.weighted_sum(ms, b, parts[p][0], parts[p][1], keys64, limits, kept, fac, dvs, wts,
-                                              np.float32(divide_by), np.float32(lam), out),
-                     range(len(parts)))
+    bad = map_models(lambda p: kernel(ms, b, parts[p][0], parts[p][1], out), range(len(parts)))
     if any(bad):
         return None
     return result.reshape(base.shape)
