@@ -28,8 +28,8 @@ import torch
 
 from mergelab.methods.breadcrumbs import whole_source
 from mergelab.methods.common import SEMANTICS
+from mergelab.methods.gram import all_pairs, cosine, gram
 from mergelab.methods.registry import BaseUse, MergeMethod, Param, TensorInputs, TensorSource, register
-from mergelab.methods.spherical import _gram
 
 
 def interpolation_ratio(cos: torch.Tensor, n: int, clamp: bool) -> torch.Tensor:
@@ -65,11 +65,9 @@ def _prepare_tensor(src: TensorSource) -> Optional[torch.Tensor]:
         return None  # merge computes mergekit's float32 reductions itself
     if src.params["filter_wise"] and len(src.shape) >= 2:
         return None  # rows never span chunks
-    n = src.num_models
-    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    g = _gram(src, lambda c: [m - c.base for m in c.models], pairs)
-    norms = [float(s) ** 0.5 for s in g.sq]
-    cos = [max(-1.0, min(1.0, float(g.dot[(i, j)]) / max(norms[i] * norms[j], 1e-6))) for i, j in pairs]
+    pairs = all_pairs(src.num_models)
+    g = gram(src, lambda c: [m - c.base for m in c.models], pairs)
+    cos = [cosine(g, p, 1e-6) for p in pairs]
     return torch.tensor([sum(cos) / len(cos)], dtype=torch.float32)
 
 

@@ -26,7 +26,7 @@ of more than one chunk (1M elements), not only those too large to compute whole.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import List, Optional
 
 import torch
@@ -34,6 +34,7 @@ import torch
 from mergelab.errors import RecipeError
 from mergelab.methods.breadcrumbs import whole_source
 from mergelab.methods.common import SEMANTICS, WEIGHT
+from mergelab.methods.gram import gram, gram_matrix
 from mergelab.methods.registry import BaseUse, MergeMethod, Param, TensorInputs, TensorSource, register
 
 _F32 = torch.float32
@@ -80,36 +81,10 @@ def _slerp_dot_whole(v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     return torch.stack(parts).sum(dim=0).reshape(())
 
 
-@dataclass(frozen=True)
-class Gram:
-    """Float64 sums over a tensor streamed in chunks: squared norms and dot products of its vectors."""
-
-    sq: list  # per input: sum of squares (a tensor when computed per column)
-    dot: dict  # (i, j) -> sum of products
-
-
-def _gram(src: TensorSource, vectors, pairs, dim0: bool = False) -> Gram:
-    """Sums of squares of each vector and dots of ``pairs``, over the whole tensor or per column."""
-    sq: Optional[list] = None
-    dot: dict = {}
-    for c in src.chunks():
-        vs = [v.to(torch.float64) for v in vectors(c)]
-        if dim0:
-            s = [(v * v).sum(dim=0) for v in vs]
-            d = {p: (vs[p[0]] * vs[p[1]]).sum(dim=0) for p in pairs}
-        else:
-            s = [(v * v).sum() for v in vs]
-            d = {p: (vs[p[0]] * vs[p[1]]).sum() for p in pairs}
-        sq = s if sq is None else [x + y for x, y in zip(sq, s)]
-        for p in pairs:
-            dot[p] = d[p] if p not in dot else dot[p] + d[p]
-    return Gram(sq or [], dot)
-
-
 def _slerp_prepare(src: TensorSource) -> Optional[torch.Tensor]:
     if src.num_chunks == 1:
         return None  # merge computes mergekit's float32 reductions itself
-    g = _gram(src, lambda c: [c.base, c.models[0]], [(0, 1)])
+    g = gram(src, lambda c: [c.base, c.models[0]], [(0, 1)])
     na, nb = (math.sqrt(float(s)) for s in g.sq)
     na = na if na > _SLERP_EPS else 1.0
     nb = nb if nb > _SLERP_EPS else 1.0
@@ -199,7 +174,7 @@ def _nuslerp_prepare(src: TensorSource) -> Optional[torch.Tensor]:
     whole = flatten or len(src.shape) <= 1
     if not whole and not row_wise:
         return None  # every vector lies inside one row: nothing spans chunks
-    g = _gram(src, _nuslerp_vectors, [(0, 1)], dim0=not whole)
+    g = gram(src, _nuslerp_vectors, [(0, 1)], per_column=not whole)
     n0 = torch.sqrt(g.sq[0]).clamp(min=_NU_NORM_EPS)
     n1 = torch.sqrt(g.sq[1]).clamp(min=_NU_NORM_EPS)
     cos = (g.dot[(0, 1)] / (n0 * n1)).clamp(-1, 1).to(_F32)
@@ -246,19 +221,6 @@ register(MergeMethod(
 # --------------------------------------------------------------------------------------------------
 # Multi-SLERP
 # --------------------------------------------------------------------------------------------------
-
-
-def _gram_matrix(src: TensorSource, vectors) -> torch.Tensor:
-    """The float64 Gram matrix ``G[i, j] = <v_i, v_j>`` of the vectors ``vectors(chunk)`` over the stream."""
-    n = src.num_models
-    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    g = _gram(src, vectors, pairs)
-    out = torch.zeros(n, n, dtype=torch.float64)
-    for i in range(n):
-        out[i, i] = g.sq[i].cpu()
-    for (i, j), v in g.dot.items():
-        out[i, j] = out[j, i] = v.cpu()
-    return out
 
 
 def _combine(vectors: List[torch.Tensor], coefficients: torch.Tensor) -> torch.Tensor:
@@ -311,8 +273,8 @@ def multislerp_plan(gram: torch.Tensor, weights: List[float], normalize: bool, e
 def _multislerp_prepare(src: TensorSource):
     if src.num_chunks == 1 or src.num_models == 1:
         return None  # merge reproduces mergekit's float32 steps on the whole tensor
-    gram = _gram_matrix(src, _multislerp_vectors)
-    return multislerp_plan(gram, [p["weight"] for p in src.model_params], src.params["normalize_weights"],
+    g = gram_matrix(src, _multislerp_vectors)
+    return multislerp_plan(g, [p["weight"] for p in src.model_params], src.params["normalize_weights"],
                            src.params["eps"], src.name)
 
 
@@ -499,8 +461,8 @@ def karcher_alphas(x) -> List[float]:
 def _karcher_prepare(src: TensorSource) -> Optional[torch.Tensor]:
     if src.num_chunks == 1 or src.num_models == 1:
         return None  # merge reproduces mergekit's float32 iterations on the whole tensor
-    gram = _gram_matrix(src, lambda c: list(c.models))
-    return karcher_plan(gram, karcher_alphas(src), src.params["max_iter"], src.params["tol"])
+    g = gram_matrix(src, lambda c: list(c.models))
+    return karcher_plan(g, karcher_alphas(src), src.params["max_iter"], src.params["tol"])
 
 
 def validate_karcher(params: dict, model_params: list) -> None:
