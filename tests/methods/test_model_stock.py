@@ -1,4 +1,5 @@
-"""model_stock: identical models, orthogonal task vectors, t = 2c/(1+c), scale invariance, clamping, chunking."""
+"""model_stock: identical models, orthogonal task vectors, t = 2c/(1+c), scale invariance, no clamp by default
+(negative cosines extrapolate, under both semantics), clamp_t, chunking."""
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ SHARED = rand(10, 8, seed=2)
 MODELS = [BASE + 0.1 * (SHARED + rand(10, 8, seed=s)) for s in (3, 4, 5)]  # positively correlated
 
 
-def oracle(base, models, clamp=True):
+def oracle(base, models, clamp=False):
     """float64: mean pairwise cosine of the task vectors, t = N c / (1 + (N-1) c)."""
     b = base.double().numpy().reshape(-1)
     taus = [m.double().numpy().reshape(-1) - b for m in models]
@@ -69,14 +70,57 @@ def test_invariant_to_scaling_all_task_vectors():
     torch.testing.assert_close(out3 - BASE, 3.0 * (out1 - BASE), rtol=1e-4, atol=1e-5)
 
 
-def test_negatively_correlated_task_vectors_give_base_unless_mergekit_semantics():
-    tau = MODELS[0] - BASE
-    models = [BASE + tau, BASE - 0.5 * tau + 0.05 * rand(10, 8, seed=7)]
-    expected, c, t = oracle(BASE, models, clamp=False)
-    assert c < 0 and t < 0
+NEG_TAU = MODELS[0] - BASE
+NEGATIVE = [BASE + NEG_TAU, BASE - 0.5 * NEG_TAU + 0.05 * rand(10, 8, seed=7)]  # mean cosine c < 0
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+@pytest.mark.parametrize("params", [{}, {"semantics": "paper"}, {"semantics": "mergekit"},
+                                    {"semantics": "paper", "clamp_t": False}])
+def test_negative_mean_cosine_extrapolates_without_a_clamp(params, chunks):
+    """The paper's t = N c / (1 + (N-1) c) is not clamped (nor in mergekit or FusionBench): c < 0 gives
+    t < 0, a step from the base away from the models' average, by default and under both semantics."""
+    expected, c, t = oracle(BASE, NEGATIVE)
+    assert c < 0 and t < -0.1
+    out = run("model_stock", BASE, NEGATIVE, params, chunks=chunks)
+    assert not torch.equal(out, BASE)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+@pytest.mark.parametrize("semantics", ["paper", "mergekit"])
+def test_clamp_t_gives_the_base_for_negative_cosines_and_changes_nothing_else(semantics, chunks):
+    params = {"semantics": semantics, "clamp_t": True}
+    assert torch.equal(run("model_stock", BASE, NEGATIVE, params, chunks=chunks), BASE)
+    expected, _, t = oracle(BASE, MODELS)
+    assert 0 < t < 1  # inside [0, 1] the clamp is the identity
+    out = run("model_stock", BASE, MODELS, params, chunks=chunks)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out, run("model_stock", BASE, MODELS, {"semantics": semantics}, chunks=chunks))
+
+
+def test_three_models_with_negative_mean_cosine():
+    """N = 3 and -1/2 < c < 0: t = 3c / (1 + 2c) < 0, per the float64 oracle."""
+    a, b = rand(10, 8, seed=20), rand(10, 8, seed=21)
+    models = [BASE + a, BASE - 0.8 * a + 0.3 * b, BASE + 0.2 * a - b]
+    expected, c, t = oracle(BASE, models)
+    assert -0.5 < c < 0 and t < 0
+    assert t == pytest.approx(3 * c / (1 + 2 * c))
+    torch.testing.assert_close(run("model_stock", BASE, models).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_opposite_task_vectors_hit_the_singular_ratio_and_give_the_base():
+    """N = 2, c = -1: 1 + c = 0, no finite t; the base comes back (mergekit's guard)."""
+    models = [BASE + NEG_TAU, BASE - NEG_TAU]
     assert torch.equal(run("model_stock", BASE, models), BASE)
-    torch.testing.assert_close(run("model_stock", BASE, models, {"semantics": "mergekit"}).double(), expected,
-                               rtol=1e-5, atol=1e-6)
+
+
+def test_defaults_are_mergekit_semantics_without_a_clamp():
+    from mergelab.methods.registry import get_method
+
+    m = get_method("model_stock")
+    assert m.param("semantics").default == "mergekit"
+    assert m.param("clamp_t").default is False
 
 
 def test_filter_wise_is_per_row():

@@ -177,18 +177,27 @@ def test_karcher_of_two_is_the_slerp_midpoint_with_the_mean_norm(semantics):
 
 
 def test_weighted_karcher_of_two_is_slerp_at_the_weight_fraction():
-    out = run("karcher", None, [A, B], {"max_iter": 100, "tol": 1e-7}, [{"weight": 0.3}, {"weight": 0.7}])
+    out = run("karcher", None, [A, B], {"max_iter": 100, "tol": 1e-7, "semantics": "paper"},
+              [{"weight": 0.3}, {"weight": 0.7}])
     torch.testing.assert_close(direction(out), direction(slerp_oracle(0.7, A / A.norm(), B / B.norm())),
                                rtol=1e-4, atol=1e-5)
     assert float(out.norm()) == pytest.approx(0.3 * float(A.norm()) + 0.7 * float(B.norm()), rel=1e-5)
 
 
-def test_mergekit_semantics_ignores_weights_and_paper_equals_it_for_equal_weights():
+def test_mergekit_semantics_is_the_default_and_paper_equals_it_for_equal_weights():
     c = rand(8, 12, seed=8)
-    mk = run("karcher", None, [A, B, c], {"semantics": "mergekit"}, [{"weight": 5.0}, {"weight": 1.0}, {"weight": 1.0}])
-    assert torch.equal(mk, run("karcher", None, [A, B, c], {"semantics": "mergekit"}))
-    assert torch.equal(mk, run("karcher", None, [A, B, c], None, [{"weight": 2.0}] * 3))
-    assert not torch.allclose(mk, run("karcher", None, [A, B, c], None, [{"weight": 5.0}, {"weight": 1.0}, {"weight": 1.0}]))
+    mk = run("karcher", None, [A, B, c])
+    assert torch.equal(mk, run("karcher", None, [A, B, c], {"semantics": "mergekit"}, [{"weight": 0.5}] * 3))
+    assert torch.equal(mk, run("karcher", None, [A, B, c], {"semantics": "paper"}, [{"weight": 2.0}] * 3))
+    weighted = run("karcher", None, [A, B, c], {"semantics": "paper"}, [{"weight": 5.0}, {"weight": 1.0}, {"weight": 1.0}])
+    assert not torch.allclose(mk, weighted)
+
+
+@pytest.mark.parametrize("params", [None, {"semantics": "mergekit"}])
+def test_unequal_weights_are_an_error_under_mergekit_semantics(params):
+    """mergekit 0.1.5 gives every model 1/N: weights it cannot honour are refused, not ignored."""
+    with pytest.raises(RecipeError, match=r"'weight' = \[5.0, 1.0\].*semantics: mergekit.*semantics: paper"):
+        run("karcher", None, [A, B], params, [{"weight": 5.0}, {"weight": 1.0}])
 
 
 def test_karcher_identical_inputs_and_permutations():
@@ -201,7 +210,7 @@ def test_karcher_identical_inputs_and_permutations():
 def test_karcher_result_satisfies_the_mean_condition():
     xs = [rand(8, 12, seed=s) for s in (20, 21, 22, 23)]
     w = [0.1, 0.2, 0.3, 0.4]
-    out = run("karcher", None, xs, {"max_iter": 100, "tol": 1e-7}, [{"weight": x} for x in w])
+    out = run("karcher", None, xs, {"max_iter": 100, "tol": 1e-7, "semantics": "paper"}, [{"weight": x} for x in w])
     u = direction(out).numpy()
     grad = np.zeros_like(u)  # sum_i w_i log_u(u_i): zero at the weighted Karcher mean
     for wi, x in zip(w, xs):
@@ -214,7 +223,7 @@ def test_karcher_result_satisfies_the_mean_condition():
 
 def test_karcher_weight_sum_must_be_positive():
     with pytest.raises(RecipeError, match="weight"):
-        run("karcher", None, [A, B], None, [{"weight": 0.0}, {"weight": 0.0}])
+        run("karcher", None, [A, B], {"semantics": "paper"}, [{"weight": 0.0}, {"weight": 0.0}])
 
 
 # ----------------------------------------------------------------------------- row chunks (Gram-matrix path)
@@ -244,9 +253,9 @@ def test_multislerp_row_chunks_keep_the_edge_cases():
 
 @pytest.mark.parametrize("params,weights", [
     ({}, (1.0, 1.0, 1.0)),
-    ({}, (0.5, 0.3, 0.2)),
-    ({"semantics": "mergekit"}, (5.0, 1.0, 1.0)),
-    ({"max_iter": 0}, (0.2, 0.2, 0.6)),
+    ({"semantics": "paper"}, (0.5, 0.3, 0.2)),
+    ({"semantics": "paper"}, (5.0, 1.0, 1.0)),
+    ({"max_iter": 0, "semantics": "paper"}, (0.2, 0.2, 0.6)),
 ])
 def test_karcher_row_chunks_agree_with_the_whole_tensor(params, weights):
     w = [{"weight": x} for x in weights]

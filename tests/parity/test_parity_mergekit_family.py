@@ -192,7 +192,8 @@ def _cases() -> List[Case]:
     # karcher (no base role in mergekit: inputs only)
     def ka(id, models, **params):
         c.append(Case(id, "karcher", None, models, dict(params, semantics="mergekit"), None, dict(params)))
-        c.append(Case(id + "-paper", "karcher", None, models, dict(params), None, dict(params)))
+        c.append(Case(id + "-paper", "karcher", None, models, dict(params, semantics="paper"), None, dict(params)))
+        c.append(Case(id + "-default", "karcher", None, models, dict(params), None, dict(params)))
 
     ka("ka-3", ["m.0", "m.1", "m.raw"])
     ka("ka-2", ["v.raw", "v.base"])
@@ -201,7 +202,8 @@ def _cases() -> List[Case]:
 
     # model_stock
     def mst(id, base, models, semantics="mergekit", **params):
-        c.append(Case(id, "model_stock", base, models, dict(params, semantics=semantics), None, dict(params), 3))
+        ours = dict(params) if semantics is None else dict(params, semantics=semantics)
+        c.append(Case(id, "model_stock", base, models, ours, None, dict(params), 3))
 
     mst("mst-2", "m.base", ["m.0", "m.1"])
     mst("mst-corr", "m.base", ["m.corr0", "m.corr1"])
@@ -211,6 +213,8 @@ def _cases() -> List[Case]:
     mst("mst-filter-1d", "v.base", ["v.0", "v.1"], filter_wise=True)
     mst("mst-3d", "c.base", ["c.0", "c.1"])
     mst("mst-negative", "m.base", ["m.0", "m.neg", "m.1"])  # c < 0: mergekit's t is negative
+    mst("mst-negative-paper", "m.base", ["m.0", "m.neg", "m.1"], semantics="paper")  # the paper's t: no clamp
+    mst("mst-negative-default", "m.base", ["m.0", "m.neg", "m.1"], semantics=None)
 
     # sce
     def sce(id, models, topk, semantics="mergekit", key="m"):

@@ -10,10 +10,11 @@ Jang, Yun & Han, "Model Stock: All we need is just a few fine-tuned models", ECC
 this aggregation in arcee-ai/mergekit#453), over the whole tensor or, with ``filter_wise``, per row
 (per vector along the last dimension).
 
-``semantics: paper`` (default) clamps ``t`` to ``[0, 1]``: the derivation places the merged point
-between the base and the average, so negatively correlated task vectors (c < 0) give the base
-instead of an extrapolation away from the average. ``semantics: mergekit`` is mergekit 0.1.5: ``t`` is
-not clamped (only a vanishing denominator, c = -1/(N-1), falls back to the base).
+``t`` is not clamped: negatively correlated task vectors (c < 0) give t < 0, a step from the base away
+from the average, as in the paper's formula, mergekit 0.1.5 and FusionBench. Only a vanishing
+denominator (c = -1/(N-1)) falls back to the base (t = 0), as in mergekit. ``clamp_t: true`` is a
+mergelab option that clamps t to [0, 1] (the base instead of an extrapolation). ``semantics: paper``
+and ``semantics: mergekit`` (default) give the same result: mergekit implements the paper's formula.
 
 Chunkable: the whole-tensor cosines are computed in ``prepare_tensor`` (float64 accumulation) when
 the engine splits a tensor into row chunks; unsplit tensors reproduce mergekit's float32 sums.
@@ -33,7 +34,8 @@ from mergelab.methods.registry import BaseUse, MergeMethod, Param, TensorInputs,
 
 
 def interpolation_ratio(cos: torch.Tensor, n: int, clamp: bool) -> torch.Tensor:
-    """``t = n c / (1 + (n - 1) c)``; a denominator below 1e-6 in magnitude gives 0 (mergekit)."""
+    """``t = n c / (1 + (n - 1) c)``; a denominator below 1e-6 in magnitude gives 0 (mergekit);
+    ``clamp`` clamps t to ``[0, 1]``."""
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < 1e-6
     safe = torch.where(singular, torch.ones_like(denominator), denominator)
@@ -73,7 +75,7 @@ def _prepare_tensor(src: TensorSource) -> Optional[torch.Tensor]:
 
 def model_stock_merge(x: TensorInputs) -> torch.Tensor:
     filter_wise = x.params["filter_wise"]
-    clamp = x.params["semantics"] == "paper"
+    clamp = x.params["clamp_t"]
     base, models = _vectors(x, filter_wise)
     n = len(models)
     if x.tensor_stats is None:
@@ -97,14 +99,17 @@ register(MergeMethod(
     params=(
         Param("filter_wise", bool, "Compute the ratio per row (vector along the last dimension) instead of "
               "per tensor.", default=False),
-        replace(SEMANTICS, default="paper", meaning="'paper' (default) clamps the ratio t to [0, 1]; "
-                "'mergekit' reproduces mergekit 0.1.5, which does not clamp it."),
+        Param("clamp_t", bool, "Clamp the ratio t to [0, 1], so negatively correlated task vectors give the "
+              "base instead of an extrapolation away from the models' average (not in the paper or "
+              "mergekit).", default=False),
+        replace(SEMANTICS, meaning="Both values give the same result: mergekit 0.1.5 implements the paper's "
+                "formula (mean of the pairwise cosines, t not clamped)."),
     ),
     min_models=2,
     chunkable=True,
     prepare_tensor=_prepare_tensor,
-    notes="semantics: paper (default) clamps t to [0, 1], so negatively correlated task vectors give the "
-          "base; mergekit's unclamped t extrapolates (semantics: mergekit). The mean is over pairwise "
+    notes="t = N c / (1 + (N - 1) c) is not clamped (paper, mergekit, FusionBench): c < 0 gives t < 0, an "
+          "extrapolation away from the average; clamp_t: true clamps t to [0, 1]. The mean is over pairwise "
           "cosines (FusionBench averages angles instead). Per-model weights are not used (mergekit "
           "accepts none either).",
 ))

@@ -466,10 +466,19 @@ def _karcher_prepare(src: TensorSource) -> Optional[torch.Tensor]:
 
 
 def validate_karcher(params: dict, model_params: list) -> None:
-    if params.get("semantics") == "paper" and model_params and sum(p["weight"] for p in model_params) <= 0:
+    weights = [p["weight"] for p in model_params]
+    if params.get("semantics") == "mergekit":
+        if len(set(weights)) > 1:
+            raise RecipeError(
+                f"karcher: parameter 'weight' = {weights} cannot be honoured with semantics: mergekit "
+                "(mergekit 0.1.5 gives every model the weight 1/N); set semantics: paper for a weighted "
+                "Karcher mean, or give every model the same weight"
+            )
+        return
+    if weights and sum(weights) <= 0:
         raise RecipeError(
             "karcher: parameter 'weight' must have a positive sum over the models (the weights are "
-            f"normalised to sum to 1); got {[p['weight'] for p in model_params]}"
+            f"normalised to sum to 1); got {weights}"
         )
 
 
@@ -492,11 +501,13 @@ register(MergeMethod(
         Param("max_iter", int, "Maximum fixed-point iterations.", default=10, low=0),
         Param("tol", float, "Stop when the tangent step is shorter than this (also the zero-norm cutoff).",
               default=1e-5, low=0.0, low_open=True),
-        replace(SEMANTICS, default="paper"),
+        replace(SEMANTICS, meaning="'mergekit' (default): every model weighs 1/N, as in mergekit 0.1.5; "
+                "'paper': the weighted Karcher mean with the models' 'weight's."),
     ),
     model_params=(replace(WEIGHT, default=1.0, low=0.0,
-                          meaning="Weight of this model in the mean (normalised to sum to 1; "
-                                  "ignored with semantics: mergekit)."),),
+                          meaning="Weight of this model in the mean (normalised to sum to 1); "
+                                  "semantics: paper only (with semantics: mergekit, unequal weights are an "
+                                  "error)."),),
     min_models=1,
     chunkable=True,
     prepare_tensor=_karcher_prepare,
@@ -504,7 +515,8 @@ register(MergeMethod(
     # tensors above one chunk (1M elements) always stream; smaller ones keep mergekit's float32 steps.
     whole_elements=0,
     validate=validate_karcher,
-    notes="semantics: paper (default) weights the mean by the per-model 'weight' (a weighted Karcher mean; "
-          "equal weights give mergekit's result bit for bit). semantics: mergekit ignores the weights, "
-          "as mergekit 0.1.5 does (uniform 1/N). As in mergekit, a base_model is one more input.",
+    notes="semantics: mergekit (default) gives every model the weight 1/N, as mergekit 0.1.5 does; unequal "
+          "'weight's are then an error. semantics: paper weights the mean by the per-model 'weight' (a "
+          "weighted Karcher mean; equal weights give mergekit's result bit for bit). As in mergekit, a "
+          "base_model is one more input.",
 ))
