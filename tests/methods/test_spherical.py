@@ -269,3 +269,30 @@ def test_karcher_row_chunks_with_a_zero_input_and_identical_inputs():
     torch.testing.assert_close(run("karcher", None, xs, chunks=3), run("karcher", None, xs), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(run("karcher", None, [MULTI[2]] * 3, chunks=3), MULTI[2], rtol=1e-6, atol=1e-6)
     assert torch.equal(run("karcher", None, [torch.zeros(9, 7)] * 2, chunks=3), torch.zeros(9, 7))
+
+
+def test_cli_refuses_unequal_karcher_weights_without_semantics_paper(tmp_path, capsys):
+    """A mergekit karcher config with unequal weights: mergekit would silently use 1/N; mergelab's default
+    (mergekit semantics) says so and stops before writing anything; semantics: paper merges it."""
+    import yaml
+
+    from mergelab.synthetic import make_llama_family
+    from tests.conftest import run_cli
+
+    paths = make_llama_family(tmp_path / "fam", experts=2, hidden=16, layers=1, intermediate=32, vocab=32)
+    recipe = {"merge_method": "karcher", "dtype": "float32",
+              "models": [{"model": str(paths[1]), "parameters": {"weight": 1.0}},
+                         {"model": str(paths[2]), "parameters": {"weight": 0.5}}]}
+    path = tmp_path / "karcher.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    code, out, err = run_cli(["merge", path, "-o", tmp_path / "out", "--quiet"], capsys)
+    flat = " ".join(err.split())
+    assert code == 2, (code, out, err)
+    assert "'weight' = [1.0, 0.5]" in flat and "semantics: mergekit" in flat and "semantics: paper" in flat
+    assert "Traceback" not in out + err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    recipe["parameters"] = {"semantics": "paper"}
+    path.write_text(yaml.safe_dump(recipe))
+    code, out, err = run_cli(["merge", path, "-o", tmp_path / "out", "--quiet"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "out" / "model.safetensors").exists()

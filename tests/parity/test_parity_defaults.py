@@ -5,9 +5,11 @@ mergekit's tensors (issue 14 point 3). For each method of mergekit's registry th
 the kind people publish (``dtype: float32``, mergekit's parameter names only) on tiny float32
 checkpoints: a Llama-shaped family (base + 3 experts) and, for ``model_stock``, a Qwen2-shaped one (q/k/v
 biases). One mergekit process runs every config (``mergekit.merge.run_merge``, as ``mergekit-yaml``
-does); mergelab runs each through its ``merge`` command. Every output tensor must have the same name,
-shape and dtype and be equal bit for bit: on tensors this small the engine computes each tensor whole,
-in float32, in mergekit's order of operations, so there is no rounding to allow for.
+does); mergelab runs each through its command line (``mergelab merge``, in-process). Every output
+tensor must have the same name, shape and dtype and be equal bit for bit: on tensors this small the
+engine computes each tensor whole, in float32, in mergekit's order of operations, so there is no
+rounding to allow for. (Tensors the engine splits into row chunks accumulate whole-tensor sums in
+float64 and may differ in the last bit; tests/parity/test_parity_mergekit_family.py covers that path.)
 
 Random methods cannot match mergekit's random stream: ``dare_ties``, ``dare_linear``, ``della`` and
 ``della_linear`` run at ``density: 1``, where both tools keep every entry and the rest (weights,
@@ -30,10 +32,10 @@ from typing import Callable, Dict
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
 from mergelab.methods.registry import available_methods
 from mergelab.synthetic import llama_config, llama_shapes, make_llama_family, write_checkpoint
+from tests.conftest import run_cli
 from tests.parity.test_parity_cli import assert_same_config, load_tensors
 
 MERGEKIT_PYTHON = os.environ.get("MERGEKIT_PYTHON")
@@ -195,21 +197,19 @@ def test_configs_cover_every_mergekit_method(runs):
     assert sorted({_method(c) for c in CONFIGS}) == runs["report"]["methods"]
 
 
-def _mergelab(config: Path, out: Path) -> None:
-    from mergelab.cli import app
-
-    res = CliRunner().invoke(app, ["merge", str(config), "-o", str(out), "--quiet"])
-    assert res.exit_code == 0, f"mergelab merge {config.name} failed ({res.exit_code}):\n{res.output[-3000:]}"
+def _mergelab(config: Path, out: Path, capsys) -> None:
+    code, stdout, stderr = run_cli(["merge", config, "-o", out, "--quiet"], capsys)
+    assert code == 0, f"mergelab merge {config.name} failed ({code}):\n{stdout[-3000:]}\n{stderr[-3000:]}"
 
 
 @pytest.mark.parametrize("case", sorted(CONFIGS))
-def test_defaults_give_mergekits_tensors(case, runs):
+def test_defaults_give_mergekits_tensors(case, runs, capsys):
     method = _method(case)
     if method not in available_methods():
         pytest.skip(f"mergelab has no '{method}' yet (issue 14 point 4)")
     out_mk = runs["root"] / "mergekit" / case
     out_ml = runs["root"] / "mergelab" / case
-    _mergelab(runs["configs"][case], out_ml)
+    _mergelab(runs["configs"][case], out_ml, capsys)
     mk, ml = load_tensors(out_mk), load_tensors(out_ml)
     assert sorted(mk) == sorted(ml), f"tensor names differ: {sorted(set(mk) ^ set(ml))[:5]}"
     fam = runs["families"][CONFIGS[case][0]]
