@@ -111,7 +111,8 @@ def duplicated_magnitudes(family: Dict[str, str], name: str) -> torch.Tensor:
     the tensor: the only places a magnitude trim may break a tie at its threshold differently.
 
     mergekit keeps exactly ``k`` entries in ``argsort`` order, which is not stable, so *which* of
-    several equal magnitudes at the threshold it keeps is arbitrary; mergelab keeps all of them.
+    several equal magnitudes at the threshold it keeps is arbitrary; mergelab's choice among them (its
+    tie rule, see docs/methods.md) may differ there and only there.
     """
     base = load_tensors(Path(family["base"]))[name]
     mask = torch.zeros(base.shape, dtype=torch.bool)
