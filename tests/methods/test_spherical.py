@@ -189,7 +189,8 @@ def test_mergekit_semantics_is_the_default_and_paper_equals_it_for_equal_weights
     mk = run("karcher", None, [A, B, c])
     assert torch.equal(mk, run("karcher", None, [A, B, c], {"semantics": "mergekit"}, [{"weight": 0.5}] * 3))
     assert torch.equal(mk, run("karcher", None, [A, B, c], {"semantics": "paper"}, [{"weight": 2.0}] * 3))
-    weighted = run("karcher", None, [A, B, c], {"semantics": "paper"}, [{"weight": 5.0}, {"weight": 1.0}, {"weight": 1.0}])
+    weighted = run("karcher", None, [A, B, c], {"semantics": "paper"},
+                   [{"weight": 5.0}, {"weight": 1.0}, {"weight": 1.0}])
     assert not torch.allclose(mk, weighted)
 
 
@@ -210,7 +211,8 @@ def test_karcher_identical_inputs_and_permutations():
 def test_karcher_result_satisfies_the_mean_condition():
     xs = [rand(8, 12, seed=s) for s in (20, 21, 22, 23)]
     w = [0.1, 0.2, 0.3, 0.4]
-    out = run("karcher", None, xs, {"max_iter": 100, "tol": 1e-7, "semantics": "paper"}, [{"weight": x} for x in w])
+    out = run("karcher", None, xs, {"max_iter": 100, "tol": 1e-7, "semantics": "paper"},
+              [{"weight": x} for x in w])
     u = direction(out).numpy()
     grad = np.zeros_like(u)  # sum_i w_i log_u(u_i): zero at the weighted Karcher mean
     for wi, x in zip(w, xs):
