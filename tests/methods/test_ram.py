@@ -1,0 +1,170 @@
+"""RAM and RAM+ (tensor-local) against a float64 oracle written here from the spec's formulas.
+
+Oracle (arXiv:2601.13572; mergekit 0.1.5 ``ram`` / ``ramplus_tl``), per entry with
+``tau_i = theta_i - theta_0``, ``active_i = |tau_i| > eps``, ``c = sum_i active_i``:
+``ram = theta_0 + sum_i active_i tau_i / max(c, 1)``; ``ramplus_tl`` scales the unique entries (c == 1)
+of model i by ``1 + r * clip(shared_i / max(unique_i, eps), 0, alpha)``, counted over the tensor.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mergelab.errors import RecipeError
+from mergelab.merge import merge_state_dicts
+from tests.methods.mergekit_family_util import run
+
+
+def oracle(base, models, eps=1e-5, plus=False, r=0.1, alpha=0.2, lambdas=None):
+    b = np.asarray(base, dtype=np.float64)
+    taus = [np.asarray(m, dtype=np.float64) - b for m in models]
+    act = [np.abs(t) > eps for t in taus]
+    c = np.sum(act, axis=0)
+    out = b.copy()
+    for i, t in enumerate(taus):
+        lam = 1.0
+        if lambdas is not None:
+            lam = lambdas[i]
+        elif plus:
+            shared = int(np.sum(act[i] & (c > 1)))
+            unique = int(np.sum(act[i] & (c == 1)))
+            lam = 1 + r * min(max(shared / max(unique, eps), 0.0), alpha)
+        for idx in np.ndindex(b.shape):
+            if not act[i][idx]:
+                continue
+            out[idx] += t[idx] * lam if c[idx] == 1 else t[idx] / c[idx]
+    return out
+
+
+def family(seed=0, shape=(12, 10), n=3, zero=0.5):
+    """A base and ``n`` models whose task vectors are zero on a random half of the entries: every
+    entry count c = 0..n occurs."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(*shape, generator=g)
+    models = []
+    for _ in range(n):
+        keep = torch.rand(*shape, generator=g) >= zero
+        models.append(base + 0.05 * torch.randn(*shape, generator=g) * keep)
+    return base, models
+
+
+def close(a, b, tol=2e-6):
+    np.testing.assert_allclose(a.double().numpy(), b, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_ram_matches_oracle(n):
+    base, models = family(seed=n, n=n)
+    out = run("ram", base, models)
+    close(out, oracle(base, models))
+    c = sum(((m - base).abs() > 1e-5).int() for m in models)
+    assert {0, 1}.issubset(set(c.unique().tolist()))  # the data reaches both cases
+    if n > 1:
+        assert int(c.max()) > 1
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_ramplus_tl_matches_oracle(n):
+    base, models = family(seed=10 + n, n=n)
+    for r, alpha in ((0.1, 0.2), (0.5, 3.0), (-0.2, 1.0)):
+        out = run("ramplus_tl", base, models, {"r": r, "alpha": alpha})
+        close(out, oracle(base, models, plus=True, r=r, alpha=alpha))
+
+
+def test_disjoint_supports_is_task_arithmetic_and_identical_is_theta():
+    base = torch.zeros(4, 6)
+    a = torch.zeros(4, 6)
+    b = torch.zeros(4, 6)
+    a[:2] = 0.25
+    b[2:] = -0.5
+    ta = base + a + b  # task arithmetic with lambda 1
+    assert torch.equal(run("ram", base, [base + a, base + b]), ta)
+    # ramplus_tl: no shared entry, rho = 0, lambda = 1
+    assert torch.equal(run("ramplus_tl", base, [base + a, base + b]), ta)
+    same = base + a
+    assert torch.equal(run("ram", base, [same, same, same]), same)
+
+
+def test_epsilon_is_strict():
+    eps32 = float(np.float32(1e-5))
+    above = float(np.nextafter(np.float32(1e-5), np.float32(1)))
+    base = torch.zeros(4)
+    m0 = torch.tensor([eps32, above, 0.5, -eps32])
+    m1 = torch.tensor([0.3, 0.3, 0.5, 0.0])
+    out = run("ram", base, [m0, m1])
+    # entry 0: only m1 active (m0's change equals epsilon) -> 0.3; entry 1: both -> mean; entry 3: none -> 0
+    expected = torch.tensor([0.3, (above + 0.3) / 2, 0.5, 0.0], dtype=torch.float64)
+    close(out, expected.numpy(), tol=1e-7)
+    assert out[3].item() == 0.0
+    out_eps0 = run("ram", base, [m0, m1], {"epsilon": 0.0})
+    close(out_eps0, np.array([(eps32 + 0.3) / 2, (above + 0.3) / 2, 0.5, -eps32]), tol=1e-7)
+
+
+def test_ramplus_r0_is_ram_and_lambda_reaches_cap():
+    base, models = family(seed=3)
+    assert torch.equal(run("ramplus_tl", base, models, {"r": 0.0}), run("ram", base, models))
+    # Mostly shared supports: rho > alpha, so lambda = 1 + r * alpha exactly on unique entries.
+    out = run("ramplus_tl", base, models, {"r": 0.5, "alpha": 0.2})
+    close(out, oracle(base, models, lambdas=[1.1] * 3))
+
+
+def test_model_without_unique_entries_is_finite():
+    # Model 1 changes only entries model 0 also changes: shared_1 > 0, unique_1 = 0. The official
+    # global RAM+ divides by zero here; rho = shared / epsilon is clamped to alpha instead.
+    base = torch.zeros(2, 4)
+    m0 = torch.tensor([[1.0, 2.0, 3.0, 0.0], [0.0, 0.0, 4.0, 0.0]])
+    m1 = torch.tensor([[3.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    out = run("ramplus_tl", base, [m0, m1], {"r": 0.5, "alpha": 1.0})
+    # model 0: shared 2 (entries 0, 2), unique 2 (1, 6) -> rho 1 -> lambda 1.5
+    expected = np.array([[2.0, 3.0, 2.0, 0.0], [0.0, 0.0, 6.0, 0.0]])
+    close(out, expected, tol=0)
+
+
+def test_official_global_ramplus_on_one_tensor():
+    """The official ``arm-r-v2`` (ram-main.py) written out: lambda_j = 1 + (R - 1) * min(1, rho_j),
+    rho_j = overlap_j / (changed_j - overlap_j), counted over the model. On a one-tensor model it is
+    ramplus_tl with r = R - 1 and alpha = 1."""
+    base, models = family(seed=5, n=3, zero=0.6)
+    R = 1.2
+    b = base.double().numpy()
+    act = [np.abs(m.double().numpy() - b) > 1e-5 for m in models]
+    c = np.sum(act, axis=0)
+    lambdas = []
+    for a in act:
+        changed, overlap = int(a.sum()), int((a & (c >= 2)).sum())
+        rho = overlap / (changed - overlap) if changed else 0.0
+        lambdas.append(1 + (R - 1) * min(1.0, rho))
+    out = run("ramplus_tl", base, models, {"r": R - 1, "alpha": 1.0})
+    close(out, oracle(base, models, lambdas=lambdas))
+
+
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
+def test_chunked_equals_whole(method):
+    base, models = family(seed=8, shape=(37, 11), n=3)
+    whole = run(method, base, models, {"r": 0.7, "alpha": 0.9} if method == "ramplus_tl" else None)
+    for chunks in (2, 5, 37):
+        part = run(method, base, models, {"r": 0.7, "alpha": 0.9} if method == "ramplus_tl" else None,
+                   chunks=chunks)
+        assert torch.equal(whole, part), f"{method} in {chunks} chunks"
+
+
+def test_engine_streams_ramplus_in_chunks():
+    """Through the engine, with tensors split in row chunks: the same tensors as the oracle."""
+    base, models = family(seed=9, shape=(64, 16), n=3)
+    sd = lambda t: {"layers.0.mlp.weight": t, "norm.weight": t[0].clone()}  # noqa: E731
+    for method, plus in (("ram", False), ("ramplus_tl", True)):
+        out = merge_state_dicts(sd(base), [sd(m) for m in models], method, r=0.4, alpha=0.5,
+                                chunk_elements=100) if plus else \
+            merge_state_dicts(sd(base), [sd(m) for m in models], method, chunk_elements=100)
+        close(out["layers.0.mlp.weight"], oracle(base, models, plus=plus, r=0.4, alpha=0.5))
+        close(out["norm.weight"], oracle(base[0], [m[0] for m in models], plus=plus, r=0.4, alpha=0.5))
+
+
+def test_bad_parameters():
+    base, models = family()
+    with pytest.raises(RecipeError, match="epsilon"):
+        merge_state_dicts({"w": base}, [{"w": m} for m in models], "ramplus_tl", epsilon=0.0)
+    with pytest.raises(RecipeError, match="alpha"):
+        merge_state_dicts({"w": base}, [{"w": m} for m in models], "ramplus_tl", alpha=-1.0)
