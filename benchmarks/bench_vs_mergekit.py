@@ -60,7 +60,7 @@ SIZES: Dict[str, dict] = {
 }
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
            "della", "della_linear", "sce", "model_stock", "multislerp", "karcher", "nuslerp", "slerp", "nearswap",
-           "arcee_fusion", "passthrough")
+           "arcee_fusion", "passthrough", "ram", "ramplus_tl")
 # Methods mergekit does not have: timed with mergelab alone on the same checkpoints (``--methods papers``).
 MERGELAB_ONLY = ("pcb", "widen", "lines", "tsv", "varm", "mwa", "ota", "doge_ta")
 # How each method's recipe is built (the same file for both tools): which inputs it takes ("all": base
@@ -85,6 +85,8 @@ RECIPE_SHAPE: Dict[str, dict] = {
     "nearswap": dict(inputs="pair", weights=False, globals={"t": 0.001}),
     "arcee_fusion": dict(inputs="pair", weights=False),
     "passthrough": dict(inputs="slices"),
+    "ram": dict(inputs="all", weights=False),
+    "ramplus_tl": dict(inputs="all", weights=False),
     "pcb": dict(inputs="all", globals={"ratio": 0.1}),
     "widen": dict(inputs="all", weights=False),
     "lines": dict(inputs="pair", weights=False, globals={"alpha": 0.5}),
