@@ -215,11 +215,28 @@ def is_complete(folder: Path) -> bool:
     return False
 
 
-def _recorded_recipe(folder: Path) -> Optional[dict]:
+def _stale(folder: Path, recipe: dict) -> bool:
+    """Whether ``folder``'s ``mergelab.json`` records a recipe other than ``recipe``. Compared without
+    the fields left at their defaults, so an output written by an older mergelab (whose recipes had
+    fewer fields) still matches; a folder without a readable record (mergekit's) is not stale."""
+    from mergelab.recipe import Recipe, load_recipe
+
     try:
-        return json.loads((folder / "mergelab.json").read_text()).get("recipe")
+        recorded = json.loads((folder / "mergelab.json").read_text()).get("recipe")
+        if not isinstance(recorded, dict):
+            return False
+        before = Recipe.model_validate(recorded).model_dump(mode="json", exclude_defaults=True)
     except (OSError, ValueError, AttributeError):
-        return None
+        return False
+    return before != load_recipe(recipe).model_dump(mode="json", exclude_defaults=True)
+
+
+def _in_stage(e: MergeLabError, prefix: str) -> MergeLabError:
+    """``e`` with ``prefix`` before its message, of the same class where its constructor allows."""
+    try:
+        return type(e)(f"{prefix}: {e}")
+    except TypeError:
+        return MergeLabError(f"{prefix}: {e}")
 
 
 def merge_multi(
@@ -239,7 +256,6 @@ def merge_multi(
     ``log`` receives one line per stage. ``dry_run`` validates and says what each stage would do.
     """
     from mergelab.merge import merge
-    from mergelab.recipe import dump_recipe, load_recipe
 
     started = time.perf_counter()
     stages = load_stages(path, intermediate_dir, out)
@@ -252,8 +268,7 @@ def merge_multi(
             if not is_complete(st.out):
                 raise OutputError(f"{st.label}: '{st.out}' exists but holds no complete model (config.json and "
                                   f"weights); remove it or pass --overwrite")
-            recorded = _recorded_recipe(st.out)
-            if recorded is not None and recorded != dump_recipe(load_recipe(st.recipe)):
+            if _stale(st.out, st.recipe):
                 raise OutputError(f"{st.label}: '{st.out}' was merged from another recipe than this stage's "
                                   f"(see its mergelab.json); pass --overwrite to merge it again")
             action = "skip"
@@ -281,7 +296,7 @@ def merge_multi(
         try:
             result = merge(st.recipe, st.out, overwrite=overwrite, resume=action == "resume", **merge_options)
         except MergeLabError as e:
-            raise type(e)(f"{st.label} ({_where(Path(path), st.document, st.name)}): {e}") from None
+            raise _in_stage(e, f"{st.label} ({_where(Path(path), st.document, st.name)})") from None
         status = "resumed" if action == "resume" else "merged"
         log(f"{st.label}: {status} into {st.out} in {result.seconds:.1f} s")
         for note in result.notes:
