@@ -126,7 +126,7 @@ def test_official_global_ramplus_on_one_tensor():
     """The official ``arm-r-v2`` (ram-main.py) written out: lambda_j = 1 + (R - 1) * min(1, rho_j),
     rho_j = overlap_j / (changed_j - overlap_j), counted over the model. On a one-tensor model it is
     ramplus_tl with r = R - 1 and alpha = 1."""
-    base, models = family(seed=5, n=3, zero=0.6)
+    base, models = family(seed=5, shape=(20, 10), n=3, zero=0.8)
     R = 1.2
     b = base.double().numpy()
     act = [np.abs(m.double().numpy() - b) > 1e-5 for m in models]
@@ -138,6 +138,51 @@ def test_official_global_ramplus_on_one_tensor():
         lambdas.append(1 + (R - 1) * min(1.0, rho))
     out = run("ramplus_tl", base, models, {"r": R - 1, "alpha": 1.0})
     close(out, oracle(base, models, lambdas=lambdas))
+    official = merge_state_dicts({"w": base}, [{"w": m} for m in models], "ramplus", rescale=R)["w"]
+    close(official, oracle(base, models, lambdas=lambdas))
+    assert min(lambdas) > 1 and max(lambdas) < R  # rho below 1: lambda depends on the counts
+
+
+def official_counts(bases, models_per_tensor, eps=1e-5):
+    """Whole-model (changed, overlap) per model, as ram-main.py sums them over the keys."""
+    n = len(models_per_tensor[0])
+    changed, overlap = [0] * n, [0] * n
+    for b, ms in zip(bases, models_per_tensor):
+        act = [np.abs(m.double().numpy() - b.double().numpy()) > eps for m in ms]
+        c = np.sum(act, axis=0)
+        for j, a in enumerate(act):
+            changed[j] += int(a.sum())
+            overlap[j] += int((a & (c >= 2)).sum())
+    return changed, overlap
+
+
+def test_ramplus_counts_over_the_whole_model():
+    # Tensor "a": dense updates (mostly shared); tensor "b": sparse ones (mostly unique). The official
+    # factor mixes both; the tensor-local one differs per tensor.
+    ba, ma = family(seed=21, shape=(20, 8), n=3, zero=0.2)
+    bb, mb = family(seed=22, shape=(30, 5), n=3, zero=0.9)
+    R = 1.3
+    changed, overlap = official_counts([ba, bb], [ma, mb])
+    lambdas = [1 + (R - 1) * min(1.0, o / (c - o)) for c, o in zip(changed, overlap)]
+    sds = [{"a": x, "b": y} for x, y in zip(ma, mb)]
+    for chunk in (None, 24):
+        out = merge_state_dicts({"a": ba, "b": bb}, sds, "ramplus", rescale=R, chunk_elements=chunk)
+        close(out["a"], oracle(ba, ma, lambdas=lambdas))
+        close(out["b"], oracle(bb, mb, lambdas=lambdas))
+    local = merge_state_dicts({"a": ba, "b": bb}, sds, "ramplus_tl", r=R - 1, alpha=1.0)
+    assert (local["b"] - out["b"]).abs().max() > 1e-4
+    assert torch.equal(merge_state_dicts({"a": ba, "b": bb}, sds, "ramplus", rescale=1.0)["a"],
+                       merge_state_dicts({"a": ba, "b": bb}, sds, "ram")["a"])
+
+
+def test_ramplus_model_with_only_shared_changes():
+    # ram-main.py raises ZeroDivisionError for model 1 (changed == overlap > 0); here lambda_1 = R, unused.
+    base = torch.zeros(2, 4)
+    m0 = torch.tensor([[1.0, 2.0, 3.0, 0.0], [0.0, 0.0, 4.0, 0.0]])
+    m1 = torch.tensor([[3.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    out = merge_state_dicts({"w": base}, [{"w": m0}, {"w": m1}], "ramplus", rescale=1.5)["w"]
+    # model 0: shared 2, unique 2 -> rho 1 -> lambda 1.5
+    close(out, np.array([[2.0, 3.0, 2.0, 0.0], [0.0, 0.0, 6.0, 0.0]]), tol=0)
 
 
 @pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
@@ -171,3 +216,7 @@ def test_bad_parameters():
         merge_state_dicts({"w": base}, [{"w": m} for m in models], "ramplus_tl", epsilon=0.0)
     with pytest.raises(RecipeError, match="alpha"):
         merge_state_dicts({"w": base}, [{"w": m} for m in models], "ramplus_tl", alpha=-1.0)
+    with pytest.raises(RecipeError, match="rescale"):
+        merge_state_dicts({"w": base}, [{"w": m} for m in models], "ramplus", rescale=0.9)
+    with pytest.raises(RecipeError, match="rescale"):
+        merge_state_dicts({"w": base}, [{"w": m} for m in models], "ramplus", rescale=[1.1, 1.2])

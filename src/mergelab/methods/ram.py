@@ -17,22 +17,26 @@ averaging dilutes an update that only one agent made. Per tensor, with task vect
   model with no unique entry gets ``rho = shared / epsilon`` (finite, clamped to ``alpha``), where
   the official global RAM+ divides by zero.
 
-mergekit's semantics, bit for bit in float32: ``epsilon`` is compared in float32, the mean divides
-each update by ``c`` before summing in model order, and ``rho``/``lambda`` are float32 (the counts
-converted to float32, as torch promotes them). The official RAM+ (``arm-r-v2``) counts over the
-whole model and uses ``lambda = 1 + (R - 1) * min(1, rho)``; it is not provided here. ``ram`` is
-element-wise (streamed in cache-sized chunks); ``ramplus_tl`` counts the whole tensor first
-(``prepare_tensor``), so a tensor split in row chunks gives the same result as whole.
+* ``ramplus`` (not in mergekit): the official RAM+ (``arm-r-v2``, the code's default mode), which
+  counts over the whole model: ``lambda_j = 1 + (R - 1) * min(1, rho_j)``, ``rho_j = shared_j /
+  unique_j`` summed over every merged tensor (``prepare_model``: a counting pass, then the merge).
+
+``ram`` and ``ramplus_tl`` have mergekit's semantics, bit for bit in float32: ``epsilon`` is compared in
+float32, the mean divides each update by ``c`` before summing in model order, and ``rho``/``lambda``
+are float32 (the counts converted to float32, as torch promotes them). ``ram`` is element-wise
+(streamed in cache-sized chunks); ``ramplus_tl`` counts the whole tensor first (``prepare_tensor``),
+so a tensor split in row chunks gives the same result as whole.
 """
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
 
 from mergelab.methods.registry import (
-    STREAM_ELEMENTS, BaseUse, MergeMethod, Param, TensorInputs, TensorSource, register,
+    STREAM_ELEMENTS, BaseUse, MergeMethod, ModelScope, Param, TensorInputs, TensorSource, register,
 )
 
 EPSILON = Param("epsilon", float, "An entry counts as changed by a model when |theta_i - theta_0| > epsilon "
@@ -120,6 +124,36 @@ def ramplus_tl_merge(x: TensorInputs) -> torch.Tensor:
     return _merge(x, lambdas)
 
 
+def ramplus_official_lambda(shared: int, unique: int, rescale: float) -> float:
+    """The official RAM+ (``arm-r-v2``) factor of one model from its whole-model counts:
+    ``1 + (R - 1) * min(1, rho)`` with ``rho = overlap / (changed - overlap) = shared / unique``,
+    0 for a model that changes nothing. A model whose every change is shared (the official code
+    divides by zero there) gets ``rho = inf``, so ``R``; it has no unique entry to scale."""
+    if shared + unique == 0:
+        rho = 0.0
+    elif unique == 0:
+        rho = math.inf
+    else:
+        rho = shared / unique
+    return 1.0 + (rescale - 1.0) * min(1.0, rho)
+
+
+def _ramplus_prepare_model(scope: ModelScope) -> List[float]:
+    """Per-model ``lambda_j`` of the official RAM+, from counts over every tensor the method merges."""
+    shared = [0] * scope.num_models
+    unique = [0] * scope.num_models
+    for c in scope.chunks():
+        s, u = _chunk_counts(c, scope.params["epsilon"])
+        shared = [a + b for a, b in zip(shared, s)]
+        unique = [a + b for a, b in zip(unique, u)]
+    return [ramplus_official_lambda(s, u, scope.params["rescale"]) for s, u in zip(shared, unique)]
+
+
+def ramplus_merge(x: TensorInputs) -> torch.Tensor:
+    """RAM+ as in the paper's code: unique updates scaled by the whole-model ``lambda_j``."""
+    return _merge(x, x.model_stats)
+
+
 _REFERENCE = ("Yuan et al. 2026, Reinforced Agent Merging (arXiv:2601.13572), xiangchi-yuan/mrl ram-main.py; "
               "mergekit 0.1.5 `{}`.")
 
@@ -160,4 +194,29 @@ register(MergeMethod(
           "largest lambda is 1 + r * alpha (1.02 by default). The paper's RAM+ (official `arm-r-v2`) counts "
           "over the whole model with lambda = 1 + (R - 1) * min(1, rho): on a one-tensor model it is "
           "ramplus_tl with r = R - 1 and alpha = 1.",
+))
+
+register(MergeMethod(
+    name="ramplus",
+    family="ram",
+    summary="RAM+ as in the paper's code: RAM, with each model's unique updates scaled up by the share of "
+            "its changes that other models also make, counted over the whole model.",
+    reference="Yuan et al. 2026, Reinforced Agent Merging (arXiv:2601.13572), xiangchi-yuan/mrl ram-main.py "
+              "`arm-r-v2` (not in mergekit 0.1.5, whose `ramplus_tl` counts per tensor).",
+    merge=ramplus_merge,
+    base=BaseUse.REQUIRED,
+    params=(
+        Param("rescale", float, "R: lambda_j = 1 + (R - 1) * min(1, rho_j), rho_j = shared_j / unique_j over the "
+              "whole model (the official code's --rescale_factor; R = 1 is RAM).", default=1.05, low=1.0,
+              per_layer=False),
+        Param("epsilon", float, EPSILON.meaning + " One value for the whole model.", default=1e-5, low=0.0,
+              per_layer=False),
+    ),
+    min_models=1,
+    chunkable=True,
+    prepare_model=_ramplus_prepare_model,
+    notes="Two passes over the model: the counts, then the merge. rescale defaults to the official command "
+          "line's 1.05 (its function default is 1.1; the README's RAM+ runs use 1.2). The official code "
+          "treats R < 1 as 1; here it is an error. A model whose every change is shared makes the official "
+          "code divide by zero; here its lambda is R, and it has no unique entry to scale.",
 ))
