@@ -203,3 +203,18 @@ def test_dry_run_says_what_each_stage_would_do(tiny_family, tmp_path, capsys):
     assert code == 0, err
     assert "stage 'avg' (uses 'soup'): would merge into" in stdout
     assert not (tmp_path / "i").exists()
+
+
+def test_stage_names_in_slices_and_tokenizer_source(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    soup = chain(base, experts)[2]
+    final = {"merge_method": "passthrough", "dtype": "float32", "tokenizer_source": "soup",
+             "slices": [{"sources": [{"model": "soup", "layer_range": [0, 2]}]}]}
+    recipe = write_multi(tmp_path / "multi.yaml", [final, soup])
+    stages = load_stages(recipe, tmp_path / "inter", tmp_path / "out")
+    assert [s.name for s in stages] == ["soup", None] and stages[1].depends == ["soup"]
+    assert stages[1].recipe["tokenizer_source"] == str(tmp_path / "inter" / "soup")
+    code, _, err = run_cli(["merge", recipe, "-o", tmp_path / "out", "-I", tmp_path / "inter"], capsys)
+    assert code == 0, err
+    a, b = load_folder(tmp_path / "inter" / "soup"), load_folder(tmp_path / "out")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
