@@ -151,6 +151,8 @@ def _ramplus_prepare_model(scope: ModelScope) -> List[float]:
 
 def ramplus_merge(x: TensorInputs) -> torch.Tensor:
     """RAM+ as in the paper's code: unique updates scaled by the whole-model ``lambda_j``."""
+    if x.model_stats is None:  # never plain RAM by accident
+        raise RuntimeError("ramplus needs its whole-model counts: the engine must call prepare_model first")
     return _merge(x, x.model_stats)
 
 
