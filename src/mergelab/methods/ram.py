@@ -194,8 +194,8 @@ register(MergeMethod(
     prepare_tensor=_ramplus_prepare,
     notes="mergekit 0.1.5's tensor-local RAM+: rho_i = shared_i / max(unique_i, epsilon) per tensor, so the "
           "largest lambda is 1 + r * alpha (1.02 by default). The paper's RAM+ (official `arm-r-v2`) counts "
-          "over the whole model with lambda = 1 + (R - 1) * min(1, rho): on a one-tensor model it is "
-          "ramplus_tl with r = R - 1 and alpha = 1.",
+          "over the whole model with lambda = 1 + (R - 1) * min(1, rho) (mergelab's `ramplus`): on a one-tensor "
+          "model it is ramplus_tl with r = R - 1 and alpha = 1.",
 ))
 
 register(MergeMethod(
