@@ -60,9 +60,9 @@ SIZES: Dict[str, dict] = {
 }
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
            "della", "della_linear", "sce", "model_stock", "multislerp", "karcher", "nuslerp", "slerp", "nearswap",
-           "arcee_fusion", "passthrough")
+           "arcee_fusion", "passthrough", "ram", "ramplus_tl")
 # Methods mergekit does not have: timed with mergelab alone on the same checkpoints (``--methods papers``).
-MERGELAB_ONLY = ("pcb", "widen", "lines", "tsv", "varm", "mwa", "ota", "doge_ta")
+MERGELAB_ONLY = ("pcb", "widen", "lines", "tsv", "varm", "mwa", "ota", "doge_ta", "ramplus")
 # How each method's recipe is built (the same file for both tools): which inputs it takes ("all": base
 # and every expert; "experts": the experts without a base; "pair": the base and the first expert;
 # "two": the first two experts), per-model parameters besides the weight, and global parameters.
@@ -85,6 +85,9 @@ RECIPE_SHAPE: Dict[str, dict] = {
     "nearswap": dict(inputs="pair", weights=False, globals={"t": 0.001}),
     "arcee_fusion": dict(inputs="pair", weights=False),
     "passthrough": dict(inputs="slices"),
+    "ram": dict(inputs="all", weights=False),
+    "ramplus_tl": dict(inputs="all", weights=False),
+    "ramplus": dict(inputs="all", weights=False),
     "pcb": dict(inputs="all", globals={"ratio": 0.1}),
     "widen": dict(inputs="all", weights=False),
     "lines": dict(inputs="pair", weights=False, globals={"alpha": 0.5}),

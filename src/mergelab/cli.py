@@ -47,10 +47,19 @@ def merge(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     fsync: bool = typer.Option(False, "--fsync", help="Flush each shard to disk before renaming it, so a finished "
                                "shard survives a power loss (slower; a killed merge is safe without it)."),
+    intermediate_dir: Optional[Path] = typer.Option(
+        None, "--intermediate-dir", "-I", help="Multi-stage RECIPE (mergekit-multi: documents separated by ---, "
+        "each with a name:): where the named stages' results go; the unnamed final stage goes to OUT."),
 ) -> None:
     """Merge the models named by RECIPE into the Hugging Face folder OUT."""
     from mergelab.merge import merge as run_merge
+    from mergelab.multi import is_multi_stage
 
+    if intermediate_dir is not None or is_multi_stage(recipe):
+        _merge_multi(recipe, out, intermediate_dir, overwrite=overwrite, resume=resume, dry_run=dry_run,
+                     quiet=quiet, device=device, shard_size=shard_size, allow_nonfinite=allow_nonfinite,
+                     fsync=fsync, progress=not quiet and sys.stderr.isatty())
+        return
     if out is None and not dry_run:
         raise MergeLabError("an output folder is required: -o OUT")
     result = run_merge(recipe, out, overwrite=overwrite, resume=resume, dry_run=dry_run, device=device,
@@ -78,6 +87,19 @@ def merge(
         )
         for note in result.notes:
             out_console.print(f"note: {note}")
+
+
+def _merge_multi(recipe: Path, out: Optional[Path], intermediate_dir: Optional[Path], *, quiet: bool,
+                 **options) -> None:
+    """``mergelab merge`` of a multi-stage file (see :mod:`mergelab.multi`)."""
+    from mergelab.multi import merge_multi
+
+    if intermediate_dir is None:
+        raise MergeLabError(f"'{recipe}' holds several merge documents (a multi-stage merge): give the folder "
+                            f"for the named stages' results with --intermediate-dir DIR")
+    log = (lambda line: None) if quiet and not options.get("dry_run") else \
+        (lambda line: out_console.print(escape(line), highlight=False, soft_wrap=True))
+    merge_multi(recipe, out, intermediate_dir, log=log, **options)
 
 
 @app.command()
