@@ -214,3 +214,54 @@ def test_the_program_exits_with_the_commands_status(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "mergelab.cli", "merge", str(tmp_path / "missing.yml"), "-o",
                           str(tmp_path / "out")], capture_output=True, text=True)
     assert bad.returncode == 2 and "missing.yml" in bad.stderr
+
+
+def write_yaml(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("method,global_params,model_params,stray_global,stray_model", [
+    # a density left on a linear merge after trying TIES, and TIES' lambda
+    ("linear", {}, {"weight": 1.0}, {"lambda": 0.7}, {"density": 0.5}),
+    # weight on slerp's model (mergekit's slerp reads only t)
+    ("slerp", {"t": 0.3}, {}, {}, {"weight": 0.3}),
+])
+def test_another_methods_parameter_is_ignored_with_one_warning_line_each(
+        tiny_family, tmp_path, capsys, method, global_params, model_params, stray_global, stray_model):
+    base, experts = tiny_family
+    models = experts[:1] if method == "slerp" else experts
+
+    def recipe(name, stray):
+        return write_yaml(tmp_path / name, {
+            "merge_method": method, "dtype": "float32", **({"base_model": str(base)} if method == "slerp" else {}),
+            "parameters": {**global_params, **(stray_global if stray else {})},
+            "models": [{"model": str(e), "parameters": {**model_params, **(stray_model if stray else {})}}
+                       for e in models]})
+
+    code, _, err = run_cli(["merge", recipe("clean.yaml", False), "-o", tmp_path / "clean", "-q"], capsys)
+    assert code == 0 and "warning" not in err, err
+    code, _, err = run_cli(["merge", recipe("stray.yaml", True), "-o", tmp_path / "stray", "-q"], capsys)
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    stray = list(stray_global) + list(stray_model)
+    assert len(lines) == len(stray), err  # one line per parameter, however many models carry it
+    for name, line in zip(stray, lines):
+        assert f"parameter '{name}'" in line and f"not used by method '{method}'" in line and "ignored" in line
+    assert "Traceback" not in err
+    assert (tmp_path / "clean" / "model.safetensors").read_bytes() == (tmp_path / "stray" / "model.safetensors").read_bytes()
+    manifest = json.loads((tmp_path / "stray" / "mergelab.json").read_text())
+    assert [w.split("'")[1] for w in manifest["warnings"]] == stray
+
+    flat = expect_failure(capsys, tmp_path, recipe("stray.yaml", True), *[f"parameter '{n}'" for n in stray],
+                          f"not used by method '{method}'", "--strict", extra_args=["--strict"])
+    assert "Traceback" not in flat
+
+
+def test_a_parameter_no_method_defines_stays_an_error_with_did_you_mean(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    r = write_yaml(tmp_path / "r.yaml", {"merge_method": "task_arithmetic", "base_model": str(base),
+                                         "models": [{"model": str(e), "parameters": {"weight": 1.0, "wieght": 1}}
+                                                    for e in experts]})
+    expect_failure(capsys, tmp_path, r, "unknown parameter 'wieght' for method 'task_arithmetic'",
+                   "did you mean 'weight'")

@@ -427,6 +427,17 @@ def all_methods() -> Sequence[MergeMethod]:
     return [_REGISTRY[n] for n in sorted(_REGISTRY)]
 
 
+def parameter_owners() -> dict:
+    """Every parameter name that some registered method defines (globally or per model), mapped to
+    the sorted names of the methods that define it. A recipe may carry such a name on a method that
+    does not use it (mergekit ignores it); a name no method defines is a typo."""
+    owners: dict = {}
+    for m in all_methods():
+        for p in tuple(m.params) + tuple(m.model_params):
+            owners.setdefault(p.name, []).append(m.name)
+    return owners
+
+
 def describe(method: MergeMethod) -> dict:
     """A plain description of ``method`` for ``mergelab methods --json`` and the docs."""
 
