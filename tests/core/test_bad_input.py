@@ -265,3 +265,97 @@ def test_a_parameter_no_method_defines_stays_an_error_with_did_you_mean(tiny_fam
                                                     for e in experts]})
     expect_failure(capsys, tmp_path, r, "unknown parameter 'wieght' for method 'task_arithmetic'",
                    "did you mean 'weight'")
+
+
+def edit_config(folder: Path, **changes):
+    f = folder / "config.json"
+    cfg = json.loads(f.read_text())
+    cfg.update(changes)
+    f.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("which", ["base", "expert"])
+@pytest.mark.parametrize("text,fragment", [("{\"model_type\": \"llama\",", "is not valid JSON"),
+                                           ("[1, 2]", "is not a JSON object")])
+def test_malformed_config_of_any_input_is_named(tiny_family, tmp_path, capsys, which, text, fragment):
+    base, experts = tiny_family
+    folder = base if which == "base" else experts[2]
+    (folder / "config.json").write_text(text)
+    expect_failure(capsys, tmp_path, recipe_file(tmp_path, base, experts), str(folder / "config.json"), fragment)
+
+
+def test_missing_config_of_an_input_is_named(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    (experts[1] / "config.json").unlink()
+    expect_failure(capsys, tmp_path, recipe_file(tmp_path, base, experts), f"model '{experts[1]}' has no config.json",
+                   str(experts[1] / "config.json"), "does not exist")
+
+
+def test_bare_weight_files_without_any_config_still_merge(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    for folder in [base, *experts]:
+        (folder / "config.json").unlink()
+    code, _, err = run_cli(["merge", recipe_file(tmp_path, base, experts), "-o", tmp_path / "out"], capsys)
+    assert code == 0, err
+    assert not (tmp_path / "out" / "config.json").exists()
+    assert any("no input has a config.json" in n for n in json.loads((tmp_path / "out" / "mergelab.json").read_text())["notes"])
+
+
+# One case per field of plan.MEANING_FIELDS the tiny Llama's config has (and two it lacks), with the
+# expert's value; the base (the donor) keeps the generated config.
+@pytest.mark.parametrize("field,value", [
+    ("architectures", ["MistralForCausalLM"]), ("model_type", "mistral"), ("rope_theta", 500000.0),
+    ("tie_word_embeddings", True), ("vocab_size", 130), ("hidden_act", "gelu"), ("rms_norm_eps", 1e-6),
+    ("num_attention_heads", 8), ("num_key_value_heads", 4), ("head_dim", 4),
+    ("rope_scaling", {"type": "linear", "factor": 2.0}),
+])
+def test_config_field_that_changes_what_weights_mean_warns_and_strict_refuses(tiny_family, tmp_path, capsys,
+                                                                              field, value):
+    base, experts = tiny_family
+    base_cfg = json.loads((base / "config.json").read_text())
+    if field in ("head_dim", "rope_scaling"):  # not in the generated config: set in both, differently
+        edit_config(base, **{field: 8 if field == "head_dim" else None})
+        base_cfg[field] = 8 if field == "head_dim" else None
+    edit_config(experts[1], **{field: value})
+    r = recipe_file(tmp_path, base, experts)
+    code, _, err = run_cli(["merge", r, "--dry-run"], capsys)
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert len(lines) == 1, err
+    flat = lines[0]
+    assert f"model '{experts[1]}'" in flat and f"'{base}'" in flat
+    assert f"{field}: {json.dumps(value, sort_keys=True)} (in '{base}': {json.dumps(base_cfg[field], sort_keys=True)})" in flat
+    expect_failure(capsys, tmp_path, r, "--strict", f"model '{experts[1]}'", field, extra_args=["--strict"])
+
+
+def test_config_differences_are_recorded_and_harmless_fields_pass(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    edit_config(experts[0], rope_theta=1e6, vocab_size=130)
+    edit_config(experts[2], max_position_embeddings=4096, torch_dtype="bfloat16", eos_token_id=7)  # not checked
+    code, _, err = run_cli(["merge", recipe_file(tmp_path, base, experts), "-o", tmp_path / "out", "-q"], capsys)
+    assert code == 0, err
+    assert len([ln for ln in err.splitlines() if ln.startswith("warning:")]) == 1, err
+    manifest = json.loads((tmp_path / "out" / "mergelab.json").read_text())
+    assert manifest["config_differences"] == [
+        {"model": str(experts[0]), "field": "vocab_size", "value": 130, "reference": str(base), "reference_value": 128},
+        {"model": str(experts[0]), "field": "rope_theta", "value": 1e6, "reference": str(base),
+         "reference_value": 10000.0},
+    ]
+    assert len(manifest["warnings"]) == 1 and "rope_theta" in manifest["warnings"][0]
+    # the output config is the donor's (the base's)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_theta"] == 10000.0
+
+
+def test_text_config_is_compared_and_common_submatrix_expects_other_vocabularies(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    edit_config(base, text_config={"rope_theta": 10000.0, "vocab_size": 128})
+    edit_config(experts[0], text_config={"rope_theta": 5e5, "vocab_size": 130}, vocab_size=130)
+    code, _, err = run_cli(["merge", recipe_file(tmp_path, base, experts), "--dry-run"], capsys)
+    assert code == 0, err
+    warning = " ".join(err.split())
+    assert "vocab_size: 130 (in" in warning and "text_config.rope_theta: 500000.0 (in" in warning
+    assert "text_config.vocab_size: 130" in warning
+    code, _, err = run_cli(["merge", recipe_file(tmp_path, base, experts, vocab_policy="common_submatrix"),
+                            "--dry-run"], capsys)
+    warning = " ".join(err.split())
+    assert code == 0 and "text_config.rope_theta" in warning and "vocab_size" not in warning, err
