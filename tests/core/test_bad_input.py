@@ -359,3 +359,33 @@ def test_text_config_is_compared_and_common_submatrix_expects_other_vocabularies
                             "--dry-run"], capsys)
     warning = " ".join(err.split())
     assert code == 0 and "text_config.rope_theta" in warning and "vocab_size" not in warning, err
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_overflow_of_the_cast_to_float16_is_caught_like_any_nonfinite_value(tiny_family, tmp_path, capsys, method):
+    """float32 merged values beyond 65504 become inf in float16: an error naming tensor, count and range."""
+    base, experts = tiny_family
+
+    def big(sd):
+        sd["model.norm.weight"] = torch.full((32,), 1e5)  # out of float16's range in every input
+        sd["model.layers.0.input_layernorm.weight"] = torch.full((32,), 6e4)  # in range; its float16 sum is not
+        return sd
+
+    for folder in [base, *experts]:
+        rewrite(folder, big)
+    r = recipe_file(tmp_path, base, experts, method=method, out_dtype="float16")
+    flat = expect_failure(capsys, tmp_path, r, "tensor 'model.norm.weight'", "32 inf value(s)", "(32 of 32)",
+                          "float16", "±65504", "reach 100000", "--allow-nonfinite")
+    assert "Traceback" not in flat
+    code, _, err = run_cli(["merge", r, "-o", tmp_path / "out", "-q", "--allow-nonfinite"], capsys)
+    assert code == 0, err
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert merged["model.norm.weight"].dtype == torch.float16
+    assert torch.isinf(merged["model.norm.weight"]).sum() == 32
+    assert torch.equal(merged["model.layers.0.input_layernorm.weight"], torch.full((32,), 6e4).half())
+    # bfloat16 has float32's range: the same merge fits
+    r = recipe_file(tmp_path, base, experts, method=method, out_dtype="bfloat16")
+    code, _, err = run_cli(["merge", r, "-o", tmp_path / "bf16", "-q"], capsys)
+    assert code == 0, err
+    assert torch.equal(load_file(str(tmp_path / "bf16" / "model.safetensors"))["model.norm.weight"],
+                       torch.full((32,), 1e5).bfloat16())
