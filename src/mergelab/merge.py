@@ -330,6 +330,7 @@ def merge_state_dicts(
     vocab_policy: str = "error",
     chunk_elements: Optional[int] = None,
     aux: Optional[Dict[str, Sequence[Dict[str, torch.Tensor]]]] = None,
+    allow_nonfinite: bool = False,
     **kwargs: Any,
 ) -> Dict[str, torch.Tensor]:
     """Merge in-memory state dicts (e.g. ``module.state_dict()``) with a registered method.
@@ -345,6 +346,8 @@ def merge_state_dicts(
     every tensor of more elements into row chunks of that size (results of random methods depend on
     it); by default the engine chunks as for checkpoint files. ``aux`` gives a method's auxiliary
     inputs in memory, one state dict per model, e.g. ``aux={"second_moments": [v_0, v_1]}`` for OTA.
+    NaN or inf in an input or the result (the cast to ``out_dtype`` included) raises
+    :class:`~mergelab.errors.NonFiniteError` unless ``allow_nonfinite``.
     """
     m = get_method(method)
     settings: Dict[str, Any] = dict(params or {})
@@ -382,7 +385,7 @@ def merge_state_dicts(
         _warn(line)
     sink = StateDictSink({j.name: j.shape for j in plan.jobs}, {j.name: j.out_dtype for j in plan.jobs})
     sizes = {} if chunk_elements is None else {"chunk_elements": chunk_elements, "whole_elements": None}
-    executor = LocalExecutor(device=device, seed=seed, read_ahead=False, **sizes)
+    executor = LocalExecutor(device=device, seed=seed, read_ahead=False, allow_nonfinite=allow_nonfinite, **sizes)
     for name in m.aux_inputs:
         given = (aux or {}).get(name)
         if given is None or len(given) != len(models):

@@ -34,7 +34,7 @@ MEANING_FIELDS = (
     "hidden_act", "hidden_activation", "activation_function",
     "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps",
     "num_attention_heads", "num_key_value_heads", "head_dim",
-    "rope_theta", "rope_scaling", "partial_rotary_factor", "position_embedding_type",
+    "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor", "position_embedding_type",
 )
 
 
