@@ -224,6 +224,7 @@ def merge(
             _write_metadata(plan, partial, summary, report, index, started, device, shard_bytes, writer)
         except OSError as e:
             raise OutputWriteError("write", e.filename or partial, e, partial)
+        writer.forget_progress()
         try:
             publish(partial, out, overwrite)
         except OSError as e:

@@ -8,6 +8,7 @@ names a ``vocab_policy``), dtypes. Non-float tensors are copied from the base, n
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -275,8 +276,6 @@ def check_configs(plan: MergePlan, strict: bool = False) -> None:
 
 
 def _json(value: Any) -> str:
-    import json
-
     return json.dumps(value, sort_keys=True)
 
 

@@ -394,3 +394,31 @@ def test_a_full_tmpfs_is_refused_then_fails_cleanly_then_resumes(tiny_family, tm
         assert shard_digests(out) == shard_digests(full)
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_failed_metadata_write_keeps_the_shards_and_resumes(tiny_family, tmp_path, capsys, monkeypatch):
+    import errno
+    import importlib
+
+    merge_module = importlib.import_module("mergelab.merge")
+    base, experts = tiny_family
+    recipe = write_recipe(tmp_path / "r.yaml", base, experts, method="task_arithmetic", model_params={"weight": 1.0})
+    args = ["merge", recipe, "--shard-size", "20KB", "-q"]
+    assert run_cli(args + ["-o", tmp_path / "full"], capsys)[0] == 0
+
+    def full_disk(folder, manifest):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / "mergelab.json"))
+
+    monkeypatch.setattr(merge_module, "write_manifest", full_disk)
+    out = tmp_path / "out"
+    status, _, err = run_cli(args + ["-o", out], capsys)
+    flat = " ".join(err.split())
+    assert status == 2 and "Traceback" not in err
+    assert "cannot write" in flat and "mergelab.json'" in flat and "No space left on device" in flat and "--resume" in flat
+    partial = tmp_path / "out.partial"
+    assert not out.exists() and (partial / ".mergelab-progress.json").exists()
+    assert shard_digests(partial) == shard_digests(tmp_path / "full")
+    monkeypatch.undo()
+    assert run_cli(args + ["-o", out, "--resume"], capsys)[0] == 0
+    assert shard_digests(out) == shard_digests(tmp_path / "full")
+    assert not (out / ".mergelab-progress.json").exists() and (out / "mergelab.json").exists()

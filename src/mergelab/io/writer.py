@@ -287,7 +287,9 @@ class ShardWriter:
             self._finish_shard(shard)
 
     def finish(self) -> dict:
-        """Write the weight index (sharded output) and return it; every shard must be complete."""
+        """Write the weight index (sharded output) and return it; every shard must be complete. The
+        progress file stays until :meth:`forget_progress`, so that a failure while the other files
+        are written still resumes with the fingerprint check."""
         if self._remaining:
             raise OutputError(f"internal: shards not fully written: {sorted(self._remaining)}")
         total = sum(s.data_bytes for s in self.shards)
@@ -299,8 +301,11 @@ class ShardWriter:
                 path.write_text(json.dumps(index, indent=2))
             except OSError as e:
                 raise self._failed("write", path, e)
-        (self.folder / PROGRESS_FILE).unlink(missing_ok=True)
         return index
+
+    def forget_progress(self) -> None:
+        """Remove the progress file: the folder is complete and about to be published."""
+        (self.folder / PROGRESS_FILE).unlink(missing_ok=True)
 
     def close(self) -> None:
         for fd in self._fds.values():
