@@ -28,7 +28,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from mergelab.errors import RecipeError
-from mergelab.methods.registry import MergeMethod, Param, get_method, get_post_step, parameter_owners
+from mergelab.methods.registry import (MergeMethod, Param, all_parameter_names, get_method, get_post_step,
+                                       methods_defining)
 
 Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
 
@@ -252,11 +253,10 @@ def validate_parameters(
     global_names = {p.name for p in method.params}
     model_names = {p.name for p in method.model_params}
     allowed = ", ".join(sorted(global_names | model_names)) or "none"
-    owners = parameter_owners()
     for key, setting in global_settings.items():
         p = method.param(key) or method.model_param(key)
         if p is None:
-            if key in owners:  # another method's parameter: ignored, see unused_parameters
+            if methods_defining(key):  # another method's parameter: ignored, see unused_parameters
                 continue
             raise RecipeError(f"{where}: unknown parameter '{key}' for method '{method.name}'"
                               f"{_did_you_mean(key, global_names | model_names)}; allowed: {allowed}")
@@ -270,7 +270,7 @@ def validate_parameters(
                 )
             p = method.model_param(key)
             if p is None:
-                if key in owners:
+                if methods_defining(key):
                     continue
                 raise RecipeError(
                     f"models[{label}].parameters: unknown parameter '{key}' for method '{method.name}'"
@@ -297,7 +297,7 @@ def _did_you_mean(key: str, names) -> str:
     close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
     if close:
         return f" (did you mean '{close[0]}'?)"
-    close = difflib.get_close_matches(key, sorted(parameter_owners()), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key, all_parameter_names(), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}', a parameter of other methods?)" if close else ""
 
 
@@ -310,12 +310,11 @@ def unused_parameters(recipe: Recipe, method: MergeMethod) -> Dict[str, List[str
     ``{name: [where it is set, ...]}`` in the recipe's order. Names no method defines are not here:
     :func:`validate_parameters` rejects them as typos.
     """
-    owners = parameter_owners()
     found: Dict[str, List[str]] = {}
 
     def scan(settings: Dict[str, Any], where: str) -> None:
         for key in settings:
-            if key in owners and method.param(key) is None and method.model_param(key) is None:
+            if method.param(key) is None and method.model_param(key) is None and methods_defining(key):
                 found.setdefault(key, []).append(where)
 
     scan(recipe.parameters, "parameters")
@@ -334,10 +333,9 @@ def unused_parameter_messages(recipe: Recipe, method: MergeMethod, strict: bool 
     found = unused_parameters(recipe, method)
     if not found:
         return []
-    owners = parameter_owners()
     items = []
     for key, places in found.items():
-        users = owners[key]
+        users = methods_defining(key)
         used_by = ", ".join(users[:4]) + (f" and {len(users) - 4} more" if len(users) > 4 else "")
         where = ", ".join(places[:3]) + (f" and {len(places) - 3} more" if len(places) > 3 else "")
         items.append((f"parameter '{key}' (set in {where}) is not used by method '{method.name}'",

@@ -427,15 +427,27 @@ def all_methods() -> Sequence[MergeMethod]:
     return [_REGISTRY[n] for n in sorted(_REGISTRY)]
 
 
-def parameter_owners() -> dict:
-    """Every parameter name that some registered method defines (globally or per model), mapped to
-    the sorted names of the methods that define it. A recipe may carry such a name on a method that
-    does not use it (mergekit ignores it); a name no method defines is a typo."""
-    owners: dict = {}
-    for m in all_methods():
-        for p in tuple(m.params) + tuple(m.model_params):
-            owners.setdefault(p.name, []).append(m.name)
-    return owners
+def methods_defining(name: str) -> list:
+    """Sorted names of the registered methods that define a parameter ``name`` (globally or per
+    model); empty if none does. A recipe may carry such a name on a method that does not use it
+    (mergekit ignores it); a name no method defines is a typo. Plugins are loaded only when no
+    built-in method defines the name (see :func:`get_method`)."""
+    _load_builtin_methods()
+    found = _defining(name)
+    if not found:
+        _load_all_methods()
+        found = _defining(name)
+    return found
+
+
+def _defining(name: str) -> list:
+    return sorted(m.name for m in _REGISTRY.values()
+                  if m.param(name) is not None or m.model_param(name) is not None)
+
+
+def all_parameter_names() -> list:
+    """Every parameter name that some registered method (plugins included) defines, sorted."""
+    return sorted({p.name for m in all_methods() for p in tuple(m.params) + tuple(m.model_params)})
 
 
 def describe(method: MergeMethod) -> dict:
