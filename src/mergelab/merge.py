@@ -222,8 +222,10 @@ def merge(
                                   f"the merged task vector is zero there")
         try:
             _write_metadata(plan, partial, summary, report, index, started, device, shard_bytes, writer)
-        except OSError as e:
-            raise OutputWriteError("write", e.filename or partial, e, partial)
+        except OSError as e:  # writing config, tokenizer files, card or manifest (or reading the donor's files)
+            path = Path(e.filename) if e.filename else partial
+            what = "write" if partial in (path, *path.parents) or not path.exists() else "copy"
+            raise OutputWriteError(what, path, e, partial)
         writer.forget_progress()
         try:
             publish(partial, out, overwrite)

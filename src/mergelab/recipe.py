@@ -16,6 +16,11 @@ Parameter values are resolved per tensor as mergekit does (:func:`resolve_settin
 
 Per-model parameters are looked up in the model's own ``parameters``, then in the top-level
 ``parameters``, then the method's default; global parameters in the top-level ``parameters``.
+
+As in mergekit, a parameter the method does not use is ignored when some other registered method
+defines it (a ``density`` left on a ``linear`` merge), with one warning line per name
+(:func:`unused_parameter_messages`; an error under ``--strict``); a name no method defines is an
+error with the closest name.
 """
 
 from __future__ import annotations
