@@ -261,6 +261,7 @@ def validate_parameters(
     for key, setting in global_settings.items():
         p = method.param(key) or method.model_param(key)
         if p is None:
+            _refuse_unsupported(method, key, where)
             if methods_defining(key):  # another method's parameter: ignored, see unused_parameters
                 continue
             raise RecipeError(f"{where}: unknown parameter '{key}' for method '{method.name}'"
@@ -275,6 +276,7 @@ def validate_parameters(
                 )
             p = method.model_param(key)
             if p is None:
+                _refuse_unsupported(method, key, f"models[{label}].parameters")
                 if methods_defining(key):
                     continue
                 raise RecipeError(
@@ -294,6 +296,12 @@ def validate_parameters(
             raise RecipeError(
                 f"{where}: required parameter '{p.name}' of method '{method.name}' is missing; expected {p.allowed()}"
             )
+
+
+def _refuse_unsupported(method: MergeMethod, key: str, where: str) -> None:
+    if key in method.unsupported:
+        raise RecipeError(f"{where}: parameter '{key}' of method '{method.name}'s reference is not implemented "
+                          f"in mergelab (see `mergelab methods {method.name}`); remove it")
 
 
 def _did_you_mean(key: str, names) -> str:
@@ -319,7 +327,8 @@ def unused_parameters(recipe: Recipe, method: MergeMethod) -> Dict[str, List[str
 
     def scan(settings: Dict[str, Any], where: str) -> None:
         for key in settings:
-            if method.param(key) is None and method.model_param(key) is None and methods_defining(key):
+            if method.param(key) is None and method.model_param(key) is None and key not in method.unsupported \
+                    and methods_defining(key):
                 found.setdefault(key, []).append(where)
 
     scan(recipe.parameters, "parameters")

@@ -120,3 +120,19 @@ def test_another_methods_parameter_is_listed_where_it_is_set_and_refused_only_wh
     assert unused_parameters(s, get_method("slerp")) == {"density": ["slices[0].parameters"],
                                                           "weight": ["slices[0].sources[b]"]}
     assert unused_parameters(s, get_method("ties")) == {"t": ["parameters"]}
+
+
+def test_a_parameter_the_methods_reference_has_but_mergelab_lacks_is_refused_not_ignored():
+    # OTA's reference has a hybrid-norm `rescale` that mergelab does not implement: ties' `rescale`
+    # must not make it an ignorable name
+    from mergelab.recipe import unused_parameters
+
+    m = get_method("ota")
+    assert "rescale" in m.unsupported
+    with pytest.raises(RecipeError, match="parameter 'rescale' of method 'ota's reference is not implemented"):
+        validate_parameters(m, {"rescale": True}, [("m", {"second_moments": "v.safetensors"})])
+    with pytest.raises(RecipeError, match=r"models\[m\].parameters: parameter 'rescale'"):
+        validate_parameters(m, {}, [("m", {"second_moments": "v.safetensors", "rescale": True})])
+    r = load_recipe({"merge_method": "ota", "parameters": {"rescale": True},
+                     "models": [{"model": "m", "parameters": {"second_moments": "v.safetensors"}}]})
+    assert unused_parameters(r, m) == {}

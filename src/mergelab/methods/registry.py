@@ -309,6 +309,9 @@ class MergeMethod:
     warm_up: Optional[Callable[[int], None]] = None
     raw_inputs: bool = False
     stream_elements: Optional[int] = None
+    # Parameter names of the method's reference that mergelab does not implement: a recipe that sets
+    # one is refused, never ignored as another method's parameter would be (see mergelab.recipe).
+    unsupported: tuple = ()
 
     def param(self, name: str) -> Optional[Param]:
         for p in self.params:
