@@ -34,6 +34,10 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _print_warning(line: str) -> None:
+    err_console.print(f"[bold yellow]warning:[/bold yellow] {escape(line)}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def merge(
     recipe: Path = typer.Argument(..., help="Recipe YAML (mergekit-compatible: merge_method, base_model, models, parameters...)."),
@@ -50,6 +54,10 @@ def merge(
     intermediate_dir: Optional[Path] = typer.Option(
         None, "--intermediate-dir", "-I", help="Multi-stage RECIPE (mergekit-multi: documents separated by ---, "
         "each with a name:): where the named stages' results go; the unnamed final stage goes to OUT."),
+    strict: bool = typer.Option(False, "--strict", help="Make warnings errors: parameters the method does not use, "
+                                "inputs whose config.json differs where it changes what the weights mean."),
+    no_space_check: bool = typer.Option(False, "--no-space-check", help="Do not refuse a merge whose output exceeds "
+                                        "the free space (for filesystems that report it wrongly)."),
 ) -> None:
     """Merge the models named by RECIPE into the Hugging Face folder OUT."""
     from mergelab.merge import merge as run_merge
@@ -58,13 +66,15 @@ def merge(
     if intermediate_dir is not None or is_multi_stage(recipe):
         _merge_multi(recipe, out, intermediate_dir, overwrite=overwrite, resume=resume, dry_run=dry_run,
                      quiet=quiet, device=device, shard_size=shard_size, allow_nonfinite=allow_nonfinite,
-                     fsync=fsync, progress=not quiet and sys.stderr.isatty())
+                     fsync=fsync, progress=not quiet and sys.stderr.isatty(), strict=strict,
+                     space_check=not no_space_check, on_warning=_print_warning)
         return
     if out is None and not dry_run:
         raise MergeLabError("an output folder is required: -o OUT")
     result = run_merge(recipe, out, overwrite=overwrite, resume=resume, dry_run=dry_run, device=device,
                        shard_size=shard_size, allow_nonfinite=allow_nonfinite, fsync=fsync,
-                       progress=not quiet and sys.stderr.isatty())
+                       progress=not quiet and sys.stderr.isatty(), strict=strict, space_check=not no_space_check,
+                       on_warning=_print_warning)
     s = result.summary
     if dry_run:
         table = Table(title=f"dry run: {s['method']}", show_header=False)

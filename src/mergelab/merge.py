@@ -13,27 +13,62 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from mergelab.errors import CheckpointError, MergeLabError, RecipeError
+from mergelab.errors import CheckpointError, MergeLabError, OutputError, RecipeError
 from mergelab.execute.base import Executor
 from mergelab.execute.local import CHUNK_ELEMENTS, WHOLE_ELEMENTS, LocalExecutor
 from mergelab.io.checkpoint import Checkpoint
 from mergelab.io.memory import StateDictCheckpoint, StateDictSink
 from mergelab.io.output import (
-    copy_donor_files, partial_path, prepare_output, publish, versions, write_config, write_manifest,
-    write_model_card,
+    copy_donor_files, donor_files_bytes, partial_path, prepare_output, publish, versions, write_config,
+    write_manifest, write_model_card,
 )
-from mergelab.io.writer import ShardWriter, layout_shards, parse_size
+from mergelab.io.writer import OutputWriteError, ShardWriter, layout_shards, parse_size
 from mergelab.methods.registry import get_method
 from mergelab.plan import LAYER_COUNT_KEYS, MergePlan, build_plan
 from mergelab.recipe import Recipe, dump_recipe, load_recipe, normalize_dtype
 
 DEFAULT_SHARD_SIZE = "5GB"
+# Room kept for the files written besides the weights and the donor's tokenizer files: config,
+# model card, weight index and mergelab.json (a few KB to a few hundred KB).
+METADATA_BYTES = 1 << 20
+
+
+class MergeWarning(UserWarning):
+    """Something the merge ignores or tolerates that the user should know (see ``MergePlan.warnings``)."""
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, MergeWarning, stacklevel=3)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def check_free_space(folder: Path, weights: int, extra: int, reclaimable: int = 0) -> None:
+    """Refuse to start a merge whose output (``weights`` bytes of shards plus ``extra`` for the other
+    files) cannot fit in the free space of ``folder``'s filesystem (plus ``reclaimable`` bytes the
+    merge frees first), naming both numbers."""
+    needed = weights + extra
+    free = shutil.disk_usage(folder).free + reclaimable
+    if needed > free:
+        raise OutputError(
+            f"not enough free space to write the merge into '{folder}': it needs {_size(needed)} ({needed} bytes: "
+            f"{weights} of weights, {extra} kept for config, tokenizer and metadata files) and the filesystem has "
+            f"{_size(free)} ({free} bytes) free. Free some space or choose another output folder; --no-space-check "
+            f"skips this check (for filesystems that report their free space wrongly)"
+        )
 
 
 @dataclass
@@ -119,13 +154,25 @@ def merge(
     progress: bool = False,
     executor: Optional[Executor] = None,
     fsync: bool = False,
+    strict: bool = False,
+    space_check: bool = True,
+    on_warning: Optional[Callable[[str], None]] = None,
 ) -> MergeResult:
     """Merge the checkpoints named by ``recipe`` into the Hugging Face folder ``out``.
 
-    Everything is validated (recipe, inputs' headers, names, shapes, parameters) before any tensor is
-    read. The output is written to ``out.partial`` and renamed at the end; an existing ``out`` is
-    refused unless ``overwrite``; ``resume`` continues a killed merge from its completed shards.
-    ``fsync`` flushes each shard to disk before renaming it (see :class:`~mergelab.io.writer.ShardWriter`).
+    Everything is validated (recipe, inputs' headers and configs, names, shapes, parameters) before
+    any tensor is read. The output is written to ``out.partial`` and renamed at the end; an existing
+    ``out`` is refused unless ``overwrite``; ``resume`` continues a killed merge from its completed
+    shards. ``fsync`` flushes each shard to disk before renaming it (see
+    :class:`~mergelab.io.writer.ShardWriter`).
+
+    Parameters the method does not use (but another method defines) and inputs' configs that differ
+    where it matters are warnings, passed one line each to ``on_warning`` (default: Python's
+    ``warnings.warn`` with :class:`MergeWarning`) and recorded in ``mergelab.json``; ``strict`` makes
+    them errors. ``space_check`` refuses, before any tensor is read, a merge whose output does not fit
+    in the free space of the output's filesystem. A failed write (no space, quota, permission) is an
+    :class:`~mergelab.io.writer.OutputWriteError`; the completed shards stay in ``out.partial`` for
+    ``resume``.
     """
     started = time.perf_counter()
     r = load_recipe(recipe)
@@ -133,7 +180,9 @@ def merge(
     if shard_bytes <= 0:
         raise MergeLabError(f"--shard-size must be positive, got {shard_size}")
     checkpoints = open_checkpoints(r)
-    plan = build_plan(r, checkpoints)
+    plan = build_plan(r, checkpoints, strict=strict)
+    for line in plan.warnings:
+        (on_warning or _warn)(line)
     aux = _aux_checkpoints(plan)
     summary = plan.summary(CHUNK_ELEMENTS, shard_bytes, WHOLE_ELEMENTS)
     import psutil
@@ -145,10 +194,15 @@ def merge(
         raise MergeLabError("an output folder is required (-o OUT)")
     out = Path(out)
     partial, fresh = prepare_output(out, [c.path for c in plan.checkpoints], overwrite, resume)
+    writer: Optional[ShardWriter] = None
     try:
         shards = layout_shards([(j.name, j.out_dtype, j.shape) for j in plan.jobs], shard_bytes)
         writer = ShardWriter(partial, shards, plan_fingerprint(plan, shard_bytes, r.seed, aux), resume=resume,
                              durable=fsync)
+        if space_check:
+            donor = plan.checkpoints[plan.donor_index]
+            extra = METADATA_BYTES + donor_files_bytes(getattr(donor, "path", None))
+            check_free_space(partial, writer.bytes_to_write(), extra, writer.reclaimable_bytes())
         bar = _progress_bar(plan, writer) if progress else None
         try:
             if executor is None:
@@ -166,8 +220,22 @@ def merge(
             if rep.get("rank") == 0:
                 plan.notes.append(f"{plan.method.name} kept rank 0 for tensor '{name}' (more models than its rank): "
                                   f"the merged task vector is zero there")
-        _write_metadata(plan, partial, summary, report, index, started, device, shard_bytes, writer)
-        publish(partial, out, overwrite)
+        try:
+            _write_metadata(plan, partial, summary, report, index, started, device, shard_bytes, writer)
+        except OSError as e:  # writing config, tokenizer files, card or manifest (or reading the donor's files)
+            path = Path(e.filename) if e.filename else partial
+            what = "write" if partial in (path, *path.parents) or not path.exists() else "copy"
+            raise OutputWriteError(what, path, e, partial)
+        writer.forget_progress()
+        try:
+            publish(partial, out, overwrite)
+        except OSError as e:
+            raise OutputWriteError(f"rename '{partial}' to", out, e, partial)
+    except OutputWriteError:
+        # Keep the completed shards for --resume; free the space the unfinished ones hold.
+        if writer is not None:
+            writer.discard_unfinished()
+        raise
     except MergeLabError:
         if fresh:
             shutil.rmtree(partial, ignore_errors=True)
@@ -216,6 +284,8 @@ def _write_metadata(plan, folder: Path, summary, report, index, started, device,
         "config_updates": updates,
         "plan": summary,
         "notes": plan.notes,
+        "warnings": plan.warnings,
+        "config_differences": plan.config_differences,
         "reports": report.reports,
     })
 
@@ -263,6 +333,7 @@ def merge_state_dicts(
     vocab_policy: str = "error",
     chunk_elements: Optional[int] = None,
     aux: Optional[Dict[str, Sequence[Dict[str, torch.Tensor]]]] = None,
+    allow_nonfinite: bool = False,
     **kwargs: Any,
 ) -> Dict[str, torch.Tensor]:
     """Merge in-memory state dicts (e.g. ``module.state_dict()``) with a registered method.
@@ -278,6 +349,8 @@ def merge_state_dicts(
     every tensor of more elements into row chunks of that size (results of random methods depend on
     it); by default the engine chunks as for checkpoint files. ``aux`` gives a method's auxiliary
     inputs in memory, one state dict per model, e.g. ``aux={"second_moments": [v_0, v_1]}`` for OTA.
+    NaN or inf in an input or the result (the cast to ``out_dtype`` included) raises
+    :class:`~mergelab.errors.NonFiniteError` unless ``allow_nonfinite``.
     """
     m = get_method(method)
     settings: Dict[str, Any] = dict(params or {})
@@ -311,9 +384,11 @@ def merge_state_dicts(
         recipe["out_dtype"] = out_dtype
     r = load_recipe(recipe)
     plan = build_plan(r, sources)
+    for line in plan.warnings:
+        _warn(line)
     sink = StateDictSink({j.name: j.shape for j in plan.jobs}, {j.name: j.out_dtype for j in plan.jobs})
     sizes = {} if chunk_elements is None else {"chunk_elements": chunk_elements, "whole_elements": None}
-    executor = LocalExecutor(device=device, seed=seed, read_ahead=False, **sizes)
+    executor = LocalExecutor(device=device, seed=seed, read_ahead=False, allow_nonfinite=allow_nonfinite, **sizes)
     for name in m.aux_inputs:
         given = (aux or {}).get(name)
         if given is None or len(given) != len(models):

@@ -8,6 +8,7 @@ names a ``vocab_policy``), dtypes. Non-float tensors are copied from the base, n
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -17,11 +18,25 @@ import torch
 
 from mergelab.errors import CheckpointError, RecipeError
 from mergelab.methods.registry import BaseUse, MergeMethod, PostStep, get_method, get_post_step
-from mergelab.recipe import Recipe, normalize_dtype, resolve_parameters, validate_parameters
+from mergelab.recipe import (Recipe, normalize_dtype, resolve_parameters, unused_parameter_messages,
+                             validate_parameters)
 
 _LAYER = re.compile(r"\.(\d+)\.")
 _EMBEDDING = re.compile(r"(embed_tokens|lm_head|wte|word_embeddings|shared|embed_out|output)\.weight$")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+# config.json fields that change what the weights mean while every tensor's shape can stay the same:
+# the architecture, the vocabulary the embedding rows stand for, tied embeddings, the activation, the
+# norms' epsilon, how the attention projections split into heads, and the rotary positions. Not here:
+# max_position_embeddings (for rotary models a context limit the weights do not depend on; a learned
+# position table of another length has another shape, which the planner rejects), dtype, token ids.
+# Checked at the top level and inside text_config (multimodal configs), where both configs set them.
+MEANING_FIELDS = (
+    "architectures", "model_type", "vocab_size", "tie_word_embeddings",
+    "hidden_act", "hidden_activation", "activation_function",
+    "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps",
+    "num_attention_heads", "num_key_value_heads", "head_dim",
+    "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor", "position_embedding_type",
+)
 
 
 def split_threshold(chunk_elements: int, whole_elements: Optional[int], method: Optional[MergeMethod]) -> int:
@@ -110,6 +125,10 @@ class MergePlan:
     global_settings: Dict[str, Any]
     model_settings: List[Dict[str, Any]]
     notes: List[str] = field(default_factory=list)
+    # Lines the user must see before the merge runs (ignored parameters, inputs' configs that differ).
+    warnings: List[str] = field(default_factory=list)
+    # {model, field, value, reference, reference_value} per config field that differs from the donor's.
+    config_differences: List[dict] = field(default_factory=list)
 
     @property
     def merged_jobs(self) -> List[TensorJob]:
@@ -174,12 +193,94 @@ def _layer_count(checkpoints: Sequence[Any], index: int, names: Sequence[str]) -
     return max(idx) + 1 if idx else None
 
 
-def build_plan(recipe: Recipe, checkpoints: Dict[str, Any]) -> MergePlan:
-    """Plan a ``models:`` recipe over opened checkpoints (``ref -> Checkpoint``)."""
+def build_plan(recipe: Recipe, checkpoints: Dict[str, Any], strict: bool = False) -> MergePlan:
+    """Plan a recipe over opened checkpoints (``ref -> Checkpoint``).
+
+    Parameters the method does not use but another method defines, and inputs' ``config.json``
+    fields that differ from the donor's where they change what the weights mean
+    (:data:`MEANING_FIELDS`), become ``plan.warnings``; with ``strict`` they are errors.
+    """
+    method = get_method(recipe.merge_method)
+    warnings = unused_parameter_messages(recipe, method, strict)
     if recipe.slices:
         from mergelab.slices import build_slice_plan
 
-        return build_slice_plan(recipe, checkpoints)
+        plan = build_slice_plan(recipe, checkpoints)
+    else:
+        plan = _build_models_plan(recipe, checkpoints)
+    plan.warnings = warnings + plan.warnings
+    check_configs(plan, strict)
+    return plan
+
+
+def _config_path(ckpt: Any) -> Optional[str]:
+    path = getattr(ckpt, "path", None)
+    return None if path is None else f"{path}/config.json"
+
+
+def check_configs(plan: MergePlan, strict: bool = False) -> None:
+    """Read every input's ``config.json`` and compare it with the donor's (whose config the output gets).
+
+    A malformed config is an error naming the file (raised when it is read), and so is a missing one
+    when another input has one; a merge of bare weight files (no input has a config) is compared by
+    tensors only. A field of :data:`MEANING_FIELDS` set in both configs with other values is one
+    warning line per model listing field and both values (a :class:`CheckpointError` with ``strict``),
+    recorded in ``plan.config_differences``. ``vocab_size`` is not compared under ``vocab_policy:
+    common_submatrix``, which merges models of different vocabularies on purpose.
+    """
+    ckpts = plan.checkpoints
+    configs = [c.config() if hasattr(c, "config") else None for c in ckpts]
+    have = [i for i, cfg in enumerate(configs) if cfg is not None]
+    if not have:
+        if any(_config_path(c) for c in ckpts):
+            plan.notes.append("no input has a config.json: the inputs were checked by their tensors only, and the "
+                              "output has no config.json either")
+        return
+    missing = [i for i, cfg in enumerate(configs) if cfg is None]
+    if missing:
+        i = missing[0]
+        where = _config_path(ckpts[i])
+        raise CheckpointError(
+            f"model '{ckpts[i].label}' has no config.json" + (f" ('{where}' does not exist)" if where else "")
+            + f" while '{ckpts[have[0]].label}' has one; every input must be a complete model folder, as mergelab "
+              f"checks that the inputs' configs agree" + (f" ({len(missing) - 1} more input(s) lack one)"
+                                                          if len(missing) > 1 else "")
+        )
+    ref = plan.donor_index
+    ref_cfg, ref_label = configs[ref], ckpts[ref].label
+    skip = {"vocab_size"} if plan.recipe.vocab_policy == "common_submatrix" else set()
+    lines = []
+    for i, cfg in enumerate(configs):
+        if i == ref:
+            continue
+        diffs = []
+        scopes = [("", cfg, ref_cfg)]
+        if isinstance(cfg.get("text_config"), dict) and isinstance(ref_cfg.get("text_config"), dict):
+            scopes.append(("text_config.", cfg["text_config"], ref_cfg["text_config"]))
+        for prefix, mine, theirs in scopes:
+            for key in MEANING_FIELDS:
+                if key in skip or key not in mine or key not in theirs or mine[key] == theirs[key]:
+                    continue
+                diffs.append({"model": ckpts[i].label, "field": prefix + key, "value": mine[key],
+                              "reference": ref_label, "reference_value": theirs[key]})
+        if diffs:
+            plan.config_differences.extend(diffs)
+            listing = "; ".join(f"{d['field']}: {_json(d['value'])} (in '{ref_label}': {_json(d['reference_value'])})"
+                                for d in diffs)
+            lines.append(f"config.json of model '{ckpts[i].label}' differs from that of '{ref_label}' (which the "
+                         f"output's config.json is copied from) in fields that change what the weights mean: {listing}")
+    if lines and strict:
+        raise CheckpointError("--strict: " + "\n".join(lines) + "\nmerge models of one architecture and configuration, "
+                              "or run without --strict to merge them anyway with a warning")
+    plan.warnings.extend(lines)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _build_models_plan(recipe: Recipe, checkpoints: Dict[str, Any]) -> MergePlan:
+    """Plan a ``models:`` recipe over opened checkpoints (``ref -> Checkpoint``)."""
     method = get_method(recipe.merge_method)
     refs = list(checkpoints)
     ckpts = [checkpoints[r] for r in refs]

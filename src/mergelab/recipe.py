@@ -16,10 +16,16 @@ Parameter values are resolved per tensor as mergekit does (:func:`resolve_settin
 
 Per-model parameters are looked up in the model's own ``parameters``, then in the top-level
 ``parameters``, then the method's default; global parameters in the top-level ``parameters``.
+
+As in mergekit, a parameter the method does not use is ignored when some other registered method
+defines it (a ``density`` left on a ``linear`` merge), with one warning line per name
+(:func:`unused_parameter_messages`; an error under ``--strict``); a name no method defines is an
+error with the closest name.
 """
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
@@ -27,7 +33,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from mergelab.errors import RecipeError
-from mergelab.methods.registry import MergeMethod, Param, get_method, get_post_step
+from mergelab.methods.registry import (MergeMethod, Param, all_parameter_names, get_method, get_post_step,
+                                       methods_defining)
 
 Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
 
@@ -241,6 +248,10 @@ def validate_parameters(
 ) -> None:
     """Reject unknown, misplaced, missing or out-of-range parameters, naming the key and what is allowed.
 
+    A name that ``method`` does not use but another registered method defines is skipped here (the
+    caller warns about it, see :func:`unused_parameter_messages`); a name no method defines is an
+    error with the closest name the method has.
+
     ``per_model_settings`` is ``[(label, model_parameters), ...]`` for every model the method treats as
     an input (the base too, for methods that use it as an ordinary input).
     """
@@ -250,7 +261,11 @@ def validate_parameters(
     for key, setting in global_settings.items():
         p = method.param(key) or method.model_param(key)
         if p is None:
-            raise RecipeError(f"{where}: unknown parameter '{key}' for method '{method.name}'; allowed: {allowed}")
+            _refuse_unsupported(method, key, where)
+            if methods_defining(key):  # another method's parameter: ignored, see unused_parameters
+                continue
+            raise RecipeError(f"{where}: unknown parameter '{key}' for method '{method.name}'"
+                              f"{_did_you_mean(key, global_names | model_names)}; allowed: {allowed}")
         check_setting(p, setting, where)
     for label, settings in per_model_settings:
         for key, setting in settings.items():
@@ -261,8 +276,12 @@ def validate_parameters(
                 )
             p = method.model_param(key)
             if p is None:
+                _refuse_unsupported(method, key, f"models[{label}].parameters")
+                if methods_defining(key):
+                    continue
                 raise RecipeError(
-                    f"models[{label}].parameters: unknown parameter '{key}' for method '{method.name}'; "
+                    f"models[{label}].parameters: unknown parameter '{key}' for method '{method.name}'"
+                    f"{_did_you_mean(key, model_names)}; "
                     f"per-model parameters allowed: {', '.join(sorted(model_names)) or 'none'}"
                 )
             check_setting(p, setting, f"models[{label}].parameters")
@@ -277,6 +296,69 @@ def validate_parameters(
             raise RecipeError(
                 f"{where}: required parameter '{p.name}' of method '{method.name}' is missing; expected {p.allowed()}"
             )
+
+
+def _refuse_unsupported(method: MergeMethod, key: str, where: str) -> None:
+    if key in method.unsupported:
+        raise RecipeError(f"{where}: parameter '{key}' of method '{method.name}'s reference is not implemented "
+                          f"in mergelab (see `mergelab methods {method.name}`); remove it")
+
+
+def _did_you_mean(key: str, names) -> str:
+    """A hint naming the closest of ``names`` (the method's own), else the closest parameter of any
+    registered method (which this method would ignore, but the typo is still worth naming)."""
+    close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    close = difflib.get_close_matches(key, all_parameter_names(), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}', a parameter of other methods?)" if close else ""
+
+
+def unused_parameters(recipe: Recipe, method: MergeMethod) -> Dict[str, List[str]]:
+    """Parameters the recipe sets that ``method`` does not use but some registered method defines.
+
+    mergekit ignores a parameter its method does not read, and published configs carry such leftovers
+    (``density`` on a ``linear`` merge after trying TIES, ``weight`` on ``slerp``'s models), so
+    mergelab ignores them too, with a warning (an error under ``--strict``). Returns
+    ``{name: [where it is set, ...]}`` in the recipe's order. Names no method defines are not here:
+    :func:`validate_parameters` rejects them as typos.
+    """
+    found: Dict[str, List[str]] = {}
+
+    def scan(settings: Dict[str, Any], where: str) -> None:
+        for key in settings:
+            if method.param(key) is None and method.model_param(key) is None and key not in method.unsupported \
+                    and methods_defining(key):
+                found.setdefault(key, []).append(where)
+
+    scan(recipe.parameters, "parameters")
+    for m in recipe.models or []:
+        scan(m.parameters, f"models[{m.model}]")
+    for si, sl in enumerate(recipe.slices or []):
+        scan(sl.parameters, f"slices[{si}].parameters")
+        for src in sl.sources:
+            scan(src.parameters, f"slices[{si}].sources[{src.model}]")
+    return found
+
+
+def unused_parameter_messages(recipe: Recipe, method: MergeMethod, strict: bool = False) -> List[str]:
+    """One warning line per parameter of :func:`unused_parameters`; with ``strict``, a
+    :class:`RecipeError` listing them instead."""
+    found = unused_parameters(recipe, method)
+    if not found:
+        return []
+    items = []
+    for key, places in found.items():
+        users = methods_defining(key)
+        used_by = ", ".join(users[:4]) + (f" and {len(users) - 4} more" if len(users) > 4 else "")
+        where = ", ".join(places[:3]) + (f" and {len(places) - 3} more" if len(places) > 3 else "")
+        items.append((f"parameter '{key}' (set in {where}) is not used by method '{method.name}'",
+                      f"(it is a parameter of {used_by})"))
+    if strict:
+        raise RecipeError("; ".join(f"{what} {whose}" for what, whose in items)
+                          + ". --strict refuses parameters the method does not use: remove them, or run "
+                            "without --strict to ignore them with a warning, as mergekit ignores them")
+    return [f"{what} and is ignored {whose}" for what, whose in items]
 
 
 def resolve_parameters(

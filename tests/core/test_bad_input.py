@@ -214,3 +214,178 @@ def test_the_program_exits_with_the_commands_status(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "mergelab.cli", "merge", str(tmp_path / "missing.yml"), "-o",
                           str(tmp_path / "out")], capture_output=True, text=True)
     assert bad.returncode == 2 and "missing.yml" in bad.stderr
+
+
+def write_yaml(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("method,global_params,model_params,stray_global,stray_model", [
+    # a density left on a linear merge after trying TIES, and TIES' lambda
+    ("linear", {}, {"weight": 1.0}, {"lambda": 0.7}, {"density": 0.5}),
+    # weight on slerp's model (mergekit's slerp reads only t)
+    ("slerp", {"t": 0.3}, {}, {}, {"weight": 0.3}),
+])
+def test_another_methods_parameter_is_ignored_with_one_warning_line_each(
+        tiny_family, tmp_path, capsys, method, global_params, model_params, stray_global, stray_model):
+    base, experts = tiny_family
+    models = experts[:1] if method == "slerp" else experts
+
+    def recipe(name, stray):
+        return write_yaml(tmp_path / name, {
+            "merge_method": method, "dtype": "float32", **({"base_model": str(base)} if method == "slerp" else {}),
+            "parameters": {**global_params, **(stray_global if stray else {})},
+            "models": [{"model": str(e), "parameters": {**model_params, **(stray_model if stray else {})}}
+                       for e in models]})
+
+    code, _, err = run_cli(["merge", recipe("clean.yaml", False), "-o", tmp_path / "clean", "-q"], capsys)
+    assert code == 0 and "warning" not in err, err
+    code, _, err = run_cli(["merge", recipe("stray.yaml", True), "-o", tmp_path / "stray", "-q"], capsys)
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    stray = list(stray_global) + list(stray_model)
+    assert len(lines) == len(stray), err  # one line per parameter, however many models carry it
+    for name, line in zip(stray, lines):
+        assert f"parameter '{name}'" in line and f"not used by method '{method}'" in line and "ignored" in line
+    assert "Traceback" not in err
+    assert (tmp_path / "clean" / "model.safetensors").read_bytes() == (tmp_path / "stray" / "model.safetensors").read_bytes()
+    manifest = json.loads((tmp_path / "stray" / "mergelab.json").read_text())
+    assert [w.split("'")[1] for w in manifest["warnings"]] == stray
+
+    flat = expect_failure(capsys, tmp_path, recipe("stray.yaml", True), *[f"parameter '{n}'" for n in stray],
+                          f"not used by method '{method}'", "--strict", extra_args=["--strict"])
+    assert "Traceback" not in flat
+
+
+def test_a_parameter_no_method_defines_stays_an_error_with_did_you_mean(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    r = write_yaml(tmp_path / "r.yaml", {"merge_method": "task_arithmetic", "base_model": str(base),
+                                         "models": [{"model": str(e), "parameters": {"weight": 1.0, "wieght": 1}}
+                                                    for e in experts]})
+    expect_failure(capsys, tmp_path, r, "unknown parameter 'wieght' for method 'task_arithmetic'",
+                   "did you mean 'weight'")
+
+
+def edit_config(folder: Path, **changes):
+    f = folder / "config.json"
+    cfg = json.loads(f.read_text())
+    cfg.update(changes)
+    f.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("which", ["base", "expert"])
+@pytest.mark.parametrize("text,fragment", [("{\"model_type\": \"llama\",", "is not valid JSON"),
+                                           ("[1, 2]", "is not a JSON object")])
+def test_malformed_config_of_any_input_is_named(tiny_family, tmp_path, capsys, which, text, fragment):
+    base, experts = tiny_family
+    folder = base if which == "base" else experts[2]
+    (folder / "config.json").write_text(text)
+    expect_failure(capsys, tmp_path, recipe_file(tmp_path, base, experts), str(folder / "config.json"), fragment)
+
+
+def test_missing_config_of_an_input_is_named(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    (experts[1] / "config.json").unlink()
+    expect_failure(capsys, tmp_path, recipe_file(tmp_path, base, experts), f"model '{experts[1]}' has no config.json",
+                   str(experts[1] / "config.json"), "does not exist")
+
+
+def test_bare_weight_files_without_any_config_still_merge(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    for folder in [base, *experts]:
+        (folder / "config.json").unlink()
+    code, _, err = run_cli(["merge", recipe_file(tmp_path, base, experts), "-o", tmp_path / "out"], capsys)
+    assert code == 0, err
+    assert not (tmp_path / "out" / "config.json").exists()
+    assert any("no input has a config.json" in n for n in json.loads((tmp_path / "out" / "mergelab.json").read_text())["notes"])
+
+
+# One case per field of plan.MEANING_FIELDS the tiny Llama's config has (and two it lacks), with the
+# expert's value; the base (the donor) keeps the generated config.
+@pytest.mark.parametrize("field,value", [
+    ("architectures", ["MistralForCausalLM"]), ("model_type", "mistral"), ("rope_theta", 500000.0),
+    ("tie_word_embeddings", True), ("vocab_size", 130), ("hidden_act", "gelu"), ("rms_norm_eps", 1e-6),
+    ("num_attention_heads", 8), ("num_key_value_heads", 4), ("head_dim", 4),
+    ("rope_scaling", {"type": "linear", "factor": 2.0}),
+])
+def test_config_field_that_changes_what_weights_mean_warns_and_strict_refuses(tiny_family, tmp_path, capsys,
+                                                                              field, value):
+    base, experts = tiny_family
+    base_cfg = json.loads((base / "config.json").read_text())
+    if field in ("head_dim", "rope_scaling"):  # not in the generated config: set in both, differently
+        edit_config(base, **{field: 8 if field == "head_dim" else None})
+        base_cfg[field] = 8 if field == "head_dim" else None
+    edit_config(experts[1], **{field: value})
+    r = recipe_file(tmp_path, base, experts)
+    code, _, err = run_cli(["merge", r, "--dry-run"], capsys)
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert len(lines) == 1, err
+    flat = lines[0]
+    assert f"model '{experts[1]}'" in flat and f"'{base}'" in flat
+    assert f"{field}: {json.dumps(value, sort_keys=True)} (in '{base}': {json.dumps(base_cfg[field], sort_keys=True)})" in flat
+    expect_failure(capsys, tmp_path, r, "--strict", f"model '{experts[1]}'", field, extra_args=["--strict"])
+
+
+def test_config_differences_are_recorded_and_harmless_fields_pass(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    edit_config(experts[0], rope_theta=1e6, vocab_size=130)
+    edit_config(experts[2], max_position_embeddings=4096, torch_dtype="bfloat16", eos_token_id=7)  # not checked
+    code, _, err = run_cli(["merge", recipe_file(tmp_path, base, experts), "-o", tmp_path / "out", "-q"], capsys)
+    assert code == 0, err
+    assert len([ln for ln in err.splitlines() if ln.startswith("warning:")]) == 1, err
+    manifest = json.loads((tmp_path / "out" / "mergelab.json").read_text())
+    assert manifest["config_differences"] == [
+        {"model": str(experts[0]), "field": "vocab_size", "value": 130, "reference": str(base), "reference_value": 128},
+        {"model": str(experts[0]), "field": "rope_theta", "value": 1e6, "reference": str(base),
+         "reference_value": 10000.0},
+    ]
+    assert len(manifest["warnings"]) == 1 and "rope_theta" in manifest["warnings"][0]
+    # the output config is the donor's (the base's)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_theta"] == 10000.0
+
+
+def test_text_config_is_compared_and_common_submatrix_expects_other_vocabularies(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    edit_config(base, text_config={"rope_theta": 10000.0, "vocab_size": 128})
+    edit_config(experts[0], text_config={"rope_theta": 5e5, "vocab_size": 130}, vocab_size=130)
+    code, _, err = run_cli(["merge", recipe_file(tmp_path, base, experts), "--dry-run"], capsys)
+    assert code == 0, err
+    warning = " ".join(err.split())
+    assert "vocab_size: 130 (in" in warning and "text_config.rope_theta: 500000.0 (in" in warning
+    assert "text_config.vocab_size: 130" in warning
+    code, _, err = run_cli(["merge", recipe_file(tmp_path, base, experts, vocab_policy="common_submatrix"),
+                            "--dry-run"], capsys)
+    warning = " ".join(err.split())
+    assert code == 0 and "text_config.rope_theta" in warning and "vocab_size" not in warning, err
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_overflow_of_the_cast_to_float16_is_caught_like_any_nonfinite_value(tiny_family, tmp_path, capsys, method):
+    """float32 merged values beyond 65504 become inf in float16: an error naming tensor, count and range."""
+    base, experts = tiny_family
+
+    def big(sd):
+        sd["model.norm.weight"] = torch.full((32,), 1e5)  # out of float16's range in every input
+        sd["model.layers.0.input_layernorm.weight"] = torch.full((32,), 6e4)  # in range; its float16 sum is not
+        return sd
+
+    for folder in [base, *experts]:
+        rewrite(folder, big)
+    r = recipe_file(tmp_path, base, experts, method=method, out_dtype="float16")
+    flat = expect_failure(capsys, tmp_path, r, "tensor 'model.norm.weight'", "32 inf value(s)", "(32 of 32)",
+                          "float16", "±65504", "reach 100000", "--allow-nonfinite")
+    assert "Traceback" not in flat
+    code, _, err = run_cli(["merge", r, "-o", tmp_path / "out", "-q", "--allow-nonfinite"], capsys)
+    assert code == 0, err
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert merged["model.norm.weight"].dtype == torch.float16
+    assert torch.isinf(merged["model.norm.weight"]).sum() == 32
+    assert torch.equal(merged["model.layers.0.input_layernorm.weight"], torch.full((32,), 6e4).half())
+    # bfloat16 has float32's range: the same merge fits
+    r = recipe_file(tmp_path, base, experts, method=method, out_dtype="bfloat16")
+    code, _, err = run_cli(["merge", r, "-o", tmp_path / "bf16", "-q"], capsys)
+    assert code == 0, err
+    assert torch.equal(load_file(str(tmp_path / "bf16" / "model.safetensors"))["model.norm.weight"],
+                       torch.full((32,), 1e5).bfloat16())

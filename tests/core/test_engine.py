@@ -284,3 +284,146 @@ def test_elementwise_methods_stream_every_matrix_in_cache_sized_chunks():
     assert chunking(1 << 20, 1 << 22, ta) == (STREAM_ELEMENTS, STREAM_ELEMENTS)
     assert chunking(1 << 20, 1 << 22, ties) == (1 << 20, 1 << 22)  # per-tensor statistics: whole up to 4M
     assert chunking(1000, None, ta) == (1000, 1000)  # an explicit chunk size wins
+
+
+# --------------------------------------------------------------------------- a full disk (issue 14, 6b)
+def shard_digests(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).glob("model*"))}
+
+
+def test_a_merge_that_cannot_fit_is_refused_before_reading_with_both_numbers(tiny_family, tmp_path, capsys,
+                                                                            monkeypatch):
+    import collections
+    import importlib
+
+    from mergelab.execute.local import LocalExecutor
+
+    merge_module = importlib.import_module("mergelab.merge")  # the package's `merge` is the function
+
+    base, experts = tiny_family
+    recipe = write_recipe(tmp_path / "r.yaml", base, experts, method="task_arithmetic", model_params={"weight": 1.0})
+    Usage = collections.namedtuple("Usage", "total used free")
+    monkeypatch.setattr(merge_module.shutil, "disk_usage", lambda path: Usage(10**6, 10**6 - 12345, 12345))
+    ran = []
+    monkeypatch.setattr(LocalExecutor, "run", lambda self, plan, sink: ran.append(1))
+    out = tmp_path / "out"
+    code, _, err = run_cli(["merge", recipe, "-o", out, "-q"], capsys)
+    flat = " ".join(err.split())
+    plan_bytes = mergelab.merge(recipe, dry_run=True).summary["output_bytes"]
+    assert code == 2 and "not enough free space" in flat and "12345 bytes" in flat and "--no-space-check" in flat
+    needed = int(flat.split("it needs ")[1].split("(")[1].split(" bytes")[0])
+    assert needed > plan_bytes  # the shards' headers and the metadata files on top of the tensors
+    assert f"{needed} bytes:" in flat and "Traceback" not in err
+    assert not ran and not out.exists() and not (tmp_path / "out.partial").exists()
+    monkeypatch.undo()
+    code, _, err = run_cli(["merge", recipe, "-o", out, "-q", "--no-space-check"], capsys)
+    assert code == 0, err
+
+
+def _inject_write_error(monkeypatch, code, after_bytes):
+    """ShardWriter's writes fail with OSError(code) once ``after_bytes`` bytes have been written."""
+    from mergelab.io import writer
+
+    written = {"n": 0}
+    real = writer.ShardWriter._pwrite
+
+    def pwrite(self, fd, data, pos):
+        if written["n"] + len(data) > after_bytes:
+            raise OSError(code, os.strerror(code))
+        written["n"] += len(data)
+        return real(self, fd, data, pos)
+
+    monkeypatch.setattr(writer.ShardWriter, "_pwrite", pwrite)
+
+
+@pytest.mark.parametrize("code,fix", [(28, "free some space"), (122, "free some space"), (13, "writable again")])
+def test_a_failed_write_is_one_message_and_resume_gives_the_same_bytes(tiny_family, tmp_path, capsys, monkeypatch,
+                                                                       code, fix):
+    import errno
+
+    base, experts = tiny_family
+    recipe = write_recipe(tmp_path / "r.yaml", base, experts, method="dare_ties", seed=5)
+    args = ["merge", recipe, "--shard-size", "20KB", "-q"]
+    full = tmp_path / "full"
+    assert run_cli(args + ["-o", full], capsys)[0] == 0
+    out = tmp_path / "out"
+    _inject_write_error(monkeypatch, code, after_bytes=50_000)
+    status, _, err = run_cli(args + ["-o", out], capsys)
+    flat = " ".join(err.split())
+    assert status == 2 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1  # one message
+    assert f"errno {errno.errorcode[code]}" in flat and os.strerror(code) in flat and fix in flat
+    assert "--resume" in flat and ".safetensors.incomplete'" in flat and "error: cannot write " in flat
+    partial = tmp_path / "out.partial"
+    assert not out.exists() and partial.exists()
+    kept = sorted(p.name for p in partial.glob("model-*.safetensors"))
+    assert kept and not list(partial.glob("*.incomplete"))  # completed shards kept, unfinished ones removed
+    assert all(shard_digests(partial)[k] == shard_digests(full)[k] for k in kept)
+    monkeypatch.undo()
+    status, _, err = run_cli(args + ["-o", out, "--resume"], capsys)
+    assert status == 0, err
+    assert json.loads((out / "mergelab.json").read_text())["tensors_resumed"] > 0
+    assert shard_digests(out) == shard_digests(full) and len(shard_digests(full)) > 3
+
+
+def test_a_full_tmpfs_is_refused_then_fails_cleanly_then_resumes(tiny_family, tmp_path, capsys):
+    """On a real small filesystem (a tmpfs, where the test may mount one): the free-space check, then
+    the merge forced past it fails with ENOSPC, then --resume after the filesystem grows."""
+    base, experts = tiny_family
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                                 capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        mounted = False
+    if not mounted:
+        pytest.skip("cannot mount a tmpfs here (needs root and the mount capability)")
+    try:
+        recipe = write_recipe(tmp_path / "r.yaml", base, experts, method="task_arithmetic",
+                              model_params={"weight": 1.0})
+        args = ["merge", recipe, "--shard-size", "20KB", "-q"]
+        full = tmp_path / "full"
+        assert run_cli(args + ["-o", full], capsys)[0] == 0
+        out = mnt / "out"
+        status, _, err = run_cli(args + ["-o", out], capsys)
+        assert status == 2 and "not enough free space" in err and "Traceback" not in err, err
+        assert not list(mnt.iterdir())
+        status, _, err = run_cli(args + ["-o", out, "--no-space-check"], capsys)
+        flat = " ".join(err.split())
+        assert status == 2 and "No space left on device" in flat and "--resume" in flat and "Traceback" not in err
+        assert not out.exists() and not list((mnt / "out.partial").glob("*.incomplete"))
+        subprocess.run(["mount", "-o", "remount,size=4m", str(mnt)], check=True)
+        status, _, err = run_cli(args + ["-o", out, "--resume"], capsys)
+        assert status == 0, err
+        assert shard_digests(out) == shard_digests(full)
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_failed_metadata_write_keeps_the_shards_and_resumes(tiny_family, tmp_path, capsys, monkeypatch):
+    import errno
+    import importlib
+
+    merge_module = importlib.import_module("mergelab.merge")
+    base, experts = tiny_family
+    recipe = write_recipe(tmp_path / "r.yaml", base, experts, method="task_arithmetic", model_params={"weight": 1.0})
+    args = ["merge", recipe, "--shard-size", "20KB", "-q"]
+    assert run_cli(args + ["-o", tmp_path / "full"], capsys)[0] == 0
+
+    def full_disk(folder, manifest):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / "mergelab.json"))
+
+    monkeypatch.setattr(merge_module, "write_manifest", full_disk)
+    out = tmp_path / "out"
+    status, _, err = run_cli(args + ["-o", out], capsys)
+    flat = " ".join(err.split())
+    assert status == 2 and "Traceback" not in err
+    assert "cannot write" in flat and "mergelab.json'" in flat and "No space left on device" in flat and "--resume" in flat
+    partial = tmp_path / "out.partial"
+    assert not out.exists() and (partial / ".mergelab-progress.json").exists()
+    assert shard_digests(partial) == shard_digests(tmp_path / "full")
+    monkeypatch.undo()
+    assert run_cli(args + ["-o", out, "--resume"], capsys)[0] == 0
+    assert shard_digests(out) == shard_digests(tmp_path / "full")
+    assert not (out / ".mergelab-progress.json").exists() and (out / "mergelab.json").exists()

@@ -85,3 +85,54 @@ def test_yaml_file_errors(tmp_path):
     bad.write_text("merge_method: [unclosed\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(bad)
+
+
+def test_a_name_no_method_defines_is_an_error_with_the_closest_name():
+    with pytest.raises(RecipeError, match=r"unknown parameter 'densty' for method 'ties' \(did you mean 'density'\?\)"):
+        validate_parameters(get_method("ties"), {"densty": 0.5}, [("m", {"weight": 1.0})])
+    # linear has no density: the hint names the other methods' parameter the typo is closest to
+    with pytest.raises(RecipeError, match=r"models\[m\].parameters: unknown parameter 'densty' .*did you mean 'density'"):
+        validate_parameters(get_method("linear"), {}, [("m", {"weight": 1.0, "densty": 0.5})])
+
+
+def test_another_methods_parameter_is_listed_where_it_is_set_and_refused_only_when_strict():
+    from mergelab.recipe import unused_parameter_messages, unused_parameters
+
+    r = load_recipe({"merge_method": "linear", "parameters": {"lambda": 1.0, "normalize": True},
+                     "models": [{"model": "a", "parameters": {"weight": 1.0, "density": 0.5}},
+                                {"model": "b", "parameters": {"weight": 1.0, "density": 0.4}}]})
+    m = get_method("linear")
+    # validation skips them (no error), and they are reported once per name with every place they are set
+    validate_parameters(m, dict(r.parameters), [(e.model, dict(e.parameters)) for e in r.models])
+    assert unused_parameters(r, m) == {"lambda": ["parameters"], "density": ["models[a]", "models[b]"]}
+    lines = unused_parameter_messages(r, m)
+    assert len(lines) == 2
+    assert lines[1].startswith("parameter 'density' (set in models[a], models[b]) is not used by method 'linear' "
+                               "and is ignored (it is a parameter of ")
+    with pytest.raises(RecipeError, match=r"parameter 'lambda' \(set in parameters\) is not used by method 'linear'.*"
+                                          r"parameter 'density'.*--strict"):
+        unused_parameter_messages(r, m, strict=True)
+    # slices: slice-level and source-level parameters are scanned too
+    s = load_recipe({"merge_method": "slerp", "base_model": "a", "parameters": {"t": 0.5}, "slices": [
+        {"sources": [{"model": "a", "layer_range": [0, 2]},
+                     {"model": "b", "layer_range": [0, 2], "parameters": {"weight": 0.3}}],
+         "parameters": {"density": 0.5}}]})
+    assert unused_parameters(s, get_method("slerp")) == {"density": ["slices[0].parameters"],
+                                                          "weight": ["slices[0].sources[b]"]}
+    assert unused_parameters(s, get_method("ties")) == {"t": ["parameters"]}
+
+
+def test_a_parameter_the_methods_reference_has_but_mergelab_lacks_is_refused_not_ignored():
+    # OTA's reference has a hybrid-norm `rescale` that mergelab does not implement: ties' `rescale`
+    # must not make it an ignorable name
+    from mergelab.recipe import unused_parameters
+
+    m = get_method("ota")
+    assert "rescale" in m.unsupported
+    with pytest.raises(RecipeError, match="parameter 'rescale' of method 'ota's reference is not implemented"):
+        validate_parameters(m, {"rescale": True}, [("m", {"second_moments": "v.safetensors"})])
+    with pytest.raises(RecipeError, match=r"models\[m\].parameters: parameter 'rescale'"):
+        validate_parameters(m, {}, [("m", {"second_moments": "v.safetensors", "rescale": True})])
+    r = load_recipe({"merge_method": "ota", "parameters": {"rescale": True},
+                     "models": [{"model": "m", "parameters": {"second_moments": "v.safetensors"}}]})
+    assert unused_parameters(r, m) == {}

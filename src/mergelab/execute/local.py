@@ -81,8 +81,36 @@ def chunk_rows(job: TensorJob, chunkable: bool, chunk_elements: int = CHUNK_ELEM
 
 
 def _finite(t: torch.Tensor) -> bool:
-    """No NaN or inf in ``t`` (one reduction; the element-wise test only when the sum is not finite)."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+    """No NaN or inf in ``t`` (one reduction; a second test only when the sum is not finite).
+
+    A finite sum proves every entry finite (an inf or NaN entry makes the sum inf or NaN). A sum can
+    overflow from finite entries, though: for float16 (whose sum overflows past 65504) a float32
+    sum then decides exactly, for the other dtypes the element-wise test.
+    """
+    if bool(torch.isfinite(t.sum())):
+        return True
+    if t.dtype == torch.float16:
+        return bool(torch.isfinite(t.sum(dtype=torch.float32)))
+    return bool(torch.isfinite(t).all())
+
+
+def _cast_overflow(plan: MergePlan, job: TensorJob, x: TensorInputs, out: torch.Tensor,
+                   final: torch.Tensor) -> NonFiniteError:
+    """The error for finite merged values that the cast to the output dtype turns into inf (or NaN)."""
+    dtype = str(final.dtype).replace("torch.", "")
+    bad = ~torch.isfinite(final)
+    n_nan = int(torch.isnan(final).sum())
+    n_inf = int(bad.sum()) - n_nan
+    chunked = (x.rows[1] - x.rows[0]) != (job.shape[0] if job.shape else 0)
+    where = f" (rows {x.rows[0]}:{x.rows[1]})" if chunked else ""
+    counts = " and ".join(f"{n} {kind}" for n, kind in ((n_inf, "inf"), (n_nan, "NaN")) if n)
+    largest = float(out.abs().max())
+    return NonFiniteError(
+        f"tensor '{job.name}'{where}: the cast to the output dtype {dtype} gives {counts} value(s) "
+        f"({int(bad.sum())} of {final.numel()}); its merged values reach {largest:.6g}, beyond {dtype}'s range "
+        f"(±{torch.finfo(final.dtype).max:.6g}). Choose a wider dtype/out_dtype (bfloat16 or float32), or pass "
+        f"--allow-nonfinite to write them anyway"
+    )
 
 
 def _nonfinite_input(plan: MergePlan, src: Source, rows: Tuple[int, int], chunked: bool) -> NonFiniteError:
@@ -264,7 +292,13 @@ class LocalExecutor(Executor):
                     f"method '{plan.method.name}' returned shape {list(out.shape)} for tensor '{job.name}', "
                     f"expected {list(expected)}"
                 )
-        if not self.allow_nonfinite and not _finite(out):
+        final = out.to(job.out_dtype)
+        # Checked after the cast, which can overflow (float32 -> float16 beyond 65504); the narrower
+        # tensor is also the cheaper one to check. A wider output dtype is checked before the cast.
+        checked = final if final.element_size() <= out.element_size() else out
+        if not self.allow_nonfinite and not _finite(checked):
+            if checked is not out and _finite(out):
+                raise _cast_overflow(plan, job, x, out, final)
             if plan.method.propagates_nonfinite:  # the inputs were not checked when read: find the culprit
                 chunked = tuple(x.models[0].shape) != tuple(job.shape)
                 for src, t in zip(([job.base] if job.base is not None else []) + list(job.models),
@@ -275,7 +309,7 @@ class LocalExecutor(Executor):
                 f"method '{plan.method.name}' produced NaN or inf for tensor '{job.name}' from finite inputs; "
                 f"check its parameters ({job.params})"
             )
-        return out.to(job.out_dtype).cpu()
+        return final.cpu()
 
     def run(self, plan: MergePlan, sink) -> ExecutionReport:
         report = ExecutionReport()

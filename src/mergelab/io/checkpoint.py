@@ -258,13 +258,26 @@ class Checkpoint:
 
     # ------------------------------------------------------------------ metadata
     def config(self) -> Optional[dict]:
+        """The folder's ``config.json`` (read once), or None if there is none; a file that is not a
+        JSON object is a :class:`CheckpointError` naming it."""
+        if not hasattr(self, "_config"):
+            self._config = self._read_config()
+        return self._config
+
+    def _read_config(self) -> Optional[dict]:
         cfg = self.path / "config.json"
         if not cfg.exists():
             return None
         try:
-            return json.loads(cfg.read_text())
+            data = json.loads(cfg.read_text())
         except json.JSONDecodeError as e:
-            raise CheckpointError(f"'{cfg}' is not valid JSON: {e}")
+            raise CheckpointError(f"'{cfg}' (config of model '{self.label}') is not valid JSON: {e}")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read '{cfg}' (config of model '{self.label}'): {e}")
+        if not isinstance(data, dict):
+            raise CheckpointError(f"'{cfg}' (config of model '{self.label}') is not a JSON object but a "
+                                  f"{type(data).__name__}: expected a Hugging Face config")
+        return data
 
     def fingerprint(self) -> dict:
         """Sizes and header hashes of every weight file: identifies the inputs without hashing data."""

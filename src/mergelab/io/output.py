@@ -98,6 +98,13 @@ def copy_donor_files(donor: Path, folder: Path) -> list:
     return copied
 
 
+def donor_files_bytes(donor: Optional[Path]) -> int:
+    """Bytes of the files :func:`copy_donor_files` would copy from ``donor``."""
+    if donor is None:
+        return 0
+    return sum((Path(donor) / name).stat().st_size for name in DONOR_FILES if (Path(donor) / name).is_file())
+
+
 def write_model_card(folder: Path, recipe_data: dict, method_summary: str, reference: str) -> None:
     models = [m["model"] for m in recipe_data.get("models") or []]
     card = [

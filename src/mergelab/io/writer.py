@@ -8,10 +8,15 @@ Nothing is buffered beyond the tensor being written: memory does not grow with t
 
 ``--resume`` keeps shards that are complete (final name, right size, same plan fingerprint) and redoes
 the rest, so a killed merge ends with the same bytes as an uninterrupted one.
+
+An operating-system error while writing (no space left, quota exceeded, permission lost) becomes an
+:class:`OutputWriteError` naming the file and what failed; the completed shards stay, so ``--resume``
+continues once the cause is fixed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -33,6 +38,31 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 PROGRESS_FILE = ".mergelab-progress.json"
+
+
+class OutputWriteError(OutputError):
+    """Writing the output failed at the operating-system level (no space, quota, permission...).
+
+    Raised with the file and the operation; ``OUT.partial`` keeps its completed shards (the merge
+    removes the unfinished ones), so the same command with ``--resume`` continues once it is fixed.
+    """
+
+    def __init__(self, what: str, path, error: OSError, partial=None):
+        self.path = path
+        self.error = error
+        code = error.errno
+        reason = error.strerror or str(error)
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            fix = "free some space on that filesystem (or raise the quota)"
+        elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+            fix = "make the folder writable again"
+        else:
+            fix = "fix the cause"
+        kept = f"; the shards completed so far are kept in '{partial}'" if partial else ""
+        super().__init__(
+            f"cannot {what} '{path}': {reason} (errno {errno.errorcode.get(code, code)}). The merge stopped{kept}: "
+            f"{fix}, then run the same command with --resume to continue where it stopped"
+        )
 
 
 def parse_size(text) -> int:
@@ -144,6 +174,9 @@ class ShardWriter:
         self.completed_on_start: List[str] = []
         self._start(resume)
 
+    def _failed(self, what: str, path: Path, error: OSError) -> OutputWriteError:
+        return OutputWriteError(what, path, error, self.folder)
+
     def _start(self, resume: bool) -> None:
         progress = self.folder / PROGRESS_FILE
         if resume and progress.exists():
@@ -156,7 +189,10 @@ class ShardWriter:
                     f"'{self.folder}' holds a merge of a different recipe, inputs or options; "
                     f"remove it or run with --overwrite to start over"
                 )
-        progress.write_text(json.dumps({"plan_fingerprint": self.fingerprint}))
+        try:
+            progress.write_text(json.dumps({"plan_fingerprint": self.fingerprint}))
+        except OSError as e:
+            raise self._failed("write", progress, e)
         for s in self.shards:
             final = self.folder / s.filename
             if resume and final.exists() and final.stat().st_size == s.file_bytes:
@@ -169,20 +205,62 @@ class ShardWriter:
                 self._create(s)
                 self._finish_shard(s)
 
+    def bytes_to_write(self) -> int:
+        """File bytes of the shards still to write (all of them, unless resuming)."""
+        return sum(s.file_bytes for s in self.shards if s.filename in self._remaining)
+
+    def reclaimable_bytes(self) -> int:
+        """Disk space held by unfinished shards of an earlier run, which are rewritten from scratch."""
+        total = 0
+        for name in self._remaining:
+            try:
+                total += (self.folder / (name + ".incomplete")).stat().st_blocks * 512
+            except (OSError, AttributeError):
+                pass
+        return total
+
+    def _pwrite(self, fd: int, data, pos: int) -> int:
+        """One ``os.pwrite``; the only call that writes data (tests inject write errors here)."""
+        return os.pwrite(fd, data, pos)
+
+    def _write_all(self, fd: int, data, pos: int) -> None:
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            written = self._pwrite(fd, view, pos)
+            pos += written
+            view = view[written:]
+
     def _create(self, s: Shard) -> int:
         path = self.folder / (s.filename + ".incomplete")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(fd, s.file_bytes)
-        os.pwrite(fd, s.header, 0)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            raise self._failed("create", path, e)
         self._fds[s.filename] = fd
+        try:
+            os.ftruncate(fd, s.file_bytes)
+            self._write_all(fd, s.header, 0)
+        except OSError as e:
+            raise self._failed("write the header of", path, e)
         return fd
 
     def _finish_shard(self, s: Shard) -> None:
         fd = self._fds.pop(s.filename)
-        if self.durable:
-            os.fsync(fd)
-        os.close(fd)
-        os.replace(self.folder / (s.filename + ".incomplete"), self.folder / s.filename)
+        path = self.folder / (s.filename + ".incomplete")
+        try:
+            if self.durable:
+                os.fsync(fd)
+        except OSError as e:
+            os.close(fd)
+            raise self._failed("flush", path, e)
+        try:
+            os.close(fd)
+        except OSError as e:  # e.g. NFS reports a failed delayed write here
+            raise self._failed("close", path, e)
+        try:
+            os.replace(path, self.folder / s.filename)
+        except OSError as e:
+            raise self._failed(f"rename to '{s.filename}'", path, e)
         del self._remaining[s.filename]
 
     def is_complete(self, name: str) -> bool:
@@ -200,28 +278,49 @@ class ShardWriter:
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         row_bytes = entry.nbytes // entry.shape[0] if entry.shape and entry.shape[0] else 0
         pos = len(shard.header) + entry.offset + row_start * row_bytes
-        view = memoryview(data)
-        while view.nbytes:
-            written = os.pwrite(fd, view, pos)
-            pos += written
-            view = view[written:]
+        try:
+            self._write_all(fd, data, pos)
+        except OSError as e:
+            raise self._failed(f"write tensor '{name}' into", self.folder / (shard.filename + ".incomplete"), e)
         self._remaining[shard.filename] -= data.nbytes
         if self._remaining[shard.filename] == 0:
             self._finish_shard(shard)
 
     def finish(self) -> dict:
-        """Write the weight index (sharded output) and return it; every shard must be complete."""
+        """Write the weight index (sharded output) and return it; every shard must be complete. The
+        progress file stays until :meth:`forget_progress`, so that a failure while the other files
+        are written still resumes with the fingerprint check."""
         if self._remaining:
             raise OutputError(f"internal: shards not fully written: {sorted(self._remaining)}")
         total = sum(s.data_bytes for s in self.shards)
         index = {"metadata": {"total_size": total},
                  "weight_map": {e.name: s.filename for s in self.shards for e in s.entries}}
         if len(self.shards) > 1:
-            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (self.folder / PROGRESS_FILE).unlink(missing_ok=True)
+            path = self.folder / "model.safetensors.index.json"
+            try:
+                path.write_text(json.dumps(index, indent=2))
+            except OSError as e:
+                raise self._failed("write", path, e)
         return index
+
+    def forget_progress(self) -> None:
+        """Remove the progress file: the folder is complete and about to be published."""
+        (self.folder / PROGRESS_FILE).unlink(missing_ok=True)
 
     def close(self) -> None:
         for fd in self._fds.values():
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         self._fds.clear()
+
+    def discard_unfinished(self) -> None:
+        """Close and delete the unfinished shards (``*.incomplete``), freeing their space after a failed
+        write; the completed ones stay for ``--resume``, which rewrites the rest from scratch."""
+        self.close()
+        for name in self._remaining:
+            try:
+                (self.folder / (name + ".incomplete")).unlink(missing_ok=True)
+            except OSError:
+                pass

@@ -379,6 +379,7 @@ register(MergeMethod(
     prepare_model=_prepare_model,
     validate=_validate,
     aux_inputs=(SECOND_MOMENTS,),
+    unsupported=("rescale",),
     notes="Not in mergekit 0.1.5, FusionBench or PEFT (the reference is a mergekit fork). Defaults follow the "
           "paper's configs (epsilon 1e-26, fallback_to_base true), not the fork's code defaults. ffg_density is "
           "a whole-model quantile (the paper chose absolute thresholds from FFG density sweeps).",

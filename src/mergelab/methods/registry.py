@@ -309,6 +309,9 @@ class MergeMethod:
     warm_up: Optional[Callable[[int], None]] = None
     raw_inputs: bool = False
     stream_elements: Optional[int] = None
+    # Parameter names of the method's reference that mergelab does not implement: a recipe that sets
+    # one is refused, never ignored as another method's parameter would be (see mergelab.recipe).
+    unsupported: tuple = ()
 
     def param(self, name: str) -> Optional[Param]:
         for p in self.params:
@@ -425,6 +428,29 @@ def available_methods() -> list:
 def all_methods() -> Sequence[MergeMethod]:
     _load_all_methods()
     return [_REGISTRY[n] for n in sorted(_REGISTRY)]
+
+
+def methods_defining(name: str) -> list:
+    """Sorted names of the registered methods that define a parameter ``name`` (globally or per
+    model); empty if none does. A recipe may carry such a name on a method that does not use it
+    (mergekit ignores it); a name no method defines is a typo. Plugins are loaded only when no
+    built-in method defines the name (see :func:`get_method`)."""
+    _load_builtin_methods()
+    found = _defining(name)
+    if not found:
+        _load_all_methods()
+        found = _defining(name)
+    return found
+
+
+def _defining(name: str) -> list:
+    return sorted(m.name for m in _REGISTRY.values()
+                  if m.param(name) is not None or m.model_param(name) is not None)
+
+
+def all_parameter_names() -> list:
+    """Every parameter name that some registered method (plugins included) defines, sorted."""
+    return sorted({p.name for m in all_methods() for p in tuple(m.params) + tuple(m.model_params)})
 
 
 def describe(method: MergeMethod) -> dict:
