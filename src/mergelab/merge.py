@@ -30,8 +30,10 @@ from mergelab.io.output import (
 )
 from mergelab.io.writer import ShardWriter, layout_shards, parse_size
 from mergelab.methods.registry import get_method
-from mergelab.plan import LAYER_COUNT_KEYS, MergePlan, build_plan
+from mergelab.plan import LAYER_COUNT_KEYS, MergePlan
+from mergelab.plan import build_plan as build_models_plan
 from mergelab.recipe import Recipe, dump_recipe, load_recipe, normalize_dtype
+from mergelab.slices import build_slice_plan
 
 DEFAULT_SHARD_SIZE = "5GB"
 
@@ -52,6 +54,13 @@ def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def build_plan(recipe: Recipe, checkpoints: Dict[str, Any], **options: Any) -> MergePlan:
+    """The plan of ``recipe`` over opened checkpoints: :func:`mergelab.slices.build_slice_plan` for a
+    ``slices:`` recipe, :func:`mergelab.plan.build_plan` for a ``models:`` one."""
+    planner = build_slice_plan if recipe.slices else build_models_plan
+    return planner(recipe, checkpoints, **options)
 
 
 def open_checkpoints(recipe: Recipe) -> Dict[str, Checkpoint]:

@@ -175,11 +175,13 @@ def _layer_count(checkpoints: Sequence[Any], index: int, names: Sequence[str]) -
 
 
 def build_plan(recipe: Recipe, checkpoints: Dict[str, Any]) -> MergePlan:
-    """Plan a ``models:`` recipe over opened checkpoints (``ref -> Checkpoint``)."""
-    if recipe.slices:
-        from mergelab.slices import build_slice_plan
+    """Plan a ``models:`` recipe over opened checkpoints (``ref -> Checkpoint``).
 
-        return build_slice_plan(recipe, checkpoints)
+    ``slices:`` recipes are planned by :mod:`mergelab.slices`, which builds on this module's types;
+    :func:`mergelab.merge.build_plan` chooses between the two.
+    """
+    if recipe.slices:
+        raise RecipeError("a slices: recipe is planned by mergelab.merge.build_plan (mergelab.slices)")
     method = get_method(recipe.merge_method)
     refs = list(checkpoints)
     ckpts = [checkpoints[r] for r in refs]

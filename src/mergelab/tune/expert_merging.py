@@ -43,8 +43,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from mergelab.errors import MergeLabError
-from mergelab.tune.adamerging import TuneResult
 from mergelab.tune.functional import CoefficientSpace, ModelPool, leaf_params, merge_keys, token_mask
+from mergelab.tune.result import TuneResult
 
 DEFAULT_EXCLUDE = r"(?i)(lm_head|norm|embed|bias)"
 
