@@ -32,3 +32,40 @@ def test_integer_parameter_inf_in_recipe_is_a_clear_error(tiny_family, tmp_path,
     flat = " ".join(err.split())
     assert "max_iter" in flat and "an integer" in flat, flat
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def _app_with(monkeypatch, tmp_path, source: str, blocked: str):
+    """A CLI whose 'evaluate' sub-command lives in a module that imports ``blocked``, made unimportable."""
+    import sys
+
+    import typer
+
+    import mergelab.cli as cli
+
+    (tmp_path / "fake_subcommand_cli.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, blocked, None)  # `import blocked` now raises ImportError
+    monkeypatch.delitem(sys.modules, "fake_subcommand_cli", raising=False)
+    app = typer.Typer(add_completion=False)
+    app.command("merge")(lambda: None)
+    monkeypatch.setattr(cli, "app", app)
+    cli._mount_optional(app, [("fake_subcommand_cli", "evaluate", "Evaluate.")])
+    return app
+
+
+def test_subcommand_whose_import_fails_says_why_and_which_extra(monkeypatch, tmp_path, capsys):
+    _app_with(monkeypatch, tmp_path, "import sklearn\nimport typer\napp = typer.Typer()\n", "sklearn")
+    code, out, err = run_cli(["--help"], capsys)
+    assert code == 0 and "evaluate" in out and "unavailable" in out
+    code, _, err = run_cli(["evaluate", "suite", "--model", "m"], capsys)
+    flat = " ".join(err.split())
+    assert code == 2, flat
+    assert "'mergelab evaluate' is unavailable" in flat and "sklearn" in flat
+    assert "pip install 'mergelab[eval]'" in flat and "Traceback" not in err
+
+
+def test_subcommand_missing_a_non_extra_package_names_it(monkeypatch, tmp_path, capsys):
+    _app_with(monkeypatch, tmp_path, "import matplotlib\napp = None\n", "matplotlib")
+    code, _, err = run_cli(["evaluate"], capsys)
+    flat = " ".join(err.split())
+    assert code == 2 and "importing fake_subcommand_cli failed" in flat and "pip install matplotlib" in flat
