@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -211,7 +212,25 @@ def main(argv: Optional[List[str]] = None) -> None:
     os._exit(code)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """mergelab's own warnings as one line, ``warning: ...`` on stderr; others as Python prints them."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        err_console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)
+    else:
+        _PYTHON_SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
+_PYTHON_SHOW_WARNING = warnings.showwarning
+
+
 def _run(argv: Optional[List[str]]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")  # each warning once per command (and per location)
+        warnings.showwarning = _show_warning
+        _run_app(argv)
+
+
+def _run_app(argv: Optional[List[str]]) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except MergeLabError as e:

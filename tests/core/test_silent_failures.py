@@ -69,3 +69,33 @@ def test_subcommand_missing_a_non_extra_package_names_it(monkeypatch, tmp_path, 
     code, _, err = run_cli(["evaluate"], capsys)
     flat = " ".join(err.split())
     assert code == 2 and "importing fake_subcommand_cli failed" in flat and "pip install matplotlib" in flat
+
+
+@pytest.mark.parametrize("method, what", [("dare_linear", "task arithmetic"), ("dare_ties", "TIES without a trim")])
+def test_dare_without_density_says_it_drops_nothing_in_one_line(tiny_family, tmp_path, capsys, method, what):
+    base, experts = tiny_family
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": method, "base_model": str(base),
+                                      "models": [{"model": str(e), "parameters": {"weight": 0.5}} for e in experts]}))
+    code, _, err = run_cli(["merge", recipe, "-o", tmp_path / "out", "-q"], capsys)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "density" in line]
+    assert len(lines) == 1, err  # one line for the whole merge, not one per tensor
+    assert lines[0].startswith("warning: ") and f"{method}: density is 1 for every model" in lines[0]
+    assert what in lines[0] and "mergekit's default" in lines[0]
+    # with a density below 1 (or 1 for one model only) nothing is said
+    recipe.write_text(yaml.safe_dump({"merge_method": method, "base_model": str(base), "models": [
+        {"model": str(e), "parameters": {"weight": 0.5, "density": d}} for e, d in zip(experts, (0.5, 1.0, 1.0))]}))
+    code, _, err = run_cli(["merge", recipe, "-o", tmp_path / "out2", "-q"], capsys)
+    assert code == 0 and "density" not in err, err
+
+
+def test_dare_no_drop_warning_through_the_api():
+    import torch
+
+    import mergelab
+
+    base = {"w": torch.zeros(4, 4)}
+    models = [{"w": torch.ones(4, 4)}, {"w": -torch.ones(4, 4)}]
+    with pytest.warns(UserWarning, match="dare_linear: density is 1 for every model"):
+        mergelab.merge_state_dicts(base, models, "dare_linear", weight=1.0)
