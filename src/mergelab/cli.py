@@ -224,8 +224,7 @@ _PYTHON_SHOW_WARNING = warnings.showwarning
 
 
 def _run(argv: Optional[List[str]]) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")  # each warning once per command (and per location)
+    with warnings.catch_warnings():  # entering resets the "once per location" records: once per command
         warnings.showwarning = _show_warning
         _run_app(argv)
 
