@@ -212,15 +212,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     os._exit(code)
 
 
+_PYTHON_SHOW_WARNING = warnings.showwarning
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """mergelab's own warnings as one line, ``warning: ...`` on stderr; others as Python prints them."""
     if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
         err_console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)
     else:
         _PYTHON_SHOW_WARNING(message, category, filename, lineno, file, line)
-
-
-_PYTHON_SHOW_WARNING = warnings.showwarning
 
 
 def _run(argv: Optional[List[str]]) -> None:
