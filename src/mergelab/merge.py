@@ -31,8 +31,10 @@ from mergelab.io.output import (
 )
 from mergelab.io.writer import OutputWriteError, ShardWriter, layout_shards, parse_size
 from mergelab.methods.registry import get_method
-from mergelab.plan import LAYER_COUNT_KEYS, MergePlan, build_plan
+from mergelab.plan import LAYER_COUNT_KEYS, MergePlan
+from mergelab.plan import build_models_plan, check_inputs
 from mergelab.recipe import Recipe, dump_recipe, load_recipe, normalize_dtype
+from mergelab.slices import build_slice_plan
 
 DEFAULT_SHARD_SIZE = "5GB"
 # Room kept for the files written besides the weights and the donor's tokenizer files: config,
@@ -87,6 +89,16 @@ def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def build_plan(recipe: Recipe, checkpoints: Dict[str, Any], strict: bool = False) -> MergePlan:
+    """The plan of ``recipe`` over opened checkpoints: :func:`mergelab.slices.build_slice_plan` for a
+    ``slices:`` recipe, :func:`mergelab.plan.build_models_plan` for a ``models:`` one, then the checks of
+    :func:`mergelab.plan.check_inputs` (warnings, or errors with ``strict``)."""
+    planner = build_slice_plan if recipe.slices else build_models_plan
+    plan = planner(recipe, checkpoints)
+    check_inputs(plan, strict)
+    return plan
 
 
 def open_checkpoints(recipe: Recipe) -> Dict[str, Checkpoint]:

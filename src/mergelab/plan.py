@@ -1,6 +1,6 @@
 """The merge plan: for each output tensor, its inputs, method, resolved parameters and layer.
 
-:func:`build_plan` validates everything that can be known from headers before a byte of data is
+:func:`build_models_plan` validates everything that can be known from headers before a byte of data is
 read: parameters, that every model holds every tensor, shapes (vocabulary included, unless the recipe
 names a ``vocab_policy``), dtypes. Non-float tensors are copied from the base, never merged.
 ``--dry-run`` stops here and prints :meth:`MergePlan.summary`.
@@ -193,24 +193,16 @@ def _layer_count(checkpoints: Sequence[Any], index: int, names: Sequence[str]) -
     return max(idx) + 1 if idx else None
 
 
-def build_plan(recipe: Recipe, checkpoints: Dict[str, Any], strict: bool = False) -> MergePlan:
-    """Plan a recipe over opened checkpoints (``ref -> Checkpoint``).
+def check_inputs(plan: MergePlan, strict: bool = False) -> None:
+    """Checks of a built plan that do not stop a merge unless ``strict``.
 
     Parameters the method does not use but another method defines, and inputs' ``config.json``
     fields that differ from the donor's where they change what the weights mean
     (:data:`MEANING_FIELDS`), become ``plan.warnings``; with ``strict`` they are errors.
     """
-    method = get_method(recipe.merge_method)
-    warnings = unused_parameter_messages(recipe, method, strict)
-    if recipe.slices:
-        from mergelab.slices import build_slice_plan
-
-        plan = build_slice_plan(recipe, checkpoints)
-    else:
-        plan = _build_models_plan(recipe, checkpoints)
-    plan.warnings = warnings + plan.warnings
+    recipe = plan.recipe
+    plan.warnings = unused_parameter_messages(recipe, get_method(recipe.merge_method), strict) + plan.warnings
     check_configs(plan, strict)
-    return plan
 
 
 def _config_path(ckpt: Any) -> Optional[str]:
@@ -279,8 +271,14 @@ def _json(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def _build_models_plan(recipe: Recipe, checkpoints: Dict[str, Any]) -> MergePlan:
-    """Plan a ``models:`` recipe over opened checkpoints (``ref -> Checkpoint``)."""
+def build_models_plan(recipe: Recipe, checkpoints: Dict[str, Any]) -> MergePlan:
+    """Plan a ``models:`` recipe over opened checkpoints (``ref -> Checkpoint``).
+
+    ``slices:`` recipes are planned by :mod:`mergelab.slices`, which builds on this module's types;
+    :func:`mergelab.merge.build_plan` chooses between the two and runs :func:`check_inputs`.
+    """
+    if recipe.slices:
+        raise RecipeError("a slices: recipe is planned by mergelab.merge.build_plan (mergelab.slices)")
     method = get_method(recipe.merge_method)
     refs = list(checkpoints)
     ckpts = [checkpoints[r] for r in refs]

@@ -159,3 +159,33 @@ def test_evaluate_cli_on_a_saved_merge_reproduces_its_report_row(prepared, repor
     assert got["heads"].startswith("experts in")
     assert got["correct"] == row["correct"]
     assert got["metrics"]["negative_flip_rate"] == pytest.approx(row["metrics"]["negative_flip_rate"])
+
+
+def test_evaluate_cli_says_which_reference_is_missing(prepared, report, mini_suite, tmp_path):
+    import shutil
+
+    cache_root, _ = prepared
+    suite = load_suite(str(mini_suite))
+    model = tmp_path / "multitask"
+    shutil.copytree(BenchCache(suite, cache_root).multitask_dir, model)  # has its own heads
+    out = tmp_path / "eval.json"
+    empty = tmp_path / "empty-cache"
+    res = CliRunner().invoke(evaluate_app, [str(model), "--suite", str(mini_suite), "--cache", str(empty),
+                                            "--out", str(out)], terminal_width=200)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    got = json.loads(out.read_text())
+    assert set(got["metrics"]["normalised_accuracy"].values()) == {None}
+    flat = " ".join(res.output.split())
+    for t in suite.merge_task_names:
+        assert f"no prepared expert for '{t}'" in flat
+    assert "missing: normalised accuracy and negative flips need each expert's test predictions" in flat
+    assert len(got["missing"]) == 1 and "mergelab bench prepare" in got["missing"][0]
+    # with the experts prepared nothing is missing on the test split; on validation it says why
+    res = CliRunner().invoke(evaluate_app, [str(model), "--suite", str(mini_suite), "--cache", str(cache_root),
+                                            "--out", str(out)], terminal_width=200)
+    assert res.exit_code == 0 and json.loads(out.read_text())["missing"] == [] and "missing:" not in res.output
+    res = CliRunner().invoke(evaluate_app, [str(model), "--suite", str(mini_suite), "--cache", str(cache_root),
+                                            "--split", "validation", "--out", str(out)], terminal_width=200)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert any("not computed for --split validation" in m for m in json.loads(out.read_text())["missing"])
+    assert "missing: normalised accuracy" in " ".join(res.output.split())

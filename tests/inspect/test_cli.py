@@ -1,6 +1,7 @@
 """The command: through its own Typer app (CliRunner) and mounted as ``mergelab inspect``."""
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -76,3 +77,69 @@ def test_mounted_as_mergelab_inspect(tmp_path, hand_models, capsys):
         main(["inspect", base, "/nonexistent/model"])
     assert e.value.code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.fixture
+def long_named_models(tmp_path):
+    """Five models with long folder names (the labels), so that the tables do not fit 80 columns."""
+    from tests.inspect.conftest import TAU, write_model
+
+    base = write_model(tmp_path / "base")
+    taus = [TAU["A"], TAU["B"], TAU["C"], TAU["A"], TAU["B"]]
+    scales = [1.0, 1.0, 1.0, 0.3, -0.7]
+    models = [write_model(tmp_path / f"fine-tuned-model-number-{i}", tau, scale=s)
+              for i, (tau, s) in enumerate(zip(taus, scales))]
+    return str(base), [str(m) for m in models]
+
+
+def _numbers(data):
+    """Every number the tables show, formatted as they show it, with the column it belongs to."""
+    o = data["overall"]
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    k = len(data["models"])
+    shown = {}
+    for i in range(k):
+        shown.setdefault(f"{o['norms'][i]:.3g}", "‖τ‖")
+        shown.setdefault(pct(o["zero_share"][i]), "zero")
+        for j in range(k):
+            shown.setdefault(f"{o['cosine'][i][j]:+.3f}", f"#{j + 1}")
+    return shown
+
+
+@pytest.mark.parametrize("columns", [80, 60])
+def test_narrow_output_never_cuts_a_number(long_named_models, tmp_path, monkeypatch, columns):
+    base, models = long_named_models
+    monkeypatch.setenv("COLUMNS", str(columns))
+    out_json = tmp_path / "d.json"
+    r = CliRunner().invoke(app, [base, *models, "--density", "0.5", "--json", str(out_json)])
+    assert r.exit_code == 0, r.output
+    assert "…" not in r.output
+    assert max(len(line) for line in r.output.splitlines()) <= columns
+    notes = " ".join(r.output.split("note:")[1:])
+    for text, column in _numbers(json.loads(out_json.read_text())).items():
+        assert text in r.output or column in notes, (text, column)
+    assert "left out to fit" in r.output  # five models' cosines do not fit: it says which columns went
+
+
+def test_piped_output_keeps_every_column(long_named_models, tmp_path, monkeypatch):
+    base, models = long_named_models
+    monkeypatch.delenv("COLUMNS", raising=False)
+    out_json = tmp_path / "d.json"
+    r = CliRunner().invoke(app, [base, *models, "--density", "0.5", "--json", str(out_json)])
+    assert r.exit_code == 0, r.output
+    assert "…" not in r.output and "left out" not in r.output
+    for text in _numbers(json.loads(out_json.read_text())):
+        assert text in r.output, text
+    for m in models:  # labels whole on one line
+        assert Path(m).name in r.output
+
+
+def test_json_dash_prints_the_json_instead_of_the_tables(hand_models, tmp_path):
+    base, models = hand_models
+    r = CliRunner().invoke(app, [base, *models, "--json", "-"])
+    assert r.exit_code == 0, r.output
+    printed = json.loads(r.output)
+    r2 = CliRunner().invoke(app, [base, *models, "--json", str(tmp_path / "x.json")])
+    assert r2.exit_code == 0
+    assert printed == json.loads((tmp_path / "x.json").read_text())
+    assert printed["overall"]["conflicts"] == 3 and not (Path.cwd() / "-").exists()

@@ -168,3 +168,65 @@ def test_reachable_from_the_python_api():
         out = mergelab.merge_state_dicts(base, models, "pcb", ratio=0.25, chunk_elements=chunk_elements)
         got = np.concatenate([(out["a"] - base["a"]).numpy().ravel(), (out["b"] - base["b"]).numpy().ravel()])
         np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- paper-form oracle
+def pcb_paper_form(taus, ratio, clip, lams=None):
+    """PCB from the paper's steps (arXiv:2410.02396, Sec. 3; spec methods-data-free.md section 4), float64:
+    intra-balancing as the paper's softmax over a task's parameters of n * Norm(a)^2 (the code's exp
+    without the per-task denominator), inter-balancing tanh(tau_t * sum_j tau_j), drop + rescale by the
+    min-max normalisation of max(beta, q), and the weighted mean of the clipped task vectors."""
+    t = torch.stack([x.double().reshape(-1) for x in taus])
+    n, d = t.shape
+    lams = torch.ones(n, dtype=torch.float64) if lams is None else torch.tensor(lams, dtype=torch.float64)
+    num = torch.zeros(d, dtype=torch.float64)
+    den = torch.zeros(d, dtype=torch.float64)
+    total = t.sum(0)
+    for i in range(n):
+        a = t[i].abs()
+        srt = torch.sort(a).values
+        a = a.clamp(float(srt[int(d * clip)]), float(srt[int(d * (1 - clip)) - 1]))
+        clipped = torch.sign(t[i]) * a
+        norm = (a - a.min()) / (a.max() - a.min())
+        intra = torch.softmax(n * norm ** 2, dim=0)
+        beta = intra * torch.tanh(t[i] * total)
+        q = float(torch.sort(beta).values[int(d * (1 - ratio))])
+        kept = beta.clamp_min(q)
+        w = (kept - kept.min()) / (kept.max() - kept.min())
+        num += lams[i] * w * clipped
+        den += w
+    return num / den.clamp_min(1e-12)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 2])
+def test_values_match_the_papers_formula(chunk_rows):
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(9, 8, generator=g)
+    taus = [0.05 * torch.randn(9, 8, generator=g) for _ in range(3)]
+    taus[1][:, 0] *= 20  # a few outliers for the clip to act on
+    out = merge_one("pcb", base, [base + x for x in taus], name="w", chunk_rows=chunk_rows, ratio=0.3, clip=0.02,
+                    weight=[1.0, 0.5, 2.0], **{"lambda": 1.3})
+    expected = 1.3 * pcb_paper_form(taus, ratio=0.3, clip=0.02, lams=[1.0, 0.5, 2.0]).reshape(9, 8)
+    torch.testing.assert_close((out - base).double(), expected, atol=2e-6, rtol=1e-4)
+    # the drop keeps int(d*ratio) or so entries per task: some outputs are exactly the base
+    assert 0 < int(((out - base) == 0).sum()) < 72
+
+
+def test_a_zero_task_vector_leaves_the_others_kept_clipped_entries():
+    # Task 0 is zero (degenerate row: w = 0). For task 1 alone in the mean, tau_m = w tau~ / w = tau~
+    # where w > 0 (beta above its (1 - ratio) order statistic), 0 elsewhere; beta = exp(2 N(a)^2) *
+    # tanh(tau * (0 + tau)) (n = 2 counts the zero task), worked out here from the formula.
+    tau = torch.tensor([0.5, -0.1, 0.02, -0.7, 0.3, 0.0, -0.25, 0.9, 0.05, -0.4], dtype=torch.float64)
+    d, ratio, clip = 10, 0.4, 0.1
+    a = tau.abs()
+    srt = torch.sort(a).values
+    lo, hi = float(srt[int(d * clip)]), float(srt[int(d * (1 - clip)) - 1])  # 0.02 and 0.7
+    assert (lo, hi) == (0.02, 0.7)
+    a = a.clamp(lo, hi)
+    beta = torch.exp(2 * ((a - a.min()) / (a.max() - a.min())) ** 2) * torch.tanh(tau * tau)
+    q = torch.sort(beta).values[int(d * (1 - ratio))]
+    expected = torch.where(beta > q, torch.sign(tau) * a, torch.zeros_like(tau))
+    assert expected.tolist() == [0.5, 0, 0, -0.7, 0, 0, 0, 0.7, 0, 0]  # the 3 largest, 0.9 clipped to 0.7
+    base = rand(10, seed=4)
+    out = merge_one("pcb", base, [base.clone(), base + tau.float()], ratio=ratio, clip=clip)
+    torch.testing.assert_close((out - base).double(), expected, atol=1e-6, rtol=0)

@@ -42,7 +42,7 @@ def _rank_scores(diff, ratio=1.0, calib=1.0):
     return s
 
 
-def widen_oracle(base, models, transpose=False, ratio=1.0, calib=1.0):
+def widen_oracle(base, models, transpose=False, ratio=1.0, calib=1.0, zero_distances=(0.0, 1.0)):
     b = base.numpy().astype(np.float64)
     ms = [m.numpy().astype(np.float64) for m in models]
     if b.ndim == 1:
@@ -52,14 +52,22 @@ def widen_oracle(base, models, transpose=False, ratio=1.0, calib=1.0):
     if transpose:
         b, ms = b.T, [m.T for m in ms]
     mag0 = np.linalg.norm(b, axis=0)
-    dir0 = b / mag0
     dm, dd = [], []
     for m in ms:
         mag = np.linalg.norm(m, axis=0)
-        direction = m / mag
         dm.append(np.abs(mag - mag0))
-        cos = (direction * dir0).sum(0) / (np.linalg.norm(direction, axis=0) * np.linalg.norm(dir0, axis=0))
-        dd.append(1.0 - cos)
+        # 1 - cosine of the column directions; a zero column has no direction: distance 0 to another
+        # zero column, 1 to a non-zero one (the edge cases the reference leaves as NaN).
+        dist = np.empty(mag.shape)
+        for j in range(len(mag)):
+            if mag[j] == 0 and mag0[j] == 0:
+                dist[j] = zero_distances[0]
+            elif mag[j] == 0 or mag0[j] == 0:
+                dist[j] = zero_distances[1]
+            else:
+                u, v = m[:, j] / mag[j], b[:, j] / mag0[j]
+                dist[j] = 1.0 - (u * v).sum() / (np.linalg.norm(u) * np.linalg.norm(v))
+        dd.append(dist)
     omega = 0.5 * (_rank_scores(np.stack(dm), ratio, calib) + _rank_scores(np.stack(dd), ratio, calib))
     deltas = np.stack([m - b for m in ms])
     out = b + (deltas * omega[:, None, :]).sum(0)
@@ -145,13 +153,26 @@ def test_weights_are_in_zero_one_with_calibration_one():
     assert bool(((w > 0) & (w <= 1)).all())
 
 
-def test_zero_columns_do_not_give_nan():
+@pytest.mark.parametrize("chunk_rows", [None, 2])
+def test_zero_columns_take_their_defined_values(chunk_rows):
+    # Column 0: zero in the base and in model 0 (direction distance 0 for model 0, 1 for the others).
+    # Column 3: zero in model 1 only (distance 1 for model 1). Column 5: zero everywhere (stays zero).
     base = BASE.clone()
     base[:, 0] = 0
+    base[:, 5] = 0
     models = [m.clone() for m in MODELS]
     models[0][:, 0] = 0
-    out = merge_one("widen", base, models)
-    assert torch.isfinite(out).all()
+    models[1][:, 3] = 0
+    for m in models:
+        m[:, 5] = 0
+    out = merge_one("widen", base, models, chunk_rows=chunk_rows)
+    expected = widen_oracle(base, models)
+    assert np.isfinite(expected).all()
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert bool((out[:, 5] == 0).all())
+    # The edge-case rule matters here: other distances for zero columns give another merge.
+    for other in [(1.0, 1.0), (0.0, 0.0), (0.5, 0.5)]:
+        assert np.abs(widen_oracle(base, models, zero_distances=other) - expected).max() > 1e-3, other
 
 
 def test_higher_dimensional_tensors_are_rejected():

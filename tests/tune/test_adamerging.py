@@ -1,5 +1,6 @@
 """AdaMerging (tune/adamerging.py): gradients, the clamp bound, entropy decrease on tiny BERT experts."""
 
+import pytest
 import torch
 
 from mergelab.calibrate.data import CalibrationSet, tokenize_batches
@@ -82,7 +83,6 @@ def test_learned_coefficients_lower_the_entropy_they_minimise(tmp_path):
         cfg = AdaMergingConfig(granularity, lr=0.05, steps=6)
         res = adamerging(tm, base, ModelPool(experts), data, cfg)
         init = CoefficientSpace(base, ModelPool(experts), list(res.state), "task", init=0.3).assemble()
-        full = [b for d in data for b in d]
 
         def total(theta):
             with torch.no_grad():
@@ -90,10 +90,50 @@ def test_learned_coefficients_lower_the_entropy_they_minimise(tmp_path):
                            for t, d in enumerate(data) for b in d)
 
         assert total(res.state) < total(init), granularity
-        assert len(full) == 4
-        if granularity == "layer":
-            floats = [n for n, v in base.items() if v.is_floating_point()]
-            assert res.info["coefficients"] == 2 * len(floats)
+        floats = [n for n, v in base.items() if v.is_floating_point()]
+        assert res.info["coefficients"] == 2 * (len(floats) if granularity == "layer" else 1)
+        # the merged tensors are the formula at the reported coefficients
+        for name in floats:
+            lam = [res.coefficients[f"model_{k}"] for k in range(2)]
+            lam = [c if granularity == "task" else c[name][0] for c in lam]
+            want = base[name].double() + sum(c * (e[name].double() - base[name].double()) for c, e in zip(lam, experts))
+            torch.testing.assert_close(res.state[name].double(), want, atol=1e-5, rtol=1e-5)
+
+
+def _entropy(logits):
+    p = torch.softmax(logits.double(), -1)
+    return -(p * torch.log(p)).sum(-1).mean()
+
+
+def test_first_steps_are_adam_on_the_entropy_gradient_from_the_prior():
+    """Oracle from the reference (AdaMerging task-wise: lambda starts at 0.3, Adam lr 1e-3 betas 0.9/0.999,
+    objective sum_t mean-row entropy of softmax(f_theta(x_t)), theta = theta_0 + sum_k lambda_k tau_k),
+    differentiated here directly in lambda; Adam's update written out."""
+    model = toy.ToyTasks()
+    base = toy.state(model)
+    ex = toy.experts(base, 2, scale=0.4, seed=3)
+    data = [[b[0]] for b in toy.batches(2, n=8, per_batch=8)]  # one batch per task: no shuffling involved
+    lr, steps = 0.01, 3
+    res = adamerging(model, base, ModelPool(ex), data, AdaMergingConfig("task", lr=lr, steps=steps))
+
+    lam = torch.full((2,), 0.3, dtype=torch.float64)
+    m = torch.zeros(2, dtype=torch.float64)
+    v = torch.zeros(2, dtype=torch.float64)
+    history = []
+    for step in range(1, steps + 1):
+        var = lam.clone().requires_grad_(True)
+        theta = {k: base[k].double() + sum(var[i] * (ex[i][k].double() - base[k].double()) for i in range(2))
+                 for k in base}
+        loss = sum(_entropy(model.rows(theta, data[t][0], t)) for t in range(2))
+        (g,) = torch.autograd.grad(loss, var)
+        history.append(float(loss.detach()))
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        lam = lam - lr * (m / (1 - 0.9 ** step)) / ((v / (1 - 0.999 ** step)).sqrt() + 1e-8)
+    got = torch.tensor([res.coefficients["model_0"], res.coefficients["model_1"]], dtype=torch.float64)
+    torch.testing.assert_close(got, lam.clamp(0, 1), atol=1e-5, rtol=0)
+    assert [h["entropy"] for h in res.history] == pytest.approx(history, rel=1e-5)
+    assert (got - 0.3).abs().min() > 0.5 * lr  # it moved: the check is not the prior against itself
 
 
 def test_stream_storage_gives_the_same_coefficients(tmp_path):

@@ -79,3 +79,37 @@ def test_importance_guided_chunks_follow_the_importance_score():
     pp = expert_merging_pp(model, base, pool, data, cfg, budget=12)
     assert pp.info["chunks"] == {k: len(torch.chunk(torch.empty(base[k].numel()), v)) for k, v in counts.items()}
     assert pp.info["coefficients"] == 2 * sum(pp.info["chunks"].values())
+
+
+def test_sample_order_is_round_robin_and_the_seed_shuffles_within_rounds():
+    from mergelab.tune.expert_merging import sample_order
+
+    sizes = [3, 1, 2, 3]
+    plain = sample_order(sizes, epoch=0)
+    assert plain == [(0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (2, 1), (3, 1), (0, 2), (3, 2)]
+    assert sample_order(sizes, epoch=5, seed=9) == plain  # no shuffle: the seed has nothing to seed
+    shuffled = {seed: [sample_order(sizes, e, True, seed) for e in range(4)] for seed in range(6)}
+    for orders in shuffled.values():
+        for order in orders:  # every round still holds sample j of each expert that has one, once
+            assert sorted(order, key=lambda p: (p[1], p[0])) == plain
+            assert [j for _, j in order] == [j for _, j in plain]
+    assert shuffled[0] == [sample_order(sizes, e, True, 0) for e in range(4)]  # reproducible
+    assert len({str(o) for o in shuffled.values()}) > 1  # the seed changes the order
+    assert len({str(o) for o in shuffled[0]}) > 1  # drawn anew every epoch
+
+
+def test_seed_changes_a_shuffled_run_and_not_a_plain_one():
+    model, base, experts, data = _setup(k=3)
+
+    def run(**kw):
+        cfg = ExpertMergingConfig(exclude="", epochs=1, grad_accumulation=2, **kw)
+        return expert_merging(model, base, ModelPool(experts), data, cfg)
+
+    a, b = run(seed=0), run(seed=1)
+    assert [h["expert"] for h in a.history] == [0, 1, 2] * 8
+    for k in a.state:
+        assert torch.equal(a.state[k], b.state[k])
+    s0, s0b, s1 = run(shuffle=True, seed=0), run(shuffle=True, seed=0), run(shuffle=True, seed=1)
+    assert [h["expert"] for h in s0.history] != [h["expert"] for h in s1.history]
+    assert all(torch.equal(s0.state[k], s0b.state[k]) for k in s0.state)
+    assert any(not torch.equal(s0.state[k], s1.state[k]) for k in s0.state)

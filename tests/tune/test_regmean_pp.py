@@ -6,7 +6,6 @@ from torch import nn
 
 from mergelab.calibrate import collect_grams, wrap_module
 from mergelab.calibrate.data import CalibrationSet, tokenize_batches
-from mergelab.methods.registry import TensorInputs, get_method
 from mergelab.tune.functional import ModelPool
 from mergelab.tune.regmean_pp import regmean_plusplus
 from tests.calibrate import tiny
@@ -24,14 +23,13 @@ def _encoder(seed, layers=1, pooler=False):
     return BertModel(tiny.bert_config(layers=layers), add_pooling_layer=pooler).eval()
 
 
-def _regmean_tensor(name, models, grams, alpha):
-    m = get_method("regmean")
-    params = {p.name: p.default for p in m.params}
-    params["alpha"] = alpha
-    x = TensorInputs(name=name, shape=tuple(models[0].shape), base=None, models=models, params=params,
-                     model_params=[{"statistics": "s", "weight": 1.0}] * len(models), rows=(0, models[0].shape[0]),
-                     aux={"statistics": grams})
-    return m.merge(x)
+def _regmean_oracle(weights, grams, alpha):
+    """RegMean's closed form (Jin et al. 2023, arXiv:2212.09849, eq. 2 with the off-diagonal shrink):
+    W* = (sum_i G~_i)^-1 sum_i G~_i W_i^T, G~ = alpha G + (1 - alpha) diag(G), for Linear weights
+    [d_out, d_in] and Grams [d_in, d_in]; float64, written out here."""
+    gs = [alpha * g.double() + (1 - alpha) * torch.diag(torch.diagonal(g.double())) for g in grams]
+    rhs = sum(g @ w.double().T for g, w in zip(gs, weights))
+    return torch.linalg.solve(sum(gs), rhs).T
 
 
 def test_one_block_model_equals_regmean(tmp_path):
@@ -48,10 +46,13 @@ def test_one_block_model_equals_regmean(tmp_path):
     for name, t in states[0].items():
         if not t.is_floating_point():
             continue
-        expected = _regmean_tensor(name, [states[0][name].float(), states[1][name].float()],
-                                   [grams[0][name], grams[1][name]], 0.6)
-        torch.testing.assert_close(result.state[name], expected, atol=2e-5, rtol=1e-4, msg=name)
-        checked += grams[0][name].dim() == 2
+        ws = [states[0][name], states[1][name]]
+        if name in grams[0] and grams[0][name].dim() == 2:
+            expected = _regmean_oracle(ws, [grams[0][name], grams[1][name]], 0.6)
+            checked += 1
+        else:  # everything but the linear weights: the plain average
+            expected = (ws[0].double() + ws[1].double()) / 2
+        torch.testing.assert_close(result.state[name].double(), expected, atol=2e-5, rtol=1e-4, msg=name)
     assert checked == 6  # q, k, v, attention output, intermediate, output
 
 
@@ -78,9 +79,15 @@ def test_two_layer_linear_network_layer_two_is_exact_least_squares(tmp_path):
     data = [[{"x": x[:20]}, {"x": x[20:]}] for x in xs]
     states = [n.state_dict() for n in nets]
     pp = regmean_plusplus(LinearNet(d, 9), ModelPool(states), data, alpha=1.0).state
-    rm_w1 = pp["layers.0.weight"]  # layer 1 is plain RegMean in both methods (same inputs)
-    # the merged layer-1 output on each task's data
-    hats = [x.double() @ rm_w1.double().T for x in xs]
+    # Layer 1 sees the same inputs in RegMean and RegMean++: the least-squares solution of
+    # sum_i ||X_i W^T - X_i W_i^T||^2 / n_i (Grams are means over examples), solved here by lstsq.
+    a1 = np.vstack([x.double().numpy() / np.sqrt(len(x)) for x in xs])
+    b1 = np.vstack([(x.double() @ s["layers.0.weight"].double().T).numpy() / np.sqrt(len(x))
+                    for x, s in zip(xs, states)])
+    w1 = torch.from_numpy(np.linalg.lstsq(a1, b1, rcond=None)[0].T)
+    np.testing.assert_allclose(pp["layers.0.weight"].numpy(), w1.numpy(), atol=1e-4)
+    # the merged layer-1 output on each task's data (from the oracle, not from the function under test)
+    hats = [x.double() @ w1.T for x in xs]
     targets = [h @ states[i]["layers.1.weight"].double().T for i, h in enumerate(hats)]
     a = np.vstack([h.numpy() / np.sqrt(len(h)) for h in hats])
     b = np.vstack([t.numpy() / np.sqrt(len(t)) for t in targets])

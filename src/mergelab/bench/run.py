@@ -18,6 +18,7 @@ experts on their own tasks ("individual"), and the multi-task model ("multi-task
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -116,7 +117,9 @@ def plan_method(name: str, n_models: int, grids: Optional[dict] = None) -> Metho
 
     ``grids`` (parameter name -> values) replaces the built-in values of those parameters and may add
     axes for other parameters the method has; a key ``<method>.<parameter>`` applies to that method
-    only and wins over a plain ``<parameter>`` key.
+    only and wins over a plain ``<parameter>`` key. A given value the parameter does not allow, and a
+    grid of more than :data:`MAX_GRID` settings, are errors (built-in values outside a method's range
+    are left out of its grid).
     """
     from mergelab.methods.registry import get_method
 
@@ -153,32 +156,58 @@ def plan_method(name: str, n_models: int, grids: Optional[dict] = None) -> Metho
     user = {k: v for k, v in (grids or {}).items() if "." not in k}
     user.update({k.split(".", 1)[1]: v for k, v in (grids or {}).items() if k.startswith(name + ".")})
     for key, values in list(GRIDS.items()) + [(k, v) for k, v in user.items() if k not in GRIDS]:
+        given = key in user
         values = user.get(key, values)
-        if key == "lambda" and key in names:
-            axes["lambda"] = tuple(values)
+        if key not in names:
             continue
-        if key in names:
-            p = names[key]
-            ok = []
-            for v in values:
-                try:
-                    p.check(v, name)
-                    ok.append(v)
-                except MergeLabError:
-                    pass
-            if ok:
-                axes[key] = tuple(ok)
+        p = names[key]
+        ok = []
+        for v in values:
+            try:
+                p.check(v, name)
+                ok.append(v)
+            except MergeLabError:
+                if given:
+                    raise MergeLabError(f"--grid {key}: {v!r} is not a valid '{key}' for method '{name}': expected "
+                                        f"{p.allowed()} (a key '{name}.{key}' sets {name}'s values alone)") from None
+        if ok:
+            axes[key] = tuple(ok)
     for key in axes:  # the default run states its coefficients (the registry's defaults) explicitly
         if key not in default and not names[key].required and names[key].default is not None:
             default[key] = names[key].default
     if name in UNTUNED:
         return MethodPlan(name, default=default, grid=[default], reason=UNTUNED[name], statistic=statistic)
+    size = math.prod(len(v) for v in axes.values())
+    if size > MAX_GRID:
+        sizes = " x ".join(f"{len(v)} {k}" for k, v in axes.items())
+        raise MergeLabError(f"--grid: method '{name}' would search {size} settings ({sizes}), more than "
+                            f"{MAX_GRID}; give fewer values, or per-method values with '{name}.<parameter>'")
     grid = []
     for combo in itertools.product(*axes.values()):
         setting = dict(default)
         setting.update(dict(zip(axes.keys(), combo)))
         grid.append(setting)
-    return MethodPlan(name, default=default, grid=grid[:MAX_GRID], statistic=statistic)
+    return MethodPlan(name, default=default, grid=grid, statistic=statistic)
+
+
+def check_grid_keys(grids: Optional[dict], methods: Sequence[str]) -> None:
+    """Every ``--grid`` key must name a parameter of a method in the run (``<method>.<parameter>``: that
+    method's), so that a misspelt key is an error rather than a search that silently never happens."""
+    from mergelab.methods.registry import get_method
+
+    def has(method: str, key: str) -> bool:
+        m = get_method(method)
+        return m.param(key) is not None or m.model_param(key) is not None
+
+    for key in grids or {}:
+        method, dot, param = key.partition(".")
+        if dot:
+            if method not in methods:
+                raise MergeLabError(f"--grid {key}: method '{method}' is not in this run ({', '.join(methods)})")
+            if not has(method, param):
+                raise MergeLabError(f"--grid {key}: method '{method}' has no parameter '{param}'")
+        elif not any(has(m, key) for m in methods):
+            raise MergeLabError(f"--grid {key}: no method in this run ({', '.join(methods)}) has a parameter '{key}'")
 
 
 class BenchRunner:
@@ -416,6 +445,8 @@ def run_bench(suite: Suite, cache: BenchCache, methods: Sequence[str], out: Path
         raise MergeLabError(f"tasks {overlap} are both merged and held out")
     if len(tasks) < 2:
         raise MergeLabError(f"a merge needs at least 2 tasks; got {tasks}")
+    check_grid_keys(grids, methods)
+    plans = [plan_method(name, len(tasks), grids) for name in methods]  # grid errors before any work
     start = time.perf_counter()
     runner = BenchRunner(suite, cache, tasks, held, base, seed, log, Path(out) / "models" if save_models else None)
     rows = runner.references()
@@ -430,8 +461,8 @@ def run_bench(suite: Suite, cache: BenchCache, methods: Sequence[str], out: Path
                      "linear probe refitted on the merged encoder"),
         "rows": rows, "complete": False,
     }
-    for name in methods:
-        rows.extend(runner.run_method(plan_method(name, len(tasks), grids), tune))
+    for name, plan in zip(methods, plans):
+        rows.extend(runner.run_method(plan, tune))
         # the files are rewritten after every method, so an interrupted run keeps what it measured
         report["seconds"] = round(time.perf_counter() - start, 1)
         report["complete"] = name == methods[-1]

@@ -25,7 +25,7 @@ app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])
 
 
 def _heads_for(model: Path, heads: str, cache, tasks) -> tuple:
-    """``(task -> head, description, expert correctness or None)`` for ``tasks``."""
+    """``(task -> head, description, expert correctness or None, why it is None)`` for ``tasks``."""
     from safetensors.torch import load_file
 
     from mergelab.bench.cache import tensors_to_heads
@@ -51,12 +51,17 @@ def _heads_for(model: Path, heads: str, cache, tasks) -> tuple:
     missing = [t for t in tasks if t not in found]
     if missing:
         raise MergeLabError(f"heads from {source} lack task(s) {missing}")
-    expert_bits = None
-    try:
-        expert_bits = {t: cache.info(cache.expert_dir(t))["tasks"][t]["test_correct"] for t in tasks}
-    except MergeLabError:
-        pass
-    return {t: found[t] for t in tasks}, source, expert_bits
+    expert_bits, why = {}, []
+    for t in tasks:
+        try:
+            expert_bits[t] = cache.info(cache.expert_dir(t))["tasks"][t]["test_correct"]
+        except MergeLabError:
+            why.append(f"no prepared expert for '{t}' ({cache.info_path(cache.expert_dir(t))} is missing)")
+        except (KeyError, TypeError):
+            why.append(f"the expert of '{t}' records no test predictions ({cache.info_path(cache.expert_dir(t))})")
+    if why:
+        return {t: found[t] for t in tasks}, source, None, "; ".join(why)
+    return {t: found[t] for t in tasks}, source, expert_bits, ""
 
 
 @app.command()
@@ -116,7 +121,7 @@ def evaluate(
         s = s.subset(s.task_names, ho)
         tasks = s.merge_task_names
         bench_cache = BenchCache(s, cache)
-        head_map, head_source, expert_bits = _heads_for(model, heads, bench_cache, tasks)
+        head_map, head_source, expert_bits, no_reference = _heads_for(model, heads, bench_cache, tasks)
         config_dir = model if (model / "config.json").is_file() else base_model_path(base)
         config, tokenizer = load_config(config_dir), load_tokenizer(config_dir)
         encoder_state, _ = split_state(read_state(model))
@@ -127,8 +132,19 @@ def evaluate(
         held = ev.held_out(enc, s.held_out) if s.held_out and split == "test" else {}
         seconds = time.perf_counter() - start
         metrics = summarise(correct, tasks, expert_bits if split == "test" and expert_bits else {}, held or None)
+        missing = []  # why the columns that compare with the experts are empty
+        if split != "test":
+            missing.append("normalised accuracy and negative flips compare with the experts' test predictions: "
+                           f"not computed for --split {split}")
+        elif expert_bits is None:
+            missing.append("normalised accuracy and negative flips need each expert's test predictions from "
+                           f"`mergelab bench prepare` (cache {bench_cache.dir}): {no_reference}")
+        if s.held_out and split != "test":
+            missing.append(f"held-out task(s) {', '.join(s.held_out)} are scored on the test split only: "
+                           f"not computed for --split {split}")
         result = {"model": str(model), "suite": s.name, "suite_fingerprint": s.fingerprint(), "split": split,
-                  "heads": head_source, "seconds": round(seconds, 2), "metrics": metrics, "correct": correct}
+                  "heads": head_source, "seconds": round(seconds, 2), "metrics": metrics, "correct": correct,
+                  "missing": missing}
         table = Table(title=f"{model} on {s.name} ({split})")
         for col in ("task", "accuracy", "normalised", "neg. flips"):
             table.add_column(col)
@@ -137,10 +153,12 @@ def evaluate(
             table.add_row(t, pct(metrics["accuracy"][t]), pct(metrics["normalised_accuracy"].get(t)),
                           pct(metrics["negative_flip_rate"].get(t)))
         for t, a in held.items():
-            table.add_row(f"{t} (held out, probe)", pct(a), "", "")
+            table.add_row(f"{t} (held out, probe)", pct(a), "n/a", "n/a")
         table.add_row("mean", pct(metrics["mean_accuracy"]), pct(metrics["mean_normalised_accuracy"]),
                       pct(metrics["mean_negative_flip_rate"]))
         console.print(table)
+        for why in missing:
+            console.print(f"missing: {why}", soft_wrap=True, highlight=False)
         console.print(f"heads: {head_source}; evaluated in {seconds:.1f} s")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

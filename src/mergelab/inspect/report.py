@@ -8,8 +8,11 @@ and the "high" threshold as a dotted line), and the per-layer task-vector norm o
 
 from __future__ import annotations
 
+import io
 import json
 import math
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
@@ -20,6 +23,8 @@ from rich.table import Table
 from mergelab.inspect.diagnostics import EMBEDDINGS, HIGH_CONFLICT, Diagnostics, GroupStats
 
 _MAX_NORM_COLUMNS = 4
+_MIN_TEXT = 12  # a label column is never narrower than this (or its longest label)
+_MAX_LABEL = 10  # longer model labels are shown as #1, #2, ... in column headers (the model table lists both)
 
 
 def _f(x: Optional[float], fmt: str = "{:.3g}") -> str:
@@ -41,70 +46,152 @@ def _mean(xs) -> Optional[float]:
     return sum(xs) / len(xs) if xs else None
 
 
-def layer_table(diag: Diagnostics) -> Table:
+def model_keys(labels: List[str]) -> List[str]:
+    """Column headers for the models: their labels when short, else ``#1``, ``#2``, ..."""
+    return list(labels) if all(len(lab) <= _MAX_LABEL for lab in labels) else [f"#{i + 1}" for i in range(len(labels))]
+
+
+@dataclass
+class Column:
+    """One column of a report table. ``number`` columns are never wrapped or cut; ``drop`` ranks the
+    columns left out first when the table is wider than the console (0: always kept)."""
+
+    header: str
+    cells: List[str]
+    number: bool = True
+    drop: int = 0
+    justify: str = "right"
+
+
+@dataclass
+class FittedTable:
+    table: Table
+    dropped: List[str] = field(default_factory=list)
+
+
+def _build(title: str, columns: List[Column], styles: List[Optional[str]], sections: List[bool], **kw) -> Table:
+    t = Table(title=title, **kw)
+    for c in columns:
+        if c.number:
+            t.add_column(c.header, justify=c.justify, no_wrap=True)
+        else:
+            t.add_column(c.header, justify=c.justify, overflow="fold")
+    for i, style in enumerate(styles):
+        t.add_row(*[c.cells[i] for c in columns], style=style, end_section=sections[i])
+    return t
+
+
+def _intact(table: Table, columns: List[Column], width: int) -> bool:
+    """Whether ``table`` rendered ``width`` columns wide shows every number whole (none wrapped or cut)."""
+    console = Console(width=width, file=io.StringIO(), color_system=None, legacy_windows=False)
+    with console.capture() as cap:
+        console.print(table)
+    text = cap.get()
+    if "…" in text:
+        return False
+    need = Counter(cell for c in columns if c.number for cell in c.cells if cell)
+    # text (labels) may wrap, but not into slivers: at least the first _MIN_TEXT characters on one line
+    need.update(cell[:_MIN_TEXT] for c in columns if not c.number for cell in [c.header, *c.cells] if cell)
+    return all(text.count(cell) >= n for cell, n in need.items())
+
+
+def fit_table(title: str, columns: List[Column], width: int, styles: Optional[List[Optional[str]]] = None,
+              sections: Optional[List[bool]] = None, **kw) -> FittedTable:
+    """A table of ``columns`` that fits ``width`` without cutting or wrapping a number: columns are
+    left out, highest ``drop`` rank first, until it fits; :attr:`FittedTable.dropped` names them."""
+    n = len(columns[0].cells) if columns else 0
+    styles = styles or [None] * n
+    sections = sections or [False] * n
+    kept = list(columns)
+    dropped: List[str] = []
+    order = sorted((c for c in columns if c.drop), key=lambda c: -c.drop)
+    while True:
+        table = _build(title, kept, styles, sections, **kw)
+        if _intact(table, kept, width) or not order:
+            return FittedTable(table, dropped)
+        gone = order.pop(0)
+        kept.remove(gone)
+        dropped.append(gone.header)
+
+
+def layer_table(diag: Diagnostics, width: int = 10_000) -> FittedTable:
     """Per group (layer): norms, zero share (mean over models), mean cosine, conflict rates."""
     labels = diag.labels
+    keys = model_keys(labels)
     trimmed = diag.settings.get("density") is not None
-    t = Table(title="task vectors per layer", box=box.SIMPLE_HEAD,
+    rows: List[GroupStats] = list(diag.groups)
+    groups = rows + [GroupStats("all", None, diag.overall)]
+    stats = [g.stats for g in groups]
+    columns = [Column("layer", [_short(g.name) for g in groups]), Column("params", [f"{s.numel:,}" for s in stats], drop=2)]
+    norms_range = Column("‖τ‖ min / max", [f"{_f(min(s.norms))} / {_f(max(s.norms))}" for s in stats], drop=3)
+    per_model = [Column(f"‖τ‖ {key}", [_f(s.norms[i]) for s in stats], drop=20) for i, key in enumerate(keys)]
+    columns += [norms_range] if len(labels) > _MAX_NORM_COLUMNS else per_model
+    columns += [Column("zero", [_p(_mean(s.zero_share)) for s in stats], drop=5),
+                Column("near-0", [_p(_mean(s.near_zero_share)) for s in stats], drop=6),
+                Column("cos", [_f(s.mean_cosine, "{:+.3f}") for s in stats]),
+                Column("conflict", [_p(s.conflict_rate) for s in stats]),
+                Column("overlap", [_p(s.overlap_rate) for s in stats], drop=7)]
+    if trimmed:
+        columns.append(Column(f"conflict d={diag.settings['density']:g}", [_p(s.trimmed_conflict_rate) for s in stats],
+                              drop=4))
+    styles = ["bold" if g.name == "all" else None for g in groups]
+    sections = [g is rows[-1] for g in groups] if rows else None
+    kw = dict(box=box.SIMPLE_HEAD,
               caption="zero, near-0: mean share over the models | cos: mean pairwise cosine | conflict: share "
                       "of coordinates where one model's entry is > 0 and another's < 0 (zeros abstain) | "
                       "overlap: share where two or more models are non-zero")
-    t.add_column("layer", justify="right", no_wrap=True)
-    t.add_column("params", justify="right", no_wrap=True)
-    per_model = len(labels) <= _MAX_NORM_COLUMNS
-    if per_model:
-        for lab in labels:
-            t.add_column(f"‖τ‖ {lab}", justify="right")
-    else:
-        t.add_column("‖τ‖ min / max", justify="right")
-    for col in ("zero", "near-0", "cos", "conflict", "overlap") + ((f"conflict d={diag.settings['density']:g}",)
-                                                                  if trimmed else ()):
-        t.add_column(col, justify="right", min_width=min(len(col), 8))
-    rows: List[GroupStats] = list(diag.groups)
-    for g in rows + [GroupStats("all", None, diag.overall)]:
-        s = g.stats
-        cells = [_short(g.name), f"{s.numel:,}"]
-        if per_model:
-            cells += [_f(n) for n in s.norms]
-        else:
-            cells.append(f"{_f(min(s.norms))} / {_f(max(s.norms))}")
-        cells += [_p(_mean(s.zero_share)), _p(_mean(s.near_zero_share)), _f(s.mean_cosine, "{:+.3f}"),
-                  _p(s.conflict_rate), _p(s.overlap_rate)]
-        if trimmed:
-            cells.append(_p(s.trimmed_conflict_rate))
-        t.add_row(*cells, style="bold" if g.name == "all" else None, end_section=g is rows[-1])
-    return t
+    fitted = fit_table("task vectors per layer", columns, width, styles, sections, **kw)
+    if per_model and any(c.header in fitted.dropped for c in per_model):
+        # per-model norms do not fit: their range instead (one column), then the usual order
+        columns = [c for c in columns if c not in per_model]
+        columns.insert(2, norms_range)
+        fitted = fit_table("task vectors per layer", columns, width, styles, sections, **kw)
+        fitted.dropped.insert(0, "per-model ‖τ‖ (shown as min / max)")
+    return fitted
 
 
-def model_table(diag: Diagnostics) -> Table:
+def model_table(diag: Diagnostics, width: int = 10_000) -> FittedTable:
     """Per model, whole-model numbers."""
     o = diag.overall
-    t = Table(title=f"task vectors vs base {diag.base['label']} (whole model)")
-    for col in ("model", "‖τ‖", "‖τ‖/‖base‖", "zero", f"near-0 (rtol {diag.settings['rtol']:g})"):
-        t.add_column(col, justify="left" if col == "model" else "right")
-    for i, lab in enumerate(diag.labels):
-        t.add_row(lab, _f(o.norms[i]), _f(o.relative_norms[i]), _p(o.zero_share[i]), _p(o.near_zero_share[i]))
-    return t
+    labels = diag.labels
+    keys = model_keys(labels)
+    columns = [Column("model", list(labels), number=False, justify="left")]
+    if keys != list(labels):
+        columns.insert(0, Column("#", keys))
+    columns += [Column("‖τ‖", [_f(x) for x in o.norms]),
+                Column("‖τ‖/‖base‖", [_f(x) for x in o.relative_norms], drop=3),
+                Column("zero", [_p(x) for x in o.zero_share], drop=1),
+                Column(f"near-0 (rtol {diag.settings['rtol']:g})", [_p(x) for x in o.near_zero_share], drop=2)]
+    return fit_table(f"task vectors vs base {diag.base['label']} (whole model)", columns, width)
 
 
-def cosine_table(diag: Diagnostics) -> Table:
+def cosine_table(diag: Diagnostics, width: int = 10_000) -> FittedTable:
     """The pairwise cosine-similarity matrix of the task vectors (whole model)."""
-    t = Table(title="task-vector cosine (whole model)")
-    t.add_column("")
-    for lab in diag.labels:
-        t.add_column(lab, justify="right")
-    for lab, row in zip(diag.labels, diag.overall.cosine):
-        t.add_row(lab, *[_f(c, "{:+.3f}") for c in row])
-    return t
+    keys = model_keys(diag.labels)
+    columns = [Column("", keys, justify="left")]
+    for j, key in enumerate(keys):
+        columns.append(Column(key, [_f(row[j], "{:+.3f}") for row in diag.overall.cosine], drop=1 + j))
+    return fit_table("task-vector cosine (whole model)", columns, width)
+
+
+def _print_fitted(console: Console, fitted: FittedTable, what: str) -> None:
+    console.print(fitted.table)
+    if fitted.dropped:
+        console.print(f"note: {what}: left out to fit {console.width} columns: {', '.join(fitted.dropped)} "
+                      f"(a wider terminal, or --json, shows every number)", highlight=False, markup=False)
 
 
 def print_report(diag: Diagnostics, console: Console) -> None:
-    """Tables, the overall conflict numbers, skipped tensors, and the interpretation."""
-    console.print(layer_table(diag))
-    console.print(model_table(diag))
+    """Tables, the overall conflict numbers, skipped tensors, and the interpretation.
+
+    No number is ever cut or wrapped: a table wider than the console leaves out columns (and says which).
+    """
+    width = console.width
+    _print_fitted(console, layer_table(diag, width), "per-layer table")
+    _print_fitted(console, model_table(diag, width), "model table")
     o = diag.overall
     if o.k >= 2:
-        console.print(cosine_table(diag))
+        _print_fitted(console, cosine_table(diag, width), "cosine table")
         line = (f"sign conflict: {_p(o.conflict_rate)} of coordinates ({o.conflicts:,} of {o.numel:,}); "
                 f"{_p(o.overlap_rate)} have two or more non-zero entries, {_p(o.conflict_in_overlap)} of those "
                 f"conflict; coin-flip signs would give {_p(o.chance_conflict_rate)}")
@@ -123,10 +210,15 @@ def print_report(diag: Diagnostics, console: Console) -> None:
             console.print(f"  - {line}", highlight=False, markup=False)
 
 
+def to_json(diag: Diagnostics) -> str:
+    """Every number of the diagnostics as JSON (the ``--json`` format)."""
+    return json.dumps(diag.to_dict(), indent=2, allow_nan=False)
+
+
 def write_json(diag: Diagnostics, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(diag.to_dict(), indent=2, allow_nan=False))
+    path.write_text(to_json(diag))
 
 
 def write_plot(diag: Diagnostics, path: Path) -> None:

@@ -212,6 +212,23 @@ def dare_ties_merge(x: TensorInputs) -> torch.Tensor:
     return _finish(x, merged)
 
 
+def _warn_without_drop(result: str):
+    """Validation hook: one warning when no model drops anything (``density`` 1 for every model,
+    mergekit's default when the recipe does not set it), saying what the merge then is."""
+
+    def check(params: dict, model_params: list) -> None:
+        import warnings
+
+        if model_params and all(p["density"] >= 1 for p in model_params):
+            warnings.warn(f"{result}: density is 1 for every model (mergekit's default when it is not set), so DARE "
+                          f"drops nothing and this is {_WITHOUT_DROP[result]}; set density below 1 (e.g. 0.5) to "
+                          f"drop entries", UserWarning, stacklevel=2)
+
+    return check
+
+
+_WITHOUT_DROP = {"dare_linear": "task arithmetic", "dare_ties": "TIES without a trim (sign election only)"}
+
 _REFERENCE = ("Yu et al. 2024, DARE (arXiv:2311.03099), yule-BUAA/MergeLM; mergekit 0.1.5 `{}`.")
 
 register(MergeMethod(
@@ -225,6 +242,7 @@ register(MergeMethod(
     model_params=(WEIGHT, DENSITY),
     chunkable=True,
     prepare_tensor=_prepare_tensor,
+    validate=_warn_without_drop("dare_linear"),
     warm_up=fused.warm_up,
     raw_inputs=True,
     notes="mergekit rescales by L1-norm matching over the tensor; semantics: paper rescales by 1/density.",
@@ -249,6 +267,7 @@ register(MergeMethod(
     chunkable=True,
     prepare_tensor=_prepare_tensor,
     prepare_model=_prepare_model_ties,
+    validate=_warn_without_drop("dare_ties"),
     warm_up=fused.warm_up,
     raw_inputs=True,
     notes="mergekit rescales by L1-norm matching and sums the agreeing entries (normalize: false); "

@@ -87,7 +87,7 @@ class Param:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         if self.kind is int:
-            if float(value) != int(value):
+            if not math.isfinite(value) or float(value) != int(value):
                 raise bad
             value = int(value)
         else:

@@ -26,13 +26,14 @@ The pool may hold more models than there are tasks (irrelevant experts simply ge
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
 from mergelab.errors import MergeLabError
 from mergelab.tune.functional import CoefficientSpace, ModelPool, cycle, entropy, leaf_params, merge_keys
+from mergelab.tune.result import TuneResult
 
 
 @dataclass
@@ -48,17 +49,6 @@ class AdaMergingConfig:
     exclude: str = ""  # regex of tensors kept at the base value (not merged)
     storage: str = "memory"  # or "stream": re-read task vectors from the pool each pass
     seed: int = 0
-
-
-@dataclass
-class TuneResult:
-    """A learned merge: the merged tensors, the coefficients and the optimisation trace."""
-
-    state: Dict[str, torch.Tensor]
-    coefficients: dict
-    history: List[dict] = field(default_factory=list)
-    seconds: float = 0.0
-    info: dict = field(default_factory=dict)
 
 
 def entropy_objective(task_model, theta: Mapping[str, torch.Tensor], batches: Sequence) -> torch.Tensor:

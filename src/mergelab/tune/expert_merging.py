@@ -23,7 +23,9 @@ cross-entropy; KL differs by the teacher's entropy, a constant, so the gradients
 loss is 0 when the merge equals the expert. The hidden term is off unless ``hidden_layers`` is given.
 Optimiser as the reference: AdamW (lr 0.5), cosine warm restarts (T_0 50, T_mult 2, eta_min 0.1 lr)
 stepped per optimiser step, gradient clipping at norm 1, gradient accumulation 8, batch 1, samples
-balanced round-robin over experts. Defaults: T = 1, gamma = 5, lambda_h = 1, 1 epoch.
+balanced round-robin over experts (round ``j`` holds sample ``j`` of every expert; ``shuffle`` draws
+the experts' order within each round anew every epoch, from ``seed``, the reference's optional
+within-round shuffle). Defaults: T = 1, gamma = 5, lambda_h = 1, 1 epoch, no shuffle.
 
 **Expert Merging++** (importance-guided chunking). The reference repository holds only the mechanism
 (a per-tensor chunk count); the allocation rule below is our reading of the paper, marked as such:
@@ -43,8 +45,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from mergelab.errors import MergeLabError
-from mergelab.tune.adamerging import TuneResult
 from mergelab.tune.functional import CoefficientSpace, ModelPool, leaf_params, merge_keys, token_mask
+from mergelab.tune.result import TuneResult
 
 DEFAULT_EXCLUDE = r"(?i)(lm_head|norm|embed|bias)"
 
@@ -69,7 +71,26 @@ class ExpertMergingConfig:
     exclude: str = DEFAULT_EXCLUDE
     chunks: Dict[str, int] = field(default_factory=dict)  # regex -> C_p (Expert Merging++ or by hand)
     storage: str = "memory"
-    seed: int = 0
+    shuffle: bool = False  # shuffle the experts' order within each round (see sample_order)
+    seed: int = 0  # seeds that shuffle
+
+
+def sample_order(sizes: Sequence[int], epoch: int, shuffle: bool = False, seed: int = 0) -> List[tuple]:
+    """One epoch's ``(expert, sample)`` pairs, balanced round-robin over experts.
+
+    Round ``j`` holds sample ``j`` of every expert that has one, experts in order; with ``shuffle`` their
+    order within each round is drawn from a generator seeded by ``(seed, epoch)``.
+    """
+    import random
+
+    rng = random.Random(f"expert_merging:{seed}:{epoch}") if shuffle else None
+    order = []
+    for j in range(max(sizes, default=0)):
+        experts = [k for k, n in enumerate(sizes) if j < n]
+        if rng is not None:
+            rng.shuffle(experts)
+        order.extend((k, j) for k in experts)
+    return order
 
 
 @dataclass
@@ -161,9 +182,6 @@ def expert_merging(task_model, base: Mapping[str, torch.Tensor], pool: ModelPool
     if targets is None:
         targets = expert_targets(task_model, pool, keys, data, layers)
     alphas = list(config.task_weights) if config.task_weights is not None else [1.0] * len(pool)
-    # round-robin over experts: sample j of every expert, then sample j + 1, ...
-    order = [targets[k][j] for j in range(max(len(t) for t in targets)) for k in range(len(targets))
-             if j < len(targets[k])]
     opt = torch.optim.AdamW([space.raw], lr=config.lr, weight_decay=config.weight_decay)
     sched = _schedule(opt, config)
     per_model = space.num_coefficients() / len(pool)
@@ -171,6 +189,7 @@ def expert_merging(task_model, base: Mapping[str, torch.Tensor], pool: ModelPool
     step = 0
     opt.zero_grad(set_to_none=True)
     for epoch in range(config.epochs):
+        order = [targets[k][j] for k, j in sample_order([len(t) for t in targets], epoch, config.shuffle, config.seed)]
         for i, target in enumerate(order):
             w = space.weights()
             theta = leaf_params(space.assemble(w))
@@ -186,7 +205,7 @@ def expert_merging(task_model, base: Mapping[str, torch.Tensor], pool: ModelPool
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
-            history.append({"epoch": epoch, "sample": i, "alignment": float(align.detach()), "regulariser": float(reg.detach()),
+            history.append({"epoch": epoch, "sample": i, "expert": target.task, "alignment": float(align.detach()), "regulariser": float(reg.detach()),
                             "mean_weight": float(space.weights().detach().mean())})
             if progress:
                 progress(len(history), float(align.detach()))

@@ -39,8 +39,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from mergelab.errors import MergeLabError
-from mergelab.tune.adamerging import TuneResult
 from mergelab.tune.functional import ModelPool, entropy, leaf_params, merge_keys
+from mergelab.tune.result import TuneResult
 
 
 @dataclass

@@ -39,8 +39,8 @@ from torch import nn
 from mergelab.calibrate.hooks import CONV1D, GramCollector, linear_layers
 from mergelab.errors import MergeLabError
 from mergelab.methods.regmean import regmean_solve
-from mergelab.tune.adamerging import TuneResult
 from mergelab.tune.functional import ModelPool, batch_kwargs, token_mask
+from mergelab.tune.result import TuneResult
 
 
 class _Stop(Exception):
