@@ -37,8 +37,7 @@ from typing import Optional
 import torch
 
 from mergelab.methods.registry import BaseUse, MergeMethod, ModelScope, Param, TensorInputs, register
-from mergelab.methods.select import kth_largest_abs
-from mergelab.methods.ties import keep_count
+from mergelab.methods.select import keep_count, kth_largest_abs
 
 
 def optimised(x: TensorInputs) -> bool:

@@ -31,7 +31,8 @@ from typing import Optional
 
 import torch
 
-from mergelab.methods.breadcrumbs import rank_windows, whole_source, window_mask
+from mergelab.methods.breadcrumbs import whole_source
+from mergelab.methods.select import rank_windows, window_mask
 from mergelab.methods.common import INT8_MASK, SEMANTICS
 from mergelab.methods.registry import BaseUse, MergeMethod, Param, TensorInputs, TensorSource, register
 from mergelab.methods.ties import deltas_of

@@ -15,12 +15,12 @@ whole-model trim and a chunked tensor alike.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
+
+from mergelab.methods.select import as_cut, zero_below, zero_outside  # noqa: F401 (zero_below: re-exported)
 
 Transform = Callable[["TaskVectors"], "TaskVectors"]
 
@@ -61,46 +61,21 @@ def chain(*transforms: Transform) -> Transform:
     return run
 
 
-def trim(thresholds: Sequence[float]) -> Transform:
-    """Keep entries with ``|tau_i| >= thresholds[i]`` (TIES "trim"); ties at the threshold are kept.
+def trim(cuts: Sequence, offset: int = 0) -> Transform:
+    """Keep the entries each model's :class:`~mergelab.methods.select.Cut` keeps (TIES "trim"): those
+    with ``|tau_i| > t_i``, and those equal to ``t_i`` before the cut's flat index; a plain threshold
+    keeps every entry ``>=`` it. ``offset`` is the flat index of the chunk's first entry.
 
-    A threshold of ``0`` keeps everything, ``inf`` keeps nothing. Thresholds come from
-    :func:`mergelab.methods.select.kth_largest` over a tensor or the whole model.
+    Cuts come from :mod:`mergelab.methods.select`, over a tensor or the whole model.
     """
 
     def run(tv: TaskVectors) -> TaskVectors:
         deltas = tv.deltas.clone()
-        for i, t in enumerate(thresholds):
-            zero_below(deltas[i], t)
+        for i, c in enumerate(cuts):
+            zero_outside(deltas[i], as_cut(c), offset)
         return replace(tv, deltas=deltas)
 
     return run
-
-
-_FLOAT_INFO = {torch.float32: np.float32, torch.float64: np.float64}
-
-
-def zero_below(t: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Set the entries of ``t`` with ``|t| < threshold`` to zero, in place; returns ``t``.
-
-    Entries equal to the threshold are kept; ``threshold <= 0`` keeps everything and ``inf`` nothing.
-    For float32/float64 this is one pass of ``hardshrink`` at the largest representable value below
-    the threshold (``|x| > lam`` is then exactly ``|x| >= threshold``), several times faster on a CPU
-    than building ``|t| >= threshold`` and multiplying by it.
-    """
-    thr = float(threshold)
-    if thr <= 0:
-        return t
-    if math.isinf(thr):
-        return t.zero_()
-    kind = _FLOAT_INFO.get(t.dtype)
-    if kind is None:
-        return t.mul_(t.abs() >= thr)
-    ceil = kind(thr)
-    if float(ceil) < thr:
-        ceil = np.nextafter(ceil, kind(np.inf))
-    lam = float(np.nextafter(ceil, kind(0)))
-    return torch.ops.aten.hardshrink.out(t, lam, out=t)
 
 
 def drop(keep_masks: torch.Tensor, rescale: Optional[str], keep_prob: Optional[Sequence[float]] = None,
