@@ -33,46 +33,15 @@ import torch
 
 from mergelab.methods.common import DENSITY, INT8_MASK, LAMBDA, SEMANTICS, WEIGHT, normalize, rescale_flag
 from mergelab.methods.registry import BaseUse, MergeMethod, Param, TensorInputs, TensorSource, register
+from mergelab.methods.inputs import deltas_of, finish, whole_source
+from mergelab.methods.rescale import exact_l1_factors
 from mergelab.methods.select import rank_windows, row_window_mask, window_mask
-from mergelab.methods.ties import deltas_of, l1_rescale_factors
 from mergelab.methods.transforms import TaskVectors, disjoint_merge, drop, elect_sign, linear_combine, weigh
 
 GAMMA = Param(
     "gamma", float, "Fraction of the largest-magnitude task-vector entries removed as outliers.",
     default=0.01, low=0.0, high=1.0,
 )
-
-def whole_source(x: TensorInputs) -> TensorSource:
-    """A one-chunk :class:`TensorSource` over ``x``, to compute statistics the engine did not provide.
-
-    Only a whole tensor can stand for itself; a row chunk without its statistics is a contract error.
-    """
-    if tuple(x.models[0].shape) != tuple(x.shape):
-        raise RuntimeError(
-            f"tensor '{x.name}': a row chunk reached merge without the statistics of prepare_tensor"
-        )
-    return TensorSource(x.name, tuple(x.shape), x.params, x.model_params, len(x.models), 1, lambda: iter([x]))
-
-
-def exact_l1_factors(src: TensorSource, masked: Callable[[TensorInputs], torch.Tensor]) -> list:
-    """mergekit's L1 rescale factors ``||tau||_1 / ||m*tau||_1`` per model over the whole tensor.
-
-    For a tensor in one chunk the sums are float32 over the whole tensor, as mergekit computes them,
-    so the factors agree bit for bit; chunked tensors accumulate in float64
-    (:func:`mergelab.methods.ties.l1_rescale_factors`).
-    """
-    if src.num_chunks != 1:
-        return l1_rescale_factors(src, masked)
-    (c,) = list(src.chunks())
-    d = deltas_of(c)
-    m = masked(c)
-    out = []
-    for i in range(d.shape[0]):
-        before = d[i].abs().sum()
-        after = m[i].abs().sum()
-        out.append(1.0 if bool(before < 1e-7) or bool(after < 1e-7) else float(before / after))
-    return out
-
 
 # --------------------------------------------------------------------------------------------------
 # Breadcrumbs
@@ -163,22 +132,16 @@ def sparsified(x: TensorInputs) -> TaskVectors:
     return drop(masks, None)(tv)
 
 
-def _finish(x: TensorInputs, merged: torch.Tensor) -> torch.Tensor:
-    if x.params["lambda"] != 1:
-        merged = merged * x.params["lambda"]
-    return x.base + merged
-
-
 def breadcrumbs_merge(x: TensorInputs) -> torch.Tensor:
     """``theta_0 + lambda * sum_i w_i m_i tau_i`` (divided by ``sum_i w_i`` when ``normalize``)."""
     tv = weigh()(sparsified(x))
-    return _finish(x, linear_combine(tv, normalize=x.params["normalize"]))
+    return finish(x, linear_combine(tv, normalize=x.params["normalize"]))
 
 
 def breadcrumbs_ties_merge(x: TensorInputs) -> torch.Tensor:
     """Breadcrumbs masks, then TIES' sign election (ties elect +1) and the agreeing (weighted) sum."""
     tv = elect_sign(1.0)(weigh()(sparsified(x)))
-    return _finish(x, disjoint_merge(tv, normalize=x.params["normalize"], divisor="weight"))
+    return finish(x, disjoint_merge(tv, normalize=x.params["normalize"], divisor="weight"))
 
 
 _REFERENCE = (

@@ -29,12 +29,12 @@ from typing import Optional
 import torch
 
 from mergelab.errors import RecipeError
-from mergelab.methods.breadcrumbs import exact_l1_factors, whole_source
 from mergelab.methods.common import DENSITY, INT8_MASK, LAMBDA, SEMANTICS, WEIGHT, normalize, rescale_flag
+from mergelab.methods.inputs import deltas_of, finish, whole_source
 from mergelab.methods.parallel import map_models
 from mergelab.methods.registry import BaseUse, MergeMethod, Param, TensorInputs, TensorSource, register
+from mergelab.methods.rescale import exact_l1_factors
 from mergelab.methods.select import ascending_order
-from mergelab.methods.ties import deltas_of
 from mergelab.methods.transforms import TaskVectors, disjoint_merge, drop, elect_sign, linear_combine, weigh
 
 EPSILON = Param(
@@ -172,20 +172,14 @@ def _statistics(src: TensorSource) -> Optional[DellaStats]:
     return stats
 
 
-def _finish(x: TensorInputs, merged: torch.Tensor) -> torch.Tensor:
-    if x.params["lambda"] != 1:
-        merged = merged * x.params["lambda"]
-    return x.base + merged
-
-
 def della_merge(x: TensorInputs) -> torch.Tensor:
     tv = elect_sign(1.0)(weigh()(sparsified(x)))
-    return _finish(x, disjoint_merge(tv, normalize=x.params["normalize"], divisor="weight"))
+    return finish(x, disjoint_merge(tv, normalize=x.params["normalize"], divisor="weight"))
 
 
 def della_linear_merge(x: TensorInputs) -> torch.Tensor:
     tv = weigh()(sparsified(x))
-    return _finish(x, linear_combine(tv, normalize=x.params["normalize"]))
+    return finish(x, linear_combine(tv, normalize=x.params["normalize"]))
 
 
 _REFERENCE = (

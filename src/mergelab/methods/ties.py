@@ -21,96 +21,24 @@ counts are recorded in ``mergelab.json`` when they differ by more than 0.1%.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from mergelab.errors import RecipeError
 from mergelab.methods import fused
 from mergelab.methods.common import DENSITY, INT8_MASK, LAMBDA, SEMANTICS, WEIGHT, normalize, rescale_flag
+from mergelab.methods.consensus import TrimStats, consensus_merge, global_tie_sign
+from mergelab.methods.inputs import deltas_of, uniform_model_param
 from mergelab.methods.registry import BaseUse, MergeMethod, ModelScope, TensorInputs, TensorSource, register
-from mergelab.methods.select import as_cut, flat_offset, keep_count, task_vector_cuts, top_cuts, zero_outside
-from mergelab.methods.transforms import TaskVectors, disjoint_merge, elect_sign, trim, weigh
-
-
-def deltas_of(x: TensorInputs) -> torch.Tensor:
-    """Stacked task vectors ``[n, *chunk]`` of a chunk."""
-    return torch.stack([m - x.base for m in x.models])
-
-
-@dataclass(frozen=True)
-class TrimStats:
-    """Per-model trim cuts (:class:`~mergelab.methods.select.Cut`, or plain thresholds that keep every
-    entry ``>=`` them), optional L1 rescale factors, and the zero-sum sign, for one tensor or model."""
-
-    thresholds: list
-    l1_scale: Optional[list] = None
-    tie_sign: float = 1.0
-
-    @property
-    def cuts(self) -> list:
-        return [as_cut(t) for t in self.thresholds]
-
-    def manifest_report(self) -> Optional[dict]:
-        """Kept vs asked entries per model where the trim kept more than 0.1% over what was asked
-        (ties at a threshold that keeps every entry ``>=`` it: ``semantics: paper``), else None."""
-        over = [c for c in self.cuts if c.asked > 0 and c.kept > c.asked * 1.001]
-        if not over:
-            return None
-        return {"trim_kept": [c.kept for c in self.cuts], "trim_asked": [c.asked for c in self.cuts]}
+from mergelab.methods.rescale import l1_rescale_factors
+from mergelab.methods.select import flat_offset, keep_count, task_vector_cuts, top_cuts, zero_outside
+from mergelab.methods.transforms import TaskVectors, trim
 
 
 def tensor_cuts(src: TensorSource) -> list:
     """Per-model trim cuts over one tensor (mergekit: exactly ``max(1, int(d*n))`` entries each, ties
     at the threshold by flat index; see :mod:`mergelab.methods.select`), chunked when the tensor is."""
     return task_vector_cuts(src, [keep_count(p["density"], src.numel, "mergekit") for p in src.model_params])
-
-
-def l1_rescale_factors(src: TensorSource, masked: Callable[[TensorInputs], torch.Tensor]) -> list:
-    """mergekit's L1 rescale: ``||tau_i||_1 / ||m_i tau_i||_1`` per model over the whole tensor.
-
-    ``masked(chunk)`` returns the masked task vectors ``[n, *chunk]``. A factor is 1 where either
-    norm is below 1e-7, as in mergekit.
-    """
-    before = torch.zeros(src.num_models, dtype=torch.float64)
-    after = torch.zeros(src.num_models, dtype=torch.float64)
-    for c in src.chunks():
-        d = deltas_of(c)
-        before += d.abs().reshape(d.shape[0], -1).sum(1).double().cpu()
-        after += masked(c).abs().reshape(d.shape[0], -1).sum(1).double().cpu()
-    return [1.0 if b < 1e-7 or a < 1e-7 else float(b / a) for b, a in zip(before.tolist(), after.tolist())]
-
-
-def global_tie_sign(scope: ModelScope, sparsified: Callable[[TensorInputs], torch.Tensor]) -> float:
-    """Sign of the total elected mass over the whole model (TIES reference zero-resolution).
-
-    The reference sets coordinates whose summed task vectors are exactly zero to
-    ``sign(sum_j gamma_j)``, the majority of the elected signs over all coordinates of the model.
-    """
-    total = 0.0
-    for c in scope.chunks():
-        d = sparsified(c)
-        w = torch.tensor(c.model_param("weight"), dtype=d.dtype, device=d.device)
-        d = d * w.reshape((-1,) + (1,) * (d.dim() - 1))
-        total += float(torch.sign(d.sum(0)).sum().item())
-    return float(math.copysign(1.0, total)) if total != 0 else 0.0
-
-
-def uniform_model_param(scope: ModelScope, name: str) -> list:
-    """A per-model parameter that must be one value over the whole model (whole-model statistics)."""
-    values = None
-    for c in scope.chunks():
-        v = c.model_param(name)
-        if values is None:
-            values = v
-        elif v != values:
-            raise RecipeError(
-                f"parameter '{name}' must be one value per model with semantics: paper (the trim is over "
-                f"the whole model), but it varies across tensors (tensor '{c.name}': {v} vs {values})"
-            )
-    return values or []
 
 
 def _prepare_tensor(src: TensorSource) -> Optional[TrimStats]:
@@ -136,58 +64,6 @@ def _prepare_model(scope: ModelScope) -> Optional[TrimStats]:
     return TrimStats(cuts, None, tie)
 
 
-def consensus_merge(deltas: torch.Tensor, weights: torch.Tensor, tie_sign: float, normalize: bool,
-                    divisor: str) -> torch.Tensor:
-    """Sign election and disjoint merge of weighted task vectors ``deltas`` ``[n, *chunk]``.
-
-    The same values as ``disjoint_merge(elect_sign(tie_sign)(tv), normalize, divisor)`` from
-    :mod:`mergelab.methods.transforms`, bit for bit, computed in place in ``deltas`` (which the caller
-    gives up). With an elected sign ``s`` of +1 or -1, an entry agrees exactly when ``s * tau > 0``,
-    so the agreeing entries are ``s * relu(s * tau)``: negation is exact and rounding is symmetric,
-    so ``s * sum_i relu(s * tau_i)`` equals the masked sum, without boolean masks or multiplies by
-    them (which cost more than the arithmetic on a CPU).
-    """
-    if tie_sign == 0:  # a zero sum elects no sign; rare, so the plain pipeline does it
-        tv = elect_sign(0.0)(TaskVectors(deltas, weights))
-        return disjoint_merge(tv, normalize, divisor)
-    n = deltas.shape[0]
-    sign = sum_models(deltas)
-    if tie_sign > 0:
-        sign = torch.where(sign >= 0, 1.0, -1.0)
-    else:
-        sign = torch.where(sign > 0, 1.0, -1.0)
-    for i in range(n):
-        deltas[i].mul_(sign).relu_()
-    merged = sum_models(deltas)
-    merged.mul_(sign)
-    if not normalize:
-        return merged
-    # The divisor: sum_i w_i [agree_i] ("weight") or sum_i [agree_i] ("count"), in model order.
-    div = sign  # reuse the buffer
-    agree = torch.empty_like(merged)
-    for i in range(n):
-        torch.sign(deltas[i], out=agree)
-        if i == 0:
-            torch.mul(agree, float(weights[0]) if divisor == "weight" else 1.0, out=div)
-        else:
-            div.add_(agree, alpha=float(weights[i]) if divisor == "weight" else 1.0)
-    if divisor == "weight":
-        div.masked_fill_(div == 0, 1)
-    elif divisor == "count":
-        div.clamp_min_(1)
-    else:
-        raise ValueError(f"unknown divisor {divisor!r}")
-    return merged.div_(div)
-
-
-def sum_models(deltas: torch.Tensor) -> torch.Tensor:
-    """``deltas.sum(dim=0)`` into a new buffer, adding the models in order (the same values, fewer passes)."""
-    total = deltas[0].clone()
-    for i in range(1, deltas.shape[0]):
-        total.add_(deltas[i])
-    return total
-
-
 def ties_merge(x: TensorInputs) -> torch.Tensor:
     """``chain(trim, rescale, weigh, elect_sign, disjoint_merge)`` of one chunk, computed in place.
 
@@ -201,7 +77,8 @@ def ties_merge(x: TensorInputs) -> torch.Tensor:
     if stats.tie_sign != 0 and fused.usable(base, *x.models):
         n = len(x.models)
         merged = fused.consensus_merge(
-            base, x.models, thresholds=[c.value for c in cuts], cutoffs=[c.local_index(offset) for c in cuts], factors=stats.l1_scale or [1.0] * n, divisors=[1.0] * n,
+            base, x.models, thresholds=[c.value for c in cuts], cutoffs=[c.local_index(offset) for c in cuts],
+            factors=stats.l1_scale or [1.0] * n, divisors=[1.0] * n,
             weights=x.model_param("weight"), tie_sign=stats.tie_sign, normalize=x.params["normalize"],
             count_divisor=paper, lam=x.params["lambda"], out_dtype=x.out_dtype)
         if merged is not None:
@@ -242,7 +119,9 @@ register(MergeMethod(
     prepare_model=_prepare_model,
     warm_up=fused.warm_up,
     raw_inputs=True,
-    notes="semantics: paper trims over the whole model (exact, streamed), resolves zero sums by the "
+    notes="semantics: mergekit keeps exactly max(1, int(d*n)) entries per tensor whatever the ties (equal "
+          "magnitudes by lower flat index). semantics: paper trims over the whole model (the k-th largest "
+          "magnitude found exactly, streamed; every entry >= it kept, as in the reference), resolves zero sums by the "
           "model's majority sign and divides by the count of agreeing entries. The paper's default "
           "density is 0.2 (K=20); mergekit's is 1.0 (no trim).",
 ))

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from mergelab.methods.consensus import agreement_mask, disjoint_mean, elected_sign
 from mergelab.methods.select import as_cut, zero_below, zero_outside  # noqa: F401 (zero_below: re-exported)
 
 Transform = Callable[["TaskVectors"], "TaskVectors"]
@@ -118,43 +119,24 @@ def elect_sign(tie_sign: float = 1.0) -> Transform:
     """Elect the sign of each coordinate by mass: ``sign(sum_i tau_i)`` (TIES "elect").
 
     Where the sum is exactly zero the sign is ``tie_sign``: ``+1`` in mergekit; the TIES reference
-    uses the sign of the total elected mass over the whole model (see ``mergelab.methods.ties``).
+    uses the sign of the total elected mass over the whole model (see :mod:`mergelab.methods.consensus`).
     """
 
     def run(tv: TaskVectors) -> TaskVectors:
-        total = tv.deltas.sum(dim=0)
-        sign = torch.sign(total)
-        if tie_sign != 0:
-            sign = torch.where(total == 0, torch.full_like(sign, float(tie_sign)), sign)
-        return replace(tv, sign=sign)
+        return replace(tv, sign=elected_sign(tv.deltas.sum(dim=0), tie_sign))
 
     return run
 
 
 def agreement(tv: TaskVectors) -> torch.Tensor:
     """1 where a task vector entry is non-zero and has the elected sign, else 0."""
-    return (torch.sign(tv.deltas) == tv.sign.unsqueeze(0)).to(tv.deltas.dtype)
+    return agreement_mask(tv.deltas, tv.sign)
 
 
 def disjoint_merge(tv: TaskVectors, normalize: bool = True, divisor: str = "weight") -> torch.Tensor:
-    """Sum (or mean) of the entries that agree with the elected sign (TIES "disjoint merge").
-
-    ``divisor="weight"`` divides by the summed weights of the agreeing models, a zero divisor
-    becoming 1 (mergekit). ``divisor="count"`` divides by the number of agreeing non-zero entries,
-    at least 1 (the TIES paper's disjoint mean). ``normalize=False`` returns the disjoint sum.
-    """
-    agree = agreement(tv)
-    div = None
-    if normalize:
-        if divisor == "weight":
-            div = (tv.expand(tv.weights) * agree).sum(dim=0)
-            div[div == 0] = 1
-        elif divisor == "count":
-            div = agree.sum(dim=0).clamp_min(1)
-        else:
-            raise ValueError(f"unknown divisor {divisor!r}")
-    merged = agree.mul_(tv.deltas).sum(dim=0)  # the agreement mask is ours: reuse its buffer
-    return merged if div is None else merged.div_(div)
+    """Sum (or mean) of the entries that agree with the elected sign (TIES "disjoint merge"); see
+    :func:`mergelab.methods.consensus.disjoint_mean` for the divisors."""
+    return disjoint_mean(tv.deltas, tv.sign, tv.weights, normalize, divisor)
 
 
 def linear_combine(tv: TaskVectors, normalize: bool = False) -> torch.Tensor:
