@@ -145,8 +145,9 @@ def top_cuts_deltas(chunks: ChunkStream, ks: Sequence[Optional[int]], numel: int
 
     The same cut as :func:`mergelab.methods.select.top_cuts` on the stacked task vectors, without
     materialising them: two histogram passes, and where ties at the threshold must be split
-    (``exact``), a third that stops at the last tied entry kept. ``chunks()`` is called two or three
-    times.
+    (``exact``), a third that stops at the last tied entry kept (for a stream of one chunk, the second
+    pass's per-range histograms say which range holds it, and only that range is scanned).
+    ``chunks()`` is called two or three times.
     """
     k = kernels()
     out, want = split_ranks(ks, numel)
@@ -155,7 +156,9 @@ def top_cuts_deltas(chunks: ChunkStream, ks: Sequence[Optional[int]], numel: int
     high = _histograms(chunks, want, k.high_histograms)
     located = [locate_from_top(torch.from_numpy(high[r]), int(ks[i])) for r, i in enumerate(want)]
     buckets = np.array([bucket for bucket, _ in located], np.int32)
-    low = _histograms(chunks, want, lambda ms, b, lo, hi, h: k.low_histograms(ms, b, lo, hi, buckets, h))
+    single: list = []  # the ranges of a one-chunk stream and their low histograms
+    low = _histograms(chunks, want, lambda ms, b, lo, hi, h: k.low_histograms(ms, b, lo, hi, buckets, h),
+                      single if exact else None)
     remaining = {}
     for r, i in enumerate(want):
         bucket, rank = located[r]
@@ -163,24 +166,46 @@ def top_cuts_deltas(chunks: ChunkStream, ks: Sequence[Optional[int]], numel: int
         tied = int(low[r][lowbits])
         out[i] = located_cut(bits_value(bucket, lowbits), int(ks[i]), quota, tied)
         if exact and quota < tied:
-            remaining[i] = (np.int32((bucket << 16) | lowbits), quota)
+            remaining[i] = (r, lowbits, np.int32((bucket << 16) | lowbits), quota)
+    if not remaining:
+        return out
+    if single:
+        # One chunk: each range's count of tied entries is in its low histogram, so only the range
+        # holding the quota-th tie is scanned.
+        (base, models), = chunks()
+        b = _flat(base)
+
+        def find(i: int) -> int:
+            r, lowbits, bits, quota = remaining[i]
+            for lo, hi, h in single:
+                here = int(h[r, lowbits])
+                if quota <= here:
+                    index, _ = k.tie_cutoff(_flat(models[i]), b, lo, hi, bits, quota)
+                    return index
+                quota -= here
+            raise RuntimeError("internal: fewer tied entries than the histograms counted")
+
+        todo = list(remaining)
+        for i, index in zip(todo, map_models(find, todo)):
+            out[i] = Cut(out[i].value, index, out[i].asked, out[i].asked)
+        return out
     offset = 0
+    for base, models in chunks():
+        b = _flat(base)
+        todo = list(remaining)
+        found = map_models(lambda i: k.tie_cutoff(_flat(models[i]), b, 0, b.size, *remaining[i][2:]), todo)
+        for i, (index, seen) in zip(todo, found):
+            if index >= 0:
+                out[i] = Cut(out[i].value, offset + index, out[i].asked, out[i].asked)
+                del remaining[i]
+            else:
+                r, lowbits, bits, quota = remaining[i]
+                remaining[i] = (r, lowbits, bits, quota - seen)
+        offset += b.size
+        if not remaining:
+            break
     if remaining:
-        for base, models in chunks():
-            b = _flat(base)
-            todo = list(remaining)
-            found = map_models(lambda i: k.tie_cutoff(_flat(models[i]), b, 0, b.size, *remaining[i]), todo)
-            for i, (index, seen) in zip(todo, found):
-                if index >= 0:
-                    out[i] = Cut(out[i].value, offset + index, out[i].asked, out[i].asked)
-                    del remaining[i]
-                else:
-                    remaining[i] = (remaining[i][0], remaining[i][1] - seen)
-            offset += b.size
-            if not remaining:
-                break
-        if remaining:
-            raise RuntimeError("internal: fewer tied entries than the histograms counted (the stream changed)")
+        raise RuntimeError("internal: fewer tied entries than the histograms counted (the stream changed)")
     return out
 
 
@@ -190,10 +215,12 @@ def kth_largest_abs_deltas(chunks: ChunkStream, ks: Sequence[Optional[int]], num
     return [None if c is None else c.value for c in top_cuts_deltas(chunks, ks, numel, exact=False)]
 
 
-def _histograms(chunks: ChunkStream, want: List[int], count) -> np.ndarray:
+def _histograms(chunks: ChunkStream, want: List[int], count, parts_of: Optional[list] = None) -> np.ndarray:
     """``[len(want), 65536]`` counts over the stream: ``count(models, base, lo, hi, hist)`` run on
-    parallel ranges of each chunk (models ``want`` only), one histogram per range, then summed."""
+    parallel ranges of each chunk (models ``want`` only), one histogram per range, then summed. With
+    ``parts_of`` (a list), a stream of one chunk leaves its ranges there as ``(lo, hi, hist)``."""
     total = np.zeros((len(want), _BINS), np.int64)
+    seen = 0
     for base, models in chunks():
         b = _flat(base)
         ms = tuple(_flat(models[i]) for i in want)
@@ -202,6 +229,9 @@ def _histograms(chunks: ChunkStream, want: List[int], count) -> np.ndarray:
         map_models(lambda p: count(ms, b, parts[p][0], parts[p][1], hists[p]), range(len(parts)))
         for h in hists:
             total += h
+        seen += 1
+        if parts_of is not None:
+            parts_of[:] = [(lo, hi, h) for (lo, hi), h in zip(parts, hists)] if seen == 1 else []
     return total
 
 
