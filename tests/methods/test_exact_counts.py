@@ -207,14 +207,14 @@ def test_paper_semantics_keeps_every_tie_and_mergelab_json_records_kept_vs_asked
               "models": [{"model": str(tmp_path / f"m{i}"), "parameters": {"weight": 1.0, "density": 0.4}}
                          for i in range(2)]}
     mergelab.merge(recipe, tmp_path / "out")
-    report = json.loads((tmp_path / "out" / "mergelab.json").read_text())["reports"]["(whole model)"]
+    report = json.loads((tmp_path / "out" / "mergelab.json").read_text())["reports"]["(whole model)"]["trim"]
     n = base.numel()
     asked = math.floor(0.4 * n) + 1
-    assert report["trim_asked"] == [asked, asked]
+    assert report["asked"] == [asked, asked]
     for i, m in enumerate(models):
         a = (m - base).abs().reshape(-1)
         t = a.sort(descending=True).values[asked - 1]
-        assert report["trim_kept"][i] == int((a >= t).sum()) > asked * 1.001
+        assert report["kept"][i] == int((a >= t).sum()) > asked * 1.001
     # mergekit semantics keeps exactly the asked count: nothing to record.
     recipe["parameters"] = {}
     mergelab.merge(recipe, tmp_path / "out2")
@@ -248,3 +248,20 @@ def test_sce_selects_exactly_k_positions_among_tied_variances():
     assert torch.equal(out[~selected], base[~selected])
     assert int((out != base).sum()) <= k
     assert torch.equal(run("sce", base, [a, b], {"select_topk": 0.3}, chunks=6), out)
+
+
+def test_doge_records_kept_vs_asked_of_its_reference_top_k_mask():
+    from tests.methods.helpers import inputs_for
+
+    base, models = decayed_family(n=2, seed=9)
+    x = inputs_for("doge_ta", base, models, layer=0, num_layers=1, density=0.4, steps=0)
+    report = x.model_stats.manifest_report()["top_k_mask"]
+    asked = math.floor(0.4 * base.numel()) + 1
+    assert report["asked"] == [asked, asked]
+    for i, m in enumerate(models):
+        a = (m - base).abs().reshape(-1)
+        t = a.sort(descending=True).values[asked - 1]
+        assert report["kept"][i] == int((a >= t).sum())
+    x = inputs_for("doge_ta", base, [base + torch.randn(base.shape) for _ in range(2)], layer=0, num_layers=1,
+                   density=0.4, steps=0)
+    assert x.model_stats.manifest_report() is None  # no ties: kept == asked

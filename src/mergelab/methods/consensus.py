@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from mergelab.methods.registry import ModelScope, TensorInputs
-from mergelab.methods.select import as_cut
+from mergelab.methods.select import as_cut, kept_vs_asked
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,7 @@ class TrimStats:
     def manifest_report(self) -> Optional[dict]:
         """Kept vs asked entries per model where a trim kept more than 0.1% over what was asked
         (ties at a threshold that keeps every entry ``>=`` it: ``semantics: paper``), else None."""
-        over = [c for c in self.cuts if c.asked > 0 and c.kept > c.asked * 1.001]
-        if not over:
-            return None
-        return {"trim_kept": [c.kept for c in self.cuts], "trim_asked": [c.asked for c in self.cuts]}
+        return kept_vs_asked("trim", self.cuts)
 
 
 def elected_sign(total: torch.Tensor, tie_sign: float = 1.0) -> torch.Tensor:

@@ -89,6 +89,16 @@ def as_cut(value: Union[Cut, float, None]) -> Optional[Cut]:
     return NONE if math.isinf(value) and value > 0 else Cut(value, EVERY)
 
 
+def kept_vs_asked(what: str, cuts: Sequence[Optional[Cut]]) -> Optional[dict]:
+    """``{what: {"kept": [...], "asked": [...]}}`` per model (None for a model without a cut) where some
+    cut kept more than 0.1% over what was asked (ties at a threshold that keeps every entry ``>=`` it,
+    the reference rule of ``semantics: paper``), else None: for ``mergelab.json``."""
+    if not any(c is not None and c.asked > 0 and c.kept > c.asked * 1.001 for c in cuts):
+        return None
+    return {what: {"kept": [None if c is None else c.kept for c in cuts],
+                   "asked": [None if c is None else c.asked for c in cuts]}}
+
+
 def keep_count(density: float, numel: int, semantics: str) -> int:
     """How many entries a magnitude trim at ``density`` asks for out of ``numel``.
 
