@@ -66,9 +66,14 @@ Conventions shared by every method:
   bf16 results are the float32 results rounded once, so they can differ from mergekit's by the
   rounding of intermediate bf16 steps. Parity with mergekit 0.1.5 is tested on float32 checkpoints
   with `dtype: float32`, where both agree to within one float32 ulp.
-- Magnitude trims keep every entry tied with the threshold (the TIES reference does the same);
-  mergekit keeps exactly `k` entries, breaking ties by its sort order. Ties are vanishingly rare in
-  float32 checkpoints.
+- Every selection by magnitude or rank (TIES' trim, breadcrumbs' two cuts, SCE's top-k, DELLA's
+  ranks) ranks entries by `|x|` descending and, among equal magnitudes, lower flat index first, and
+  keeps exactly the count mergekit keeps, whole or in row chunks, on any device, with or without the
+  CPU kernels (`mergelab.methods.select`). mergekit picks among equal magnitudes in `torch.argsort`'s
+  order, so the two can differ only at entries whose magnitude equals the threshold. Ties are common in
+  real checkpoints (bfloat16, rows moved only by weight decay). Under `semantics: paper` a trim keeps
+  every entry `>=` the k-th largest magnitude, as the reference code does; `mergelab.json` then records
+  kept vs asked per model when they differ by more than 0.1% (`reports`, `(whole model)`).
 - Randomness (DARE, DELLA, ...) comes from one stream per (seed, tensor name, row chunk, model),
   drawn on the CPU: results do not depend on tensor order, threads or device. They do not reproduce
   mergekit's global-RNG masks bit for bit; they match them in distribution.

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mergelab.methods.breadcrumbs import rank_windows, window_mask
+from mergelab.methods.select import rank_windows, window_mask
 from tests.methods.mergekit_family_util import run
 
 

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,11 +149,18 @@ def test_density_one_or_zero_accepts_any_epsilon():
     assert torch.equal(run("della", BASE, MODELS[:1], None, {"weight": 1.0, "density": 0.0, "epsilon": 0.15}), BASE)
 
 
-def test_fast_ascending_order_is_torchs_stable_argsort_of_magnitudes():
+def test_ascending_order_is_the_selection_order_reversed():
+    """Ranks along a row: ``|x|`` ascending, equal magnitudes higher column first, so the top of the one
+    selection order (``|x|`` descending, lower index first) gets the highest rank; the CPU fast path and
+    the device-agnostic path agree."""
     from mergelab.methods.della import ascending_order
 
     g = torch.Generator().manual_seed(0)
     for shape in [(7, 5), (64, 1000), (3, 2)]:
         x = torch.randint(-3, 4, shape, generator=g).float() * 0.5  # many equal magnitudes
         x += (torch.rand(shape, generator=g) < 0.3).float() * torch.randn(shape, generator=g)
-        assert torch.equal(ascending_order(x), torch.argsort(x.abs(), dim=1, stable=True))
+        a = x.abs().numpy()
+        cols = shape[1]
+        oracle = np.stack([np.lexsort((-np.arange(cols), a[r])) for r in range(shape[0])])  # |x| asc, col desc
+        assert torch.equal(ascending_order(x), torch.from_numpy(oracle))
+        assert torch.equal(ascending_order(x.double()), torch.from_numpy(oracle))  # the torch path

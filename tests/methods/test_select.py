@@ -52,7 +52,8 @@ def _chunked_source(base, models, density, rows_per_chunk):
 
 
 def test_bracketed_thresholds_are_exact_and_fall_back_when_the_first_chunk_misleads():
-    from mergelab.methods.ties import bracketed_thresholds, keep_count, tensor_thresholds
+    from mergelab.methods.select import bracketed_cuts, keep_count
+    from mergelab.methods.ties import tensor_cuts
 
     g = torch.Generator().manual_seed(0)
     base = torch.randn(512, 300, generator=g)
@@ -60,7 +61,8 @@ def test_bracketed_thresholds_are_exact_and_fall_back_when_the_first_chunk_misle
     k = keep_count(0.3, base.numel(), "mergekit")
     expected = [float((m - base).abs().flatten().sort(descending=True).values[k - 1]) for m in models]
     src = _chunked_source(base, models, 0.3, 64)
-    assert bracketed_thresholds(src, [k, k]) == expected  # representative first chunk: one pass
+    pairs = lambda s: lambda: ((c.base, c.models) for c in s.chunks())  # noqa: E731
+    assert [c.value for c in bracketed_cuts(pairs(src), [k, k], base.numel())] == expected  # one pass
     # A first chunk 100x smaller than the rest puts the bracket in the wrong place: None, and the
     # caller's two-pass radix select still gives the exact value.
     skewed = [m.clone() for m in models]
@@ -68,8 +70,8 @@ def test_bracketed_thresholds_are_exact_and_fall_back_when_the_first_chunk_misle
         m[:64] = base[:64] + (m[:64] - base[:64]) / 100
     expected = [float((m - base).abs().flatten().sort(descending=True).values[k - 1]) for m in skewed]
     src = _chunked_source(base, skewed, 0.3, 64)
-    assert bracketed_thresholds(src, [k, k]) is None
-    assert tensor_thresholds(src) == expected
+    assert bracketed_cuts(pairs(src), [k, k], base.numel()) is None
+    assert [c.value for c in tensor_cuts(src)] == expected
 
 
 # --------------------------------------------------------------------------- signed k-th smallest

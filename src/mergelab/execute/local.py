@@ -318,6 +318,9 @@ class LocalExecutor(Executor):
             plan.method.warm_up(len(plan.merged_jobs[0].models))
         started = time.perf_counter()
         model_stats = self._model_stats(plan)
+        summary = getattr(model_stats, "manifest_report", None)  # whole-model facts for mergelab.json
+        if callable(summary) and summary():
+            report.reports["(whole model)"] = summary()
         post_stats = self._post_stats(plan, model_stats)
         report.stats_seconds = time.perf_counter() - started
 

@@ -13,6 +13,7 @@ from numba.extending import overload
 from mergelab.methods.randomness import GAMMA, MIX1, MIX2, SHIFT1, SHIFT2, SHIFT3
 
 _FLOAT32_MAX = np.float32(3.4028234663852886e38)
+_EVERY = np.int64(1 << 62)  # a tie index above every entry (mergelab.methods.select.EVERY)
 _BLOCK = 2048  # elements whose intermediates stay in the L1 cache between the two passes over models
 
 _JIT = dict(cache=True, nogil=True, boundscheck=False, error_model="numpy")
@@ -98,6 +99,20 @@ def low_histograms(models, base, lo, hi, buckets, hist):
                 h[bits & 0xFFFF] += 1
 
 
+@njit(**_JIT)
+def tie_cutoff(model, base, lo, hi, bits, need):
+    """Scan ``[lo, hi)`` in order for entries with ``|model[j] - base[j]|`` of bit pattern ``bits``
+    (float32): ``(j + 1, need)`` at the ``need``-th one, else ``(-1, number seen)``."""
+    seen = 0
+    for j in range(lo, hi):
+        d = np.float32(abs(widen(model[j]) - widen(base[j])))
+        if d.view(np.int32) == bits:
+            seen += 1
+            if seen == need:
+                return j + 1, seen
+    return -1, seen
+
+
 # Only the two L1 sums may be reassociated (their order is not part of any reference result: the
 # tensor code's float32 sums round differently anyway); it lets them vectorize.
 @njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath={"reassoc"})
@@ -141,58 +156,67 @@ def masked_l1(models, base, lo, hi, keys, keep_below, sums, kept):
 
 
 @njit(inline="always")
-def prepare_block(model, base, start, size, i, thresholds, keys, keep_below, kept, factors, divisors, weights,
-                  scratch, p):
+def prepare_block(model, base, start, size, i, thresholds, cutoffs, raised, keys, keep_below, kept, factors, divisors,
+                  weights, scratch, p):
     """Model ``i``'s prepared task vector on ``[start, start + size)`` into ``p``: per entry ``j``,
-    ``d = model[j] - base[j]``; ``d = 0`` unless ``|d| >= thresholds[i]`` (trim); where
-    ``keep_below[i] < 2**32``, ``d = d * (word_j < keep_below[i])`` with ``word_j`` the ``j``-th word
-    of the stream keyed ``keys[i]`` (DARE's drop, as a multiply by the mask; where ``kept`` has
-    columns, the keep flags :func:`masked_l1` stored from the same words are read instead); then
+    ``d = model[j] - base[j]``; ``d = 0`` unless ``|d| > thresholds[i]``, or ``|d| == thresholds[i]``
+    and ``j < cutoffs[i]`` (the trim's :class:`~mergelab.methods.select.Cut`, its tie index local to
+    these arrays; entries before it are compared with ``>= thresholds[i]``, entries after it with
+    ``>= raised[i]``, the next float32 up); where ``keep_below[i] < 2**32``,
+    ``d = d * (word_j < keep_below[i])`` with ``word_j`` the ``j``-th word of the stream keyed
+    ``keys[i]`` (DARE's drop, as a multiply by the mask; where ``kept`` has columns, the keep flags
+    :func:`masked_l1` stored from the same words are read instead); then
     ``p[j] = d * factors[i] / divisors[i] * weights[i]``. Returns the number of non-finite ``d``."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
     m = model[start:start + size]
     b = base[start:start + size]
-    t = thresholds[i]
     f = factors[i]
     q = divisors[i]
     w = weights[i]
     limit = keep_below[i]
+    lim = min(max(cutoffs[i] - start, 0), size)
     bad = 0
-    if limit <= 0xFFFFFFFF and kept.shape[1] > 0:
-        k = kept[i, start:start + size]
-        for j in range(size):
-            d = widen(m[j]) - widen(b[j])
-            bad += 0 if abs(d) <= _FLOAT32_MAX else 1
-            d = d if abs(d) >= t else zero
-            d = d * (one if k[j] != 0 else zero)
-            p[j] = d * f / q * w
-    elif limit <= 0xFFFFFFFF:
+    k = kept[i, start:start + size]  # empty unless flags were stored
+    wd = scratch.view(np.uint32)[0:0]
+    if limit <= 0xFFFFFFFF and kept.shape[1] == 0:
         wd = block_words(keys[i], start, size, scratch)
-        for j in range(size):
-            d = widen(m[j]) - widen(b[j])
-            bad += 0 if abs(d) <= _FLOAT32_MAX else 1
-            d = d if abs(d) >= t else zero
-            d = d * (one if np.int64(wd[j]) < limit else zero)
-            p[j] = d * f / q * w
-    else:
-        for j in range(size):
-            d = widen(m[j]) - widen(b[j])
-            bad += 0 if abs(d) <= _FLOAT32_MAX else 1
-            d = d if abs(d) >= t else zero
-            p[j] = d * f / q * w
+    for part in range(2):
+        j0 = 0 if part == 0 else lim
+        j1 = lim if part == 0 else size
+        t = thresholds[i] if part == 0 else raised[i]
+        if limit <= 0xFFFFFFFF and kept.shape[1] > 0:
+            for j in range(j0, j1):
+                d = widen(m[j]) - widen(b[j])
+                bad += 0 if abs(d) <= _FLOAT32_MAX else 1
+                d = d if abs(d) >= t else zero
+                d = d * (one if k[j] != 0 else zero)
+                p[j] = d * f / q * w
+        elif limit <= 0xFFFFFFFF:
+            for j in range(j0, j1):
+                d = widen(m[j]) - widen(b[j])
+                bad += 0 if abs(d) <= _FLOAT32_MAX else 1
+                d = d if abs(d) >= t else zero
+                d = d * (one if np.int64(wd[j]) < limit else zero)
+                p[j] = d * f / q * w
+        else:
+            for j in range(j0, j1):
+                d = widen(m[j]) - widen(b[j])
+                bad += 0 if abs(d) <= _FLOAT32_MAX else 1
+                d = d if abs(d) >= t else zero
+                p[j] = d * f / q * w
     return bad
 
 
 @njit(inline="always")
-def prepare_and_sum(models, base, start, size, thresholds, keys, keep_below, kept, factors, divisors, weights,
-                    scratch, prepared, total):
+def prepare_and_sum(models, base, start, size, thresholds, cutoffs, raised, keys, keep_below, kept, factors, divisors,
+                    weights, scratch, prepared, total):
     """Every model's prepared block (:func:`prepare_block`) into ``prepared[i]``, and their sum in
     model order into ``total``. Returns the number of non-finite task-vector entries."""
     bad = 0
     for i in range(len(models)):
-        bad += prepare_block(models[i], base, start, size, i, thresholds, keys, keep_below, kept, factors,
-                             divisors, weights, scratch, prepared[i])
+        bad += prepare_block(models[i], base, start, size, i, thresholds, cutoffs, raised, keys, keep_below, kept,
+                             factors, divisors, weights, scratch, prepared[i])
     for j in range(size):
         total[j] = prepared[0, j]
     for i in range(1, len(models)):
@@ -203,7 +227,7 @@ def prepare_and_sum(models, base, start, size, thresholds, keys, keep_below, kep
 
 
 @njit(**_JIT)
-def consensus(models, base, lo, hi, thresholds, keys, keep_below, kept, factors, divisors, weights,
+def consensus(models, base, lo, hi, thresholds, cutoffs, raised, keys, keep_below, kept, factors, divisors, weights,
               tie_up, normalize, count_divisor, lam, out):
     """TIES' elect-sign and disjoint merge of prepared task vectors, plus the base, into ``out``.
 
@@ -225,8 +249,8 @@ def consensus(models, base, lo, hi, thresholds, keys, keep_below, kept, factors,
     for start in range(lo, hi, _BLOCK):
         size = min(hi, start + _BLOCK) - start
         b = base[start:start + size]
-        bad += prepare_and_sum(models, base, start, size, thresholds, keys, keep_below, kept, factors, divisors,
-                               weights, scratch, prepared, total)
+        bad += prepare_and_sum(models, base, start, size, thresholds, cutoffs, raised, keys, keep_below, kept, factors,
+                               divisors, weights, scratch, prepared, total)
         for j in range(size):
             s = total[j]
             up = s >= zero if tie_up else s > zero
@@ -266,13 +290,14 @@ def weighted_sum(models, base, lo, hi, keys, keep_below, kept, factors, divisors
     prepared = np.empty((n, _BLOCK), np.float32)
     total = np.empty(_BLOCK, np.float32)
     no_trim = np.zeros(n, np.float32)
+    every = np.full(n, _EVERY, np.int64)
     scratch = np.empty(_BLOCK // 2 + 1, np.uint64)
     bad = 0
     for start in range(lo, hi, _BLOCK):
         size = min(hi, start + _BLOCK) - start
         b = base[start:start + size]
-        bad += prepare_and_sum(models, base, start, size, no_trim, keys, keep_below, kept, factors, divisors,
-                               weights, scratch, prepared, total)
+        bad += prepare_and_sum(models, base, start, size, no_trim, every, no_trim, keys, keep_below, kept, factors,
+                               divisors, weights, scratch, prepared, total)
         for j in range(size):
             out[start + j] = narrow(out, total[j] / divide_by * lam + widen(b[j]))
     return bad

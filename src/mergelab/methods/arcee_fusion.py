@@ -29,7 +29,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from mergelab.methods.breadcrumbs import whole_source
+from mergelab.methods.inputs import whole_source
 from mergelab.methods.registry import BaseUse, MergeMethod, TensorInputs, TensorSource, register
 from mergelab.methods.select import kth_smallest
 

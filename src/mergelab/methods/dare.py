@@ -26,7 +26,9 @@ from mergelab.methods.common import DENSITY, INT8_MASK, LAMBDA, SEMANTICS, WEIGH
 from mergelab.methods.parallel import map_models
 from mergelab.methods.registry import (BaseUse, MergeMethod, ModelScope, TensorInputs, TensorSource, keep_limit,
                                       register)
-from mergelab.methods.ties import TrimStats, consensus_merge, global_tie_sign, l1_rescale_factors
+from mergelab.methods.consensus import TrimStats, consensus_merge, global_tie_sign
+from mergelab.methods.inputs import finish
+from mergelab.methods.rescale import l1_factor, l1_rescale_factors
 from mergelab.methods.transforms import TaskVectors, linear_combine
 
 
@@ -43,7 +45,7 @@ def dropped_deltas(x: TensorInputs, l1_scale: Optional[list] = None, weighted: b
     Value for value ``weigh()(drop(keep_masks(x), ...)(TaskVectors.from_models(...)))``, computed in
     one buffer (full-size temporaries cost more than the arithmetic on CPUs).
     ``inline_l1`` computes mergekit's L1 rescale factors from this chunk, which must be the whole
-    tensor, exactly as :func:`~mergelab.methods.ties.l1_rescale_factors` would in a separate pass
+    tensor, exactly as :func:`~mergelab.methods.rescale.l1_rescale_factors` would in a separate pass
     (the random masks are then drawn once instead of twice).
     """
     base = x.base
@@ -66,7 +68,7 @@ def dropped_deltas(x: TensorInputs, l1_scale: Optional[list] = None, weighted: b
         for i in dropping:
             deltas[i].mul_(masks.pop(i))
         after = deltas.abs().reshape(n, -1).sum(1).double().tolist()
-        factors = [1.0 if b < 1e-7 or a < 1e-7 else float(b / a) for b, a in zip(before, after)]
+        factors = [l1_factor(b, a) for b, a in zip(before, after)]
         scale = torch.tensor(factors, dtype=base.dtype, device=base.device)
     for i, m in enumerate(x.models):
         if inline_l1:
@@ -107,13 +109,8 @@ def _prepare_tensor(src: TensorSource) -> Optional[TrimStats]:
                 break
             sums += part
         else:
-            return TrimStats([], [_l1_factor(b, a) for b, a in sums.tolist()])
+            return TrimStats([], [l1_factor(b, a) for b, a in sums.tolist()])
     return TrimStats([], l1_rescale_factors(src.as_float32(), lambda c: dropped(c).deltas))
-
-
-def _l1_factor(before: float, after: float) -> float:
-    """mergekit's L1 rescale factor (1 where either norm is below 1e-7)."""
-    return 1.0 if before < 1e-7 or after < 1e-7 else float(before / after)
 
 
 def _stream_keys(x: TensorInputs) -> tuple:
@@ -147,7 +144,7 @@ def _fused_dare(x: TensorInputs, tie: Optional[float]) -> Optional[torch.Tensor]
         sums = fused.masked_l1_sums(x.base, x.models, keys, limits, kept)
         if sums is None:
             return None
-        factors = [_l1_factor(b, a) for b, a in sums.tolist()]
+        factors = [l1_factor(b, a) for b, a in sums.tolist()]
     elif _scale(x) is not None:
         factors = list(_scale(x))
     weights = x.model_param("weight")
@@ -181,12 +178,6 @@ def _inline_l1(x: TensorInputs) -> bool:
     return True
 
 
-def _finish(x: TensorInputs, merged: torch.Tensor) -> torch.Tensor:
-    if x.params["lambda"] != 1:
-        merged = merged * x.params["lambda"]
-    return x.base + merged
-
-
 def dare_linear_merge(x: TensorInputs) -> torch.Tensor:
     if fused.usable(x.base, *x.models):
         merged = _fused_dare(x, None)
@@ -195,7 +186,7 @@ def dare_linear_merge(x: TensorInputs) -> torch.Tensor:
     x = x.as_float32()
     deltas = dropped_deltas(x, _scale(x), weighted=True, inline_l1=_inline_l1(x))
     weights = torch.tensor(x.model_param("weight"), dtype=deltas.dtype, device=deltas.device)
-    return _finish(x, linear_combine(TaskVectors(deltas, weights), normalize=x.params["normalize"]))
+    return finish(x, linear_combine(TaskVectors(deltas, weights), normalize=x.params["normalize"]))
 
 
 def dare_ties_merge(x: TensorInputs) -> torch.Tensor:
@@ -209,7 +200,7 @@ def dare_ties_merge(x: TensorInputs) -> torch.Tensor:
     deltas = dropped_deltas(x, _scale(x), weighted=True, inline_l1=_inline_l1(x))
     weights = torch.tensor(x.model_param("weight"), dtype=deltas.dtype, device=deltas.device)
     merged = consensus_merge(deltas, weights, tie, x.params["normalize"], "count" if paper else "weight")
-    return _finish(x, merged)
+    return finish(x, merged)
 
 
 def _warn_without_drop(result: str):

@@ -26,15 +26,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 
 from mergelab.errors import RecipeError
-from mergelab.methods.breadcrumbs import exact_l1_factors, whole_source
 from mergelab.methods.common import DENSITY, INT8_MASK, LAMBDA, SEMANTICS, WEIGHT, normalize, rescale_flag
+from mergelab.methods.inputs import deltas_of, finish, whole_source
 from mergelab.methods.parallel import map_models
 from mergelab.methods.registry import BaseUse, MergeMethod, Param, TensorInputs, TensorSource, register
-from mergelab.methods.ties import deltas_of
+from mergelab.methods.rescale import exact_l1_factors
+from mergelab.methods.select import ascending_order
 from mergelab.methods.transforms import TaskVectors, disjoint_merge, drop, elect_sign, linear_combine, weigh
 
 EPSILON = Param(
@@ -59,26 +59,6 @@ def validate_della(params: dict, model_params: list) -> None:
             )
 
 
-def ascending_order(rows: torch.Tensor) -> torch.Tensor:
-    """``torch.argsort(rows.abs(), dim=1, stable=True)``, computed faster.
-
-    On a CPU, float32 rows are sorted as int64 keys ``bits(|x|) << b | column``: the bit pattern of a
-    non-negative float orders like its value and the column breaks ties, so one plain sort of
-    unique keys (numpy's vectorised sort) gives the stable order, about five times faster than
-    torch's stable argsort.
-    """
-    mags = rows.abs()
-    if mags.device.type != "cpu" or mags.dtype != torch.float32:
-        return torch.argsort(mags.view(torch.int32) if mags.dtype == torch.float32 else mags, dim=1, stable=True)
-    cols = mags.shape[1]
-    shift = max(1, (cols - 1).bit_length())
-    keys = mags.contiguous().view(torch.int32).numpy().astype(np.int64) << shift
-    keys |= np.arange(cols, dtype=np.int64)
-    keys.sort(axis=1)
-    keys &= (1 << shift) - 1
-    return torch.from_numpy(keys)
-
-
 def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """MagPrune keep probabilities shaped like ``delta``, ranked along dimension 1 (mergekit's order of ops)."""
     rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
@@ -86,8 +66,9 @@ def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> t
     if cols == 1:
         rank_norm = torch.full_like(rows, 0.5)
     else:
-        # 1-based rank of each |entry| along dimension 1, ties by position (a stable argsort, inverted
-        # by a scatter). The ranks are 1..cols, so mergekit's min-max scaling is (r - 1) / (cols - 1).
+        # 1-based rank of each |entry| along dimension 1 (the selection order reversed: among equal
+        # magnitudes the lower column ranks higher), inverted by a scatter. The ranks are 1..cols, so
+        # mergekit's min-max scaling is (r - 1) / (cols - 1).
         lines = rows.movedim(1, -1)
         flat = lines.reshape(-1, cols)
         ranks = torch.empty(flat.shape, dtype=torch.float32, device=rows.device)
@@ -191,20 +172,14 @@ def _statistics(src: TensorSource) -> Optional[DellaStats]:
     return stats
 
 
-def _finish(x: TensorInputs, merged: torch.Tensor) -> torch.Tensor:
-    if x.params["lambda"] != 1:
-        merged = merged * x.params["lambda"]
-    return x.base + merged
-
-
 def della_merge(x: TensorInputs) -> torch.Tensor:
     tv = elect_sign(1.0)(weigh()(sparsified(x)))
-    return _finish(x, disjoint_merge(tv, normalize=x.params["normalize"], divisor="weight"))
+    return finish(x, disjoint_merge(tv, normalize=x.params["normalize"], divisor="weight"))
 
 
 def della_linear_merge(x: TensorInputs) -> torch.Tensor:
     tv = weigh()(sparsified(x))
-    return _finish(x, linear_combine(tv, normalize=x.params["normalize"]))
+    return finish(x, linear_combine(tv, normalize=x.params["normalize"]))
 
 
 _REFERENCE = (
@@ -215,7 +190,8 @@ _NOTES = (
     "semantics: mergekit (default) rescales the kept entries by L1-norm matching over the whole tensor; "
     "semantics: paper divides each kept entry by its keep probability p_ij (the authors' rescale=1). "
     "The paper's window_size is 2*epsilon. Rows of one entry get p = density (mergekit fails there). "
-    "Ranks are along dimension 1 as in both references; magnitude ties are ranked by position."
+    "Ranks are along dimension 1 as in both references; among equal magnitudes the lower position "
+    "ranks higher (mergelab's one selection order; mergekit's unstable argsort ranks them in any order)."
 )
 
 register(MergeMethod(

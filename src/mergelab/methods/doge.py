@@ -37,8 +37,7 @@ from typing import Optional
 import torch
 
 from mergelab.methods.registry import BaseUse, MergeMethod, ModelScope, Param, TensorInputs, register
-from mergelab.methods.select import kth_largest_abs
-from mergelab.methods.ties import keep_count
+from mergelab.methods.select import keep_count, kept_vs_asked, top_cuts
 
 
 def optimised(x: TensorInputs) -> bool:
@@ -93,9 +92,14 @@ def optimise_delta(tau: torch.Tensor, lam: torch.Tensor, projector: torch.Tensor
 
 @dataclass(frozen=True)
 class DogeStats:
-    """Per-model magnitude thresholds of the whole-model top-K mask."""
+    """Per-model magnitude thresholds of the whole-model top-K mask (every entry ``>=`` one is kept,
+    as in the reference), and the selection's kept vs asked counts."""
 
     thresholds: list
+    cuts: Optional[list] = None
+
+    def manifest_report(self) -> Optional[dict]:
+        return None if self.cuts is None else kept_vs_asked("top_k_mask", self.cuts)
 
 
 def _prepare_model(scope: ModelScope) -> Optional[DogeStats]:
@@ -107,8 +111,8 @@ def _prepare_model(scope: ModelScope) -> Optional[DogeStats]:
                 yield torch.stack([m - c.base for m in c.models])
 
     n = scope.num_models
-    thresholds = kth_largest_abs(deltas, lambda total: [keep_count(density, total, "paper")] * n)
-    return DogeStats(thresholds)
+    cuts = top_cuts(deltas, lambda total: [keep_count(density, total, "paper")] * n, exact=False)
+    return DogeStats([c.value for c in cuts], cuts)
 
 
 def doge_merge(x: TensorInputs) -> torch.Tensor:

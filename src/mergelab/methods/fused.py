@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from mergelab.methods.parallel import map_models
-from mergelab.methods.select import locate_from_top, split_ranks
+from mergelab.methods.select import EVERY, Cut, bits_value, located_cut, locate_from_top, split_ranks
 
 _BINS = 1 << 16
 _RANGE = 1 << 18  # elements per parallel task (fixed: float64 partial sums then combine the same way)
@@ -82,9 +82,11 @@ def warm_up(num_models: int) -> None:
         limits = np.zeros(num_models, np.int64)
         kept = np.zeros((num_models, 4), np.uint8)
         k.masked_l1(models, base, 0, 4, keys, limits, np.zeros((num_models, 2)), kept)
+        k.tie_cutoff(models[0], base, 0, 4, np.int32(0), 1)
         ones = np.ones(num_models, np.float32)
+        every = np.full(num_models, EVERY, np.int64)
         for out in (np.empty(4, np.float32), np.empty(4, np.uint16)):
-            k.consensus(models, base, 0, 4, ones, keys, limits, kept, ones, ones, ones, True, True, False,
+            k.consensus(models, base, 0, 4, ones, every, ones, keys, limits, kept, ones, ones, ones, True, True, False,
                         np.float32(1), out)
             k.weighted_sum(models, base, 0, 4, keys, limits, kept, ones, ones, ones, np.float32(1), np.float32(1),
                            out)
@@ -135,12 +137,17 @@ def _threads() -> int:
 ChunkStream = Callable[[], Iterable[Tuple[torch.Tensor, Sequence[torch.Tensor]]]]
 
 
-def kth_largest_abs_deltas(chunks: ChunkStream, ks: Sequence[Optional[int]], numel: int) -> List[Optional[float]]:
-    """Exact k-th largest ``|models[i] - base|`` (1-based ``ks[i]``; None skips model ``i``) over a
-    re-iterable stream of ``(base, models)`` chunks that hold ``numel`` entries per model.
+def top_cuts_deltas(chunks: ChunkStream, ks: Sequence[Optional[int]], numel: int,
+                    exact: bool = True) -> List[Optional[Cut]]:
+    """The top-``ks[i]`` :class:`~mergelab.methods.select.Cut` of ``|models[i] - base|`` (None skips
+    model ``i``) over a re-iterable stream of ``(base, models)`` row chunks, in flat order, that hold
+    ``numel`` entries per model.
 
-    The same value as :func:`mergelab.methods.select.kth_largest_abs` on the stacked task vectors:
-    ``k <= 0`` gives ``inf``, ``k >= numel`` gives ``0.0``. ``chunks()`` is called twice at most.
+    The same cut as :func:`mergelab.methods.select.top_cuts` on the stacked task vectors, without
+    materialising them: two histogram passes, and where ties at the threshold must be split
+    (``exact``), a third that stops at the last tied entry kept (for a stream of one chunk, the second
+    pass's per-range histograms say which range holds it, and only that range is scanned).
+    ``chunks()`` is called two or three times.
     """
     k = kernels()
     out, want = split_ranks(ks, numel)
@@ -149,18 +156,71 @@ def kth_largest_abs_deltas(chunks: ChunkStream, ks: Sequence[Optional[int]], num
     high = _histograms(chunks, want, k.high_histograms)
     located = [locate_from_top(torch.from_numpy(high[r]), int(ks[i])) for r, i in enumerate(want)]
     buckets = np.array([bucket for bucket, _ in located], np.int32)
-    low = _histograms(chunks, want, lambda ms, b, lo, hi, h: k.low_histograms(ms, b, lo, hi, buckets, h))
+    single: list = []  # the ranges of a one-chunk stream and their low histograms
+    low = _histograms(chunks, want, lambda ms, b, lo, hi, h: k.low_histograms(ms, b, lo, hi, buckets, h),
+                      single if exact else None)
+    remaining = {}
     for r, i in enumerate(want):
         bucket, rank = located[r]
-        lowbits, _ = locate_from_top(torch.from_numpy(low[r]), rank)
-        out[i] = float(np.array([(bucket << 16) | lowbits], np.int32).view(np.float32)[0])
+        lowbits, quota = locate_from_top(torch.from_numpy(low[r]), rank)
+        tied = int(low[r][lowbits])
+        out[i] = located_cut(bits_value(bucket, lowbits), int(ks[i]), quota, tied)
+        if exact and quota < tied:
+            remaining[i] = (r, lowbits, np.int32((bucket << 16) | lowbits), quota)
+    if not remaining:
+        return out
+    if single:
+        # One chunk: each range's count of tied entries is in its low histogram, so only the range
+        # holding the quota-th tie is scanned.
+        (base, models), = chunks()
+        b = _flat(base)
+
+        def find(i: int) -> int:
+            r, lowbits, bits, quota = remaining[i]
+            for lo, hi, h in single:
+                here = int(h[r, lowbits])
+                if quota <= here:
+                    index, _ = k.tie_cutoff(_flat(models[i]), b, lo, hi, bits, quota)
+                    return index
+                quota -= here
+            raise RuntimeError("internal: fewer tied entries than the histograms counted")
+
+        todo = list(remaining)
+        for i, index in zip(todo, map_models(find, todo)):
+            out[i] = Cut(out[i].value, index, out[i].asked, out[i].asked)
+        return out
+    offset = 0
+    for base, models in chunks():
+        b = _flat(base)
+        todo = list(remaining)
+        found = map_models(lambda i: k.tie_cutoff(_flat(models[i]), b, 0, b.size, *remaining[i][2:]), todo)
+        for i, (index, seen) in zip(todo, found):
+            if index >= 0:
+                out[i] = Cut(out[i].value, offset + index, out[i].asked, out[i].asked)
+                del remaining[i]
+            else:
+                r, lowbits, bits, quota = remaining[i]
+                remaining[i] = (r, lowbits, bits, quota - seen)
+        offset += b.size
+        if not remaining:
+            break
+    if remaining:
+        raise RuntimeError("internal: fewer tied entries than the histograms counted (the stream changed)")
     return out
 
 
-def _histograms(chunks: ChunkStream, want: List[int], count) -> np.ndarray:
+def kth_largest_abs_deltas(chunks: ChunkStream, ks: Sequence[Optional[int]], numel: int) -> List[Optional[float]]:
+    """The thresholds of :func:`top_cuts_deltas` (the exact k-th largest ``|models[i] - base|``):
+    ``k <= 0`` gives ``inf``, ``k >= numel`` gives ``0.0``. ``chunks()`` is called twice."""
+    return [None if c is None else c.value for c in top_cuts_deltas(chunks, ks, numel, exact=False)]
+
+
+def _histograms(chunks: ChunkStream, want: List[int], count, parts_of: Optional[list] = None) -> np.ndarray:
     """``[len(want), 65536]`` counts over the stream: ``count(models, base, lo, hi, hist)`` run on
-    parallel ranges of each chunk (models ``want`` only), one histogram per range, then summed."""
+    parallel ranges of each chunk (models ``want`` only), one histogram per range, then summed. With
+    ``parts_of`` (a list), a stream of one chunk leaves its ranges there as ``(lo, hi, hist)``."""
     total = np.zeros((len(want), _BINS), np.int64)
+    seen = 0
     for base, models in chunks():
         b = _flat(base)
         ms = tuple(_flat(models[i]) for i in want)
@@ -169,6 +229,9 @@ def _histograms(chunks: ChunkStream, want: List[int], count) -> np.ndarray:
         map_models(lambda p: count(ms, b, parts[p][0], parts[p][1], hists[p]), range(len(parts)))
         for h in hists:
             total += h
+        seen += 1
+        if parts_of is not None:
+            parts_of[:] = [(lo, hi, h) for (lo, hi), h in zip(parts, hists)] if seen == 1 else []
     return total
 
 
@@ -196,13 +259,15 @@ def masked_l1_sums(base: torch.Tensor, models: Sequence[torch.Tensor], keys: Seq
 
 # ---------------------------------------------------------------------------------------- sign election and merge
 def consensus_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, thresholds: Sequence[float],
-                    factors: Sequence[float], divisors: Sequence[float], weights: Sequence[float],
+                    cutoffs: Optional[Sequence[int]] = None, factors: Sequence[float], divisors: Sequence[float], weights: Sequence[float],
                     tie_sign: float, normalize: bool, count_divisor: bool, lam: float,
                     keys: Optional[Sequence[int]] = None, keep_below: Optional[Sequence[int]] = None,
                     kept: Optional[np.ndarray] = None,
                     out_dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
     """``base + lam * disjoint_merge(elect_sign(prepared task vectors))`` as one fused pass; see
-    :func:`mergelab.methods._fused_kernels.consensus` for the exact operations. With ``keys``, model
+    :func:`mergelab.methods._fused_kernels.consensus` for the exact operations. Model ``i`` keeps the
+    entries with ``|d| > thresholds[i]``, and those equal to it before flat index ``cutoffs[i]`` of
+    these tensors (all of them without ``cutoffs``). With ``keys``, model
     ``i``'s entry ``j`` is dropped unless word ``j`` of the random stream keyed ``keys[i]`` is below
     ``keep_below[i]`` (DARE; ``kept``: the keep flags :func:`masked_l1_sums` stored from the same
     words). ``tie_sign`` must be ``+1`` or ``-1``. The result is float32, or bfloat16 if
@@ -215,10 +280,12 @@ def consensus_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, thres
         keys, keep_below = [0] * n, [1 << 32] * n
     drop = _drop_arrays(n, keys, keep_below, kept)
     thr, fac, dvs, wts = _f32(thresholds), _f32(factors), _f32(divisors), _f32(weights)
+    cut = np.asarray([EVERY] * n if cutoffs is None else [min(max(int(c), -1), EVERY) for c in cutoffs], np.int64)
+    raised = np.nextafter(thr, np.float32(np.inf))
     lam32 = np.float32(lam)
     k = kernels()
     return _merge_pass(base, models, out_dtype, lambda ms, b, lo, hi, out: k.consensus(
-        ms, b, lo, hi, thr, *drop, fac, dvs, wts, tie_sign > 0, normalize, count_divisor, lam32, out))
+        ms, b, lo, hi, thr, cut, raised, *drop, fac, dvs, wts, tie_sign > 0, normalize, count_divisor, lam32, out))
 
 
 # ---------------------------------------------------------------------------------------- weighted sum

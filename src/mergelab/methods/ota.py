@@ -50,7 +50,7 @@ import torch
 
 from mergelab.errors import RecipeError
 from mergelab.methods.registry import BaseUse, MergeMethod, ModelScope, Param, TensorInputs, TensorSource, register
-from mergelab.methods.select import kth_largest_abs
+from mergelab.methods.select import kept_vs_asked, top_cuts
 
 SECOND_MOMENTS = "second_moments"
 DEFAULT_RANK_EXCLUDE = r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|tok_embeddings|embed_in)\.weight$"
@@ -184,6 +184,10 @@ class OTAModelStats:
     """Whole-model FFG thresholds per model (``None``: no density mask for that model)."""
 
     thresholds: list
+    cuts: Optional[list] = None
+
+    def manifest_report(self) -> Optional[dict]:
+        return None if self.cuts is None else kept_vs_asked("ffg_mask", self.cuts)
 
 
 def _precond(v: torch.Tensor, model_param: dict, params: dict) -> torch.Tensor:
@@ -265,11 +269,13 @@ def _prepare_model(scope: ModelScope) -> Optional[OTAModelStats]:
     def ks(total: int) -> list:
         return [0 if densities[i] <= 0 else max(1, math.floor(densities[i] * total)) for i in active]
 
-    found = kth_largest_abs(saliencies, ks)
+    found = top_cuts(saliencies, ks, exact=False)  # the reference keeps every entry >= the threshold
     thresholds: list = [None] * len(densities)
-    for i, t in zip(active, found):
-        thresholds[i] = t
-    return OTAModelStats(thresholds)
+    cuts: list = [None] * len(densities)
+    for i, c in zip(active, found):
+        thresholds[i] = c.value
+        cuts[i] = c
+    return OTAModelStats(thresholds, cuts)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ reference) or over one tensor (``granularity: tensor``, a documented deviation),
 
 The paper writes inter-balancing as a softmax of normalised pairwise products; the released code
 (which produced the paper's numbers) uses the tanh form above, so that is what is implemented.
-All order statistics are exact and streamed (:func:`order_statistics`): the whole-model version
+All order statistics are exact and streamed (:func:`mergelab.methods.select.order_statistics`): the whole-model version
 never holds more than a chunk of every model, whatever the model size. ``beta`` is computed as
 ``exp(n (N^2 - 1)) tanh(...)``: dividing every ``beta_t`` by the constant ``e^n`` leaves ``w_t``
 unchanged (it is invariant to a positive scale of ``beta_t``) and avoids overflow for ``n >= 89``.
@@ -32,77 +32,14 @@ or ``max beta_t == q_t``), get ``w_t = 0``: that task contributes nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
 from mergelab.errors import RecipeError
 from mergelab.methods.common import LAMBDA
 from mergelab.methods.registry import BaseUse, MergeMethod, ModelScope, Param, TensorInputs, TensorSource, register
-from mergelab.methods.select import kth_largest_abs
-
-
-def order_statistics(
-    values: Callable[[], Iterable[torch.Tensor]],
-    positions: Callable[[int], Sequence[int]],
-) -> List[List[float]]:
-    """Exact ascending order statistics of signed values, per model, over a stream of chunks.
-
-    ``values()`` yields ``[n, ...]`` chunks (re-iterable; called up to three times).
-    ``positions(total)`` gives 0-based positions into the ascending sort of each model's ``total``
-    entries (``0`` is the minimum, ``total - 1`` the maximum), the same for every model; the result
-    holds, per model, the value at each position.
-    Positions strictly inside the range are found with the exact radix select of
-    :func:`mergelab.methods.select.kth_largest_abs` on the negative or non-negative part.
-    """
-    n = None
-    total = 0
-    negatives = lows = highs = None
-    for c in values():
-        f = c.reshape(c.shape[0], -1)
-        if n is None:
-            n = f.shape[0]
-            negatives = torch.zeros(n, dtype=torch.int64)
-            lows = torch.full((n,), float("inf"), dtype=torch.float64)
-            highs = torch.full((n,), float("-inf"), dtype=torch.float64)
-        if f.shape[1] == 0:
-            continue
-        negatives += (f < 0).sum(1).cpu()
-        lows = torch.minimum(lows, f.min(1).values.double().cpu())
-        highs = torch.maximum(highs, f.max(1).values.double().cpu())
-        total += f.shape[1]
-    if n is None or total == 0:
-        raise ValueError("order_statistics: the stream holds no entries")
-    wanted = [list(positions(total)) for _ in range(n)]
-    out: List[List[float]] = [[0.0] * len(p) for p in wanted]
-    rows = []  # (model, "neg"/"pos", k, slot)
-    for i, plist in enumerate(wanted):
-        for j, p in enumerate(plist):
-            if not 0 <= p < total:
-                raise ValueError(f"order_statistics: position {p} outside [0, {total})")
-            if p == 0:
-                out[i][j] = float(lows[i])
-            elif p == total - 1:
-                out[i][j] = float(highs[i])
-            elif p < int(negatives[i]):
-                rows.append((i, "neg", p + 1, j))  # (p+1)-th largest |x| among the negatives
-            else:
-                rows.append((i, "pos", total - p, j))  # (total-p)-th largest among the non-negatives
-    if rows:
-        def stacked() -> Iterator[torch.Tensor]:
-            for c in values():
-                f = c.reshape(c.shape[0], -1)
-                parts = []
-                for i, kind, _, _ in rows:
-                    v = f[i]
-                    keep = v < 0 if kind == "neg" else v >= 0
-                    parts.append(torch.where(keep, v, torch.zeros_like(v)))
-                yield torch.stack(parts)
-
-        found = kth_largest_abs(stacked, [k for _, _, k, _ in rows])
-        for (i, kind, _, j), v in zip(rows, found):
-            out[i][j] = -v if kind == "neg" else v
-    return out
+from mergelab.methods.select import order_statistics
 
 
 @dataclass(frozen=True)

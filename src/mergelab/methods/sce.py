@@ -31,10 +31,11 @@ from typing import Optional
 
 import torch
 
-from mergelab.methods.breadcrumbs import rank_windows, whole_source, window_mask
+from mergelab.methods.consensus import disjoint_mean, elected_sign
+from mergelab.methods.inputs import deltas_of, whole_source
+from mergelab.methods.select import rank_windows, window_mask
 from mergelab.methods.common import INT8_MASK, SEMANTICS
 from mergelab.methods.registry import BaseUse, MergeMethod, Param, TensorInputs, TensorSource, register
-from mergelab.methods.ties import deltas_of
 
 
 @dataclass(frozen=True)
@@ -133,18 +134,13 @@ def sce_merge(x: TensorInputs) -> torch.Tensor:
     mask = _select_mask(x, d, stats)
     if mask is not None and not paper:
         d = d * mask.unsqueeze(0)
-    total = d.sum(dim=0)
-    majority = (total >= 0).to(d.dtype) * 2 - 1
-    erase = d.sign() == majority
+    # Erase: TIES' election on the unweighted task vectors (a zero sum elects +1), then the mean of the
+    # agreeing entries weighted by the models' energies.
+    sign = elected_sign(d.sum(dim=0), 1.0)
     w = stats.weights.to(d.device).reshape((-1,) + (1,) * (d.dim() - 1))
-    erased = w * erase
-    merged = (d * erased).sum(dim=0)
-    divisor = torch.sum(erased, dim=0)
-    if paper:
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    else:
-        divisor = divisor.clamp(min=1e-6)
-    return x.base + merged / divisor
+    merged = disjoint_mean(d * w, sign, stats.weights.to(d.device), normalize=True,
+                           divisor="weight" if paper else "weight_floor")
+    return x.base + merged
 
 
 register(MergeMethod(

@@ -15,12 +15,13 @@ whole-model trim and a chunked tensor alike.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
+
+from mergelab.methods.consensus import agreement_mask, disjoint_mean, elected_sign
+from mergelab.methods.select import as_cut, zero_below, zero_outside  # noqa: F401 (zero_below: re-exported)
 
 Transform = Callable[["TaskVectors"], "TaskVectors"]
 
@@ -61,46 +62,21 @@ def chain(*transforms: Transform) -> Transform:
     return run
 
 
-def trim(thresholds: Sequence[float]) -> Transform:
-    """Keep entries with ``|tau_i| >= thresholds[i]`` (TIES "trim"); ties at the threshold are kept.
+def trim(cuts: Sequence, offset: int = 0) -> Transform:
+    """Keep the entries each model's :class:`~mergelab.methods.select.Cut` keeps (TIES "trim"): those
+    with ``|tau_i| > t_i``, and those equal to ``t_i`` before the cut's flat index; a plain threshold
+    keeps every entry ``>=`` it. ``offset`` is the flat index of the chunk's first entry.
 
-    A threshold of ``0`` keeps everything, ``inf`` keeps nothing. Thresholds come from
-    :func:`mergelab.methods.select.kth_largest` over a tensor or the whole model.
+    Cuts come from :mod:`mergelab.methods.select`, over a tensor or the whole model.
     """
 
     def run(tv: TaskVectors) -> TaskVectors:
         deltas = tv.deltas.clone()
-        for i, t in enumerate(thresholds):
-            zero_below(deltas[i], t)
+        for i, c in enumerate(cuts):
+            zero_outside(deltas[i], as_cut(c), offset)
         return replace(tv, deltas=deltas)
 
     return run
-
-
-_FLOAT_INFO = {torch.float32: np.float32, torch.float64: np.float64}
-
-
-def zero_below(t: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Set the entries of ``t`` with ``|t| < threshold`` to zero, in place; returns ``t``.
-
-    Entries equal to the threshold are kept; ``threshold <= 0`` keeps everything and ``inf`` nothing.
-    For float32/float64 this is one pass of ``hardshrink`` at the largest representable value below
-    the threshold (``|x| > lam`` is then exactly ``|x| >= threshold``), several times faster on a CPU
-    than building ``|t| >= threshold`` and multiplying by it.
-    """
-    thr = float(threshold)
-    if thr <= 0:
-        return t
-    if math.isinf(thr):
-        return t.zero_()
-    kind = _FLOAT_INFO.get(t.dtype)
-    if kind is None:
-        return t.mul_(t.abs() >= thr)
-    ceil = kind(thr)
-    if float(ceil) < thr:
-        ceil = np.nextafter(ceil, kind(np.inf))
-    lam = float(np.nextafter(ceil, kind(0)))
-    return torch.ops.aten.hardshrink.out(t, lam, out=t)
 
 
 def drop(keep_masks: torch.Tensor, rescale: Optional[str], keep_prob: Optional[Sequence[float]] = None,
@@ -143,43 +119,24 @@ def elect_sign(tie_sign: float = 1.0) -> Transform:
     """Elect the sign of each coordinate by mass: ``sign(sum_i tau_i)`` (TIES "elect").
 
     Where the sum is exactly zero the sign is ``tie_sign``: ``+1`` in mergekit; the TIES reference
-    uses the sign of the total elected mass over the whole model (see ``mergelab.methods.ties``).
+    uses the sign of the total elected mass over the whole model (see :mod:`mergelab.methods.consensus`).
     """
 
     def run(tv: TaskVectors) -> TaskVectors:
-        total = tv.deltas.sum(dim=0)
-        sign = torch.sign(total)
-        if tie_sign != 0:
-            sign = torch.where(total == 0, torch.full_like(sign, float(tie_sign)), sign)
-        return replace(tv, sign=sign)
+        return replace(tv, sign=elected_sign(tv.deltas.sum(dim=0), tie_sign))
 
     return run
 
 
 def agreement(tv: TaskVectors) -> torch.Tensor:
     """1 where a task vector entry is non-zero and has the elected sign, else 0."""
-    return (torch.sign(tv.deltas) == tv.sign.unsqueeze(0)).to(tv.deltas.dtype)
+    return agreement_mask(tv.deltas, tv.sign)
 
 
 def disjoint_merge(tv: TaskVectors, normalize: bool = True, divisor: str = "weight") -> torch.Tensor:
-    """Sum (or mean) of the entries that agree with the elected sign (TIES "disjoint merge").
-
-    ``divisor="weight"`` divides by the summed weights of the agreeing models, a zero divisor
-    becoming 1 (mergekit). ``divisor="count"`` divides by the number of agreeing non-zero entries,
-    at least 1 (the TIES paper's disjoint mean). ``normalize=False`` returns the disjoint sum.
-    """
-    agree = agreement(tv)
-    div = None
-    if normalize:
-        if divisor == "weight":
-            div = (tv.expand(tv.weights) * agree).sum(dim=0)
-            div[div == 0] = 1
-        elif divisor == "count":
-            div = agree.sum(dim=0).clamp_min(1)
-        else:
-            raise ValueError(f"unknown divisor {divisor!r}")
-    merged = agree.mul_(tv.deltas).sum(dim=0)  # the agreement mask is ours: reuse its buffer
-    return merged if div is None else merged.div_(div)
+    """Sum (or mean) of the entries that agree with the elected sign (TIES "disjoint merge"); see
+    :func:`mergelab.methods.consensus.disjoint_mean` for the divisors."""
+    return disjoint_mean(tv.deltas, tv.sign, tv.weights, normalize, divisor)
 
 
 def linear_combine(tv: TaskVectors, normalize: bool = False) -> torch.Tensor:
