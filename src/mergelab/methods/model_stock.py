@@ -27,7 +27,7 @@ from typing import List, Optional
 
 import torch
 
-from mergelab.methods.breadcrumbs import whole_source
+from mergelab.methods.inputs import whole_source
 from mergelab.methods.common import SEMANTICS
 from mergelab.methods.gram import all_pairs, cosine, gram
 from mergelab.methods.registry import BaseUse, MergeMethod, Param, TensorInputs, TensorSource, register

@@ -32,7 +32,7 @@ from typing import List, Optional
 import torch
 
 from mergelab.errors import RecipeError
-from mergelab.methods.breadcrumbs import whole_source
+from mergelab.methods.inputs import whole_source
 from mergelab.methods.common import SEMANTICS, WEIGHT
 from mergelab.methods.gram import gram, gram_matrix
 from mergelab.methods.registry import BaseUse, MergeMethod, Param, TensorInputs, TensorSource, register
