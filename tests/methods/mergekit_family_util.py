@@ -25,7 +25,7 @@ def resolved(method: MergeMethod, params: Optional[dict], model_params, n: int):
         d.update(mp)
         per.append(d)
     for p in method.params:
-        if p.name in g:
+        if p.name in g and g[p.name] is not None:  # None: unset, a default the method resolves (as the engine)
             g[p.name] = p.check(g[p.name], "test")
     for d in per:
         for p in method.model_params:

@@ -61,12 +61,16 @@ def ties_oracle(base, models, density, weights, semantics="mergekit"):
         thr = sorted(np.abs(tau), reverse=True)[k - 1]
         trimmed.append(np.where(np.abs(tau) >= thr, tau, 0.0))
     weighted = [w * t for w, t in zip(weights, trimmed)]
+    sums = [sum(t[j] for t in weighted) for j in range(n)]
+    # paper: a zero sum takes the sign of the total elected mass over the model (itself possibly 0);
+    # tests/methods/test_ties_dare_paper.py builds data that reaches it (random data does not)
+    majority = float(np.sign(sum(np.sign(s) for s in sums)))
     out = np.zeros(n)
     for j in range(n):
-        s = sum(t[j] for t in weighted)
+        s = sums[j]
         sign = 1.0 if s >= 0 else -1.0
         if semantics == "paper" and s == 0:
-            sign = 1.0
+            sign = majority
         num = sum(t[j] for t in weighted if np.sign(t[j]) == sign)
         if semantics == "mergekit":
             den = sum(w for w, t in zip(weights, weighted) if np.sign(t[j]) == sign) or 1.0

@@ -6,9 +6,19 @@ Each entry of each task vector is kept with probability ``density`` (= 1 - drop 
 
 ``semantics: mergekit`` (default) is mergekit 0.1.5: the kept entries are rescaled so that each task
 vector keeps its L1 norm over the whole tensor (when ``rescale``), ``dare_ties`` elects signs with
-ties going to ``+1`` and divides by the agreeing weights when ``normalize``. ``semantics: paper``
-rescales each kept entry by ``1/density`` (unbiased: E[tau~] = tau), and ``dare_ties`` then follows the
-TIES reference (zero sums take the model's majority sign, the mean divides by the agreeing count).
+ties going to ``+1`` and sums the agreeing entries (``normalize: true`` divides by the agreeing
+weights); it has no trim after the drop, so ``trim_density`` is an error there.
+
+``semantics: paper`` is MergeLM's DARE (spec: ``tau~ = tau * (1 - m) / (1 - p)``, ``p`` = 1 - density):
+``rescale: true`` divides each kept entry by ``density`` (unbiased: E[tau~] = tau), ``rescale: false``
+drops only (the paper's "DropOnly"). ``dare_ties`` is then DARE per model followed by the *whole*
+TIES procedure of the reference (MergeLM ``ties_merging`` after ``mask_input_with_mask_rate``):
+trim every DARE'd task vector over the whole model (every entry ``>=`` the ``(floor(K*N) + 1)``-th
+largest magnitude kept, ``K = trim_density``, default 0.2 as MergeLM's mask rate 0.8), weight, elect
+the sign by mass (a zero sum takes the sign of the total elected mass over the whole model, itself
+possibly 0), and take the disjoint *mean* (divided by the count of agreeing entries; ``normalize``
+defaults to true there, and an explicit ``normalize: false`` is the reference's "dis-sum").
+This path runs the tensor code (the fused kernels do not trim after a drop).
 
 Randomness: each (seed, tensor, row chunk, model) has its own stream, drawn on the CPU, so the masks
 do not depend on the order tensors are processed in, on threads, or on the device.
@@ -21,15 +31,47 @@ from typing import Optional
 import numpy as np
 import torch
 
+from mergelab.errors import RecipeError
 from mergelab.methods import fused
 from mergelab.methods.common import DENSITY, INT8_MASK, LAMBDA, SEMANTICS, WEIGHT, normalize, rescale_flag
 from mergelab.methods.parallel import map_models
-from mergelab.methods.registry import (BaseUse, MergeMethod, ModelScope, TensorInputs, TensorSource, keep_limit,
-                                      register)
+from mergelab.methods.registry import (BaseUse, MergeMethod, ModelScope, Param, TensorInputs, TensorSource,
+                                      keep_limit, register)
 from mergelab.methods.consensus import TrimStats, consensus_merge, global_tie_sign
 from mergelab.methods.inputs import finish
 from mergelab.methods.rescale import l1_factor, l1_rescale_factors
+from mergelab.methods.select import flat_offset, keep_count, top_cuts, zero_outside
 from mergelab.methods.transforms import TaskVectors, linear_combine
+
+# TIES' K after DARE with semantics: paper: MergeLM's ties_merging default param_value_mask_rate 0.8.
+PAPER_TRIM_DENSITY = 0.2
+
+TRIM_DENSITY = Param(
+    "trim_density", float,
+    "semantics: paper only: TIES' K, the fraction of each DARE'd task vector kept by the whole-model "
+    f"magnitude trim before the sign election (unset: {PAPER_TRIM_DENSITY}, MergeLM's mask rate 0.8; 1 keeps "
+    "all). An error with semantics: mergekit, whose dare_ties has no trim.",
+    default=None, low=0.0, high=1.0, per_layer=False,
+)
+
+DARE_TIES_NORMALIZE = Param(
+    "normalize", bool,
+    "Divide the agreeing entries' sum: by the agreeing models' summed weights (semantics: mergekit) or by "
+    "the count of agreeing entries (semantics: paper, TIES' disjoint mean; false there is the reference's "
+    "'dis-sum'). Unset: false with semantics: mergekit (mergekit's default), true with semantics: paper.",
+    default=None,
+)
+
+
+def normalize_of(params: dict) -> bool:
+    """``normalize`` as resolved: an unset value (None) means mergekit's false, or the paper's disjoint mean."""
+    v = params["normalize"]
+    return (params["semantics"] == "paper") if v is None else bool(v)
+
+
+def trim_density_of(params: dict) -> float:
+    v = params.get("trim_density")
+    return PAPER_TRIM_DENSITY if v is None else float(v)
 
 
 def keep_masks(x: TensorInputs) -> torch.Tensor:
@@ -39,8 +81,8 @@ def keep_masks(x: TensorInputs) -> torch.Tensor:
 
 def dropped_deltas(x: TensorInputs, l1_scale: Optional[list] = None, weighted: bool = False,
                    inline_l1: bool = False) -> torch.Tensor:
-    """The chunk's task vectors ``[n, *chunk]`` after DARE's drop and rescale (per ``semantics``),
-    multiplied by the models' weights if ``weighted``.
+    """The chunk's task vectors ``[n, *chunk]`` after DARE's drop and rescale (per ``semantics`` and
+    ``rescale``), multiplied by the models' weights if ``weighted``.
 
     Value for value ``weigh()(drop(keep_masks(x), ...)(TaskVectors.from_models(...)))``, computed in
     one buffer (full-size temporaries cost more than the arithmetic on CPUs).
@@ -51,6 +93,7 @@ def dropped_deltas(x: TensorInputs, l1_scale: Optional[list] = None, weighted: b
     base = x.base
     dens = x.model_param("density")
     paper = x.params["semantics"] == "paper"
+    rescale = x.params["rescale"]
     deltas = torch.empty((len(x.models),) + tuple(base.shape), dtype=base.dtype, device=base.device)
     # Per-model factors as float32 tensors, exactly as the transforms apply them.
     prob = torch.tensor([min(1.0, d) if d > 0 else 1.0 for d in dens], dtype=base.dtype, device=base.device)
@@ -78,8 +121,8 @@ def dropped_deltas(x: TensorInputs, l1_scale: Optional[list] = None, weighted: b
             if i in masks:
                 d.mul_(masks.pop(i))
         if paper:
-            # A density of 0 drops everything; nothing is left to rescale.
-            d.div_(prob[i])
+            if rescale:  # else the paper's drop-only mode; a density of 0 drops everything: nothing to rescale
+                d.div_(prob[i])
         elif scale is not None:
             d.mul_(scale[i])
         if weighted:
@@ -126,8 +169,10 @@ def _fused_l1_sums(x: TensorInputs) -> Optional[np.ndarray]:
 
 
 def _fused_dare(x: TensorInputs, tie: Optional[float]) -> Optional[torch.Tensor]:
-    """:func:`dare_ties_merge` (with the sign election's ``tie`` sign) or :func:`dare_linear_merge`
-    (``tie`` None) with the fused CPU kernels (see :mod:`mergelab.methods.fused`), or None."""
+    """:func:`dare_ties_merge` with ``semantics: mergekit`` (with the sign election's ``tie`` sign) or
+    :func:`dare_linear_merge` (``tie`` None) with the fused CPU kernels (see :mod:`mergelab.methods.fused`),
+    or None. The kernels have no trim after the drop: ``dare_ties`` with ``semantics: paper`` never
+    comes here."""
     n = len(x.models)
     dens = x.model_param("density")
     paper = x.params["semantics"] == "paper"
@@ -136,7 +181,8 @@ def _fused_dare(x: TensorInputs, tie: Optional[float]) -> Optional[torch.Tensor]
     factors = [1.0] * n
     divisors = [1.0] * n
     if paper:
-        divisors = [min(1.0, d) if d > 0 else 1.0 for d in dens]
+        if x.params["rescale"]:
+            divisors = [min(1.0, d) if d > 0 else 1.0 for d in dens]
     elif _inline_l1(x):
         # The L1 pass stores its keep flags (1 byte an entry: a whole tensor is at most a few million)
         # so the merge reads them instead of drawing the words again.
@@ -156,10 +202,12 @@ def _fused_dare(x: TensorInputs, tie: Optional[float]) -> Optional[torch.Tensor]
         return fused.weighted_sum_merge(x.base, x.models, factors=factors, divisors=divisors, weights=weights,
                                         divide_by=divide_by, lam=x.params["lambda"], keys=keys, keep_below=limits,
                                         kept=kept, out_dtype=x.out_dtype)
+    if paper:
+        raise RuntimeError("internal: dare_ties with semantics: paper trims after the drop; the kernels cannot")
     return fused.consensus_merge(x.base, x.models, thresholds=[0.0] * n, factors=factors, divisors=divisors,
-                                 weights=weights, tie_sign=tie, normalize=x.params["normalize"],
-                                 count_divisor=paper, lam=x.params["lambda"], keys=keys, keep_below=limits, kept=kept,
-                                 out_dtype=x.out_dtype)
+                                 weights=weights, tie_sign=tie, normalize=normalize_of(x.params),
+                                 count_divisor=False, lam=x.params["lambda"], keys=keys, keep_below=limits,
+                                 kept=kept, out_dtype=x.out_dtype)
 
 
 def _scale(x: TensorInputs) -> Optional[list]:
@@ -190,30 +238,56 @@ def dare_linear_merge(x: TensorInputs) -> torch.Tensor:
 
 
 def dare_ties_merge(x: TensorInputs) -> torch.Tensor:
-    paper = x.params["semantics"] == "paper"
-    tie = x.model_stats.tie_sign if paper else 1.0
-    if tie != 0 and fused.usable(x.base, *x.models):
-        merged = _fused_dare(x, tie)
+    if x.params["semantics"] == "paper":
+        return _dare_ties_paper(x)
+    if fused.usable(x.base, *x.models):
+        merged = _fused_dare(x, 1.0)
         if merged is not None:
             return merged
     x = x.as_float32()
     deltas = dropped_deltas(x, _scale(x), weighted=True, inline_l1=_inline_l1(x))
     weights = torch.tensor(x.model_param("weight"), dtype=deltas.dtype, device=deltas.device)
-    merged = consensus_merge(deltas, weights, tie, x.params["normalize"], "count" if paper else "weight")
+    merged = consensus_merge(deltas, weights, 1.0, normalize_of(x.params), "weight")
     return finish(x, merged)
 
 
-def _warn_without_drop(result: str):
-    """Validation hook: one warning when no model drops anything (``density`` 1 for every model,
-    mergekit's default when the recipe does not set it), saying what the merge then is."""
+def _dare_ties_paper(x: TensorInputs) -> torch.Tensor:
+    """DARE, then the whole of TIES as the reference (see the module docstring), in the tensor code:
+    drop and rescale, trim at the whole-model cuts of :func:`_prepare_model_ties`, weigh, elect with
+    the whole-model zero-sum sign, disjoint mean over the agreeing count, lambda."""
+    stats: TrimStats = x.model_stats
+    x = x.as_float32()
+    deltas = dropped_deltas(x)
+    offset = flat_offset(x.rows, x.shape)
+    weights = torch.tensor(x.model_param("weight"), dtype=deltas.dtype, device=deltas.device)
+    for i, cut in enumerate(stats.cuts):
+        if cut is not None:
+            zero_outside(deltas[i], cut, offset)
+    for i in range(deltas.shape[0]):
+        deltas[i].mul_(weights[i])
+    return finish(x, consensus_merge(deltas, weights, stats.tie_sign, normalize_of(x.params), "count"))
+
+
+def _validate(result: str):
+    """Validation hook: settings a semantics cannot honour are errors naming both; one warning when no
+    model drops anything (``density`` 1 for every model, mergekit's default when the recipe does not set
+    it), saying what the merge then is."""
 
     def check(params: dict, model_params: list) -> None:
         import warnings
 
+        if params.get("trim_density") is not None and params["semantics"] != "paper":
+            raise RecipeError(
+                f"{result}: parameter 'trim_density' = {params['trim_density']:g} cannot be honoured with semantics: "
+                f"{params['semantics']} (mergekit's dare_ties has no trim after DARE's drop); remove it, or set "
+                f"semantics: paper for DARE followed by the whole of TIES (trim, elect, disjoint mean)")
         if model_params and all(p["density"] >= 1 for p in model_params):
+            what = _WITHOUT_DROP[result]
+            if result == "dare_ties" and params["semantics"] == "paper":
+                what = "TIES (trim, elect, disjoint mean) without DARE's drop"
             warnings.warn(f"{result}: density is 1 for every model (mergekit's default when it is not set), so DARE "
-                          f"drops nothing and this is {_WITHOUT_DROP[result]}; set density below 1 (e.g. 0.5) to "
-                          f"drop entries", UserWarning, stacklevel=2)
+                          f"drops nothing and this is {what}; set density below 1 (e.g. 0.5) to drop entries",
+                          UserWarning, stacklevel=2)
 
     return check
 
@@ -233,34 +307,62 @@ register(MergeMethod(
     model_params=(WEIGHT, DENSITY),
     chunkable=True,
     prepare_tensor=_prepare_tensor,
-    validate=_warn_without_drop("dare_linear"),
+    validate=_validate("dare_linear"),
     warm_up=fused.warm_up,
     raw_inputs=True,
-    notes="mergekit rescales by L1-norm matching over the tensor; semantics: paper rescales by 1/density.",
+    notes="semantics: mergekit rescales by L1-norm matching over the tensor (rescale: false drops only); "
+          "semantics: paper divides each kept entry by density (rescale: true, unbiased) or drops only "
+          "(rescale: false, the paper's DropOnly).",
 ))
 
 
 def _prepare_model_ties(scope: ModelScope) -> Optional[TrimStats]:
+    """With ``semantics: paper``, TIES' whole-model trim cuts of the DARE'd task vectors (every entry
+    ``>=`` the ``(floor(K*N)+1)``-th largest magnitude, as ``ties``' paper trim) and the sign of the
+    total elected mass (the zero-sum rule). DARE's masks are drawn again in each pass, from the same
+    per-(seed, tensor, chunk, model) streams, so the cuts are those of the merge's own masks."""
     if scope.params["semantics"] != "paper":
         return None
-    return TrimStats([], None, global_tie_sign(scope.as_float32(), lambda c: dropped(c).deltas))
+    scope = scope.as_float32()
+    n = scope.num_models
+    k = trim_density_of(scope.params)
+    if k >= 1:
+        cuts = [None] * n
+    else:
+        cuts = top_cuts(lambda: (dropped_deltas(c) for c in scope.chunks()),
+                        lambda total: [keep_count(k, total, "paper")] * n, exact=False)
+
+    def trimmed(c: TensorInputs) -> torch.Tensor:
+        d = dropped_deltas(c)
+        offset = flat_offset(c.rows, c.shape)
+        for i, cut in enumerate(cuts):
+            if cut is not None:
+                zero_outside(d[i], cut, offset)
+        return d
+
+    return TrimStats(cuts, None, global_tie_sign(scope, trimmed))
 
 
 register(MergeMethod(
     name="dare_ties",
     family="dare",
-    summary="DARE's random drop and rescale, then TIES' sign election and disjoint merge.",
+    summary="DARE's random drop and rescale, then TIES' sign election and disjoint merge (semantics: paper: "
+            "the whole of TIES, trim included).",
     reference=_REFERENCE.format("dare_ties"),
     merge=dare_ties_merge,
     base=BaseUse.REQUIRED,
-    params=(LAMBDA, normalize(False), rescale_flag(True), INT8_MASK, SEMANTICS),
+    params=(LAMBDA, DARE_TIES_NORMALIZE, rescale_flag(True), TRIM_DENSITY, INT8_MASK, SEMANTICS),
     model_params=(WEIGHT, DENSITY),
     chunkable=True,
     prepare_tensor=_prepare_tensor,
     prepare_model=_prepare_model_ties,
-    validate=_warn_without_drop("dare_ties"),
+    validate=_validate("dare_ties"),
     warm_up=fused.warm_up,
     raw_inputs=True,
-    notes="mergekit rescales by L1-norm matching and sums the agreeing entries (normalize: false); "
-          "semantics: paper rescales by 1/density and resolves zero sums by the model's majority sign.",
+    notes="semantics: mergekit rescales by L1-norm matching and sums the agreeing entries (normalize unset = "
+          "false); it has no trim (trim_density is an error). semantics: paper is DARE (rescale: true divides by "
+          "density, false drops only) followed by the whole of TIES: the whole-model trim at trim_density "
+          "(default 0.2; every entry >= the (floor(K*N)+1)-th largest magnitude), the sign election with zero "
+          "sums resolved by the model's majority sign, and the disjoint mean over the agreeing count "
+          "(normalize unset = true; false is the reference's dis-sum).",
 ))

@@ -18,7 +18,8 @@ code: each kept entry is divided by its own keep probability ``p_ij`` (unbiased:
 A row of one entry (mergekit divides 0 by 0 there and fails) gets ``p = density``.
 
 Randomness: the keep draws use the same per-(seed, tensor, chunk, model) stream as DARE, so with
-``epsilon: 0`` DELLA is exactly DARE (``dare_ties``/``dare_linear`` with the same semantics).
+``epsilon: 0`` DELLA is exactly DARE (``dare_linear`` with the same semantics, ``dare_ties`` with
+``semantics: mergekit``; ``dare_ties``' paper semantics adds TIES' trim and disjoint mean).
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ whatever the ties at the threshold, and so does mergelab's (among equal magnitud
 index first, see :mod:`mergelab.methods.select`; mergekit takes them in its unstable sort's order).
 The reference keeps every entry ``>=`` the threshold, so with ties it keeps more than ``k``; the
 counts are recorded in ``mergelab.json`` when they differ by more than 0.1%.
+
+``rescale`` (mergekit's L1-norm matching of each trimmed task vector over its tensor) exists only with
+``semantics: mergekit``: the reference has no rescale, so ``rescale: true`` with ``semantics: paper`` is
+an error. ``normalize: false`` is the reference's "dis-sum" (no division) under either semantics.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from mergelab.errors import RecipeError
 from mergelab.methods import fused
 from mergelab.methods.common import DENSITY, INT8_MASK, LAMBDA, SEMANTICS, WEIGHT, normalize, rescale_flag
 from mergelab.methods.consensus import TrimStats, consensus_merge, global_tie_sign
@@ -62,6 +67,13 @@ def _prepare_model(scope: ModelScope) -> Optional[TrimStats]:
                     lambda total: [keep_count(d, total, "paper") for d in densities], exact=False)
     tie = global_tie_sign(scope, lambda c: trim(cuts)(TaskVectors.from_models(c.base, c.models)).deltas)
     return TrimStats(cuts, None, tie)
+
+
+def _validate(params: dict, model_params: list) -> None:
+    if params["semantics"] == "paper" and params["rescale"]:
+        raise RecipeError("ties: parameter 'rescale' = true cannot be honoured with semantics: paper (the TIES "
+                          "reference has no rescale; rescale is mergekit's L1-norm matching per tensor); remove "
+                          "it, or use semantics: mergekit")
 
 
 def ties_merge(x: TensorInputs) -> torch.Tensor:
@@ -117,11 +129,13 @@ register(MergeMethod(
     chunkable=True,
     prepare_tensor=_prepare_tensor,
     prepare_model=_prepare_model,
+    validate=_validate,
     warm_up=fused.warm_up,
     raw_inputs=True,
     notes="semantics: mergekit keeps exactly max(1, int(d*n)) entries per tensor whatever the ties (equal "
           "magnitudes by lower flat index). semantics: paper trims over the whole model (the k-th largest "
           "magnitude found exactly, streamed; every entry >= it kept, as in the reference), resolves zero sums by the "
           "model's majority sign and divides by the count of agreeing entries. The paper's default "
-          "density is 0.2 (K=20); mergekit's is 1.0 (no trim).",
+          "density is 0.2 (K=20); mergekit's is 1.0 (no trim). rescale (mergekit's L1-norm matching) is an "
+          "error with semantics: paper; normalize: false is the reference's dis-sum.",
 ))
