@@ -213,7 +213,7 @@ def test_cli_refuses_what_the_semantics_cannot_honour(tiny_family, tmp_path, cap
         assert not out.exists() and not (tmp_path / f"out_{method}.partial").exists()
 
 
-def test_dare_ties_paper_through_the_cli_records_its_trim(tiny_family, tmp_path, capsys):
+def test_dare_ties_paper_through_the_cli_equals_the_oracle(tiny_family, tmp_path, capsys):
     """A dare_ties paper recipe runs end to end; with DARE's density 1 it equals the oracle."""
     from safetensors.torch import load_file
 
@@ -231,3 +231,46 @@ def test_dare_ties_paper_through_the_cli_records_its_trim(tiny_family, tmp_path,
     floats = [k for k in b if b[k].is_floating_point()]
     want = paper_ties_oracle({k: b[k] for k in floats}, [{k: m[k] for k in floats} for m in ms], 0.3)
     _close({k: got[k] for k in floats}, want, atol=1e-6)
+
+
+def test_dare_ties_paper_trim_below_dares_density_keeps_what_dare_kept():
+    """trim_density above DARE's density: the trim's threshold is 0 and keeps every entry DARE kept."""
+    base, models = _random_family(seed=6, n=1)
+    dared = mergelab.merge_state_dicts(base, models, "dare_linear", weight=1.0, density=0.1, semantics="paper", seed=1)
+    got = mergelab.merge_state_dicts(base, models, "dare_ties", weight=1.0, density=0.1, semantics="paper",
+                                     trim_density=0.5, seed=1)
+    assert all(torch.equal(got[k], dared[k]) for k in base)
+
+
+@pytest.mark.filterwarnings("ignore:dare_ties. density is 1")
+def test_dare_ties_paper_keeps_every_tie_and_mergelab_json_records_kept_vs_asked(tmp_path):
+    """Quantised deltas (weight-decayed rows): the reference's >= keeps every tie at the threshold,
+    the merge equals the oracle, and mergelab.json records kept vs asked as for ties' paper trim."""
+    import json
+
+    from mergelab.synthetic import write_checkpoint
+    from tests.methods.test_exact_counts import decayed_family
+
+    base, models = decayed_family(n=2, seed=6)
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "vocab_size": 300,
+           "num_hidden_layers": 1}
+    name = "model.embed_tokens.weight"
+    write_checkpoint(tmp_path / "base", {name: base}, cfg)
+    for i, m in enumerate(models):
+        write_checkpoint(tmp_path / f"m{i}", {name: m}, cfg)
+    recipe = {"merge_method": "dare_ties", "base_model": str(tmp_path / "base"),
+              "parameters": {"semantics": "paper", "trim_density": 0.4},
+              "models": [{"model": str(tmp_path / f"m{i}"), "parameters": {"weight": 1.0, "density": 1.0}}
+                         for i in range(2)]}
+    mergelab.merge(recipe, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "mergelab.json").read_text())["reports"]["(whole model)"]["trim"]
+    asked = math.floor(0.4 * base.numel()) + 1
+    assert report["asked"] == [asked, asked]
+    for i, m in enumerate(models):
+        a = (m - base).abs().reshape(-1)
+        t = a.sort(descending=True).values[asked - 1]
+        assert report["kept"][i] == int((a >= t).sum()) > asked * 1.001
+    from safetensors.torch import load_file
+
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    _close(got, paper_ties_oracle({name: base}, [{name: m} for m in models], 0.4), atol=1e-6)

@@ -331,6 +331,9 @@ def _prepare_model_ties(scope: ModelScope) -> Optional[TrimStats]:
     else:
         cuts = top_cuts(lambda: (dropped_deltas(c) for c in scope.chunks()),
                         lambda total: [keep_count(k, total, "paper")] * n, exact=False)
+        # A threshold of 0 (DARE kept fewer entries than the trim asks) keeps every entry: no trim, and
+        # nothing for mergelab.json to report as kept over asked (the extra entries are DARE's zeros).
+        cuts = [None if c is not None and c.value <= 0 else c for c in cuts]
 
     def trimmed(c: TensorInputs) -> torch.Tensor:
         d = dropped_deltas(c)
