@@ -25,8 +25,9 @@ def normalize(default: bool) -> Param:
 def rescale_flag(default: bool) -> Param:
     return Param(
         "rescale", bool,
-        "Rescale each sparsified task vector to its original L1 norm (mergekit semantics; "
-        "with semantics: paper, DARE rescales each kept entry by 1/density instead).",
+        "Rescale each sparsified task vector to its original L1 norm (mergekit semantics; with "
+        "semantics: paper, DARE and DELLA divide each kept entry by its keep probability instead, "
+        "false drops only, and ties, whose reference has no rescale, refuses true).",
         default=default,
     )
 
