@@ -156,7 +156,13 @@ def test_dare_ties_paper_trims_the_dared_task_vector_with_the_merges_own_masks()
 
 
 # ----------------------------------------------------------------------------- DARE rescale / drop only
-def test_dare_paper_rescale_false_drops_only():
+@pytest.mark.parametrize("kernels", [True, False])
+def test_dare_paper_rescale_false_drops_only(kernels, monkeypatch):
+    if not kernels:  # the tensor code (GPUs, no numba) instead of the fused CPU kernels
+        from mergelab.methods import fused
+
+        monkeypatch.setattr(fused, "_kernels", None)
+        monkeypatch.setattr(fused, "_unavailable", True)
     base = torch.zeros(50_000)
     model = torch.linspace(0.5, 2.0, 50_000)
     scaled = run("dare_linear", base, [model], weight=1.0, density=0.3, semantics="paper", seed=2)
