@@ -288,7 +288,7 @@ def top_cuts(chunks: Callable[[], Iterable[torch.Tensor]],
         low, quota = locate_from_top(lo[i], rank)
         tied = int(lo[i][low])
         out[i] = located_cut(bits_value(bucket, low), int(ks[i]), quota, tied)
-        if exact and quota < tied:
+        if exact and quota < tied and not math.isnan(out[i].value):  # NaN: see the module docstring
             quotas[i] = (out[i].value, quota)
     if quotas:
         found = tie_indices(chunks, quotas)

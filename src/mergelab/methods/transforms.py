@@ -5,11 +5,12 @@ per-model ``weights`` (shape ``[n]``), and, once elected, the ``sign`` to agree 
 a function ``TaskVectors -> TaskVectors``; :func:`chain` composes them the way optax chains gradient
 transformations, and :func:`combine` turns the result into one merged delta::
 
-    ties      = chain(trim(thresholds), weigh(w), elect_sign(), disjoint(divisor="weight"))
+    ties      = chain(trim(cuts), weigh(w), elect_sign(), disjoint(divisor="weight"))
     dare_ties = chain(drop(masks, rescale="l1"), weigh(w), elect_sign(), disjoint(normalize=False))
 
-Every transform is usable on its own and is tested on its own. Thresholds and masks are computed
-outside (see :mod:`mergelab.methods.select`) so that the same transform serves a per-tensor trim, a
+Every transform is usable on its own and is tested on its own. Trim cuts and masks are computed
+outside (see :mod:`mergelab.methods.select`; the election and the mean are
+:mod:`mergelab.methods.consensus`) so that the same transform serves a per-tensor trim, a
 whole-model trim and a chunked tensor alike.
 """
 
