@@ -27,13 +27,13 @@ pytestmark = [
 DECAY = 1.341e-6
 
 
-def _family(n: int, seed: int, rows: int = 120, cols: int = 48):
+def _family(n: int, seed: int, rows: int = 120, cols: int = 48, touched: float = 0.2, scale: float = 0.02):
     g = torch.Generator().manual_seed(seed)
-    base = torch.randn(rows, cols, generator=g) * 0.02
+    base = torch.randn(rows, cols, generator=g) * scale
     models = []
     for _ in range(n):
         delta = torch.where(torch.rand(rows, cols, generator=g) < 0.5, -DECAY, DECAY)
-        live = torch.rand(rows, generator=g) < 0.2
+        live = torch.rand(rows, generator=g) < touched
         delta[live] = torch.randn(int(live.sum()), cols, generator=g) * 1e-3
         models.append(base + delta)
     return base, models
@@ -45,7 +45,10 @@ CASES = [
     ("ties_three", "ties", 3, {"weight": 1.0, "density": 0.4}),
     ("breadcrumbs_one", "breadcrumbs", 1, {"weight": 1.0, "density": 0.5, "gamma": 0.05}),
     ("breadcrumbs_ties_two", "breadcrumbs_ties", 2, {"weight": 1.0, "density": 0.3, "gamma": 0.02}),
+    ("sce_three", "sce", 3, {}),  # select_topk 0.3: the variances of the decay rows tie
 ]
+GLOBAL = {"sce_three": {"select_topk": 0.3}}
+FAMILY = {"sce_three": {"touched": 0.05, "scale": 0.0}}  # a zero base: the decay deltas are exact
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +58,12 @@ def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tie_counts")
     tensors, cases = {}, []
     for j, (cid, method, n, mp) in enumerate(CASES):
-        base, models = _family(n, seed=j)
+        base, models = _family(n, seed=j, **FAMILY.get(cid, {}))
         tensors[f"{cid}.base"] = base
         for i, m in enumerate(models):
             tensors[f"{cid}.m{i}"] = m
         cases.append({"id": cid, "method": method, "tensors": [f"{cid}.base"] + [f"{cid}.m{i}" for i in range(n)],
-                      "parameters": {k: [v] * n for k, v in mp.items()},
+                      "parameters": {**{k: [v] * n for k, v in mp.items()}, **GLOBAL.get(cid, {})},
                       "base_index": 0})
     save_file(tensors, str(tmp / "inputs.safetensors"))
     spec = {"inputs": str(tmp / "inputs.safetensors"), "output": str(tmp / "out.safetensors"), "cases": cases}
@@ -91,8 +94,18 @@ def test_same_counts_and_differences_only_at_tied_magnitudes(case, results):
     base = tensors[f"{cid}.base"]
     models = [tensors[f"{cid}.m{i}"] for i in range(n)]
     theirs = out[cid]
-    ours = run(method, base, models, None, [dict(mp) for _ in range(n)])
+    ours = run(method, base, models, GLOBAL.get(cid), [dict(mp) for _ in range(n)])
     numel = base.numel()
+    if method == "sce":
+        # The selection ranks the positions by the variance of the task vectors across models.
+        var = torch.var(torch.stack([m - base for m in models]), dim=0, unbiased=False)
+        k = int(int((var != 0).sum()) * 0.3)
+        kth = var.reshape(-1).sort(descending=True).values[k - 1]
+        tied = var == kth
+        assert int(tied.sum()) > k // 2
+        differ = ours != theirs
+        assert not (differ & ~tied).any(), f"{cid}: differs from mergekit away from tied variances"
+        return
     if method == "ties":
         ks = [[max(1, int(mp["density"] * numel))]]
     else:
