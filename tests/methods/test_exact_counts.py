@@ -265,3 +265,17 @@ def test_doge_records_kept_vs_asked_of_its_reference_top_k_mask():
     x = inputs_for("doge_ta", base, [base + torch.randn(base.shape) for _ in range(2)], layer=0, num_layers=1,
                    density=0.4, steps=0)
     assert x.model_stats.manifest_report() is None  # no ties: kept == asked
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_zero_outside_keeps_what_the_cut_keeps_chunk_by_chunk(dtype):
+    from mergelab.methods.select import zero_outside
+
+    base, (model,) = decayed_family(rows=40, cols=25, n=1, seed=11)
+    x = (model - base).to(dtype).reshape(-1)
+    for k in (1, 200, 700, 999):
+        cut = cuts_in_memory(x, [k])[0]
+        want = torch.where(torch.from_numpy(oracle_mask(x.float().numpy(), k)), x, torch.zeros_like(x))
+        for size in (x.numel(), 77, 250):
+            parts = [zero_outside(x[a:a + size].clone(), cut, a) for a in range(0, x.numel(), size)]
+            assert torch.equal(torch.cat(parts), want), (k, size)

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from mergelab.methods.consensus import agreement_mask, disjoint_mean, elected_sign
-from mergelab.methods.select import as_cut, zero_below, zero_outside  # noqa: F401 (zero_below: re-exported)
+from mergelab.methods.select import as_cut, zero_outside
 
 Transform = Callable[["TaskVectors"], "TaskVectors"]
 
