@@ -106,7 +106,7 @@ def inspect_models(
     """
     from mergelab.io.checkpoint import Checkpoint
     from mergelab.methods.select import kth_largest_abs, kth_largest_in_memory
-    from mergelab.methods.ties import keep_count
+    from mergelab.methods.select import keep_count
 
     if not models:
         raise CheckpointError("inspect needs at least one model besides the base")
