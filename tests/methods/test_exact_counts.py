@@ -279,3 +279,17 @@ def test_zero_outside_keeps_what_the_cut_keeps_chunk_by_chunk(dtype):
         for size in (x.numel(), 77, 250):
             parts = [zero_outside(x[a:a + size].clone(), cut, a) for a in range(0, x.numel(), size)]
             assert torch.equal(torch.cat(parts), want), (k, size)
+
+
+def test_tie_index_search_block_by_block(monkeypatch):
+    from mergelab.methods import select
+
+    monkeypatch.setattr(select, "_BLOCK", 64)  # many blocks on a small tensor
+    base, (model,) = decayed_family(rows=50, cols=37, n=1, seed=12)
+    x = (model - base).reshape(-1)
+    for k in (5, 333, 1200):
+        want = oracle_mask(x.numpy(), k)
+        assert np.array_equal(cut_mask(x.abs(), cuts_in_memory(x, [k])[0]).numpy(), want)
+        chunks = [x[None, a:a + 300] for a in range(0, x.numel(), 300)]
+        assert np.array_equal(cut_mask(x.abs(), top_cuts(stream_of(chunks), [k])[0]).numpy(), want)
+    assert select.nth_equal(torch.tensor([1.0, 2.0, 1.0]), 1.0, 3) == (-1, 1)
