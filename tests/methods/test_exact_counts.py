@@ -293,3 +293,20 @@ def test_tie_index_search_block_by_block(monkeypatch):
         chunks = [x[None, a:a + 300] for a in range(0, x.numel(), 300)]
         assert np.array_equal(cut_mask(x.abs(), top_cuts(stream_of(chunks), [k])[0]).numpy(), want)
     assert select.nth_equal(torch.tensor([1.0, 2.0, 1.0]), 1.0, 3) == (-1, 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_give_the_cpu_cuts_and_merge():
+    base, models = decayed_family(n=2, seed=13)
+    x = torch.stack([m - base for m in models]).reshape(2, -1)
+    ks = [4000, 9000]
+    cpu = top_cuts(stream_of([x[:, :5000], x[:, 5000:]]), ks)
+    gpu = top_cuts(stream_of([x[:, :5000].cuda(), x[:, 5000:].cuda()]), ks)
+    assert gpu == cpu
+    assert [cuts_in_memory(x[i].cuda(), [k])[0] for i, k in enumerate(ks)] == cpu
+    for i in range(2):
+        assert torch.equal(cut_mask(x[i].abs().cuda(), cpu[i]).cpu(), cut_mask(x[i].abs(), cpu[i]))
+    mp = [{"weight": 1.0, "density": 0.4}, {"weight": 0.5, "density": 0.4}]
+    want = run("ties", base, models, None, mp)
+    got = run("ties", base.cuda(), [m.cuda() for m in models], None, mp)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-9)
