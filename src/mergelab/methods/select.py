@@ -25,8 +25,9 @@ CPU) replaces the radix select. Memory is two histograms per model, whatever the
 and SCE's top-k (:func:`rank_windows`), DELLA's ranks (:func:`ascending_order`, the reverse of this
 order within a row), PCB's clip bounds and drop threshold (:func:`order_statistics`, values only:
 its formulas treat tied entries alike), and the whole-model thresholds of the TIES paper, DOGE and
-OTA, whose reference code keeps every entry ``>=`` the k-th value (:func:`kth_largest_abs`: a
-``Cut`` with ``p`` = :data:`EVERY`, whose ``kept`` count may exceed ``k``).
+OTA, whose reference code keeps every entry ``>=`` the k-th value (:func:`top_cuts` with
+``exact=False``: a ``Cut`` with ``p`` = :data:`EVERY`, whose ``kept`` count may exceed ``k``;
+:func:`kept_vs_asked` reports it for ``mergelab.json``).
 
 :func:`kth_smallest` gives order statistics of signed values (quantiles of a whole tensor streamed
 in row chunks, e.g. Arcee Fusion's importance scores).
