@@ -265,3 +265,48 @@ def test_doge_records_kept_vs_asked_of_its_reference_top_k_mask():
     x = inputs_for("doge_ta", base, [base + torch.randn(base.shape) for _ in range(2)], layer=0, num_layers=1,
                    density=0.4, steps=0)
     assert x.model_stats.manifest_report() is None  # no ties: kept == asked
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_zero_outside_keeps_what_the_cut_keeps_chunk_by_chunk(dtype):
+    from mergelab.methods.select import zero_outside
+
+    base, (model,) = decayed_family(rows=40, cols=25, n=1, seed=11)
+    x = (model - base).to(dtype).reshape(-1)
+    for k in (1, 200, 700, 999):
+        cut = cuts_in_memory(x, [k])[0]
+        want = torch.where(torch.from_numpy(oracle_mask(x.float().numpy(), k)), x, torch.zeros_like(x))
+        for size in (x.numel(), 77, 250):
+            parts = [zero_outside(x[a:a + size].clone(), cut, a) for a in range(0, x.numel(), size)]
+            assert torch.equal(torch.cat(parts), want), (k, size)
+
+
+def test_tie_index_search_block_by_block(monkeypatch):
+    from mergelab.methods import select
+
+    monkeypatch.setattr(select, "_BLOCK", 64)  # many blocks on a small tensor
+    base, (model,) = decayed_family(rows=50, cols=37, n=1, seed=12)
+    x = (model - base).reshape(-1)
+    for k in (5, 333, 1200):
+        want = oracle_mask(x.numpy(), k)
+        assert np.array_equal(cut_mask(x.abs(), cuts_in_memory(x, [k])[0]).numpy(), want)
+        chunks = [x[None, a:a + 300] for a in range(0, x.numel(), 300)]
+        assert np.array_equal(cut_mask(x.abs(), top_cuts(stream_of(chunks), [k])[0]).numpy(), want)
+    assert select.nth_equal(torch.tensor([1.0, 2.0, 1.0]), 1.0, 3) == (-1, 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_give_the_cpu_cuts_and_merge():
+    base, models = decayed_family(n=2, seed=13)
+    x = torch.stack([m - base for m in models]).reshape(2, -1)
+    ks = [4000, 9000]
+    cpu = top_cuts(stream_of([x[:, :5000], x[:, 5000:]]), ks)
+    gpu = top_cuts(stream_of([x[:, :5000].cuda(), x[:, 5000:].cuda()]), ks)
+    assert gpu == cpu
+    assert [cuts_in_memory(x[i].cuda(), [k])[0] for i, k in enumerate(ks)] == cpu
+    for i in range(2):
+        assert torch.equal(cut_mask(x[i].abs().cuda(), cpu[i]).cpu(), cut_mask(x[i].abs(), cpu[i]))
+    mp = [{"weight": 1.0, "density": 0.4}, {"weight": 0.5, "density": 0.4}]
+    want = run("ties", base, models, None, mp)
+    got = run("ties", base.cuda(), [m.cuda() for m in models], None, mp)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-9)

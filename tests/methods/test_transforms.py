@@ -108,7 +108,7 @@ def test_consensus_merge_is_the_pipeline_bit_for_bit(tie_sign, normalize, diviso
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_zero_below_keeps_exactly_the_entries_at_or_above_the_threshold(dtype):
-    from mergelab.methods.transforms import zero_below
+    from mergelab.methods.select import zero_below
 
     d = _awkward_deltas(7).to(dtype)
     magnitudes = d.abs().flatten().unique()

@@ -319,8 +319,9 @@ class LocalExecutor(Executor):
         started = time.perf_counter()
         model_stats = self._model_stats(plan)
         summary = getattr(model_stats, "manifest_report", None)  # whole-model facts for mergelab.json
-        if callable(summary) and summary():
-            report.reports["(whole model)"] = summary()
+        facts = summary() if callable(summary) else None
+        if facts:
+            report.reports["(whole model)"] = facts
         post_stats = self._post_stats(plan, model_stats)
         report.stats_seconds = time.perf_counter() - started
 

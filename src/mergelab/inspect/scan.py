@@ -105,8 +105,7 @@ def inspect_models(
     for the meaning of every number.
     """
     from mergelab.io.checkpoint import Checkpoint
-    from mergelab.methods.select import kth_largest_abs, kth_largest_in_memory
-    from mergelab.methods.select import keep_count
+    from mergelab.methods.select import keep_count, kth_largest_abs, kth_largest_in_memory
 
     if not models:
         raise CheckpointError("inspect needs at least one model besides the base")

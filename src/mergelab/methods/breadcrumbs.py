@@ -27,7 +27,7 @@ ties by flat index), so huge embeddings never need sorting.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 

@@ -4,9 +4,11 @@ On a CPU, TIES written as tensor operations (subtract, trim, weigh, sum, sign, r
 divide, add) reads and writes every entry some thirty times, and its per-tensor trim threshold is a
 partition of every task vector; the merge is bound by memory traffic, not arithmetic. These kernels
 (compiled by numba, in :mod:`mergelab.methods._fused_kernels`) do the same float32 operations in
-the same order in two passes over cache-sized blocks, and find the exact k-th largest ``|tau|``
-with two histogram passes over the raw inputs (a radix select on the IEEE-754 bit patterns, as
-:func:`mergelab.methods.select.kth_largest_abs`, without materialising the task vectors).
+the same order in two passes over cache-sized blocks, and find TIES' exact trim
+(:class:`mergelab.methods.select.Cut`: the k-th largest ``|tau|`` and, where entries tie with it,
+the flat index of the last one kept) with two histogram passes over the raw inputs and at most a
+partial third (a radix select on the IEEE-754 bit patterns, as :func:`mergelab.methods.select.top_cuts`,
+without materialising the task vectors).
 
 The tensor code in :mod:`mergelab.methods.ties` and :mod:`mergelab.methods.dare` stays the
 reference (and the path on GPUs and wherever numba is missing); ``tests/methods/test_fused.py``
@@ -165,7 +167,7 @@ def top_cuts_deltas(chunks: ChunkStream, ks: Sequence[Optional[int]], numel: int
         lowbits, quota = locate_from_top(torch.from_numpy(low[r]), rank)
         tied = int(low[r][lowbits])
         out[i] = located_cut(bits_value(bucket, lowbits), int(ks[i]), quota, tied)
-        if exact and quota < tied:
+        if exact and quota < tied and not math.isnan(out[i].value):
             remaining[i] = (r, lowbits, np.int32((bucket << 16) | lowbits), quota)
     if not remaining:
         return out

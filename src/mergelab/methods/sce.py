@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from mergelab.methods.consensus import disjoint_mean, elected_sign
+from mergelab.methods.consensus import weighted_consensus_mean
 from mergelab.methods.inputs import deltas_of, whole_source
 from mergelab.methods.select import rank_windows, window_mask
 from mergelab.methods.common import INT8_MASK, SEMANTICS
@@ -134,12 +134,8 @@ def sce_merge(x: TensorInputs) -> torch.Tensor:
     mask = _select_mask(x, d, stats)
     if mask is not None and not paper:
         d = d * mask.unsqueeze(0)
-    # Erase: TIES' election on the unweighted task vectors (a zero sum elects +1), then the mean of the
-    # agreeing entries weighted by the models' energies.
-    sign = elected_sign(d.sum(dim=0), 1.0)
-    w = stats.weights.to(d.device).reshape((-1,) + (1,) * (d.dim() - 1))
-    merged = disjoint_mean(d * w, sign, stats.weights.to(d.device), normalize=True,
-                           divisor="weight" if paper else "weight_floor")
+    # Erase: TIES' election on the unweighted task vectors, then the energy-weighted mean.
+    merged = weighted_consensus_mean(d, stats.weights.to(d.device), "weight" if paper else "weight_floor")
     return x.base + merged
 
 

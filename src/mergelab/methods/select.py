@@ -25,8 +25,9 @@ CPU) replaces the radix select. Memory is two histograms per model, whatever the
 and SCE's top-k (:func:`rank_windows`), DELLA's ranks (:func:`ascending_order`, the reverse of this
 order within a row), PCB's clip bounds and drop threshold (:func:`order_statistics`, values only:
 its formulas treat tied entries alike), and the whole-model thresholds of the TIES paper, DOGE and
-OTA, whose reference code keeps every entry ``>=`` the k-th value (:func:`kth_largest_abs`: a
-``Cut`` with ``p`` = :data:`EVERY`, whose ``kept`` count may exceed ``k``).
+OTA, whose reference code keeps every entry ``>=`` the k-th value (:func:`top_cuts` with
+``exact=False``: a ``Cut`` with ``p`` = :data:`EVERY`, whose ``kept`` count may exceed ``k``;
+:func:`kept_vs_asked` reports it for ``mergelab.json``).
 
 :func:`kth_smallest` gives order statistics of signed values (quantiles of a whole tensor streamed
 in row chunks, e.g. Arcee Fusion's importance scores).
@@ -121,16 +122,19 @@ def flat_offset(rows: Sequence[int], shape: Sequence[int]) -> int:
     return int(rows[0]) * math.prod(shape[1:]) if len(shape) else 0
 
 
-def cut_mask(a: torch.Tensor, cut: Cut, offset: int = 0) -> torch.Tensor:
-    """Boolean mask of the entries of a flat chunk of magnitudes ``a`` that ``cut`` keeps; ``a[j]``
-    has flat index ``offset + j`` (``a`` holds ``|x|``, or any non-negative score)."""
+def cut_mask(a: torch.Tensor, cut: Cut, offset: int = 0, inside: bool = True) -> torch.Tensor:
+    """Boolean mask of the entries of a flat chunk of magnitudes ``a`` that ``cut`` keeps (``inside``)
+    or leaves out (not ``inside``); ``a[j]`` has flat index ``offset + j`` (``a`` holds ``|x|``, or any
+    non-negative score). One comparison per entry: ``>= t`` before the tie index, ``> t`` after it."""
     if cut.keeps_all:
-        return torch.ones_like(a, dtype=torch.bool)
-    keep = a > cut.value
-    local = cut.local_index(offset)
-    if local > 0:
-        tied = a[:local] == cut.value
-        keep[:local] |= tied
+        return torch.full_like(a, inside, dtype=torch.bool)
+    local = min(max(cut.local_index(offset), 0), a.numel())
+    keep = torch.empty_like(a, dtype=torch.bool)
+    head, tail = (torch.ge, torch.gt) if inside else (torch.lt, torch.le)
+    if local:
+        head(a[:local], cut.value, out=keep[:local])
+    if local < a.numel():
+        tail(a[local:], cut.value, out=keep[local:])
     return keep
 
 
@@ -257,6 +261,18 @@ def top_cuts(chunks: Callable[[], Iterable[torch.Tensor]],
     ``kept`` says how many that is). ``chunks()`` is called twice, or three times when ties at a
     threshold must be split (that pass stops once every quota is reached).
     """
+    if callable(ks):
+        many = top_cuts_many(chunks, lambda total: [[k] for k in ks(total)], exact)
+    else:
+        many = top_cuts_many(chunks, [[k] for k in ks], exact)
+    return [m[0] for m in many]
+
+
+def top_cuts_many(chunks: Callable[[], Iterable[torch.Tensor]],
+                  ks: Union[Sequence[Sequence[Optional[int]]], Callable[[int], Sequence[Sequence[Optional[int]]]]],
+                  exact: bool = True) -> List[List[Optional[Cut]]]:
+    """:func:`top_cuts` for several counts per model (``ks[i]`` lists model ``i``'s), in the same two
+    or three passes over the stream."""
     hi = None
     total = 0
     for c in chunks():
@@ -267,54 +283,77 @@ def top_cuts(chunks: Callable[[], Iterable[torch.Tensor]],
         del b
     if callable(ks):
         ks = ks(total)
-    out, want = split_ranks(ks, total)
+    out: List[List[Optional[Cut]]] = []
+    want: List[Tuple[int, int, int]] = []  # (model, slot, k)
+    for i, row in enumerate(ks):
+        found, inside = split_ranks(row, total)
+        out.append(found)
+        want.extend((i, j, int(row[j])) for j in inside)
     if hi is None or not want:
         return out
     hi = hi.cpu()
-    located = {i: locate_from_top(hi[i], int(ks[i])) for i in want}
-    lo = {i: torch.zeros(_BINS, dtype=torch.int64) for i in want}
+    located = [locate_from_top(hi[i], k) for i, _, k in want]
+    buckets = sorted({(i, bucket) for (i, _, _), (bucket, _) in zip(want, located)})
+    lo = {key: torch.zeros(_BINS, dtype=torch.int64) for key in buckets}
     for c in chunks():
         b = _bits(c)
-        for i in want:
-            bucket, _ = located[i]
+        for i, bucket in buckets:
             row = b[i]
             sel = row[(row >> 16) == bucket]
             if sel.numel():
-                lo[i] += torch.bincount(sel & 0xFFFF, minlength=_BINS).cpu()
+                lo[i, bucket] += torch.bincount(sel & 0xFFFF, minlength=_BINS).cpu()
         del b
-    quotas: Dict[int, Tuple[float, int]] = {}
-    for i in want:
-        bucket, rank = located[i]
-        low, quota = locate_from_top(lo[i], rank)
-        tied = int(lo[i][low])
-        out[i] = located_cut(bits_value(bucket, low), int(ks[i]), quota, tied)
-        if exact and quota < tied:
-            quotas[i] = (out[i].value, quota)
+    quotas: Dict[Tuple[int, int], Tuple[float, int]] = {}
+    for (i, j, k), (bucket, rank) in zip(want, located):
+        hist = lo[i, bucket]
+        low, quota = locate_from_top(hist, rank)
+        tied = int(hist[low])
+        out[i][j] = located_cut(bits_value(bucket, low), k, quota, tied)
+        if exact and quota < tied and not math.isnan(out[i][j].value):  # NaN: see the module docstring
+            quotas[i, j] = (out[i][j].value, quota)
     if quotas:
-        found = tie_indices(chunks, quotas)
-        for i, index in found.items():
-            out[i] = Cut(out[i].value, index, out[i].asked, out[i].asked)
+        for (i, j), index in tie_indices(chunks, quotas).items():
+            out[i][j] = Cut(out[i][j].value, index, out[i][j].asked, out[i][j].asked)
     return out
 
 
-def tie_indices(chunks: Callable[[], Iterable[torch.Tensor]], quotas: Dict[int, Tuple[float, int]]) -> Dict[int, int]:
-    """For model ``i`` with ``quotas[i] = (t, q)``: one past the flat index of the ``q``-th entry with
-    ``|x| == t``, in flat order over the stream of ``[n, ...]`` chunks (stops once all are found)."""
+_BLOCK = 1 << 20
+
+
+def nth_equal(a: torch.Tensor, value: float, q: int) -> Tuple[int, int]:
+    """``(index, q)`` of the ``q``-th entry of the flat tensor ``a`` equal to ``value`` (0-based index),
+    or ``(-1, q - count)`` when ``a`` holds fewer; block by block, stopping at the block that holds it
+    (no index buffer the size of ``a``)."""
+    for start in range(0, a.numel(), _BLOCK):
+        eq = a[start:start + _BLOCK] == value
+        seen = int(eq.sum())
+        if seen >= q:
+            return start + int(eq.nonzero()[q - 1]), q
+        q -= seen
+    return -1, q
+
+
+def tie_indices(chunks: Callable[[], Iterable[torch.Tensor]], quotas: dict) -> dict:
+    """For each key ``(i, ...)`` of ``quotas`` with ``quotas[key] = (t, q)``: one past the flat index of
+    the ``q``-th entry of model ``i`` with ``|x| == t``, in flat order over the stream of ``[n, ...]``
+    chunks (stops once all are found)."""
     remaining = dict(quotas)
-    found: Dict[int, int] = {}
+    found: dict = {}
     offset = 0
     for c in chunks():
         flat = c.reshape(c.shape[0], -1)
-        for i in list(remaining):
-            t, q = remaining[i]
-            row = flat[i] if flat.dtype == torch.float32 else flat[i].to(torch.float32)
-            eq = row.abs() == t
-            seen = int(eq.sum())
-            if seen >= q:
-                found[i] = offset + int(eq.nonzero()[q - 1]) + 1
-                del remaining[i]
+        rows: dict = {}
+        for key in list(remaining):
+            i = key[0]
+            t, q = remaining[key]
+            if i not in rows:
+                rows[i] = flat[i].abs() if flat.dtype == torch.float32 else flat[i].to(torch.float32).abs()
+            index, left = nth_equal(rows[i], t, q)
+            if index >= 0:
+                found[key] = offset + index + 1
+                del remaining[key]
             else:
-                remaining[i] = (t, q - seen)
+                remaining[key] = (t, left)
         offset += flat.shape[1]
         if not remaining:
             break
@@ -375,9 +414,9 @@ def cuts_in_memory(values: torch.Tensor, ks: Sequence[int], exact: bool = True) 
         quota = k - above
         cut = located_cut(t, k, quota, tied)
         if exact and quota < tied:
-            fresh = _abs_float32(values) if a is None else a
-            index = int(torch.nonzero(fresh == t)[quota - 1]) + 1
-            cut = Cut(t, index, k, k)
+            if a is None:
+                a = _abs_float32(values)  # in flat order again (the partitioned copy is not)
+            cut = Cut(t, nth_equal(a, t, quota)[0] + 1, k, k)
         out[j] = cut
     return out  # type: ignore[return-value]
 
@@ -480,7 +519,7 @@ def bracketed_cuts(pairs: PairStream, ks: list, numel: int, budget: float = 0.12
         if not scan(base, models):
             return None
     out: list = [None] * len(ks)
-    quotas: Dict[int, Tuple[float, int]] = {}
+    quotas: dict = {}
     for i in want:
         k = int(ks[i])
         rank = k - above[i]  # rank of the threshold among the bracketed values, from the top
@@ -493,10 +532,10 @@ def bracketed_cuts(pairs: PairStream, ks: list, numel: int, budget: float = 0.12
         tied = int(np.count_nonzero(values == t))
         out[i] = located_cut(float(t), k, k - over, tied)
         if exact and k - over < tied:
-            quotas[i] = (float(t), k - over)
+            quotas[i,] = (float(t), k - over)
     if quotas:
         models_of = lambda: (torch.stack([ms[i] - b for i in range(len(ks))]) for b, ms in pairs())  # noqa: E731
-        for i, index in tie_indices(models_of, quotas).items():
+        for (i,), index in tie_indices(models_of, quotas).items():
             out[i] = Cut(out[i].value, index, out[i].asked, out[i].asked)
     return out
 
@@ -590,9 +629,9 @@ def rank_windows(stream: Stream, bounds: Sequence[Tuple[int, int]], numel: int,
         tops = dict(zip(todo, (f[0] for f in found)))
         uptos = dict(zip(todo, (f[1] for f in found)))
     else:
-        values = lambda: (v for _, v in stream())  # noqa: E731
-        tops = dict(enumerate(top_cuts(values, ks_top)))
-        uptos = dict(enumerate(top_cuts(values, ks_upto)))
+        both = top_cuts_many(lambda: (v for _, v in stream()), [[a, b] for a, b in zip(ks_top, ks_upto)])
+        tops = {i: both[i][0] for i in todo}
+        uptos = {i: both[i][1] for i in todo}
     for i in todo:
         windows[i] = RankWindow(ks_top[i], ks_upto[i], numel, tops[i], uptos[i])
     return windows  # type: ignore[return-value]
@@ -609,7 +648,7 @@ def window_mask(values: torch.Tensor, first_row: int, windows: Sequence[RankWind
         else:
             keep = cut_mask(a, w.upto, offset)
             if w.start > 0:
-                keep &= ~cut_mask(a, w.top, offset)
+                keep &= cut_mask(a, w.top, offset, inside=False)
         out[i] = keep.reshape(values[i].shape).to(torch.float32)
     return out
 

@@ -5,11 +5,12 @@ per-model ``weights`` (shape ``[n]``), and, once elected, the ``sign`` to agree 
 a function ``TaskVectors -> TaskVectors``; :func:`chain` composes them the way optax chains gradient
 transformations, and :func:`combine` turns the result into one merged delta::
 
-    ties      = chain(trim(thresholds), weigh(w), elect_sign(), disjoint(divisor="weight"))
+    ties      = chain(trim(cuts), weigh(w), elect_sign(), disjoint(divisor="weight"))
     dare_ties = chain(drop(masks, rescale="l1"), weigh(w), elect_sign(), disjoint(normalize=False))
 
-Every transform is usable on its own and is tested on its own. Thresholds and masks are computed
-outside (see :mod:`mergelab.methods.select`) so that the same transform serves a per-tensor trim, a
+Every transform is usable on its own and is tested on its own. Trim cuts and masks are computed
+outside (see :mod:`mergelab.methods.select`; the election and the mean are
+:mod:`mergelab.methods.consensus`) so that the same transform serves a per-tensor trim, a
 whole-model trim and a chunked tensor alike.
 """
 
@@ -21,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from mergelab.methods.consensus import agreement_mask, disjoint_mean, elected_sign
-from mergelab.methods.select import as_cut, zero_below, zero_outside  # noqa: F401 (zero_below: re-exported)
+from mergelab.methods.select import as_cut, zero_outside
 
 Transform = Callable[["TaskVectors"], "TaskVectors"]
 
