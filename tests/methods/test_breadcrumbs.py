@@ -172,6 +172,15 @@ def test_rescale_restores_each_task_vectors_l1_norm():
     torch.testing.assert_close((out - BASE).abs().sum(), (MODELS[0] - BASE).abs().sum(), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_rescale_cannot_be_honoured_by_paper_semantics(method):
+    from mergelab.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"'rescale'.*semantics: paper"):
+        run(method, BASE, MODELS[:2], {"rescale": True, "semantics": "paper"},
+            {"weight": 1.0, "density": 0.3, "gamma": 0.05})
+
+
 def test_merge_without_prepared_statistics_computes_them_for_a_whole_tensor_only():
     from mergelab.methods.registry import get_method
     from tests.methods.mergekit_family_util import inputs

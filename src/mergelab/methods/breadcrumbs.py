@@ -31,6 +31,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from mergelab.errors import RecipeError
 from mergelab.methods.common import DENSITY, INT8_MASK, LAMBDA, SEMANTICS, WEIGHT, normalize, rescale_flag
 from mergelab.methods.registry import BaseUse, MergeMethod, Param, TensorInputs, TensorSource, register
 from mergelab.methods.inputs import deltas_of, finish, whole_source
@@ -144,6 +145,13 @@ def breadcrumbs_ties_merge(x: TensorInputs) -> torch.Tensor:
     return finish(x, disjoint_merge(tv, normalize=x.params["normalize"], divisor="weight"))
 
 
+def _validate(params: dict, model_params: list) -> None:
+    if params["semantics"] == "paper" and params["rescale"]:
+        raise RecipeError("breadcrumbs: parameter 'rescale' = true cannot be honoured with semantics: paper (the "
+                          "authors' code has no rescale; rescale is mergekit's L1-norm matching per tensor); remove "
+                          "it, or use semantics: mergekit")
+
+
 _REFERENCE = (
     "Davari & Belilovsky 2024, Model Breadcrumbs (arXiv:2312.06795), rezazzr/breadcrumbs "
     "TaskVectorMiddleKeep; mergekit 0.1.5 `{}` (sparsify.magnitude_outliers)."
@@ -168,6 +176,7 @@ register(MergeMethod(
     model_params=(WEIGHT, DENSITY, GAMMA),
     chunkable=True,
     prepare_tensor=_prepare_tensor,
+    validate=_validate,
     notes=_NOTES,
 ))
 
@@ -182,6 +191,7 @@ register(MergeMethod(
     model_params=(WEIGHT, DENSITY, GAMMA),
     chunkable=True,
     prepare_tensor=_prepare_tensor,
+    validate=_validate,
     notes=_NOTES + " The sign election is mergekit's (a zero sum elects +1, the mean divides by the "
                    "agreeing weights when normalize); the breadcrumbs paper has no TIES variant.",
 ))
