@@ -24,7 +24,7 @@ def test_cli_writes_json_and_png(tmp_path, hand_models):
     assert [m["label"] for m in data["models"]] == ["A", "B", "C"]
     assert data["settings"]["density"] == 0.5 and data["settings"]["rtol"] == 0.1
     o = data["overall"]
-    assert (o["numel"], o["conflicts"], o["overlap"], o["trimmed_conflicts"]) == (14, 3, 8, 2)
+    assert (o["numel"], o["conflicts"], o["overlap"], o["trimmed_conflicts"]) == (14, 3, 8, 1)
     assert o["dot"] == [[11.00390625, 7, -3], [7, 22.25, 3], [-3, 3, 10.25]]
     assert o["near_zero_share"] == [6 / 14, 6 / 14, 11 / 14]
     assert [g["group"] for g in data["groups"]] == ["embeddings", "0", "1", "other"]

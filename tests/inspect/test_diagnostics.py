@@ -123,3 +123,19 @@ def test_interpretation_coin_flip_signs():
     assert any("as unrelated as coin flips" in line for line in interpret(s, [], ["a", "b"]))
     agree = stats([1.0] * 4, [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, -1.0])
     assert not any("coin flips" in line for line in interpret(agree, [], ["a", "b"]))
+
+
+def test_trimmed_conflicts_keep_exact_counts_when_magnitudes_tie():
+    # Model 1: five entries of |tau| 1 tie at the threshold of a keep-2 trim; the cut keeps the two of
+    # lowest flat index (0 and 1), as the merge does, not all five.
+    from mergelab.methods.select import Cut
+
+    base = [0.0] * 5
+    t1, t2 = [1.0, -1.0, 1.0, -1.0, 1.0], [-2.0, -2.0, -2.0, -2.0, -2.0]
+    s = stats(base, t1, t2, thresholds=[Cut(1.0, 2), Cut(0.0)])
+    # kept t1 -> [1, -1, 0, 0, 0]: only coordinate 0 conflicts with t2, and two coordinates overlap
+    assert (s.trimmed_conflicts, s.trimmed_overlap) == (1, 2)
+    # a chunk starting at flat index 1 keeps only its first entry (flat index 1 < 2)
+    part = chunk_stats(torch.tensor(base[1:]), torch.tensor([t1[1:], t2[1:]]),
+                       thresholds=[Cut(1.0, 2), Cut(0.0)], offset=1)
+    assert (part.trimmed_conflicts, part.trimmed_overlap) == (0, 1)

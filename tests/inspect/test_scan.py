@@ -90,17 +90,19 @@ def test_whole_model_by_hand(hand_models):
 
 
 def test_ties_trimmed_conflicts_by_hand(hand_models):
-    # density 0.5 keeps int(0.5 * n) entries per tensor: in layer 0, B keeps |2|, |1| and drops -0.5,
-    # which removes the conflict at coord3; elsewhere every non-zero entry survives.
+    # density 0.5 keeps exactly int(0.5 * n) entries per tensor, ties at the threshold by lower flat
+    # index: in layer 0, B keeps |2|, |1| and drops -0.5 (removing the conflict at coord3), and A keeps
+    # |2| and the first of its two |1| (coord0), dropping -1 at coord1 (removing the conflict there). In
+    # layer 1, A's and B's four tied entries keep their first two: two coordinates overlap.
     base, models = hand_models
     diag = inspect_models(base, models, density=0.5)
     g = by_group(diag)
-    assert (g["0"].trimmed_conflicts, g["0"].trimmed_overlap) == (1, 2)
+    assert (g["0"].trimmed_conflicts, g["0"].trimmed_overlap) == (0, 2)
     assert (g["embeddings"].trimmed_conflicts, g["embeddings"].trimmed_overlap) == (1, 1)
-    assert (g["1"].trimmed_conflicts, g["1"].trimmed_overlap) == (0, 4)
+    assert (g["1"].trimmed_conflicts, g["1"].trimmed_overlap) == (0, 2)
     assert (g["other"].trimmed_conflicts, g["other"].trimmed_overlap) == (0, 0)
-    assert (diag.overall.trimmed_conflicts, diag.overall.trimmed_overlap) == (2, 7)
-    assert diag.overall.trimmed_conflict_rate == pytest.approx(2 / 14)
+    assert (diag.overall.trimmed_conflicts, diag.overall.trimmed_overlap) == (1, 5)
+    assert diag.overall.trimmed_conflict_rate == pytest.approx(1 / 14)
     # density 1 trims nothing
     full = inspect_models(base, models, density=1.0).overall
     assert (full.trimmed_conflicts, full.trimmed_overlap) == (full.conflicts, full.overlap)
@@ -196,3 +198,23 @@ def test_cuda_gives_the_cpu_numbers(hand_models, chunk):
                (b.conflicts, b.overlap, b.trimmed_conflicts, b.trimmed_overlap)
         assert a.zeros.tolist() == b.zeros.tolist() and a.near_zero.tolist() == b.near_zero.tolist()
         assert b.gram.ravel().tolist() == pytest.approx(a.gram.ravel().tolist(), abs=1e-12)
+
+
+def test_ties_trim_counts_exactly_with_tied_magnitudes(tmp_path):
+    # 40 entries all of |tau| 0.5 in model A: density 0.25 keeps exactly int(0.25 * 40) = 10, the ten
+    # of lowest flat index, whole and in row chunks; B disagrees everywhere, so the conflicts left
+    # after the trim are exactly those 10.
+    from safetensors.torch import save_file
+    from mergelab.inspect import inspect_models
+
+    base = torch.zeros(8, 5)
+    paths = []
+    for name, tau in (("base", base), ("a", torch.full((8, 5), 0.5)), ("b", torch.full((8, 5), -0.25))):
+        d = tmp_path / name
+        d.mkdir()
+        save_file({"w.weight": base + tau if name != "base" else base}, str(d / "model.safetensors"))
+        paths.append(str(d))
+    for chunk in (None, 10):
+        kw = {} if chunk is None else {"chunk_elements": chunk}
+        diag = inspect_models(paths[0], paths[1:], density=0.25, **kw)
+        assert (diag.overall.trimmed_conflicts, diag.overall.trimmed_overlap) == (10, 10)

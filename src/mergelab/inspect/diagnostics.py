@@ -43,10 +43,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from mergelab.methods.select import Cut, as_cut, cut_mask
 
 # ---------------------------------------------------------------------------------------------------
 # Interpretation thresholds (see interpret()).
@@ -252,12 +254,14 @@ def _conflicts(deltas: torch.Tensor) -> tuple:
 
 
 def chunk_stats(base: torch.Tensor, deltas: torch.Tensor, rtol: float = 1e-3,
-                thresholds: Optional[Sequence[float]] = None) -> TaskVectorStats:
+                thresholds: Optional[Sequence[Union[Cut, float]]] = None, offset: int = 0) -> TaskVectorStats:
     """Statistics of one chunk: ``base`` of any shape, ``deltas`` ``[k, *base.shape]`` (float32).
 
-    ``thresholds`` (one per model, from a TIES trim over the whole tensor) also counts the conflicts
-    left among the entries with ``|tau_i| >= thresholds[i]``. NaN or inf in the inputs shows as a
-    non-finite ``base_sumsq`` or squared norm (squares of float32 values cannot overflow float64).
+    ``thresholds`` (one per model, from a TIES trim over the whole tensor: a :class:`Cut` keeps exactly
+    its count, ties at the threshold by flat index; a plain number keeps every ``|tau_i| >=`` it) also
+    counts the conflicts left among the kept entries; the chunk's first entry has flat index ``offset``
+    in its tensor. NaN or inf in the inputs shows as a non-finite ``base_sumsq`` or squared norm
+    (squares of float32 values cannot overflow float64).
     """
     k = deltas.shape[0]
     d = deltas.reshape(k, -1)
@@ -275,8 +279,8 @@ def chunk_stats(base: torch.Tensor, deltas: torch.Tensor, rtol: float = 1e-3,
                         gram=gram, zeros=zeros, near_zero=near, conflicts=conflicts, overlap=overlap,
                         chance_conflicts=chance)
     if thresholds is not None:
-        thr = torch.tensor([float(t) for t in thresholds], dtype=d.dtype, device=d.device).unsqueeze(1)
-        kept = torch.where(absd >= thr, d, torch.zeros((), dtype=d.dtype, device=d.device))
+        keep = torch.stack([cut_mask(absd[i], as_cut(t), offset) for i, t in enumerate(thresholds)])
+        kept = torch.where(keep, d, torch.zeros((), dtype=d.dtype, device=d.device))
         s.trimmed_conflicts, s.trimmed_overlap, _ = _conflicts(kept)
     return s
 

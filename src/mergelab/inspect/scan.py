@@ -105,7 +105,7 @@ def inspect_models(
     for the meaning of every number.
     """
     from mergelab.io.checkpoint import Checkpoint
-    from mergelab.methods.select import keep_count, kth_largest_abs, kth_largest_in_memory
+    from mergelab.methods.select import cuts_in_memory, flat_offset, keep_count, top_cuts
 
     if not models:
         raise CheckpointError("inspect needs at least one model besides the base")
@@ -174,18 +174,19 @@ def inspect_models(
             keep = keep_count(density, base_ck.tensors[name].numel, "mergekit")
             if len(chunks) == 1:  # one read serves both the thresholds and the statistics
                 first = deltas(chunks[0])
-                thresholds = [kth_largest_in_memory(first[1][i], keep) for i in range(k)]
+                thresholds = [cuts_in_memory(first[1][i], [keep])[0] for i in range(k)]
             else:
                 def stream(chunks=chunks, deltas=deltas) -> Iterator[torch.Tensor]:
                     for rows in chunks:
                         yield deltas(rows)[1]
 
-                thresholds = kth_largest_abs(stream, [keep] * k)
+                thresholds = top_cuts(stream, [keep] * k)
         total = TaskVectorStats(k)
         for rows in chunks:
             b, d = first if first is not None else deltas(rows)
             first = None
-            part = chunk_stats(b, d, rtol=rtol, thresholds=thresholds)
+            part = chunk_stats(b, d, rtol=rtol, thresholds=thresholds,
+                               offset=0 if rows is None else flat_offset(rows, shape))
             del b, d
             _check_finite(part, name, base_ck, cks)
             total = total + part
