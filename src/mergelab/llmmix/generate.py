@@ -1,0 +1,155 @@
+"""Generative evaluation of a causal LM on ``llmmix`` tasks: greedy decoding, batched, scored per example.
+
+Any Hugging Face ``AutoModelForCausalLM`` with its ``AutoTokenizer`` in a local folder works
+(:func:`load_causal_lm`). Prompts are rendered and tokenised by :func:`mergelab.llmmix.tasks.encode_prompt`
+(the same encoding fine-tuning uses), left-padded into batches (longest first, so a batch holds
+prompts of similar length) and decoded greedily by ``model.generate`` for at most ``max_new_tokens``
+tokens. A sequence stops at EOS (``stop_at_eos``) and, with ``stop_at_newline``, at the first token
+whose text contains a newline; the completion is the decoded text up to that newline, special tokens
+dropped. Left padding with the attention mask makes every batch give the completion decoding the
+prompt alone would give (up to float rounding).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from mergelab.errors import MergeLabError
+from mergelab.llmmix.tasks.format import encode_prompt
+
+
+def load_causal_lm(path, device: str = "cpu", dtype=None):
+    """``(model, tokenizer)`` from a local folder (no download); the model in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise MergeLabError(f"{path}: not a model folder (expected config.json, weights and tokenizer files)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad folder
+        raise MergeLabError(f"{path}: cannot load a tokenizer with AutoTokenizer ({type(e).__name__}: {e})") from None
+    kw = {"dtype": dtype} if dtype is not None else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kw)
+    except Exception as e:  # noqa: BLE001
+        raise MergeLabError(f"{path}: cannot load a causal LM with AutoModelForCausalLM ({type(e).__name__}: {e})") from None
+    return model.to(device).eval(), tok
+
+
+def newline_token_ids(tokenizer) -> list:
+    """Ids of every vocabulary token whose decoded text contains a newline."""
+    out = []
+    for i in range(len(tokenizer)):
+        if "\n" in tokenizer.decode([i], skip_special_tokens=False):
+            out.append(i)
+    return out
+
+
+def _stop_ids(tokenizer, stop_at_eos: bool, stop_at_newline: bool) -> list:
+    ids = []
+    if stop_at_eos and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    if stop_at_newline:
+        cache = getattr(tokenizer, "_mergelab_newline_ids", None)
+        if cache is None:
+            cache = newline_token_ids(tokenizer)
+            try:
+                tokenizer._mergelab_newline_ids = cache
+            except AttributeError:
+                pass
+        ids.extend(i for i in cache if i not in ids)
+    return ids
+
+
+def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 16,
+                    stop_at_eos: bool = True, stop_at_newline: bool = True) -> list:
+    """Greedy completions of ``prompts`` (raw task prompts; rendered here), in the order given."""
+    import torch
+    from transformers import GenerationConfig
+
+    if max_new_tokens < 1 or batch_size < 1:
+        raise MergeLabError(f"generation: max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
+    stops = _stop_ids(tokenizer, stop_at_eos, stop_at_newline)
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
+                           eos_token_id=stops or None, bos_token_id=tokenizer.bos_token_id)
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    device = next(model.parameters()).device
+    out: list = [None] * len(prompts)
+    stop_set = set(stops)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            n = len(encoded[i])
+            ids[row, width - n:] = torch.tensor(encoded[i], dtype=torch.long)
+            mask[row, width - n:] = 1
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg)
+        for row, i in enumerate(idx):
+            new = gen[row, width:].tolist()
+            for k, t in enumerate(new):
+                if t in stop_set:
+                    new = new[:k + 1]
+                    break
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            if stop_at_newline:
+                text = text.split("\n", 1)[0]
+            out[i] = text.strip()
+    return out
+
+
+@dataclass
+class TaskEval:
+    """Accuracy of one task's split and, per example, prompt / answer / prediction / score (and meta)."""
+
+    task: str
+    split: str
+    accuracy: float
+    n: int
+    records: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"task": self.task, "split": self.split, "accuracy": self.accuracy, "n": self.n,
+                "seconds": round(self.seconds, 3), "records": self.records}
+
+
+def evaluate_task(model, tokenizer, task, split: str = "test", limit: Optional[int] = None, batch_size: int = 16,
+                  max_new_tokens: Optional[int] = None, stop_at_eos: bool = True, stop_at_newline: bool = True,
+                  code_timeout: float = 2.0) -> TaskEval:
+    """Generate for ``task``'s ``split`` (the first ``limit`` examples) and score with the task's metric."""
+    t0 = time.perf_counter()
+    examples = task.split(split)[:limit] if limit is not None else task.split(split)
+    preds = greedy_generate(model, tokenizer, [e.prompt for e in examples],
+                            max_new_tokens=max_new_tokens or task.max_new_tokens, batch_size=batch_size,
+                            stop_at_eos=stop_at_eos, stop_at_newline=stop_at_newline)
+    records = []
+    for ex, pred in zip(examples, preds):
+        s = task.score(pred, ex, timeout=code_timeout)
+        rec = {"prompt": ex.prompt, "answer": ex.answer, "prediction": pred, "score": s}
+        if ex.meta.get("kind"):
+            rec["kind"] = ex.meta["kind"]
+        records.append(rec)
+    acc = sum(r["score"] for r in records) / len(records) if records else 0.0
+    return TaskEval(task.name, split, acc, len(records), records, time.perf_counter() - t0)
+
+
+def evaluate_tasks(model, tokenizer, tasks: Iterable, split: str = "test", **kw) -> dict:
+    """``{task name: TaskEval}`` for every task (same keyword arguments as :func:`evaluate_task`)."""
+    return {t.name: evaluate_task(model, tokenizer, t, split=split, **kw) for t in tasks}
+
+
+def evaluate_model(path, tasks: Iterable, split: str = "test", device: str = "cpu", **kw) -> dict:
+    """Load the model folder at ``path`` and run :func:`evaluate_tasks`."""
+    model, tok = load_causal_lm(path, device=device)
+    return evaluate_tasks(model, tok, tasks, split=split, **kw)
