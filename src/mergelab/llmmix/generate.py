@@ -12,6 +12,7 @@ prompt alone would give (up to float rounding).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +79,8 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
     if pad is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
-                           eos_token_id=stops or None, bos_token_id=tokenizer.bos_token_id)
+                           eos_token_id=stops, bos_token_id=tokenizer.bos_token_id)
+    # an empty list, not None: None would fall back to the model's own generation_config EOS
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     device = next(model.parameters()).device
@@ -133,9 +135,15 @@ def evaluate_task(model, tokenizer, task, split: str = "test", limit: Optional[i
     preds = greedy_generate(model, tokenizer, [e.prompt for e in examples],
                             max_new_tokens=max_new_tokens or task.max_new_tokens, batch_size=batch_size,
                             stop_at_eos=stop_at_eos, stop_at_newline=stop_at_newline)
+    if task.metric == "pass@1":  # each score is a subprocess: run a few at once
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+            scores = list(pool.map(lambda ep: task.score(ep[1], ep[0], timeout=code_timeout), zip(examples, preds)))
+    else:
+        scores = [task.score(p, e) for e, p in zip(examples, preds)]
     records = []
-    for ex, pred in zip(examples, preds):
-        s = task.score(pred, ex, timeout=code_timeout)
+    for ex, pred, s in zip(examples, preds, scores):
         rec = {"prompt": ex.prompt, "answer": ex.answer, "prediction": pred, "score": s}
         if ex.meta.get("kind"):
             rec["kind"] = ex.meta["kind"]
