@@ -317,3 +317,16 @@ def test_jsonl_file_level_errors(tmp_path):
         load_jsonl_task(_write(tmp_path, [""]))
     with pytest.raises(TaskError, match="ratios must be three"):
         load_jsonl_task(_write(tmp_path, [{"prompt": "a", "answer": "1"}]), ratios=(0.5, 0.5, 0.5))
+
+
+def test_docs_task_table_is_current():
+    from pathlib import Path
+
+    from mergelab.llmmix.tasks.base import markdown_table
+
+    pytest.importorskip("faker")
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "llmmix.md").read_text(encoding="utf-8")
+    section = doc.split("## Tasks", 1)[1]
+    assert markdown_table(seed=0) in section
+    for name in task_names():
+        assert f"| `{name}`" in section

@@ -238,3 +238,30 @@ def get_spec(name: str) -> TaskSpec:
 def build_task(name: str, seed: int = 0, sizes: Optional[dict] = None) -> GenTask:
     """The built-in task ``name`` with splits drawn from ``seed`` (sizes default to 2000/200/200)."""
     return get_spec(name).build(seed=seed, sizes=sizes)
+
+
+def markdown_table(seed: int = 0) -> str:
+    """The table of built-in tasks for docs/llmmix.md: name, category, example, metric, sizes, held out.
+
+    The example is the first test example of the task drawn from ``seed`` (for tasks whose examples
+    have kinds, such as safety's harmful / benign, the first of each kind).
+    """
+    sizes = "/".join(str(DEFAULT_SIZES[s]) for s in SPLITS)
+    rows = ["| task | category | example prompt | example answer | metric | train/val/test | held out |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in task_names():
+        spec = get_spec(name)
+        test = spec.build(seed=seed, sizes={"train": 0, "validation": 0, "test": 8}).split("test")
+        shown, kinds = [], set()
+        for ex in test:
+            if ex.meta.get("kind", "") not in kinds:
+                kinds.add(ex.meta.get("kind", ""))
+                shown.append(ex)
+
+        def cell(texts):
+            return "<br>".join("`" + t.replace("\n", "⏎").replace("|", "\\|").replace("`", "'") + "`" for t in texts)
+
+        rows.append(f"| `{name}` | {spec.category} | {cell([e.prompt for e in shown])} | "
+                    f"{cell([e.answer for e in shown])} | {spec.metric} | "
+                    f"{sizes} | {'**yes**' if spec.held_out else 'no'} |")
+    return "\n".join(rows) + "\n"
