@@ -330,3 +330,27 @@ def test_docs_task_table_is_current():
     assert markdown_table(seed=0) in section
     for name in task_names():
         assert f"| `{name}`" in section
+
+
+def test_same_data_in_another_process_with_another_hash_seed():
+    """Nothing may depend on set order (Python's hash seed): a fresh process draws the same tasks."""
+    import os
+    import subprocess
+    import sys
+
+    names = [n for n in task_names() if n not in FAKER_TASKS or _has_faker()]
+    code = ("from mergelab.llmmix.tasks import build_task\n"
+            f"print(' '.join(build_task(n, seed=5, sizes={SMALL!r}).fingerprint() for n in {names!r}))")
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    here = " ".join(build_task(n, seed=5, sizes=SMALL).fingerprint() for n in names)
+    assert out.stdout.strip() == here
+
+
+def _has_faker():
+    try:
+        import faker  # noqa: F401
+    except ImportError:
+        return False
+    return True

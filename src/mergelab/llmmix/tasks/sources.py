@@ -5,7 +5,7 @@
   that folder's README.md), so they need no package at run time.
 * Weekday and month names per language, and persona names and cities, come from Faker's locale
   providers (MIT licence), which the ``eval`` extra installs. Weekday/month names are read from the
-  providers' tables (``DAY_NAMES``, ``MONTH_NAMES``); personas from a Faker instance seeded per draw.
+  providers' tables (``DAY_NAMES``, ``MONTH_NAMES``); personas from the person and address tables.
   The same seed gives the same data for the same Faker version; the version is recorded by
   :func:`faker_version`.
 """
@@ -87,18 +87,34 @@ def date_names() -> dict:
 
 
 PERSONA_LOCALES = ("en_US", "en_GB", "de_DE", "fr_FR", "es_ES", "it_IT", "nl_NL")
+CITY_LOCALES = ("de_DE", "it_IT", "nl_NL", "pt_PT", "da_DK")
+
+
+def _names(table) -> tuple:
+    return tuple(sorted({n for n in table if n.replace("-", "").replace(" ", "").isalpha()}))
 
 
 @functools.lru_cache(maxsize=None)
-def _fakers() -> tuple:
-    from faker import Faker
+def persona_tables() -> tuple:
+    """([(first names, last names) per locale of PERSONA_LOCALES], cities): Faker's tables, sorted.
 
-    return tuple(Faker(loc) for loc in PERSONA_LOCALES)
+    Read from the providers' tables rather than drawn by a seeded Faker: some providers build values
+    from sets, whose order changes with Python's hash seed, so Faker's own draws are not reproducible
+    across processes.
+    """
+    people = []
+    for loc in PERSONA_LOCALES:
+        prov = importlib.import_module(f"faker.providers.person.{loc}").Provider
+        people.append((_names(prov.first_names), _names(prov.last_names)))
+    cities = set()
+    for loc in CITY_LOCALES:
+        cities.update(importlib.import_module(f"faker.providers.address.{loc}").Provider.cities)
+    return tuple(people), tuple(sorted(c for c in cities if len(c) <= 24 and "'" not in c))
 
 
 def persona(rng) -> dict:
-    """A fictitious person (Faker): ``name``, ``first`` (given name) and ``city``, chosen by ``rng``."""
-    fake = _fakers()[rng.randrange(len(PERSONA_LOCALES))]
-    fake.seed_instance(rng.getrandbits(32))
-    first, last = fake.first_name(), fake.last_name()
-    return {"name": f"{first} {last}", "first": first, "city": fake.city()}
+    """A fictitious person from Faker's tables: ``name``, ``first`` (given name) and ``city``, chosen by ``rng``."""
+    people, cities = persona_tables()
+    firsts, lasts = people[rng.randrange(len(people))]
+    first, last = rng.choice(firsts), rng.choice(lasts)
+    return {"name": f"{first} {last}", "first": first, "city": rng.choice(cities)}
