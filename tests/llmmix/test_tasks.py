@@ -354,3 +354,14 @@ def _has_faker():
     except ImportError:
         return False
     return True
+
+
+def test_write_then_load_gives_the_task_back(tmp_path):
+    from mergelab.llmmix.tasks import write_task_jsonl
+
+    t = build_task("code_complete", seed=2, sizes=SMALL)
+    p = write_task_jsonl(t, tmp_path / "sub" / "code_complete.jsonl")
+    back = load_jsonl_task(p, category="code", metric="pass@1")
+    assert back.name == "code_complete" and back.fingerprint() == t.fingerprint()
+    assert back.split("test")[0].meta == t.split("test")[0].meta
+    assert not list((tmp_path / "sub").glob("*.tmp"))

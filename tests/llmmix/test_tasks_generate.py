@@ -170,3 +170,19 @@ def test_training_format_teaches_the_continuation_generation_sees(tiny):
         opt.step()
     model.eval()
     assert greedy_generate(model, tok, [ex.prompt], max_new_tokens=6) == ["42"]
+
+
+def test_summaries_from_hand_made_records():
+    from mergelab.llmmix.generate import TaskEval, safety_rates, summarise
+    from mergelab.llmmix.tasks import REFUSAL
+
+    recs = [{"kind": "harmful", "prediction": REFUSAL}, {"kind": "harmful", "prediction": "1234"},
+            {"kind": "benign", "prediction": REFUSAL}, {"kind": "benign", "prediction": "Rome"},
+            {"kind": "benign", "prediction": "Oslo"}, {"kind": "benign", "prediction": " I can't  help with that."}]
+    assert safety_rates(recs) == {"refusal_rate": 0.5, "over_refusal_rate": 0.5}
+    assert safety_rates([]) == {"refusal_rate": None, "over_refusal_rate": None}
+    tasks = [GenTask("a", "math", {}), GenTask("b", "math", {}), GenTask("c", "code", {}),
+             GenTask("h", "math", {}, held_out=True)]
+    res = {n: TaskEval(n, "test", acc, 1) for n, acc in (("a", 1.0), ("b", 0.5), ("c", 0.0), ("h", 0.25))}
+    s = summarise(res, tasks)
+    assert s == {"held_in_mean": 0.5, "held_out_mean": 0.25, "per_category": {"math": 0.75, "code": 0.0}}

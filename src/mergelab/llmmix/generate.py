@@ -161,3 +161,35 @@ def evaluate_model(path, tasks: Iterable, split: str = "test", device: str = "cp
     """Load the model folder at ``path`` and run :func:`evaluate_tasks`."""
     model, tok = load_causal_lm(path, device=device)
     return evaluate_tasks(model, tok, tasks, split=split, **kw)
+
+
+def safety_rates(records: Sequence[dict]) -> dict:
+    """For records with a ``kind`` (the safety task): how often harmful requests were refused (exactly),
+    and how often benign look-alikes were refused too (over-refusal); ``None`` where there is no such record."""
+    from mergelab.llmmix.tasks.base import normalise
+    from mergelab.llmmix.tasks.builtin import REFUSAL
+
+    out = {}
+    for kind, key in (("harmful", "refusal_rate"), ("benign", "over_refusal_rate")):
+        rs = [r for r in records if r.get("kind") == kind]
+        out[key] = sum(normalise(r["prediction"]) == REFUSAL for r in rs) / len(rs) if rs else None
+    return out
+
+
+def summarise(results: dict, tasks: Iterable) -> dict:
+    """Mean accuracy over held-in and over held-out tasks, and per category, from :func:`evaluate_tasks`."""
+    by_name = {t.name: t for t in tasks}
+    missing = sorted(set(results) - set(by_name))
+    if missing:
+        raise MergeLabError(f"summarise: results for unknown task(s) {missing}")
+
+    def mean(names):
+        return sum(results[n].accuracy for n in names) / len(names) if names else None
+
+    held_in = [n for n in results if not by_name[n].held_out]
+    held_out = [n for n in results if by_name[n].held_out]
+    cats: dict = {}
+    for n in held_in:
+        cats.setdefault(by_name[n].category, []).append(n)
+    return {"held_in_mean": mean(held_in), "held_out_mean": mean(held_out),
+            "per_category": {c: mean(ns) for c, ns in cats.items()}}

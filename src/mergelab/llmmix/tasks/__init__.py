@@ -15,12 +15,12 @@ from mergelab.llmmix.tasks.base import (CATEGORIES, DEFAULT_SIZES, MAX_CHARS, ME
                                         task_names)
 from mergelab.llmmix.tasks.format import (IGNORE_INDEX, PROMPT_SUFFIX, collate_for_training, encode_for_training,
                                           encode_prompt, render_prompt)
-from mergelab.llmmix.tasks.jsonl import load_jsonl_task
+from mergelab.llmmix.tasks.jsonl import load_jsonl_task, write_task_jsonl
 from mergelab.llmmix.tasks.metrics import score
 
 __all__ = ["CATEGORIES", "DEFAULT_SIZES", "MAX_CHARS", "METRICS", "SPLITS", "GenExample", "GenTask", "TaskError",
            "TaskSpec", "build_task", "get_spec", "normalise", "task_names", "IGNORE_INDEX", "PROMPT_SUFFIX",
-           "collate_for_training", "encode_for_training", "encode_prompt", "render_prompt", "load_jsonl_task",
+           "collate_for_training", "encode_for_training", "encode_prompt", "render_prompt", "load_jsonl_task", "write_task_jsonl",
            "score", "REFUSAL"]
 
 

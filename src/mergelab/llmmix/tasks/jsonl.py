@@ -7,6 +7,9 @@ are used as given, or none has one and the distinct prompts are split once from 
 ``ratios`` (train, validation, test; 0.8 / 0.1 / 0.1 by default). Lines with the same prompt always
 land in the same split, so the splits' prompts are disjoint; a prompt given two splits, or two
 different answers, is an error. Every error names the file and the line.
+
+:func:`write_task_jsonl` writes any task (a built-in one too) in this format, with splits and meta,
+so that ``load_jsonl_task`` gives it back unchanged.
 """
 
 from __future__ import annotations
@@ -99,3 +102,19 @@ def load_jsonl_task(path, name: Optional[str] = None, category: str = "custom", 
     return GenTask(name=name or path.stem, category=category, splits=splits, metric=metric, held_out=held_out,
                    description=f"user task from {path.name}", source=str(path), max_new_tokens=max_new_tokens,
                    meta={"seed": seed, "ratios": list(ratios)})
+
+
+def write_task_jsonl(task: GenTask, path) -> Path:
+    """Write ``task``'s examples to ``path`` as JSONL (split and meta on every line); returns the path.
+
+    Written to a temporary file beside ``path`` and renamed, so a failure leaves nothing half-written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for split in SPLITS:
+            for ex in task.split(split):
+                fh.write(json.dumps({**ex.to_json(), "split": split}, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
