@@ -123,11 +123,25 @@ def test_evaluate_task_scores_records_and_loads_from_folder(tiny):
 def test_load_errors_name_the_folder(tmp_path):
     from mergelab.errors import MergeLabError
 
-    with pytest.raises(MergeLabError, match="not a model folder"):
+    with pytest.raises(MergeLabError, match="nothing: not a local Hugging Face model folder"):
         load_causal_lm(tmp_path / "nothing")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(MergeLabError, match="empty: cannot load"):
-        load_causal_lm(tmp_path / "empty")
+
+
+def test_raw_prompts_are_tokenised_as_given(tiny):
+    _, model, tok = tiny
+    ab, nl = _ids(tok, " 42"), _ids(tok, "\n")
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["input_ids"][0].tolist()) if k["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True)
+    try:
+        with Script(model, ab + nl):
+            assert greedy_generate(model, tok, ["What is 1 + 1?"], raw=True) == ["42"]
+            greedy_generate(model, tok, ["What is 1 + 1?"])
+    finally:
+        hook.remove()
+    assert seen[0] == tok("What is 1 + 1?")["input_ids"]
+    assert seen[1] == encode_prompt(tok, "What is 1 + 1?") != seen[0]
 
 
 def test_training_format_masks_the_prompt(tiny):

@@ -2,7 +2,7 @@
 
 Any Hugging Face ``AutoModelForCausalLM`` with its ``AutoTokenizer`` in a local folder works
 (:func:`load_causal_lm`). Prompts are rendered and tokenised by :func:`mergelab.llmmix.tasks.encode_prompt`
-(the same encoding fine-tuning uses), left-padded into batches (longest first, so a batch holds
+(the same encoding fine-tuning uses; ``raw=True`` tokenises them as given), left-padded into batches (longest first, so a batch holds
 prompts of similar length) and decoded greedily by ``model.generate`` for at most ``max_new_tokens``
 tokens. A sequence stops at EOS (``stop_at_eos``) and, with ``stop_at_newline``, at the first token
 whose text contains a newline; the completion is the decoded text up to that newline, special tokens
@@ -15,30 +15,19 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from mergelab.errors import MergeLabError
 from mergelab.llmmix.tasks.format import encode_prompt
 
 
-def load_causal_lm(path, device: str = "cpu", dtype=None):
-    """``(model, tokenizer)`` from a local folder (no download); the model in eval mode on ``device``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_causal_lm(path, device: str = "cpu"):
+    """``(model, tokenizer)`` from a local folder (offline, float32, eval mode; loading is
+    :func:`mergelab.evaluate.lm.load_causal_lm`'s), the model moved to ``device``."""
+    from mergelab.evaluate.lm import load_causal_lm as load
 
-    path = Path(path)
-    if not path.is_dir():
-        raise MergeLabError(f"{path}: not a model folder (expected config.json, weights and tokenizer files)")
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad folder
-        raise MergeLabError(f"{path}: cannot load a tokenizer with AutoTokenizer ({type(e).__name__}: {e})") from None
-    kw = {"dtype": dtype} if dtype is not None else {}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kw)
-    except Exception as e:  # noqa: BLE001
-        raise MergeLabError(f"{path}: cannot load a causal LM with AutoModelForCausalLM ({type(e).__name__}: {e})") from None
-    return model.to(device).eval(), tok
+    model, tok = load(path)
+    return model.to(device), tok
 
 
 def newline_token_ids(tokenizer) -> list:
@@ -67,8 +56,9 @@ def _stop_ids(tokenizer, stop_at_eos: bool, stop_at_newline: bool) -> list:
 
 
 def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 16,
-                    stop_at_eos: bool = True, stop_at_newline: bool = True) -> list:
-    """Greedy completions of ``prompts`` (raw task prompts; rendered here), in the order given."""
+                    stop_at_eos: bool = True, stop_at_newline: bool = True, raw: bool = False) -> list:
+    """Greedy completions of ``prompts``, in the order given. Task prompts are rendered with the
+    task format (``prompt + "\\nA:"``) unless ``raw``, when they are tokenised exactly as given."""
     import torch
     from transformers import GenerationConfig
 
@@ -81,7 +71,9 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
                            eos_token_id=stops, bos_token_id=tokenizer.bos_token_id)
     # an empty list, not None: None would fall back to the model's own generation_config EOS
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    encoded = [list(tokenizer(p)["input_ids"]) if raw else encode_prompt(tokenizer, p) for p in prompts]
+    if any(not e for e in encoded):
+        raise MergeLabError("generation: a prompt encodes to no tokens (empty prompt and no BOS token)")
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     device = next(model.parameters()).device
     out: list = [None] * len(prompts)
