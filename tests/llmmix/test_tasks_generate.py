@@ -200,3 +200,30 @@ def test_summaries_from_hand_made_records():
     res = {n: TaskEval(n, "test", acc, 1) for n, acc in (("a", 1.0), ("b", 0.5), ("c", 0.0), ("h", 0.25))}
     s = summarise(res, tasks)
     assert s == {"held_in_mean": 0.5, "held_out_mean": 0.25, "per_category": {"math": 0.75, "code": 0.0}}
+
+
+def test_command_lines(tiny, tmp_path, capsys):
+    import json
+
+    from mergelab.llmmix.generate import main as gen_main
+    from mergelab.llmmix.tasks.__main__ import main as tasks_main
+
+    folder = tiny[0]
+    assert tasks_main(["write", str(tmp_path / "t"), "--tasks", "arithmetic,letter_count", "--train", "5",
+                       "--validation", "2", "--test", "3"]) == 0
+    manifest = json.loads((tmp_path / "t" / "tasks.json").read_text())
+    assert manifest["letter_count"]["held_out"] is True and manifest["arithmetic"]["sizes"]["test"] == 3
+    assert manifest["arithmetic"]["fingerprint"] == build_task(
+        "arithmetic", sizes={"train": 5, "validation": 2, "test": 3}).fingerprint()
+    assert len((tmp_path / "t" / "arithmetic.jsonl").read_text().splitlines()) == 10
+    assert tasks_main(["write", str(tmp_path / "u"), "--tasks", "nope"]) == 2
+    assert "unknown llmmix task 'nope'" in capsys.readouterr().err and not (tmp_path / "u").exists()
+
+    out = tmp_path / "res.json"
+    assert gen_main([str(folder), "--jsonl", str(tmp_path / "t" / "arithmetic.jsonl"), "--tasks", "number_compare",
+                     "--limit", "2", "--max-new-tokens", "3", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["tasks"]) == {"number_compare", "arithmetic"} and res["tasks"]["arithmetic"]["n"] == 2
+    assert set(res["summary"]) == {"held_in_mean", "held_out_mean", "per_category"}
+    assert gen_main([str(tmp_path / "missing"), "--tasks", "arithmetic"]) == 2
+    assert "not a local Hugging Face model folder" in capsys.readouterr().err

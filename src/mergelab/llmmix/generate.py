@@ -185,3 +185,52 @@ def summarise(results: dict, tasks: Iterable) -> dict:
         cats.setdefault(by_name[n].category, []).append(n)
     return {"held_in_mean": mean(held_in), "held_out_mean": mean(held_out),
             "per_category": {c: mean(ns) for c, ns in cats.items()}}
+
+
+def main(argv=None) -> int:
+    """``python -m mergelab.llmmix.generate MODEL [--tasks a,b] [--jsonl FILE]... [--out results.json]``."""
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(prog="python -m mergelab.llmmix.generate",
+                                 description="Greedy generative evaluation of a causal LM folder on llmmix tasks.")
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--tasks", default="", help="comma-separated built-in tasks (default: all, unless --jsonl)")
+    ap.add_argument("--jsonl", type=Path, action="append", default=[], help="a user task file (repeatable)")
+    ap.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    ap.add_argument("--limit", type=int, default=None, help="first N examples of the split")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: each task's own")
+    ap.add_argument("--no-newline-stop", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=None, help="write accuracies and per-example records as JSON")
+    args = ap.parse_args(argv)
+    try:
+        from mergelab.llmmix.tasks import build_task, load_jsonl_task, task_names
+
+        names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+        if not names and not args.jsonl:
+            names = task_names()
+        tasks = [build_task(n, seed=args.seed) for n in names] + [load_jsonl_task(p, seed=args.seed) for p in args.jsonl]
+        results = evaluate_model(args.model, tasks, split=args.split, device=args.device, limit=args.limit,
+                                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                 stop_at_newline=not args.no_newline_stop)
+        for name, r in results.items():
+            print(f"{name:18s} {100 * r.accuracy:6.1f}%  (n={r.n}, {r.seconds:.1f} s)")
+        if args.out is not None:
+            summary = summarise(results, tasks)
+            payload = {"model": str(args.model), "split": args.split, "summary": summary,
+                       "tasks": {n: r.to_json() for n, r in results.items()}}
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return 0
+    except MergeLabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
