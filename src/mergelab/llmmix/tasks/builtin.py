@@ -9,7 +9,7 @@ Answers are one line; prompts and answers stay within :data:`.base.MAX_CHARS` ch
 from __future__ import annotations
 
 from mergelab.llmmix.tasks import sources
-from mergelab.llmmix.tasks.base import TaskSpec, partition, register
+from mergelab.llmmix.tasks.base import GenExample, TaskSpec, partition, register
 from mergelab.llmmix.tasks.code import sample_code_complete, sample_code_output
 
 REFUSAL = "I can't help with that."
@@ -221,8 +221,6 @@ def sample_letter_count(rng, split):
 
 
 def _ex(prompt, answer, **meta):
-    from mergelab.llmmix.tasks.base import GenExample
-
     return GenExample(prompt=prompt, answer=answer, meta=meta)
 
 
