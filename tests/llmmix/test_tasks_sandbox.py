@@ -33,9 +33,9 @@ def test_right_body_scores_1_wrong_body_0():
 
 def test_endless_loop_is_killed_by_the_time_limit():
     t0 = time.monotonic()
-    assert score("pass@1", "while True: pass", EX, timeout=1.0) == 0.0
-    assert 1.0 <= time.monotonic() - t0 < 5.0
-    r = run_tests(HEADER + "\n    import time; time.sleep(30)", "f", EX.meta["tests"], timeout=1.0)
+    assert score("pass@1", "while True: pass", EX, timeout=0.5) == 0.0
+    assert 0.5 <= time.monotonic() - t0 < 4.0
+    r = run_tests(HEADER + "\n    import time; time.sleep(30)", "f", EX.meta["tests"], timeout=0.5)
     assert not r.passed and "time limit" in r.reason
 
 
