@@ -29,6 +29,17 @@ def test_batched_left_padded_decoding_equals_one_by_one(tiny):
               for p in PROMPTS]
     assert batched == single
     assert len(set(single)) > 1  # the random model's outputs depend on the prompt
+    # the model's own generation settings do not change greedy decoding
+    saved = model.generation_config
+    try:
+        model.generation_config = type(saved).from_dict({**saved.to_dict(), "repetition_penalty": 5.0,
+                                                         "no_repeat_ngram_size": 1, "min_new_tokens": 3})
+        again = greedy_generate(model, tok, PROMPTS, max_new_tokens=8, batch_size=3, stop_at_newline=False,
+                                stop_at_eos=False)
+        assert model.generation_config.repetition_penalty == 5.0  # put back
+    finally:
+        model.generation_config = saved
+    assert again == batched
 
 
 class Script:

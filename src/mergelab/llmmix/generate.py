@@ -58,8 +58,8 @@ def _stop_ids(tokenizer, stop_at_eos: bool, stop_at_newline: bool) -> list:
 def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 16,
                     stop_at_eos: bool = True, stop_at_newline: bool = True, raw: bool = False) -> list:
     """Greedy completions of ``prompts``, in the order given. Task prompts are rendered with the
-    task format (``prompt + "\\nA:"``) unless ``raw``, when they are tokenised exactly as given."""
-    import torch
+    task format (``prompt + "\\nA:"``) unless ``raw``, when they are tokenised exactly as given.
+    Settings in the model's own ``generation_config`` (penalties, sampling, minimum length) are ignored."""
     from transformers import GenerationConfig
 
     if max_new_tokens < 1 or batch_size < 1:
@@ -68,16 +68,30 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    # eos_token_id: a list, empty when no stop is asked (None would mean "the model's EOS")
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
                            eos_token_id=stops, bos_token_id=tokenizer.bos_token_id)
-    # an empty list, not None: None would fall back to the model's own generation_config EOS
     encoded = [list(tokenizer(p)["input_ids"]) if raw else encode_prompt(tokenizer, p) for p in prompts]
     if any(not e for e in encoded):
         raise MergeLabError("generation: a prompt encodes to no tokens (empty prompt and no BOS token)")
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    device = next(model.parameters()).device
     out: list = [None] * len(prompts)
     stop_set = set(stops)
+    # generate() fills settings left at their defaults from the model's own generation_config (a
+    # repetition penalty, min_new_tokens, ...); swapped out here so decoding is plain greedy
+    saved = model.generation_config
+    model.generation_config = cfg
+    try:
+        _decode_batches(model, tokenizer, encoded, order, batch_size, pad, cfg, stop_set, stop_at_newline, out)
+    finally:
+        model.generation_config = saved
+    return out
+
+
+def _decode_batches(model, tokenizer, encoded, order, batch_size, pad, cfg, stop_set, stop_at_newline, out):
+    import torch
+
+    device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         width = max(len(encoded[i]) for i in idx)
@@ -99,7 +113,6 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
             if stop_at_newline:
                 text = text.split("\n", 1)[0]
             out[i] = text.strip()
-    return out
 
 
 @dataclass
