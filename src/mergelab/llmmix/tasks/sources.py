@@ -77,9 +77,11 @@ def faker_version() -> str:
 @functools.lru_cache(maxsize=None)
 def date_names() -> dict:
     """{language: (7 weekday names Sunday first, 12 month names)} from Faker's locale tables."""
+    import faker.providers.date_time as date_time
+
     out = {}
     for loc, lang in DATE_LOCALES.items():
-        prov = importlib.import_module(f"faker.providers.date_time.{loc}").Provider
+        prov = importlib.import_module(f"{date_time.__name__}.{loc}").Provider
         days = [prov.DAY_NAMES[str(i)] for i in range(7)]
         months = [prov.MONTH_NAMES[f"{i:02d}"] for i in range(1, 13)]
         out[lang] = (tuple(days), tuple(months))
@@ -102,13 +104,16 @@ def persona_tables() -> tuple:
     from sets, whose order changes with Python's hash seed, so Faker's own draws are not reproducible
     across processes.
     """
+    import faker.providers.address as address
+    import faker.providers.person as person
+
     people = []
     for loc in PERSONA_LOCALES:
-        prov = importlib.import_module(f"faker.providers.person.{loc}").Provider
+        prov = importlib.import_module(f"{person.__name__}.{loc}").Provider
         people.append((_names(prov.first_names), _names(prov.last_names)))
     cities = set()
     for loc in CITY_LOCALES:
-        cities.update(importlib.import_module(f"faker.providers.address.{loc}").Provider.cities)
+        cities.update(importlib.import_module(f"{address.__name__}.{loc}").Provider.cities)
     return tuple(people), tuple(sorted(c for c in cities if len(c) <= 24 and "'" not in c))
 
 
