@@ -63,8 +63,20 @@ def test_missing_required_and_misplaced_parameters():
     m = get_method("ties")
     with pytest.raises(RecipeError, match=r"models\[m\]: required parameter 'weight'"):
         validate_parameters(m, {}, [("m", {})])
-    with pytest.raises(RecipeError, match="'lambda' is a global parameter"):
-        validate_parameters(m, {}, [("m", {"weight": 1.0, "lambda": 1.0})])
+    # a global parameter set on a model is never read there (mergekit neither): ignored with a warning,
+    # an error under --strict
+    from mergelab.recipe import misplaced_parameters, unused_parameter_messages
+
+    validate_parameters(m, {}, [("m", {"weight": 1.0, "lambda": 1.0})])
+    r = load_recipe({"merge_method": "ties", "base_model": "b", "parameters": {"lambda": 0.5},
+                     "models": [{"model": "m", "parameters": {"weight": 1.0, "lambda": 2.0}}]})
+    assert misplaced_parameters(r, m) == {"lambda": ["models[m]"]}
+    assert unused_parameter_messages(r, m) == [
+        "parameter 'lambda' (set in models[m]) is a global parameter of method 'ties', which is read only from the "
+        "top-level or a slice's 'parameters', not per model, and is ignored (mergekit ignores it there too; move it "
+        "to 'parameters' to use it)"]
+    with pytest.raises(RecipeError, match="'lambda' .* is a global parameter .*--strict"):
+        unused_parameter_messages(r, m, strict=True)
     with pytest.raises(RecipeError, match="must be a single value"):
         validate_parameters(m, {"semantics": ["paper", "mergekit"]}, [("m", {"weight": 1.0})])
 
