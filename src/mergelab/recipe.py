@@ -172,16 +172,23 @@ def _check_structure(r: Recipe) -> None:
         raise RecipeError(f"recipe must have exactly one of 'models', 'slices' or 'modules' (found: {given or 'none'})")
     if r.modules:
         raise RecipeError("'modules:' (multi-module architectures) is not supported yet; use 'models:'")
-    if r.tokenizer is not None or r.tokenizer_source == "union":
+    if r.tokenizer is not None:
+        if r.tokenizer_source is not None:
+            raise RecipeError("give either tokenizer_source: or tokenizer:, not both (as in mergekit)")
+        _tokenizer_block_as_source(r)
+    if r.tokenizer_source == "union":
         raise RecipeError(
-            "tokenizer_source: union / tokenizer: (building a merged vocabulary) is not supported yet; "
-            "use tokenizer_source: base or a model path"
+            "tokenizer_source: union / tokenizer: with tokens or padding (building a merged vocabulary) is not "
+            "supported yet (issue 18); use tokenizer_source: base or a model path"
         )
     if r.chat_template is not None:
-        raise RecipeError("chat_template: is not supported yet; the donor's chat template is copied as is")
+        raise RecipeError("chat_template: is not supported yet (issue 18, tokenizers); remove it to copy the donor's "
+                          "tokenizer files, chat template included, as they are")
     for ref in r.model_refs():
         if "+" in ref and not Path(ref).exists():
-            raise RecipeError(f"model '{ref}': LoRA references 'model+adapter' are not supported yet")
+            raise RecipeError(f"model '{ref}': LoRA references 'model+adapter' (mergekit merges the adapter into "
+                              f"the model first) are not supported yet (issue 16, LoRA); merge the adapter into "
+                              f"its model and give that folder")
     for key in ("dtype", "out_dtype"):
         v = getattr(r, key)
         if v is not None and normalize_dtype(v) is None:
@@ -189,6 +196,23 @@ def _check_structure(r: Recipe) -> None:
     get_method(r.merge_method)
     for p in r.post:
         get_post_step(p.name)
+
+
+def _tokenizer_block_as_source(r: Recipe) -> None:
+    """``tokenizer: {source: X}`` without ``tokens`` or ``pad_to_multiple_of`` is mergekit's
+    ``tokenizer_source: X`` (the same vocabulary, embeddings aligned to it): read it as that."""
+    block = r.tokenizer
+    if not isinstance(block, dict) or not set(block) <= {"source", "tokens", "pad_to_multiple_of"}:
+        raise RecipeError(f"tokenizer: must be a mapping with 'source' (and optionally 'tokens', "
+                          f"'pad_to_multiple_of'), as in mergekit; got {block!r}")
+    if block.get("tokens") or block.get("pad_to_multiple_of") not in (None, 1):
+        raise RecipeError("tokenizer: 'tokens' and 'pad_to_multiple_of' (adding or moving token embeddings, padding "
+                          "the vocabulary) are not supported yet (issue 18); only tokenizer: {source: base or a "
+                          "model path} is")
+    source = block.get("source", "union")  # mergekit's default source
+    if not isinstance(source, str):
+        raise RecipeError(f"tokenizer.source: expected 'base', 'union' or a model path, got {source!r}")
+    r.tokenizer_source, r.tokenizer = source, None
 
 
 def normalize_dtype(name: Optional[str]) -> Optional[str]:
