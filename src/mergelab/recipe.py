@@ -8,7 +8,8 @@ differ: ``error``, the default, or ``common_submatrix``, mergekit's old silent c
 
 Parameter values are resolved per tensor as mergekit does (:func:`resolve_setting`):
 
-* a scalar;
+* a scalar, read as the parameter's type as mergekit reads it (``"1e-5"`` is a number, ``"false"`` a
+  boolean: :func:`lax_value`);
 * a list of numbers, a *gradient*, interpolated linearly at ``t = layer / (num_layers - 1)``
   (``t = 0`` for tensors outside the layers); a list of non-numbers is indexed at ``int(t*(n-1))``;
 * a list of ``{filter, value}`` conditionals: the first whose ``filter`` is missing, ``"*"`` or a
@@ -33,11 +34,13 @@ error with the closest name.
 from __future__ import annotations
 
 import difflib
+import functools
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter,
+                      ValidationError)
 
 from mergelab.errors import RecipeError
 from mergelab.methods.registry import (MergeMethod, Param, all_parameter_names, get_method, get_post_step,
@@ -223,26 +226,50 @@ def normalize_dtype(name: Optional[str]) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------- parameter resolution
-def resolve_setting(setting: Any, tensor_name: str, t: float) -> Any:
-    """Resolve a parameter setting for one tensor at depth ``t`` (mergekit's semantics)."""
+@functools.lru_cache(maxsize=None)
+def _adapter(kind: type) -> TypeAdapter:
+    return TypeAdapter(kind)
+
+
+def lax_value(param: Param, value: Any) -> Any:
+    """``value`` converted to ``param``'s type the way mergekit 0.1.5 reads it (pydantic's lax mode):
+    a number written as a string (``"1e-5"``, which YAML 1.1 reads as a string for lack of a dot) is a
+    number, ``"false"``/``"no"``/``0`` a boolean. Anything it cannot convert is returned as is, for
+    :meth:`Param.check` to reject with its message."""
+    if param.kind in (float, int, bool) and not (type(value) is param.kind):
+        try:
+            return _adapter(param.kind).validate_python(value)
+        except ValidationError:
+            return value
+    return value
+
+
+def resolve_setting(setting: Any, tensor_name: str, t: float, param: Optional[Param] = None) -> Any:
+    """Resolve a parameter setting for one tensor at depth ``t`` (mergekit's semantics).
+
+    With ``param``, every value is first read as that parameter's type (:func:`lax_value`), as mergekit
+    validates gradient endpoints before deciding whether to interpolate them.
+    """
+    conv = (lambda v: lax_value(param, v)) if param is not None else (lambda v: v)
     if isinstance(setting, Conditional):
         setting = [setting]
     if isinstance(setting, (bool, int, float, str)):
-        return setting
+        return conv(setting)
     if isinstance(setting, list):
         if not setting:
             return None
         if all(isinstance(e, (bool, int, float, str)) for e in setting):
-            if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
-                return setting[int(t * (len(setting) - 1))]
-            scaled = t * (len(setting) - 1)
+            values = [conv(e) for e in setting]
+            if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in values):
+                return values[int(t * (len(values) - 1))]
+            scaled = t * (len(values) - 1)
             i0 = int(scaled)
-            i1 = min(len(setting) - 1, i0 + 1)
+            i1 = min(len(values) - 1, i0 + 1)
             frac = scaled - i0
-            return (1 - frac) * setting[i0] + frac * setting[i1]
+            return conv((1 - frac) * values[i0] + frac * values[i1])
         for cond in setting:
             if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
-                return resolve_setting(cond.value, tensor_name, t)
+                return resolve_setting(cond.value, tensor_name, t, param)
         return None
     raise RecipeError(f"unexpected parameter value {setting!r}")
 
@@ -268,7 +295,7 @@ def check_setting(param: Param, setting: Any, where: str) -> None:
     if not param.per_layer and not _is_scalar(setting):
         raise RecipeError(f"{where}: parameter '{param.name}' must be a single value, not a gradient or filter list")
     for v in _leaf_values(setting):
-        param.check(v, where)
+        param.check(lax_value(param, v), where)
 
 
 def validate_parameters(
@@ -452,7 +479,7 @@ def resolve_parameters(
     def value(p: Param, levels: Sequence[Dict[str, Any]], name: str) -> Any:
         for level in levels:
             if p.name in level:
-                v = resolve_setting(level[p.name], name, t)
+                v = resolve_setting(level[p.name], name, t, p)
                 if v is not None:
                     return p.check(v, f"parameter '{p.name}' for tensor '{name}'")
         if p.required:

@@ -1,6 +1,7 @@
 """Recipe parsing, mergekit-style parameter resolution and validation before any tensor is read."""
 
 import pytest
+import yaml
 
 from mergelab.errors import RecipeError
 from mergelab.methods.registry import get_method
@@ -50,7 +51,9 @@ def test_unknown_method_suggests_the_closest():
     ({"densty": 0.5}, "unknown parameter 'densty' for method 'ties'"),
     ({"density": 1.5}, r"'density' = 1.5 is invalid; expected a number >= 0 and <= 1"),
     ({"density": [0.2, 2.0]}, r"'density' = 2.0 is invalid"),
-    ({"normalize": "yes"}, "expected true or false"),
+    ({"normalize": "maybe"}, "expected true or false"),
+    ({"density": "1e-x"}, r"'density' = '1e-x' is invalid; expected a number"),
+    ({"density": "2e-0"}, r"'density' = 2.0 is invalid"),
     ({"semantics": "papr"}, "one of 'mergekit', 'paper'"),
 ])
 def test_bad_global_parameters(params, message):
@@ -148,3 +151,17 @@ def test_a_parameter_the_methods_reference_has_but_mergelab_lacks_is_refused_not
     r = load_recipe({"merge_method": "ota", "parameters": {"rescale": True},
                      "models": [{"model": "m", "parameters": {"second_moments": "v.safetensors"}}]})
     assert unused_parameters(r, m) == {}
+
+
+def test_values_are_read_as_mergekit_reads_them():
+    """mergekit validates values with pydantic's lax mode: YAML 1.1 reads ``1e-5`` (no dot) as a string,
+    and mergekit still takes it as a number, also as a gradient endpoint; ``"false"`` is a boolean."""
+    m = get_method("ties")
+    r = load_recipe(yaml.safe_load(
+        "merge_method: ties\nbase_model: b\nparameters: {normalize: 'false', lambda: 5e-1}\n"
+        "models:\n  - {model: m, parameters: {weight: [1e-1, 9e-1], density: 5e-1}}\n"))
+    assert r.parameters["lambda"] == "5e-1"  # what YAML gives
+    validate_parameters(m, dict(r.parameters), [("m", dict(r.models[0].parameters))])
+    glob, per = resolve_parameters(m, dict(r.parameters), [dict(r.models[0].parameters)], "model.layers.0.x", 0.5)
+    assert glob["normalize"] is False and glob["lambda"] == 0.5
+    assert per[0]["weight"] == pytest.approx(0.5) and per[0]["density"] == 0.5

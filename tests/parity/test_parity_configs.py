@@ -223,7 +223,36 @@ CASES: Dict[str, Callable[[F], dict]] = {
         "slices": [{"sources": [_src(f["e0"], 0, 4, weight=0.3), _src(f["e1"], 0, 4)],
                     "parameters": {"weight": [{"filter": "mlp", "value": 2.0}, {"value": 0.6}]}}],
         "merge_method": "nuslerp", "dtype": "float32"},
+    "linear_base_not_listed_is_an_input": lambda f: {  # mergekit adds the base as one more input
+        "models": [{"model": f["e0"], "parameters": {"weight": 0.5}}, {"model": f["e1"], "parameters": {"weight": 0.2}}],
+        "merge_method": "linear", "base_model": f["base"], "parameters": {"weight": 0.3}, "dtype": "float32"},
+    "linear_negative_weight": lambda f: {
+        "models": [{"model": f["e0"], "parameters": {"weight": 1.5}}, {"model": f["e1"], "parameters": {"weight": -0.5}}],
+        "merge_method": "linear", "parameters": {"normalize": False}, "dtype": "float32"},
+    "slerp_base_not_listed": lambda f: {
+        "models": [{"model": f["e0"]}], "merge_method": "slerp", "base_model": f["base"], "parameters": {"t": 0.3},
+        "dtype": "float32"},
+    "nuslerp_with_base": lambda f: {
+        "models": [{"model": f["e0"], "parameters": {"weight": 0.7}}, {"model": f["e1"], "parameters": {"weight": 0.3}}],
+        "merge_method": "nuslerp", "base_model": f["base"], "dtype": "float32"},
+    "model_stock_base_listed": lambda f: {
+        "models": [{"model": f["base"]}, {"model": f["e0"]}, {"model": f["e1"]}, {"model": f["e2"]}],
+        "merge_method": "model_stock", "base_model": f["base"], "dtype": "float32"},
+    "karcher_integer_as_float": lambda f: {
+        "models": [{"model": f["e0"]}, {"model": f["e1"]}], "merge_method": "karcher",
+        "parameters": {"max_iter": 5.0, "tol": 1e-5}, "dtype": "float32"},
+    "passthrough_models_form_scale": lambda f: {
+        "models": [{"model": f["e0"], "parameters": {"scale": 0.5}}], "merge_method": "passthrough", "dtype": "float32"},
+    # YAML 1.1 reads 5e-1 (no dot) as a string; mergekit reads it as a number, "false" as a boolean
+    "numbers_and_booleans_written_as_strings": lambda f: {
+        "models": [{"model": f["e0"], "parameters": {"weight": ["1e-1", "9e-1"], "density": "7e-1"}},
+                   {"model": f["e1"], "parameters": {"weight": "5e-1", "density": "1"}}],
+        "merge_method": "ties", "base_model": f["base"], "parameters": {"lambda": "8e-1", "normalize": "false"},
+        "dtype": "float32"},
     # ---- dtypes and tokenizers
+    "linear_only_out_dtype": lambda f: {
+        "models": [{"model": f["e0"], "parameters": {"weight": 1.0}}, {"model": f["e1"], "parameters": {"weight": 0.5}}],
+        "merge_method": "linear", "out_dtype": "float16"},
     "linear_out_dtype_bfloat16": lambda f: {
         "models": [{"model": f["e0"], "parameters": {"weight": 1.0}}, {"model": f["e1"], "parameters": {"weight": 0.5}}],
         "merge_method": "linear", "dtype": "float32", "out_dtype": "bfloat16"},
@@ -268,7 +297,10 @@ REFUSED: Dict[str, tuple] = {
     "lora_suffix": (lambda f: {
         "models": [{"model": f["e0"] + "+" + f["e1"]}, {"model": f["e1"]}], "merge_method": "linear",
         "dtype": "float32"}, ["LoRA", "issue 16"]),
-    # mergekit refuses this one too ("Duplicate merge inputs")
+    # mergekit refuses these too ("Base input is not present", "Duplicate merge inputs")
+    "base_not_among_slice_sources": (lambda f: {
+        "slices": [{"sources": [_src(f["e0"], 0, 4, weight=0.5), _src(f["e1"], 0, 4, weight=0.5)]}],
+        "merge_method": "ties", "base_model": f["base"], "dtype": "float32"}, ["needs its base model among"]),
     "same_model_twice_in_a_slice": (lambda f: {
         "slices": [{"sources": [_src(f["e0"], 0, 2), _src(f["e0"], 2, 4), _src(f["e1"], 1, 3)]}],
         "merge_method": "linear", "parameters": {"weight": 1.0}, "dtype": "float32"}, ["more than once"]),
