@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter,
-                      ValidationError)
+                      ValidationError, field_validator)
 
 from mergelab.errors import RecipeError
 from mergelab.methods.registry import (MergeMethod, Param, all_parameter_names, get_method, get_post_step,
@@ -63,6 +63,12 @@ Conditional.model_rebuild()
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("parameters", mode="before", check_fields=False)
+    @classmethod
+    def _empty_parameters(cls, value: Any) -> Any:
+        # ``parameters:`` with nothing under it is YAML null; mergekit reads it as no parameters
+        return {} if value is None else value
 
 
 class ModelEntry(_Strict):

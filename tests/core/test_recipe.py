@@ -165,3 +165,6 @@ def test_values_are_read_as_mergekit_reads_them():
     glob, per = resolve_parameters(m, dict(r.parameters), [dict(r.models[0].parameters)], "model.layers.0.x", 0.5)
     assert glob["normalize"] is False and glob["lambda"] == 0.5
     assert per[0]["weight"] == pytest.approx(0.5) and per[0]["density"] == 0.5
+    # `parameters:` with nothing under it is YAML null: no parameters, as in mergekit
+    r = load_recipe(yaml.safe_load("merge_method: linear\nparameters:\nmodels:\n  - model: a\n    parameters:\n"))
+    assert r.parameters == {} and r.models[0].parameters == {}

@@ -249,6 +249,14 @@ CASES: Dict[str, Callable[[F], dict]] = {
                    {"model": f["e1"], "parameters": {"weight": "5e-1", "density": "1"}}],
         "merge_method": "ties", "base_model": f["base"], "parameters": {"lambda": "8e-1", "normalize": "false"},
         "dtype": "float32"},
+    # `parameters:` with nothing under it (YAML null), at the top level and on the base
+    "empty_parameters_keys": lambda f: {
+        "models": [{"model": f["base"], "parameters": None}, {"model": f["e0"], "parameters": {"weight": 0.5}},
+                   {"model": f["e1"], "parameters": {"weight": 0.3}}],
+        "merge_method": "task_arithmetic", "base_model": f["base"], "parameters": None, "dtype": "float32"},
+    "filter_wildcard_and_slice_base_only": lambda f: {
+        "slices": [{"sources": [_src(f["base"], 0, 4), _src(f["e0"], 0, 4)], "base_model": f["base"]}],
+        "merge_method": "slerp", "parameters": {"t": [{"filter": "*", "value": [0.2, 0.8]}]}, "dtype": "float32"},
     # ---- dtypes and tokenizers
     "linear_only_out_dtype": lambda f: {
         "models": [{"model": f["e0"], "parameters": {"weight": 1.0}}, {"model": f["e1"], "parameters": {"weight": 0.5}}],
