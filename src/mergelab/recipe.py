@@ -347,21 +347,21 @@ def validate_parameters(
                 continue
             p = method.model_param(key)
             if p is None:
-                _refuse_unsupported(method, key, f"models[{label}].parameters")
+                _refuse_unsupported(method, key, f"{_place(label)}.parameters")
                 if methods_defining(key):
                     continue
                 raise RecipeError(
-                    f"models[{label}].parameters: unknown parameter '{key}' for method '{method.name}'"
+                    f"{_place(label)}.parameters: unknown parameter '{key}' for method '{method.name}'"
                     f"{_did_you_mean(key, model_names)}; "
                     f"per-model parameters allowed: {', '.join(sorted(model_names)) or 'none'}"
                 )
-            check_setting(p, setting, f"models[{label}].parameters")
+            check_setting(p, setting, f"{_place(label)}.parameters")
         if not required:
             continue
         for p in method.model_params:
             if p.required and p.name not in settings and not any(p.name in level for level in shared):
                 raise RecipeError(
-                    f"models[{label}]: required parameter '{p.name}' of method '{method.name}' is missing "
+                    f"{_place(label)}: required parameter '{p.name}' of method '{method.name}' is missing "
                     f"({p.meaning} Expected {p.allowed()})"
                 )
     if not required:
@@ -371,6 +371,11 @@ def validate_parameters(
             raise RecipeError(
                 f"{where}: required parameter '{p.name}' of method '{method.name}' is missing; expected {p.allowed()}"
             )
+
+
+def _place(label: str) -> str:
+    """Where a model's parameters are set: ``models[LABEL]``, or a slice source's own label."""
+    return label if label.startswith("slices[") else f"models[{label}]"
 
 
 def _refuse_unsupported(method: MergeMethod, key: str, where: str) -> None:
