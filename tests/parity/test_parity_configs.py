@@ -11,7 +11,7 @@ through to a lower level, filters on layer names (a source's own layer numbers),
 ``scale`` filters, slices of different lengths and sources.
 
 The checkpoints are tiny float32 Llama models (4 layers; a base and three experts, with a word-level
-tokenizer so mergekit's tokenizer paths run). One mergekit 0.1.5 process runs every config
+tokenizer so mergekit's tokenizer paths run) and a bfloat16 family (a base and two experts). One mergekit 0.1.5 process runs every config
 (``run_merge``, as ``mergekit-yaml`` does); mergelab runs each through ``mergelab merge``
 (in-process). Every tensor must have the same name, shape and dtype and be equal bit for bit
 (float32 arithmetic in mergekit's order; nothing here has tied magnitudes at a trim threshold).
@@ -258,6 +258,19 @@ CASES: Dict[str, Callable[[F], dict]] = {
         "slices": [{"sources": [_src(f["base"], 0, 4), _src(f["e0"], 0, 4)], "base_model": f["base"]}],
         "merge_method": "slerp", "parameters": {"t": [{"filter": "*", "value": [0.2, 0.8]}]}, "dtype": "float32"},
     # ---- dtypes and tokenizers
+    # bfloat16 checkpoints with dtype: bfloat16, the usual published case: linear and slerp compute in
+    # float32 in both tools (task-vector methods compute in bfloat16 in mergekit: docs/methods.md)
+    "bf16_linear": lambda f: {
+        "models": [{"model": f["h0"], "parameters": {"weight": 1.0}}, {"model": f["h1"], "parameters": {"weight": 0.5}}],
+        "merge_method": "linear", "dtype": "bfloat16"},
+    "bf16_slerp_gradient_filters": lambda f: {
+        "slices": [{"sources": [_src(f["hbase"], 0, 4), _src(f["h0"], 0, 4)]}],
+        "merge_method": "slerp", "base_model": f["hbase"], "parameters": {"t": T_FILTERS}, "dtype": "bfloat16"},
+    "bf16_inputs_float32_compute_ties": lambda f: {  # density 1: no trim, so no ties at a threshold
+        "models": [{"model": f["h0"], "parameters": {"density": 1.0, "weight": 0.5}},
+                   {"model": f["h1"], "parameters": {"density": 1.0, "weight": 0.3}}],
+        "merge_method": "ties", "base_model": f["hbase"], "parameters": {"normalize": True}, "dtype": "float32",
+        "out_dtype": "bfloat16"},
     "linear_only_out_dtype": lambda f: {
         "models": [{"model": f["e0"], "parameters": {"weight": 1.0}}, {"model": f["e1"], "parameters": {"weight": 0.5}}],
         "merge_method": "linear", "out_dtype": "float16"},
@@ -337,6 +350,9 @@ def runs(tmp_path_factory):
     for p in paths:
         write_tokenizer(p, VOCAB)
     fam = {"base": str(paths[0]), **{f"e{i}": str(p) for i, p in enumerate(paths[1:])}}
+    half = make_llama_family(root / "bf16", experts=2, hidden=32, layers=LAYERS, intermediate=64, vocab=VOCAB,
+                             seed=6, dtype="bfloat16")
+    fam.update({"hbase": str(half[0]), "h0": str(half[1]), "h1": str(half[2])})
     spec = {"runs": {}, "report": str(root / "report.json")}
     configs = {}
     for case, make in {**CASES, **{k: v[0] for k, v in REFUSED.items()}}.items():
