@@ -162,6 +162,7 @@ def build_slice_plan(recipe: Recipe, checkpoints: Dict[str, Any]) -> MergePlan:
     return MergePlan(
         recipe=recipe, method=method, checkpoints=ckpts, base_index=base_index,
         model_indices=[index_of[s.model] for s in first[3]], jobs=jobs, num_layers=total_layers,
-        donor_index=donor, global_settings=dict(recipe.parameters), model_settings=first[4],
+        donor_index=donor, global_settings=dict(recipe.parameters),
+        model_settings=[{**first[1].parameters, **st} for st in first[4]],  # per-model view (auxiliary inputs)
         notes=[f"slices: {len(plans)} slice(s), {total_layers} output layers"], warnings=warnings,
     )
