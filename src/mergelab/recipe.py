@@ -193,11 +193,6 @@ def _check_structure(r: Recipe) -> None:
     if r.chat_template is not None:
         raise RecipeError("chat_template: is not supported yet (issue 18, tokenizers); remove it to copy the donor's "
                           "tokenizer files, chat template included, as they are")
-    listed = [m.model for m in r.models or []]
-    twice = [m for i, m in enumerate(listed) if m in listed[:i]]
-    if twice:
-        raise RecipeError(f"models: '{twice[0]}' is listed more than once; list each model once (mergekit refuses "
-                          f"it too: 'Duplicate merge inputs'), with one weight")
     for ref in r.model_refs():
         if "+" in ref and not Path(ref).exists():
             raise RecipeError(f"model '{ref}': LoRA references 'model+adapter' (mergekit merges the adapter into "

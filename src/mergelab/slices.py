@@ -45,12 +45,6 @@ def build_slice_plan(recipe: Recipe, checkpoints: Dict[str, Any]) -> MergePlan:
     plans = []
     validate_parameters(method, dict(recipe.parameters), [], where="parameters", required=False)
     for si, sl in enumerate(recipe.slices):
-        seen_models = [s.model for s in sl.sources]
-        twice = sorted({m for m in seen_models if seen_models.count(m) > 1})
-        if twice:
-            raise RecipeError(f"slices[{si}]: model '{twice[0]}' is a source of this slice more than once; a slice "
-                              f"takes each model once (mergekit refuses it too: 'Duplicate merge inputs'); "
-                              f"use one slice per layer range")
         lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
         if len(lengths) != 1 or min(lengths) <= 0:
             raise RecipeError(f"slices[{si}]: every source must span the same, positive number of layers "

@@ -168,6 +168,3 @@ def test_values_are_read_as_mergekit_reads_them():
     # `parameters:` with nothing under it is YAML null: no parameters, as in mergekit
     r = load_recipe(yaml.safe_load("merge_method: linear\nparameters:\nmodels:\n  - model: a\n    parameters:\n"))
     assert r.parameters == {} and r.models[0].parameters == {}
-    # a model listed twice: mergekit refuses it ("Duplicate merge inputs"), so does mergelab
-    with pytest.raises(RecipeError, match="models: 'a' is listed more than once"):
-        load_recipe({"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}, {"model": "a"}]})

@@ -144,13 +144,17 @@ def test_global_parameters_from_slice_parameters(tmp_path):
         mergelab.merge(slerp(None, source_params={"t": 0.9}), tmp_path / "missing")
 
 
-def test_a_model_twice_in_one_slice_is_refused(tmp_path):
+def test_a_model_twice_in_one_slice_merges_both_ranges(tmp_path):
+    """Two layer ranges of one model in one slice are two inputs (mergekit refuses this config)."""
     from mergelab.synthetic import make_llama_family
 
-    _, e0, e1 = make_llama_family(tmp_path / "models", experts=2, hidden=16, layers=4, intermediate=32, vocab=32)
-    recipe = {"merge_method": "linear", "parameters": {"weight": 1.0}, "slices": [{"sources": [
-        {"model": str(e0), "layer_range": [0, 2]}, {"model": str(e0), "layer_range": [2, 4]},
-        {"model": str(e1), "layer_range": [0, 2]}]}]}
-    with pytest.raises(RecipeError, match=r"slices\[0\]: model '.*expert_0' is a source of this slice more than once"):
-        mergelab.merge(recipe, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    _, e0 = make_llama_family(tmp_path / "models", experts=1, hidden=16, layers=4, intermediate=32, vocab=32)
+    recipe = {"merge_method": "linear", "dtype": "float32", "parameters": {"normalize": False}, "slices": [{"sources": [
+        {"model": str(e0), "layer_range": [0, 2], "parameters": {"weight": 0.3}},
+        {"model": str(e0), "layer_range": [2, 4], "parameters": {"weight": 0.7}}]}]}
+    mergelab.merge(recipe, tmp_path / "out")
+    got, x = _tensors(tmp_path / "out"), _tensors(e0)
+    for j in range(2):
+        name = f"model.layers.{j}.mlp.up_proj.weight"
+        want = 0.3 * x[name].double() + 0.7 * x[f"model.layers.{j + 2}.mlp.up_proj.weight"].double()
+        assert torch.allclose(got[name].double(), want, rtol=1e-6, atol=1e-7)

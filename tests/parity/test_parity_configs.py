@@ -318,17 +318,10 @@ REFUSED: Dict[str, tuple] = {
     "lora_suffix": (lambda f: {
         "models": [{"model": f["e0"] + "+" + f["e1"]}, {"model": f["e1"]}], "merge_method": "linear",
         "dtype": "float32"}, ["LoRA", "issue 16"]),
-    # mergekit refuses these too ("Base input is not present", "Duplicate merge inputs")
+    # mergekit refuses this one too ("Base input is not present")
     "base_not_among_slice_sources": (lambda f: {
         "slices": [{"sources": [_src(f["e0"], 0, 4, weight=0.5), _src(f["e1"], 0, 4, weight=0.5)]}],
         "merge_method": "ties", "base_model": f["base"], "dtype": "float32"}, ["needs its base model among"]),
-    "same_model_twice_in_models": (lambda f: {
-        "models": [{"model": f["e0"], "parameters": {"weight": 0.3}}, {"model": f["e0"], "parameters": {"weight": 0.7}},
-                   {"model": f["e1"], "parameters": {"weight": 0.5}}],
-        "merge_method": "linear", "dtype": "float32"}, ["listed more than once"]),
-    "same_model_twice_in_a_slice": (lambda f: {
-        "slices": [{"sources": [_src(f["e0"], 0, 2), _src(f["e0"], 2, 4), _src(f["e1"], 1, 3)]}],
-        "merge_method": "linear", "parameters": {"weight": 1.0}, "dtype": "float32"}, ["more than once"]),
 }
 
 
