@@ -8,14 +8,22 @@ differ: ``error``, the default, or ``common_submatrix``, mergekit's old silent c
 
 Parameter values are resolved per tensor as mergekit does (:func:`resolve_setting`):
 
-* a scalar;
+* a scalar, read as the parameter's type as mergekit reads it (``"1e-5"`` is a number, ``"false"`` a
+  boolean: :func:`lax_value`);
 * a list of numbers, a *gradient*, interpolated linearly at ``t = layer / (num_layers - 1)``
   (``t = 0`` for tensors outside the layers); a list of non-numbers is indexed at ``int(t*(n-1))``;
 * a list of ``{filter, value}`` conditionals: the first whose ``filter`` is missing, ``"*"`` or a
   substring of the tensor name wins, and its value is resolved in turn.
 
-Per-model parameters are looked up in the model's own ``parameters``, then in the top-level
-``parameters``, then the method's default; global parameters in the top-level ``parameters``.
+Parameters are looked up level by level, highest precedence first, as mergekit 0.1.5 does
+(``parameter_resolver.py``): a per-model parameter in the source's ``parameters`` (``slices:``) or the
+model's (``models:``), then the slice's ``parameters``, then the top-level ``parameters``, then the
+method's default; a global parameter in the slice's ``parameters``, then the top-level ones. A level
+whose setting resolves to nothing for a tensor (a filter list with no matching entry) passes the
+lookup on to the next level. Filters of per-model parameters match the input tensor's name (its
+layer number in the source model), filters of global parameters the output tensor's name. A global
+parameter set on a model or source is never read by mergekit; mergelab ignores it too, with a
+warning (an error under ``--strict``).
 
 As in mergekit, a parameter the method does not use is ignored when some other registered method
 defines it (a ``density`` left on a ``linear`` merge), with one warning line per name
@@ -26,11 +34,13 @@ error with the closest name.
 from __future__ import annotations
 
 import difflib
+import functools
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter,
+                      ValidationError, field_validator)
 
 from mergelab.errors import RecipeError
 from mergelab.methods.registry import (MergeMethod, Param, all_parameter_names, get_method, get_post_step,
@@ -53,6 +63,12 @@ Conditional.model_rebuild()
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("parameters", mode="before", check_fields=False)
+    @classmethod
+    def _empty_parameters(cls, value: Any) -> Any:
+        # ``parameters:`` with nothing under it is YAML null; mergekit reads it as no parameters
+        return {} if value is None else value
 
 
 class ModelEntry(_Strict):
@@ -165,16 +181,23 @@ def _check_structure(r: Recipe) -> None:
         raise RecipeError(f"recipe must have exactly one of 'models', 'slices' or 'modules' (found: {given or 'none'})")
     if r.modules:
         raise RecipeError("'modules:' (multi-module architectures) is not supported yet; use 'models:'")
-    if r.tokenizer is not None or r.tokenizer_source == "union":
+    if r.tokenizer is not None:
+        if r.tokenizer_source is not None:
+            raise RecipeError("give either tokenizer_source: or tokenizer:, not both (as in mergekit)")
+        _tokenizer_block_as_source(r)
+    if r.tokenizer_source == "union":
         raise RecipeError(
-            "tokenizer_source: union / tokenizer: (building a merged vocabulary) is not supported yet; "
-            "use tokenizer_source: base or a model path"
+            "tokenizer_source: union / tokenizer: with tokens or padding (building a merged vocabulary) is not "
+            "supported yet (issue 18); use tokenizer_source: base or a model path"
         )
     if r.chat_template is not None:
-        raise RecipeError("chat_template: is not supported yet; the donor's chat template is copied as is")
+        raise RecipeError("chat_template: is not supported yet (issue 18, tokenizers); remove it to copy the donor's "
+                          "tokenizer files, chat template included, as they are")
     for ref in r.model_refs():
         if "+" in ref and not Path(ref).exists():
-            raise RecipeError(f"model '{ref}': LoRA references 'model+adapter' are not supported yet")
+            raise RecipeError(f"model '{ref}': LoRA references 'model+adapter' (mergekit merges the adapter into "
+                              f"the model first) are not supported yet (issue 16, LoRA); merge the adapter into "
+                              f"its model and give that folder")
     for key in ("dtype", "out_dtype"):
         v = getattr(r, key)
         if v is not None and normalize_dtype(v) is None:
@@ -182,6 +205,23 @@ def _check_structure(r: Recipe) -> None:
     get_method(r.merge_method)
     for p in r.post:
         get_post_step(p.name)
+
+
+def _tokenizer_block_as_source(r: Recipe) -> None:
+    """``tokenizer: {source: X}`` without ``tokens`` or ``pad_to_multiple_of`` is mergekit's
+    ``tokenizer_source: X`` (the same vocabulary, embeddings aligned to it): read it as that."""
+    block = r.tokenizer
+    if not isinstance(block, dict) or not set(block) <= {"source", "tokens", "pad_to_multiple_of"}:
+        raise RecipeError(f"tokenizer: must be a mapping with 'source' (and optionally 'tokens', "
+                          f"'pad_to_multiple_of'), as in mergekit; got {block!r}")
+    if block.get("tokens") or block.get("pad_to_multiple_of") not in (None, 1):
+        raise RecipeError("tokenizer: 'tokens' and 'pad_to_multiple_of' (adding or moving token embeddings, padding "
+                          "the vocabulary) are not supported yet (issue 18); only tokenizer: {source: base or a "
+                          "model path} is")
+    source = block.get("source", "union")  # mergekit's default source
+    if not isinstance(source, str):
+        raise RecipeError(f"tokenizer.source: expected 'base', 'union' or a model path, got {source!r}")
+    r.tokenizer_source, r.tokenizer = source, None
 
 
 def normalize_dtype(name: Optional[str]) -> Optional[str]:
@@ -192,26 +232,50 @@ def normalize_dtype(name: Optional[str]) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------- parameter resolution
-def resolve_setting(setting: Any, tensor_name: str, t: float) -> Any:
-    """Resolve a parameter setting for one tensor at depth ``t`` (mergekit's semantics)."""
+@functools.lru_cache(maxsize=None)
+def _adapter(kind: type) -> TypeAdapter:
+    return TypeAdapter(kind)
+
+
+def lax_value(param: Param, value: Any) -> Any:
+    """``value`` converted to ``param``'s type the way mergekit 0.1.5 reads it (pydantic's lax mode):
+    a number written as a string (``"1e-5"``, which YAML 1.1 reads as a string for lack of a dot) is a
+    number, ``"false"``/``"no"``/``0`` a boolean. Anything it cannot convert is returned as is, for
+    :meth:`Param.check` to reject with its message."""
+    if param.kind in (float, int, bool) and not (type(value) is param.kind):
+        try:
+            return _adapter(param.kind).validate_python(value)
+        except ValidationError:
+            return value
+    return value
+
+
+def resolve_setting(setting: Any, tensor_name: str, t: float, param: Optional[Param] = None) -> Any:
+    """Resolve a parameter setting for one tensor at depth ``t`` (mergekit's semantics).
+
+    With ``param``, every value is first read as that parameter's type (:func:`lax_value`), as mergekit
+    validates gradient endpoints before deciding whether to interpolate them.
+    """
+    conv = (lambda v: lax_value(param, v)) if param is not None else (lambda v: v)
     if isinstance(setting, Conditional):
         setting = [setting]
     if isinstance(setting, (bool, int, float, str)):
-        return setting
+        return conv(setting)
     if isinstance(setting, list):
         if not setting:
             return None
         if all(isinstance(e, (bool, int, float, str)) for e in setting):
-            if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
-                return setting[int(t * (len(setting) - 1))]
-            scaled = t * (len(setting) - 1)
+            values = [conv(e) for e in setting]
+            if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in values):
+                return values[int(t * (len(values) - 1))]
+            scaled = t * (len(values) - 1)
             i0 = int(scaled)
-            i1 = min(len(setting) - 1, i0 + 1)
+            i1 = min(len(values) - 1, i0 + 1)
             frac = scaled - i0
-            return (1 - frac) * setting[i0] + frac * setting[i1]
+            return conv((1 - frac) * values[i0] + frac * values[i1])
         for cond in setting:
             if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
-                return resolve_setting(cond.value, tensor_name, t)
+                return resolve_setting(cond.value, tensor_name, t, param)
         return None
     raise RecipeError(f"unexpected parameter value {setting!r}")
 
@@ -237,7 +301,7 @@ def check_setting(param: Param, setting: Any, where: str) -> None:
     if not param.per_layer and not _is_scalar(setting):
         raise RecipeError(f"{where}: parameter '{param.name}' must be a single value, not a gradient or filter list")
     for v in _leaf_values(setting):
-        param.check(v, where)
+        param.check(lax_value(param, v), where)
 
 
 def validate_parameters(
@@ -245,12 +309,21 @@ def validate_parameters(
     global_settings: Dict[str, Any],
     per_model_settings: List[Tuple[str, Dict[str, Any]]],
     where: str = "parameters",
+    fallbacks: Sequence[Dict[str, Any]] = (),
+    required: bool = True,
 ) -> None:
-    """Reject unknown, misplaced, missing or out-of-range parameters, naming the key and what is allowed.
+    """Reject unknown, missing or out-of-range parameters, naming the key and what is allowed.
+
+    ``global_settings`` is a shared level (the top-level ``parameters`` or a slice's), which may hold
+    the method's global parameters and fallbacks for its per-model ones; ``fallbacks`` are the
+    lower-precedence shared levels below it (for a slice, the top-level ``parameters``), consulted
+    only to decide whether a required parameter is set somewhere. ``required=False`` skips the
+    required checks (a level validated on its own).
 
     A name that ``method`` does not use but another registered method defines is skipped here (the
-    caller warns about it, see :func:`unused_parameter_messages`); a name no method defines is an
-    error with the closest name the method has.
+    caller warns about it, see :func:`unused_parameter_messages`), and so is a global parameter set
+    on a model (mergekit never reads it there; :func:`misplaced_parameters`); a name no method
+    defines is an error with the closest name the method has.
 
     ``per_model_settings`` is ``[(label, model_parameters), ...]`` for every model the method treats as
     an input (the base too, for methods that use it as an ordinary input).
@@ -258,6 +331,7 @@ def validate_parameters(
     global_names = {p.name for p in method.params}
     model_names = {p.name for p in method.model_params}
     allowed = ", ".join(sorted(global_names | model_names)) or "none"
+    shared = [global_settings, *fallbacks]
     for key, setting in global_settings.items():
         p = method.param(key) or method.model_param(key)
         if p is None:
@@ -269,33 +343,39 @@ def validate_parameters(
         check_setting(p, setting, where)
     for label, settings in per_model_settings:
         for key, setting in settings.items():
-            if key in global_names:
-                raise RecipeError(
-                    f"models[{label}].parameters: '{key}' is a global parameter of '{method.name}'; "
-                    f"set it under the top-level 'parameters'"
-                )
+            if key in global_names:  # never read per model (mergekit neither): see misplaced_parameters
+                continue
             p = method.model_param(key)
             if p is None:
-                _refuse_unsupported(method, key, f"models[{label}].parameters")
+                _refuse_unsupported(method, key, f"{_place(label)}.parameters")
                 if methods_defining(key):
                     continue
                 raise RecipeError(
-                    f"models[{label}].parameters: unknown parameter '{key}' for method '{method.name}'"
+                    f"{_place(label)}.parameters: unknown parameter '{key}' for method '{method.name}'"
                     f"{_did_you_mean(key, model_names)}; "
                     f"per-model parameters allowed: {', '.join(sorted(model_names)) or 'none'}"
                 )
-            check_setting(p, setting, f"models[{label}].parameters")
+            check_setting(p, setting, f"{_place(label)}.parameters")
+        if not required:
+            continue
         for p in method.model_params:
-            if p.required and p.name not in settings and p.name not in global_settings:
+            if p.required and p.name not in settings and not any(p.name in level for level in shared):
                 raise RecipeError(
-                    f"models[{label}]: required parameter '{p.name}' of method '{method.name}' is missing "
+                    f"{_place(label)}: required parameter '{p.name}' of method '{method.name}' is missing "
                     f"({p.meaning} Expected {p.allowed()})"
                 )
+    if not required:
+        return
     for p in method.params:
-        if p.required and p.name not in global_settings:
+        if p.required and not any(p.name in level for level in shared):
             raise RecipeError(
                 f"{where}: required parameter '{p.name}' of method '{method.name}' is missing; expected {p.allowed()}"
             )
+
+
+def _place(label: str) -> str:
+    """Where a model's parameters are set: ``models[LABEL]``, or a slice source's own label."""
+    return label if label.startswith("slices[") else f"models[{label}]"
 
 
 def _refuse_unsupported(method: MergeMethod, key: str, where: str) -> None:
@@ -341,19 +421,47 @@ def unused_parameters(recipe: Recipe, method: MergeMethod) -> Dict[str, List[str
     return found
 
 
+def misplaced_parameters(recipe: Recipe, method: MergeMethod) -> Dict[str, List[str]]:
+    """Global parameters of ``method`` set on a model (``models[].parameters``) or a slice source.
+
+    mergekit reads a global ("shared") parameter only from a slice's ``parameters`` and the top-level
+    ``parameters``, so such a value is never used (``t`` under a slerp model's parameters); mergelab
+    ignores it too, with a warning. Returns ``{name: [where it is set, ...]}``.
+    """
+    found: Dict[str, List[str]] = {}
+
+    def scan(settings: Dict[str, Any], where: str) -> None:
+        for key in settings:
+            if method.param(key) is not None:
+                found.setdefault(key, []).append(where)
+
+    for m in recipe.models or []:
+        scan(m.parameters, f"models[{m.model}]")
+    for si, sl in enumerate(recipe.slices or []):
+        for src in sl.sources:
+            scan(src.parameters, f"slices[{si}].sources[{src.model}]")
+    return found
+
+
+def _places(places: List[str]) -> str:
+    return ", ".join(places[:3]) + (f" and {len(places) - 3} more" if len(places) > 3 else "")
+
+
 def unused_parameter_messages(recipe: Recipe, method: MergeMethod, strict: bool = False) -> List[str]:
-    """One warning line per parameter of :func:`unused_parameters`; with ``strict``, a
-    :class:`RecipeError` listing them instead."""
-    found = unused_parameters(recipe, method)
-    if not found:
-        return []
+    """One warning line per parameter of :func:`unused_parameters` and of :func:`misplaced_parameters`;
+    with ``strict``, a :class:`RecipeError` listing them instead."""
     items = []
-    for key, places in found.items():
+    for key, places in unused_parameters(recipe, method).items():
         users = methods_defining(key)
         used_by = ", ".join(users[:4]) + (f" and {len(users) - 4} more" if len(users) > 4 else "")
-        where = ", ".join(places[:3]) + (f" and {len(places) - 3} more" if len(places) > 3 else "")
-        items.append((f"parameter '{key}' (set in {where}) is not used by method '{method.name}'",
+        items.append((f"parameter '{key}' (set in {_places(places)}) is not used by method '{method.name}'",
                       f"(it is a parameter of {used_by})"))
+    for key, places in misplaced_parameters(recipe, method).items():
+        items.append((f"parameter '{key}' (set in {_places(places)}) is a global parameter of method "
+                      f"'{method.name}', which is read only from the top-level or a slice's 'parameters', not "
+                      f"per model,", "(mergekit ignores it there too; move it to 'parameters' to use it)"))
+    if not items:
+        return []
     if strict:
         raise RecipeError("; ".join(f"{what} {whose}" for what, whose in items)
                           + ". --strict refuses parameters the method does not use: remove them, or run "
@@ -363,25 +471,36 @@ def unused_parameter_messages(recipe: Recipe, method: MergeMethod, strict: bool 
 
 def resolve_parameters(
     method: MergeMethod,
-    global_settings: Dict[str, Any],
+    global_settings: Union[Dict[str, Any], Sequence[Dict[str, Any]]],
     per_model_settings: List[Dict[str, Any]],
     tensor_name: str,
     t: float,
+    model_tensor_names: Optional[Sequence[str]] = None,
 ) -> Tuple[dict, List[dict]]:
-    """Resolved global and per-model parameter values for one tensor."""
+    """Resolved global and per-model parameter values for one tensor (mergekit's precedence).
 
-    def value(p: Param, settings: Dict[str, Any], fallback: Dict[str, Any]) -> Any:
-        for source in (settings, fallback):
-            if p.name in source:
-                v = resolve_setting(source[p.name], tensor_name, t)
+    ``global_settings`` is the top-level ``parameters`` or a chain of shared levels, highest
+    precedence first (a slice's ``parameters``, then the top-level ones). A global parameter is looked
+    up along that chain; a per-model one in the model's own settings, then along the chain. The first
+    level whose setting resolves to a value for this tensor wins. Global filters match ``tensor_name``;
+    the ``i``-th model's filters match ``model_tensor_names[i]`` (its input tensor) when given.
+    """
+    chain = [global_settings] if isinstance(global_settings, dict) else list(global_settings)
+
+    def value(p: Param, levels: Sequence[Dict[str, Any]], name: str) -> Any:
+        for level in levels:
+            if p.name in level:
+                v = resolve_setting(level[p.name], name, t, p)
                 if v is not None:
-                    return p.check(v, f"parameter '{p.name}' for tensor '{tensor_name}'")
+                    return p.check(v, f"parameter '{p.name}' for tensor '{name}'")
         if p.required:
-            raise RecipeError(f"required parameter '{p.name}' resolves to nothing for tensor '{tensor_name}'")
+            raise RecipeError(f"required parameter '{p.name}' resolves to nothing for tensor '{name}'")
         return p.default
 
-    params = {p.name: value(p, global_settings, {}) for p in method.params}
-    model_params = [{p.name: value(p, s, global_settings) for p in method.model_params} for s in per_model_settings]
+    names = list(model_tensor_names) if model_tensor_names is not None else [tensor_name] * len(per_model_settings)
+    params = {p.name: value(p, chain, tensor_name) for p in method.params}
+    model_params = [{p.name: value(p, [s, *chain], n) for p in method.model_params}
+                    for s, n in zip(per_model_settings, names)]
     if method.validate is not None:
         method.validate(params, model_params)
     return params, model_params

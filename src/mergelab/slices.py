@@ -5,9 +5,13 @@ the output's layers are the slices' layers in order, renumbered from 0, and the 
 count is updated. Tensors outside the layers are taken from the first slice's sources when they come
 before the layers (embeddings) and from the last slice's sources otherwise (final norm, LM head), as
 mergekit's architecture definitions do. Within a slice, parameter gradients restart:
-``t = j / (L - 1)`` for the slice's j-th layer. Parameters resolve from the source's ``parameters``,
-then the slice's, then the top-level ones. With a method that uses a base model, the slice's
-``base_model`` (or the recipe's) must be one of the slice's sources.
+``t = j / (L - 1)`` for the slice's j-th layer (``t = 0`` outside the layers). Parameters resolve
+as in mergekit 0.1.5 (see :mod:`mergelab.recipe`): a per-model parameter from the source's
+``parameters``, then the slice's, then the top-level ones; a global parameter (slerp's ``t``, ties'
+``normalize``) from the slice's, then the top-level ones; a level whose filters match nothing passes
+on to the next. With a method that uses a base model, the slice's ``base_model`` (or the recipe's)
+must be one of the slice's sources. A model may appear once per slice: mergekit keys a slice's
+inputs by model, so a second range of the same model would silently replace the first there.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ def build_slice_plan(recipe: Recipe, checkpoints: Dict[str, Any]) -> MergePlan:
     jobs: List[TensorJob] = []
     out_layer = 0
     plans = []
+    validate_parameters(method, dict(recipe.parameters), [], where="parameters", required=False)
     for si, sl in enumerate(recipe.slices):
         lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
         if len(lengths) != 1 or min(lengths) <= 0:
@@ -68,10 +73,11 @@ def build_slice_plan(recipe: Recipe, checkpoints: Dict[str, Any]) -> MergePlan:
             if missing:
                 raise CheckpointError(f"slices[{si}]: model '{s.model}' has no layer {missing[0]} "
                                       f"(layer_range {list(s.layer_range)})")
-        settings = [{**sl.parameters, **s.parameters} for s in others]
-        global_settings = {**recipe.parameters, **{k: v for k, v in sl.parameters.items() if method.param(k)}}
-        validate_parameters(method, global_settings, [(f"slices[{si}].{s.model}", st) for s, st in zip(others, settings)],
-                            where=f"slices[{si}].parameters")
+        settings = [dict(s.parameters) for s in others]
+        global_settings = [dict(sl.parameters), dict(recipe.parameters)]
+        validate_parameters(method, global_settings[0], [(f"slices[{si}].sources[{s.model}]", st)
+                                                         for s, st in zip(others, settings)],
+                            where=f"slices[{si}].parameters", fallbacks=global_settings[1:])
         plans.append((si, sl, base_src, others, settings, global_settings, length, out_layer))
         out_layer += length
     total_layers = out_layer
@@ -93,7 +99,8 @@ def build_slice_plan(recipe: Recipe, checkpoints: Dict[str, Any]) -> MergePlan:
             jobs.append(TensorJob(out_name, info.shape, info.dtype, "copy",
                                   Source(index_of[ref_src.model], ref_name), []))
             return
-        params, model_params = resolve_parameters(method, global_settings, settings, out_name, t)
+        params, model_params = resolve_parameters(method, global_settings, settings, out_name, t,
+                                                  [name_for(s) for s in in_srcs])
         jobs.append(TensorJob(
             name=out_name, shape=info.shape, out_dtype=_out_dtype(recipe, info.dtype), action="merge",
             base=Source(index_of[base_src.model], name_for(base_src)) if base_src else None,
@@ -117,17 +124,39 @@ def build_slice_plan(recipe: Recipe, checkpoints: Dict[str, Any]) -> MergePlan:
                 add_job(out_name, others, base_src,
                         lambda s, template=template, j=j: _with_layer(template, s.layer_range[0] + j),
                         settings, global_settings, t, offset + j, seen)
-    last_ref = last[2] or last[3][0]
+    # mergekit pairs the last slice's sources with as many input tensors as the *first* slice has
+    # sources, so the tensors after the layers come from only the first that many of them.
+    last_sl, last_base, last_others, last_settings = last[1], last[2], last[3], last[4]
+    kept = last_sl.sources[:len(first[1].sources)]
+    warnings: List[str] = []
+    if len(kept) < len(last_sl.sources):
+        dropped = [s.model for s in last_sl.sources[len(kept):]]
+        if last_base is not None and all(s is not last_base for s in kept):
+            raise RecipeError(f"slices[{last[0]}]: the tensors after the layers (final norm, LM head) are merged from "
+                              f"the last slice's first {len(kept)} source(s), as many as the first slice has (mergekit's "
+                              f"rule), which leaves out its base model '{last_base.model}'; list the base first")
+        pairs = [(s, st) for s, st in zip(last_others, last_settings) if any(s is k for k in kept)]
+        if len(pairs) < max(1, method.min_models):
+            raise RecipeError(f"slices[{last[0]}]: the tensors after the layers are merged from the last slice's first "
+                              f"{len(kept)} source(s) (mergekit's rule), too few for method '{method.name}'")
+        last_others, last_settings = [s for s, _ in pairs], [st for _, st in pairs]
+        warnings.append(f"slices: the last slice has {len(last_sl.sources)} sources and the first {len(kept)}; as in "
+                        f"mergekit, the tensors after the layers (final norm, LM head) are merged from the last slice's "
+                        f"first {len(kept)} source(s) only, without {', '.join(repr(d) for d in dropped)}")
+    last_ref = last_base or last_others[0]
     for name in ckpts[index_of[last_ref.model]].tensors:
         if layer_index(name) is None and not _PRE.search(name):
-            add_job(name, last[3], last[2], lambda s: name, last[4], last[5], 0.0, None, seen)
+            add_job(name, last_others, last_base, lambda s: name, last_settings, last[5], 0.0, None, seen)
 
     donor_ref = recipe.tokenizer_source if recipe.tokenizer_source not in (None, "base") else None
+    if donor_ref is not None and donor_ref not in index_of:
+        raise RecipeError(f"tokenizer_source: '{donor_ref}' is not one of the recipe's models")
     donor = index_of[donor_ref] if donor_ref else index_of[first_ref.model]
     base_index = index_of[first[2].model] if first[2] else None
     return MergePlan(
         recipe=recipe, method=method, checkpoints=ckpts, base_index=base_index,
         model_indices=[index_of[s.model] for s in first[3]], jobs=jobs, num_layers=total_layers,
-        donor_index=donor, global_settings=dict(recipe.parameters), model_settings=first[4],
-        notes=[f"slices: {len(plans)} slice(s), {total_layers} output layers"],
+        donor_index=donor, global_settings=dict(recipe.parameters),
+        model_settings=[{**first[1].parameters, **st} for st in first[4]],  # per-model view (auxiliary inputs)
+        notes=[f"slices: {len(plans)} slice(s), {total_layers} output layers"], warnings=warnings,
     )

@@ -1,6 +1,7 @@
 """Recipe parsing, mergekit-style parameter resolution and validation before any tensor is read."""
 
 import pytest
+import yaml
 
 from mergelab.errors import RecipeError
 from mergelab.methods.registry import get_method
@@ -50,7 +51,9 @@ def test_unknown_method_suggests_the_closest():
     ({"densty": 0.5}, "unknown parameter 'densty' for method 'ties'"),
     ({"density": 1.5}, r"'density' = 1.5 is invalid; expected a number >= 0 and <= 1"),
     ({"density": [0.2, 2.0]}, r"'density' = 2.0 is invalid"),
-    ({"normalize": "yes"}, "expected true or false"),
+    ({"normalize": "maybe"}, "expected true or false"),
+    ({"density": "1e-x"}, r"'density' = '1e-x' is invalid; expected a number"),
+    ({"density": "2e-0"}, r"'density' = 2.0 is invalid"),
     ({"semantics": "papr"}, "one of 'mergekit', 'paper'"),
 ])
 def test_bad_global_parameters(params, message):
@@ -63,8 +66,20 @@ def test_missing_required_and_misplaced_parameters():
     m = get_method("ties")
     with pytest.raises(RecipeError, match=r"models\[m\]: required parameter 'weight'"):
         validate_parameters(m, {}, [("m", {})])
-    with pytest.raises(RecipeError, match="'lambda' is a global parameter"):
-        validate_parameters(m, {}, [("m", {"weight": 1.0, "lambda": 1.0})])
+    # a global parameter set on a model is never read there (mergekit neither): ignored with a warning,
+    # an error under --strict
+    from mergelab.recipe import misplaced_parameters, unused_parameter_messages
+
+    validate_parameters(m, {}, [("m", {"weight": 1.0, "lambda": 1.0})])
+    r = load_recipe({"merge_method": "ties", "base_model": "b", "parameters": {"lambda": 0.5},
+                     "models": [{"model": "m", "parameters": {"weight": 1.0, "lambda": 2.0}}]})
+    assert misplaced_parameters(r, m) == {"lambda": ["models[m]"]}
+    assert unused_parameter_messages(r, m) == [
+        "parameter 'lambda' (set in models[m]) is a global parameter of method 'ties', which is read only from the "
+        "top-level or a slice's 'parameters', not per model, and is ignored (mergekit ignores it there too; move it "
+        "to 'parameters' to use it)"]
+    with pytest.raises(RecipeError, match="'lambda' .* is a global parameter .*--strict"):
+        unused_parameter_messages(r, m, strict=True)
     with pytest.raises(RecipeError, match="must be a single value"):
         validate_parameters(m, {"semantics": ["paper", "mergekit"]}, [("m", {"weight": 1.0})])
 
@@ -136,3 +151,20 @@ def test_a_parameter_the_methods_reference_has_but_mergelab_lacks_is_refused_not
     r = load_recipe({"merge_method": "ota", "parameters": {"rescale": True},
                      "models": [{"model": "m", "parameters": {"second_moments": "v.safetensors"}}]})
     assert unused_parameters(r, m) == {}
+
+
+def test_values_are_read_as_mergekit_reads_them():
+    """mergekit validates values with pydantic's lax mode: YAML 1.1 reads ``1e-5`` (no dot) as a string,
+    and mergekit still takes it as a number, also as a gradient endpoint; ``"false"`` is a boolean."""
+    m = get_method("ties")
+    r = load_recipe(yaml.safe_load(
+        "merge_method: ties\nbase_model: b\nparameters: {normalize: 'false', lambda: 5e-1}\n"
+        "models:\n  - {model: m, parameters: {weight: [1e-1, 9e-1], density: 5e-1}}\n"))
+    assert r.parameters["lambda"] == "5e-1"  # what YAML gives
+    validate_parameters(m, dict(r.parameters), [("m", dict(r.models[0].parameters))])
+    glob, per = resolve_parameters(m, dict(r.parameters), [dict(r.models[0].parameters)], "model.layers.0.x", 0.5)
+    assert glob["normalize"] is False and glob["lambda"] == 0.5
+    assert per[0]["weight"] == pytest.approx(0.5) and per[0]["density"] == 0.5
+    # `parameters:` with nothing under it is YAML null: no parameters, as in mergekit
+    r = load_recipe(yaml.safe_load("merge_method: linear\nparameters:\nmodels:\n  - model: a\n    parameters:\n"))
+    assert r.parameters == {} and r.models[0].parameters == {}

@@ -38,3 +38,11 @@ SEMANTICS = Param(
     "(see docs/methods.md for what changes).",
     default="mergekit", choices=("mergekit", "paper"), per_layer=False,
 )
+
+
+# Data-informed methods (regmean, regmean_plusplus, fisher) read a per-model file of calibration
+# statistics, named by this per-model parameter and loaded by the engine as an auxiliary input.
+STATISTICS = "statistics"
+STATISTICS_PARAM = Param(
+    STATISTICS, str, "Path to this model's statistics file (from `mergelab calibrate`), tensors named like the model's.",
+)

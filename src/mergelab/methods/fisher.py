@@ -33,8 +33,8 @@ from typing import List
 import torch
 
 from mergelab.errors import RecipeError
+from mergelab.methods.common import STATISTICS, STATISTICS_PARAM
 from mergelab.methods.registry import BaseUse, MergeMethod, ModelScope, Param, TensorInputs, register
-from mergelab.methods.regmean import STATISTICS, STATISTICS_PARAM
 
 EPS_MODES = ("floor_target", "floor_all", "add_all")
 

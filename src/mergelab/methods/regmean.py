@@ -34,16 +34,11 @@ from typing import List, Optional, Sequence
 import torch
 
 from mergelab.errors import RecipeError
+from mergelab.methods.common import STATISTICS, STATISTICS_PARAM
 from mergelab.methods.registry import BaseUse, MergeMethod, Param, TensorInputs, register
 
-STATISTICS = "statistics"
 GPT2_CONV1D = r"(^|\.)(c_attn|c_proj|c_fc|q_attn)\.weight$"
 COND_LIMIT = 1e8
-
-STATISTICS_PARAM = Param(
-    STATISTICS, str, "Path to this model's statistics file (from `mergelab calibrate`), tensors named like the model's.",
-)
-
 
 def shrink(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     """``alpha G + (1 - alpha) diag(G)``: off-diagonal entries scaled by ``alpha``, diagonal kept."""
