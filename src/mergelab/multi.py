@@ -95,6 +95,8 @@ def _patch_refs(doc: dict, names: Dict[str, Path], used: List[str]) -> dict:
         doc["base_model"] = ref(doc["base_model"])
     if "tokenizer_source" in doc:
         doc["tokenizer_source"] = ref(doc["tokenizer_source"])
+    if isinstance(doc.get("tokenizer"), dict) and "source" in doc["tokenizer"]:
+        doc["tokenizer"]["source"] = ref(doc["tokenizer"]["source"])
     for entry in doc.get("models") or []:
         if isinstance(entry, dict) and "model" in entry:
             entry["model"] = ref(entry["model"])

@@ -390,7 +390,7 @@ def _resolve_post(p, settings: dict, name: str, t: float):
     from mergelab.recipe import resolve_setting
 
     if p.name in settings:
-        v = resolve_setting(settings[p.name], name, t)
+        v = resolve_setting(settings[p.name], name, t, p)
         if v is not None:
             return p.check(v, f"post parameter '{p.name}' for tensor '{name}'")
     return p.default

@@ -218,3 +218,14 @@ def test_stage_names_in_slices_and_tokenizer_source(tiny_family, tmp_path, capsy
     assert code == 0, err
     a, b = load_folder(tmp_path / "inter" / "soup"), load_folder(tmp_path / "out")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stage_name_in_a_tokenizer_block_source(tiny_family, tmp_path):
+    base, experts = tiny_family
+    soup = chain(base, experts)[2]
+    final = {"merge_method": "passthrough", "dtype": "float32", "tokenizer": {"source": "soup"},
+             "slices": [{"sources": [{"model": "soup", "layer_range": [0, 2]}]}]}
+    recipe = write_multi(tmp_path / "multi.yaml", [final, soup])
+    stages = load_stages(recipe, tmp_path / "inter", tmp_path / "out")
+    assert stages[1].depends == ["soup"]
+    assert stages[1].recipe["tokenizer"]["source"] == str(tmp_path / "inter" / "soup")

@@ -74,6 +74,16 @@ def test_post_step_after_task_arithmetic_inverse_tasks_by_hand():
         torch.testing.assert_close(out[key], base[key] + scale * summed, rtol=1e-6, atol=1e-6)
 
 
+def test_post_step_numbers_written_as_strings_read_as_mergekit_reads_values():
+    # YAML 1.1 reads 5e-1 (no dot) as a string; recipes read it as the number, post-steps too.
+    base, models = sd(0), [sd(10), sd(20)]
+    post = [{"name": "lines", "parameters": {"beta": "5e-1", "alpha_mode": "inverse_tasks"}}]
+    got = mergelab.merge_state_dicts(base, models, "task_arithmetic", weight=1.0, post=post)
+    post[0]["parameters"]["beta"] = 0.5
+    want = mergelab.merge_state_dicts(base, models, "task_arithmetic", weight=1.0, post=post)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_single_task_method_through_the_api_and_one_model_only():
     base, ft = sd(0), sd(30)
     out = mergelab.merge_state_dicts(base, [ft], "lines", alpha=0.4)
