@@ -1,0 +1,299 @@
+"""Float64 oracles and comparison helpers for the real-checkpoint tests.
+
+Every function here is written from the formulas of ``../shared/reference`` (mergekit 0.1.5's
+semantics, peer-mergekit.md 2.2-2.3, and methods-data-free.md for the papers' methods), never with
+mergelab's code. Inputs are float32 checkpoints promoted to float64; task vectors are the float32
+differences ``theta_i - theta_0`` (mergekit forms them in the merge dtype, float32 here, and they rank
+by those values), and everything after that is float64.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+
+EPS32 = 2.0 ** -24  # unit roundoff of float32
+
+
+def task_vector(theta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``theta - base`` rounded to float32 as mergekit forms it, then float64."""
+    return (theta.float() - base.float()).double()
+
+
+def desc_rank_mask(mag: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Entries whose rank is in ``[lo, hi)`` when ordered by magnitude descending, the lower flat index
+    first among equal magnitudes (issue 14's exact-count rule)."""
+    flat = mag.flatten()
+    order = torch.sort(flat, descending=True, stable=True).indices  # stable: ties keep index order
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[order[lo:hi]] = True
+    return mask.view(mag.shape)
+
+
+def topk_mask(mag: torch.Tensor, k: int) -> torch.Tensor:
+    """Exactly ``k`` largest magnitudes, lower flat index first among ties: everything above the k-th
+    value, then the first (by index) of the entries equal to it."""
+    flat = mag.flatten()
+    if k >= flat.numel():
+        return torch.ones_like(mag, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(mag, dtype=torch.bool)
+    thr = torch.topk(flat, k).values[-1]
+    above = flat > thr
+    tied = torch.nonzero(flat == thr).flatten()
+    mask = above.clone()
+    mask[tied[: k - int(above.sum())]] = True
+    return mask.view(mag.shape)
+
+
+def sign_elect(deltas: torch.Tensor, flip: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """mergekit's ``sum`` election: per position the sign of the summed deltas, +1 where it is 0; a
+    model agrees where its delta has that sign (zeros never agree). ``flip`` reverses the elected sign
+    at the given positions (the other outcome of an election whose sum is zero within rounding)."""
+    s = torch.sign(deltas.sum(0))
+    s[s == 0] = 1
+    if flip is not None:
+        s = torch.where(flip, -s, s)
+    return torch.sign(deltas) == s
+
+
+def near_zero_sum(deltas: torch.Tensor, rel: float = 16 * EPS32) -> torch.Tensor:
+    """Positions whose summed deltas are zero to within float32 rounding of the sum, where a float32
+    pipeline may elect either sign."""
+    return deltas.sum(0).abs() <= rel * deltas.abs().sum(0)
+
+
+def gta(base: torch.Tensor, taus, weights, masks=None, consensus=False, normalize=False, lam=1.0,
+        alternative=False):
+    """mergekit's generalized task arithmetic (peer-mergekit.md 2.2 steps 3-7) on given masks.
+
+    With ``alternative`` returns ``(result, alt)``, ``alt`` being the result with the opposite sign
+    elected where the election's sum is zero within float32 rounding (``alt == result`` elsewhere)."""
+    deltas = torch.stack([w * (t if m is None else t * m) for w, t, m in
+                          zip(weights, taus, masks or [None] * len(taus))])
+    wv = torch.tensor(weights, dtype=torch.float64).view(-1, *[1] * base.ndim)
+
+    def run(flip):
+        if consensus:
+            agree = sign_elect(deltas, flip)
+            mixed = (deltas * agree).sum(0)
+            divisor = (wv * agree).sum(0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = deltas.sum(0)
+            divisor = wv.sum()
+            if abs(float(divisor)) < 1e-8:
+                divisor = torch.tensor(1.0, dtype=torch.float64)
+        if normalize:
+            mixed = mixed / divisor
+        return base + lam * mixed
+
+    ref = run(None)
+    if not alternative:
+        return ref
+    if not consensus:
+        return ref, ref
+    return ref, run(near_zero_sum(deltas))
+
+
+def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """mergekit 0.1.5 magnitude_outliers counts: drop the ``int(gamma n)`` largest (fewer when both do
+    not fit), keep the next ``int(density n)``; ``density >= 1`` keeps all."""
+    n = tau.numel()
+    if density >= 1:
+        return torch.ones_like(tau, dtype=torch.bool)
+    n_top, target = int(gamma * n), int(density * n)
+    n_bot = n - target - n_top
+    if n_bot < 0:
+        n_top += n_bot
+    return desc_rank_mask(tau.abs(), n_top, n_top + target)
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995) -> torch.Tensor:
+    """mergekit ``slerp`` on whole flattened tensors (lerp when the normalised dot exceeds 0.9995)."""
+    a, b = v0.flatten(), v1.flatten()
+    na, nb = a.norm(), b.norm()
+    ua = a / na if na > 1e-8 else a
+    ub = b / nb if nb > 1e-8 else b
+    dot = float((ua * ub).sum())
+    if abs(dot) > dot_threshold:
+        return (1 - t) * v0 + t * v1
+    theta = math.acos(dot)
+    s = math.sin(theta)
+    return math.sin((1 - t) * theta) / s * v0 + math.sin(t * theta) / s * v1
+
+
+def nuslerp_vec(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """mergekit ``nuslerp`` along the last dimension of ``a``/``b`` (rows): no dot threshold, lerp only
+    where ``sin(theta)`` vanishes."""
+    ua = a / a.norm(dim=-1, keepdim=True)
+    ub = b / b.norm(dim=-1, keepdim=True)
+    cos = (ua * ub).sum(-1, keepdim=True).clamp(-1, 1)
+    theta = torch.acos(cos)
+    s = torch.sin(theta)
+    out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / s
+    lerp = (1 - t) * a + t * b
+    return torch.where(s.abs() < 1e-8, lerp, out)
+
+
+def multislerp(xs, weights, eps: float = 1e-8) -> torch.Tensor:
+    """mergekit ``multislerp``: one tangent-space step at the weighted mean direction, scaled by the
+    weighted mean norm (weights normalised to sum 1)."""
+    w = torch.tensor(weights, dtype=torch.float64)
+    w = w / w.sum()
+    flat = [x.flatten() for x in xs]
+    norms = torch.stack([f.norm() for f in flat])
+    units = torch.stack([f / (n + eps) for f, n in zip(flat, norms)])
+    m = (w[:, None] * units).sum(0)
+    m = m / m.norm()
+    tangents = units - (units @ m)[:, None] * m[None, :]
+    T = (w[:, None] * tangents).sum(0)
+    tn = T.norm()
+    res = math.cos(tn) * m + (math.sin(tn) / tn) * T if tn > eps else m
+    return (res * (w * norms).sum()).view(xs[0].shape)
+
+
+def karcher(xs, max_iter: int = 10, tol: float = 1e-5):
+    """mergekit ``karcher`` (uniform weights): fixed-point Riemannian mean of the unit directions,
+    scaled by the mean norm. Returns ``(result, [|T| per iteration])``."""
+    n = len(xs)
+    alphas = [1.0 / n] * n
+    flat = [x.flatten() for x in xs]
+    norms = [float(f.norm()) for f in flat]
+    units = [f / nm for f, nm in zip(flat, norms) if nm > tol]
+    al = [a for a, nm in zip(alphas, norms) if nm > tol]
+    al = [a / sum(al) for a in al]
+    u = sum(a * v for a, v in zip(al, units))
+    u = u / u.norm()
+    history = []
+    for _ in range(max_iter):
+        T = torch.zeros_like(u)
+        for a, v in zip(al, units):
+            cos = float((u * v).sum())
+            cos = min(1.0, max(-1.0, cos))
+            theta = math.acos(cos)
+            if theta < 1e-12:
+                continue
+            T += a * (theta / math.sin(theta)) * (v - cos * u)
+        tn = float(T.norm())
+        history.append(tn)
+        if tn < tol:
+            break
+        u = math.cos(tn) * u + math.sin(tn) * T / tn
+        u = u / u.norm()
+    scale = sum(a * nm for a, nm in zip(alphas, norms))
+    return (scale * u).view(xs[0].shape), history
+
+
+def model_stock(base: torch.Tensor, thetas, taus) -> torch.Tensor:
+    """mergekit ``model_stock`` (whole tensor): ``t = N c / (1 + (N - 1) c)``, ``c`` the mean pairwise
+    cosine of the task vectors, ``t`` unclamped."""
+    n = len(taus)
+    flat = [t.flatten() for t in taus]
+    cos = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            c = (flat[i] * flat[j]).sum() / (flat[i].norm().clamp(min=1e-6) * flat[j].norm().clamp(min=1e-6))
+            cos.append(float(c.clamp(-1, 1)))
+    c = sum(cos) / len(cos)
+    denom = 1 + (n - 1) * c
+    if abs(denom) < 1e-6:
+        return base.clone(), c
+    t = n * c / denom
+    return t * torch.stack(thetas).mean(0) + (1 - t) * base, c
+
+
+def nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
+    w = (t / (base - other).abs().clamp(min=1e-6)).clamp(0, 1)
+    return w * other + (1 - w) * base
+
+
+def arcee_importance(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``|theta_1 - theta_0|`` times the KL divergence of the rows' softmaxes (last dimension)."""
+    if base.ndim == 0:
+        p, q = torch.ones(()), torch.ones(())
+        kl = torch.zeros(())
+    else:
+        p = torch.softmax(other, dim=-1) + 1e-8
+        q = torch.softmax(base, dim=-1) + 1e-8
+        kl = (p * torch.log(p / q)).sum(-1, keepdim=True)
+    return (other - base).abs() * kl
+
+
+def quantile_floor(x: torch.Tensor, q: float) -> float:
+    """The sorted value at index ``floor(q (n - 1))`` (mergekit's quantile read-out)."""
+    flat = x.flatten()
+    k = int(math.floor(q * (flat.numel() - 1)))
+    return float(torch.kthvalue(flat, k + 1).values)
+
+
+def sce(base: torch.Tensor, taus, select_topk: float):
+    """mergekit ``sce``: shared top-variance selection, energy weights (uniform below 1e-6), ``sum``
+    sign election on the unweighted task vectors, weighted mean of the agreeing entries.
+    Returns ``(result, variance, k-th variance or None)``."""
+    tv = torch.stack(taus)
+    var = tv.var(0, unbiased=False)
+    thr = None
+    if select_topk < 1:
+        nonzero = int((var != 0).sum())
+        k = int(nonzero * select_topk)
+        mask = topk_mask(var, k)
+        thr = float(torch.topk(var.flatten(), k).values[-1]) if k > 0 else None
+        tv = tv * mask
+    agree = sign_elect(tv)
+    weights = (tv ** 2).flatten(1).mean(1)
+    total = float(weights.sum())
+    weights = torch.full_like(weights, 1.0 / len(taus)) if abs(total) < 1e-6 else weights / total
+    ew = weights.view(-1, *[1] * base.ndim) * agree
+    merged = (tv * ew).sum(0) / ew.sum(0).clamp(min=1e-6)
+    return base + merged, var, thr
+
+
+def svd_polar(m: torch.Tensor) -> torch.Tensor:
+    """Polar factor ``P Q^T`` of ``m = P S Q^T`` (nearest matrix with orthonormal columns/rows)."""
+    p, _, qt = torch.linalg.svd(m, full_matrices=False)
+    return p @ qt
+
+
+def tsv_matrix(deltas) -> torch.Tensor:
+    """TSV-M for one matrix (methods-data-free.md section 7): each task's top ``floor(r/T)`` singular
+    triplets, concatenated, orthogonalised by polar factors, recombined."""
+    T = len(deltas)
+    m, n = deltas[0].shape
+    r = min(m, n)
+    k = r // T
+    U = torch.zeros(m, r, dtype=torch.float64)
+    S = torch.zeros(r, dtype=torch.float64)
+    Vt = torch.zeros(r, n, dtype=torch.float64)
+    if k == 0:
+        return torch.zeros(m, n, dtype=torch.float64)
+    for i, d in enumerate(deltas):
+        u, s, vt = torch.linalg.svd(d, full_matrices=False)
+        U[:, i * k:(i + 1) * k] = u[:, :k]
+        S[i * k:(i + 1) * k] = s[:k]
+        Vt[i * k:(i + 1) * k, :] = vt[:k, :]
+    return svd_polar(U) @ torch.diag(S) @ svd_polar(Vt)
+
+
+def compare(name: str, out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor,
+            allowed: Optional[torch.Tensor] = None, alt: Optional[torch.Tensor] = None) -> Dict[str, float]:
+    """Assert ``|out - ref| <= bound`` elementwise (or ``|out - alt| <= bound`` where an alternative
+    outcome is admissible), except at ``allowed``; returns error statistics."""
+    assert out.shape == ref.shape, (name, tuple(out.shape), tuple(ref.shape))
+    err = (out - ref).abs()
+    if alt is not None:
+        err = torch.minimum(err, (out - alt).abs())
+    bad = err > bound
+    if allowed is not None:
+        bad &= ~allowed
+    nbad = int(bad.sum())
+    if nbad:
+        i = int(torch.nonzero(bad.flatten())[0])
+        raise AssertionError(
+            f"{name}: {nbad} of {out.numel()} entries differ from the float64 oracle beyond the float32 "
+            f"bound (max error {float(err[bad].max()):.3e}; first at flat index {i}: mergelab "
+            f"{float(out.flatten()[i]):.9g}, oracle {float(ref.flatten()[i]):.9g}, bound "
+            f"{float(bound.flatten()[i]):.3e})")
+    return {"max_err": float(err.max()) if err.numel() else 0.0}
