@@ -22,30 +22,26 @@ def task_vector(theta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return (theta.float() - base.float()).double()
 
 
-def desc_rank_mask(mag: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Entries whose rank is in ``[lo, hi)`` when ordered by magnitude descending, the lower flat index
-    first among equal magnitudes (issue 14's exact-count rule)."""
-    flat = mag.flatten()
-    order = torch.sort(flat, descending=True, stable=True).indices  # stable: ties keep index order
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
-    mask[order[lo:hi]] = True
-    return mask.view(mag.shape)
-
-
 def topk_mask(mag: torch.Tensor, k: int) -> torch.Tensor:
-    """Exactly ``k`` largest magnitudes, lower flat index first among ties: everything above the k-th
-    value, then the first (by index) of the entries equal to it."""
+    """Exactly ``k`` largest magnitudes, lower flat index first among equal magnitudes (issue 14's
+    exact-count rule): everything above the k-th largest value, then the first ``k - #above`` (by flat
+    index) of the entries equal to it."""
     flat = mag.flatten()
-    if k >= flat.numel():
+    n = flat.numel()
+    if k >= n:
         return torch.ones_like(mag, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(mag, dtype=torch.bool)
-    thr = torch.topk(flat, k).values[-1]
-    above = flat > thr
+    thr = torch.kthvalue(flat, n - k + 1).values
+    mask = flat > thr
     tied = torch.nonzero(flat == thr).flatten()
-    mask = above.clone()
-    mask[tied[: k - int(above.sum())]] = True
+    mask[tied[: k - int(mask.sum())]] = True
     return mask.view(mag.shape)
+
+
+def kth_largest(mag: torch.Tensor, k: int) -> float:
+    flat = mag.flatten()
+    return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
 
 
 def sign_elect(deltas: torch.Tensor, flip: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -98,17 +94,31 @@ def gta(base: torch.Tensor, taus, weights, masks=None, consensus=False, normaliz
     return ref, run(near_zero_sum(deltas))
 
 
-def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """mergekit 0.1.5 magnitude_outliers counts: drop the ``int(gamma n)`` largest (fewer when both do
-    not fit), keep the next ``int(density n)``; ``density >= 1`` keeps all."""
-    n = tau.numel()
-    if density >= 1:
-        return torch.ones_like(tau, dtype=torch.bool)
+def breadcrumbs_cuts(n: int, density: float, gamma: float):
+    """mergekit 0.1.5 magnitude_outliers counts as descending ranks ``[lo, hi)`` kept: the
+    ``int(gamma n)`` largest dropped (fewer when both do not fit), the next ``int(density n)`` kept."""
     n_top, target = int(gamma * n), int(density * n)
     n_bot = n - target - n_top
     if n_bot < 0:
         n_top += n_bot
-    return desc_rank_mask(tau.abs(), n_top, n_top + target)
+    return n_top, n_top + target
+
+
+def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float):
+    """``(mask, tied)``: the entries of descending rank in ``[lo, hi)`` (lower flat index first among
+    equal magnitudes), and the positions whose magnitude equals a cut's boundary value."""
+    if density >= 1:
+        return torch.ones_like(tau, dtype=torch.bool), torch.zeros_like(tau, dtype=torch.bool)
+    mag = tau.abs()
+    lo, hi = breadcrumbs_cuts(tau.numel(), density, gamma)
+    mask = topk_mask(mag, hi) & ~topk_mask(mag, lo)
+    tied = torch.zeros_like(tau, dtype=torch.bool)
+    for k in (lo, hi):
+        if 0 < k < tau.numel():
+            v = kth_largest(mag, k)
+            if int((mag > v).sum()) + int((mag == v).sum()) != k:  # the group straddles the cut
+                tied |= mag == v
+    return mask, tied
 
 
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995) -> torch.Tensor:
@@ -189,13 +199,14 @@ def karcher(xs, max_iter: int = 10, tol: float = 1e-5):
 
 def model_stock(base: torch.Tensor, thetas, taus) -> torch.Tensor:
     """mergekit ``model_stock`` (whole tensor): ``t = N c / (1 + (N - 1) c)``, ``c`` the mean pairwise
-    cosine of the task vectors, ``t`` unclamped."""
+    cosine of the task vectors (each cosine's denominator, the product of the two norms, clamped at
+    1e-6), ``t`` unclamped."""
     n = len(taus)
     flat = [t.flatten() for t in taus]
     cos = []
     for i in range(n):
         for j in range(i + 1, n):
-            c = (flat[i] * flat[j]).sum() / (flat[i].norm().clamp(min=1e-6) * flat[j].norm().clamp(min=1e-6))
+            c = (flat[i] * flat[j]).sum() / (flat[i].norm() * flat[j].norm()).clamp(min=1e-6)
             cos.append(float(c.clamp(-1, 1)))
     c = sum(cos) / len(cos)
     denom = 1 + (n - 1) * c
