@@ -22,21 +22,21 @@ def task_vector(theta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return (theta.float() - base.float()).double()
 
 
-def topk_mask(mag: torch.Tensor, k: int) -> torch.Tensor:
+def topk_mask(mag: torch.Tensor, k: int, with_threshold: bool = False):
     """Exactly ``k`` largest magnitudes, lower flat index first among equal magnitudes (issue 14's
     exact-count rule): everything above the k-th largest value, then the first ``k - #above`` (by flat
-    index) of the entries equal to it."""
+    index) of the entries equal to it. With ``with_threshold`` returns ``(mask, k-th largest value)``."""
     flat = mag.flatten()
     n = flat.numel()
-    if k >= n:
-        return torch.ones_like(mag, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(mag, dtype=torch.bool)
+    if k >= n or k <= 0:
+        mask = torch.full_like(mag, k >= n, dtype=torch.bool)
+        return (mask, None) if with_threshold else mask
     thr = torch.kthvalue(flat, n - k + 1).values
     mask = flat > thr
     tied = torch.nonzero(flat == thr).flatten()
     mask[tied[: k - int(mask.sum())]] = True
-    return mask.view(mag.shape)
+    mask = mask.view(mag.shape)
+    return (mask, float(thr)) if with_threshold else mask
 
 
 def kth_largest(mag: torch.Tensor, k: int) -> float:
@@ -91,7 +91,8 @@ def gta(base: torch.Tensor, taus, weights, masks=None, consensus=False, normaliz
         return ref
     if not consensus:
         return ref, ref
-    return ref, run(near_zero_sum(deltas))
+    flip = near_zero_sum(deltas)
+    return ref, (run(flip) if bool(flip.any()) else ref)
 
 
 def breadcrumbs_cuts(n: int, density: float, gamma: float):
@@ -111,14 +112,13 @@ def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float):
         return torch.ones_like(tau, dtype=torch.bool), torch.zeros_like(tau, dtype=torch.bool)
     mag = tau.abs()
     lo, hi = breadcrumbs_cuts(tau.numel(), density, gamma)
-    mask = topk_mask(mag, hi) & ~topk_mask(mag, lo)
+    keep_hi, v_hi = topk_mask(mag, hi, with_threshold=True)
+    keep_lo, v_lo = topk_mask(mag, lo, with_threshold=True)
     tied = torch.zeros_like(tau, dtype=torch.bool)
-    for k in (lo, hi):
-        if 0 < k < tau.numel():
-            v = kth_largest(mag, k)
-            if int((mag > v).sum()) + int((mag == v).sum()) != k:  # the group straddles the cut
-                tied |= mag == v
-    return mask, tied
+    for v in (v_lo, v_hi):
+        if v is not None:
+            tied |= mag == v  # entries at a cut's boundary value (where only the tie rule decides)
+    return keep_hi & ~keep_lo, tied
 
 
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995) -> torch.Tensor:
@@ -292,19 +292,61 @@ def compare(name: str, out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor
             allowed: Optional[torch.Tensor] = None, alt: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """Assert ``|out - ref| <= bound`` elementwise (or ``|out - alt| <= bound`` where an alternative
     outcome is admissible), except at ``allowed``; returns error statistics."""
-    assert out.shape == ref.shape, (name, tuple(out.shape), tuple(ref.shape))
-    err = (out - ref).abs()
-    if alt is not None:
-        err = torch.minimum(err, (out - alt).abs())
-    bad = err > bound
+    bad = violations(out, ref, bound, alt)
     if allowed is not None:
         bad &= ~allowed
-    nbad = int(bad.sum())
-    if nbad:
-        i = int(torch.nonzero(bad.flatten())[0])
-        raise AssertionError(
-            f"{name}: {nbad} of {out.numel()} entries differ from the float64 oracle beyond the float32 "
-            f"bound (max error {float(err[bad].max()):.3e}; first at flat index {i}: mergelab "
+    if bool(bad.any()):
+        raise AssertionError(describe(name, out, ref, bound, bad))
+    return {}
+
+
+def violations(out, ref, bound, alt=None) -> torch.Tensor:
+    assert out.shape == ref.shape, (tuple(out.shape), tuple(ref.shape))
+    bad = (out - ref).abs() > bound
+    if alt is not None:
+        bad &= (out - alt).abs() > bound
+    return bad
+
+
+def describe(name, out, ref, bound, bad) -> str:
+    err = (out - ref).abs()
+    i = int(torch.nonzero(bad.flatten())[0])
+    return (f"{name}: {int(bad.sum())} of {out.numel()} entries differ from the float64 oracle beyond the "
+            f"float32 bound (max error {float(err[bad].max()):.3e}; first at flat index {i}: mergelab "
             f"{float(out.flatten()[i]):.9g}, oracle {float(ref.flatten()[i]):.9g}, bound "
             f"{float(bound.flatten()[i]):.3e})")
-    return {"max_err": float(err.max()) if err.numel() else 0.0}
+
+
+def pcb(taus, ratio: float, clip: float):
+    """PCB-merging (methods-data-free.md section 4, the reference's ``PCB_merge``), whole model: each
+    entry of ``taus[t]`` (task t's task vector, the whole model flattened) gets the merged task-vector
+    value. Returns ``(merged, weight_sum, weight_error, merged_error)``: the per-entry sum of the weights
+    and first-order bounds of the float32 pipeline's error on them and on the merged value."""
+    n = len(taus)
+    d = taus[0].numel()
+    total = sum(taus)
+    abs_total = sum(t.abs() for t in taus)
+    clipped, weights, werr = [], [], []
+    dropped = torch.ones_like(taus[0], dtype=torch.bool)
+    for tau in taus:
+        mag = tau.abs()
+        lo = float(torch.kthvalue(mag, int(math.floor(d * clip)) + 1).values)
+        hi = float(torch.kthvalue(mag, int(math.floor(d * (1 - clip)))).values)
+        a = mag.clamp(lo, hi)
+        clipped.append(torch.sign(tau) * a)
+        s = torch.exp(n * ((a - lo) / (hi - lo)) ** 2)
+        beta = s * torch.tanh(tau * total)
+        q = float(torch.kthvalue(beta, int(math.floor(d * (1 - ratio))) + 1).values)
+        top = float(beta.max())
+        weights.append((beta.clamp(min=q) - q) / (top - q))
+        # float32 error of beta: relative rounding of s and tanh, plus the rounding of sum_j tau_j
+        # inside tanh's argument (16 u of sum_j |tau_j|, times |tau| s)
+        eb = 16 * EPS32 * (beta.abs() + s * mag * abs_total)
+        werr.append((eb + 16 * EPS32 * abs(q)) / (top - q))
+        dropped &= beta < q - (eb + 16 * EPS32 * abs(q))
+    wsum = sum(weights)
+    merged = sum(w * c for w, c in zip(weights, clipped)) / wsum.clamp(min=1e-12)
+    werr_sum = sum(werr)
+    merr = sum(e * (c - merged).abs() for e, c in zip(werr, clipped)) / wsum.clamp(min=1e-12)
+    stack = torch.stack(clipped)
+    return merged, wsum, werr_sum, merr, dropped, (stack.min(0).values, stack.max(0).values)

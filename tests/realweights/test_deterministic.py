@@ -90,6 +90,7 @@ RECIPES: Dict[str, Callable] = {
     "nearswap": lambda f: _recipe("nearswap", f, 1, parameters={"t": NEARSWAP_T}),
     "arcee_fusion": lambda f: _recipe("arcee_fusion", f, 1),
     "tsv": lambda f: _recipe("tsv", f, 3, parameters={"svd_dtype": "float64"}),
+    "pcb": lambda f: _recipe("pcb", f, 3, parameters={"ratio": 0.1, "clip": 1e-4, "granularity": "tensor"}),
 }
 
 
@@ -125,11 +126,12 @@ def evaluate(fam, out: Dict[str, torch.Tensor], expect: Callable[[str], Expect])
         e = expect(name)
         got = out[name].double()
         bound = e.bound + U * e.ref.abs() + 1e-30
-        for key, allowed in (("off_ties", e.tied), ("exact", None)):
-            try:
-                O.compare(name, got, e.ref, bound, allowed=allowed, alt=e.alt)
-            except AssertionError as err:
-                res[key].append(str(err))
+        bad = O.violations(got, e.ref, bound, e.alt)
+        if bool(bad.any()):
+            res["exact"].append(O.describe(name, got, e.ref, bound, bad))
+            off = bad if e.tied is None else bad & ~e.tied
+            if bool(off.any()):
+                res["off_ties"].append(O.describe(name, got, e.ref, bound, off))
         if e.tied is not None:
             res["tied"] += int(e.tied.sum())
     return res
@@ -178,9 +180,10 @@ def expect_ties(p):
             taus = [fam.tau(i, name) for i in range(p["n"])]
             masks, tied = [], torch.zeros_like(base, dtype=torch.bool)
             for t in taus:
-                k = max(1, int(p["density"] * t.numel()))
-                masks.append(O.topk_mask(t.abs(), k))
-                tied |= t.abs() == O.kth_largest(t.abs(), k)
+                mask, thr = O.topk_mask(t.abs(), max(1, int(p["density"] * t.numel())), with_threshold=True)
+                masks.append(mask)
+                if thr is not None:
+                    tied |= t.abs() == thr
             ref, alt = O.gta(base, taus, p["weights"], masks=masks, consensus=True, normalize=True,
                              lam=p["lam"], alternative=True)
             s = base.abs() + p["lam"] * sum(abs(w) * t.abs() for w, t in zip(p["weights"], taus))
@@ -367,12 +370,18 @@ def test_real_task_vectors_have_tied_groups_straddling_the_threshold(real_family
 
 
 def test_breadcrumbs_cuts_straddle_tied_groups(real_family):
-    """Breadcrumbs' two cuts (``int(gamma n)`` outliers, ``int(density n)`` kept) fall inside tied groups
-    of the word-embedding task vectors, so the counts depend on the tie rule there."""
-    tau = real_family.tau(0, EMBED)
-    mask, tied = O.breadcrumbs_mask(tau, BC["density"], BC["gamma"])
-    assert int(mask.sum()) == int(BC["density"] * tau.numel())
-    assert int(tied.sum()) > 1000
+    """Breadcrumbs' cuts fall inside tied groups of the word-embedding task vectors (the keep cut at
+    rank ``int(gamma n) + int(density n)`` for every expert), so the exact counts depend on the tie
+    rule there; the oracle's mask keeps exactly ``int(density n)``."""
+    for i in range(3):
+        tau = real_family.tau(i, EMBED)
+        mag = tau.abs()
+        lo, hi = O.breadcrumbs_cuts(tau.numel(), BC["density"], BC["gamma"])
+        v = O.kth_largest(mag, hi)
+        above, eq = int((mag > v).sum()), int((mag == v).sum())
+        assert above < hi < above + eq and eq > 1000, (i, hi, above, eq)
+        mask, _ = O.breadcrumbs_mask(tau, BC["density"], BC["gamma"])
+        assert int(mask.sum()) == int(BC["density"] * tau.numel())
 
 
 @pytest.mark.parametrize("case", PLAIN_CASES)
@@ -430,3 +439,36 @@ def test_arcee_fusion(real_family, merged):
         if v0.ndim == 2 and name.startswith("encoder."):
             agree = float((take == took).double().mean())
             assert agree >= 0.97, (name, agree)
+
+
+PCB = dict(ratio=0.1, clip=1e-4)
+
+
+def test_pcb(real_family, merged):
+    """PCB (the reference's tanh inter-balancing, ``ratio: 0.1``, ``clip: 1e-4``), three experts, with
+    ``granularity: tensor`` (the clip and drop quantiles per tensor; the default whole-model quantiles
+    cost a merge of ~15 CPU-seconds on this model, too much for the suite), against the float64 formula
+    per tensor. Where the kept weights of an entry sum to less than 100 times their float32 error (its
+    tasks' scores sit at the drop quantile within rounding) the float32 pipeline may divide rounding
+    noise by rounding noise: those entries are only checked to lie between the smallest and largest
+    clipped task-vector entry (and 0), as every entry must, and they are few."""
+    out = out_state(merged("pcb", RECIPES["pcb"](real_family)))
+    assert set(out) == set(real_family.names)
+    noisy_total = dropped_total = 0
+    for name in real_family.names:
+        taus = [real_family.tau(i, name).flatten() for i in range(3)]
+        merged_tv, wsum, werr, merr, dropped, (cmin, cmax) = O.pcb(taus, **PCB)
+        base = real_family.theta(real_family.base, name).flatten()
+        got = out[name].double().flatten()
+        ref = base + merged_tv
+        bound = 8 * U * (base.abs() + merged_tv.abs()) + merr + U * ref.abs()
+        noisy = (wsum < 100 * werr) & ~dropped
+        noisy_total += int(noisy.sum())
+        dropped_total += int(dropped.sum())
+        O.compare(name, got, ref, bound, allowed=noisy)
+        lo, hi = cmin.clamp(max=0), cmax.clamp(min=0)
+        tv, slack = got - base, 8 * U * (base.abs() + hi - lo)
+        assert bool(((tv >= lo - slack) & (tv <= hi + slack)).all()), name
+    total = sum(real_family.state(real_family.base)[n].numel() for n in real_family.names)
+    assert noisy_total < 0.01 * total, noisy_total
+    assert 0.5 * total < dropped_total < 0.95 * total  # ratio 0.1: most entries are dropped by every task
