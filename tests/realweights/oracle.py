@@ -268,9 +268,13 @@ def svd_polar(m: torch.Tensor) -> torch.Tensor:
     return p @ qt
 
 
-def tsv_matrix(deltas) -> torch.Tensor:
+def tsv_matrix(deltas):
     """TSV-M for one matrix (methods-data-free.md section 7): each task's top ``floor(r/T)`` singular
-    triplets, concatenated, orthogonalised by polar factors, recombined."""
+    triplets, concatenated, orthogonalised by polar factors, recombined. Returns ``(merged, cond)``:
+    ``cond`` bounds how much a relative perturbation of the inputs (float32 rounding of the task vectors
+    or of intermediate products) can be amplified in the result: the largest ``sigma_1 / gap`` at a
+    task's truncation (a near-degenerate cut makes the kept subspace ill-defined) plus the condition of
+    the polar factors (``1 / sigma_min`` of the concatenated singular vectors)."""
     T = len(deltas)
     m, n = deltas[0].shape
     r = min(m, n)
@@ -279,13 +283,17 @@ def tsv_matrix(deltas) -> torch.Tensor:
     S = torch.zeros(r, dtype=torch.float64)
     Vt = torch.zeros(r, n, dtype=torch.float64)
     if k == 0:
-        return torch.zeros(m, n, dtype=torch.float64)
+        return torch.zeros(m, n, dtype=torch.float64), 1.0
+    cond = 1.0
     for i, d in enumerate(deltas):
         u, s, vt = torch.linalg.svd(d, full_matrices=False)
         U[:, i * k:(i + 1) * k] = u[:, :k]
         S[i * k:(i + 1) * k] = s[:k]
         Vt[i * k:(i + 1) * k, :] = vt[:k, :]
-    return svd_polar(U) @ torch.diag(S) @ svd_polar(Vt)
+        if k < s.numel():
+            cond = max(cond, float(s[0] / (s[k - 1] - s[k]).clamp(min=1e-300)))
+    cond += 1 / float(torch.linalg.svdvals(U).min()) + 1 / float(torch.linalg.svdvals(Vt).min())
+    return svd_polar(U) @ torch.diag(S) @ svd_polar(Vt), cond
 
 
 def compare(name: str, out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor,
@@ -348,5 +356,6 @@ def pcb(taus, ratio: float, clip: float):
     merged = sum(w * c for w, c in zip(weights, clipped)) / wsum.clamp(min=1e-12)
     werr_sum = sum(werr)
     merr = sum(e * (c - merged).abs() for e, c in zip(werr, clipped)) / wsum.clamp(min=1e-12)
+    merr[dropped] = 0  # every weight is certainly 0: the merged value is exactly 0
     stack = torch.stack(clipped)
     return merged, wsum, werr_sum, merr, dropped, (stack.min(0).values, stack.max(0).values)

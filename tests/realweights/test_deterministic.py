@@ -68,6 +68,7 @@ NEARSWAP_T = 1e-3
 SLERP_T = 0.3
 NUSLERP_W = [0.4, 0.6]
 MULTISLERP_W = [1.0, 2.0, 1.5]
+LINES_ALPHA = 0.3
 
 RECIPES: Dict[str, Callable] = {
     "linear": lambda f: _recipe("linear", f, 3, base=False, weight=[1.0, 2.0, 0.5]),
@@ -90,6 +91,8 @@ RECIPES: Dict[str, Callable] = {
     "nearswap": lambda f: _recipe("nearswap", f, 1, parameters={"t": NEARSWAP_T}),
     "arcee_fusion": lambda f: _recipe("arcee_fusion", f, 1),
     "tsv": lambda f: _recipe("tsv", f, 3, parameters={"svd_dtype": "float64"}),
+    "varm": lambda f: _recipe("varm", f, 3),
+    "lines": lambda f: _recipe("lines", f, 1, parameters={"alpha": LINES_ALPHA}),
     "pcb": lambda f: _recipe("pcb", f, 3, parameters={"ratio": 0.1, "clip": 1e-4, "granularity": "tensor"}),
 }
 
@@ -309,12 +312,38 @@ def expect_tsv(fam):
         base = fam.theta(fam.base, name)
         taus = [fam.tau(i, name) for i in range(3)]
         if base.ndim == 2 and not exclude.search(name):
-            merged = O.tsv_matrix(taus)
-            bound = 8 * U * (base.abs() + merged.abs()) + rc(base) * float(merged.abs().max())
+            merged, cond = O.tsv_matrix(taus)
+            # rounding of the float32 task vectors (or of mergelab's products) perturbs the SVD input by
+            # ~u relative; the kept subspaces and polar factors amplify that by ``cond``
+            amplified = 16 * U * cond * float(merged.abs().max())
+            bound = 8 * U * (base.abs() + merged.abs()) + rc(base) * float(merged.abs().max()) + amplified
         else:
             merged = sum(taus) / 3
             bound = 8 * U * (base.abs() + sum(t.abs() for t in taus))
         return Expect(base + merged, bound)
+    return f
+
+
+def expect_varm(fam):
+    """VaRM (methods-data-free.md 8b), granularity tensor, statistic square: ``w_t`` proportional to
+    ``mean((theta_t - theta_0)^2)``, uniform if any is 0; the convex combination of the full weights."""
+    def f(name):
+        thetas = [fam.theta(e, name) for e in fam.experts]
+        stats = [float((fam.tau(i, name) ** 2).mean()) for i in range(3)]
+        w = [1 / 3] * 3 if any(x == 0 for x in stats) else [x / sum(stats) for x in stats]
+        terms = sum(x * t.abs() for x, t in zip(w, thetas))
+        return Expect(sum(x * t for x, t in zip(w, thetas)), 8 * U * terms + rc(thetas[0]) * terms)
+    return f
+
+
+def expect_lines(fam):
+    """LiNeS single-task rule (methods-data-free.md 6): ``beta = 1 - alpha``; with one block (this
+    model has one encoder layer) the block's scale is ``alpha + beta = 1``, every tensor outside the
+    blocks (embeddings, pooler) gets ``alpha``."""
+    def f(name):
+        base, tau = fam.theta(fam.base, name), fam.tau(0, name)
+        scale = 1.0 if name.startswith("encoder.layer.") else LINES_ALPHA
+        return Expect(base + scale * tau, 6 * U * (base.abs() + scale * tau.abs()))
     return f
 
 
@@ -334,6 +363,8 @@ EXPECT = {
     "karcher": expect_karcher,
     "nearswap": expect_nearswap,
     "tsv": expect_tsv,
+    "varm": expect_varm,
+    "lines": expect_lines,
 }
 
 # cases whose selection has count cuts where tied magnitudes straddle (the tie rule decides there);
@@ -389,8 +420,9 @@ def test_method_matches_float64_oracle(real_family, merged, case):
     res = result(case, real_family, merged, EXPECT[case])
     assert_ok(res["off_ties"])
     if case == "sce":
-        # the entries allowed either way (score within float32 rounding of the threshold) are few
-        assert res["tied"] < 0.01 * sum(real_family.state(real_family.base)[n].numel() for n in real_family.names)
+        # the entries allowed either way (variance tied with, or within float32 rounding of, the k-th
+        # variance: triples of decay-quantised deltas repeat) are a small share
+        assert res["tied"] < 0.05 * sum(real_family.state(real_family.base)[n].numel() for n in real_family.names)
 
 
 @pytest.mark.parametrize("case", TIE_CASES)
@@ -472,3 +504,32 @@ def test_pcb(real_family, merged):
     total = sum(real_family.state(real_family.base)[n].numel() for n in real_family.names)
     assert noisy_total < 0.01 * total, noisy_total
     assert 0.5 * total < dropped_total < 0.95 * total  # ratio 0.1: most entries are dropped by every task
+
+
+def test_tsv_singular_values(real_family, merged):
+    """A well-conditioned fact of TSV-M: the polar factors have orthonormal columns/rows, so the merged
+    matrix ``U_perp diag(s_hat) V_perp^T`` has exactly the kept singular values ``s_hat`` (each task's
+    top ``floor(r / T)``) as its singular values. The entrywise comparison above needs a bound scaled by
+    the conditioning (on these real task vectors the truncation cuts through a dense tail of nearly
+    equal singular values, condition 1e4 to 1e6); this one does not: singular values move by at most
+    the spectral norm of the perturbation (Weyl), here the float32 rounding of the output,
+    ``<= 4 u ||theta||_F``."""
+    out = out_state(merged("tsv", RECIPES["tsv"](real_family)))
+    checked = 0
+    for name in real_family.names:
+        base = real_family.theta(real_family.base, name)
+        if base.ndim != 2 or name == EMBED:
+            continue
+        taus = [real_family.tau(i, name) for i in range(3)]
+        k = min(base.shape) // 3
+        expected = torch.cat([torch.linalg.svdvals(t)[:k] for t in taus]).sort(descending=True).values
+        got = torch.linalg.svdvals(out[name].double() - base)
+        got = got[: expected.numel()] if expected.numel() else got
+        tol = 4 * U * float(torch.linalg.matrix_norm(base)) + 1e-9 * float(expected.max() if expected.numel() else 0)
+        if expected.numel() == 0:
+            assert float(got.max()) <= tol, name  # k = 0: the merged matrix is zero
+        else:
+            err = float((got - expected).abs().max())
+            assert err <= tol, (name, err, tol)
+            checked += 1
+    assert checked >= 6
