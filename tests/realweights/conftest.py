@@ -10,7 +10,8 @@ values, which gives what real fine-tunes have and synthetic checkpoints do not: 
 task-vector entries with exactly the same magnitude, straddling every magnitude threshold. The fixture
 asserts that these tied groups exist.
 
-Everything is built once per session in a temporary folder (about 10-30 s on two cores). Set
+Everything is built once per session in a temporary folder (about 25 CPU-seconds: 48 AdamW steps
+over 14M parameters, loading and saving). Set
 ``MERGELAB_REALWEIGHTS_CACHE=DIR`` to keep the checkpoints between runs while working on the tests.
 """
 

@@ -121,18 +121,23 @@ def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float):
     return keep_hi & ~keep_lo, tied
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995) -> torch.Tensor:
-    """mergekit ``slerp`` on whole flattened tensors (lerp when the normalised dot exceeds 0.9995)."""
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, margin: float = 0.0):
+    """mergekit ``slerp`` on whole flattened tensors (lerp when the normalised dot exceeds 0.9995).
+    Returns ``(result, alt)``: ``alt`` is the other branch's result when the dot lies within ``margin``
+    of the threshold (where a float32 dot product may fall on either side), else ``result``."""
     a, b = v0.flatten(), v1.flatten()
     na, nb = a.norm(), b.norm()
     ua = a / na if na > 1e-8 else a
     ub = b / nb if nb > 1e-8 else b
     dot = float((ua * ub).sum())
-    if abs(dot) > dot_threshold:
-        return (1 - t) * v0 + t * v1
+    lerp = (1 - t) * v0 + t * v1
+    if abs(dot) >= 1:
+        return lerp, lerp
     theta = math.acos(dot)
     s = math.sin(theta)
-    return math.sin((1 - t) * theta) / s * v0 + math.sin(t * theta) / s * v1
+    sph = math.sin((1 - t) * theta) / s * v0 + math.sin(t * theta) / s * v1
+    ref, other = (lerp, sph) if abs(dot) > dot_threshold else (sph, lerp)
+    return ref, (other if abs(abs(dot) - dot_threshold) <= margin else ref)
 
 
 def nuslerp_vec(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
