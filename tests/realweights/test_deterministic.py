@@ -19,9 +19,8 @@ is zero within float32 rounding, and (Arcee Fusion, SCE) an entry whose float32-
 within that score's rounding error of the selection threshold.
 
 Entries where only the tie rule decides (a group of equal magnitudes straddling a count cut) are
-compared in two tests: off those entries (must pass today), and everywhere against issue 14's
-exact-count rule (``max(1, int(d n))`` kept, lower flat index first among equal magnitudes), marked
-xfail until that rule lands.
+compared in two tests: off those entries, and everywhere against issue 14's exact-count rule
+(``max(1, int(d n))`` kept, lower flat index first among equal magnitudes).
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ from safetensors.torch import load_file
 from . import oracle as O
 from .conftest import EMBED, tie_stats
 
-XFAIL_TIE_RULE = pytest.mark.xfail(strict=True, reason="issue 14 point 1: exact-count tie rule (h-select)")
 U = O.EPS32
 
 
@@ -372,7 +370,6 @@ EXPECT = {
 # cases whose selection has count cuts where tied magnitudes straddle (the tie rule decides there);
 # breadcrumbs already breaks ties by position (lower index first) and passes the exact test today
 TIE_CASES = ["ties_issue", "ties_three", "breadcrumbs", "breadcrumbs_ties"]
-XFAIL_CASES = ["ties_issue", "ties_three"]
 PLAIN_CASES = [c for c in EXPECT if c not in TIE_CASES]
 
 
@@ -438,8 +435,7 @@ def test_selection_matches_oracle_off_the_tied_entries(real_family, merged, case
     assert 0 < res["tied"] < 0.05 * total
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=XFAIL_TIE_RULE) if c in XFAIL_CASES else c
-                                  for c in TIE_CASES])
+@pytest.mark.parametrize("case", TIE_CASES)
 def test_selection_exact_count_tie_rule(real_family, merged, case):
     """Everywhere, tied entries included: each model keeps exactly mergekit's count per tensor
     (``max(1, int(d n))`` for TIES; ``int(gamma n)`` dropped and ``int(density n)`` kept for
