@@ -112,7 +112,7 @@ def pretrain(
     lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (AdamW, warm-up then cosine to 10%)."),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Warm-up steps (default min(200, steps/10))."),
     seed: int = typer.Option(0, "--seed"),
-    corpus_mb: float = typer.Option(30.0, "--corpus-mb", help="Corpus size in MB of UTF-8 text."),
+    corpus_mb: float = typer.Option(20.0, "--corpus-mb", help="Corpus size in MB of UTF-8 text."),
     sources: Optional[str] = typer.Option(None, "--sources", help="Corpus sources (comma-separated; default all)."),
     vocab_size: int = typer.Option(8192, "--vocab-size", help="Byte-level BPE vocabulary (special tokens included)."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every", help="Steps between checkpoints."),

@@ -261,7 +261,7 @@ DEFAULT_SOURCES = tuple(SOURCES)
 class CorpusConfig:
     """What makes a corpus: target size in bytes (UTF-8, train + held-out), seed, sources, held-out share."""
 
-    target_bytes: int = 30_000_000
+    target_bytes: int = 20_000_000
     seed: int = 0
     sources: Sequence[str] = DEFAULT_SOURCES
     heldout_fraction: float = 0.01

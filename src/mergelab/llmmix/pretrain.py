@@ -70,7 +70,7 @@ class PretrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
-    corpus_bytes: int = 30_000_000
+    corpus_bytes: int = 20_000_000
     corpus_sources: tuple = DEFAULT_SOURCES
     vocab_size: int = 8192
     # not part of the run's identity: may change between a run and its resumption
@@ -141,6 +141,8 @@ def paths_for(cfg: PretrainConfig, root: Path, run_dir: Optional[Path] = None) -
 def prepare_data(cfg: PretrainConfig, paths: Paths, log: Callable[[str], None]) -> None:
     """Corpus, tokenizer and token streams, each made once and reused."""
     t = time.time()
+    if (paths.tokens / "tokens.json").is_file() and (paths.tokenizer / "tokenizer.json").is_file():
+        return  # the corpus is needed only to make these
     if not (paths.corpus / "corpus.json").is_file():
         log(f"building the corpus ({cfg.corpus_bytes / 1e6:g} MB) ...")
     build_corpus(paths.corpus, cfg.corpus(), log)
@@ -175,8 +177,12 @@ def prepare_data(cfg: PretrainConfig, paths: Paths, log: Callable[[str], None]) 
         shutil.rmtree(paths.tokens, ignore_errors=True)
         tmp.rename(paths.tokens)
         log(f"tokens: {counts['train']:,} train, {counts['heldout']:,} held-out "
-            f"({(paths.corpus / 'train.jsonl').stat().st_size / max(counts['train'], 1):.2f} bytes of JSONL "
-            f"per token) in {time.time() - t:.0f} s")
+            f"({_corpus_bytes(paths.corpus) / max(counts['train'] + counts['heldout'], 1):.2f} bytes of text "
+            f"per token, <|bos|> and <|eos|> counted) in {time.time() - t:.0f} s")
+
+
+def _corpus_bytes(corpus_dir: Path) -> int:
+    return json.loads((corpus_dir / "corpus.json").read_text(encoding="utf-8"))["total_bytes"]
 
 
 def _write_ids(f, tok, texts, eos) -> int:
@@ -312,7 +318,16 @@ def pretrain(cfg: PretrainConfig, root: Optional[Path] = None, run_dir: Optional
     paths = paths_for(cfg, root, run_dir)
     if fresh and paths.run.exists():
         shutil.rmtree(paths.run)
+    data_json = paths.run / "checkpoint" / "data.json"
+    if paths.checkpoint.is_file() and data_json.is_file():
+        # resume on the data the run started with, even where the corpus packages' versions changed since
+        data = json.loads(data_json.read_text(encoding="utf-8"))
+        recorded = Paths(Path(data["corpus"]), Path(data["tokenizer"]), Path(data["tokens"]), paths.run)
+        if (recorded.tokens / "tokens.json").is_file() and (recorded.tokenizer / "tokenizer.json").is_file():
+            paths = recorded
     prepare_data(cfg, paths, log)
+    paths.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(data_json, {"corpus": str(paths.corpus), "tokenizer": str(paths.tokenizer), "tokens": str(paths.tokens)})
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
@@ -419,7 +434,7 @@ def pretrain(cfg: PretrainConfig, root: Optional[Path] = None, run_dir: Optional
     _write_json(paths.run / "pretrain.json", summary)
     if interrupted["flag"] and step < cfg.steps and stop_after is None:
         raise PretrainInterrupted(f"interrupted at step {step}/{cfg.steps}; checkpoint saved in {paths.checkpoint}: "
-                                  "run the same command to resume")
+                                  "run the same command (without --fresh) to resume")
     return PretrainResult(paths.run, final, step, losses, elapsed, tps)
 
 
