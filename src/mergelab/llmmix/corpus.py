@@ -21,6 +21,7 @@ document goes to ``train.jsonl`` or ``heldout.jsonl`` by a seeded draw.
 from __future__ import annotations
 
 import ast
+import datetime
 import hashlib
 import importlib
 import importlib.metadata as md
@@ -37,7 +38,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 from mergelab.errors import MergeLabError
 
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2
 FAKER_LOCALES = ("en_US", "de_DE", "fr_FR", "es_ES", "it_IT", "pt_BR", "nl_NL", "pl_PL", "ru_RU", "tr_TR",
                  "ja_JP", "zh_CN")
 WORDFREQ_LANGS = {"en": "English", "de": "German", "fr": "French", "es": "Spanish", "it": "Italian",
@@ -46,6 +47,8 @@ WORDFREQ_LANGS = {"en": "English", "de": "German", "fr": "French", "es": "Spanis
 _STDLIB_SKIP = {"test", "tests", "idle_test", "idlelib", "site-packages", "dist-packages", "ensurepip",
                 "__pycache__", "lib2to3", "turtledemo"}
 _PIECE = 12_000  # bytes: longer stdlib files are cut at line boundaries
+_BORN = (datetime.date(1940, 1, 1), datetime.date(2005, 12, 31))
+_DIARY = (datetime.date(1990, 1, 1), datetime.date(2024, 12, 31))
 
 
 class CorpusError(MergeLabError):
@@ -167,6 +170,9 @@ def _faker(rng: random.Random) -> Iterator[str]:
     for i, loc in enumerate(FAKER_LOCALES):
         f = faker.Faker(loc)
         f.seed_instance(rng.randrange(2 ** 31) + i)
+        for provider in f.providers:  # it_IT builds its city list from a set: order it, or it follows the hash seed
+            if isinstance(getattr(provider, "cities", None), list):
+                provider.cities = sorted(provider.cities)
         fakers.append(f)
     kinds = ("profile", "prose", "diary", "letter")
     n = 0
@@ -174,13 +180,15 @@ def _faker(rng: random.Random) -> Iterator[str]:
         f = fakers[n % len(fakers)]
         kind = kinds[(n // len(fakers)) % len(kinds)]
         n += 1
+        # dates between fixed bounds: Faker's date_of_birth() and date() depend on today's date
         if kind == "profile":
             lines = [f.name(), f.address(), f.phone_number(), f.email(), f"{f.job()} — {f.company()}",
-                     f.date_of_birth().isoformat()]
+                     f.date_between_dates(_BORN[0], _BORN[1]).isoformat()]
         elif kind == "prose":
             lines = [f.sentence(), f.paragraph(nb_sentences=6)]
         elif kind == "diary":
-            lines = [f"{f.date()} {f.city()}: {f.sentence()}" for _ in range(4)]
+            lines = [f"{f.date_between_dates(_DIARY[0], _DIARY[1]).isoformat()} {f.city()}: {f.sentence()}"
+                     for _ in range(4)]
         else:
             lines = [f.name(), f.street_address(), f.city(), "", f.paragraph(nb_sentences=3), "", f.name()]
         yield "\n".join(lines) + "\n"

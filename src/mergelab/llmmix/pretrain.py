@@ -361,6 +361,9 @@ def pretrain(cfg: PretrainConfig, root: Optional[Path] = None, run_dir: Optional
     else:
         torch.manual_seed(cfg.seed)
     records = _read_log(log_path, start)
+    if start >= cfg.steps and (paths.final / "model.safetensors").is_file():
+        log(f"{paths.final}: already pretrained ({start} steps)")
+        return PretrainResult(paths.run, paths.final, start, [(r["step"], r["loss"]) for r in records], elapsed, 0.0)
     paths.run.mkdir(parents=True, exist_ok=True)
     log_path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
