@@ -279,3 +279,40 @@ def test_cli_pretrain(root, capsys):
                       "--warmup 2 --vocab-size 400 --corpus-mb 0.12 --sources " + ",".join(SOURCES))
     code, out, err = run_cli(["bench", "pretrain", "--size", "7m", "--cache", root], capsys)
     assert code == 2 and "--size '7m'" in err and "Traceback" not in err
+
+
+def test_sigterm_checkpoints_at_a_step_boundary_and_resumes(root):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = root / "run-term"
+    args = ["--size", "tiny", "--steps", "100000", "--cache", str(root), "--out", str(out), "--batch-size", "4",
+            "--seq-len", "32", "--lr", "0.01", "--warmup", "2", "--corpus-mb", "0.12", "--sources",
+            ",".join(SOURCES), "--vocab-size", "400", "--threads", "1", "--checkpoint-every", "1000",
+            "--eval-every", "1000", "--no-progress"]
+    code = "import sys; from mergelab.cli import main; main(['bench', 'pretrain'] + sys.argv[1:])"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        log = out / "loss.jsonl"
+        deadline = time.time() + 90
+        while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 3):
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2 and "interrupted at step" in err and "Traceback" not in err
+    import torch
+
+    step = torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"]
+    assert step >= 3 and f"interrupted at step {step}/100000" in err
+    assert [r["step"] for r in _read_losses(out)] == list(range(1, step + 1))
+    resumed = pretrain(tiny_cfg(steps=100000, checkpoint_every=1000, eval_every=1000), root, out,
+                       log=lambda m: None, progress=False, stop_after=step + 2)
+    assert resumed.step == step + 2 and [s for s, _ in resumed.losses] == list(range(1, step + 3))

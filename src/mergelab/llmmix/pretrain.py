@@ -15,10 +15,11 @@ Training: AdamW (betas 0.9/0.95, weight decay 0.1 on matrices only), linear warm
 10% of the peak learning rate, gradient clipping at 1.0, float32, next-token cross-entropy on packed
 blocks of ``seq_len + 1`` tokens. The data order is a function of the seed and the step alone (each
 epoch is a seeded permutation of the blocks; step ``s`` reads blocks ``s*B .. s*B+B-1`` of that
-sequence), so a resumed run reads exactly what an uninterrupted one would. Every ``checkpoint_every``
-steps (and on Ctrl-C / SIGTERM, and at the end) ``checkpoint/state.pt`` is replaced atomically with the
-model, optimizer, scheduler and RNG states and the step; ``loss.jsonl`` lines past the checkpoint are
-dropped on resume, so the loss curve of a resumed run is that of an uninterrupted one.
+sequence), so a resumed run reads exactly what an uninterrupted one would. ``checkpoint/state.pt``
+(model, optimizer, scheduler and RNG states, the step) is replaced atomically every
+``checkpoint_every`` steps, at the end, and when Ctrl-C or SIGTERM arrives (after the step under way
+ends; a second Ctrl-C stops at once and keeps the last checkpoint); ``loss.jsonl`` lines past the
+checkpoint are dropped on resume, so the loss curve of a resumed run is that of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class PretrainConfig:
     device: str = "cpu"
     threads: Optional[int] = None
 
-    RUNTIME = ("checkpoint_every", "eval_every", "device", "threads")
+    RUNTIME = ("checkpoint_every", "eval_every", "eval_batches", "device", "threads")
 
     def warmup_steps(self) -> int:
         return self.warmup if self.warmup is not None else min(200, self.steps // 10)
@@ -346,11 +347,11 @@ def pretrain(cfg: PretrainConfig, root: Optional[Path] = None, run_dir: Optional
     log_path = paths.run / "loss.jsonl"
     if paths.checkpoint.is_file():
         state = torch.load(paths.checkpoint, map_location="cpu", weights_only=False)
-        if state["settings"] != cfg.settings():
-            diff = sorted(k for k in set(state["settings"]) | set(cfg.settings())
-                          if state["settings"].get(k) != cfg.settings().get(k))
+        saved = {k: v for k, v in state["settings"].items() if k not in cfg.RUNTIME}
+        if saved != cfg.settings():
+            diff = sorted(k for k in set(saved) | set(cfg.settings()) if saved.get(k) != cfg.settings().get(k))
             raise PretrainError(f"{paths.run}: holds a run made with other settings ({', '.join(diff)} differ: "
-                                f"{ {k: state['settings'].get(k) for k in diff} }); resume with those settings, "
+                                f"{ {k: saved.get(k) for k in diff} }); resume with those settings, "
                                 "or pass --fresh to start over")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -375,12 +376,15 @@ def pretrain(cfg: PretrainConfig, root: Optional[Path] = None, run_dir: Optional
         log(f"pretraining {cfg.size} ({n_params:,} parameters) for steps {start}..{cfg.steps} "
             f"({cfg.batch_size}x{cfg.seq_len} tokens a step) -> {paths.run}")
     stop = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    interrupted = {"flag": False}
+    interrupted = {"flag": False, "mid_step": False}
 
-    def on_term(signum, frame):
+    def on_signal(signum, frame):  # finish the step, checkpoint, stop; a second Ctrl-C stops at once
+        if interrupted["flag"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         interrupted["flag"] = True
 
-    old_handler = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} \
+        if _main_thread() else {}
     t0 = time.time()
     step = start
     bar, task = _progress(progress, start, cfg.steps)
@@ -409,13 +413,16 @@ def pretrain(cfg: PretrainConfig, root: Optional[Path] = None, run_dir: Optional
                 if step % cfg.checkpoint_every == 0 and step < stop:
                     run.update(to_step=step, seconds=round(time.time() - t0, 1))
                     _save_checkpoint(paths.checkpoint, model, opt, sched, step, cfg, elapsed + time.time() - t0, runs)
-    except KeyboardInterrupt:
-        interrupted["flag"] = True
+    except KeyboardInterrupt:  # possibly inside a step: the weights may be half updated, keep the last checkpoint
+        interrupted.update(flag=True, mid_step=True)
     finally:
         if bar is not None:
             bar.stop()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+    if interrupted["mid_step"]:
+        raise PretrainInterrupted(f"stopped at once; the last checkpoint in {paths.checkpoint} is kept: run the "
+                                  "same command (without --fresh) to resume from it")
     seconds = time.time() - t0
     elapsed += seconds
     run.update(to_step=step, seconds=round(seconds, 1), ended=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
