@@ -7,13 +7,13 @@ size   hidden layers intermediate heads parameters
 ====== ====== ====== ============ ===== ============
 3m     128    8      512          4     3,147,904
 20m    320    12     1024         5     19,341,120
-tiny   32     2      64           2     (tests; 2*4096+... with the test vocabulary)
+tiny   32     2      64           2     (tests; depends on the vocabulary)
 ====== ====== ====== ============ ===== ============
 
 Embeddings are **tied** (``tie_word_embeddings=True``: ``lm_head.weight`` is the token embedding
 matrix and ``model.safetensors`` stores it once, as ``model.embed_tokens.weight``), as in the small
 Llama 3.2 and Qwen2.5 models people merge: at these sizes untied embeddings would double the
-embedding share of the parameters (2.1M of 5.2M for ``3m``). Merge code must therefore accept a Llama
+embedding share of the parameters (2.1M of 4.2M for ``3m``). Merge code must therefore accept a Llama
 checkpoint without ``lm_head.weight``. Full multi-head attention (as many key/value heads as query
 heads), RoPE (transformers' default theta, 10000), RMSNorm, SwiGLU MLP, no dropout, 512 positions.
 """
