@@ -266,6 +266,15 @@ def test_resumed_run_equals_uninterrupted(root, monkeypatch):
         pretrain(tiny_cfg(lr=5e-3), root, part, log=lambda m: None, progress=False)
 
 
+def test_base_folder(root, tmp_path):
+    from mergelab.llmmix.pretrain import base_folder
+
+    res = pretrain(tiny_cfg(steps=2), root, log=lambda m: None, progress=False)  # default run folder
+    assert res.run_dir == root / "base-tiny" and base_folder("tiny", root) == res.final_dir
+    with pytest.raises(PretrainError, match="mergelab bench pretrain --size 3m"):
+        base_folder("3m", tmp_path)
+
+
 def test_cli_pretrain(root, capsys):
     args = ["bench", "pretrain", "--size", "tiny", "--steps", "3", "--cache", root, "--out", root / "run-cli",
             "--batch-size", "4", "--seq-len", "32", "--lr", "0.01", "--warmup", "2", "--corpus-mb", "0.12",

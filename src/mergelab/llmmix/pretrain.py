@@ -59,6 +59,17 @@ def default_root() -> Path:
     return (Path(env) if env else Path.home() / ".cache" / "mergelab") / "llmmix"
 
 
+def base_folder(size: str, root: Optional[Path] = None) -> Path:
+    """The pretrained base of ``size`` in the cache (``ROOT/base-SIZE/final``); an error naming the command
+    that makes it when it is not there."""
+    size_spec(size)
+    folder = (Path(root) if root else default_root()) / f"base-{size}" / "final"
+    if not (folder / "model.safetensors").is_file():
+        raise PretrainError(f"{folder}: no pretrained llmmix base of size {size} (make it with "
+                            f"'mergelab bench pretrain --size {size}', or resume the run there)")
+    return folder
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     size: str = "3m"
