@@ -103,7 +103,7 @@ def run(
 @app.command()
 def pretrain(
     size: str = typer.Option("3m", "--size", help="llmmix base size: 3m, 20m (or tiny, for tests)."),
-    steps: int = typer.Option(3000, "--steps", help="Optimizer steps in all (a resumed run continues to this)."),
+    steps: int = typer.Option(2400, "--steps", help="Optimizer steps in all (a resumed run continues to this)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache root (default $MERGELAB_CACHE/llmmix "
                                          "or ~/.cache/mergelab/llmmix)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default CACHE/base-SIZE)."),

@@ -73,7 +73,7 @@ def base_folder(size: str, root: Optional[Path] = None) -> Path:
 @dataclass(frozen=True)
 class PretrainConfig:
     size: str = "3m"
-    steps: int = 3000
+    steps: int = 2400
     batch_size: int = 16
     seq_len: int = 256
     lr: float = 2e-3
