@@ -424,6 +424,7 @@ def pretrain(cfg: PretrainConfig, root: Optional[Path] = None, run_dir: Optional
                 if step % cfg.checkpoint_every == 0 and step < stop:
                     run.update(to_step=step, seconds=round(time.time() - t0, 1))
                     _save_checkpoint(paths.checkpoint, model, opt, sched, step, cfg, elapsed + time.time() - t0, runs)
+                    plot_losses(records, paths.run / "loss.png", f"llmmix {cfg.size} pretraining")
     except KeyboardInterrupt:  # possibly inside a step: the weights may be half updated, keep the last checkpoint
         interrupted.update(flag=True, mid_step=True)
     finally:
