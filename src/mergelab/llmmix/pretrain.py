@@ -524,10 +524,10 @@ def plot_losses(records: list, out: Path, title: str) -> None:
         steps = [r["step"] for r in records]
         loss = [r["loss"] for r in records]
         ax.plot(steps, loss, color="tab:blue", alpha=0.3, lw=0.8, label="train (per step)")
-        ema, smooth = None, []
-        for v in loss:
-            ema = v if ema is None else 0.95 * ema + 0.05 * v
-            smooth.append(ema)
+        ema, smooth = 0.0, []
+        for t, v in enumerate(loss, 1):  # bias-corrected, so the start does not lag
+            ema = 0.95 * ema + 0.05 * v
+            smooth.append(ema / (1 - 0.95 ** t))
         ax.plot(steps, smooth, color="tab:blue", lw=1.5, label="train (EMA 0.95)")
         val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
         if val:
