@@ -98,3 +98,42 @@ def run(
                        sys.argv[1:3] == ["bench", "run"] else "", log=typer.echo, save_models=save_models,
                        grids=grids)
     typer.echo(f"wrote {out / 'report.json'}, {out / 'report.md'} and charts ({report['seconds']:.0f} s)")
+
+
+@app.command()
+def pretrain(
+    size: str = typer.Option("3m", "--size", help="llmmix base size: 3m, 20m (or tiny, for tests)."),
+    steps: int = typer.Option(2400, "--steps", help="Optimizer steps in all (a resumed run continues to this)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache root (default $MERGELAB_CACHE/llmmix "
+                                         "or ~/.cache/mergelab/llmmix)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default CACHE/base-SIZE)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Blocks per step."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per block (+1 for the shifted target)."),
+    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (AdamW, warm-up then cosine to 10%)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Warm-up steps (default min(200, steps/10))."),
+    seed: int = typer.Option(0, "--seed"),
+    corpus_mb: float = typer.Option(20.0, "--corpus-mb", help="Corpus size in MB of UTF-8 text."),
+    sources: Optional[str] = typer.Option(None, "--sources", help="Corpus sources (comma-separated; default all)."),
+    vocab_size: int = typer.Option(8192, "--vocab-size", help="Byte-level BPE vocabulary (special tokens included)."),
+    checkpoint_every: int = typer.Option(200, "--checkpoint-every", help="Steps between checkpoints."),
+    eval_every: int = typer.Option(200, "--eval-every", help="Steps between held-out evaluations."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Delete the run folder's checkpoint and start over."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Pretrain an llmmix Llama base from scratch on the offline corpus (seeded, resumable)."""
+    from mergelab.llmmix.corpus import DEFAULT_SOURCES
+    from mergelab.llmmix.pretrain import PretrainConfig
+    from mergelab.llmmix.pretrain import pretrain as run_pretrain
+
+    cfg = PretrainConfig(size=size, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=warmup,
+                         seed=seed, corpus_bytes=int(corpus_mb * 1e6),
+                         corpus_sources=tuple(_split(sources) or DEFAULT_SOURCES), vocab_size=vocab_size,
+                         checkpoint_every=max(1, checkpoint_every), eval_every=max(1, eval_every), device=device,
+                         threads=threads)
+    command = "mergelab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:3] == ["bench", "pretrain"] \
+        else "mergelab bench pretrain --size " + size
+    result = run_pretrain(cfg, cache, out, command=command, log=typer.echo, progress=progress, fresh=fresh)
+    typer.echo(f"{result.run_dir}: step {result.step}/{steps}; "
+               + (f"model in {result.final_dir}" if result.final_dir else "not finished (run again to resume)"))
