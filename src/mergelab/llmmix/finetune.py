@@ -1,0 +1,325 @@
+"""Fine-tune a full ``llmmix`` expert (or the multi-task reference) from a base folder, resumably.
+
+A run reads a base folder (``LlamaForCausalLM`` + tokenizer, e.g. ``base-3m/final``), the training
+splits of one or more generative tasks, and writes into its run folder::
+
+    checkpoint/state.pt   model, optimizer, scheduler, RNG states and the step (replaced atomically)
+    loss.jsonl            one line per step: step, loss, lr, seconds
+    loss.png              the loss curve
+    finetune.json         settings, command(s), steps, time, validation accuracy (and the base's)
+    final/                the fine-tuned model: AutoModelForCausalLM / AutoTokenizer load it
+
+Training: every training example of every task is encoded once with
+:func:`mergelab.llmmix.tasks.encode_for_training` (prompt tokens masked with -100, answer + EOS
+learnt); the examples of all tasks form one pool, and step ``s`` reads positions ``s*B .. s*B+B-1``
+of a sequence of seeded permutations of the pool (one per epoch), so the data order is a function of
+the seed and the step alone and a resumed run reads what an uninterrupted one reads. AdamW (betas
+0.9/0.95, weight decay on matrices only), linear warm-up then cosine decay to 10% of the peak rate
+(pretraining's schedule), gradient clipping at 1.0, float32, no dropout. A run stopped (``stop_after``,
+Ctrl-C, SIGTERM) keeps its checkpoint; the same call resumes it and ends with the same weights.
+
+At the end the model's greedy validation accuracy on each task is measured with
+:mod:`mergelab.llmmix.generate` and recorded beside the base's accuracy on the same examples (given by
+the caller, who measures the base once per task), so the expert-vs-base gap can be checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from mergelab.errors import MergeLabError
+from mergelab.llmmix.pretrain import (_lr_lambda, _main_thread, _read_log, _rng_state, _set_rng_state, _write_json,
+                                      plot_losses)
+
+
+class FinetuneError(MergeLabError):
+    """A fine-tuning run cannot start or resume as asked."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    steps: int = 400
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup: Optional[int] = None  # default: min(50, steps // 10)
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    max_length: int = 512
+    # not part of the run's identity
+    checkpoint_every: int = 100
+    eval_limit: Optional[int] = None  # validation examples per task scored at the end (None: all)
+    eval_batch_size: int = 32
+    device: str = "cpu"
+    threads: Optional[int] = None
+
+    RUNTIME = ("checkpoint_every", "eval_limit", "eval_batch_size", "device", "threads")
+
+    def warmup_steps(self) -> int:
+        return self.warmup if self.warmup is not None else min(50, self.steps // 10)
+
+    def settings(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["warmup"] = self.warmup_steps()
+        return {k: v for k, v in d.items() if k not in self.RUNTIME}
+
+
+def base_fingerprint(base_dir: Path) -> str:
+    """A short hash of the base's config and weights file (size and first/last MB): changes with the base."""
+    base_dir = Path(base_dir)
+    w = base_dir / "model.safetensors"
+    if not w.is_file():
+        raise FinetuneError(f"{base_dir}: no model.safetensors (expected a base folder such as base-3m/final)")
+    h = hashlib.sha256((base_dir / "config.json").read_bytes() if (base_dir / "config.json").is_file() else b"")
+    size = w.stat().st_size
+    h.update(str(size).encode())
+    with open(w, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+class Pool:
+    """Encoded training examples of all tasks; the order is a seeded permutation per epoch."""
+
+    def __init__(self, features: list, seed: int):
+        if not features:
+            raise FinetuneError("fine-tuning: the tasks have no training examples")
+        self.features, self.seed, self.n = features, seed, len(features)
+        self._perm: dict = {}
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perm:
+            self._perm = {epoch: np.random.default_rng([self.seed, 7, epoch]).permutation(self.n)}
+        return self._perm[epoch]
+
+    def batch(self, step: int, batch_size: int) -> list:
+        return [self.features[int(self.order(g // self.n)[g % self.n])]
+                for g in range(step * batch_size, (step + 1) * batch_size)]
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    final_dir: Optional[Path]
+    step: int
+    losses: list
+    seconds: float
+    record: dict
+
+
+def run_settings(cfg: FinetuneConfig, base_dir: Path, tasks: Sequence) -> dict:
+    """What identifies a run: the training settings, the base and each task's data."""
+    return {**cfg.settings(), "base": base_fingerprint(base_dir),
+            "tasks": {t.name: t.fingerprint() for t in tasks}}
+
+
+def finished(run_dir: Path, settings: dict) -> Optional[dict]:
+    """The run's record if ``run_dir/final`` holds a finished run with ``settings``; else None."""
+    rec_path = Path(run_dir) / "finetune.json"
+    if not (Path(run_dir) / "final" / "model.safetensors").is_file() or not rec_path.is_file():
+        return None
+    rec = json.loads(rec_path.read_text(encoding="utf-8"))
+    return rec if rec.get("settings") == settings and rec.get("finished") else None
+
+
+def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig, name: str = "",
+             command: str = "", base_accuracy: Optional[dict] = None, log: Callable[[str], None] = print,
+             progress: bool = True, stop_after: Optional[int] = None, fresh: bool = False) -> FinetuneResult:
+    """Fine-tune (or resume) the model of ``base_dir`` on the training splits of ``tasks``.
+
+    ``base_accuracy`` maps task name to the base's validation accuracy (recorded beside the model's).
+    ``stop_after`` stops at that step as a kill would (for tests). A finished run with the same settings
+    returns at once; one with other settings is an error unless ``fresh`` (start over).
+    """
+    import torch
+
+    from mergelab.llmmix.generate import evaluate_task, load_causal_lm
+    from mergelab.llmmix.tasks import collate_for_training, encode_for_training
+
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise FinetuneError("--steps and --batch-size must be >= 1")
+    if not tasks:
+        raise FinetuneError("fine-tuning: no task given")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise FinetuneError(f"--device {cfg.device}: CUDA is not available in this torch build")
+    run_dir, base_dir = Path(run_dir), Path(base_dir)
+    name = name or run_dir.name
+    settings = run_settings(cfg, base_dir, tasks)
+    ckpt = run_dir / "checkpoint" / "state.pt"
+    final = run_dir / "final"
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    done = finished(run_dir, settings)
+    if done is not None:
+        log(f"{final}: already fine-tuned ({done['step']} steps)")
+        recs = _read_log(run_dir / "loss.jsonl", done["step"])
+        return FinetuneResult(run_dir, final, done["step"], [(r["step"], r["loss"]) for r in recs],
+                              done["wall_seconds"], done)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    model, tok = load_causal_lm(base_dir, device=cfg.device)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    feats = [encode_for_training(tok, ex, cfg.max_length) for t in tasks for ex in t.split("train")]
+    pool = Pool(feats, cfg.seed)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+
+    start, elapsed, runs = 0, 0.0, []
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state["settings"] != settings:
+            diff = sorted(k for k in set(state["settings"]) | set(settings)
+                          if state["settings"].get(k) != settings.get(k))
+            raise FinetuneError(f"{run_dir}: holds a run made with other settings ({', '.join(diff)} differ); "
+                                "resume with those settings, or start over (--rebuild / fresh=True)")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start, elapsed, runs = state["step"], state["elapsed"], state["runs"]
+        log(f"resuming {name} at step {start}/{cfg.steps}")
+    else:
+        torch.manual_seed(cfg.seed)
+    log_path = run_dir / "loss.jsonl"
+    records = _read_log(log_path, start)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    run = {"command": command, "started": _now(), "from_step": start, "device": cfg.device,
+           "threads": torch.get_num_threads()}
+    runs = runs + [run]
+
+    def save(step: int, total_elapsed: float) -> None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt.with_name(ckpt.name + ".partial")
+        torch.save({"step": step, "settings": settings, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "rng": _rng_state(), "elapsed": total_elapsed, "runs": runs}, tmp)
+        os.replace(tmp, ckpt)
+
+    stop = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    interrupted = {"flag": False, "mid_step": False}
+
+    def on_signal(signum, frame):
+        if interrupted["flag"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        interrupted["flag"] = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
+    if start < cfg.steps:
+        log(f"fine-tuning {name} on {', '.join(t.name for t in tasks)} ({pool.n} examples) for steps "
+            f"{start}..{cfg.steps} -> {run_dir}")
+    bar, job = _progress(progress, name, start, cfg.steps)
+    t0 = time.time()
+    step = start
+    model.train()
+    try:
+        with open(log_path, "a", encoding="utf-8") as lf:
+            while step < stop and not interrupted["flag"]:
+                b = collate_for_training(pool.batch(step, cfg.batch_size), pad)
+                b = {k: v.to(cfg.device) for k, v in b.items()}
+                loss = model(**b).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                lr = opt.param_groups[0]["lr"]
+                opt.step()
+                sched.step()
+                step += 1
+                rec = {"step": step, "loss": round(loss.item(), 6), "lr": lr,
+                       "seconds": round(elapsed + time.time() - t0, 3)}
+                lf.write(json.dumps(rec) + "\n")
+                lf.flush()
+                records.append(rec)
+                if bar is not None:
+                    bar.update(job, completed=step, info=f"loss {rec['loss']:.3f}")
+                elif step % max(1, cfg.steps // 10) == 0 or step == cfg.steps:
+                    log(f"{name}: step {step}/{cfg.steps} loss {rec['loss']:.3f} ({rec['seconds']:.0f} s)")
+                if step % cfg.checkpoint_every == 0 and step < stop:
+                    run.update(to_step=step, seconds=round(time.time() - t0, 1))
+                    save(step, elapsed + time.time() - t0)
+    except KeyboardInterrupt:
+        interrupted.update(flag=True, mid_step=True)
+    finally:
+        if bar is not None:
+            bar.stop()
+        for s, h in old.items():
+            signal.signal(s, h)
+    if interrupted["mid_step"]:
+        raise FinetuneError(f"stopped at once; the last checkpoint in {ckpt} is kept: run again to resume")
+    seconds = time.time() - t0
+    elapsed += seconds
+    run.update(to_step=step, seconds=round(seconds, 1), ended=_now())
+    if step > start or not ckpt.is_file():
+        save(step, elapsed)
+    plot_losses(records, run_dir / "loss.png", f"llmmix fine-tuning: {name}")
+    record = {"name": name, "tasks": [t.name for t in tasks], "base": str(base_dir), "settings": settings,
+              "step": step, "wall_seconds": round(elapsed, 1), "runs": runs, "examples": pool.n,
+              "final_loss": records[-1]["loss"] if records else None, "finished": False}
+    result_final = None
+    if step >= cfg.steps:
+        model.eval()
+        t1 = time.time()
+        acc = {t.name: evaluate_task(model, tok, t, "validation", limit=cfg.eval_limit,
+                                     batch_size=cfg.eval_batch_size).accuracy for t in tasks}
+        record.update(validation_accuracy=acc, eval_seconds=round(time.time() - t1, 1), finished=True)
+        if base_accuracy is not None:
+            record["base_validation_accuracy"] = {t.name: base_accuracy.get(t.name) for t in tasks}
+        result_final = _write_final(model, tok, run_dir, record)
+        log(f"done: {name} -> {result_final} (loss {record['final_loss']}, validation "
+            + ", ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()) + ")")
+    _write_json(run_dir / "finetune.json", record)
+    if interrupted["flag"] and step < cfg.steps and stop_after is None:
+        raise FinetuneError(f"{name}: interrupted at step {step}/{cfg.steps}; checkpoint saved in {ckpt}: "
+                            "run the same command to resume")
+    return FinetuneResult(run_dir, result_final, step, [(r["step"], r["loss"]) for r in records], elapsed, record)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _progress(enabled: bool, name: str, start: int, total: int):
+    if not enabled or not sys.stderr.isatty():
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(name), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeRemainingColumn())
+    job = bar.add_task(name, total=total, completed=start, info="")
+    bar.start()
+    return bar, job
+
+
+def _write_final(model, tok, run_dir: Path, record: dict) -> Path:
+    from transformers import GenerationConfig
+
+    final = run_dir / "final"
+    tmp = run_dir / "final.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to("cpu").save_pretrained(str(tmp), safe_serialization=True)
+    c = model.config
+    GenerationConfig(bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+                     pad_token_id=c.pad_token_id).save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    _write_json(tmp / "finetune.json", record)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
