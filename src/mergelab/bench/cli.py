@@ -40,8 +40,31 @@ def prepare(
                                                      "data for the multi-task model (default: --epochs)."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Retrain units prepared with other settings."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    size: str = typer.Option("3m", "--size", help="llmmix: base size (base from `bench pretrain`, or --base DIR)."),
+    steps: int = typer.Option(400, "--steps", help="llmmix: optimizer steps per expert."),
+    multitask_steps: Optional[int] = typer.Option(None, "--multitask-steps", help="llmmix: steps of the "
+                                                  "multi-task model (default: --steps x number of tasks)."),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="llmmix: validation examples per task "
+                                             "scored (default: all)."),
+    device: str = typer.Option("cpu", "--device", help="llmmix: cpu, cuda or cuda:N."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="llmmix: torch CPU threads (1 is often fastest "
+                                          "on a busy machine)."),
+    examples: Optional[str] = typer.Option(None, "--examples", help="llmmix: split sizes, train=N,validation=N,"
+                                           "test=N (default: the tasks' own)."),
 ) -> None:
-    """Fine-tune one expert per task, linear probes on the frozen base, and a multi-task model (resumable)."""
+    """Fine-tune one expert per task, linear probes on the frozen base, and a multi-task model (resumable).
+
+    With --suite llmmix: full fine-tunes of the pretrained Llama base per merged task and a multi-task
+    model (--epochs, --head-lr, --max-length and --task do not apply; --lr defaults to 1e-3, --batch-size to 16)."""
+    if suite == "llmmix":
+        _prepare_llmmix(size, cache, None if base == "minilm-l6" else Path(base), _split(tasks), steps,
+                        multitask_steps, lr if lr != 2e-4 else 1e-3, batch_size if batch_size != 32 else 16, seed,
+                        eval_limit, device, threads, multitask, rebuild, progress,
+                        bad=[f for f, given in (("--epochs", epochs != 3.0), ("--head-lr", head_lr != 2e-3),
+                                                ("--max-length", max_length != 64), ("--task", bool(task)),
+                                                ("--multitask-epochs", multitask_epochs is not None)) if given],
+                        examples=examples)
+        return
     from mergelab.bench.cache import BenchCache
     from mergelab.bench.prepare import prepare as run_prepare
     from mergelab.bench.training import TrainConfig
@@ -54,6 +77,31 @@ def prepare(
                          multitask_epochs)
     typer.echo(f"prepared {s.name} in {result.cache_dir} ({result.seconds:.0f} s; trained "
                f"{len(result.trained)} unit(s), {len(result.skipped)} already there)")
+
+
+def _prepare_llmmix(size, cache, base_dir, tasks, steps, multitask_steps, lr, batch_size, seed, eval_limit, device,
+                    threads, multitask, rebuild, progress, bad, examples) -> None:
+    from mergelab.llmmix.finetune import FinetuneConfig
+    from mergelab.llmmix.prepare import prepare as run_prepare
+
+    if bad:
+        raise MergeLabError(f"--suite llmmix: {', '.join(bad)} do(es) not apply to the llmmix suite")
+    sizes = None
+    if examples:
+        try:
+            sizes = {k.strip(): int(v) for k, _, v in (p.partition("=") for p in examples.split(","))}
+        except ValueError:
+            raise MergeLabError(f"--examples {examples}: expected train=N,validation=N,test=N") from None
+        if set(sizes) != {"train", "validation", "test"}:
+            raise MergeLabError(f"--examples {examples}: expected train=N,validation=N,test=N")
+    cfg = FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_limit=eval_limit, device=device,
+                         threads=threads)
+    command = "mergelab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:3] == ["bench", "prepare"] \
+        else f"mergelab bench prepare --suite llmmix --size {size} --steps {steps}"
+    r = run_prepare(size, cache, cfg, tasks, multitask, multitask_steps, base_dir, sizes=sizes, rebuild=rebuild,
+                    command=command, log=typer.echo, progress=progress)
+    typer.echo(f"prepared llmmix {size} in {r.folder} ({r.seconds:.0f} s; trained {len(r.trained)} model(s), "
+               f"{len(r.skipped)} already there)")
 
 
 @app.command()

@@ -1,0 +1,133 @@
+"""``mergelab bench prepare --suite llmmix``: one expert per merged task, the multi-task reference, the base.
+
+Layout under the cache root (as pretraining's: ``--cache``, else ``$MERGELAB_CACHE/llmmix``, else
+``~/.cache/mergelab/llmmix``)::
+
+    base-<size>/final/          the pretrained base (``mergelab bench pretrain --size SIZE``), or --base
+    experts-<size>/<task>/      one fine-tuning run per task (see :mod:`mergelab.llmmix.finetune`)
+    experts-<size>/multitask/   the multi-task reference, trained on the union of the tasks' train splits
+    experts-<size>/base_validation.json   the base's validation accuracy per task (measured once)
+    experts-<size>/prepare.json per model: command, steps, seconds, validation accuracy, base accuracy
+
+Held-out tasks (``TaskSpec.held_out``) get no expert and are not in the multi-task mix. A model whose
+run folder holds a finished run with the same settings (training settings, base, task data) is skipped;
+an unfinished one resumes from its checkpoint; one made with other settings is an error unless
+``rebuild``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from mergelab.llmmix.finetune import (FinetuneConfig, FinetuneError, base_fingerprint, finetune, finished,
+                                      run_settings)
+from mergelab.llmmix.pretrain import _write_json, base_folder, default_root
+
+MULTITASK = "multitask"
+
+
+@dataclass
+class PrepareResult:
+    folder: Path
+    seconds: float
+    trained: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    models: dict = field(default_factory=dict)  # name -> record (see module doc)
+
+
+def _tasks(names: Optional[Sequence[str]], seed: int, sizes: Optional[dict]) -> list:
+    from mergelab.llmmix.tasks import build_task, get_spec, task_names
+
+    names = list(names) if names else task_names(held_out=False)
+    held = [n for n in names if get_spec(n).held_out]
+    if held:
+        raise FinetuneError(f"--tasks: {', '.join(held)} held out (no expert may see a held-out task)")
+    return [build_task(n, seed=seed, sizes=sizes) for n in names]
+
+
+def base_accuracy(base_dir: Path, tasks: Sequence, cache_file: Path, cfg: FinetuneConfig,
+                  log: Callable[[str], None]) -> dict:
+    """The base's validation accuracy per task, measured once per (base, task data, example limit)."""
+    from mergelab.llmmix.generate import evaluate_task, load_causal_lm
+
+    saved = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.is_file() else {}
+    fp = base_fingerprint(base_dir)
+    key = {t.name: f"{fp}:{t.fingerprint()}:{cfg.eval_limit}" for t in tasks}
+    todo = [t for t in tasks if saved.get(t.name, {}).get("key") != key[t.name]]
+    if todo:
+        log(f"base validation accuracy on {', '.join(t.name for t in todo)} ...")
+        model, tok = load_causal_lm(base_dir, device=cfg.device)
+        for t in todo:
+            acc = evaluate_task(model, tok, t, "validation", limit=cfg.eval_limit,
+                                batch_size=cfg.eval_batch_size).accuracy
+            saved[t.name] = {"key": key[t.name], "accuracy": acc}
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(cache_file, saved)
+    return {t.name: saved[t.name]["accuracy"] for t in tasks}
+
+
+def prepare(size: str = "3m", root: Optional[Path] = None, cfg: FinetuneConfig = FinetuneConfig(),
+            tasks: Optional[Sequence[str]] = None, multitask: bool = True, multitask_steps: Optional[int] = None,
+            base_dir: Optional[Path] = None, task_seed: int = 0, sizes: Optional[dict] = None,
+            rebuild: bool = False, command: str = "", log: Callable[[str], None] = print,
+            progress: bool = True) -> PrepareResult:
+    """Fine-tune every missing expert and the multi-task model (default ``steps x tasks`` steps, so it
+    sees as many examples of each task as its expert); returns what was trained and skipped."""
+    t0 = time.time()
+    root = Path(root) if root else default_root()
+    base_dir = Path(base_dir) if base_dir else base_folder(size, root)
+    folder = root / f"experts-{size}"
+    built = _tasks(tasks, task_seed, sizes)
+    units = [(t.name, [t], cfg) for t in built]
+    if multitask and len(built) > 1:
+        steps = multitask_steps if multitask_steps is not None else cfg.steps * len(built)
+        units.append((MULTITASK, built, dataclasses.replace(cfg, steps=steps)))
+    result = PrepareResult(folder, 0.0)
+    todo = []
+    for name, ts, c in units:
+        rec = finished(folder / name, run_settings(c, base_dir, ts))
+        if rec is not None:
+            result.skipped.append(name)
+            result.models[name] = _summary(rec)
+        else:
+            todo.append((name, ts, c))
+    if result.skipped:
+        log(f"already prepared: {', '.join(result.skipped)}")
+    if todo:
+        base_acc = base_accuracy(base_dir, built, folder / "base_validation.json", cfg, log)
+        for i, (name, ts, c) in enumerate(todo, 1):
+            log(f"[{i}/{len(todo)}] {name}")
+            r = finetune(base_dir, ts, folder / name, c, name=name, command=command, base_accuracy=base_acc,
+                         log=log, progress=progress, fresh=rebuild and _other_settings(folder / name, c, base_dir, ts))
+            result.trained.append(name)
+            result.models[name] = _summary(r.record)
+    result.seconds = time.time() - t0
+    summary = {"size": size, "base": str(base_dir), "command": command, "tasks": [t.name for t in built],
+               "models": result.models, "last_run": {"trained": result.trained, "skipped": result.skipped,
+                                                     "seconds": round(result.seconds, 1)}}
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(folder / "prepare.json", summary)
+    return result
+
+
+def _other_settings(run_dir: Path, cfg: FinetuneConfig, base_dir: Path, tasks) -> bool:
+    """True when ``run_dir`` holds a checkpoint or record made with other settings."""
+    import torch
+
+    settings = run_settings(cfg, base_dir, tasks)
+    ckpt = run_dir / "checkpoint" / "state.pt"
+    if ckpt.is_file():
+        return torch.load(ckpt, map_location="cpu", weights_only=False)["settings"] != settings
+    return (run_dir / "finetune.json").is_file()
+
+
+def _summary(rec: dict) -> dict:
+    return {"tasks": rec["tasks"], "command": [r.get("command", "") for r in rec.get("runs", [])],
+            "steps": rec["step"], "wall_seconds": rec["wall_seconds"], "eval_seconds": rec.get("eval_seconds"),
+            "final_loss": rec.get("final_loss"), "validation_accuracy": rec.get("validation_accuracy"),
+            "base_validation_accuracy": rec.get("base_validation_accuracy")}

@@ -1,0 +1,116 @@
+"""llmmix experts: full fine-tuning from a tiny base (loss, resume, records), `bench prepare --suite llmmix`
+(experts, multi-task model, skipping finished ones) and a task-arithmetic merge of two trained experts."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from mergelab.bench.cli import app
+from mergelab.llmmix.finetune import FinetuneConfig, FinetuneError, finetune
+from mergelab.llmmix.generate import evaluate_task, greedy_generate, load_causal_lm
+from mergelab.llmmix.prepare import prepare
+from mergelab.llmmix.tasks import build_task
+from tests.llmmix.tiny_lm import save_tiny
+
+SIZES = {"train": 32, "validation": 6, "test": 6}
+EXAMPLES = "train=32,validation=6,test=6"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    r = tmp_path_factory.mktemp("llmmix")
+    save_tiny(r / "base-tiny" / "final")
+    return r
+
+
+def _cfg(**kw):
+    return FinetuneConfig(**{"steps": 24, "batch_size": 8, "lr": 3e-3, "checkpoint_every": 100, "threads": 1, **kw})
+
+
+def _weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_expert_learns_loads_generates_and_records(root, tmp_path):
+    task = build_task("arithmetic", seed=0, sizes=SIZES)
+    r = finetune(root / "base-tiny" / "final", [task], tmp_path / "e", _cfg(), base_accuracy={"arithmetic": 0.0},
+                 progress=False, log=lambda s: None)
+    first = sum(l for _, l in r.losses[:3]) / 3
+    last = sum(l for _, l in r.losses[-3:]) / 3
+    assert len(r.losses) == 24 and last < 0.6 * first, (first, last)
+    model, tok = load_causal_lm(r.final_dir)  # AutoModelForCausalLM + AutoTokenizer
+    outs = greedy_generate(model, tok, [e.prompt for e in task.split("test")], max_new_tokens=6)
+    assert len(outs) == 6 and all(isinstance(o, str) for o in outs)
+    rec = json.loads((tmp_path / "e" / "finetune.json").read_text())
+    assert rec["finished"] and rec["step"] == 24 and rec["base_validation_accuracy"] == {"arithmetic": 0.0}
+    # the recorded accuracy is the saved model's accuracy on the validation split
+    assert rec["validation_accuracy"]["arithmetic"] == evaluate_task(model, tok, task, "validation").accuracy
+    lines = (tmp_path / "e" / "loss.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(1, 25))
+    assert (tmp_path / "e" / "loss.png").is_file()
+    base = _weights(root / "base-tiny" / "final")
+    assert any(not torch.equal(base[k], v) for k, v in _weights(r.final_dir).items())
+
+
+def test_resume_equals_uninterrupted(root, tmp_path):
+    task = build_task("string_ops", seed=0, sizes=SIZES)
+    base = root / "base-tiny" / "final"
+    quiet = dict(progress=False, log=lambda s: None)
+    whole = finetune(base, [task], tmp_path / "a", _cfg(steps=12, eval_limit=1), **quiet)
+    part = finetune(base, [task], tmp_path / "b", _cfg(steps=12, eval_limit=1), stop_after=5, **quiet)
+    assert part.final_dir is None and part.step == 5
+    rest = finetune(base, [task], tmp_path / "b", _cfg(steps=12, eval_limit=1), **quiet)
+    assert rest.step == 12 and rest.losses == whole.losses
+    wa, wb = _weights(whole.final_dir), _weights(rest.final_dir)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # other settings in the same folder: an error, not a silent restart
+    with pytest.raises(FinetuneError, match="other settings"):
+        finetune(base, [task], tmp_path / "b", _cfg(steps=12, lr=1e-3, eval_limit=1), **quiet)
+
+
+def test_prepare_experts_multitask_skip_and_merge(root):
+    cfg = _cfg(steps=16, eval_limit=3)
+    r = prepare("tiny", root, cfg, tasks=["arithmetic", "string_ops"], multitask_steps=16, sizes=SIZES,
+                progress=False, log=lambda s: None, command="test")
+    folder = root / "experts-tiny"
+    assert r.trained == ["arithmetic", "string_ops", "multitask"] and r.skipped == []
+    for name in r.trained:
+        assert (folder / name / "final" / "model.safetensors").is_file()
+    summary = json.loads((folder / "prepare.json").read_text())
+    assert summary["models"]["multitask"]["tasks"] == ["arithmetic", "string_ops"]
+    for name in ("arithmetic", "string_ops"):
+        m = summary["models"][name]
+        assert m["steps"] == 16 and m["command"] == ["test"] and m["wall_seconds"] > 0
+        assert set(m["validation_accuracy"]) == set(m["base_validation_accuracy"]) == {name}
+    assert json.loads((folder / "base_validation.json").read_text()).keys() == {"arithmetic", "string_ops"}
+
+    # the CLI finds everything finished and trains nothing
+    res = CliRunner().invoke(app, ["prepare", "--suite", "llmmix", "--size", "tiny", "--cache", str(root),
+                                   "--tasks", "arithmetic,string_ops", "--steps", "16", "--multitask-steps", "16",
+                                   "--batch-size", "8", "--lr", "3e-3", "--eval-limit", "3", "--examples", EXAMPLES,
+                                   "--no-progress", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert "trained 0 model(s), 3 already there" in res.output
+
+    # two trained experts merge with task arithmetic; the result loads and generates
+    from mergelab import merge_state_dicts
+
+    base_sd = _weights(root / "base-tiny" / "final")
+    e1, e2 = (_weights(folder / n / "final") for n in ("arithmetic", "string_ops"))
+    merged = merge_state_dicts(base_sd, [e1, e2], "task_arithmetic", params={"weight": 1.0, "lambda": 0.5})
+    k = "model.layers.0.mlp.down_proj.weight"
+    assert torch.allclose(merged[k], base_sd[k] + 0.5 * ((e1[k] - base_sd[k]) + (e2[k] - base_sd[k])), atol=1e-6)
+    model, tok = load_causal_lm(folder / "arithmetic" / "final")
+    model.load_state_dict(merged)
+    assert len(greedy_generate(model, tok, ["What is 2 + 2?"], max_new_tokens=4)) == 1
+
+
+def test_prepare_refuses_held_out_task(root):
+    with pytest.raises(FinetuneError, match="held out"):
+        prepare("tiny", root, _cfg(), tasks=["letter_count"], sizes=SIZES, progress=False, log=lambda s: None)
+    res = CliRunner().invoke(app, ["prepare", "--suite", "llmmix", "--size", "tiny", "--cache", str(root),
+                                   "--epochs", "2"])
+    assert res.exit_code != 0 and "--epochs" in str(res.exception or res.output)
