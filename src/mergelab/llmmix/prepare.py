@@ -7,7 +7,8 @@ Layout under the cache root (as pretraining's: ``--cache``, else ``$MERGELAB_CAC
     experts-<size>/<task>/      one fine-tuning run per task (see :mod:`mergelab.llmmix.finetune`)
     experts-<size>/multitask/   the multi-task reference, trained on the union of the tasks' train splits
     experts-<size>/base_validation.json   the base's validation accuracy per task (measured once)
-    experts-<size>/prepare.json per model: command, steps, seconds, validation accuracy, base accuracy
+    experts-<size>/prepare.json per model: command(s), steps, seconds, validation accuracy, base accuracy
+                                (models of earlier runs with other --tasks are kept)
 
 Held-out tasks (``TaskSpec.held_out``) get no expert and are not in the multi-task mix. A model whose
 run folder holds a finished run with the same settings (training settings, base, task data) is skipped;
@@ -107,8 +108,10 @@ def prepare(size: str = "3m", root: Optional[Path] = None, cfg: FinetuneConfig =
             result.trained.append(name)
             result.models[name] = _summary(r.record)
     result.seconds = time.time() - t0
+    old = json.loads((folder / "prepare.json").read_text(encoding="utf-8")) if (folder / "prepare.json").is_file() else {}
+    models = {**(old.get("models", {}) if old.get("base") == str(base_dir) else {}), **result.models}
     summary = {"size": size, "base": str(base_dir), "command": command, "tasks": [t.name for t in built],
-               "models": result.models, "last_run": {"trained": result.trained, "skipped": result.skipped,
+               "models": models, "last_run": {"trained": result.trained, "skipped": result.skipped,
                                                      "seconds": round(result.seconds, 1)}}
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / "prepare.json", summary)
