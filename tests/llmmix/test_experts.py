@@ -73,9 +73,14 @@ def test_resume_equals_uninterrupted(root, tmp_path):
 
 def test_prepare_experts_multitask_skip_and_merge(root):
     cfg = _cfg(steps=16, eval_limit=3)
-    r = prepare("tiny", root, cfg, tasks=["arithmetic", "string_ops"], multitask_steps=16, sizes=SIZES,
-                progress=False, log=lambda s: None, command="test")
     folder = root / "experts-tiny"
+    # an expert left unfinished (as by a kill) is resumed, not restarted
+    finetune(root / "base-tiny" / "final", [build_task("arithmetic", seed=0, sizes=SIZES)], folder / "arithmetic",
+             cfg, command="test", stop_after=5, progress=False, log=lambda s: None)
+    lines = []
+    r = prepare("tiny", root, cfg, tasks=["arithmetic", "string_ops"], multitask_steps=16, sizes=SIZES,
+                progress=False, log=lines.append, command="test")
+    assert "resuming arithmetic at step 5/16" in lines
     assert r.trained == ["arithmetic", "string_ops", "multitask"] and r.skipped == []
     for name in r.trained:
         assert (folder / name / "final" / "model.safetensors").is_file()
@@ -83,7 +88,8 @@ def test_prepare_experts_multitask_skip_and_merge(root):
     assert summary["models"]["multitask"]["tasks"] == ["arithmetic", "string_ops"]
     for name in ("arithmetic", "string_ops"):
         m = summary["models"][name]
-        assert m["steps"] == 16 and m["command"] == ["test"] and m["wall_seconds"] > 0
+        assert m["steps"] == 16 and m["wall_seconds"] > 0
+        assert m["command"] == (["test", "test"] if name == "arithmetic" else ["test"])  # both runs recorded
         assert set(m["validation_accuracy"]) == set(m["base_validation_accuracy"]) == {name}
     assert json.loads((folder / "base_validation.json").read_text()).keys() == {"arithmetic", "string_ops"}
 
@@ -114,3 +120,14 @@ def test_prepare_refuses_held_out_task(root):
     res = CliRunner().invoke(app, ["prepare", "--suite", "llmmix", "--size", "tiny", "--cache", str(root),
                                    "--epochs", "2"])
     assert res.exit_code != 0 and "--epochs" in str(res.exception or res.output)
+
+
+def test_prepare_other_settings_need_rebuild(root, tmp_path):
+    base = root / "base-tiny" / "final"
+    kw = dict(tasks=["string_ops"], sizes=SIZES, base_dir=base, progress=False, log=lambda s: None)
+    prepare("tiny", tmp_path, _cfg(steps=6, eval_limit=1), **kw)
+    with pytest.raises(FinetuneError, match="other settings"):
+        prepare("tiny", tmp_path, _cfg(steps=8, eval_limit=1), **kw)
+    r = prepare("tiny", tmp_path, _cfg(steps=8, eval_limit=1), rebuild=True, **kw)
+    assert r.trained == ["string_ops"] and r.models["string_ops"]["steps"] == 8
+    assert r.models["string_ops"]["command"] == [""]  # a fresh run: the earlier one's history is gone
