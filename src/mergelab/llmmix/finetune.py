@@ -62,7 +62,7 @@ class FinetuneConfig:
     # not part of the run's identity
     checkpoint_every: int = 100
     eval_limit: Optional[int] = None  # validation examples per task scored at the end (None: all)
-    eval_batch_size: int = 32
+    eval_batch_size: int = 64
     device: str = "cpu"
     threads: Optional[int] = None
 

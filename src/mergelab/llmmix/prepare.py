@@ -80,6 +80,10 @@ def prepare(size: str = "3m", root: Optional[Path] = None, cfg: FinetuneConfig =
     """Fine-tune every missing expert and the multi-task model (default ``steps x tasks`` steps, so it
     sees as many examples of each task as its expert); returns what was trained and skipped."""
     t0 = time.time()
+    if cfg.threads:  # before the base is evaluated, not only for training
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     root = Path(root) if root else default_root()
     base_dir = Path(base_dir) if base_dir else base_folder(size, root)
     folder = root / f"experts-{size}"
