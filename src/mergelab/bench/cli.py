@@ -27,12 +27,14 @@ def prepare(
     task: List[str] = typer.Option([], "--task", help="Add a task: NAME=PATH to a CSV/JSONL of (text, label)."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Only these tasks (comma-separated)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache root (default $MERGELAB_BENCH_CACHE "
-                                          "or ~/.cache/mergelab/bench)."),
-    base: str = typer.Option("minilm-l6", "--base", help="Base model: minilm-l6 (PyPI package) or a local folder."),
+                                          "or ~/.cache/mergelab/bench; llmmix: $MERGELAB_CACHE/llmmix or "
+                                          "~/.cache/mergelab/llmmix)."),
+    base: str = typer.Option("minilm-l6", "--base", help="Base model: minilm-l6 (PyPI package) or a local folder "
+                             "(llmmix: default CACHE/base-SIZE/final)."),
     epochs: float = typer.Option(3.0, "--epochs", help="Passes over each task's training split."),
-    lr: float = typer.Option(2e-4, "--lr", help="Encoder learning rate (AdamW)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW; default 2e-4, llmmix 1e-3)."),
     head_lr: float = typer.Option(2e-3, "--head-lr", help="Head learning rate."),
-    batch_size: int = typer.Option(32, "--batch-size"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default 32 (llmmix 16)."),
     max_length: int = typer.Option(64, "--max-length", help="Tokens per example (longer texts are cut)."),
     seed: int = typer.Option(0, "--seed"),
     multitask: bool = typer.Option(True, "--multitask/--no-multitask", help="Also train the multi-task model."),
@@ -55,10 +57,10 @@ def prepare(
     """Fine-tune one expert per task, linear probes on the frozen base, and a multi-task model (resumable).
 
     With --suite llmmix: full fine-tunes of the pretrained Llama base per merged task and a multi-task
-    model (--epochs, --head-lr, --max-length and --task do not apply; --lr defaults to 1e-3, --batch-size to 16)."""
+    model (--epochs, --head-lr, --max-length and --task do not apply)."""
     if suite == "llmmix":
         _prepare_llmmix(size, cache, None if base == "minilm-l6" else Path(base), _split(tasks), steps,
-                        multitask_steps, lr if lr != 2e-4 else 1e-3, batch_size if batch_size != 32 else 16, seed,
+                        multitask_steps, 1e-3 if lr is None else lr, 16 if batch_size is None else batch_size, seed,
                         eval_limit, device, threads, multitask, rebuild, progress,
                         bad=[f for f, given in (("--epochs", epochs != 3.0), ("--head-lr", head_lr != 2e-3),
                                                 ("--max-length", max_length != 64), ("--task", bool(task)),
@@ -71,7 +73,8 @@ def prepare(
     from mergelab.evaluate.tasks import load_suite
 
     s = load_suite(suite, task)
-    cfg = TrainConfig(epochs=epochs, lr=lr, head_lr=head_lr, batch_size=batch_size, max_length=max_length, seed=seed)
+    cfg = TrainConfig(epochs=epochs, lr=2e-4 if lr is None else lr, head_lr=head_lr,
+                      batch_size=32 if batch_size is None else batch_size, max_length=max_length, seed=seed)
     bench_cache = BenchCache(s, cache)
     result = run_prepare(s, bench_cache, cfg, base, _split(tasks), multitask, rebuild, progress, typer.echo,
                          multitask_epochs)
