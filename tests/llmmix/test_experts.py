@@ -112,6 +112,19 @@ def test_prepare_experts_multitask_skip_and_merge(root):
     model, tok = load_causal_lm(folder / "arithmetic" / "final")
     model.load_state_dict(merged)
     assert len(greedy_generate(model, tok, ["What is 2 + 2?"], max_new_tokens=4)) == 1
+    # the same merge from the expert folders with the CLI: a folder AutoModelForCausalLM loads, same tensors
+    from mergelab.cli import app as main_app
+
+    recipe = root / "ta.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {root / 'base-tiny' / 'final'}\nmodels:\n"
+                      + "".join(f"  - model: {folder / n / 'final'}\n    parameters: {{weight: 1.0}}\n"
+                                for n in ("arithmetic", "string_ops"))
+                      + "parameters: {lambda: 0.5}\n")
+    res = CliRunner().invoke(main_app, ["merge", str(recipe), "--out", str(root / "merged")])
+    assert res.exit_code == 0, res.output
+    out_model, _ = load_causal_lm(root / "merged")
+    got = out_model.state_dict()
+    assert all(torch.allclose(got[k], v, atol=1e-6) for k, v in merged.items())
 
 
 def test_prepare_refuses_held_out_task(root):
