@@ -9,9 +9,15 @@ selection methods at density < 1 then run through mergekit (one process) and thr
 Every tensor must be equal bit for bit, except for the selection methods (``ties``, ``breadcrumbs``,
 ``breadcrumbs_ties``, ``sce``) where they may differ only at entries whose magnitude (variance, for
 ``sce``) equals the kept/dropped threshold: mergekit picks among tied entries in ``torch.argsort``'s
-order, mergelab by lower flat index (see ``test_parity_tie_counts.py``). Trained weights do tie: the
-embedding rows of tokens no training example contains get no gradient, so their task-vector entries are
-exactly 0. Each output loads with ``AutoModelForCausalLM`` and generates.
+order, mergelab by lower flat index (see ``test_parity_tie_counts.py``). On these weights no threshold
+falls on a tie (with tied embeddings every embedding row gets a gradient through the output softmax, so
+no task-vector entry is exactly 0) and every method, the selection ones at density < 1 included, is
+bit-equal today; the tie allowance keeps another seed or size from making the test flaky. Each output
+(mergelab's and mergekit's) loads with ``AutoModelForCausalLM``, keeps ``lm_head`` tied and generates.
+
+Thread count matters for bit equality: float32 norms and dot products (``karcher``, the slerps) reduce
+in an order that depends on torch's thread count, so the fixture restores the count that training with
+``threads=1`` changes (mergekit runs with the default count in its own process).
 """
 
 from __future__ import annotations
