@@ -17,7 +17,7 @@ bit-equal today; the tie allowance keeps another seed or size from making the te
 
 Thread count matters for bit equality: float32 norms and dot products (``karcher``, the slerps) reduce
 in an order that depends on torch's thread count, so the fixture restores the count that training with
-``threads=1`` changes (mergekit runs with the default count in its own process).
+``threads=1`` changes and runs mergekit with this process's count.
 """
 
 from __future__ import annotations
@@ -66,9 +66,7 @@ def runs(tmp_path_factory):
     pcfg = PretrainConfig(size="tiny", steps=30, batch_size=8, seq_len=32, lr=1e-2, warmup=2, corpus_bytes=120_000,
                           corpus_sources=("stdlib-code", "stdlib-docs", "faker"), vocab_size=400,
                           checkpoint_every=100, eval_every=100, eval_batches=1, threads=1)
-    # Training with threads=1 sets torch's thread count for the whole process; restore it, because
-    # the float32 reductions (norms, dots) of mergelab here and of mergekit in its own process (default
-    # thread count) must use the same order for bit equality: karcher's embedding differs by 1 ulp else.
+    # Training with threads=1 sets torch's thread count for the whole process: restore it.
     threads = torch.get_num_threads()
     try:
         base = pretrain(pcfg, root, root / "base", **quiet).final_dir
@@ -88,7 +86,9 @@ def runs(tmp_path_factory):
         configs[case] = (path, config)
         spec["runs"][case] = [str(path), str(root / "mergekit" / case)]
     (root / "spec.json").write_text(json.dumps(spec))
-    (root / "run_mergekit.py").write_text(_SCRIPT)
+    # Float32 norms and dots reduce in an order that depends on the thread count (karcher's embedding
+    # differs by 1 ulp between 1 and 2 threads): mergekit runs with this process's count.
+    (root / "run_mergekit.py").write_text(f"import torch\ntorch.set_num_threads({torch.get_num_threads()})\n{_SCRIPT}")
     proc = subprocess.run([MERGEKIT_PYTHON, str(root / "run_mergekit.py"), str(root / "spec.json")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"mergekit run failed:\n{proc.stderr[-4000:]}"
