@@ -6,6 +6,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Training code (``--threads``) sets torch's thread count for its process; a test that runs it
+    in-process must not change the float32 reduction order of the tests after it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_family(tmp_path):
     """A float32 tiny Llama base + 3 experts on disk; returns (base, [experts])."""
