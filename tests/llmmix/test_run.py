@@ -1,0 +1,88 @@
+"""`mergelab bench run --suite llmmix` end to end on a tiny base: prepare two experts, merge with two
+methods, and check the report against values recomputed here from its per-example records."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from mergelab.bench.cli import app
+from mergelab.llmmix.finetune import FinetuneConfig
+from mergelab.llmmix.prepare import prepare
+from tests.llmmix.tiny_lm import save_tiny
+
+SIZES = {"train": 32, "validation": 6, "test": 8}
+EXAMPLES = "train=32,validation=6,test=8"
+TASKS = ["arithmetic", "string_ops"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llmrun")
+    save_tiny(root / "base-tiny" / "final")
+    cfg = FinetuneConfig(steps=16, batch_size=8, lr=3e-3, checkpoint_every=100, threads=1, eval_limit=3)
+    prepare("tiny", root, cfg, tasks=TASKS, multitask_steps=16, sizes=SIZES, progress=False, log=lambda s: None)
+    return root
+
+
+def _acc(bits):
+    return bits.count("1") / len(bits)
+
+
+def test_run_two_methods_report(prepared, tmp_path):
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["run", "--suite", "llmmix", "--size", "tiny", "--cache", str(prepared),
+                                   "--methods", "task_arithmetic,ties", "--held-out", "letter_count",
+                                   "--examples", EXAMPLES, "--grid", "lambda=0.5,1.0", "--grid", "density=0.5",
+                                   "--threads", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    for f in ("report.json", "report.md", "accuracy_by_task.png", "normalised_accuracy.png",
+              "accuracy_vs_merge_time.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["complete"] and rep["suite"] == "llmmix"
+    assert rep["merge_tasks"] == TASKS and rep["held_out"] == ["letter_count"]
+    rows = {r["name"]: r for r in rep["rows"]}
+    assert {"pretrained", "individual", "multi-task training", "task arithmetic (default)", "task arithmetic (tuned)",
+            "TIES (default)", "TIES (tuned)"} <= set(rows)
+    expert = rows["individual"]["correct"]
+    base_ppl = rep["base_perplexity"]
+    assert rows["pretrained"]["perplexity"] == pytest.approx(base_ppl)
+    for name, row in rows.items():
+        assert row["status"] == "ok", (name, row.get("reason"))
+        m = row["metrics"]
+        for t in TASKS:
+            bits = row["correct"][t]
+            assert len(bits) == SIZES["test"]
+            assert m["accuracy"][t] == pytest.approx(_acc(bits))
+            if _acc(expert[t]) > 0:
+                assert m["normalised_accuracy"][t] == pytest.approx(_acc(bits) / _acc(expert[t]))
+            flips = sum(e == "1" and b == "0" for e, b in zip(expert[t], bits)) / len(bits)
+            assert m["negative_flip_rate"][t] == pytest.approx(flips)
+        if row["kind"] == "merge" or name in ("pretrained", "multi-task training"):
+            # held-out accuracy is the share of exact matches in the stored predictions
+            assert m["held_out_accuracy"]["letter_count"] == pytest.approx(_acc(row["correct"]["letter_count"]))
+            assert len(row["predictions"]["letter_count"]) == SIZES["test"]
+            assert row["perplexity"] > 0
+            assert row["perplexity_ratio"] == pytest.approx(row["perplexity"] / base_ppl)
+            assert row["collapsed"] == (row["perplexity"] > 2 * base_ppl)
+    for name in ("task arithmetic (tuned)", "TIES (tuned)"):
+        row = rows[name]
+        assert [s["params"]["lambda"] for s in row["search"]] == [0.5, 1.0]
+        best = max(row["search"], key=lambda s: s["validation_mean_accuracy"])["validation_mean_accuracy"]
+        chosen = [s for s in row["search"] if s["params"] == row["params"]]
+        assert chosen and chosen[0]["validation_mean_accuracy"] == best
+        assert row["merge_seconds"] > 0 and "merge_peak_mib" in row
+    # task arithmetic at lambda=1.0 on the default row (the registry's default) is recorded as such
+    assert rows["task arithmetic (default)"]["params"]["lambda"] == 1.0
+    md = (out / "report.md").read_text()
+    assert "held-out text ppl" in md and "TIES (tuned)" in md and "lambda=0.5" in md
+
+
+def test_run_refuses_mismatched_examples(prepared, tmp_path):
+    res = CliRunner().invoke(app, ["run", "--suite", "llmmix", "--size", "tiny", "--cache", str(prepared),
+                                   "--methods", "task_arithmetic", "--held-out", "", "--examples",
+                                   "train=30,validation=6,test=8", "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0
+    assert "other task data" in str(res.exception)
+    assert not (tmp_path / "o" / "report.json").exists()
