@@ -47,7 +47,7 @@ def _acc(bits):
 def test_run_two_methods_report(prepared, tmp_path):
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["run", "--suite", "llmmix", "--size", "tiny", "--cache", str(prepared),
-                                   "--methods", "task_arithmetic,ties", "--held-out", "letter_count",
+                                   "--methods", "task_arithmetic,ties,regmean", "--held-out", "letter_count",
                                    "--examples", EXAMPLES, "--grid", "lambda=0.5,1.0", "--grid", "density=0.5",
                                    "--threads", "1", "--out", str(out)])
     assert res.exit_code == 0, res.output
@@ -89,6 +89,11 @@ def test_run_two_methods_report(prepared, tmp_path):
         chosen = [s for s in row["search"] if s["params"] == row["params"]]
         assert chosen and chosen[0]["validation_mean_accuracy"] == best
         assert row["merge_seconds"] > 0 and "merge_peak_mib" in row
+    # the data-informed method ran on Llama linear layers with Gram statistics from each expert's train split
+    reg = rows["regmean (default)"]
+    assert reg["calibration"]["statistic"] == "gram" and reg["calibration"]["split"] == "train"
+    for t in TASKS:
+        assert (prepared / "experts-tiny" / t / "calibration" / "gram.safetensors").is_file()
     # task arithmetic at lambda=1.0 on the default row (the registry's default) is recorded as such
     assert rows["task arithmetic (default)"]["params"]["lambda"] == 1.0
     md = (out / "report.md").read_text()
