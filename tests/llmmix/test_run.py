@@ -97,7 +97,7 @@ def test_run_two_methods_report(prepared, tmp_path):
     # task arithmetic at lambda=1.0 on the default row (the registry's default) is recorded as such
     assert rows["task arithmetic (default)"]["params"]["lambda"] == 1.0
     md = (out / "report.md").read_text()
-    assert "held-out text ppl" in md and "TIES (tuned)" in md and "lambda=0.5" in md
+    assert "held-out text ppl" in md and "more than 2x the base" in md and "TIES (tuned)" in md and "lambda=0.5" in md
 
 
 def test_run_refuses_mismatched_examples(prepared, tmp_path):
@@ -107,3 +107,22 @@ def test_run_refuses_mismatched_examples(prepared, tmp_path):
     assert res.exit_code != 0
     assert "other task data" in str(res.exception)
     assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_heldout_text_is_the_bases_corpus_heldout_split(tmp_path):
+    from mergelab.llmmix.run import heldout_text
+
+    corpus = tmp_path / "elsewhere" / "corpus-x"
+    corpus.mkdir(parents=True)
+    (corpus / "heldout.jsonl").write_text("".join(json.dumps({"source": "s", "text": f"doc {i} " * 20}) + "\n"
+                                                  for i in range(50)))
+    (tmp_path / "root" / "corpus-other").mkdir(parents=True)
+    (tmp_path / "root" / "corpus-other" / "heldout.jsonl").write_text(json.dumps({"text": "other"}) + "\n")
+    (tmp_path / "root" / "base-tiny" / "final").mkdir(parents=True)
+    (tmp_path / "root" / "base-tiny" / "pretrain.json").write_text(json.dumps({"corpus": str(corpus)}))
+    text, source = heldout_text(tmp_path / "root", chars=300, base_dir=tmp_path / "root" / "base-tiny" / "final")
+    assert source == str(corpus / "heldout.jsonl")
+    assert text == ("doc 0 " * 20 + "\n\n" + "doc 1 " * 20 + "\n\n" + "doc 2 " * 20)[:300]
+    # without the base's record: a corpus in the cache root
+    text, source = heldout_text(tmp_path / "root", chars=300)
+    assert text == "other"

@@ -37,6 +37,9 @@ def markdown(report: dict) -> str:
              f"held out: {', '.join(held) or 'none'}. Accuracy, normalised accuracy (merged / expert) and "
              "negative-flip rate (expert right, model wrong) on the test splits, in %.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if any("perplexity" in r for r in report["rows"]):
+        lines[0] += (f" Perplexity on a held-out general text ({report.get('perplexity_text', {}).get('source', '?')}); "
+                     f"**collapsed**: more than {report.get('collapse_ratio', 2):g}x the base's.")
     if not report.get("complete", True):
         done = sorted({r["method"] for r in report["rows"] if r.get("method")})
         lines[:0] = [f"**Incomplete run** (so far: {', '.join(done)}; requested: {', '.join(report['methods'])}).", ""]

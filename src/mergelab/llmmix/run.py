@@ -45,10 +45,20 @@ def _state(folder: Path) -> dict:
     return out
 
 
-def heldout_text(root: Path, chars: int = PPL_CHARS) -> tuple:
-    """``(text, source)``: the first ``chars`` characters of a pretraining corpus's held-out split in
-    ``root`` (``corpus-*/heldout.jsonl``), else of stdlib docstrings (seeded draw)."""
-    for f in sorted(Path(root).glob("corpus-*/heldout.jsonl")):
+def heldout_text(root: Path, chars: int = PPL_CHARS, base_dir: Optional[Path] = None) -> tuple:
+    """``(text, source)``: the first ``chars`` characters of the held-out split of the corpus the base
+    was pretrained on (its run's ``pretrain.json``), else of a corpus in ``root``
+    (``corpus-*/heldout.jsonl``), else of stdlib docstrings (seeded draw)."""
+    candidates = []
+    for rec in ([Path(base_dir) / "pretrain.json", Path(base_dir).parent / "pretrain.json"] if base_dir else []):
+        if rec.is_file():
+            corpus = json.loads(rec.read_text(encoding="utf-8")).get("corpus")
+            if corpus:
+                candidates.append(Path(corpus) / "heldout.jsonl")
+    candidates += sorted(Path(root).glob("corpus-*/heldout.jsonl"))
+    for f in candidates:
+        if not f.is_file():
+            continue
         from mergelab.llmmix.corpus import read_documents
 
         parts, n = [], 0
@@ -258,7 +268,7 @@ def run_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root: Option
     start = time.perf_counter()
     tasks = [build_task(n, seed=task_seed, sizes=sizes) for n in names]
     held = [build_task(n, seed=task_seed, sizes=sizes) for n in held_names]
-    text = heldout_text(root)
+    text = heldout_text(root, base_dir=base_dir)
     runner = LlmRunner(tasks, held, base_dir, folder, text, seed, log, device=device,
                        save_dir=Path(out) / "models" if save_models else None)
     rows = runner.references()
