@@ -82,6 +82,19 @@ def prepare(
                f"{len(result.trained)} unit(s), {len(result.skipped)} already there)")
 
 
+def _sizes(examples: Optional[str]) -> Optional[dict]:
+    """``--examples train=N,validation=N,test=N`` as a dict (None when not given)."""
+    if not examples:
+        return None
+    try:
+        sizes = {k.strip(): int(v) for k, _, v in (p.partition("=") for p in examples.split(","))}
+    except ValueError:
+        raise MergeLabError(f"--examples {examples}: expected train=N,validation=N,test=N") from None
+    if set(sizes) != {"train", "validation", "test"}:
+        raise MergeLabError(f"--examples {examples}: expected train=N,validation=N,test=N")
+    return sizes
+
+
 def _prepare_llmmix(size, cache, base_dir, tasks, steps, multitask_steps, lr, batch_size, seed, eval_limit, device,
                     threads, multitask, rebuild, progress, bad, examples) -> None:
     from mergelab.llmmix.finetune import FinetuneConfig
@@ -89,14 +102,7 @@ def _prepare_llmmix(size, cache, base_dir, tasks, steps, multitask_steps, lr, ba
 
     if bad:
         raise MergeLabError(f"--suite llmmix: {', '.join(bad)} do(es) not apply to the llmmix suite")
-    sizes = None
-    if examples:
-        try:
-            sizes = {k.strip(): int(v) for k, _, v in (p.partition("=") for p in examples.split(","))}
-        except ValueError:
-            raise MergeLabError(f"--examples {examples}: expected train=N,validation=N,test=N") from None
-        if set(sizes) != {"train", "validation", "test"}:
-            raise MergeLabError(f"--examples {examples}: expected train=N,validation=N,test=N")
+    sizes = _sizes(examples)
     cfg = FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_limit=eval_limit, device=device,
                          threads=threads)
     command = "mergelab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:3] == ["bench", "prepare"] \
@@ -125,13 +131,16 @@ def run(
                                    "--grid lambda=0.3,0.5 --grid density=0.2 (replaces the built-in values)."),
     save_models: bool = typer.Option(False, "--save-models", help="Also write each merged encoder to "
                                      "OUT/models/<method>-<variant>/ (about 90 MB each for MiniLM)."),
+    size: str = typer.Option("3m", "--size", help="llmmix: base size whose experts are merged."),
+    examples: Optional[str] = typer.Option(None, "--examples", help="llmmix: split sizes as given to `bench prepare`."),
+    device: str = typer.Option("cpu", "--device", help="llmmix: cpu, cuda or cuda:N."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="llmmix: torch CPU threads."),
 ) -> None:
     """Merge the prepared experts with each method, evaluate every task, write the report and charts."""
     from mergelab.bench.cache import BenchCache
     from mergelab.bench.run import resolve_methods, run_bench
     from mergelab.evaluate.tasks import load_suite
 
-    s = load_suite(suite, task)
     grids = {}
     for item in grid:
         key, sep, values = item.partition("=")
@@ -144,10 +153,21 @@ def run(
     names = resolve_methods(methods)
     if not names:
         raise MergeLabError("--methods: no method named")
+    command = "mergelab bench run " + " ".join(shlex.quote(a) for a in sys.argv[3:]) if \
+        sys.argv[1:3] == ["bench", "run"] else ""
+    if suite == "llmmix":
+        from mergelab.llmmix.run import run_llmmix
+
+        if task:
+            raise MergeLabError("--suite llmmix: --task does not apply (llmmix tasks are built in)")
+        report = run_llmmix(names, out, size, cache, None if base == "minilm-l6" else Path(base), _split(tasks),
+                            _split(held_out), _sizes(examples), tune=tune, seed=seed, grids=grids, command=command,
+                            log=typer.echo, device=device, threads=threads, save_models=save_models)
+        typer.echo(f"wrote {out / 'report.json'}, {out / 'report.md'} and charts ({report['seconds']:.0f} s)")
+        return
+    s = load_suite(suite, task)
     report = run_bench(s, BenchCache(s, cache), names, out, base, _split(tasks), _split(held_out), tune, seed,
-                       command="mergelab bench run " + " ".join(shlex.quote(a) for a in sys.argv[3:]) if
-                       sys.argv[1:3] == ["bench", "run"] else "", log=typer.echo, save_models=save_models,
-                       grids=grids)
+                       command=command, log=typer.echo, save_models=save_models, grids=grids)
     typer.echo(f"wrote {out / 'report.json'}, {out / 'report.md'} and charts ({report['seconds']:.0f} s)")
 
 

@@ -316,6 +316,11 @@ class BenchRunner:
         merged, _, _ = self.merge(method, params)
         return self.evaluator.mean_accuracy(self.evaluator.encoder(merged), self.heads, self.merge_tasks, "validation")
 
+    def evaluate_merged(self, merged: dict) -> dict:
+        """Test-split evaluation of a merge: ``correct`` (task -> bits), ``held_out`` (task -> accuracy),
+        ``seconds`` and optionally ``row_extra`` (more fields for the report row; a subclass's hook)."""
+        return self.evaluator.evaluate(merged, self.heads, self.merge_tasks, self.held_out)
+
     def run_method(self, plan: MethodPlan, tune: bool = True) -> list:
         label = DISPLAY.get(plan.method, plan.method)
         if plan.default is None:
@@ -351,13 +356,13 @@ class BenchRunner:
             except MergeLabError as e:
                 rows.append(self._failed(label, plan.method, variant, e))
                 continue
-            ev = self.evaluator.evaluate(merged, self.heads, self.merge_tasks, self.held_out)
+            ev = self.evaluate_merged(merged)
             if self.save_dir is not None:
                 self._save(merged, f"{plan.method}-{variant}")
             row = self._row(f"{label} ({variant})", "merge", ev["correct"], ev.get("held_out"),
                             method=plan.method, variant=variant, params=_public(params),
                             merge_seconds=round(seconds, 3), merge_peak_mib=round(mib, 1),
-                            eval_seconds=ev["seconds"], **extra)
+                            eval_seconds=ev["seconds"], **extra, **ev.get("row_extra", {}))
             if plan.reason:
                 row["note"] = plan.reason
             if search:
@@ -366,7 +371,7 @@ class BenchRunner:
             rows.append(row)
             m = row["metrics"]
             self.log(f"{row['name']} {_fmt(params)}: test mean accuracy {m['mean_accuracy']:.4f}, "
-                     f"normalised {m['mean_normalised_accuracy']:.4f}, merge {seconds:.1f} s / {mib:.0f} MiB, "
+                     f"normalised {_num(m['mean_normalised_accuracy'])}, merge {seconds:.1f} s / {mib:.0f} MiB, "
                      f"evaluation {ev['seconds']:.1f} s")
         return rows
 
@@ -404,6 +409,10 @@ def _public(params: dict) -> dict:
             v = v[0]
         out[k] = v
     return out
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
 
 
 def _fmt(params: dict) -> str:

@@ -30,10 +30,16 @@ def markdown(report: dict) -> str:
     tasks, held = report["merge_tasks"], report["held_out"]
     head = ["model", "coefficients", "mean acc", "norm. acc", "neg. flips", "held-out acc"] + tasks + \
         [f"{h} (held out)" for h in held] + ["merge s", "merge peak MiB"]
+    ppl = any("perplexity" in r for r in report["rows"])  # causal-LM suites: the collapse guard
+    if ppl:
+        head += ["held-out text ppl", "ppl / base"]
     lines = [f"Suite `{report['suite']}` ({report['suite_fingerprint']}); merged tasks: {', '.join(tasks)}; "
              f"held out: {', '.join(held) or 'none'}. Accuracy, normalised accuracy (merged / expert) and "
              "negative-flip rate (expert right, model wrong) on the test splits, in %.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if any("perplexity" in r for r in report["rows"]):
+        lines[0] += (f" Perplexity on a held-out general text ({report.get('perplexity_text', {}).get('source', '?')}); "
+                     f"**collapsed**: more than {report.get('collapse_ratio', 2):g}x the base's.")
     if not report.get("complete", True):
         done = sorted({r["method"] for r in report["rows"] if r.get("method")})
         lines[:0] = [f"**Incomplete run** (so far: {', '.join(done)}; requested: {', '.join(report['methods'])}).", ""]
@@ -47,6 +53,10 @@ def markdown(report: dict) -> str:
         cells += [_pct((m.get("held_out_accuracy") or {}).get(h)) for h in held]
         cells += [f"{row['merge_seconds']:.2f}" if "merge_seconds" in row else "–",
                   f"{row['merge_peak_mib']:.0f}" if "merge_peak_mib" in row else "–"]
+        if ppl:
+            ratio = row.get("perplexity_ratio")
+            cells += [f"{row['perplexity']:.2f}" if "perplexity" in row else "–",
+                      "–" if ratio is None else f"{ratio:.2f}" + (" **collapsed**" if row.get("collapsed") else "")]
         lines.append("| " + " | ".join(cells) + " |")
     skipped = [r for r in report["rows"] if r.get("status") != "ok"]
     if skipped:

@@ -1,0 +1,296 @@
+"""``mergelab bench run --suite llmmix``: textmix's protocol on the prepared causal-LM experts.
+
+The harness is :class:`mergelab.bench.run.BenchRunner`'s (method plans, validation grids, default and
+tuned rows, merge timing and peak memory, the report and charts of :mod:`mergelab.evaluate.report`);
+this module supplies what differs for generative experts:
+
+* the models are whole ``LlamaForCausalLM`` state dicts (no heads), merged with
+  ``mergelab.merge_state_dicts`` and loaded into one model object for evaluation;
+* a task's score is exact match (or pass@1) of the greedy completion (:mod:`mergelab.llmmix.generate`);
+  the per-example correctness bits are the test records' scores (``1`` = score 1);
+* held-out tasks (no expert, no tuning saw them) are scored with the same greedy decoding;
+* every model also gets its perplexity on a held-out general text (the pretraining corpus's held-out
+  split when the cache has one, else stdlib docstrings); a merge whose perplexity exceeds
+  :data:`COLLAPSE_RATIO` x the base's is flagged ``collapsed``.
+
+Coefficients are chosen on the validation splits of the merged tasks only; the test splits are
+evaluated once per reported row.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from mergelab.bench.run import BenchRunner, check_grid_keys, plan_method
+from mergelab.errors import MergeLabError
+
+COLLAPSE_RATIO = 2.0
+PPL_CHARS = 20_000  # characters of held-out text scored for perplexity
+CALIBRATION_EXAMPLES = 256  # per expert, from its task's train split (as textmix)
+CALIBRATION_MAX_LENGTH = 256
+
+
+def _state(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise MergeLabError(f"{folder}: no *.safetensors weights (run `mergelab bench prepare --suite llmmix`)")
+    out = {}
+    for f in files:
+        out.update({k: v.float() for k, v in load_file(str(f)).items()})
+    return out
+
+
+def heldout_text(root: Path, chars: int = PPL_CHARS, base_dir: Optional[Path] = None) -> tuple:
+    """``(text, source)``: the first ``chars`` characters of the held-out split of the corpus the base
+    was pretrained on (its run's ``pretrain.json``), else of a corpus in ``root``
+    (``corpus-*/heldout.jsonl``), else of stdlib docstrings (seeded draw)."""
+    candidates = []
+    for rec in ([Path(base_dir) / "pretrain.json", Path(base_dir).parent / "pretrain.json"] if base_dir else []):
+        if rec.is_file():
+            corpus = json.loads(rec.read_text(encoding="utf-8")).get("corpus")
+            if corpus:
+                candidates.append(Path(corpus) / "heldout.jsonl")
+    candidates += sorted(Path(root).glob("corpus-*/heldout.jsonl"))
+    for f in candidates:
+        if not f.is_file():
+            continue
+        from mergelab.llmmix.corpus import read_documents
+
+        parts, n = [], 0
+        for doc in read_documents(f.parent, "heldout"):
+            parts.append(doc)
+            n += len(doc)
+            if n >= chars:
+                break
+        if parts:
+            return "\n\n".join(parts)[:chars], str(f)
+    import random
+
+    from mergelab.llmmix.corpus import _stdlib_docs
+
+    parts, n = [], 0
+    for doc in _stdlib_docs(random.Random(12345)):
+        parts.append(doc)
+        n += len(doc)
+        if n >= chars:
+            break
+    return "\n\n".join(parts)[:chars], "stdlib docstrings (seed 12345; not guaranteed unseen by pretraining)"
+
+
+def _bits(records: Sequence[dict]) -> str:
+    return "".join("1" if r["score"] >= 1.0 else "0" for r in records)
+
+
+class LlmRunner(BenchRunner):
+    """BenchRunner over causal-LM experts (see the module doc)."""
+
+    def __init__(self, tasks: Sequence, held: Sequence, base_dir: Path, experts_dir: Path, ppl_text: tuple,
+                 seed: int = 0, log: Callable[[str], None] = print, batch_size: int = 64, device: str = "cpu",
+                 save_dir: Optional[Path] = None):
+        from mergelab.llmmix.finetune import base_fingerprint
+        from mergelab.llmmix.generate import load_causal_lm
+
+        self.log, self.seed, self.save_dir, self.device, self.batch_size = log, seed, save_dir, device, batch_size
+        self.tasks, self.held = {t.name: t for t in tasks}, {t.name: t for t in held}
+        self.merge_tasks, self.held_out = list(self.tasks), list(self.held)
+        self.base_dir, self.experts_dir = Path(base_dir), Path(experts_dir)
+        self.model, self.tokenizer = load_causal_lm(base_dir, device=device)
+        self.base = _state(base_dir)
+        self.ppl_text, self.ppl_source = ppl_text
+        fp = base_fingerprint(base_dir)
+        self.experts, self.expert_records = [], {}
+        for t in tasks:
+            run = self.experts_dir / t.name
+            rec = json.loads((run / "finetune.json").read_text(encoding="utf-8")) if (run / "finetune.json").is_file() else None
+            if rec is None or not rec.get("finished"):
+                raise MergeLabError(f"{run}: no finished expert for task '{t.name}' (run `mergelab bench prepare "
+                                    "--suite llmmix` with the same --tasks/--examples)")
+            settings = rec.get("settings", {})
+            if settings.get("base") != fp or settings.get("tasks", {}).get(t.name) != t.fingerprint():
+                raise MergeLabError(f"{run}: expert trained on another base or other task data than this run's "
+                                    "(same --size/--base/--examples as `bench prepare` expected)")
+            self.experts.append(_state(run / "final"))
+        self._statistics, self._aux = {}, {}
+        self.base_eval = self.evaluate_merged(self.base)
+        self.base_ppl = self.base_eval["row_extra"]["perplexity"]
+        self.expert_correct = {}
+        for t, sd in zip(tasks, self.experts):
+            self._load(sd)
+            ev = self._eval_split(t, "test")
+            self.expert_correct[t.name] = _bits(ev.records)
+            self.expert_records[t.name] = ev.records
+
+    # -- models
+    def _load(self, state: dict) -> None:
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
+        if unexpected or set(missing) - tied:
+            raise MergeLabError(f"merged state does not fit the base architecture: missing {sorted(set(missing) - tied)[:3]}, "
+                                f"unexpected {sorted(unexpected)[:3]}")
+
+    def _eval_split(self, task, split: str):
+        from mergelab.llmmix.generate import evaluate_task
+
+        return evaluate_task(self.model, self.tokenizer, task, split, batch_size=self.batch_size)
+
+    def statistics(self, stat: str) -> tuple:
+        """Per-expert calibration files for ``stat`` (``mergelab.calibrate`` on the causal LM, over
+        :data:`CALIBRATION_EXAMPLES` rendered prompt + answer texts of the task's **train** split; the
+        empirical Fisher scores the true next tokens), computed once and cached beside each expert."""
+        if stat in self._statistics:
+            return self._statistics[stat]
+        import random
+
+        from mergelab.calibrate import calibrate
+        from mergelab.calibrate.data import CalibrationSet
+        from mergelab.llmmix.tasks.format import render_answer, render_prompt
+
+        paths, seconds = [], 0.0
+        for name, task in self.tasks.items():
+            folder = self.experts_dir / name / "calibration"
+            path = folder / f"{stat}.safetensors"
+            if not path.is_file():
+                t0 = time.perf_counter()
+                train = task.split("train")
+                idx = sorted(random.Random(self.seed).sample(range(len(train)), min(len(train), CALIBRATION_EXAMPLES)))
+                data = CalibrationSet([render_prompt(train[i].prompt) + render_answer(train[i].answer) for i in idx],
+                                      source={"suite": "llmmix", "task": name, "split": "train", "examples": len(idx),
+                                              "seed": self.seed, "task_fingerprint": task.fingerprint()})
+                calibrate(self.experts_dir / name / "final", data, folder, [stat], max_length=CALIBRATION_MAX_LENGTH,
+                          fisher_mode="empirical", seed=self.seed)
+                seconds += time.perf_counter() - t0
+                self.log(f"calibrated {stat} of expert {name} in {time.perf_counter() - t0:.1f} s")
+            paths.append(str(path))
+        info = {"statistic": stat, "split": "train", "examples_per_task": CALIBRATION_EXAMPLES,
+                "seconds_this_run": round(seconds, 1)}
+        if stat == "fisher":
+            info["fisher_mode"] = "empirical"
+        self._statistics[stat] = (paths, info)
+        return self._statistics[stat]
+
+    def validate(self, method: str, params: dict) -> float:
+        merged, _, _ = self.merge(method, params)
+        self._load(merged)
+        accs = [self._eval_split(self.tasks[t], "validation").accuracy for t in self.merge_tasks]
+        return sum(accs) / len(accs)
+
+    def evaluate_merged(self, merged: dict) -> dict:
+        from mergelab.evaluate.lm import perplexity
+
+        t0 = time.perf_counter()
+        self._load(merged)
+        correct, preds = {}, {}
+        for name, task in self.tasks.items():
+            ev = self._eval_split(task, "test")
+            correct[name] = _bits(ev.records)
+            preds[name] = [r["prediction"] for r in ev.records]
+        held = {}
+        for name, task in self.held.items():
+            ev = self._eval_split(task, "test")
+            held[name] = ev.accuracy
+            correct[name] = _bits(ev.records)
+            preds[name] = [r["prediction"] for r in ev.records]
+        import torch
+
+        with torch.no_grad():
+            ppl = perplexity(self.model, self.tokenizer, self.ppl_text)["perplexity"]
+        extra = {"perplexity": ppl, "predictions": preds}
+        base = getattr(self, "base_ppl", None)
+        if base is not None:
+            extra["perplexity_ratio"] = ppl / base
+            extra["collapsed"] = bool(ppl > COLLAPSE_RATIO * base)
+        return {"correct": correct, "held_out": held or None, "seconds": round(time.perf_counter() - t0, 2),
+                "row_extra": extra}
+
+    # -- references
+    def references(self) -> list:
+        rows = []
+        b = self.base_eval
+        b["row_extra"].update(perplexity_ratio=1.0, collapsed=False)
+        rows.append(self._row("pretrained", "reference", b["correct"], b["held_out"],
+                              note="the base model, no fine-tuning", **b["row_extra"]))
+        rows.append(self._row("individual", "reference", dict(self.expert_correct), None,
+                              note="each task's own fine-tuned expert"))
+        mt = self.experts_dir / "multitask" / "final"
+        if not (mt / "model.safetensors").is_file():
+            rows.append({"name": "multi-task training", "kind": "reference", "status": "missing",
+                         "reason": f"{mt}: no multi-task model"})
+            return rows
+        ev = self.evaluate_merged(_state(mt))
+        rows.append(self._row("multi-task training", "reference", ev["correct"], ev["held_out"],
+                              note="one model fine-tuned on all merged tasks together", **ev["row_extra"]))
+        return rows
+
+    def _save(self, state: dict, name: str) -> None:
+        folder = Path(self.save_dir) / name
+        self._load(state)
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+
+
+def run_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root: Optional[Path] = None,
+               base_dir: Optional[Path] = None, merge_tasks: Optional[Sequence[str]] = None,
+               held_out: Optional[Sequence[str]] = None, sizes: Optional[dict] = None, task_seed: int = 0,
+               tune: bool = True, seed: int = 0, grids: Optional[dict] = None, command: str = "",
+               log: Callable[[str], None] = print, device: str = "cpu", threads: Optional[int] = None,
+               save_models: bool = False) -> dict:
+    """Run the llmmix protocol for ``methods`` on the experts in ``ROOT/experts-SIZE`` and write
+    ``report.json``, ``report.md`` and the charts to ``out`` (rewritten after every method)."""
+    from mergelab import __version__
+    from mergelab.evaluate.report import write_report
+    from mergelab.llmmix.pretrain import base_folder, default_root
+    from mergelab.llmmix.tasks import build_task, get_spec, task_names
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    root = Path(root) if root else default_root()
+    folder = root / f"experts-{size}"
+    prep = json.loads((folder / "prepare.json").read_text(encoding="utf-8")) if (folder / "prepare.json").is_file() else {}
+    base_dir = Path(base_dir) if base_dir else Path(prep["base"]) if prep.get("base") else base_folder(size, root)
+    names = list(merge_tasks) if merge_tasks else list(prep.get("tasks") or task_names(held_out=False))
+    held_names = list(held_out) if held_out is not None else task_names(held_out=True)
+    bad = [n for n in names if get_spec(n).held_out]
+    if bad:
+        raise MergeLabError(f"--tasks: {', '.join(bad)} held out (no expert may see a held-out task)")
+    if set(names) & set(held_names):
+        raise MergeLabError(f"tasks {sorted(set(names) & set(held_names))} are both merged and held out")
+    if len(names) < 2:
+        raise MergeLabError(f"a merge needs at least 2 tasks; got {names}")
+    check_grid_keys(grids, methods)
+    plans = [plan_method(name, len(names), grids) for name in methods]
+    start = time.perf_counter()
+    tasks = [build_task(n, seed=task_seed, sizes=sizes) for n in names]
+    held = [build_task(n, seed=task_seed, sizes=sizes) for n in held_names]
+    text = heldout_text(root, base_dir=base_dir)
+    runner = LlmRunner(tasks, held, base_dir, folder, text, seed, log, device=device,
+                       save_dir=Path(out) / "models" if save_models else None)
+    rows = runner.references()
+    report = {
+        "suite": "llmmix", "suite_fingerprint": "+".join(t.fingerprint()[:8] for t in tasks + held),
+        "suite_source": "mergelab.llmmix.tasks", "base_model": str(base_dir), "cache": str(folder),
+        "merge_tasks": names, "held_out": held_names,
+        "test_sizes": {t.name: len(t.split("test")) for t in tasks + held},
+        "methods": list(methods), "tuned": tune, "grids": grids or {}, "seed": seed, "mergelab_version": __version__,
+        "command": command, "seconds": 0.0,
+        "perplexity_text": {"source": runner.ppl_source, "chars": len(text[0])},
+        "base_perplexity": runner.base_ppl, "collapse_ratio": COLLAPSE_RATIO,
+        "protocol": ("whole causal LMs merged; coefficients chosen on the validation splits of the merged tasks "
+                     "only; greedy exact-match (or pass@1) on the test splits, each reported row evaluated once; "
+                     "held-out tasks seen by no expert and no tuning; a merge whose held-out-text perplexity "
+                     f"exceeds {COLLAPSE_RATIO:g}x the base's is flagged collapsed"),
+        "rows": rows, "complete": not methods,
+    }
+    write_report(report, Path(out))
+    for name, plan in zip(methods, plans):
+        rows.extend(runner.run_method(plan, tune))
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        report["complete"] = name == methods[-1]
+        write_report(report, Path(out))
+    return report
