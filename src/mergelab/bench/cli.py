@@ -113,6 +113,20 @@ def _prepare_llmmix(size, cache, base_dir, tasks, steps, multitask_steps, lr, ba
                f"{len(r.skipped)} already there)")
 
 
+def _grids(grid: List[str]) -> dict:
+    """``--grid NAME=V,V`` options as ``{NAME: (V, ...)}``."""
+    grids = {}
+    for item in grid:
+        key, sep, values = item.partition("=")
+        try:
+            grids[key.strip()] = tuple(float(v) for v in values.split(",") if v.strip())
+        except ValueError:
+            raise MergeLabError(f"--grid {item}: expected NAME=NUMBER,NUMBER,...") from None
+        if not sep or not key.strip() or not grids[key.strip()]:
+            raise MergeLabError(f"--grid {item}: expected NAME=NUMBER,NUMBER,...")
+    return grids
+
+
 @app.command()
 def run(
     suite: str = typer.Option("textmix", "--suite", help="Built-in suite name, suite folder or suite YAML."),
@@ -141,15 +155,7 @@ def run(
     from mergelab.bench.run import resolve_methods, run_bench
     from mergelab.evaluate.tasks import load_suite
 
-    grids = {}
-    for item in grid:
-        key, sep, values = item.partition("=")
-        try:
-            grids[key.strip()] = tuple(float(v) for v in values.split(",") if v.strip())
-        except ValueError:
-            raise MergeLabError(f"--grid {item}: expected NAME=NUMBER,NUMBER,...") from None
-        if not sep or not key.strip() or not grids[key.strip()]:
-            raise MergeLabError(f"--grid {item}: expected NAME=NUMBER,NUMBER,...")
+    grids = _grids(grid)
     names = resolve_methods(methods)
     if not names:
         raise MergeLabError("--methods: no method named")
@@ -169,6 +175,44 @@ def run(
     report = run_bench(s, BenchCache(s, cache), names, out, base, _split(tasks), _split(held_out), tune, seed,
                        command=command, log=typer.echo, save_models=save_models, grids=grids)
     typer.echo(f"wrote {out / 'report.json'}, {out / 'report.md'} and charts ({report['seconds']:.0f} s)")
+
+
+@app.command()
+def scale(
+    suite: str = typer.Option("llmmix", "--suite", help="Suite (only llmmix has a scale study here)."),
+    sizes: str = typer.Option("3m,20m", "--sizes", help="Base sizes, smallest first (comma-separated)."),
+    experts: str = typer.Option("2,4,6,8", "--experts", help="Numbers of experts merged (comma-separated)."),
+    methods: str = typer.Option("linear,task_arithmetic,ties,dare_ties,tsv", "--methods", "-m",
+                                help="Methods (comma-separated; linear or average = simple average, tsv = TSV-M)."),
+    out: Path = typer.Option(Path("bench-out/llmmix-scale"), "--out", help="Folder for scale.json/.md/.png "
+                             "and one report per size and k."),
+    held_out: Optional[str] = typer.Option(None, "--held-out", help="Held-out tasks (default: the suite's)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache root used by `bench prepare`."),
+    order_seed: int = typer.Option(0, "--order-seed", help="Seed of the expert order (the first k are merged)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for random methods (DARE)."),
+    grid: List[str] = typer.Option([], "--grid", help="Coefficient values to search (as for `bench run`)."),
+    examples: Optional[str] = typer.Option(None, "--examples", help="Split sizes as given to `bench prepare`."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+) -> None:
+    """What Matters for Model Merging at Scale, in miniature: merge 2..8 experts per base size, tuned on
+    validation; normalised held-in and held-out accuracy as a table, one PNG and the paper's findings checked."""
+    from mergelab.bench.run import resolve_methods
+    from mergelab.llmmix.scale import run_scale
+
+    if suite != "llmmix":
+        raise MergeLabError(f"--suite {suite}: the scale study runs on llmmix only (textmix: `mergelab tune scale`)")
+    try:
+        ks = [int(k) for k in _split(experts)]
+    except ValueError:
+        raise MergeLabError(f"--experts {experts}: expected comma-separated integers") from None
+    names = resolve_methods(["linear" if m == "average" else m for m in _split(methods)])  # the paper's name
+    command = "mergelab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:3] == ["bench", "scale"] else ""
+    study = run_scale(_split(sizes), ks, names, out, cache, _split(held_out), _sizes(examples), order_seed, seed,
+                      _grids(grid), command=command, log=typer.echo, device=device, threads=threads)
+    typer.echo(f"wrote {out / 'scale.json'}, {out / 'scale.md'} and {out / 'scale.png'}")
+    for f in study["findings"]:
+        typer.echo(f"{f['finding']}: {f['verdict']} ({f['text']})")
 
 
 @app.command()

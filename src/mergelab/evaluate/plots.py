@@ -4,7 +4,8 @@
 * ``normalised_accuracy.png``: mean normalised accuracy (merged / expert) per model, with each task's
   value as a dot;
 * ``accuracy_vs_merge_time.png``: mean test accuracy against merge wall time (log scale), references
-  drawn as horizontal lines.
+  drawn as horizontal lines;
+* ``scale.png`` (:func:`write_scale_chart`): a scale study's accuracies against the number of experts.
 """
 
 from __future__ import annotations
@@ -76,3 +77,36 @@ def write_charts(report: dict, out: Path) -> list:
     paths.append(_save(fig, out / "accuracy_vs_merge_time.png"))
     plt.close(fig)
     return paths
+
+
+def write_scale_chart(study: dict, path: Path) -> Path:
+    """``scale.png`` of a scale study (:mod:`mergelab.llmmix.scale`): one column of panels per base size,
+    top row mean normalised held-in accuracy, bottom row mean held-out accuracy, x = number of experts,
+    one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes, methods, ks = study["sizes"], study["methods"], study["experts"]
+    cmap = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(2, len(sizes), figsize=(4.2 * len(sizes) + 1.5, 7), squeeze=False, sharey="row")
+    for j, size in enumerate(sizes):
+        for i, m in enumerate(methods):
+            pts = {r["k"]: r for r in study["results"] if r["size"] == size and r["method"] == m}
+            for row, key in enumerate(("mean_normalised_accuracy", "mean_held_out_accuracy")):
+                xs = [k for k in ks if k in pts and pts[k][key] is not None]
+                axes[row][j].plot(xs, [100 * pts[k][key] for k in xs], marker="os^Dv"[i % 5], color=cmap(i % 10),
+                                  label=m)
+        axes[0][j].set_title(f"base {size}")
+        axes[0][j].axhline(100, color="grey", lw=0.8, ls="--")
+        axes[1][j].set_xlabel("number of experts merged")
+        for row in (0, 1):
+            axes[row][j].set_xticks(ks)
+    axes[0][0].set_ylabel("normalised held-in accuracy (% of expert)")
+    axes[1][0].set_ylabel("held-out accuracy (%)")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle("llmmix: merging at scale (coefficients tuned on validation)")
+    out = _save(fig, Path(path))
+    plt.close(fig)
+    return out

@@ -1,0 +1,105 @@
+"""`mergelab bench scale --suite llmmix` on a tiny base: three experts, k in {2, 3}, two methods; the
+table is checked against values recomputed from each run's per-example records."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from mergelab.bench.cli import app
+from mergelab.llmmix.finetune import FinetuneConfig
+from mergelab.llmmix.prepare import prepare
+from mergelab.llmmix.scale import expert_order, findings
+from tests.llmmix.test_run import save_base
+
+SIZES = {"train": 32, "validation": 6, "test": 8}
+EXAMPLES = "train=32,validation=6,test=8"
+TASKS = ["language_id", "refusal", "string_ops"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llmscale")
+    save_base(root / "base-tiny" / "final")
+    cfg = FinetuneConfig(steps=100, batch_size=8, lr=3e-3, checkpoint_every=1000, threads=1, eval_limit=3)
+    prepare("tiny", root, cfg, tasks=TASKS, multitask=False, sizes=SIZES, progress=False, log=lambda s: None)
+    return root
+
+
+def _acc(bits):
+    return bits.count("1") / len(bits)
+
+
+def test_scale_study_end_to_end(prepared, tmp_path):
+    out = tmp_path / "scale"
+    res = CliRunner().invoke(app, ["scale", "--suite", "llmmix", "--sizes", "tiny", "--experts", "3,2",
+                                   "--methods", "average,task_arithmetic", "--held-out", "letter_count",
+                                   "--grid", "lambda=0.5,1.0", "--examples", EXAMPLES, "--threads", "1",
+                                   "--cache", str(prepared), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    for f in ("scale.json", "scale.md", "scale.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    study = json.loads((out / "scale.json").read_text())
+    assert study["complete"] and study["experts"] == [2, 3] and study["methods"] == ["linear", "task_arithmetic"]
+    # one fixed seeded order, independent of how the tasks were listed; the sets are nested
+    order = study["order"]["tiny"]
+    assert sorted(order) == sorted(TASKS) and order == expert_order(list(reversed(TASKS)), 0)
+    res_by = {(r["k"], r["method"]): r for r in study["results"]}
+    assert set(res_by) == {(k, m) for k in (2, 3) for m in ("linear", "task_arithmetic")}
+    e2, e3 = res_by[(2, "linear")]["experts"], res_by[(3, "linear")]["experts"]
+    assert e2 == order[:2] and e3 == order and e3[:2] == e2
+    md = (out / "scale.md").read_text()
+    for (k, method), r in res_by.items():
+        rep = json.loads((out / "tiny" / f"k{k}" / "report.json").read_text())
+        assert rep["merge_tasks"] == r["experts"] and rep["held_out"] == ["letter_count"]
+        rows = {x["name"]: x for x in rep["rows"]}
+        # linear has no grid (default row); task arithmetic's lambda was tuned on validation
+        name = "simple average (default)" if method == "linear" else "task arithmetic (tuned)"
+        assert r["row"] == name
+        row, expert = rows[name], rows["individual"]["correct"]
+        norm = [_acc(row["correct"][t]) / _acc(expert[t]) for t in r["experts"] if _acc(expert[t]) > 0]
+        assert norm, "no expert learnt its task; normalised accuracy is undefined"
+        assert r["mean_normalised_accuracy"] == pytest.approx(sum(norm) / len(norm))
+        assert r["mean_held_out_accuracy"] == pytest.approx(_acc(row["correct"]["letter_count"]))
+        if method == "task_arithmetic":
+            best = max(row["search"], key=lambda s: s["validation_mean_accuracy"])
+            assert r["params"]["lambda"] == best["params"]["lambda"]
+        line = (f"| tiny | {k} | {method} | {r['variant']} |")
+        cells = [x for x in md.splitlines() if x.startswith(line)]
+        assert len(cells) == 1
+        assert f"| {100 * sum(norm) / len(norm):.1f} | {100 * _acc(row['correct']['letter_count']):.1f} |" in cells[0]
+    # the findings: one size cannot show the size effects; the expert-count one is computed
+    verdicts = {f["finding"]: f["verdict"] for f in study["findings"]}
+    assert verdicts["larger base merges better"] == "not enough sizes"
+    assert verdicts["methods' differences shrink with scale"] == "not enough sizes"
+    held2 = sum(res_by[(2, m)]["mean_held_out_accuracy"] for m in ("linear", "task_arithmetic")) / 2
+    held3 = sum(res_by[(3, m)]["mean_held_out_accuracy"] for m in ("linear", "task_arithmetic")) / 2
+    assert verdicts["more experts help held-out generalisation"] == ("reproduced" if held3 > held2 else "not reproduced")
+    assert "## Findings of the paper" in md and "not enough sizes" in md and "more experts help held-out" in md
+
+
+def test_scale_refuses_more_experts_than_prepared(prepared, tmp_path):
+    res = CliRunner().invoke(app, ["scale", "--sizes", "tiny", "--experts", "2,4", "--methods", "linear",
+                                   "--cache", str(prepared), "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "3 experts prepared" in str(res.exception)
+    assert not (tmp_path / "o" / "scale.json").exists()
+
+
+def test_findings_from_numbers():
+    def r(size, k, method, norm, held):
+        return {"size": size, "k": k, "method": method, "mean_normalised_accuracy": norm,
+                "mean_held_out_accuracy": held}
+
+    results = [r("s", 2, "a", 0.6, 0.2), r("s", 4, "a", 0.5, 0.3), r("s", 2, "b", 0.8, 0.2), r("s", 4, "b", 0.7, 0.3),
+               r("l", 2, "a", 0.9, 0.4), r("l", 4, "a", 0.8, 0.3), r("l", 2, "b", 0.9, 0.4), r("l", 4, "b", 0.9, 0.3)]
+    f = {x["finding"]: x for x in findings(results, ["s", "l"], [2, 4], ["a", "b"])}
+    # mean normalised: s (0.6+0.5+0.8+0.7)/4 = 0.65 < l 0.875
+    assert f["larger base merges better"]["verdict"] == "reproduced"
+    assert f["larger base merges better"]["numbers"] == pytest.approx({"s": 0.65, "l": 0.875})
+    # held-out: s 0.2 -> 0.3 (up), l 0.4 -> 0.3 (down)
+    assert f["more experts help held-out generalisation"]["verdict"] == "partly reproduced"
+    # spread: s |0.55 - 0.75| = 0.2, l |0.85 - 0.9| = 0.05
+    assert f["methods' differences shrink with scale"]["verdict"] == "reproduced"
+    assert f["methods' differences shrink with scale"]["numbers"] == pytest.approx({"s": 0.2, "l": 0.05})
+    f = {x["finding"]: x for x in findings(results, ["l", "s"], [2, 4], ["a", "b"])}
+    assert f["larger base merges better"]["verdict"] == "not reproduced"
