@@ -103,6 +103,7 @@ def write_scale_chart(study: dict, path: Path) -> Path:
         axes[1][j].set_xlabel("number of experts merged")
         for row in (0, 1):
             axes[row][j].set_xticks(ks)
+        axes[1][j].set_ylim(-2, 102)
     axes[0][0].set_ylabel("normalised held-in accuracy (% of expert)")
     axes[1][0].set_ylabel("held-out accuracy (%)")
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
