@@ -103,3 +103,63 @@ def test_findings_from_numbers():
     assert f["methods' differences shrink with scale"]["numbers"] == pytest.approx({"s": 0.2, "l": 0.05})
     f = {x["finding"]: x for x in findings(results, ["l", "s"], [2, 4], ["a", "b"])}
     assert f["larger base merges better"]["verdict"] == "not reproduced"
+
+
+def test_scale_aggregates_nonzero_reports(tmp_path, monkeypatch):
+    """The aggregation with non-trivial numbers (tiny merges score 0): ``run_llmmix`` is replaced by a
+    stand-in whose rows carry known correctness bits; the table, the picked rows and the findings are
+    checked against values worked out here from those bits."""
+    import random
+
+    import mergelab.llmmix.run as llmrun
+    from mergelab.evaluate.metrics import summarise
+    from mergelab.llmmix.scale import run_scale
+
+    tasks = ["t1", "t2", "t3", "t4"]
+    for size in ("s", "l"):
+        (tmp_path / f"experts-{size}").mkdir()
+        (tmp_path / f"experts-{size}" / "prepare.json").write_text(json.dumps({"tasks": tasks}))
+    expert = {t: "11110000" for t in tasks}  # expert accuracy 0.5 on every task
+    calls = []
+
+    def bits(*key):
+        rng = random.Random(repr(key))
+        return "".join(rng.choice("01") for _ in range(8))
+
+    def fake(methods, out, size, root, merge_tasks=None, held_out=None, **kw):
+        calls.append((size, list(merge_tasks)))
+        rows = [{"name": "individual", "kind": "reference", "status": "ok", "correct": dict(expert)}]
+        for m in methods:
+            for variant in (("default",) if m == "linear" else ("default", "tuned")):
+                correct = {t: bits(size, len(merge_tasks), m, variant, t) for t in merge_tasks}
+                held = {"h": _acc(bits(size, len(merge_tasks), m, variant, "h"))}
+                rows.append({"name": f"{m} ({variant})", "method": m, "variant": variant, "status": "ok",
+                             "params": {"lambda": 0.5}, "correct": correct,
+                             "metrics": summarise(correct, merge_tasks, expert, held)})
+        return {"held_out": ["h"], "rows": rows}
+
+    monkeypatch.setattr(llmrun, "run_llmmix", fake)
+    study = run_scale(["s", "l"], [4, 2], ["linear", "ties"], tmp_path / "o", tmp_path, log=lambda s: None)
+    order = expert_order(tasks, 0)
+    assert calls == [(s, order[:k]) for s in ("s", "l") for k in (2, 4)]
+    md = (tmp_path / "o" / "scale.md").read_text()
+    norm_by, held_by = {}, {}
+    for r in study["results"]:
+        variant = "default" if r["method"] == "linear" else "tuned"
+        assert r["variant"] == variant
+        exp_norm = sum(_acc(bits(r["size"], r["k"], r["method"], variant, t)) / 0.5 for t in order[:r["k"]]) / r["k"]
+        exp_held = _acc(bits(r["size"], r["k"], r["method"], variant, "h"))
+        assert r["mean_normalised_accuracy"] == pytest.approx(exp_norm)
+        assert r["mean_held_out_accuracy"] == pytest.approx(exp_held)
+        assert f"| {r['size']} | {r['k']} | {r['method']} | {variant} | lambda=0.5 | {100 * exp_norm:.1f} | " \
+               f"{100 * exp_held:.1f} |" in md
+        norm_by.setdefault(r["size"], []).append(exp_norm)
+        held_by.setdefault((r["size"], r["k"]), []).append(exp_held)
+    f = {x["finding"]: x for x in study["findings"]}
+    mean = {s: sum(v) / len(v) for s, v in norm_by.items()}
+    assert f["larger base merges better"]["verdict"] == ("reproduced" if mean["s"] < mean["l"] else "not reproduced")
+    assert f["larger base merges better"]["numbers"] == pytest.approx(mean)
+    up = [sum(held_by[(s, 4)]) > sum(held_by[(s, 2)]) for s in ("s", "l")]
+    assert f["more experts help held-out generalisation"]["verdict"] == \
+        ("reproduced" if all(up) else "partly reproduced" if any(up) else "not reproduced")
+    assert (tmp_path / "o" / "scale.png").stat().st_size > 0
