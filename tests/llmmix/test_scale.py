@@ -76,6 +76,16 @@ def test_scale_study_end_to_end(prepared, tmp_path):
     held3 = sum(res_by[(3, m)]["mean_held_out_accuracy"] for m in ("linear", "task_arithmetic")) / 2
     assert verdicts["more experts help held-out generalisation"] == ("reproduced" if held3 > held2 else "not reproduced")
     assert "## Findings of the paper" in md and "not enough sizes" in md and "more experts help held-out" in md
+    # --resume reads the complete reports back instead of merging again; the study is the same
+    args = ["scale", "--suite", "llmmix", "--sizes", "tiny", "--experts", "3,2", "--methods", "average,task_arithmetic",
+            "--held-out", "letter_count", "--grid", "lambda=0.5,1.0", "--examples", EXAMPLES, "--threads", "1",
+            "--cache", str(prepared), "--out", str(out)]
+    res = CliRunner().invoke(app, args + ["--resume"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("scale: reusing") == 2 and "validation" not in res.output
+    assert json.loads((out / "scale.json").read_text())["results"] == study["results"]
+    res = CliRunner().invoke(app, [a if a != "lambda=0.5,1.0" else "lambda=0.5" for a in args] + ["--resume"])
+    assert res.exit_code == 0 and "scale: reusing" not in res.output  # another grid: rerun
 
 
 def test_scale_refuses_more_experts_than_prepared(prepared, tmp_path):

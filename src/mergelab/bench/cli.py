@@ -194,6 +194,8 @@ def scale(
     examples: Optional[str] = typer.Option(None, "--examples", help="Split sizes as given to `bench prepare`."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+    resume: bool = typer.Option(False, "--resume", help="Reuse OUT/SIZE/kK reports already complete with the "
+                                "same experts, methods, held-out tasks, seed and grids."),
 ) -> None:
     """What Matters for Model Merging at Scale, in miniature: merge 2..8 experts per base size, tuned on
     validation; normalised held-in and held-out accuracy as a table, one PNG and the paper's findings checked."""
@@ -209,7 +211,7 @@ def scale(
     names = resolve_methods(["linear" if m == "average" else m for m in _split(methods)])  # the paper's name
     command = "mergelab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:3] == ["bench", "scale"] else ""
     study = run_scale(_split(sizes), ks, names, out, cache, _split(held_out), _sizes(examples), order_seed, seed,
-                      _grids(grid), command=command, log=typer.echo, device=device, threads=threads)
+                      _grids(grid), command=command, log=typer.echo, device=device, threads=threads, resume=resume)
     typer.echo(f"wrote {out / 'scale.json'}, {out / 'scale.md'} and {out / 'scale.png'}")
     for f in study["findings"]:
         typer.echo(f"{f['finding']}: {f['verdict']} ({f['text']})")

@@ -46,6 +46,18 @@ def _pick(rows: Sequence[dict], method: str) -> Optional[dict]:
     return ok.get("tuned") or ok.get("default")
 
 
+def _reusable(run_dir: Path, subset, methods, held_out, seed, grids) -> Optional[dict]:
+    path = Path(run_dir) / "report.json"
+    if not path.is_file():
+        return None
+    rep = json.loads(path.read_text(encoding="utf-8"))
+    same = (rep.get("complete") and rep.get("tuned") and rep.get("merge_tasks") == list(subset)
+            and rep.get("methods") == list(methods) and rep.get("seed") == seed
+            and (held_out is None or rep.get("held_out") == list(held_out))
+            and rep.get("grids") == json.loads(json.dumps(grids or {})))
+    return rep if same else None
+
+
 def findings(results: Sequence[dict], sizes: Sequence[str], ks: Sequence[int], methods: Sequence[str]) -> list:
     """One ``{"finding", "verdict", "numbers", "text"}`` per finding of the paper, computed from ``results``
     (verdict: ``reproduced``, ``not reproduced`` or ``not enough sizes`` / ``not enough data``)."""
@@ -123,8 +135,10 @@ def run_scale(sizes: Sequence[str], experts: Sequence[int], methods: Sequence[st
               root: Optional[Path] = None, held_out: Optional[Sequence[str]] = None,
               examples: Optional[dict] = None, order_seed: int = 0, seed: int = 0, grids: Optional[dict] = None,
               command: str = "", log: Callable[[str], None] = print, device: str = "cpu",
-              threads: Optional[int] = None) -> dict:
-    """Run the study (see the module doc); ``scale.json`` is rewritten after every ``(size, k)``."""
+              threads: Optional[int] = None, resume: bool = False) -> dict:
+    """Run the study (see the module doc); ``scale.json`` is rewritten after every ``(size, k)``. With
+    ``resume``, a ``(size, k)`` whose report is complete and was made with the same experts, methods,
+    held-out tasks, seed and grids is read back instead of rerun."""
     from mergelab.evaluate.plots import write_scale_chart
     from mergelab.llmmix.pretrain import default_root
     from mergelab.llmmix.run import run_llmmix
@@ -154,8 +168,12 @@ def run_scale(sizes: Sequence[str], experts: Sequence[int], methods: Sequence[st
             subset = order[size][:k]
             run_dir = out / size / f"k{k}"
             log(f"scale: size {size}, k={k}: {', '.join(subset)}")
-            rep = run_llmmix(methods, run_dir, size, root, merge_tasks=subset, held_out=held_out, sizes=examples,
-                             tune=True, seed=seed, grids=grids, log=log, device=device, threads=threads)
+            rep = _reusable(run_dir, subset, methods, held_out, seed, grids) if resume else None
+            if rep is not None:
+                log(f"scale: reusing {run_dir / 'report.json'}")
+            else:
+                rep = run_llmmix(methods, run_dir, size, root, merge_tasks=subset, held_out=held_out, sizes=examples,
+                                 tune=True, seed=seed, grids=grids, log=log, device=device, threads=threads)
             study["held_out"] = rep["held_out"]
             for m in methods:
                 row = _pick(rep["rows"], m)
