@@ -74,7 +74,8 @@ def test_scale_study_end_to_end(prepared, tmp_path):
     assert verdicts["methods' differences shrink with scale"] == "not enough sizes"
     held2 = sum(res_by[(2, m)]["mean_held_out_accuracy"] for m in ("linear", "task_arithmetic")) / 2
     held3 = sum(res_by[(3, m)]["mean_held_out_accuracy"] for m in ("linear", "task_arithmetic")) / 2
-    assert verdicts["more experts help held-out generalisation"] == ("reproduced" if held3 > held2 else "not reproduced")
+    assert verdicts["more experts help held-out generalisation"] == \
+        ("reproduced" if held3 > held2 else "not reproduced")
     assert "## Findings of the paper" in md and "not enough sizes" in md and "more experts help held-out" in md
     # --resume reads the complete reports back instead of merging again; the study is the same
     args = ["scale", "--suite", "llmmix", "--sizes", "tiny", "--experts", "3,2", "--methods", "average,task_arithmetic",

@@ -209,7 +209,8 @@ def scale(
     except ValueError:
         raise MergeLabError(f"--experts {experts}: expected comma-separated integers") from None
     names = resolve_methods(["linear" if m == "average" else m for m in _split(methods)])  # the paper's name
-    command = "mergelab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:3] == ["bench", "scale"] else ""
+    command = "mergelab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
+        if sys.argv[1:3] == ["bench", "scale"] else ""
     study = run_scale(_split(sizes), ks, names, out, cache, _split(held_out), _sizes(examples), order_seed, seed,
                       _grids(grid), command=command, log=typer.echo, device=device, threads=threads, resume=resume)
     typer.echo(f"wrote {out / 'scale.json'}, {out / 'scale.md'} and {out / 'scale.png'}")
