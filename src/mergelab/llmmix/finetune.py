@@ -40,8 +40,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from mergelab.errors import MergeLabError
-from mergelab.llmmix.pretrain import (_lr_lambda, _main_thread, _read_log, _rng_state, _set_rng_state, _write_json,
-                                      plot_losses)
+from mergelab.llmmix.pretrain import plot_losses
+from mergelab.llmmix.training import lr_schedule, on_main_thread, read_log, rng_state, set_rng_state, write_json
 
 
 class FinetuneError(MergeLabError):
@@ -167,7 +167,7 @@ def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig
     done = finished(run_dir, settings)
     if done is not None:
         log(f"{final}: already fine-tuned ({done['step']} steps)")
-        recs = _read_log(run_dir / "loss.jsonl", done["step"])
+        recs = read_log(run_dir / "loss.jsonl", done["step"])
         return FinetuneResult(run_dir, final, done["step"], [(r["step"], r["loss"]) for r in recs],
                               done["wall_seconds"], done)
     if cfg.threads:
@@ -181,7 +181,7 @@ def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg))
 
     start, elapsed, runs = 0, 0.0, []
     if ckpt.is_file():
@@ -194,13 +194,13 @@ def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         start, elapsed, runs = state["step"], state["elapsed"], state["runs"]
         log(f"resuming {name} at step {start}/{cfg.steps}")
     else:
         torch.manual_seed(cfg.seed)
     log_path = run_dir / "loss.jsonl"
-    records = _read_log(log_path, start)
+    records = read_log(log_path, start)
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     run = {"command": command, "started": _now(), "from_step": start, "device": cfg.device,
@@ -211,7 +211,7 @@ def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         tmp = ckpt.with_name(ckpt.name + ".partial")
         torch.save({"step": step, "settings": settings, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "rng": _rng_state(), "elapsed": total_elapsed, "runs": runs}, tmp)
+                    "scheduler": sched.state_dict(), "rng": rng_state(), "elapsed": total_elapsed, "runs": runs}, tmp)
         os.replace(tmp, ckpt)
 
     stop = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
@@ -222,7 +222,7 @@ def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig
             raise KeyboardInterrupt
         interrupted["flag"] = True
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if on_main_thread() else {}
     if start < cfg.steps:
         log(f"fine-tuning {name} on {', '.join(t.name for t in tasks)} ({pool.n} examples) for steps "
             f"{start}..{cfg.steps} -> {run_dir}")
@@ -285,7 +285,7 @@ def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig
         result_final = _write_final(model, tok, run_dir, record)
         log(f"done: {name} -> {result_final} (loss {record['final_loss']}, validation "
             + ", ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()) + ")")
-    _write_json(run_dir / "finetune.json", record)
+    write_json(run_dir / "finetune.json", record)
     if interrupted["flag"] and step < cfg.steps and stop_after is None:
         raise FinetuneError(f"{name}: interrupted at step {step}/{cfg.steps}; checkpoint saved in {ckpt}: "
                             "run the same command to resume")
@@ -319,7 +319,7 @@ def _write_final(model, tok, run_dir: Path, record: dict) -> Path:
     GenerationConfig(bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
                      pad_token_id=c.pad_token_id).save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
-    _write_json(tmp / "finetune.json", record)
+    write_json(tmp / "finetune.json", record)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final

@@ -27,7 +27,8 @@ from typing import Callable, Optional, Sequence
 
 from mergelab.llmmix.finetune import (FinetuneConfig, FinetuneError, base_fingerprint, finetune, finished,
                                       run_settings)
-from mergelab.llmmix.pretrain import _write_json, base_folder, default_root
+from mergelab.llmmix.pretrain import base_folder, default_root
+from mergelab.llmmix.training import write_json
 
 MULTITASK = "multitask"
 
@@ -68,7 +69,7 @@ def base_accuracy(base_dir: Path, tasks: Sequence, cache_file: Path, cfg: Finetu
                                 batch_size=cfg.eval_batch_size).accuracy
             saved[t.name] = {"key": key[t.name], "accuracy": acc}
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(cache_file, saved)
+        write_json(cache_file, saved)
     return {t.name: saved[t.name]["accuracy"] for t in tasks}
 
 
@@ -118,7 +119,7 @@ def prepare(size: str = "3m", root: Optional[Path] = None, cfg: FinetuneConfig =
                "models": models, "last_run": {"trained": result.trained, "skipped": result.skipped,
                                                      "seconds": round(result.seconds, 1)}}
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / "prepare.json", summary)
+    write_json(folder / "prepare.json", summary)
     return result
 
 

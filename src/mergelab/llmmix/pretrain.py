@@ -27,9 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
-import random
 import shutil
 import signal
 import sys
@@ -44,6 +42,8 @@ from mergelab.errors import MergeLabError
 from mergelab.llmmix.corpus import DEFAULT_SOURCES, CorpusConfig, build_corpus, read_documents
 from mergelab.llmmix.model import build_model, count_parameters, size_spec
 from mergelab.llmmix.tokenizer import EOS, load_tokenizer, train_tokenizer
+from mergelab.llmmix.training import (lr_schedule, on_main_thread, read_log, rng_state, set_rng_state,
+                                      write_json)
 
 
 class PretrainError(MergeLabError):
@@ -231,35 +231,7 @@ class Blocks:
         return np.stack(rows)
 
 
-def _lr_lambda(cfg: PretrainConfig):
-    warm = cfg.warmup_steps()
 
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(1, cfg.steps - warm)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
-
-
-def _rng_state() -> dict:
-    import torch
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    import torch
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _save_checkpoint(path: Path, model, opt, sched, step: int, cfg: PretrainConfig, elapsed: float,
@@ -269,22 +241,10 @@ def _save_checkpoint(path: Path, model, opt, sched, step: int, cfg: PretrainConf
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     torch.save({"step": step, "settings": cfg.settings(), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "rng": _rng_state(), "elapsed": elapsed, "runs": runs,
+                "scheduler": sched.state_dict(), "rng": rng_state(), "elapsed": elapsed, "runs": runs,
                 "tokens_seen": step * cfg.batch_size * cfg.seq_len}, tmp)
     os.replace(tmp, path)
 
-
-def _read_log(path: Path, upto: int) -> list:
-    """Loss-log records with ``step <= upto`` (later ones were written after the last checkpoint)."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            if rec["step"] <= upto:
-                out.append(rec)
-    return out
 
 
 def evaluate(model, blocks: Blocks, batch_size: int, batches: int, device: str) -> float:
@@ -339,7 +299,7 @@ def pretrain(cfg: PretrainConfig, root: Optional[Path] = None, run_dir: Optional
             paths = recorded
     prepare_data(cfg, paths, log)
     paths.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(data_json, {"corpus": str(paths.corpus), "tokenizer": str(paths.tokenizer), "tokens": str(paths.tokens)})
+    write_json(data_json, {"corpus": str(paths.corpus), "tokenizer": str(paths.tokenizer), "tokens": str(paths.tokens)})
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
@@ -352,7 +312,7 @@ def pretrain(cfg: PretrainConfig, root: Optional[Path] = None, run_dir: Optional
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg))
 
     start, elapsed, runs = 0, 0.0, []
     log_path = paths.run / "loss.jsonl"
@@ -367,12 +327,12 @@ def pretrain(cfg: PretrainConfig, root: Optional[Path] = None, run_dir: Optional
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         start, elapsed, runs = state["step"], state["elapsed"], state["runs"]
         log(f"resuming {paths.run} at step {start}/{cfg.steps}")
     else:
         torch.manual_seed(cfg.seed)
-    records = _read_log(log_path, start)
+    records = read_log(log_path, start)
     if start >= cfg.steps and (paths.final / "model.safetensors").is_file():
         log(f"{paths.final}: already pretrained ({start} steps)")
         return PretrainResult(paths.run, paths.final, start, [(r["step"], r["loss"]) for r in records], elapsed, 0.0)
@@ -395,7 +355,7 @@ def pretrain(cfg: PretrainConfig, root: Optional[Path] = None, run_dir: Optional
         interrupted["flag"] = True
 
     old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} \
-        if _main_thread() else {}
+        if on_main_thread() else {}
     t0 = time.time()
     step = start
     bar, task = _progress(progress, start, cfg.steps)
@@ -453,17 +413,12 @@ def pretrain(cfg: PretrainConfig, root: Optional[Path] = None, run_dir: Optional
     if step >= cfg.steps:
         final = _write_final(model, paths, summary)
         log(f"done: {paths.final} (loss {summary['final_loss']}, held-out {summary['final_val_loss']})")
-    _write_json(paths.run / "pretrain.json", summary)
+    write_json(paths.run / "pretrain.json", summary)
     if interrupted["flag"] and step < cfg.steps and stop_after is None:
         raise PretrainInterrupted(f"interrupted at step {step}/{cfg.steps}; checkpoint saved in {paths.checkpoint}: "
                                   "run the same command (without --fresh) to resume")
     return PretrainResult(paths.run, final, step, losses, elapsed, tps)
 
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _progress(enabled: bool, start: int, total: int):
@@ -488,11 +443,6 @@ def _advance(bar, task, step, cfg, rec, t0, start, log) -> None:
         log(f"step {step}/{cfg.steps} {info} lr {rec['lr']:.2e} ({rec['seconds']:.0f} s)")
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
 
 def _write_final(model, paths: Paths, summary: dict) -> Path:
     from transformers import GenerationConfig
@@ -506,7 +456,7 @@ def _write_final(model, paths: Paths, summary: dict) -> Path:
     for f in paths.tokenizer.iterdir():
         if f.is_file():
             shutil.copy2(f, tmp / f.name)
-    _write_json(tmp / "pretrain.json", summary)
+    write_json(tmp / "pretrain.json", summary)
     shutil.rmtree(paths.final, ignore_errors=True)
     os.replace(tmp, paths.final)
     return paths.final
