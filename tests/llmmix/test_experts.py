@@ -35,9 +35,11 @@ def _weights(folder):
 
 
 def test_expert_learns_loads_generates_and_records(root, tmp_path):
+    torch.set_num_threads(2)  # the caller's count; the run uses threads=1 and must give it back
     task = build_task("arithmetic", seed=0, sizes=SIZES)
     r = finetune(root / "base-tiny" / "final", [task], tmp_path / "e", _cfg(), base_accuracy={"arithmetic": 0.0},
                  progress=False, log=lambda s: None)
+    assert torch.get_num_threads() == 2
     first = sum(l for _, l in r.losses[:3]) / 3
     last = sum(l for _, l in r.losses[-3:]) / 3
     assert len(r.losses) == 24 and last < 0.6 * first, (first, last)

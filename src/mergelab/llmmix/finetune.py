@@ -41,7 +41,8 @@ import numpy as np
 
 from mergelab.errors import MergeLabError
 from mergelab.llmmix.pretrain import plot_losses
-from mergelab.llmmix.training import lr_schedule, on_main_thread, read_log, rng_state, set_rng_state, write_json
+from mergelab.llmmix.training import (lr_schedule, on_main_thread, read_log, restores_torch_threads, rng_state,
+                                      set_rng_state, write_json)
 
 
 class FinetuneError(MergeLabError):
@@ -137,6 +138,7 @@ def finished(run_dir: Path, settings: dict) -> Optional[dict]:
     return rec if rec.get("settings") == settings and rec.get("finished") else None
 
 
+@restores_torch_threads
 def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig, name: str = "",
              command: str = "", base_accuracy: Optional[dict] = None, log: Callable[[str], None] = print,
              progress: bool = True, stop_after: Optional[int] = None, fresh: bool = False) -> FinetuneResult:

@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 from mergelab.llmmix.finetune import (FinetuneConfig, FinetuneError, base_fingerprint, finetune, finished,
                                       run_settings)
 from mergelab.llmmix.pretrain import base_folder, default_root
-from mergelab.llmmix.training import write_json
+from mergelab.llmmix.training import restores_torch_threads, write_json
 
 MULTITASK = "multitask"
 
@@ -73,6 +73,7 @@ def base_accuracy(base_dir: Path, tasks: Sequence, cache_file: Path, cfg: Finetu
     return {t.name: saved[t.name]["accuracy"] for t in tasks}
 
 
+@restores_torch_threads
 def prepare(size: str = "3m", root: Optional[Path] = None, cfg: FinetuneConfig = FinetuneConfig(),
             tasks: Optional[Sequence[str]] = None, multitask: bool = True, multitask_steps: Optional[int] = None,
             base_dir: Optional[Path] = None, task_seed: int = 0, sizes: Optional[dict] = None,

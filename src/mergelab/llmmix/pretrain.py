@@ -42,8 +42,8 @@ from mergelab.errors import MergeLabError
 from mergelab.llmmix.corpus import DEFAULT_SOURCES, CorpusConfig, build_corpus, read_documents
 from mergelab.llmmix.model import build_model, count_parameters, size_spec
 from mergelab.llmmix.tokenizer import EOS, load_tokenizer, train_tokenizer
-from mergelab.llmmix.training import (lr_schedule, on_main_thread, read_log, rng_state, set_rng_state,
-                                      write_json)
+from mergelab.llmmix.training import (lr_schedule, on_main_thread, read_log, restores_torch_threads, rng_state,
+                                      set_rng_state, write_json)
 
 
 class PretrainError(MergeLabError):
@@ -273,6 +273,7 @@ class PretrainResult:
     tokens_per_second: float
 
 
+@restores_torch_threads
 def pretrain(cfg: PretrainConfig, root: Optional[Path] = None, run_dir: Optional[Path] = None,
              command: str = "", log: Callable[[str], None] = print, progress: bool = True,
              stop_after: Optional[int] = None, fresh: bool = False) -> PretrainResult:

@@ -3,6 +3,7 @@ schedule, RNG state for exact resumption, the loss log and atomic JSON records."
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -72,3 +73,21 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def restores_torch_threads(fn):
+    """Decorate a training entry point that sets torch's thread count (``--threads``: one thread is
+    faster on a busy machine) so that the caller's count is back when it returns or raises."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        threads = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+
+    return wrapper
