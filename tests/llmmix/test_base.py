@@ -162,7 +162,7 @@ def test_model_sizes_parameter_counts():
     def formula(V, h, L, i):  # tied embedding + per layer (q,k,v,o; gate,up,down; 2 RMSNorms) + final norm
         return V * h + L * (4 * h * h + 3 * h * i + 2 * h) + h
 
-    expected = {"3m": 3_147_904, "20m": 19_341_120}
+    expected = {"1m": 787_008, "3m": 3_147_904, "20m": 19_341_120}
     for size, n in expected.items():
         s = SIZES[size]
         assert formula(8192, s.hidden, s.layers, s.intermediate) == n

@@ -220,7 +220,7 @@ def scale(
 
 @app.command()
 def pretrain(
-    size: str = typer.Option("3m", "--size", help="llmmix base size: 3m, 20m (or tiny, for tests)."),
+    size: str = typer.Option("3m", "--size", help="llmmix base size: 1m, 3m, 20m (or tiny, for tests)."),
     steps: int = typer.Option(2400, "--steps", help="Optimizer steps in all (a resumed run continues to this)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache root (default $MERGELAB_CACHE/llmmix "
                                          "or ~/.cache/mergelab/llmmix)."),

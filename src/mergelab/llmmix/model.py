@@ -5,6 +5,7 @@ Sizes (parameter counts with the default 8192-token vocabulary, tied embeddings 
 ====== ====== ====== ============ ===== ============
 size   hidden layers intermediate heads parameters
 ====== ====== ====== ============ ===== ============
+1m     64     4      256          2     787,008
 3m     128    8      512          4     3,147,904
 20m    320    12     1024         5     19,341,120
 tiny   32     2      64           2     (tests; depends on the vocabulary)
@@ -34,6 +35,7 @@ class Size:
 
 
 SIZES = {
+    "1m": Size(hidden=64, layers=4, intermediate=256, heads=2),
     "3m": Size(hidden=128, layers=8, intermediate=512, heads=4),
     "20m": Size(hidden=320, layers=12, intermediate=1024, heads=5),
     "tiny": Size(hidden=32, layers=2, intermediate=64, heads=2),
