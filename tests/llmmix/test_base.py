@@ -122,6 +122,22 @@ def test_corpus_errors(tmp_path, monkeypatch):
 # -- tokenizer
 
 
+def test_tokenizer_spells_numbers_digit_by_digit(tmp_path):
+    from transformers import AutoTokenizer
+
+    from mergelab.llmmix.tokenizer import train_tokenizer
+
+    # a corpus where merging digit runs would pay: "907", "2721" and "2024" repeated
+    texts = [f"What is 907 * 3? It is 2721. Year {y} and 100 items." for y in range(2000, 2100)] * 20
+    tok = AutoTokenizer.from_pretrained(str(train_tokenizer(texts, tmp_path / "tok", vocab_size=400)))
+    for text in ("What is 907 * 3?\nA: 2721", "x = 100000 + 2024"):
+        ids = tok(text)["input_ids"]
+        pieces = tok.convert_ids_to_tokens(ids[1:])
+        assert all(sum(c.isdigit() for c in p) <= 1 for p in pieces), pieces
+        assert tok.decode(ids, skip_special_tokens=True) == text
+    assert len(tok("What is")["input_ids"]) <= 3  # words still merge
+
+
 def test_tokenizer_round_trip_and_autotokenizer(root):
     import inspect
     import json as json_module
@@ -148,6 +164,7 @@ def test_tokenizer_round_trip_and_autotokenizer(root):
         assert tok.decode(ids[1:]) == text
     # merges were learnt (even with 400 - 267 = 133 of them): code takes clearly fewer tokens than bytes
     assert len(tok(code)["input_ids"]) < 0.8 * len(code.encode())
+
 
 
 # -- model sizes

@@ -41,7 +41,7 @@ import numpy as np
 from mergelab.errors import MergeLabError
 from mergelab.llmmix.corpus import DEFAULT_SOURCES, CorpusConfig, build_corpus, read_documents
 from mergelab.llmmix.model import build_model, count_parameters, size_spec
-from mergelab.llmmix.tokenizer import EOS, load_tokenizer, train_tokenizer
+from mergelab.llmmix.tokenizer import EOS, PRE_TOKENIZER, load_tokenizer, train_tokenizer
 from mergelab.llmmix.training import (lr_schedule, on_main_thread, read_log, restores_torch_threads, rng_state,
                                       set_rng_state, write_json)
 
@@ -145,7 +145,7 @@ class Paths:
 
 def paths_for(cfg: PretrainConfig, root: Path, run_dir: Optional[Path] = None) -> Paths:
     corpus_fp = cfg.corpus().fingerprint()
-    tok_fp = _hash({"corpus": corpus_fp, "vocab_size": cfg.vocab_size})
+    tok_fp = _hash({"corpus": corpus_fp, "vocab_size": cfg.vocab_size, "pre_tokenizer": PRE_TOKENIZER})
     return Paths(root / f"corpus-{corpus_fp}", root / f"tokenizer-{tok_fp}", root / f"tokens-{tok_fp}",
                  Path(run_dir) if run_dir else root / f"base-{cfg.size}")
 

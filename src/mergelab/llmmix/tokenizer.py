@@ -1,7 +1,8 @@
 """A byte-level BPE tokenizer for ``llmmix``, trained with the ``tokenizers`` library on the corpus.
 
 Byte-level (GPT-2 style) so that any text, code and every script of the Faker locales included,
-round-trips exactly; no ``unk`` token is needed. Special tokens, with fixed ids 0..N-1 so that every
+round-trips exactly; no ``unk`` token is needed. Digits are split one by one before the byte-level
+step (``PRE_TOKENIZER``), as in Llama and Qwen tokenizers, so every number is spelled digit by digit. Special tokens, with fixed ids 0..N-1 so that every
 base and every tokenizer trained with these settings agree on them: ``<|bos|>`` (0), ``<|eos|>`` (1),
 ``<|pad|>`` (2) and ``<|reserved_0|>`` .. ``<|reserved_7|>`` (3..10), kept for later tasks (chat or
 tool markers). Encoding prepends ``<|bos|>`` (as Llama's tokenizers do); ``<|eos|>`` is appended by the
@@ -20,6 +21,7 @@ from typing import Iterable
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 RESERVED = tuple(f"<|reserved_{i}|>" for i in range(8))
 SPECIAL_TOKENS = (BOS, EOS, PAD) + RESERVED
+PRE_TOKENIZER = "digits+bytelevel"  # part of the tokenizer's cache key: change it when the pre-tokenizer changes
 
 
 def train_tokenizer(texts: Iterable[str], out: Path, vocab_size: int = 8192, min_frequency: int = 2,
@@ -35,7 +37,10 @@ def train_tokenizer(texts: Iterable[str], out: Path, vocab_size: int = 8192, min
         raise ValueError(f"vocab_size {vocab_size}: must be at least {256 + len(SPECIAL_TOKENS)} "
                          "(256 bytes + special tokens)")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits one by one (as Llama and Qwen do): with merged digit runs ("907" -> "9", "07") a small model
+    # cannot learn arithmetic, and the same number would be cut differently in different contexts.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
                                   special_tokens=list(SPECIAL_TOKENS),
