@@ -146,3 +146,20 @@ def test_prepare_other_settings_need_rebuild(root, tmp_path):
     r = prepare("tiny", tmp_path, _cfg(steps=8, eval_limit=1), rebuild=True, **kw)
     assert r.trained == ["string_ops"] and r.models["string_ops"]["steps"] == 8
     assert r.models["string_ops"]["command"] == [""]  # a fresh run: the earlier one's history is gone
+
+
+def test_prepare_in_parallel_gives_the_same_models(root, tmp_path):
+    base = root / "base-tiny" / "final"
+    kw = dict(tasks=["string_ops", "list_ops"], sizes=SIZES, base_dir=base, multitask=False, progress=False)
+    serial = prepare("tiny", tmp_path / "serial", _cfg(steps=4, eval_limit=1), log=lambda s: None, **kw)
+    lines = []
+    parallel = prepare("tiny", tmp_path / "parallel", _cfg(steps=4, eval_limit=1), jobs=2, log=lines.append, **kw)
+    assert "training 2 models, 2 at a time (one thread each)" in lines
+    assert parallel.trained == serial.trained == ["string_ops", "list_ops"]
+    for name in serial.trained:
+        a = _weights(tmp_path / "serial" / "experts-tiny" / name / "final")
+        b = _weights(tmp_path / "parallel" / "experts-tiny" / name / "final")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        assert parallel.models[name]["validation_accuracy"] == serial.models[name]["validation_accuracy"]
+    with pytest.raises(FinetuneError, match="--jobs 0"):
+        prepare("tiny", tmp_path / "x", _cfg(steps=6), jobs=0, log=lambda s: None, **kw)

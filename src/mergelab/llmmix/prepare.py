@@ -78,9 +78,16 @@ def prepare(size: str = "3m", root: Optional[Path] = None, cfg: FinetuneConfig =
             tasks: Optional[Sequence[str]] = None, multitask: bool = True, multitask_steps: Optional[int] = None,
             base_dir: Optional[Path] = None, task_seed: int = 0, sizes: Optional[dict] = None,
             rebuild: bool = False, command: str = "", log: Callable[[str], None] = print,
-            progress: bool = True) -> PrepareResult:
+            progress: bool = True, jobs: int = 1) -> PrepareResult:
     """Fine-tune every missing expert and the multi-task model (default ``steps x tasks`` steps, so it
-    sees as many examples of each task as its expert); returns what was trained and skipped."""
+    sees as many examples of each task as its expert); returns what was trained and skipped.
+
+    ``jobs > 1`` trains that many models at once, each in its own process with one torch thread (the
+    longest first). On small models this is much faster than one process with several threads, whose
+    small matrix products spend most of their time synchronising; each model is the same either way
+    (its seed, data order and steps do not depend on where it runs)."""
+    if jobs < 1:
+        raise FinetuneError(f"--jobs {jobs}: expected at least 1")
     t0 = time.time()
     if cfg.threads:  # before the base is evaluated, not only for training
         import torch
@@ -107,12 +114,20 @@ def prepare(size: str = "3m", root: Optional[Path] = None, cfg: FinetuneConfig =
         log(f"already prepared: {', '.join(result.skipped)}")
     if todo:
         base_acc = base_accuracy(base_dir, built, folder / "base_validation.json", cfg, log)
-        for i, (name, ts, c) in enumerate(todo, 1):
-            log(f"[{i}/{len(todo)}] {name}")
-            r = finetune(base_dir, ts, folder / name, c, name=name, command=command, base_accuracy=base_acc,
-                         log=log, progress=progress, fresh=rebuild and _other_settings(folder / name, c, base_dir, ts))
+        fresh = {name: rebuild and _other_settings(folder / name, c, base_dir, ts) for name, ts, c in todo}
+        if jobs > 1 and len(todo) > 1:
+            records = _finetune_in_parallel(todo, jobs, base_dir, folder, command, base_acc, fresh, task_seed,
+                                            sizes, log)
+        else:
+            records = {}
+            for i, (name, ts, c) in enumerate(todo, 1):
+                log(f"[{i}/{len(todo)}] {name}")
+                records[name] = finetune(base_dir, ts, folder / name, c, name=name, command=command,
+                                         base_accuracy=base_acc, log=log, progress=progress,
+                                         fresh=fresh[name]).record
+        for name, _, _ in todo:
             result.trained.append(name)
-            result.models[name] = _summary(r.record)
+            result.models[name] = _summary(records[name])
     result.seconds = time.time() - t0
     old = json.loads((folder / "prepare.json").read_text(encoding="utf-8")) if (folder / "prepare.json").is_file() else {}
     models = {**(old.get("models", {}) if old.get("base") == str(base_dir) else {}), **result.models}
@@ -122,6 +137,36 @@ def prepare(size: str = "3m", root: Optional[Path] = None, cfg: FinetuneConfig =
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "prepare.json", summary)
     return result
+
+
+def _finetune_one(base_dir, names, task_seed, sizes, run_dir, cfg, name, command, base_acc, fresh) -> dict:
+    """One unit of :func:`_finetune_in_parallel`, in a worker process (tasks rebuilt there from their
+    names: generated tasks are cheap to draw and need not be pickled)."""
+    import torch
+
+    torch.set_num_threads(1)
+    tasks = _tasks(names, task_seed, sizes)
+    log = lambda msg: print(f"[{name}] {msg}", flush=True)  # noqa: E731
+    cfg = dataclasses.replace(cfg, threads=1)
+    return finetune(base_dir, tasks, run_dir, cfg, name=name, command=command, base_accuracy=base_acc, log=log,
+                    progress=False, fresh=fresh).record
+
+
+def _finetune_in_parallel(todo, jobs, base_dir, folder, command, base_acc, fresh, task_seed, sizes, log) -> dict:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    order = sorted(todo, key=lambda unit: -unit[2].steps * len(unit[1]))  # longest first
+    log(f"training {len(order)} models, {min(jobs, len(order))} at a time (one thread each)")
+    records = {}
+    with ProcessPoolExecutor(max_workers=min(jobs, len(order)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_finetune_one, base_dir, [t.name for t in ts], task_seed, sizes, folder / name, c,
+                               name, command, base_acc, fresh[name]): name for name, ts, c in order}
+        for future in futures:
+            name = futures[future]
+            records[name] = future.result()
+            log(f"done: {name}")
+    return records
 
 
 def _other_settings(run_dir: Path, cfg: FinetuneConfig, base_dir: Path, tasks) -> bool:

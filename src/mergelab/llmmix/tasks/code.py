@@ -9,7 +9,7 @@ written in Python (never by running the reference body as text). The metric buil
 from __future__ import annotations
 
 from mergelab.llmmix.tasks import sources
-from mergelab.llmmix.tasks.base import GenExample, partition
+from mergelab.llmmix.tasks.base import GenExample
 
 _NAMES = ("f", "g", "h", "calc", "solve", "work", "compute", "step", "apply", "value")
 _LETTERS = "abcdehilmnorst"
@@ -17,10 +17,12 @@ _WORDS = None
 
 
 def _words(split):
+    """Common English words of 4-8 letters, the same pool in every split (as ``string_ops``: see
+    :mod:`mergelab.llmmix.tasks.builtin`)."""
     global _WORDS
     if _WORDS is None:
-        _WORDS = partition(sources.english_words(4, 8))
-    return _WORDS[split]
+        _WORDS = sources.common_english_words(4, 8)
+    return list(_WORDS)
 
 
 def _int_args(rng):

@@ -39,6 +39,14 @@ def english_words(min_len: int = 3, max_len: int = 10) -> tuple:
     return tuple(sorted(words))
 
 
+@functools.lru_cache(maxsize=None)
+def common_english_words(min_len: int = 3, max_len: int = 8) -> tuple:
+    """Sorted common English words (textmix's ``frequency`` task, label ``common``: Zipf frequency >= 4.3
+    in wordfreq), letters only, ``min_len``..``max_len`` letters: 539 words with the defaults."""
+    return tuple(sorted({row["text"] for row in _textmix_rows("frequency") if row["label"] == "common"
+                         and _ALPHA.match(row["text"]) and min_len <= len(row["text"]) <= max_len}))
+
+
 LANGUAGE_NAMES = {"de": "German", "en": "English", "es": "Spanish", "fr": "French", "it": "Italian",
                   "nl": "Dutch", "pt": "Portuguese", "sv": "Swedish"}
 
