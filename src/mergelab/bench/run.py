@@ -241,20 +241,36 @@ class BenchRunner:
             self._aux = {key: [load_file(p) for p in paths]}  # keep one method's statistics in memory
         return self._aux[key]
 
+    # -- calibration: one procedure; the hooks below say what differs between suites
+    calibration_max_length = MAX_LENGTH  # tokens per calibration example
+
+    def calibration_dirs(self, task: str) -> tuple:
+        """``(model folder, calibration folder)`` of ``task``'s expert: the Hugging Face folder
+        ``mergelab.calibrate`` runs, and where its statistics are cached (beside the expert)."""
+        return self.cache.expert_dir(task), self.cache.expert_dir(task) / "calibration"
+
+    def calibration_data(self, task: str):
+        """The :class:`~mergelab.calibrate.CalibrationSet` of ``task``'s expert: a seeded sample of
+        :data:`CALIBRATION_EXAMPLES` examples of the task's **train** split, with their labels."""
+        from mergelab.calibrate import task_texts
+
+        return task_texts(self.suite.task(task), "train", CALIBRATION_EXAMPLES, self.seed, suite=self.suite.name)
+
     def statistics(self, stat: str) -> tuple:
-        """Per-expert calibration files for ``stat`` (computed once, cached beside each expert)."""
+        """``(paths, info)``: per-expert calibration files for ``stat`` (``mergelab.calibrate`` on each
+        expert over :meth:`calibration_data`, the empirical Fisher scoring the true labels), computed
+        once and cached in each expert's :meth:`calibration_dirs` folder; ``info`` goes in the report."""
         if stat in self._statistics:
             return self._statistics[stat]
-        from mergelab.calibrate import calibrate, task_texts
+        from mergelab.calibrate import calibrate
 
         paths, seconds = [], 0.0
         for t in self.merge_tasks:
-            folder = self.cache.expert_dir(t) / "calibration"
+            model, folder = self.calibration_dirs(t)
             path = folder / f"{stat}.safetensors"
             if not path.is_file():
                 t0 = time.perf_counter()
-                data = task_texts(self.suite.task(t), "train", CALIBRATION_EXAMPLES, self.seed, suite=self.suite.name)
-                calibrate(self.cache.expert_dir(t), data, folder, [stat], max_length=MAX_LENGTH,
+                calibrate(model, self.calibration_data(t), folder, [stat], max_length=self.calibration_max_length,
                           fisher_mode=FISHER_MODE, seed=self.seed)
                 seconds += time.perf_counter() - t0
                 self.log(f"calibrated {stat} of expert {t} in {time.perf_counter() - t0:.1f} s")

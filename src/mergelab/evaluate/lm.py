@@ -4,9 +4,16 @@
   consecutive windows of ``max_length`` tokens, and ``exp(total NLL / number of predicted tokens)``
   is reported (the first token of each window is context only). A non-finite loss is reported as
   such, never hidden.
-* Exact match on a local JSONL file of ``{"prompt": ..., "answer": ...}``: greedy decoding of at most
-  ``max_new_tokens`` tokens after the prompt; the continuation, cut at the first newline and stripped,
-  must equal the stripped answer.
+* Greedy generation (:func:`greedy_generate`, the one greedy decoding primitive; ``mergelab.llmmix``
+  uses it too): prompts are left-padded into batches (longest first, so a batch holds prompts of
+  similar length) and decoded by ``model.generate`` with plain greedy settings for at most
+  ``max_new_tokens`` tokens. A sequence stops at the tokenizer's EOS (``stop_at_eos``) and, with
+  ``stop_at_newline``, at the first token whose text contains a newline; the completion is the decoded
+  text up to that newline, special tokens dropped, stripped. Left padding with the attention mask makes
+  every batch give the completion decoding the prompt alone would give (up to float rounding).
+* Exact match on a local JSONL file of ``{"prompt": ..., "answer": ...}``: the greedy completion of
+  at most ``max_new_tokens`` tokens after the prompt (tokenised as given, one prompt at a time) must
+  equal the stripped answer.
 * With a baseline model, ``ppl_ratio = PPL(model) / PPL(baseline)`` on the same text and tokenisation;
   the model is flagged as collapsed when the ratio exceeds ``collapse_ratio`` (2 by default) or its
   loss is not finite (the "Butterfly Effect of Model Editing" use of perplexity as a surrogate).
@@ -16,11 +23,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from mergelab.errors import CheckpointError
+from mergelab.errors import CheckpointError, MergeLabError
 from mergelab.evaluate.model import offline
 from mergelab.evaluate.tasks import SuiteError
 from mergelab.io.records import iter_jsonl
@@ -68,6 +75,91 @@ def perplexity(model, tokenizer, text: str, max_length: int = 512) -> dict:
     return {"perplexity": float("inf") if mean > 700 else math.exp(mean), "nll": mean, "tokens": count}
 
 
+def newline_token_ids(tokenizer) -> list:
+    """Ids of every vocabulary token whose decoded text contains a newline."""
+    out = []
+    for i in range(len(tokenizer)):
+        if "\n" in tokenizer.decode([i], skip_special_tokens=False):
+            out.append(i)
+    return out
+
+
+def _stop_ids(tokenizer, stop_at_eos: bool, stop_at_newline: bool) -> list:
+    ids = []
+    if stop_at_eos and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    if stop_at_newline:
+        cache = getattr(tokenizer, "_mergelab_newline_ids", None)
+        if cache is None:
+            cache = newline_token_ids(tokenizer)
+            try:
+                tokenizer._mergelab_newline_ids = cache
+            except AttributeError:
+                pass
+        ids.extend(i for i in cache if i not in ids)
+    return ids
+
+
+def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 16,
+                    stop_at_eos: bool = True, stop_at_newline: bool = True,
+                    encode: Optional[Callable] = None) -> list:
+    """Greedy completions of ``prompts``, in the order given (see the module doc). ``encode(tokenizer,
+    prompt)`` gives a prompt's token ids (default: the tokenizer's own encoding of the prompt as given,
+    special tokens included). Settings in the model's own ``generation_config`` (penalties, sampling,
+    minimum length) are ignored."""
+    from transformers import GenerationConfig
+
+    if max_new_tokens < 1 or batch_size < 1:
+        raise MergeLabError(f"generation: max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
+    stops = _stop_ids(tokenizer, stop_at_eos, stop_at_newline)
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    # eos_token_id: a list, empty when no stop is asked (None would mean "the model's EOS")
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
+                           eos_token_id=stops, bos_token_id=tokenizer.bos_token_id)
+    encoded = [list(tokenizer(p)["input_ids"]) if encode is None else encode(tokenizer, p) for p in prompts]
+    if any(not e for e in encoded):
+        raise MergeLabError("generation: a prompt encodes to no tokens (empty prompt and no BOS token)")
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    out: list = [None] * len(prompts)
+    stop_set = set(stops)
+    # generate() fills settings left at their defaults from the model's own generation_config (a
+    # repetition penalty, min_new_tokens, ...); swapped out here so decoding is plain greedy
+    saved = model.generation_config
+    model.generation_config = cfg
+    try:
+        _decode_batches(model, tokenizer, encoded, order, batch_size, pad, cfg, stop_set, stop_at_newline, out)
+    finally:
+        model.generation_config = saved
+    return out
+
+
+def _decode_batches(model, tokenizer, encoded, order, batch_size, pad, cfg, stop_set, stop_at_newline, out):
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            n = len(encoded[i])
+            ids[row, width - n:] = torch.tensor(encoded[i], dtype=torch.long)
+            mask[row, width - n:] = 1
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg)
+        for row, i in enumerate(idx):
+            new = gen[row, width:].tolist()
+            for k, t in enumerate(new):
+                if t in stop_set:
+                    new = new[:k + 1]
+                    break
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            if stop_at_newline:
+                text = text.split("\n", 1)[0]
+            out[i] = text.strip()
+
+
 def read_qa(path) -> list:
     """``[(prompt, answer)]`` from a JSONL file; errors name the file, line and missing key."""
     path = Path(path)
@@ -83,17 +175,13 @@ def read_qa(path) -> list:
     return rows
 
 
-@torch.no_grad()
 def exact_match(model, tokenizer, pairs, max_new_tokens: int = 32) -> dict:
     """``{"exact_match", "n", "outputs"}`` of greedy continuations (see module doc)."""
+    pairs = list(pairs)
+    texts = greedy_generate(model, tokenizer, [prompt for prompt, _ in pairs], max_new_tokens=max_new_tokens,
+                            batch_size=1)
     hits, outputs = 0, []
-    for prompt, answer in pairs:
-        enc = tokenizer(prompt, return_tensors="pt")
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                             else tokenizer.eos_token_id)
-        text = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        text = text.split("\n")[0].strip()
+    for (prompt, answer), text in zip(pairs, texts):
         ok = text == answer.strip()
         hits += ok
         outputs.append({"prompt": prompt, "answer": answer, "output": text, "correct": ok})

@@ -25,7 +25,6 @@ the caller, who measures the base once per task), so the expert-vs-base gap can 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -41,8 +40,8 @@ import numpy as np
 
 from mergelab.errors import MergeLabError
 from mergelab.llmmix.pretrain import plot_losses
-from mergelab.llmmix.training import (lr_schedule, on_main_thread, read_log, restores_torch_threads, rng_state,
-                                      set_rng_state, write_json)
+from mergelab.llmmix.training import (RunConfig, differing, lr_schedule, on_main_thread, read_log,
+                                      restores_torch_threads, rng_state, set_rng_state, write_json)
 
 
 class FinetuneError(MergeLabError):
@@ -50,7 +49,7 @@ class FinetuneError(MergeLabError):
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(RunConfig):
     steps: int = 400
     batch_size: int = 16
     lr: float = 1e-3
@@ -68,14 +67,7 @@ class FinetuneConfig:
     threads: Optional[int] = None
 
     RUNTIME = ("checkpoint_every", "eval_limit", "eval_batch_size", "device", "threads")
-
-    def warmup_steps(self) -> int:
-        return self.warmup if self.warmup is not None else min(50, self.steps // 10)
-
-    def settings(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["warmup"] = self.warmup_steps()
-        return {k: v for k, v in d.items() if k not in self.RUNTIME}
+    WARMUP_CAP = 50
 
 
 def base_fingerprint(base_dir: Path) -> str:
@@ -189,8 +181,7 @@ def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         if state["settings"] != settings:
-            diff = sorted(k for k in set(state["settings"]) | set(settings)
-                          if state["settings"].get(k) != settings.get(k))
+            diff = differing(state["settings"], settings)
             raise FinetuneError(f"{run_dir}: holds a run made with other settings ({', '.join(diff)} differ); "
                                 "resume with those settings, or start over (--rebuild / fresh=True)")
         model.load_state_dict(state["model"])

@@ -2,12 +2,9 @@
 
 Any Hugging Face ``AutoModelForCausalLM`` with its ``AutoTokenizer`` in a local folder works
 (:func:`load_causal_lm`). Prompts are rendered and tokenised by :func:`mergelab.llmmix.tasks.encode_prompt`
-(the same encoding fine-tuning uses; ``raw=True`` tokenises them as given), left-padded into batches (longest first, so a batch holds
-prompts of similar length) and decoded greedily by ``model.generate`` for at most ``max_new_tokens``
-tokens. A sequence stops at EOS (``stop_at_eos``) and, with ``stop_at_newline``, at the first token
-whose text contains a newline; the completion is the decoded text up to that newline, special tokens
-dropped. Left padding with the attention mask makes every batch give the completion decoding the
-prompt alone would give (up to float rounding).
+(the same encoding fine-tuning uses; ``raw=True`` tokenises them as given) and decoded by the harness's
+greedy primitive, :func:`mergelab.evaluate.lm.greedy_generate` (batched with left padding, stops at EOS
+and, with ``stop_at_newline``, at the first newline; the completion is the text up to that newline).
 """
 
 from __future__ import annotations
@@ -30,89 +27,15 @@ def load_causal_lm(path, device: str = "cpu"):
     return model.to(device), tok
 
 
-def newline_token_ids(tokenizer) -> list:
-    """Ids of every vocabulary token whose decoded text contains a newline."""
-    out = []
-    for i in range(len(tokenizer)):
-        if "\n" in tokenizer.decode([i], skip_special_tokens=False):
-            out.append(i)
-    return out
-
-
-def _stop_ids(tokenizer, stop_at_eos: bool, stop_at_newline: bool) -> list:
-    ids = []
-    if stop_at_eos and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    if stop_at_newline:
-        cache = getattr(tokenizer, "_mergelab_newline_ids", None)
-        if cache is None:
-            cache = newline_token_ids(tokenizer)
-            try:
-                tokenizer._mergelab_newline_ids = cache
-            except AttributeError:
-                pass
-        ids.extend(i for i in cache if i not in ids)
-    return ids
-
-
 def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 16,
                     stop_at_eos: bool = True, stop_at_newline: bool = True, raw: bool = False) -> list:
-    """Greedy completions of ``prompts``, in the order given. Task prompts are rendered with the
-    task format (``prompt + "\\nA:"``) unless ``raw``, when they are tokenised exactly as given.
-    Settings in the model's own ``generation_config`` (penalties, sampling, minimum length) are ignored."""
-    from transformers import GenerationConfig
+    """Greedy completions of ``prompts``, in the order given (:func:`mergelab.evaluate.lm.greedy_generate`,
+    see the module doc). Task prompts are rendered with the task format (``prompt + "\\nA:"``) unless
+    ``raw``, when they are tokenised exactly as given."""
+    from mergelab.evaluate.lm import greedy_generate as generate
 
-    if max_new_tokens < 1 or batch_size < 1:
-        raise MergeLabError(f"generation: max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
-    stops = _stop_ids(tokenizer, stop_at_eos, stop_at_newline)
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    # eos_token_id: a list, empty when no stop is asked (None would mean "the model's EOS")
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
-                           eos_token_id=stops, bos_token_id=tokenizer.bos_token_id)
-    encoded = [list(tokenizer(p)["input_ids"]) if raw else encode_prompt(tokenizer, p) for p in prompts]
-    if any(not e for e in encoded):
-        raise MergeLabError("generation: a prompt encodes to no tokens (empty prompt and no BOS token)")
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    out: list = [None] * len(prompts)
-    stop_set = set(stops)
-    # generate() fills settings left at their defaults from the model's own generation_config (a
-    # repetition penalty, min_new_tokens, ...); swapped out here so decoding is plain greedy
-    saved = model.generation_config
-    model.generation_config = cfg
-    try:
-        _decode_batches(model, tokenizer, encoded, order, batch_size, pad, cfg, stop_set, stop_at_newline, out)
-    finally:
-        model.generation_config = saved
-    return out
-
-
-def _decode_batches(model, tokenizer, encoded, order, batch_size, pad, cfg, stop_set, stop_at_newline, out):
-    import torch
-
-    device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            n = len(encoded[i])
-            ids[row, width - n:] = torch.tensor(encoded[i], dtype=torch.long)
-            mask[row, width - n:] = 1
-        with torch.no_grad():
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg)
-        for row, i in enumerate(idx):
-            new = gen[row, width:].tolist()
-            for k, t in enumerate(new):
-                if t in stop_set:
-                    new = new[:k + 1]
-                    break
-            text = tokenizer.decode(new, skip_special_tokens=True)
-            if stop_at_newline:
-                text = text.split("\n", 1)[0]
-            out[i] = text.strip()
+    return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    stop_at_eos=stop_at_eos, stop_at_newline=stop_at_newline, encode=None if raw else encode_prompt)
 
 
 @dataclass

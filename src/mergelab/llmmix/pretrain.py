@@ -24,7 +24,6 @@ checkpoint are dropped on resume, so the loss curve of a resumed run is that of 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -42,8 +41,8 @@ from mergelab.errors import MergeLabError
 from mergelab.llmmix.corpus import DEFAULT_SOURCES, CorpusConfig, build_corpus, read_documents
 from mergelab.llmmix.model import build_model, count_parameters, size_spec
 from mergelab.llmmix.tokenizer import EOS, PRE_TOKENIZER, load_tokenizer, train_tokenizer
-from mergelab.llmmix.training import (lr_schedule, on_main_thread, read_log, restores_torch_threads, rng_state,
-                                      set_rng_state, write_json)
+from mergelab.llmmix.training import (RunConfig, differing, lr_schedule, on_main_thread, read_log,
+                                      restores_torch_threads, rng_state, set_rng_state, write_json)
 
 
 class PretrainError(MergeLabError):
@@ -71,7 +70,7 @@ def base_folder(size: str, root: Optional[Path] = None) -> Path:
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(RunConfig):
     size: str = "3m"
     steps: int = 2400
     batch_size: int = 16
@@ -93,15 +92,7 @@ class PretrainConfig:
     threads: Optional[int] = None
 
     RUNTIME = ("checkpoint_every", "eval_every", "eval_batches", "device", "threads")
-
-    def warmup_steps(self) -> int:
-        return self.warmup if self.warmup is not None else min(200, self.steps // 10)
-
-    def settings(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["corpus_sources"] = list(self.corpus_sources)
-        d["warmup"] = self.warmup_steps()
-        return {k: v for k, v in d.items() if k not in self.RUNTIME}
+    WARMUP_CAP = 200
 
     def corpus(self) -> CorpusConfig:
         return CorpusConfig(target_bytes=self.corpus_bytes, seed=self.seed, sources=tuple(self.corpus_sources))
@@ -321,7 +312,7 @@ def pretrain(cfg: PretrainConfig, root: Optional[Path] = None, run_dir: Optional
         state = torch.load(paths.checkpoint, map_location="cpu", weights_only=False)
         saved = {k: v for k, v in state["settings"].items() if k not in cfg.RUNTIME}
         if saved != cfg.settings():
-            diff = sorted(k for k in set(saved) | set(cfg.settings()) if saved.get(k) != cfg.settings().get(k))
+            diff = differing(saved, cfg.settings())
             raise PretrainError(f"{paths.run}: holds a run made with other settings ({', '.join(diff)} differ: "
                                 f"{ {k: saved.get(k) for k in diff} }); resume with those settings, "
                                 "or pass --fresh to start over")

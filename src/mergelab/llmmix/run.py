@@ -24,12 +24,11 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from mergelab.bench.run import BenchRunner, check_grid_keys, plan_method
+from mergelab.bench.run import CALIBRATION_EXAMPLES, BenchRunner, check_grid_keys, plan_method
 from mergelab.errors import MergeLabError
 
 COLLAPSE_RATIO = 2.0
 PPL_CHARS = 20_000  # characters of held-out text scored for perplexity
-CALIBRATION_EXAMPLES = 256  # per expert, from its task's train split (as textmix)
 CALIBRATION_MAX_LENGTH = 256
 
 
@@ -138,40 +137,27 @@ class LlmRunner(BenchRunner):
 
         return evaluate_task(self.model, self.tokenizer, task, split, batch_size=self.batch_size)
 
-    def statistics(self, stat: str) -> tuple:
-        """Per-expert calibration files for ``stat`` (``mergelab.calibrate`` on the causal LM, over
-        :data:`CALIBRATION_EXAMPLES` rendered prompt + answer texts of the task's **train** split; the
-        empirical Fisher scores the true next tokens), computed once and cached beside each expert."""
-        if stat in self._statistics:
-            return self._statistics[stat]
+    # -- calibration hooks (the procedure is BenchRunner.statistics)
+    calibration_max_length = CALIBRATION_MAX_LENGTH
+
+    def calibration_dirs(self, task: str) -> tuple:
+        run = self.experts_dir / task
+        return run / "final", run / "calibration"
+
+    def calibration_data(self, task: str):
+        """:data:`CALIBRATION_EXAMPLES` rendered prompt + answer texts of the task's **train** split
+        (a seeded sample, in split order), so the empirical Fisher scores the true next tokens."""
         import random
 
-        from mergelab.calibrate import calibrate
         from mergelab.calibrate.data import CalibrationSet
         from mergelab.llmmix.tasks.format import render_answer, render_prompt
 
-        paths, seconds = [], 0.0
-        for name, task in self.tasks.items():
-            folder = self.experts_dir / name / "calibration"
-            path = folder / f"{stat}.safetensors"
-            if not path.is_file():
-                t0 = time.perf_counter()
-                train = task.split("train")
-                idx = sorted(random.Random(self.seed).sample(range(len(train)), min(len(train), CALIBRATION_EXAMPLES)))
-                data = CalibrationSet([render_prompt(train[i].prompt) + render_answer(train[i].answer) for i in idx],
-                                      source={"suite": "llmmix", "task": name, "split": "train", "examples": len(idx),
-                                              "seed": self.seed, "task_fingerprint": task.fingerprint()})
-                calibrate(self.experts_dir / name / "final", data, folder, [stat], max_length=CALIBRATION_MAX_LENGTH,
-                          fisher_mode="empirical", seed=self.seed)
-                seconds += time.perf_counter() - t0
-                self.log(f"calibrated {stat} of expert {name} in {time.perf_counter() - t0:.1f} s")
-            paths.append(str(path))
-        info = {"statistic": stat, "split": "train", "examples_per_task": CALIBRATION_EXAMPLES,
-                "seconds_this_run": round(seconds, 1)}
-        if stat == "fisher":
-            info["fisher_mode"] = "empirical"
-        self._statistics[stat] = (paths, info)
-        return self._statistics[stat]
+        spec = self.tasks[task]
+        train = spec.split("train")
+        idx = sorted(random.Random(self.seed).sample(range(len(train)), min(len(train), CALIBRATION_EXAMPLES)))
+        return CalibrationSet([render_prompt(train[i].prompt) + render_answer(train[i].answer) for i in idx],
+                              source={"suite": "llmmix", "task": task, "split": "train", "examples": len(idx),
+                                      "seed": self.seed, "task_fingerprint": spec.fingerprint()})
 
     def validate(self, method: str, params: dict) -> float:
         merged, _, _ = self.merge(method, params)

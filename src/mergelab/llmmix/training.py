@@ -1,8 +1,10 @@
-"""What the llmmix training loops (pretraining a base, fine-tuning experts) share: the learning-rate
-schedule, RNG state for exact resumption, the loss log and atomic JSON records."""
+"""What the llmmix training loops (pretraining a base, fine-tuning experts) share: the split of a run's
+settings into its identity and how it runs (:class:`RunConfig`), the learning-rate schedule, RNG state
+for exact resumption, the loss log and atomic JSON records."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -11,6 +13,34 @@ import random
 from pathlib import Path
 
 import numpy as np
+
+
+class RunConfig:
+    """Base of a training run's frozen config dataclass (``PretrainConfig``, ``FinetuneConfig``).
+
+    Every field is part of the run's identity except those named in ``RUNTIME``, which only say how
+    it runs (checkpoint interval, evaluation size, device, threads) and may change between a run and
+    its resumption. :meth:`settings` is that identity as recorded in the run's JSON and checkpoint and
+    compared on resumption: the fields in declaration order, ``warmup`` resolved to
+    :meth:`warmup_steps`, tuples as lists (as JSON reads them back). A subclass sets ``RUNTIME`` and
+    ``WARMUP_CAP`` and has the fields ``steps`` and ``warmup`` (``None``: ``min(WARMUP_CAP, steps // 10)``).
+    """
+
+    RUNTIME = ()
+    WARMUP_CAP = 200
+
+    def warmup_steps(self) -> int:
+        return self.warmup if self.warmup is not None else min(self.WARMUP_CAP, self.steps // 10)
+
+    def settings(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["warmup"] = self.warmup_steps()
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items() if k not in self.RUNTIME}
+
+
+def differing(saved: dict, settings: dict) -> list:
+    """The keys, sorted, whose values differ between a recorded run's settings and ``settings``."""
+    return sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
 
 
 def lr_schedule(cfg):
