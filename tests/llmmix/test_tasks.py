@@ -113,25 +113,46 @@ def test_word_problems_oracle():
 
 
 def test_string_ops_oracle():
+    from mergelab.llmmix.tasks.sources import common_english_words
+
     t = _build("string_ops", sizes={"train": 200, "validation": 20, "test": 30})
+    pool = set(common_english_words())
     seen = set()
     for e in _all(t):
         p = e.prompt
-        if m := re.fullmatch(r"Reverse the letters of the word '(\w+)'\.", p):
-            assert e.answer == "".join(reversed(m.group(1)))
-            seen.add("reverse")
+        words = re.findall(r"[a-z]+", p.split(":", 1)[1] if ":" in p else re.search(r"'(\w+)'", p).group(1))
+        assert words and set(words) <= pool, p  # every split draws from the common-word pool
+        if m := re.fullmatch(r"Write the word '(\w+)' in capital letters\.", p):
+            assert e.answer == m.group(1).upper()
+            seen.add("upper")
+        elif m := re.fullmatch(r"Repeat the word '(\w+)' three times\.", p):
+            assert e.answer.split() == [m.group(1)] * 3
+            seen.add("repeat")
         elif m := re.fullmatch(r"Uppercase every second word: (.*)", p):
             ws = m.group(1).split()
             assert e.answer.split() == [w if i % 2 == 0 else w.upper() for i, w in enumerate(ws)]
             seen.add("upper2")
+        elif m := re.fullmatch(r"Write these words in reverse order: (.*)", p):
+            assert e.answer.split() == m.group(1).split()[::-1]
+            seen.add("reverse")
+        elif m := re.fullmatch(r"Write the second word of: (.*)", p):
+            assert e.answer == m.group(1).split()[1]
+            seen.add("second")
+        elif m := re.fullmatch(r"Write the last word of: (.*)", p):
+            assert e.answer == m.group(1).split()[-1]
+            seen.add("last")
+        elif m := re.fullmatch(r"Join these words with underscores: (.*)", p):
+            assert e.answer.split("_") == m.group(1).split()
+            seen.add("join")
         elif m := re.fullmatch(r"Write the longest of these words: (.*)", p):
             ws = m.group(1).split()
             assert len(e.answer) == max(map(len, ws)) and [len(w) for w in ws].count(len(e.answer)) == 1
             seen.add("longest")
-        elif m := re.fullmatch(r"Write every letter of '(\w+)' separated by a dash\.", p):
-            assert e.answer.replace("-", "") == m.group(1) and len(e.answer) == 2 * len(m.group(1)) - 1
-            seen.add("dash")
-    assert seen == {"reverse", "upper2", "longest", "dash"}
+        else:
+            raise AssertionError(f"unexpected prompt {p!r}")
+    assert seen == {"upper", "repeat", "upper2", "reverse", "second", "last", "join", "longest"}
+    prompts = {s: {e.prompt for e in t.split(s)} for s in ("train", "validation", "test")}
+    assert not (prompts["test"] & prompts["train"]) and not (prompts["validation"] & prompts["train"])
 
 
 def test_list_ops_oracle():

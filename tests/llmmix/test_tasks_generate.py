@@ -8,7 +8,7 @@ from mergelab.llmmix.tasks import (IGNORE_INDEX, GenExample, GenTask, TaskError,
                                    encode_for_training, encode_prompt)
 from tests.llmmix.tiny_lm import save_tiny
 
-PROMPTS = ["What is 12 + 30?", "Reverse the letters of the word 'planet'.", "hi",
+PROMPTS = ["What is 12 + 30?", "Write the word 'planet' in capital letters.", "hi",
            "What does this program print?\nx = 3\nprint(x)", "Sort these numbers: 5 1 4"]
 
 

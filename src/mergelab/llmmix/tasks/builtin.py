@@ -44,13 +44,15 @@ def _upper_every_second(ws):
     return [w.upper() if i % 2 == 1 else w for i, w in enumerate(ws)]
 
 
+# Word-level operations: letter-level ones (reverse a word's letters, spell it, first letters) need the
+# spelling of every BPE token and stayed at 0% for a 3m expert after 1,000 steps.
 _STRING_OPS = (
-    ("Reverse the letters of the word '{w}'.", lambda ws: ws[0][::-1], 1),
     ("Write the word '{w}' in capital letters.", lambda ws: ws[0].upper(), 1),
-    ("Write every letter of '{w}' separated by a dash.", lambda ws: "-".join(ws[0]), 1),
+    ("Repeat the word '{w}' three times.", lambda ws: " ".join([ws[0]] * 3), 1),
     ("Uppercase every second word: {s}", lambda ws: " ".join(_upper_every_second(ws)), 4),
     ("Write these words in reverse order: {s}", lambda ws: " ".join(reversed(ws)), 4),
-    ("Write the first letter of each word: {s}", lambda ws: "".join(w[0] for w in ws), 5),
+    ("Write the second word of: {s}", lambda ws: ws[1], 4),
+    ("Write the last word of: {s}", lambda ws: ws[-1], 4),
     ("Join these words with underscores: {s}", lambda ws: "_".join(ws), 3),
     ("Write the longest of these words: {s}", None, 3),
 )
