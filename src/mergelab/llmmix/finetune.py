@@ -50,9 +50,9 @@ class FinetuneError(MergeLabError):
 
 @dataclass(frozen=True)
 class FinetuneConfig(RunConfig):
-    steps: int = 400
+    steps: int = 1000
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup: Optional[int] = None  # default: min(50, steps // 10)
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
