@@ -16,6 +16,9 @@ What it does, in one run:
 4. Prints a table of medians, spreads (min-max) and ratios (mergekit / mergelab), writes it to
    ``<workdir>/results-<time>.json`` and ``.md``, and removes every output right after its run.
 
+``--sizes llmmix-3m`` merges the llmmix suite's really trained ``3m`` base and three of its experts
+(``mergelab bench prepare --suite llmmix`` makes them) instead of synthetic checkpoints.
+
 ``--sizes 156m,156m-2xlayers`` also merges a second, larger model (twice the layers, same largest
 tensor) to show that mergelab's peak memory follows the largest tensor, not the model size.
 
@@ -111,12 +114,37 @@ def model_folders(workdir: Path, size: str, experts: int = 3) -> List[Path]:
     return [root / "base"] + [root / f"expert_{i}" for i in range(experts)]
 
 
+LLMMIX_TASKS = ("string_ops", "arithmetic", "refusal")  # the trained experts merged for an llmmix-SIZE size
+
+
+def llmmix_models(size: str) -> List[Path]:
+    """The really trained llmmix base and experts of ``llmmix-SIZE`` (``mergelab bench prepare --suite
+    llmmix --size SIZE`` made them; float32, tied embeddings): trained task vectors, not synthetic ones."""
+    from mergelab.llmmix.pretrain import default_root
+
+    root = default_root()
+    tag = size.split("-", 1)[1]
+    folders = [root / f"base-{tag}" / "final"] + [root / f"experts-{tag}" / t / "final" for t in LLMMIX_TASKS]
+    missing = [f for f in folders if not (f / "model.safetensors").is_file()]
+    if missing:
+        raise SystemExit(f"--sizes {size}: {missing[0]} is missing; run `mergelab bench prepare --suite llmmix "
+                         f"--size {tag}` first")
+    return folders
+
+
+def llmmix_layers(folder: Path) -> int:
+    return json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+
+
 def ensure_models(workdir: Path, size: str, seed: int = 0, experts: int = 3) -> List[Path]:
-    """Synthetic bf16 checkpoints of ``size`` under ``workdir/models/size``, made once and reused.
+    """Synthetic bf16 checkpoints of ``size`` under ``workdir/models/size``, made once and reused
+    (``llmmix-SIZE``: the llmmix suite's trained base and experts, see :func:`llmmix_models`).
 
     A ``.complete`` file records the arguments; a folder without it (or with other arguments) is
     written again, so an interrupted generation is never mistaken for a finished one.
     """
+    if size.startswith("llmmix-"):
+        return llmmix_models(size)
     spec = dict(SIZES[size], experts=experts, dtype="bfloat16", seed=seed)
     root = workdir / "models" / size
     marker = root / ".complete"
@@ -219,7 +247,7 @@ def recipe_text(method: str, folders: Sequence[Path], dtype: str, layers: int = 
 
 def write_recipes(workdir: Path, size: str, folders: Sequence[Path], methods: Sequence[str], dtype: str) -> Dict[str, Path]:
     out = {}
-    layers = SIZES[size]["layers"]
+    layers = llmmix_layers(folders[0]) if size.startswith("llmmix-") else SIZES[size]["layers"]
     rdir = workdir / "recipes"
     rdir.mkdir(parents=True, exist_ok=True)
     for m in methods:
@@ -438,7 +466,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="runs per tool and method; the median is reported")
     ap.add_argument("--sizes", default="156m",
                     help=f"comma-separated model sizes; the first is compared with mergekit, the others are "
-                         f"run with --size-tools only (to show memory vs model size). Known: {', '.join(SIZES)}")
+                         f"run with --size-tools only (to show memory vs model size). Known: {', '.join(SIZES)}, and "
+                         f"llmmix-SIZE (the llmmix suite's trained experts, e.g. llmmix-3m)")
     ap.add_argument("--size-tools", default="mergelab", help="tools run on the extra sizes: mergelab or mergelab,mergekit")
     ap.add_argument("--size-methods", default=None, help="methods run on the extra sizes (default: all of --methods)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
@@ -457,7 +486,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if m not in METHODS + MERGELAB_ONLY:
             ap.error(f"unknown method '{m}'; known: {', '.join(METHODS + MERGELAB_ONLY)}")
     for s in sizes:
-        if s not in SIZES:
+        if s not in SIZES and not s.startswith("llmmix-"):
             ap.error(f"unknown size '{s}'; known: {', '.join(SIZES)}")
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     size_tools = [t.strip() for t in args.size_tools.split(",") if t.strip()]
