@@ -16,43 +16,20 @@ define the model, and transformers must load mergelab's output.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict
 
 import pytest
 import torch
-import yaml
-from safetensors import safe_open
 
 from mergelab.synthetic import make_llama_family
+from tests.parity.mergekit_runner import (MERGEKIT_YAML, NEEDS_MERGEKIT_CLI, assert_same_config, assert_same_tensors,
+                                          load_tensors, run_both, ulp_distance)
 
-
-def _mergekit_yaml() -> Optional[Path]:
-    if os.environ.get("MERGEKIT_YAML"):
-        return Path(os.environ["MERGEKIT_YAML"])
-    if os.environ.get("MERGEKIT_PYTHON"):
-        return Path(os.environ["MERGEKIT_PYTHON"]).parent / "mergekit-yaml"
-    return None
-
-
-MERGEKIT_YAML = _mergekit_yaml()
-
-pytestmark = [
-    pytest.mark.mergekit,
-    pytest.mark.slow,
-    pytest.mark.skipif(MERGEKIT_YAML is None, reason="set MERGEKIT_PYTHON or MERGEKIT_YAML to mergekit 0.1.5's venv"),
-]
+pytestmark = NEEDS_MERGEKIT_CLI
 
 LAYERS = 4
-# Fields of config.json that define the model; both tools must write the same values.
-CONFIG_FIELDS = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-                 "num_attention_heads", "num_key_value_heads", "vocab_size", "max_position_embeddings",
-                 "rms_norm_eps", "tie_word_embeddings", "hidden_act", "bos_token_id", "eos_token_id")
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
@@ -65,121 +42,6 @@ def family(tmp_path_factory) -> Dict[str, str]:
     paths = make_llama_family(root, experts=3, hidden=64, layers=LAYERS, intermediate=160, vocab=384,
                               dtype="float32", seed=7)
     return {p.name: str(p) for p in paths}
-
-
-def _mergelab_cmd() -> List[str]:
-    exe = Path(sys.executable).parent / "mergelab"
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "mergelab.cli"]
-
-
-def run_both(recipe: dict, tmp_path: Path, seed: Optional[int] = None) -> tuple:
-    """Write ``recipe`` once, run both tools on that file; return the two output folders."""
-    path = tmp_path / "recipe.yml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    out_mk, out_ml = tmp_path / "mergekit", tmp_path / "mergelab"
-    mk = [str(MERGEKIT_YAML), str(path), str(out_mk), "--quiet"]
-    if seed is not None:
-        mk += ["--random-seed", str(seed)]
-    for cmd in (mk, _mergelab_cmd() + ["merge", str(path), "-o", str(out_ml), "--quiet"]):
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    return out_mk, out_ml
-
-
-def load_tensors(folder: Path) -> Dict[str, torch.Tensor]:
-    files = sorted(folder.glob("*.safetensors"))
-    assert files, f"no safetensors in {folder}"
-    out = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                assert k not in out, f"tensor {k} stored twice in {folder}"
-                out[k] = st.get_tensor(k)
-    return out
-
-
-def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """|a - b| in units of the float32 spacing at max(|a|, |b|) (0 where equal)."""
-    a, b = a.float(), b.float()
-    mag = torch.maximum(a.abs(), b.abs())
-    spacing = torch.nextafter(mag, torch.full_like(mag, math.inf)) - mag
-    return (a - b).abs() / spacing
-
-
-def duplicated_magnitudes(family: Dict[str, str], name: str) -> torch.Tensor:
-    """Where some expert's task-vector magnitude ``|tau_i|`` is non-zero and occurs more than once in
-    the tensor: the only places a magnitude trim may break a tie at its threshold differently.
-
-    mergekit keeps exactly ``k`` entries in ``argsort`` order, which is not stable, so *which* of
-    several equal magnitudes at the threshold it keeps is arbitrary; mergelab's choice among them (its
-    tie rule, see docs/methods.md) may differ there and only there.
-    """
-    base = load_tensors(Path(family["base"]))[name]
-    mask = torch.zeros(base.shape, dtype=torch.bool)
-    for i in range(3):
-        mag = (load_tensors(Path(family[f"expert_{i}"]))[name] - base).abs().reshape(-1)
-        _, inverse, counts = torch.unique(mag, return_inverse=True, return_counts=True)
-        mask |= ((counts[inverse] > 1) & (mag > 0)).reshape(base.shape)
-    return mask
-
-
-def assert_same_tensors(out_mk: Path, out_ml: Path, max_ulp: float = 1.0, tie_family=None) -> dict:
-    """Every tensor: same names, shapes, dtypes; values within ``max_ulp``. Returns counts.
-
-    With ``tie_family`` (magnitude-trim methods), values further apart are allowed only where
-    :func:`duplicated_magnitudes` says a threshold tie may be broken differently, and only for a
-    small share of the values; they are counted in ``tie_breaks``.
-    """
-    mk, ml = load_tensors(out_mk), load_tensors(out_ml)
-    assert sorted(mk) == sorted(ml), (
-        f"tensor names differ: only mergekit {sorted(set(mk) - set(ml))[:5]}, only mergelab {sorted(set(ml) - set(mk))[:5]}")
-    exact = total = tie_breaks = 0
-    worst = (0.0, None)
-    for name in mk:
-        a, b = mk[name], ml[name]
-        assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} (mergekit) vs {tuple(b.shape)} (mergelab)"
-        assert a.dtype == b.dtype, f"{name}: dtype {a.dtype} (mergekit) vs {b.dtype} (mergelab)"
-        d = ulp_distance(a, b)
-        exact += int((a == b).sum())
-        total += a.numel()
-        far = d > max_ulp
-        explained = torch.zeros_like(far)
-        if tie_family is not None and bool(far.any()):
-            explained = far & duplicated_magnitudes(tie_family, name)
-            tie_breaks += int(explained.sum())
-            assert int(explained.sum()) <= max(2, a.numel() // 200), f"{name}: {int(explained.sum())} tie breaks"
-            far = far & ~explained
-        rest = d[~explained]
-        m = float(rest.max()) if rest.numel() else 0.0
-        if m > worst[0]:
-            worst = (m, name)
-        if bool(far.any()):
-            i = int((d * far).reshape(-1).argmax())
-            raise AssertionError(
-                f"{name}: {int(far.sum())} of {a.numel()} values differ by more than {max_ulp} ulp; "
-                f"worst at flat index {i}: mergekit {a.reshape(-1)[i].item()!r} vs mergelab {b.reshape(-1)[i].item()!r} "
-                f"({float(d.reshape(-1)[i]):.1f} ulp)")
-    return {"tensors": len(mk), "values": total, "exactly_equal": exact, "worst_ulp": worst, "tie_breaks": tie_breaks}
-
-
-def assert_same_config(out_mk: Path, out_ml: Path) -> None:
-    """config.json: the fields that define the model are equal as written, and equal once transformers
-    has read both (mergekit re-serialises through transformers, which e.g. moves ``rope_theta`` into
-    ``rope_parameters``; mergelab keeps the donor's file and updates only the dtype)."""
-    mk = json.loads((out_mk / "config.json").read_text())
-    ml = json.loads((out_ml / "config.json").read_text())
-    for key in CONFIG_FIELDS:
-        assert mk.get(key) == ml.get(key), f"config.json '{key}': mergekit {mk.get(key)!r} vs mergelab {ml.get(key)!r}"
-    dt_mk = mk.get("dtype", mk.get("torch_dtype"))
-    dt_ml = ml.get("dtype", ml.get("torch_dtype"))
-    assert dt_mk == dt_ml, f"config.json dtype: mergekit {dt_mk!r} vs mergelab {dt_ml!r}"
-    transformers = pytest.importorskip("transformers")
-    read_mk = transformers.AutoConfig.from_pretrained(str(out_mk)).to_dict()
-    read_ml = transformers.AutoConfig.from_pretrained(str(out_ml)).to_dict()
-    ignore = {"transformers_version", "_name_or_path"}
-    differ = {k: (read_mk.get(k), read_ml.get(k)) for k in set(read_mk) | set(read_ml)
-              if k not in ignore and read_mk.get(k) != read_ml.get(k)}
-    assert not differ, f"configs differ once loaded by transformers (mergekit, mergelab): {differ}"
 
 
 def models(family: Dict[str, str], **per_model: list) -> list:

@@ -25,51 +25,21 @@ line naming what is unsupported and the issue that brings it, never a traceback.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import textwrap
 from pathlib import Path
 from typing import Callable, Dict
 
 import pytest
 import torch
-import yaml
 
 from mergelab.synthetic import make_llama_family
 from tests.conftest import run_cli
-from tests.parity.test_parity_cli import assert_same_config, load_tensors
+from tests.parity.mergekit_runner import (NEEDS_MERGEKIT, assert_bit_equal, assert_same_config, load_tensors,
+                                          run_configs, write_configs)
 
-MERGEKIT_PYTHON = os.environ.get("MERGEKIT_PYTHON")
-
-pytestmark = [
-    pytest.mark.mergekit,
-    pytest.mark.skipif(not MERGEKIT_PYTHON, reason="set MERGEKIT_PYTHON to a python with mergekit 0.1.5"),
-]
+pytestmark = NEEDS_MERGEKIT
 
 LAYERS = 4
 VOCAB = 96
-
-_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import yaml
-    from importlib.metadata import version
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    spec = json.load(open(sys.argv[1]))
-    errors = {}
-    for name, (config, out) in spec["runs"].items():
-        source = open(config).read()
-        try:
-            run_merge(MergeConfiguration.model_validate(yaml.safe_load(source)), out,
-                      options=MergeOptions(quiet=True), config_source=source)
-        except Exception as e:  # recorded: a refused config may fail in mergekit too
-            errors[name] = f"{type(e).__name__}: {e}"
-    json.dump({"version": version("mergekit"), "errors": errors}, open(spec["report"], "w"))
-    """
-)
 
 # mergekit's gradient-slerp example: self_attn and mlp follow opposite gradients, the rest t = 0.5.
 T_FILTERS = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
@@ -350,21 +320,9 @@ def runs(tmp_path_factory):
     half = make_llama_family(root / "bf16", experts=2, hidden=32, layers=LAYERS, intermediate=64, vocab=VOCAB,
                              seed=6, dtype="bfloat16")
     fam.update({"hbase": str(half[0]), "h0": str(half[1]), "h1": str(half[2])})
-    spec = {"runs": {}, "report": str(root / "report.json")}
-    configs = {}
-    for case, make in {**CASES, **{k: v[0] for k, v in REFUSED.items()}}.items():
-        path = root / f"{case}.yml"
-        path.write_text(yaml.safe_dump(make(fam), sort_keys=False))
-        configs[case] = path
-        if case in CASES:
-            spec["runs"][case] = [str(path), str(root / "mergekit" / case)]
-    (root / "spec.json").write_text(json.dumps(spec))
-    (root / "run_mergekit.py").write_text(_SCRIPT)
-    proc = subprocess.run([MERGEKIT_PYTHON, str(root / "run_mergekit.py"), str(root / "spec.json")],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"mergekit run failed:\n{proc.stderr[-4000:]}"
-    report = json.loads((root / "report.json").read_text())
-    assert report["version"] == "0.1.5", "parity is defined against mergekit 0.1.5"
+    makers = {**CASES, **{case: make for case, (make, _) in REFUSED.items()}}
+    configs = write_configs({case: make(fam) for case, make in makers.items()}, root)
+    report = run_configs({case: configs[case] for case in CASES}, root, record_errors=True, timeout=900)
     return {"root": root, "configs": configs, "errors": report["errors"], "family": fam}
 
 
@@ -375,16 +333,7 @@ def test_config_gives_mergekits_tensors(case, runs, capsys):
     out_ml = runs["root"] / "mergelab" / case
     code, stdout, stderr = run_cli(["merge", runs["configs"][case], "-o", out_ml, "--quiet"], capsys)
     assert code == 0, f"mergelab merge {case} failed ({code}):\n{stdout[-3000:]}\n{stderr[-3000:]}"
-    mk, ml = load_tensors(out_mk), load_tensors(out_ml)
-    assert sorted(mk) == sorted(ml), f"tensor names differ: {sorted(set(mk) ^ set(ml))[:5]}"
-    differ = {}
-    for name in mk:
-        a, b = mk[name], ml[name]
-        assert a.shape == b.shape and a.dtype == b.dtype, \
-            f"{name}: {tuple(a.shape)} {a.dtype} (mergekit) vs {tuple(b.shape)} {b.dtype} (mergelab)"
-        if not torch.equal(a, b):
-            differ[name] = (int((a != b).sum()), a.numel(), float((a.float() - b.float()).abs().max()))
-    assert not differ, f"{case}: {len(differ)} of {len(mk)} tensors differ from mergekit (count, of, max): {differ}"
+    _, ml, _ = assert_bit_equal(out_mk, out_ml, case)
     assert_same_config(out_mk, out_ml)
     # the output is a merge, not one input returned unchanged (which would make the comparison vacuous)
     inputs = [load_tensors(Path(p)) for p in runs["family"].values()]

@@ -23,49 +23,21 @@ is skipped with the reason.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import textwrap
 from pathlib import Path
 from typing import Callable, Dict
 
 import pytest
 import torch
-import yaml
 
 from mergelab.methods.registry import available_methods
 from mergelab.synthetic import llama_config, llama_shapes, make_llama_family, write_checkpoint
 from tests.conftest import run_cli
-from tests.parity.test_parity_cli import assert_same_config, load_tensors
+from tests.parity.mergekit_runner import (NEEDS_MERGEKIT, assert_bit_equal, assert_same_config, load_tensors,
+                                          run_configs, write_configs)
 
-MERGEKIT_PYTHON = os.environ.get("MERGEKIT_PYTHON")
-
-pytestmark = [
-    pytest.mark.mergekit,
-    pytest.mark.skipif(not MERGEKIT_PYTHON, reason="set MERGEKIT_PYTHON to a python with mergekit 0.1.5"),
-]
+pytestmark = NEEDS_MERGEKIT
 
 LAYERS = 2
-
-_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import yaml
-    from importlib.metadata import version
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.merge_methods.registry import registered_methods
-    from mergekit.options import MergeOptions
-
-    spec = json.load(open(sys.argv[1]))
-    for name, (config, out) in spec["runs"].items():
-        source = open(config).read()
-        run_merge(MergeConfiguration.model_validate(yaml.safe_load(source)), out,
-                  options=MergeOptions(quiet=True, copy_tokenizer=False), config_source=source)
-    json.dump({"version": version("mergekit"), "methods": sorted(m.spec.name for m in registered_methods())},
-              open(spec["report"], "w"))
-    """
-)
 
 
 def qwen2_family(root: Path, experts: int = 3, seed: int = 11) -> Dict[str, str]:
@@ -174,22 +146,10 @@ def runs(tmp_path_factory):
                                                             intermediate=128, vocab=256, seed=21)},
         "qwen2": qwen2_family(root / "qwen2"),
     }
-    spec = {"runs": {}, "report": str(root / "report.json")}
-    configs = {}
-    for case, (fam, make) in CONFIGS.items():
-        config = make(families[fam])
-        path = root / f"{case}.yml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        configs[case] = path
-        assert "semantics" not in json.dumps(config)
-        spec["runs"][case] = [str(path), str(root / "mergekit" / case)]
-    (root / "spec.json").write_text(json.dumps(spec))
-    (root / "run_mergekit.py").write_text(_SCRIPT)
-    proc = subprocess.run([MERGEKIT_PYTHON, str(root / "run_mergekit.py"), str(root / "spec.json")],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"mergekit run failed:\n{proc.stderr[-4000:]}"
-    report = json.loads((root / "report.json").read_text())
-    assert report["version"] == "0.1.5", "parity is defined against mergekit 0.1.5"
+    made = {case: make(families[fam]) for case, (fam, make) in CONFIGS.items()}
+    assert not any("semantics" in json.dumps(config) for config in made.values())
+    configs = write_configs(made, root)
+    report = run_configs(configs, root, options={"copy_tokenizer": False})
     return {"root": root, "configs": configs, "report": report, "families": families}
 
 
@@ -210,18 +170,8 @@ def test_defaults_give_mergekits_tensors(case, runs, capsys):
     out_mk = runs["root"] / "mergekit" / case
     out_ml = runs["root"] / "mergelab" / case
     _mergelab(runs["configs"][case], out_ml, capsys)
-    mk, ml = load_tensors(out_mk), load_tensors(out_ml)
-    assert sorted(mk) == sorted(ml), f"tensor names differ: {sorted(set(mk) ^ set(ml))[:5]}"
-    fam = runs["families"][CONFIGS[case][0]]
-    base = load_tensors(Path(fam["base"]))
-    differ = {}
-    for name in mk:
-        a, b = mk[name], ml[name]
-        assert a.shape == b.shape and a.dtype == b.dtype == torch.float32, \
-            f"{name}: {tuple(a.shape)} {a.dtype} (mergekit) vs {tuple(b.shape)} {b.dtype} (mergelab)"
-        if not torch.equal(a, b):
-            differ[name] = (int((a != b).sum()), a.numel(), float((a - b).abs().max()))
-    assert not differ, f"{case}: {len(differ)} of {len(mk)} tensors differ from mergekit (count, of, max): {differ}"
+    _, ml, _ = assert_bit_equal(out_mk, out_ml, case, dtype=torch.float32)
+    base = load_tensors(Path(runs["families"][CONFIGS[case][0]]["base"]))
     assert_same_config(out_mk, out_ml)
     # A merge that returned the base (or one input) everywhere would make the comparison vacuous.
     if method != "passthrough":

@@ -23,21 +23,17 @@ in an order that depends on torch's thread count, so the fixture restores the co
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from tests.conftest import run_cli
-from tests.parity.test_parity_cli import assert_same_config, load_tensors
-from tests.parity.test_parity_defaults import _SCRIPT, CONFIGS, MERGEKIT_PYTHON, _gta
+from tests.parity.mergekit_runner import (NEEDS_MERGEKIT, assert_bit_equal, assert_same_config, load_tensors,
+                                          run_configs, write_configs)
+from tests.parity.test_parity_defaults import CONFIGS, _gta
 
-pytestmark = [
-    pytest.mark.mergekit,
-    pytest.mark.skipif(not MERGEKIT_PYTHON, reason="set MERGEKIT_PYTHON to a python with mergekit 0.1.5"),
-]
+pytestmark = NEEDS_MERGEKIT
 
 pytest.importorskip("faker", reason="the llmmix corpus needs Faker (mergelab's 'llm' extra)")
 
@@ -77,22 +73,12 @@ def runs(tmp_path_factory):
             fam[f"expert_{i}"] = str(finetune(base, [task], root / name, fcfg, **quiet).final_dir)
     finally:
         torch.set_num_threads(threads)
-    spec = {"runs": {}, "report": str(root / "report.json")}
-    configs = {}
-    for case, make in CASES.items():
-        config = make(fam)
-        path = root / f"{case}.yml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        configs[case] = (path, config)
-        spec["runs"][case] = [str(path), str(root / "mergekit" / case)]
-    (root / "spec.json").write_text(json.dumps(spec))
+    made = {case: make(fam) for case, make in CASES.items()}
+    paths = write_configs(made, root)
+    configs = {case: (paths[case], made[case]) for case in CASES}
     # Float32 norms and dots reduce in an order that depends on the thread count (karcher's embedding
     # differs by 1 ulp between 1 and 2 threads): mergekit runs with this process's count.
-    (root / "run_mergekit.py").write_text(f"import torch\ntorch.set_num_threads({torch.get_num_threads()})\n{_SCRIPT}")
-    proc = subprocess.run([MERGEKIT_PYTHON, str(root / "run_mergekit.py"), str(root / "spec.json")],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"mergekit run failed:\n{proc.stderr[-4000:]}"
-    assert json.loads((root / "report.json").read_text())["version"] == "0.1.5"
+    run_configs(paths, root, options={"copy_tokenizer": False}, threads=torch.get_num_threads())
     return {"root": root, "configs": configs, "family": fam}
 
 
@@ -140,25 +126,14 @@ def test_trained_experts_give_mergekits_tensors(case, runs, capsys):
     out_mk, out_ml = runs["root"] / "mergekit" / case, runs["root"] / "mergelab" / case
     code, stdout, stderr = run_cli(["merge", path, "-o", out_ml, "--quiet"], capsys)
     assert code == 0, f"mergelab merge {case} failed ({code}):\n{stdout[-3000:]}\n{stderr[-3000:]}"
-    mk, ml = load_tensors(out_mk), load_tensors(out_ml)
-    assert sorted(mk) == sorted(ml), f"tensor names differ: {sorted(set(mk) ^ set(ml))[:5]}"
-    assert "lm_head.weight" not in ml  # tied embeddings stay tied
     fam = runs["family"]
     base = load_tensors(Path(fam["base"]))
     experts = [load_tensors(Path(fam[f"expert_{i}"])) for i in range(len(TASKS))]
-    differ, at_ties = {}, 0
-    for name in mk:
-        a, b = mk[name], ml[name]
-        assert a.shape == b.shape and a.dtype == b.dtype == torch.float32, name
-        if torch.equal(a, b):
-            continue
-        if method in SELECTION:
-            off = (a != b) & ~_tied_to_threshold(method, config, base, experts, name)
-            at_ties += int((a != b).sum())
-            if not off.any():
-                continue
-        differ[name] = (int((a != b).sum()), a.numel(), float((a - b).abs().max()))
-    assert not differ, f"{case}: {len(differ)} of {len(mk)} tensors differ (count, of, max): {differ}"
+    # selection methods: may differ only at tied thresholds (module doc)
+    allowed = ((lambda name: _tied_to_threshold(method, config, base, experts, name)) if method in SELECTION
+               else None)
+    _, ml, at_ties = assert_bit_equal(out_mk, out_ml, case, dtype=torch.float32, allowed=allowed)
+    assert "lm_head.weight" not in ml  # tied embeddings stay tied
     print(f"{case}: {'bit-equal' if at_ties == 0 else f'{at_ties} entries differ, all at tied thresholds'}")
     assert_same_config(out_mk, out_ml)
     if method != "passthrough":

@@ -15,10 +15,6 @@ rescale, sign election) is compared exactly.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import textwrap
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -26,47 +22,9 @@ import pytest
 import torch
 
 from tests.methods.mergekit_family_util import inputs, run, ulp_diff
+from tests.parity.mergekit_runner import NEEDS_MERGEKIT, merge_tensors
 
-MERGEKIT_PYTHON = os.environ.get("MERGEKIT_PYTHON")
-
-pytestmark = [
-    pytest.mark.mergekit,
-    pytest.mark.skipif(not MERGEKIT_PYTHON, reason="set MERGEKIT_PYTHON to a python with mergekit 0.1.5"),
-]
-
-_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import torch
-    from safetensors.torch import load_file, save_file
-    from importlib.metadata import version
-    from mergekit.merge_methods.api import merge_tensors
-
-    spec = json.load(open(sys.argv[1]))
-    t = load_file(spec["inputs"])
-    out = {}
-    real_bernoulli = torch.bernoulli
-    for case in spec["cases"]:
-        queue = [t[k] for k in case.get("bernoulli", [])]
-
-        def fake_bernoulli(p, *args, **kwargs):
-            u = queue.pop(0)
-            return (u.reshape(p.shape) < p).to(p.dtype)
-
-        if queue:
-            torch.bernoulli = fake_bernoulli
-        try:
-            res = merge_tensors([t[k] for k in case["tensors"]], case["method"],
-                                parameters=case["parameters"], base_index=case["base_index"],
-                                name=case["id"], dtype=torch.float32)
-        finally:
-            torch.bernoulli = real_bernoulli
-        assert not queue, "unused bernoulli draws in " + case["id"]
-        out[case["id"]] = res.contiguous()
-    out["__version__"] = torch.tensor([int(x) for x in version("mergekit").split(".")[:3]])
-    save_file(out, spec["output"])
-    """
-)
+pytestmark = NEEDS_MERGEKIT
 
 
 def _g(seed: int) -> torch.Generator:
@@ -259,16 +217,13 @@ def _uniforms(case: Case, t: dict) -> List[torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def mergekit_results(tmp_path_factory):
-    from safetensors.torch import load_file, save_file
-
-    tmp = tmp_path_factory.mktemp("mergekit_family")
     t = _tensors()
     spec_cases = []
     extra = {}
     for case in CASES:
         keys = ([case.base] if case.base else []) + case.models
-        entry = {"id": case.id, "method": case.method, "tensors": keys, "parameters": case.mk_params,
-                 "base_index": 0 if case.base else None}
+        entry = {"id": case.id, "name": case.id, "method": case.method, "tensors": keys,
+                 "parameters": case.mk_params, "base_index": 0 if case.base else None}
         if case.della:
             names = []
             for j, u in enumerate(_uniforms(case, t)):
@@ -276,16 +231,7 @@ def mergekit_results(tmp_path_factory):
                 names.append(f"{case.id}.u{j}")
             entry["bernoulli"] = names
         spec_cases.append(entry)
-    save_file({**t, **extra}, str(tmp / "inputs.safetensors"))
-    spec = {"inputs": str(tmp / "inputs.safetensors"), "output": str(tmp / "out.safetensors"), "cases": spec_cases}
-    (tmp / "spec.json").write_text(json.dumps(spec))
-    (tmp / "run_mergekit.py").write_text(_SCRIPT)
-    proc = subprocess.run([MERGEKIT_PYTHON, str(tmp / "run_mergekit.py"), str(tmp / "spec.json")],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"mergekit run failed:\n{proc.stderr[-4000:]}"
-    out = load_file(str(tmp / "out.safetensors"))
-    assert out.pop("__version__").tolist() == [0, 1, 5], "parity is defined against mergekit 0.1.5"
-    return t, out
+    return t, merge_tensors({**t, **extra}, spec_cases, tmp_path_factory.mktemp("mergekit_family"))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -4,19 +4,13 @@ intermediate and final tensors. Runs when ``MERGEKIT_PYTHON`` (or ``MERGEKIT_YAM
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
-import pytest
 import yaml
 
 from mergelab.synthetic import make_llama_family
-from tests.parity.test_parity_cli import MERGEKIT_YAML, _mergelab_cmd, assert_same_tensors
+from tests.parity.mergekit_runner import MERGEKIT_YAML, NEEDS_MERGEKIT_CLI, assert_same_tensors, mergelab_cmd
 
-pytestmark = [
-    pytest.mark.mergekit,
-    pytest.mark.slow,
-    pytest.mark.skipif(MERGEKIT_YAML is None, reason="set MERGEKIT_PYTHON or MERGEKIT_YAML to mergekit 0.1.5's venv"),
-]
+pytestmark = NEEDS_MERGEKIT_CLI
 
 
 def test_multi_stage_parity(tmp_path):
@@ -39,7 +33,7 @@ def test_multi_stage_parity(tmp_path):
     mk, ml = tmp_path / "mk", tmp_path / "ml"
     for cmd in ([str(multi), str(recipe), "--intermediate-dir", str(mk / "inter"), "--out-path", str(mk / "out"),
                  "--quiet"],
-                _mergelab_cmd() + ["merge", str(recipe), "-o", str(ml / "out"), "-I", str(ml / "inter"), "-q"]):
+                mergelab_cmd() + ["merge", str(recipe), "-o", str(ml / "out"), "-I", str(ml / "inter"), "-q"]):
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, f"{' '.join(cmd)}:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
     for part in ("inter/agents", "inter/blend", "out"):

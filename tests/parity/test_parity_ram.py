@@ -9,42 +9,13 @@ expert's task vector is zero), every tensor equal.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from tests.methods.mergekit_family_util import run
+from tests.parity.mergekit_runner import NEEDS_MERGEKIT, assert_same_tensors, merge_tensors, run_both
 
-MERGEKIT_PYTHON = os.environ.get("MERGEKIT_PYTHON")
-
-pytestmark = [
-    pytest.mark.mergekit,
-    pytest.mark.skipif(not MERGEKIT_PYTHON, reason="set MERGEKIT_PYTHON to a python with mergekit 0.1.5"),
-]
-
-_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import torch
-    from safetensors.torch import load_file, save_file
-    from mergekit.merge_methods.api import merge_tensors
-
-    spec = json.load(open(sys.argv[1]))
-    t = load_file(spec["inputs"])
-    out = {}
-    for case in spec["cases"]:
-        out[case["id"]] = merge_tensors([t[k] for k in case["tensors"]], case["method"],
-                                        parameters=case["parameters"], base_index=0,
-                                        dtype=torch.float32).contiguous()
-    save_file(out, spec["output"])
-    """
-)
+pytestmark = NEEDS_MERGEKIT
 
 
 def _inputs():
@@ -79,18 +50,10 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def mergekit_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ram")
     t = _inputs()
-    save_file(t, str(tmp / "in.safetensors"))
-    spec = {"inputs": str(tmp / "in.safetensors"), "output": str(tmp / "out.safetensors"),
-            "cases": [{"id": cid, "method": m, "tensors": [f"{key}.base"] + models, "parameters": p}
-                      for cid, m, key, models, p in CASES]}
-    (tmp / "spec.json").write_text(json.dumps(spec))
-    (tmp / "run.py").write_text(_SCRIPT)
-    res = subprocess.run([MERGEKIT_PYTHON, str(tmp / "run.py"), str(tmp / "spec.json")],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return t, load_file(str(tmp / "out.safetensors"))
+    cases = [{"id": cid, "method": m, "tensors": [f"{key}.base"] + models, "parameters": p}
+             for cid, m, key, models, p in CASES]
+    return t, merge_tensors(t, cases, tmp_path_factory.mktemp("ram"))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -111,7 +74,6 @@ def test_method_parity(mergekit_results, case):
 @pytest.mark.parametrize("method,params", [("ram", {}), ("ramplus_tl", {"r": 0.5, "alpha": 0.8})])
 def test_cli_parity(tmp_path, method, params):
     from mergelab.synthetic import make_llama_family
-    from tests.parity.test_parity_cli import assert_same_tensors, run_both
 
     paths = make_llama_family(tmp_path / "family", experts=3, hidden=32, layers=2, intermediate=64, vocab=96,
                               dtype="float32", seed=3, zero_fraction=0.5)

@@ -5,24 +5,18 @@ thresholds of ``ties`` and ``breadcrumbs`` land among them. mergekit keeps exact
 among the tied entries in ``torch.argsort``'s order; mergelab keeps the same count, picking the lower
 flat indices. So: the same number of kept entries, and outputs that differ only at positions where
 some model's magnitude equals one of its thresholds. (``MERGEKIT_PYTHON``: see
-``test_parity_mergekit_family.py``.)
+``mergekit_runner.py``.)
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-
 import pytest
 import torch
 
-from tests.parity.test_parity_mergekit_family import _SCRIPT, MERGEKIT_PYTHON
 from tests.methods.mergekit_family_util import run
+from tests.parity.mergekit_runner import NEEDS_MERGEKIT, merge_tensors
 
-pytestmark = [
-    pytest.mark.mergekit,
-    pytest.mark.skipif(not MERGEKIT_PYTHON, reason="set MERGEKIT_PYTHON to a python with mergekit 0.1.5"),
-]
+pytestmark = NEEDS_MERGEKIT
 
 DECAY = 1.341e-6
 
@@ -53,26 +47,17 @@ FAMILY = {"sce_three": {"touched": 0.05, "scale": 0.0}}  # a zero base: the deca
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from safetensors.torch import load_file, save_file
-
-    tmp = tmp_path_factory.mktemp("tie_counts")
     tensors, cases = {}, []
     for j, (cid, method, n, mp) in enumerate(CASES):
         base, models = _family(n, seed=j, **FAMILY.get(cid, {}))
         tensors[f"{cid}.base"] = base
         for i, m in enumerate(models):
             tensors[f"{cid}.m{i}"] = m
-        cases.append({"id": cid, "method": method, "tensors": [f"{cid}.base"] + [f"{cid}.m{i}" for i in range(n)],
+        cases.append({"id": cid, "name": cid, "method": method,
+                      "tensors": [f"{cid}.base"] + [f"{cid}.m{i}" for i in range(n)],
                       "parameters": {**{k: [v] * n for k, v in mp.items()}, **GLOBAL.get(cid, {})},
                       "base_index": 0})
-    save_file(tensors, str(tmp / "inputs.safetensors"))
-    spec = {"inputs": str(tmp / "inputs.safetensors"), "output": str(tmp / "out.safetensors"), "cases": cases}
-    (tmp / "spec.json").write_text(json.dumps(spec))
-    (tmp / "run_mergekit.py").write_text(_SCRIPT)
-    proc = subprocess.run([MERGEKIT_PYTHON, str(tmp / "run_mergekit.py"), str(tmp / "spec.json")],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"mergekit run failed:\n{proc.stderr[-4000:]}"
-    return tensors, load_file(str(tmp / "out.safetensors"))
+    return tensors, merge_tensors(tensors, cases, tmp_path_factory.mktemp("tie_counts"))
 
 
 def _tied_positions(base, models, ks_per_model) -> torch.Tensor:
