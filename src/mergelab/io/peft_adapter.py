@@ -281,31 +281,17 @@ def read_lora(folder: Union[str, Path]) -> LoraAdapter:
 
 def recorded_base_mismatch(adapter: LoraAdapter, base: Union[str, Path]) -> Optional[str]:
     """A message if the adapter records a local ``base_model_name_or_path`` other than ``base``, else
-    None. A recorded hub id (not a local path) cannot be compared and is accepted; so is another path
-    whose folder holds the same weights (identical safetensors headers)."""
+    None. A recorded hub id (not a local path) cannot be compared and is accepted."""
     rec = adapter.base_model
     if not rec:
         return None
     rec_path = Path(os.path.expanduser(rec))
     looks_local = rec_path.is_absolute() or rec.startswith((".", "~")) or rec_path.exists()
-    if not looks_local:
-        return None
-    base_path = Path(os.path.expanduser(str(base)))
-    if rec_path.resolve() == base_path.resolve():
-        return None
-    if rec_path.is_dir() and base_path.is_dir() and _same_weights(rec_path, base_path):
+    if not looks_local or rec_path.resolve() == Path(os.path.expanduser(str(base))).resolve():
         return None
     return (f"adapter '{adapter.folder}' was trained on another base: '{adapter.folder / CONFIG_NAME}' field "
             f"'base_model_name_or_path' is '{rec}', but the base here is '{base}'. Give that base, or fix the field "
             f"if the two are the same model")
-
-
-def _same_weights(a: Path, b: Path) -> bool:
-    from mergelab.io.checkpoint import _header_digest
-
-    fa, fb = sorted(a.glob("*.safetensors")), sorted(b.glob("*.safetensors"))
-    return bool(fa) and [f.name for f in fa] == [f.name for f in fb] and \
-        all(_header_digest(x) == _header_digest(y) for x, y in zip(fa, fb))
 
 
 # --------------------------------------------------------------------------- writing
