@@ -74,6 +74,7 @@ class LoraModule:
     alpha: float
     scale: float
     transposed: bool = False  # embedding (lora_embedding_*) or fan_in_fan_out: delta is (B @ A).T
+    embedding: bool = False  # stored as lora_embedding_A / lora_embedding_B
 
     @property
     def weight_name(self) -> str:
@@ -273,7 +274,7 @@ def read_lora(folder: Union[str, Path]) -> LoraAdapter:
         if not A.dtype.is_floating_point or not B.dtype.is_floating_point:
             raise CheckpointError(f"'{wfile}': factors of module '{module}' are not floating point")
         modules[module] = LoraModule(module, A, B, int(r), float(alpha), scaling(alpha, r, rslora),
-                                     transposed=module in embed or fan_in_fan_out)
+                                     transposed=module in embed or fan_in_fan_out, embedding=module in embed)
     if not modules and not full:
         raise CheckpointError(f"'{wfile}' holds no LoRA factors")
     return LoraAdapter(folder, cfg, modules, full, wfile)
