@@ -1,7 +1,7 @@
 """Real LoRA adapters: PEFT-trained on the tiny llmmix Llama (tests/llmmix/tiny_lm.py) in the set-up.
 
 ``trained`` builds, once per session, the tiny Llama base (32 hidden, 2 layers, its own BPE
-tokenizer) and three PEFT LoRA adapters trained by gradient descent (AdamW, 30 steps of 16 examples)
+tokenizer) and three PEFT LoRA adapters trained by gradient descent (AdamW, 20 steps of 8 examples)
 on different llmmix tasks:
 
 * ``arith``: r=4, alpha=8, q/v projections, task ``arithmetic``;
@@ -10,7 +10,7 @@ on different llmmix tasks:
 * ``code``: r=4, alpha=4, q/v projections, task ``code_output`` (same shape as ``arith``: PEFT's
   element-wise combination types need equal ranks).
 
-About 15 CPU-seconds in all. PEFT is a test-only dependency: tests using it skip without it.
+A few CPU-seconds in all. PEFT is a test-only dependency: tests using it skip without it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ ADAPTERS = {
                    alpha_pattern={"v_proj": 4}, seed=2),
     "code": dict(task="code_output", r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], seed=3),
 }
-STEPS, BATCH, LR = 30, 16, 5e-3
+STEPS, BATCH, LR = 20, 8, 1e-2
 
 
 @dataclass
@@ -56,14 +56,14 @@ def _train(base: Path, out: Path, task: str, seed: int, **lora) -> Path:
     first = last = None
     for step in range(STEPS):
         idx = torch.randint(len(texts), (BATCH,), generator=g).tolist()
-        enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True, max_length=64)
+        enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True, max_length=48)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         loss = pm(**enc, labels=labels).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
-        first = first if first is not None else float(loss)
-        last = float(loss)
+        first = first if first is not None else loss.item()
+        last = loss.item()
     assert last < first, f"LoRA training on {task} did not lower the loss ({first} -> {last})"
     pm.save_pretrained(str(out))
     return out
@@ -78,6 +78,7 @@ def trained(tmp_path_factory) -> Trained:
     root = tmp_path_factory.mktemp("lora_trained")
     threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and the machine is shared
         base = save_tiny(root / "base")
         ads = {name: _train(base, root / name, **dict(spec)) for name, spec in ADAPTERS.items()}
     finally:

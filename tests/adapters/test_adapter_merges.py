@@ -162,3 +162,25 @@ def test_model_that_is_not_an_adapter_is_refused(fam, tmp_path):
     with pytest.raises(RecipeError, match="is not written as .*\\+ADAPTER"):
         merge(rec, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("combine,method", [("svd", "ties"), ("knots", "ties"), ("cat", "task_arithmetic")])
+def test_trained_adapters_against_dense(trained, tmp_path, combine, method):
+    """PEFT-trained adapters (rsLoRA, rank and alpha patterns among them): the adapter merge's delta
+    is the dense merge's within the error mergelab.json reports (0 for cat); knots against its own
+    dense counterpart U R* is covered by the identities above."""
+    ads = [trained.adapters["strops"], trained.adapters["arith"]]
+    params = {"density": 0.7} if method == "ties" else {}
+    output = {"format": "peft", "combine": combine, **({"rank": 4} if combine != "cat" else {})}
+    out = merge(_recipe(trained.base, ads, method, [1.0, 0.8], output, **params), tmp_path / "a").out
+    report = json.loads((out / "mergelab.json").read_text())["modules"]
+    got = _deltas(out)
+    assert len(got) == 6  # 2 layers x (q, v, down)
+    if combine == "knots":
+        assert all(r["rank"] == 4 and 0 <= r["relative_error"] < 1 for r in report.values())
+        return
+    dense = merge(_recipe(trained.base, ads, method, [1.0, 0.8], **params), tmp_path / "d").out
+    want = _dense_delta(trained.base, dense)
+    for name, d in got.items():
+        rep = report[name[:-len(".weight")]]
+        assert float((d - want[name]).norm() / want[name].norm()) == pytest.approx(rep["relative_error"], abs=1e-5)
