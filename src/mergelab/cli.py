@@ -152,6 +152,11 @@ def methods(
     if not name:
         for step in all_post_steps():
             out_console.print(f"[bold]post-step {step.name}[/bold]: {step.summary} ({step.reference})")
+        from mergelab.adapters import COMBINE_TYPES
+
+        for combine, summary in COMBINE_TYPES.items():
+            out_console.print(f"[bold]adapter combine {combine}[/bold] (output: {{format: peft, combine: {combine}}}): "
+                              f"{summary}", highlight=False)
 
 
 @app.command()

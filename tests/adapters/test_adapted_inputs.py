@@ -131,3 +131,31 @@ def test_shape_mismatch_is_refused(fam, tmp_path):
     with pytest.raises(CheckpointError, match=r"module 'model.layers.0.mlp.down_proj' gives a delta of shape "
                                               r"\(32, 64\).*shape \(32, 96\): adapter of another base"):
         open_model(f"{wide}+{bad}")
+
+
+def test_cli_rank_mismatch_inside_the_file(trained, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(trained.adapters["arith"], bad)
+    st = bad / "adapter_model.safetensors"
+    sd = load_file(str(st))
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"
+    sd[key] = sd[key][:3].contiguous()
+    save_file(sd, str(st))
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_recipe(trained.base, [({"adapter": str(bad)}, 1.0)])))
+    code, _, err = run_cli(["merge", path, "-o", tmp_path / "o"], capsys)
+    text = " ".join(err.split())
+    assert code == 2 and "Traceback" not in err
+    assert f"'{st}': rank mismatch in module 'model.layers.1.self_attn.v_proj': lora_A has 3 rows but lora_B has 4 " \
+           f"columns" in text
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_methods_lists_adapter_combine_types(capsys):
+    code, out, _ = run_cli(["methods"], capsys)
+    text = " ".join(out.split())
+    assert code == 0
+    for combine in ("cat", "svd", "knots"):
+        assert f"adapter combine {combine} (output: {{format: peft, combine: {combine}}})" in text
