@@ -184,3 +184,22 @@ def test_trained_adapters_against_dense(trained, tmp_path, combine, method):
     for name, d in got.items():
         rep = report[name[:-len(".weight")]]
         assert float((d - want[name]).norm() / want[name].norm()) == pytest.approx(rep["relative_error"], abs=1e-5)
+
+
+def test_cli_peft_output_and_dry_run(fam, tmp_path, capsys):
+    import yaml
+
+    from ..conftest import run_cli
+
+    base, ads, _ = fam
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_recipe(base, ads, "ties", [1.0, 1.0], {"format": "peft", "combine": "svd",
+                                                                              "rank": 2}, density=0.5)))
+    code, out, err = run_cli(["merge", path, "--dry-run"], capsys)
+    assert code == 0 and "dry run: PEFT adapter from 2 adapters, 8 modules, combine svd, rank 2" in out, err
+    code, out, err = run_cli(["merge", path, "-o", tmp_path / "o"], capsys)
+    assert code == 0 and "into the PEFT adapter" in " ".join(out.split()), err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                                  "mergelab.json"]
+    code, _, err = run_cli(["merge", path, "-o", tmp_path / "o"], capsys)
+    assert code == 2 and "already exists" in err
