@@ -117,6 +117,7 @@ def _edit(folder, **fields):
     ("init_lora_weights", "pissa", "field 'init_lora_weights'"),
     ("layer_replication", [[0, 1]], "field 'layer_replication'"),
     ("r", 8, "rank mismatch .* r=8"),
+    ("target_modules", ["k_proj"], "is not among the targets of 'adapter_config.json' field 'target_modules'"),
 ])
 def test_reader_refusals_name_file_and_field(base, tmp_path, field, value, match):
     adapter = random_adapter(base, tmp_path / "ad", seed=3)

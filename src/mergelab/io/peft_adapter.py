@@ -253,7 +253,11 @@ def read_lora(folder: Union[str, Path]) -> LoraAdapter:
         raise CheckpointError(f"'{wfile}': key '{key}' is neither a LoRA factor nor a saved module (config "
                               f"'{cfg_path.name}' has no 'modules_to_save' or 'bias'); not a plain LoRA adapter")
     modules: Dict[str, LoraModule] = {}
+    targets = cfg.get("target_modules")
     for module, ab in sorted(factors.items()):
+        if not _targeted(targets, module):
+            raise CheckpointError(f"'{wfile}': module '{module}' has LoRA factors but is not among the targets of "
+                                  f"'{cfg_path.name}' field 'target_modules' ({targets!r})")
         if set(ab) != {"A", "B"}:
             missing = ({"A", "B"} - set(ab)).pop()
             raise CheckpointError(f"'{wfile}': module '{module}' has no lora_{missing} factor")
@@ -278,6 +282,16 @@ def read_lora(folder: Union[str, Path]) -> LoraAdapter:
     if not modules and not full:
         raise CheckpointError(f"'{wfile}' holds no LoRA factors")
     return LoraAdapter(folder, cfg, modules, full, wfile)
+
+
+def _targeted(targets, module: str) -> bool:
+    """Whether PEFT's ``target_modules`` selects ``module``: a string is a regex matched in full, a list
+    names modules exactly or by suffix (``"." + name``); None and ``"all-linear"`` are not checked."""
+    if targets is None or targets == "all-linear" or targets == ["all-linear"]:
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith("." + t) for t in targets)
 
 
 def recorded_base_mismatch(adapter: LoraAdapter, base: Union[str, Path]) -> Optional[str]:
