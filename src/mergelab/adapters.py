@@ -241,7 +241,7 @@ def _knots(recipe, adapters, names, jobs, module_of, device):
         present = [i for i, ck in enumerate(adapters) if n in ck.modules]
         mods = [adapters[i].modules[n] for i in present]
         U, blocks = knots_align(mods)
-        params = dict(job.params)
+        params = {k: v for k, v in job.params.items() if v is not None}  # None: the default, not a setting
         for p in job.model_params[0] if job.model_params else {}:
             params[p] = [job.model_params[i][p] for i in present]
         zero = {n: torch.zeros(blocks[0].shape, dtype=torch.float32)}
