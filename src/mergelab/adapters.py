@@ -29,6 +29,7 @@ scaling, rsLoRA and patterns included; an adapter without ``M`` contributes noth
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -119,7 +120,7 @@ def merge_to_adapter(recipe: Recipe, out, *, overwrite: bool = False, dry_run: b
     :class:`mergelab.merge.MergeResult`. Nothing is written until every module is merged; the folder
     appears whole or not at all."""
     from mergelab.execute.local import LocalExecutor
-    from mergelab.io.output import versions, write_manifest
+    from mergelab.io.output import versions
     from mergelab.merge import MergeResult, build_plan, open_checkpoints, peak_rss_bytes
 
     started = started or time.perf_counter()
@@ -199,8 +200,6 @@ def merge_to_adapter(recipe: Recipe, out, *, overwrite: bool = False, dry_run: b
         "notes": plan.notes,
         "warnings": plan.warnings,
     }
-    import json
-
     manifest["wall_seconds"] = round(time.perf_counter() - started, 3)
     manifest["peak_rss_bytes"] = peak_rss_bytes()
     write_lora(out, factors, base_model=recipe.base_model, embeddings=embeddings, dtype=dtype, overwrite=overwrite,

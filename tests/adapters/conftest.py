@@ -73,6 +73,7 @@ def _train(base: Path, out: Path, task: str, seed: int, **lora) -> Path:
 def trained(tmp_path_factory) -> Trained:
     pytest.importorskip("peft")
     pytest.importorskip("tokenizers")
+    pytest.importorskip("faker", reason="the llmmix tasks the adapters train on need Faker (mergelab's 'llm' extra)")
     from tests.llmmix.tiny_lm import save_tiny
 
     root = tmp_path_factory.mktemp("lora_trained")

@@ -30,7 +30,8 @@ def fam(tmp_path_factory):
     base = make_llama_family(root, experts=0, hidden=32, layers=2, intermediate=64, vocab=64)[0]
     ads = [random_adapter(base, root / "a1", seed=21, r=4, alpha=8),
            random_adapter(base, root / "a2", seed=22, r=8, alpha=16, use_rslora=True,
-                          rank_pattern={"layers.0.mlp.down_proj": 2}, targets=["q_proj", "v_proj", "down_proj", "o_proj"])]
+                          rank_pattern={"layers.0.mlp.down_proj": 2},
+                          targets=["q_proj", "v_proj", "down_proj", "o_proj"])]
     return base, ads, root
 
 

@@ -12,7 +12,7 @@ import torch
 from mergelab.errors import CheckpointError, OutputError
 from mergelab.io.peft_adapter import pattern_value, read_lora, scaling, write_lora
 
-from .helpers import load_base, peft_dense, random_adapter, state_of
+from .helpers import peft_dense, random_adapter, state_of
 
 peft = pytest.importorskip("peft")
 

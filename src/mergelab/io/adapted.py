@@ -108,7 +108,8 @@ class AdaptedCheckpoint:
             if tuple(info.shape) != tuple(m.delta_shape):
                 raise CheckpointError(f"{where}: module '{m.name}' gives a delta of shape {tuple(m.delta_shape)} "
                                       f"(lora_B {tuple(m.B.shape)} @ lora_A {tuple(m.A.shape)}) but the base "
-                                      f"'{base.path}' has '{name}' of shape {tuple(info.shape)}: adapter of another base")
+                                      f"'{base.path}' has '{name}' of shape {tuple(info.shape)}: adapter of another "
+                                      f"base")
         for name, t in adapter.full.items():
             info = base.tensors.get(name)
             if info is None or tuple(info.shape) != tuple(t.shape):

@@ -33,6 +33,7 @@ API::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -124,8 +125,6 @@ class LoraAdapter:
 
     def fingerprint(self) -> dict:
         files = [self.folder / CONFIG_NAME] + ([self.weights_file] if self.weights_file else [])
-        import hashlib
-
         return {
             "adapter": str(self.folder.resolve()),
             "files": [{"name": f.name, "bytes": f.stat().st_size,
