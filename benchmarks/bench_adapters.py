@@ -22,7 +22,7 @@ Tasks (all task arithmetic, weights 1/n):
   cached full copy (PEFT ``merge_and_unload`` + ``save_pretrained`` into ``--lora-merge-cache``, emptied
   before every run), then merges those copies.
 
-Example (a few minutes on 2 shared cores)::
+Example (a few minutes on 2 idle cores)::
 
     nice -n 10 .venv/bin/python benchmarks/bench_adapters.py --runs 3
 """
@@ -123,6 +123,8 @@ def main(argv=None) -> None:
     ap.add_argument("--adapters", type=int, default=3)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="OMP/MKL threads for every child (the same for every tool; default: their own)")
     ap.add_argument("--mergekit-python", default=os.environ.get("MERGEKIT_PYTHON")
                     or str(REPO / ".venv-mergekit" / "bin" / "python"))
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -136,6 +138,8 @@ def main(argv=None) -> None:
             _peft(work, a.child[1], a.adapters, a.rank, Path(a.child[2]))
         return
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if a.threads:
+        env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     me = [sys.executable, str(Path(__file__).resolve()), "--workdir", str(a.workdir), "--size", a.size,
           "--adapters", str(a.adapters), "--rank", str(a.rank)]
     if not (work / f"adapter_{a.adapters - 1}").exists():
@@ -186,6 +190,7 @@ def main(argv=None) -> None:
     (a.workdir / f"results-{stamp}.md").write_text(table + "\n")
     (a.workdir / f"results-{stamp}.json").write_text(json.dumps({
         "size": a.size, "shape": SIZES[a.size], "adapters": a.adapters, "rank": a.rank, "runs": a.runs,
+        "threads": a.threads,
         "targets": TARGETS, "python": platform.python_version(), "raw": results,
         "median": {t: {"wall_s": w, "peak_rss_bytes": m} for t, (w, m) in med.items()}}, indent=2))
 
