@@ -93,6 +93,19 @@ def test_writer_round_trip_loads_in_peft(base, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["w"]  # no temporary folder left
 
 
+def test_writer_saves_whole_modules(base, tmp_path):
+    sd = state_of(base)
+    head = sd["lm_head.weight"] + 0.25
+    A, B = torch.full((2, 32), 0.1), torch.full((32, 2), 0.2)
+    folder = write_lora(tmp_path / "w", {"model.layers.0.self_attn.q_proj": (A, B)}, full={"lm_head.weight": head})
+    assert json.loads((folder / "adapter_config.json").read_text())["modules_to_save"] == ["lm_head"]
+    dense = peft_dense(base, folder)
+    assert torch.equal(dense["lm_head.weight"], head)
+    torch.testing.assert_close(dense["model.layers.0.self_attn.q_proj.weight"],
+                               sd["model.layers.0.self_attn.q_proj.weight"] + B @ A, rtol=0, atol=1e-6)
+    assert torch.equal(read_lora(folder).full["lm_head.weight"], head)
+
+
 def test_writer_refuses_existing_and_leaves_nothing_on_error(tmp_path):
     A, B = torch.ones(2, 4), torch.ones(3, 2)
     write_lora(tmp_path / "a", {"m": (A, B)})

@@ -28,7 +28,7 @@ adapters refuse them (they cannot be written as factors).
 API::
 
     read_lora(folder) -> LoraAdapter          # .modules: {M: LoraModule(A, B, scale, ...)}, .full, .config
-    write_lora(folder, {M: (A, B)}, ranks_alpha=..., base_model=...)   # atomic, s = alpha_M / r_M
+    write_lora(folder, {M: (A, B)}, alphas={M: alpha}, base_model=..., full={"lm_head.weight": W})  # atomic
 """
 
 from __future__ import annotations
@@ -320,6 +320,7 @@ def write_lora(
     overwrite: bool = False,
     extra_config: Optional[dict] = None,
     extra_files: Optional[Mapping[str, str]] = None,
+    full: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> Path:
     """Write a PEFT LoRA folder that ``peft.PeftModel.from_pretrained`` loads, atomically.
 
@@ -329,13 +330,15 @@ def write_lora(
     ``r = lora_alpha`` = the largest rank, ``rank_pattern`` / ``alpha_pattern`` for every module whose
     rank / alpha differs, ``target_modules`` = the module paths (exact), ``use_rslora = false``.
     ``embeddings`` names modules stored as ``lora_embedding_A/B`` (delta = (B @ A).T). ``dtype`` casts
-    the factors (default: as given). ``extra_files`` are written too (name -> text).
+    the factors (default: as given). ``extra_files`` are written too (name -> text). ``full`` maps base
+    tensor names (``lm_head.weight``) to tensors saved whole, which replace the base's when loaded: their
+    modules go to ``modules_to_save`` (PEFT's way of keeping a module dense in an adapter).
 
     Everything goes to a temporary folder next to ``folder``, renamed over it at the end: on any error
     nothing is left at ``folder``. An existing ``folder`` is refused unless ``overwrite``.
     """
     folder = Path(folder)
-    if not modules:
+    if not modules and not full:
         raise OutputError(f"cannot write adapter '{folder}': no modules")
     if folder.exists() and not overwrite:
         raise OutputError(f"output '{folder}' already exists; pass --overwrite to replace it")
@@ -353,7 +356,12 @@ def write_lora(
                         else ("lora_A.weight", "lora_B.weight"))
         state[f"{PREFIX}{name}.{a_key}"] = (A.to(dtype) if dtype else A).detach().cpu().contiguous()
         state[f"{PREFIX}{name}.{b_key}"] = (B.to(dtype) if dtype else B).detach().cpu().contiguous()
-    r = max(ranks.values())
+    saved = sorted({n.rsplit(".", 1)[0] for n in (full or {})})
+    for name, t in (full or {}).items():
+        if name.rsplit(".", 1)[0] in modules:
+            raise OutputError(f"cannot write adapter '{folder}': '{name}' is both saved whole and given LoRA factors")
+        state[f"{PREFIX}{name}"] = (t.to(dtype) if dtype else t).detach().cpu().contiguous()
+    r = max(ranks.values(), default=1)
     alpha_default = float(r)
     if alphas is not None:  # the most common alpha among the modules of rank r, else r
         top = [alpha_of[n] for n in ranks if ranks[n] == r]
@@ -364,7 +372,7 @@ def write_lora(
         "rank_pattern": {n: k for n, k in ranks.items() if k != r},
         "alpha_pattern": {n: _num(a) for n, a in alpha_of.items() if a != alpha_default},
         "target_modules": sorted(modules), "use_rslora": False, "use_dora": False, "lora_bias": False,
-        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "modules_to_save": saved or None,
         "init_lora_weights": True, "inference_mode": True,
     }
     cfg.update(extra_config or {})
