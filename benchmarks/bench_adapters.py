@@ -6,9 +6,9 @@ Same inputs for every tool, one run of this script: a synthetic float32 Llama ba
 on every attention and MLP projection (random factors, written with
 :func:`mergelab.io.peft_adapter.write_lora`), in ``--workdir`` (default ``bench-out/adapters``). Each
 task runs as its own process ``--runs`` times (medians reported, order rotated between runs); wall
-time is taken around the process (interpreter start and imports included) and peak memory is the
-child's own ``ru_maxrss`` from ``os.wait4`` (this parent never imports torch, so it passes on no
-high-water mark).
+time is taken around the process (interpreter start and imports included), CPU time (user + system)
+and peak memory are the child's own from ``os.wait4`` (this parent never imports torch, so it passes
+on no high-water mark).
 
 Tasks (all task arithmetic, weights 1/n):
 
@@ -113,7 +113,7 @@ def _measure(cmd, env) -> tuple:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{err.decode()[-3000:]}")
-    return wall, usage.ru_maxrss * 1024
+    return wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
 def main(argv=None) -> None:
@@ -168,22 +168,25 @@ def main(argv=None) -> None:
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(cache, ignore_errors=True)
             results[t].append(_measure(tasks[t], env))
-            print(f"run {run + 1} {t}: {results[t][-1][0]:.2f} s, {results[t][-1][1] / 2**20:.0f} MiB", flush=True)
+            w, m, c = results[t][-1]
+            print(f"run {run + 1} {t}: {w:.2f} s wall, {c:.2f} s CPU, {m / 2**20:.0f} MiB", flush=True)
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(cache, ignore_errors=True)
-    med = {t: (statistics.median(w for w, _ in r), statistics.median(m for _, m in r)) for t, r in results.items()}
+    med = {t: tuple(statistics.median(x[i] for x in r) for i in range(3)) for t, r in results.items()}
     pairs = [("cat", "peft cat", "mergelab cat"), ("svd", "peft svd", "mergelab svd"),
              ("dense model", "mergekit dense", "mergelab dense")]
-    lines = [f"| task | tool | wall s (median of {a.runs}) | peak RSS MiB | time ratio | memory ratio |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| task | tool | wall s (median of {a.runs}) | CPU s | peak RSS MiB | wall ratio | CPU ratio | "
+             f"memory ratio |", "|---|---|---|---|---|---|---|---|"]
     for label, other, ours in pairs:
         if other not in med:
             continue
         for tool in (ours, other):
-            w, m = med[tool]
-            ratio = "" if tool == ours else f"{w / med[ours][0]:.2f}x"
-            mratio = "" if tool == ours else f"{m / med[ours][1]:.2f}x"
-            lines.append(f"| {label} | {tool.split()[0]} | {w:.2f} | {m / 2**20:.0f} | {ratio} | {mratio} |")
+            w, m, c = med[tool]
+            ratios = ["", "", ""] if tool == ours else [f"{x / y:.2f}x" for x, y in zip((w, c, m), (med[ours][0],
+                                                                                                  med[ours][2],
+                                                                                                  med[ours][1]))]
+            lines.append(f"| {label} | {tool.split()[0]} | {w:.2f} | {c:.2f} | {m / 2**20:.0f} | " + " | ".join(ratios)
+                         + " |")
     table = "\n".join(lines)
     print(table)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -192,7 +195,7 @@ def main(argv=None) -> None:
         "size": a.size, "shape": SIZES[a.size], "adapters": a.adapters, "rank": a.rank, "runs": a.runs,
         "threads": a.threads,
         "targets": TARGETS, "python": platform.python_version(), "raw": results,
-        "median": {t: {"wall_s": w, "peak_rss_bytes": m} for t, (w, m) in med.items()}}, indent=2))
+        "median": {t: {"wall_s": w, "peak_rss_bytes": m, "cpu_s": c} for t, (w, m, c) in med.items()}}, indent=2))
 
 
 if __name__ == "__main__":
