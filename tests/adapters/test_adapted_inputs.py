@@ -159,3 +159,20 @@ def test_methods_lists_adapter_combine_types(capsys):
     assert code == 0
     for combine in ("cat", "svd", "knots"):
         assert f"adapter combine {combine} (output: {{format: peft, combine: {combine}}})" in text
+
+
+def test_inspect_reads_adapters_through_the_factory(fam):
+    """`mergelab inspect BASE BASE+ADAPTER`: the task vector is s*B@A on the adapted tensors, 0 elsewhere."""
+    from mergelab.inspect.scan import inspect_models
+    from mergelab.io.peft_adapter import read_lora
+
+    base, ads, _ = fam
+    diag = inspect_models(str(base), [f"{base}+{ads[0]}"])
+    adapted = {m.weight_name: m for m in read_lora(ads[0]).modules.values()}
+    for name, stats in diag.tensors.items():
+        if name in adapted:
+            m = adapted[name]
+            want = float((m.scale * m.B.double() @ m.A.double()).pow(2).sum())
+            assert float(stats.gram[0, 0]) == pytest.approx(want, rel=1e-4)
+        else:
+            assert float(stats.gram[0, 0]) == 0.0 and int(stats.zeros[0]) == stats.numel
