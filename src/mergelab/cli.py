@@ -77,6 +77,19 @@ def merge(
                        progress=not quiet and sys.stderr.isatty(), strict=strict, space_check=not no_space_check,
                        on_warning=_print_warning)
     s = result.summary
+    if s.get("format") == "peft":  # a merge that stays an adapter (mergelab.adapters)
+        what = f"{len(s['adapters'])} adapters, {s['modules']} modules, combine {s['combine']}" + (
+            f", rank {s['rank']}" if s["rank"] else "")
+        if dry_run:
+            out_console.print(f"dry run: PEFT adapter from {what}", highlight=False)
+        elif not quiet:
+            worst = max((r["relative_error"] for r in s["modules_report"].values()), default=0.0)
+            out_console.print(f"merged {what} into the PEFT adapter {result.out} in {result.seconds:.1f} s "
+                              f"(largest relative truncation error {worst:.3g}), peak memory "
+                              f"{_human(result.peak_rss_bytes)}", highlight=False)
+        for note in result.notes:
+            out_console.print(f"note: {note}")
+        return
     if dry_run:
         table = Table(title=f"dry run: {s['method']}", show_header=False)
         table.add_row("tensors", f"{s['tensors']} ({s['merged']} merged, {s['copied']} copied)")
@@ -152,6 +165,11 @@ def methods(
     if not name:
         for step in all_post_steps():
             out_console.print(f"[bold]post-step {step.name}[/bold]: {step.summary} ({step.reference})")
+        from mergelab.adapters import COMBINE_TYPES
+
+        for combine, summary in COMBINE_TYPES.items():
+            out_console.print(f"[bold]adapter combine {combine}[/bold] (output: {{format: peft, combine: {combine}}}): "
+                              f"{summary}", highlight=False)
 
 
 @app.command()

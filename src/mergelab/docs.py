@@ -49,6 +49,13 @@ def methods_markdown() -> str:
                     default = "required" if p.required else f"`{p.default!r}`"
                     lines.append(f"| `{p.name}` | {default} | {_cell(p.allowed())} | {_cell(p.meaning)} |")
                 lines.append("")
+    from mergelab.adapters import COMBINE_TYPES
+
+    lines += ["## Adapter merges (`output: {format: peft, combine: ...}`)", "",
+              "The inputs are PEFT LoRA adapters on `base_model`; the output is a PEFT LoRA adapter. See the "
+              "family notes on LoRA adapters below.", "", "| combine | what it writes |", "|---|---|"]
+    lines += [f"| `{c}` | {_cell(s)} |" for c, s in COMBINE_TYPES.items()]
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -102,8 +102,11 @@ def build_plan(recipe: Recipe, checkpoints: Dict[str, Any], strict: bool = False
 
 
 def open_checkpoints(recipe: Recipe) -> Dict[str, Checkpoint]:
-    """Open (headers only) every model the recipe names."""
-    return {ref: Checkpoint.open(ref) for ref in recipe.model_refs()}
+    """Open (headers only) every model the recipe names, ``BASE+ADAPTER`` references as adapted
+    checkpoints (:func:`mergelab.io.adapted.open_model`)."""
+    from mergelab.io.adapted import open_model
+
+    return {ref: open_model(ref) for ref in recipe.model_refs()}
 
 
 def _aux_checkpoints(plan: MergePlan) -> Dict[str, list]:
@@ -188,6 +191,11 @@ def merge(
     """
     started = time.perf_counter()
     r = load_recipe(recipe)
+    if r.output is not None and r.output.format == "peft":  # a merge that stays an adapter
+        from mergelab.adapters import merge_to_adapter
+
+        return merge_to_adapter(r, out, overwrite=overwrite, dry_run=dry_run, device=device, strict=strict,
+                                on_warning=on_warning or _warn, started=started)
     shard_bytes = parse_size(shard_size)
     if shard_bytes <= 0:
         raise MergeLabError(f"--shard-size must be positive, got {shard_size}")
