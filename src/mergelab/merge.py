@@ -102,8 +102,11 @@ def build_plan(recipe: Recipe, checkpoints: Dict[str, Any], strict: bool = False
 
 
 def open_checkpoints(recipe: Recipe) -> Dict[str, Checkpoint]:
-    """Open (headers only) every model the recipe names."""
-    return {ref: Checkpoint.open(ref) for ref in recipe.model_refs()}
+    """Open (headers only) every model the recipe names, ``BASE+ADAPTER`` references as adapted
+    checkpoints (:func:`mergelab.io.adapted.open_model`)."""
+    from mergelab.io.adapted import open_model
+
+    return {ref: open_model(ref) for ref in recipe.model_refs()}
 
 
 def _aux_checkpoints(plan: MergePlan) -> Dict[str, list]:

@@ -114,7 +114,7 @@ def _patch_refs(doc: dict, names: Dict[str, Path], used: List[str]) -> dict:
 def load_stages(path: Union[str, Path], intermediate_dir: Union[str, Path], out: Optional[Union[str, Path]]) -> List[Stage]:
     """Read, validate and order the stages of a multi-stage file (see the module docstring). Reads no
     tensor; opens the headers of every input that is not a stage's output."""
-    from mergelab.io.checkpoint import Checkpoint
+    from mergelab.io.adapted import open_model
     from mergelab.recipe import load_recipe
 
     path = Path(path)
@@ -164,7 +164,7 @@ def load_stages(path: Union[str, Path], intermediate_dir: Union[str, Path], out:
             if ref in stage_names:
                 continue
             try:
-                Checkpoint.open(ref)
+                open_model(ref)
             except MergeLabError as e:
                 known = ", ".join(f"'{n}'" for n in outputs) or "none"
                 raise RecipeError(f"{where}: model '{ref}' is neither the name of a stage in this file "

@@ -94,6 +94,17 @@ class PostStepEntry(_Strict):
     parameters: Dict[str, Setting] = Field(default_factory=dict)
 
 
+class OutputSpec(_Strict):
+    """``output:`` (mergelab): what the merge writes. ``format: hf`` (default) is a Hugging Face model
+    folder; ``format: peft`` a PEFT LoRA adapter, the inputs being LoRA adapters on ``base_model``
+    combined by ``combine`` (``cat``, ``svd`` or ``knots``; see :mod:`mergelab.adapters`), truncated to
+    ``rank`` (``svd``, ``knots``)."""
+
+    format: Literal["hf", "peft"] = "hf"
+    combine: Optional[Literal["cat", "svd", "knots"]] = None
+    rank: Optional[int] = None
+
+
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
                   "float": "float32", "fp64": "float64"}
@@ -118,6 +129,7 @@ class Recipe(_Strict):
     post: List[PostStepEntry] = Field(default_factory=list)
     vocab_policy: Literal["error", "common_submatrix"] = "error"
     name: Optional[str] = None
+    output: Optional[OutputSpec] = None
 
     def model_refs(self) -> List[str]:
         """Every model path the recipe names, base first, without duplicates."""
@@ -167,6 +179,7 @@ def load_recipe(recipe: Union[str, Path, dict, Recipe]) -> Recipe:
         data = recipe
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {source} must be a mapping with at least 'merge_method'")
+    data = _adapter_entries(data)
     try:
         parsed = Recipe.model_validate(data)
     except ValidationError as e:
@@ -193,11 +206,7 @@ def _check_structure(r: Recipe) -> None:
     if r.chat_template is not None:
         raise RecipeError("chat_template: is not supported yet (issue 18, tokenizers); remove it to copy the donor's "
                           "tokenizer files, chat template included, as they are")
-    for ref in r.model_refs():
-        if "+" in ref and not Path(ref).exists():
-            raise RecipeError(f"model '{ref}': LoRA references 'model+adapter' (mergekit merges the adapter into "
-                              f"the model first) are not supported yet (issue 16, LoRA); merge the adapter into "
-                              f"its model and give that folder")
+    _check_output(r)
     for key in ("dtype", "out_dtype"):
         v = getattr(r, key)
         if v is not None and normalize_dtype(v) is None:
@@ -205,6 +214,54 @@ def _check_structure(r: Recipe) -> None:
     get_method(r.merge_method)
     for p in r.post:
         get_post_step(p.name)
+
+
+def _adapter_entries(data: dict) -> dict:
+    """``model: {adapter: PATH}`` (in ``models:`` or a slice's ``sources``) is ``BASE+PATH`` with BASE the
+    recipe's ``base_model``: rewritten so, in a copy of ``data``, before validation."""
+    def rewrite(entry: Any, where: str) -> Any:
+        if not (isinstance(entry, dict) and isinstance(entry.get("model"), dict)):
+            return entry
+        spec = entry["model"]
+        if set(spec) != {"adapter"} or not isinstance(spec["adapter"], str):
+            raise RecipeError(f"{where}.model: a mapping must be {{adapter: PATH}} (a PEFT LoRA folder on base_model), "
+                              f"got {spec!r}")
+        base = data.get("base_model")
+        if not isinstance(base, str):
+            raise RecipeError(f"{where}.model: {{adapter: {spec['adapter']}}} applies the adapter to base_model, but "
+                              f"the recipe has no base_model; set it or write BASE+{spec['adapter']}")
+        return {**entry, "model": f"{base}+{spec['adapter']}"}
+
+    out = dict(data)
+    if isinstance(data.get("models"), list):
+        out["models"] = [rewrite(e, f"models[{i}]") for i, e in enumerate(data["models"])]
+    if isinstance(data.get("slices"), list):
+        out["slices"] = [
+            {**s, "sources": [rewrite(e, f"slices[{si}].sources[{j}]") for j, e in enumerate(s["sources"])]}
+            if isinstance(s, dict) and isinstance(s.get("sources"), list) else s
+            for si, s in enumerate(data["slices"])]
+    return out
+
+
+def _check_output(r: Recipe) -> None:
+    o = r.output
+    if o is None or o.format == "hf":
+        if o is not None and (o.combine is not None or o.rank is not None):
+            raise RecipeError("output: 'combine' and 'rank' apply to format: peft only (merges that stay adapters)")
+        return
+    if o.combine is None:
+        raise RecipeError("output: format: peft needs combine: cat, svd or knots")
+    if o.combine == "cat" and o.rank is not None:
+        raise RecipeError("output: combine: cat is exact (the ranks add up) and takes no 'rank'; use svd or knots "
+                          "to truncate")
+    if o.combine in ("svd", "knots") and (o.rank is None or o.rank < 1):
+        raise RecipeError(f"output: combine: {o.combine} needs rank: R (a positive integer), got {o.rank!r}")
+    if r.slices:
+        raise RecipeError("output: format: peft needs a models: recipe (one adapter per model on base_model)")
+    if not r.base_model:
+        raise RecipeError("output: format: peft needs base_model (the base every adapter was trained on)")
+    if r.post:
+        raise RecipeError("output: format: peft does not run post: steps; remove them")
 
 
 def _tokenizer_block_as_source(r: Recipe) -> None:

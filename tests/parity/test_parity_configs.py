@@ -317,7 +317,7 @@ REFUSED: Dict[str, tuple] = {
         "dtype": "float32"}, ["tokens", "issue 18"]),
     "lora_suffix": (lambda f: {
         "models": [{"model": f["e0"] + "+" + f["e1"]}, {"model": f["e1"]}], "merge_method": "linear",
-        "dtype": "float32"}, ["LoRA", "issue 16"]),
+        "dtype": "float32"}, ["is not a PEFT adapter folder", "adapter_config.json"]),
     # mergekit refuses this one too ("Base input is not present")
     "base_not_among_slice_sources": (lambda f: {
         "slices": [{"sources": [_src(f["e0"], 0, 4, weight=0.5), _src(f["e1"], 0, 4, weight=0.5)]}],

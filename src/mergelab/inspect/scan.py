@@ -104,7 +104,7 @@ def inspect_models(
     (``cpu``, ``cuda``, ``cuda:N``); the numbers do not depend on it beyond float rounding. See :mod:`mergelab.inspect.diagnostics`
     for the meaning of every number.
     """
-    from mergelab.io.checkpoint import Checkpoint
+    from mergelab.io.adapted import open_model
     from mergelab.methods.select import cuts_in_memory, flat_offset, keep_count, top_cuts
 
     if not models:
@@ -117,8 +117,8 @@ def inspect_models(
         raise ValueError("chunk_elements must be >= 1")
 
     labels = _labels([base] + list(models))
-    base_ck = Checkpoint.open(str(base), label=labels[0])
-    cks = [Checkpoint.open(str(m), label=lab) for m, lab in zip(models, labels[1:])]
+    base_ck = open_model(str(base), label=labels[0])
+    cks = [open_model(str(m), label=lab) for m, lab in zip(models, labels[1:])]
     k = len(cks)
 
     # ---- validate every header before reading data

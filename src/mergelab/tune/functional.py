@@ -59,9 +59,9 @@ class ModelPool:
 
     def _checkpoint(self, i: int):
         if i not in self._ckpts:
-            from mergelab.io.checkpoint import Checkpoint
+            from mergelab.io.adapted import open_model
 
-            self._ckpts[i] = Checkpoint.open(str(self.sources[i]), label=self.names[i])
+            self._ckpts[i] = open_model(str(self.sources[i]), label=self.names[i])
         return self._ckpts[i]
 
     def tensor_names(self, i: int) -> List[str]:
