@@ -20,6 +20,33 @@ def _parse_value(text: str):
     return yaml.safe_load(text)
 
 
+def extract(
+    base: Path = typer.Argument(..., help="Base model folder."),
+    model: Path = typer.Argument(..., help="Fine-tuned model folder (the task vector is MODEL - BASE)."),
+    out: Path = typer.Option(..., "-o", "--out", help="PEFT LoRA adapter folder to write."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Rank of every module (capped at min(out, in))."),
+    energy: Optional[float] = typer.Option(None, "--energy", help="Or: each module's smallest rank keeping this "
+                                           "fraction of sum(sigma^2), in (0, 1]."),
+    embeddings: str = typer.Option("dense", "--embeddings", help="Embeddings and LM head: dense "
+                                   "(modules_to_save), lora (extracted like linear modules) or skip."),
+    other: str = typer.Option("dense", "--other", help="Other changed tensors (norms...): dense "
+                              "(modules_to_save) or skip."),
+    device: str = typer.Option("cpu", "--device", help="Where the SVDs run: cpu, cuda or cuda:N."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the summary line."),
+) -> None:
+    """Write a PEFT LoRA adapter approximating MODEL - BASE (like mergekit-extract-lora)."""
+    from mergelab.compress.extract import extract as run
+
+    res = run(str(base), str(model), str(out), rank=rank, energy=energy, embeddings=embeddings, other=other,
+              device=device, overwrite=overwrite, log=None if quiet else _echo)
+    worst = max((e["rel_error"] for e in res.modules.values()), default=0.0)
+    typer.echo(f"wrote adapter {res.out}: {len(res.modules)} LoRA modules (ranks "
+               f"{min(e['rank'] for e in res.modules.values())}-{max(e['rank'] for e in res.modules.values())}, "
+               f"largest relative error {worst:.3e}), {len(res.dense)} kept dense, {len(res.skipped)} skipped; "
+               f"per-module report in {res.out / 'mergelab.json'}")
+
+
 def compress(
     base: Path = typer.Argument(..., help="Base model folder (the task vector is MODEL - BASE)."),
     model: Path = typer.Argument(..., help="Fine-tuned model folder."),
@@ -86,7 +113,7 @@ def graft(
     typer.echo(f"grafted {len(packs)} pack(s) onto {base} with {method} into {res.out} in {res.seconds:.1f} s")
 
 
-COMMANDS = (("compress", compress), ("graft", graft))
+COMMANDS = (("extract", extract), ("compress", compress), ("graft", graft))
 
 
 def register(app: typer.Typer) -> None:

@@ -306,6 +306,7 @@ def write_lora(
     overwrite: bool = False,
     extra_config: Optional[dict] = None,
     extra_files: Optional[Mapping[str, str]] = None,
+    extra_tensors: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> Path:
     """Write a PEFT LoRA folder that ``peft.PeftModel.from_pretrained`` loads, atomically.
 
@@ -315,7 +316,9 @@ def write_lora(
     ``r = lora_alpha`` = the largest rank, ``rank_pattern`` / ``alpha_pattern`` for every module whose
     rank / alpha differs, ``target_modules`` = the module paths (exact), ``use_rslora = false``.
     ``embeddings`` names modules stored as ``lora_embedding_A/B`` (delta = (B @ A).T). ``dtype`` casts
-    the factors (default: as given). ``extra_files`` are written too (name -> text).
+    the factors (default: as given). ``extra_files`` are written too (name -> text). ``extra_tensors``
+    are saved under ``base_model.model.<key>`` as given (e.g. ``modules_to_save`` weights
+    ``<M>.weight``, with ``modules_to_save`` set through ``extra_config``).
 
     Everything goes to a temporary folder next to ``folder``, renamed over it at the end: on any error
     nothing is left at ``folder``. An existing ``folder`` is refused unless ``overwrite``.
@@ -339,6 +342,10 @@ def write_lora(
                         else ("lora_A.weight", "lora_B.weight"))
         state[f"{PREFIX}{name}.{a_key}"] = (A.to(dtype) if dtype else A).detach().cpu().contiguous()
         state[f"{PREFIX}{name}.{b_key}"] = (B.to(dtype) if dtype else B).detach().cpu().contiguous()
+    for key, t in (extra_tensors or {}).items():
+        if f"{PREFIX}{key}" in state:
+            raise OutputError(f"cannot write adapter '{folder}': extra tensor '{key}' collides with a factor")
+        state[f"{PREFIX}{key}"] = t.detach().cpu().contiguous()
     r = max(ranks.values())
     alpha_default = float(r)
     if alphas is not None:  # the most common alpha among the modules of rank r, else r
