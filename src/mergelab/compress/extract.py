@@ -39,7 +39,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from mergelab.compress.lowrank import check_rank_choice, relative_error, truncated_svd
-from mergelab.compress.skillpack import check_same_tensors
+from mergelab.compress.inputs import check_same_tensors
 from mergelab.errors import CheckpointError, MergeLabError
 from mergelab.io.checkpoint import Checkpoint
 

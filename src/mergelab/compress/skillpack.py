@@ -54,6 +54,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mergelab.compress import bitdelta
+from mergelab.compress.inputs import check_same_tensors
 from mergelab.compress.lowrank import relative_error, truncated_svd
 from mergelab.compress.quant import FLOAT_BITS, check_bits, dequantize_rows, pack_bits, quantize_rows, unpack_bits
 from mergelab.errors import CheckpointError, MergeLabError
@@ -253,11 +254,6 @@ def _decode(name: str, entry: dict, shape: tuple, get: Callable[[str], torch.Ten
     return full[rows[0]:rows[1]] if rows is not None and full.dim() > 0 else full
 
 
-def _keys_of(name: str, store_keys) -> List[str]:
-    prefix = f"{name}::"
-    return [k for k in store_keys if k.startswith(prefix)]
-
-
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -384,21 +380,6 @@ def base_probe(ck) -> str:
         h.update(name.encode())
         h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def check_same_tensors(base, model) -> None:
-    """Base and model hold the same tensor names with the same shapes; else a clear error naming one."""
-    missing = sorted(set(base.tensors) - set(model.tensors))
-    extra = sorted(set(model.tensors) - set(base.tensors))
-    if missing or extra:
-        name, where = (missing[0], f"missing from model '{model.label}' ({model.path})") if missing else \
-            (extra[0], f"in model '{model.label}' ({model.path}) but not in base '{base.label}' ({base.path})")
-        raise CheckpointError(f"tensor '{name}' is {where}: base and model must hold the same tensors")
-    for name, info in model.tensors.items():
-        if tuple(info.shape) != tuple(base.tensors[name].shape):
-            raise CheckpointError(f"tensor '{name}' has shape {tuple(info.shape)} in model '{model.label}' but "
-                                  f"{tuple(base.tensors[name].shape)} in base '{base.label}': the model must be a "
-                                  f"fine-tune of this base")
 
 
 # --------------------------------------------------------------------------- reading
