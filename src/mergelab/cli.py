@@ -183,6 +183,11 @@ def demo(
     run_demo(workdir, method, out_console)
 
 
+from mergelab.compress.cli import register as _register_compress  # noqa: E402
+
+_register_compress(app)  # extract, compress, graft
+
+
 OPTIONAL_COMMANDS = (
     ("mergelab.evaluate.cli", "evaluate", "Evaluate a checkpoint on a suite, or an LM's perplexity."),
     ("mergelab.bench.cli", "bench", "Prepare experts and run the merge-quality benchmark suite."),

@@ -172,6 +172,7 @@ def merge(
     strict: bool = False,
     space_check: bool = True,
     on_warning: Optional[Callable[[str], None]] = None,
+    checkpoints: Optional[Dict[str, Any]] = None,
 ) -> MergeResult:
     """Merge the checkpoints named by ``recipe`` into the Hugging Face folder ``out``.
 
@@ -187,7 +188,9 @@ def merge(
     them errors. ``space_check`` refuses, before any tensor is read, a merge whose output does not fit
     in the free space of the output's filesystem. A failed write (no space, quota, permission) is an
     :class:`~mergelab.io.writer.OutputWriteError`; the completed shards stay in ``out.partial`` for
-    ``resume``.
+    ``resume``. ``checkpoints`` maps the recipe's model references to opened checkpoints (any object
+    with :class:`~mergelab.io.checkpoint.Checkpoint`'s reading interface, e.g. a SkillPack's
+    :class:`~mergelab.compress.skillpack.PackCheckpoint`); by default each is opened from disk.
     """
     started = time.perf_counter()
     r = load_recipe(recipe)
@@ -199,7 +202,7 @@ def merge(
     shard_bytes = parse_size(shard_size)
     if shard_bytes <= 0:
         raise MergeLabError(f"--shard-size must be positive, got {shard_size}")
-    checkpoints = open_checkpoints(r)
+    checkpoints = open_checkpoints(r) if checkpoints is None else checkpoints
     plan = build_plan(r, checkpoints, strict=strict)
     for line in plan.warnings:
         (on_warning or _warn)(line)

@@ -259,3 +259,50 @@ def pretrain(
     result = run_pretrain(cfg, cache, out, command=command, log=typer.echo, progress=progress, fresh=fresh)
     typer.echo(f"{result.run_dir}: step {result.step}/{steps}; "
                + (f"model in {result.final_dir}" if result.final_dir else "not finished (run again to resume)"))
+
+
+@app.command()
+def compress(
+    suite: str = typer.Option("llmmix", "--suite", help="Suite (llmmix; textmix experts are not causal LMs with "
+                              "a generation harness here)."),
+    size: str = typer.Option("3m", "--size", help="llmmix base size whose experts are compressed."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache root used by `bench prepare`."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (default: the cache's)."),
+    experts_dir: Optional[Path] = typer.Option(None, "--experts-dir", help="Folder of TASK/final expert folders "
+                                               "(default: CACHE/experts-SIZE)."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Experts to compress (comma-separated; default: "
+                                        "every TASK/final found)."),
+    limit: int = typer.Option(50, "--limit", help="Test examples per task."),
+    embed_density: float = typer.Option(1.0, "--embed-density", help="Embedding delta density in every pack."),
+    levels: Optional[str] = typer.Option(None, "--levels", help="GraftLLM pack sizes to run (comma-separated "
+                                         "labels of mergelab.compress.bench.LEVELS; default: all)."),
+    out: Path = typer.Option(Path("bench-out/compress"), "--out", help="Folder for compress.json/.md/.png."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+) -> None:
+    """Size against accuracy: GraftLLM SkillPacks at several sizes, plain low-rank at the same bytes, BitDelta."""
+    from mergelab.compress.bench import LEVELS, bench_compress
+    from mergelab.llmmix.pretrain import base_folder, default_root
+
+    if suite != "llmmix":
+        raise MergeLabError(f"--suite {suite}: bench compress runs on llmmix (its experts are causal LMs)")
+    root = Path(cache) if cache else default_root()
+    folder = Path(experts_dir) if experts_dir else root / f"experts-{size}"
+    base_dir = Path(base) if base else base_folder(size, root)
+    names = _split(tasks) or sorted(p.parent.name for p in folder.glob("*/final") if p.is_dir())
+    experts = {n: folder / n / "final" for n in names}
+    missing = [str(p) for p in experts.values() if not p.is_dir()]
+    if missing or not experts:
+        raise MergeLabError(f"no expert folder {missing[0] if missing else str(folder / '*' / 'final')}: run "
+                            f"`mergelab bench prepare --suite llmmix --size {size}` first")
+    command = "mergelab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:3] == ["bench", "compress"] \
+        else ""
+    chosen = LEVELS
+    if levels:
+        known = {lv[0]: lv for lv in LEVELS}
+        bad = [x for x in _split(levels) if x not in known]
+        if bad:
+            raise MergeLabError(f"--levels: unknown level {bad[0]!r}; known: {', '.join(known)}")
+        chosen = tuple(known[x] for x in _split(levels))
+    bench_compress(base_dir, experts, out, limit=limit, embed_density=embed_density, device=device,
+                   command=command, log=typer.echo, levels=chosen)
+    typer.echo(f"wrote {out / 'compress.json'}, {out / 'compress.md'} and {out / 'compress.png'}")

@@ -137,6 +137,9 @@ class Checkpoint:
                     f"and give the local path"
                 )
             raise CheckpointError(f"model path '{ref}' does not exist")
+        if (path / "skillpack.json").is_file():
+            raise CheckpointError(f"'{ref}' is a SkillPack (made by `mergelab compress`), not a model folder: "
+                                  f"rebuild it on its base with `mergelab graft BASE {ref} -o OUT`")
         if path.is_file():
             if path.suffix != ".safetensors":
                 raise CheckpointError(f"'{ref}' is a file but not a .safetensors file; give a model folder")

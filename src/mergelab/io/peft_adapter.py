@@ -321,6 +321,7 @@ def write_lora(
     extra_config: Optional[dict] = None,
     extra_files: Optional[Mapping[str, str]] = None,
     full: Optional[Mapping[str, torch.Tensor]] = None,
+    extra_tensors: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> Path:
     """Write a PEFT LoRA folder that ``peft.PeftModel.from_pretrained`` loads, atomically.
 
@@ -333,6 +334,9 @@ def write_lora(
     the factors (default: as given). ``extra_files`` are written too (name -> text). ``full`` maps base
     tensor names (``lm_head.weight``) to tensors saved whole, which replace the base's when loaded: their
     modules go to ``modules_to_save`` (PEFT's way of keeping a module dense in an adapter).
+    ``extra_tensors`` (low level)
+    are saved under ``base_model.model.<key>`` exactly as given (e.g. a biased module's ``base_layer.bias``
+    or a tied head's factors); the caller sets the matching config fields through ``extra_config``.
 
     Everything goes to a temporary folder next to ``folder``, renamed over it at the end: on any error
     nothing is left at ``folder``. An existing ``folder`` is refused unless ``overwrite``.
@@ -361,6 +365,10 @@ def write_lora(
         if name.rsplit(".", 1)[0] in modules:
             raise OutputError(f"cannot write adapter '{folder}': '{name}' is both saved whole and given LoRA factors")
         state[f"{PREFIX}{name}"] = (t.to(dtype) if dtype else t).detach().cpu().contiguous()
+    for key, t in (extra_tensors or {}).items():
+        if f"{PREFIX}{key}" in state:
+            raise OutputError(f"cannot write adapter '{folder}': extra tensor '{key}' collides with another tensor")
+        state[f"{PREFIX}{key}"] = t.detach().cpu().contiguous()
     r = max(ranks.values(), default=1)
     alpha_default = float(r)
     if alphas is not None:  # the most common alpha among the modules of rank r, else r
