@@ -256,9 +256,11 @@ class _Plan:
 
 
 def routing_report(folder: Path, cfg: MoEConfig, tok, arch: OutputArch) -> dict:
-    """Where each expert's own positive prompts go in the built MoE: per expert, the share of its
-    prompts' real (non-pad) tokens, over all layers, whose top-1 routed expert is itself, and the same
-    share at each prompt's last token (the position ``hidden`` gates are built from)."""
+    """Where each expert's own positive prompts go in the built MoE. Per expert: the share of its
+    prompts' real (non-pad) tokens, over all layers, whose top-1 routed expert is itself
+    (``share_top1_tokens``); the same share at each prompt's last token, the position ``hidden`` gates
+    are built from (``share_top1_last_token``); and the share of its prompts whose most frequent top-1
+    expert, over their tokens and layers, is itself (``share_prompts_majority``)."""
     from mergelab.moe.stream import StreamedDecoder
 
     model = StreamedDecoder(folder, torch.float32, "output")
@@ -281,10 +283,12 @@ def routing_report(folder: Path, cfg: MoEConfig, tok, arch: OutputArch) -> dict:
         counts = torch.bincount(top1[real], minlength=E)
         last = top1[:, :, -1]
         last_counts = torch.bincount(last.reshape(-1), minlength=E)
+        majority = [int(torch.bincount(top1[:, b][real[:, b]], minlength=E).argmax()) for b in range(top1.shape[1])]
         experts.append({
             "expert": i, "source_model": e.source_model, "prompts": len(e.positive_prompts),
             "share_top1_tokens": float(counts[i]) / max(1, int(counts.sum())),
             "share_top1_last_token": float(last_counts[i]) / max(1, int(last_counts.sum())),
+            "share_prompts_majority": sum(m == i for m in majority) / len(majority),
             "top1_counts_tokens": counts.tolist(),
             "per_layer_share_top1_tokens": [
                 float((top1[l][real[l]] == i).float().mean()) for l in range(top1.shape[0])],
@@ -311,13 +315,16 @@ def build_moe(config_path: Path, out: Path, *, overwrite: bool = False, shard_si
     log(f"{arch.architecture}: {len(cfg.experts)} experts, top-{cfg.experts_per_token}, gates '{cfg.gate_mode}'")
     if cfg.gate_mode in RANDOM_MODES:
         gates = gate_fns.random_gates(inputs.layers, len(need), inputs.hidden, cfg.gate_mode, cfg.seed)
+    elif cfg.gate_mode == "fitted":
+        gates = gate_fns.fitted_gates(cfg.base_model, tok, need, log=log)
     elif cfg.gate_mode == "cheap_embed":
         gates = gate_fns.cheap_embed_gates(cfg.base_model, tok, need, inputs.layers, base_cfg.get("vocab_size"))
     else:
-        gates = gate_fns.hidden_gates(cfg.base_model, tok, need, average=cfg.gate_mode == "hidden_avg", log=log)
+        gates = gate_fns.hidden_gates(cfg.base_model, tok, need, average=cfg.gate_mode == "hidden_avg",
+                                      source=cfg.gate_source, log=log)
     warnings = []
     degenerate = gate_fns.degenerate_layers(gates)
-    if degenerate and cfg.gate_mode not in RANDOM_MODES:
+    if degenerate and cfg.gate_mode not in RANDOM_MODES + ("fitted",):
         warnings.append(f"layers {degenerate} have nearly dependent router rows (condition number > 5): the prompts "
                         f"of different experts are too alike, some experts will be underused")
     plan = _Plan(inputs, dtype, gates)
@@ -340,7 +347,7 @@ def build_moe(config_path: Path, out: Path, *, overwrite: bool = False, shard_si
             (partial / ROUTING_FILE).write_text(json.dumps(report, indent=2) + "\n")
         write_manifest(partial, {
             "command": "moe", "architecture": arch.architecture, "gate_mode": cfg.gate_mode,
-            "experts": [e.source_model for e in cfg.experts],
+            "gate_source": cfg.gate_source, "experts": [e.source_model for e in cfg.experts],
             "shared_experts": [e.source_model for e in cfg.shared_experts],
             "base_model": cfg.base_model, "dtype": str(dtype).replace("torch.", ""), "seed": cfg.seed,
             "warnings": warnings, "versions": versions(), "seconds": time.perf_counter() - started,

@@ -3,7 +3,10 @@
 The keys and their meaning are mergekit-moe 0.1.5's (``mergekit/moe/config.py``): ``base_model``,
 ``experts`` (``source_model``, ``positive_prompts``, ``negative_prompts``, ``noise_scale``,
 ``residual_scale``), ``gate_mode``, ``dtype``, ``experts_per_token``, ``shared_experts`` and
-``architecture``. mergelab adds ``seed`` (for ``random``/``uniform_random`` gates and ``noise_scale``).
+``architecture``. mergelab adds ``seed`` (for ``random``/``uniform_random`` gates and ``noise_scale``)
+and ``gate_source`` for the ``hidden*`` modes: ``residual`` (default, mergekit: the residual stream
+entering each decoder layer) or ``mlp_input`` (the post-attention-norm input of each layer's MLP, what
+the router sees at inference; see :mod:`mergelab.moe.gates`).
 
 Every problem is a :class:`~mergelab.errors.RecipeError` (or :class:`~mergelab.errors.CheckpointError`
 for a model) naming the field at fault, raised before the output folder is created, so nothing is
@@ -32,10 +35,11 @@ import yaml
 
 from mergelab.errors import CheckpointError, RecipeError
 
-GATE_MODES = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random")
+GATE_MODES = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random", "fitted")
 RANDOM_MODES = ("random", "uniform_random")
 TOP_KEYS = ("base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts",
-            "architecture", "seed")
+            "architecture", "seed", "gate_source")
+GATE_SOURCES = ("residual", "mlp_input")
 EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale")
 DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "half": "float16"}
@@ -76,6 +80,7 @@ class MoEConfig:
     shared_experts: List[Expert] = field(default_factory=list)
     architecture: Optional[str] = None
     seed: int = 0
+    gate_source: str = "residual"
     source: str = ""          # the YAML text, written next to the output
     path: Optional[Path] = None
 
@@ -178,6 +183,13 @@ def parse(data, source: str = "", path: Optional[Path] = None) -> MoEConfig:
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise RecipeError(f"seed: expected an integer, got {seed!r}")
+    gate_source = data.get("gate_source", "residual")
+    if gate_source not in GATE_SOURCES:
+        raise RecipeError(f"gate_source: '{gate_source}' is not a gate source; expected one of "
+                          f"{', '.join(GATE_SOURCES)}")
+    if "gate_source" in data and not gate_mode.startswith("hidden"):
+        raise RecipeError(f"gate_source: only the hidden gate modes read hidden states; gate_mode "
+                          f"'{gate_mode}' cannot honour it (remove gate_source)")
     arch = data.get("architecture")
     if arch is not None and not isinstance(arch, str):
         raise RecipeError(f"architecture: expected a name such as 'mixtral' or 'qwen', got {arch!r}")
@@ -186,7 +198,7 @@ def parse(data, source: str = "", path: Optional[Path] = None) -> MoEConfig:
         experts=[_expert(e, f"experts[{i}]", folder) for i, e in enumerate(experts)],
         gate_mode=gate_mode, dtype=dtype, experts_per_token=k,
         shared_experts=[_expert(e, f"shared_experts[{i}]", folder) for i, e in enumerate(shared)],
-        architecture=arch, seed=seed, source=source, path=path,
+        architecture=arch, seed=seed, gate_source=gate_source, source=source, path=path,
     )
     _check(cfg)
     return cfg
@@ -208,6 +220,14 @@ def _check(cfg: MoEConfig) -> None:
     if n > 1 and all((e.positive_prompts, e.negative_prompts) == first for e in cfg.experts[1:]):
         raise RecipeError("experts[*].positive_prompts: every expert has the same positive and negative prompts, "
                           "so every router row would be the same; give each expert prompts of its own task")
+    if cfg.gate_mode == "fitted":
+        for e in cfg.experts:
+            if e.negative_prompts:
+                raise RecipeError(f"{e.where}.negative_prompts: gate_mode 'fitted' fits the router on every expert's "
+                                  f"positive prompts (each is the others' negative); it cannot honour negatives")
+        if cfg.shared_experts:
+            raise RecipeError("shared_experts: gate_mode 'fitted' fits routed experts only; a shared expert's gate "
+                              "needs gate_mode hidden, cheap_embed or random")
     if cfg.shared_experts:
         with_prompts = [bool(e.positive_prompts) for e in cfg.shared_experts]
         if any(with_prompts) and not all(with_prompts):

@@ -11,8 +11,15 @@ For expert e with positive prompts P_e and negative prompts N_e (``mergekit/moe/
   not mask them).
 * ``cheap_embed``: the token embeddings of P_e's real tokens, summed, L2-normalised, the same row
   for every layer; minus N_e's normalised row, normalised again (float32).
+* ``fitted`` (mergelab's, not mergekit's): a least-squares router per layer on the MLP inputs of the
+  prompts' tokens (:func:`fitted_gates`); for prompts that mean-based rows cannot tell apart.
 * ``random``: N(0, 1) rows, not normalised; ``uniform_random``: U(-1/sqrt(H), 1/sqrt(H)). Seeded by the
   config's ``seed`` (mergekit: ``--random-seed``; same stream for the same seed).
+
+``gate_source: mlp_input`` (mergelab's, not mergekit's) takes the same statistics on the input of each
+layer's MLP instead (the post-attention RMSNorm output), which is what the router multiplies at
+inference; mergekit's residual stream before the layer lacks that layer's attention output and the
+norm's gain, so its rows can point away from what the router sees (methods-structural §1.4).
 
 The base model is run layer by layer (:class:`~mergelab.moe.stream.StreamedDecoder`), so memory
 holds one decoder layer, not the model. The returned tensor is [L, experts, H]: row e of layer l is
@@ -101,7 +108,8 @@ def cheap_embed_gates(base: str, tok, experts: List[Expert], layers: int, vocab:
     return torch.stack(rows, dim=0).permute(1, 0, 2)
 
 
-def hidden_gates(base: str, tok, experts: List[Expert], average: bool, log=lambda m: None) -> torch.Tensor:
+def hidden_gates(base: str, tok, experts: List[Expert], average: bool, source: str = "residual",
+                 log=lambda m: None) -> torch.Tensor:
     from mergelab.moe.stream import StreamedDecoder
 
     model = StreamedDecoder(Path(base), torch.bfloat16, "base_model")
@@ -110,7 +118,10 @@ def hidden_gates(base: str, tok, experts: List[Expert], average: bool, log=lambd
     def take(idx: int, h: torch.Tensor) -> None:
         captured.append(h if average else h[:, -1, :])
 
-    model.layer_input = take
+    if source == "mlp_input":
+        model.mlp_input = take
+    else:
+        model.layer_input = take
 
     def stat(prompts: List[str]) -> torch.Tensor:
         captured.clear()
@@ -130,6 +141,39 @@ def hidden_gates(base: str, tok, experts: List[Expert], average: bool, log=lambd
         v /= v.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
         rows.append(v)
     return torch.stack(rows, dim=0).permute(1, 0, 2)
+
+
+def fitted_gates(base: str, tok, experts: List[Expert], ridge: float = 1e-3, log=lambda m: None) -> torch.Tensor:
+    """mergelab's ``fitted`` gates: per layer, the least-squares linear router from the MLP inputs of
+    the prompts' real tokens to their expert's one-hot label, W = (X^T X + lambda I)^-1 X^T Y with
+    lambda = ``ridge`` times the mean of diag(X^T X). X holds every real token (BOS and padding
+    excluded) of every expert's positive prompts, on the input the router multiplies at inference (the
+    post-attention RMSNorm output), base model in float32. Rows of W^T are the router rows."""
+    from mergelab.moe.stream import StreamedDecoder
+
+    model = StreamedDecoder(Path(base), torch.float32, "base_model")
+    captured: List[torch.Tensor] = []
+    model.mlp_input = lambda idx, h: captured.append(h)
+    feats, labels = [], []
+    for i, e in enumerate(experts):
+        log(f"router prompts of {e.where} ({len(e.positive_prompts)} positive)")
+        enc = tokenize(tok, e.positive_prompts)
+        captured.clear()
+        model.forward(**enc)
+        real = enc["attention_mask"].bool().clone()
+        first = real.int().argmax(dim=1)  # the prepended BOS of each prompt: the same for every expert
+        real[torch.arange(real.shape[0]), first] = False
+        feats.append(torch.stack([h[real] for h in captured]))  # [L, N_i, H]
+        labels.append(torch.full((feats[-1].shape[1],), i))
+    X = torch.cat(feats, dim=1).double()
+    Y = torch.nn.functional.one_hot(torch.cat(labels), len(experts)).double()
+    rows = []
+    for l in range(X.shape[0]):
+        gram = X[l].T @ X[l]
+        lam = ridge * float(gram.diagonal().mean())
+        W = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), X[l].T @ Y)
+        rows.append(W.T.float())
+    return torch.stack(rows)
 
 
 def degenerate_layers(gates: torch.Tensor, threshold: float = 5.0) -> List[int]:

@@ -23,8 +23,9 @@ from mergelab.io.checkpoint import Checkpoint
 class StreamedDecoder:
     """The decoder stack (``AutoModel``, no LM head) of the HF folder ``folder`` in ``dtype``.
 
-    ``on_layer_input(l, hidden_states)`` is called with the residual stream entering decoder layer
-    ``l``; ``on_module_output`` maps a sub-module suffix (e.g. ``"mlp.gate"``) to a callback
+    ``layer_input(l, hidden_states)`` is called with the residual stream entering decoder layer ``l``,
+    ``mlp_input(l, hidden_states)`` with the input of its MLP (after attention and its norm);
+    ``module_output`` maps a sub-module suffix (e.g. ``"mlp.gate"``) to a callback
     ``(l, output)`` called with that sub-module's output in layer ``l``.
     """
 
@@ -58,10 +59,12 @@ class StreamedDecoder:
             if t.is_meta and not name.startswith("layers."):
                 raise CheckpointError(f"{label}: '{folder}' has no tensor for '{self.prefix}{name}'")
         self.layer_input: Optional[Callable] = None
+        self.mlp_input: Optional[Callable] = None
         self.module_output: Dict[str, Callable] = {}
         for idx, layer in enumerate(self.layers):
             layer.register_forward_pre_hook(self._loader(idx))
             layer.register_forward_hook(self._unloader(idx))
+            layer.mlp.register_forward_pre_hook(self._mlp_recorder(idx))
             for suffix in ("mlp.gate",):
                 try:
                     sub = layer.get_submodule(suffix)
@@ -87,6 +90,12 @@ class StreamedDecoder:
     def _unloader(self, idx: int):
         def hook(layer, args, output):
             layer.to_empty(device="meta")
+        return hook
+
+    def _mlp_recorder(self, idx: int):
+        def hook(module, args):
+            if self.mlp_input is not None:
+                self.mlp_input(idx, args[0])
         return hook
 
     def _recorder(self, idx: int, suffix: str):
