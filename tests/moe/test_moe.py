@@ -275,3 +275,75 @@ def test_bad_inputs_name_the_field_and_write_nothing(llama, qwen, tmp_path, caps
     # a bias the output cannot hold (Llama attention_bias -> Mixtral)
     biased = make_family(tmp_path / "biased", "llama", experts=2, attention_bias=True)
     refused(llama_cfg(biased), "base_model: tensor", "is an attention bias, which MixtralForCausalLM cannot hold")
+
+
+def _mlp_inputs(base: Path, prompts, dtype):
+    """Per layer, the MLP input of every position (hooks on a fully loaded transformers model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.padding_side = "left"
+    tok.pad_token_id = tok.bos_token_id
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).eval()
+    seen = {}
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, l=l: seen.__setitem__(l, a[0]))
+             for l, layer in enumerate(model.model.layers)]
+    enc = tok([tok.bos_token + p for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        model(**enc)
+    for h in hooks:
+        h.remove()
+    return [seen[l] for l in range(len(seen))], enc["attention_mask"]
+
+
+def test_gate_source_mlp_input(llama, tmp_path):
+    cfg = llama_cfg(llama, gate_source="mlp_input")
+    out = tmp_path / "mi"
+    assert run_cli(["moe", write(tmp_path / "mi.yml", cfg), "-o", out, "-q", "--no-routing-report"])[0] == 0
+    got = tensors(out)
+
+    def row(prompts):
+        states, _ = _mlp_inputs(llama[0], prompts, torch.bfloat16)
+        return torch.stack([s[:, -1, :].sum(0) / len(prompts) for s in states])
+
+    neg = row(STRINGS) - row(["hello"])
+    want = [row(ARITH), neg]
+    for l in range(2):
+        w = torch.stack([v[l] / v[l].norm().clamp(min=1e-8) for v in want]).float()
+        torch.testing.assert_close(got[f"model.layers.{l}.mlp.gate.weight"], w, rtol=1e-2, atol=1e-2)
+        # and not mergekit's residual rows
+        assert not torch.allclose(got[f"model.layers.{l}.mlp.gate.weight"], hidden_oracle(llama[0], ARITH)[l].float())
+
+
+def test_fitted_gates_are_the_least_squares_router(llama, tmp_path):
+    cfg = llama_cfg(llama, gate_mode="fitted")
+    del cfg["experts"][1]["negative_prompts"]
+    out = tmp_path / "fit"
+    assert run_cli(["moe", write(tmp_path / "fit.yml", cfg), "-o", out, "-q", "--no-routing-report"])[0] == 0
+    got = tensors(out)
+    X, Y = [[], []], []
+    for i, prompts in enumerate((ARITH, STRINGS)):
+        states, mask = _mlp_inputs(llama[0], prompts, torch.float32)
+        mask = mask.bool().clone()
+        mask[torch.arange(mask.shape[0]), mask.int().argmax(1)] = False  # drop the BOS position
+        for l in range(2):
+            X[l].append(states[l][mask])
+        Y += [i] * int(mask.sum())
+    Y = torch.nn.functional.one_hot(torch.tensor(Y), 2).double()
+    for l in range(2):
+        x = torch.cat(X[l]).double()
+        gram = x.T @ x
+        w = torch.linalg.lstsq(torch.cat([x, (1e-3 * gram.diagonal().mean()).sqrt() * torch.eye(32, dtype=x.dtype)]),
+                               torch.cat([Y, torch.zeros(32, 2, dtype=Y.dtype)])).solution
+        torch.testing.assert_close(got[f"model.layers.{l}.mlp.gate.weight"], w.T.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_extensions_refuse_what_they_cannot_honour(llama, tmp_path, capsys):
+    def refused(cfg, needle):
+        code, _, err = run_cli(["moe", write(tmp_path / "x.yml", cfg), "-o", tmp_path / "never"], capsys)
+        assert code != 0 and needle in " ".join(err.split()), err
+        assert not (tmp_path / "never").exists()
+
+    refused(llama_cfg(llama, gate_mode="cheap_embed", gate_source="mlp_input"), "gate_source: only the hidden")
+    refused(llama_cfg(llama, gate_source="mlp"), "gate_source: 'mlp'")
+    refused(llama_cfg(llama, gate_mode="fitted"), "experts[1].negative_prompts: gate_mode 'fitted'")
