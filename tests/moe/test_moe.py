@@ -347,3 +347,23 @@ def test_extensions_refuse_what_they_cannot_honour(llama, tmp_path, capsys):
     refused(llama_cfg(llama, gate_mode="cheap_embed", gate_source="mlp_input"), "gate_source: only the hidden")
     refused(llama_cfg(llama, gate_source="mlp"), "gate_source: 'mlp'")
     refused(llama_cfg(llama, gate_mode="fitted"), "experts[1].negative_prompts: gate_mode 'fitted'")
+
+
+def test_qwen3_moe_from_qwen3(tmp_path):
+    fam = make_family(tmp_path / "q3", "qwen3", experts=2, seed=4)
+    cfg = {"base_model": str(fam[0]), "experts_per_token": 1,
+           "experts": [{"source_model": str(fam[1]), "positive_prompts": ARITH},
+                       {"source_model": str(fam[2]), "positive_prompts": STRINGS}]}
+    out = tmp_path / "q3moe"
+    code, _, err = run_cli(["moe", write(tmp_path / "q3.yml", cfg), "-o", out, "-q"])
+    assert code == 0, err
+    c = json.loads((out / "config.json").read_text())
+    assert c["architectures"] == ["Qwen3MoeForCausalLM"] and c["head_dim"] == 16
+    assert c.get("num_experts", c.get("num_local_experts")) == 2
+    got, base = tensors(out), tensors(fam[0])
+    assert torch.equal(got["model.layers.1.self_attn.q_norm.weight"], base["model.layers.1.self_attn.q_norm.weight"])
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(model).__name__ == "Qwen3MoeForCausalLM"
+    assert model.generate(torch.tensor([[1, 40, 41]]), max_new_tokens=3, do_sample=False).shape == (1, 6)

@@ -1,7 +1,8 @@
 """``mergelab moe`` against ``mergekit-moe`` 0.1.5 on the same configs: every tensor equal bit for bit.
 
-Cases: Llama experts -> Mixtral with ``hidden`` (bfloat16 forward, negative prompts), ``cheap_embed`` and
-seeded ``random`` gates; Qwen2 experts (q/k/v biases, tied embeddings) -> Qwen2-MoE with a shared expert
+Cases: Llama experts -> Mixtral with ``hidden`` (bfloat16 forward, negative prompts), ``hidden_avg``,
+``cheap_embed`` and seeded ``random`` / ``uniform_random`` gates; Qwen3 experts (explicit ``head_dim``,
+q/k norms) -> Qwen3-MoE; Qwen2 experts (q/k/v biases, tied embeddings) -> Qwen2-MoE with a shared expert
 and ``residual_scale``; Llama experts -> Qwen2-MoE (``architecture: qwen``, zero q/k/v biases). mergekit
 writes Qwen2-MoE experts per expert (``mlp.experts.{e}.gate_proj.weight``), which transformers packs on
 load; the test packs them the same way (gate rows first) before comparing. mergekit-moe 0.1.5 cannot
@@ -40,7 +41,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def cases(llama, qwen):
+def cases(llama, qwen, qwen3):
     llama_experts = [{"source_model": str(llama[1]), "positive_prompts": ARITH, "negative_prompts": ["hi"]},
                      {"source_model": str(llama[2]), "positive_prompts": STRINGS}]
     qwen_experts = [{"source_model": str(qwen[1]), "positive_prompts": ARITH},
@@ -57,6 +58,13 @@ def cases(llama, qwen):
                               []),
         "llama_random": ({"base_model": str(llama[0]), "gate_mode": "random", "seed": 7,
                           "experts": llama_experts}, ["--random-seed", "7"]),
+        "llama_uniform_random": ({"base_model": str(llama[0]), "gate_mode": "uniform_random", "seed": 3,
+                                  "experts": llama_experts}, ["--random-seed", "3"]),
+        "llama_hidden_avg": ({"base_model": str(llama[0]), "gate_mode": "hidden_avg", "experts": llama_experts},
+                             []),
+        "qwen3_hidden": ({"base_model": str(qwen3[0]), "gate_mode": "hidden", "dtype": "bfloat16",
+                          "experts": [dict(e, source_model=str(qwen3[i + 1])) for i, e in enumerate(llama_experts)]},
+                         []),
         "qwen_hidden": ({"base_model": str(qwen[0]), "gate_mode": "hidden", "experts_per_token": 2,
                          "experts": qwen_experts, "shared_experts": shared_q}, []),
         "qwen_cheap_embed": ({"base_model": str(qwen[0]), "gate_mode": "cheap_embed", "dtype": "bfloat16",
@@ -92,8 +100,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("moeparity")
     llama = make_family(root / "llama", "llama", experts=2, tie=True, rope=ROPE)
     qwen = make_family(root / "qwen", "qwen2", experts=3, tie=True, seed=3)
+    qwen3 = make_family(root / "qwen3", "qwen3", experts=2, seed=4)
     spec, made = [], {}
-    for name, (cfg, extra) in cases(llama, qwen).items():
+    for name, (cfg, extra) in cases(llama, qwen, qwen3).items():
         path = write(root / f"{name}.yml", cfg)
         mk_cfg = {k: v for k, v in cfg.items() if k != "seed"}  # mergekit has no seed key (--random-seed)
         spec.append([str(write(root / f"{name}.mk.yml", mk_cfg)), str(root / "mk" / name), extra])
@@ -109,7 +118,8 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["llama_hidden", "llama_hidden_bf16", "llama_cheap_embed", "llama_random",
-                                  "qwen_hidden", "qwen_cheap_embed", "llama_to_qwen"])
+                                  "llama_uniform_random", "llama_hidden_avg", "qwen_hidden", "qwen_cheap_embed",
+                                  "llama_to_qwen", "qwen3_hidden"])
 def test_tensors_and_config_equal_mergekit_moe(runs, case):
     ours, theirs = runs[case]
     a, b = tensors(ours), packed(tensors(theirs), 2)

@@ -26,7 +26,8 @@ def make_family(root: Path, kind: str = "llama", experts: int = 2, tie: bool = F
                 dtype=torch.float32, layers: int = 2, hidden: int = 32, intermediate: int = 48,
                 attention_bias: bool = False) -> List[Path]:
     """``root/base`` and ``root/expert_<i>``; returns their paths, base first."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
     tok = tokenizer()
     common = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
@@ -37,8 +38,10 @@ def make_family(root: Path, kind: str = "llama", experts: int = 2, tie: bool = F
         common["rope_parameters"] = rope
     if kind == "llama":
         cfg, cls = LlamaConfig(attention_bias=attention_bias, **common), LlamaForCausalLM
-    else:
+    elif kind == "qwen2":
         cfg, cls = Qwen2Config(**common), Qwen2ForCausalLM
+    else:
+        cfg, cls = Qwen3Config(head_dim=16, **common), Qwen3ForCausalLM  # head_dim != hidden / heads
     torch.manual_seed(seed)
     base = cls(cfg).eval()
     with torch.no_grad():

@@ -308,7 +308,9 @@ def build_moe(config_path: Path, out: Path, *, overwrite: bool = False, shard_si
     base_cfg = inputs.configs["base_model"]
     dtype = _out_dtype(cfg, base_cfg)
     out_config = _output_config(arch, cfg, cfg.base_model, dtype, inputs)
-    tok = gate_fns.load_tokenizer(cfg.base_model)
+    has_prompts = any(e.positive_prompts for e in cfg.experts)
+    tok = gate_fns.load_tokenizer(cfg.base_model) if cfg.gate_mode not in RANDOM_MODES or (routing and has_prompts) \
+        else None
     need = list(cfg.experts)
     if cfg.shared_experts and (cfg.shared_experts[0].positive_prompts or cfg.gate_mode in RANDOM_MODES):
         need += cfg.shared_experts
@@ -341,7 +343,7 @@ def build_moe(config_path: Path, out: Path, *, overwrite: bool = False, shard_si
         copy_donor_files(Path(cfg.base_model), partial)
         (partial / "mergekit_moe_config.yml").write_text(cfg.source)
         report = None
-        if routing and any(e.positive_prompts for e in cfg.experts):
+        if routing and has_prompts:
             log("routing each expert's prompts through the MoE ...")
             report = routing_report(partial, cfg, tok, arch)
             (partial / ROUTING_FILE).write_text(json.dumps(report, indent=2) + "\n")
