@@ -193,6 +193,8 @@ OPTIONAL_COMMANDS = (
     ("mergelab.bench.cli", "bench", "Prepare experts and run the merge-quality benchmark suite."),
     ("mergelab.inspect.cli", "inspect", "Task-vector diagnostics: norms, sparsity, similarity, conflicts."),
     ("mergelab.calibrate.cli", "calibrate", "Collect calibration statistics (Gram matrices, Fisher)."),
+    ("mergelab.moe.cli", "moe", "Build a mixture of experts (Mixtral, Qwen2-MoE) from dense experts, "
+                                "mergekit-moe's YAML."),
     ("mergelab.tune.cli", "tune", "Merges that learn coefficients in memory (RegMean++, AdaMerging, "
                                   "Expert Merging, FW-Merging), their benchmark and the pool-scaling study."),
 )

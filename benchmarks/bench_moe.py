@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""Wall time and peak memory of ``mergelab moe`` against ``mergekit-moe`` (0.1.5) on the same config files.
+
+What it does, in one run:
+
+1. Writes a synthetic Llama base and ``--experts`` experts (:func:`mergelab.synthetic.make_llama_family`,
+   bf16) plus a small byte-level BPE tokenizer into ``--workdir`` (default ``bench-out/moe``), reused later.
+   Default size: hidden 512, 8 layers, intermediate 1408, vocab 32000 (about 50 M parameters per model).
+2. Writes one mergekit-moe YAML per gate mode (``hidden``, ``cheap_embed``), four prompts per expert, and
+   gives the *same file* to both tools.
+3. Runs each tool as its own process, ``--runs`` times per mode (median reported), alternating which goes
+   first; wall time around the process and its own peak RSS (``ru_maxrss`` of the reaped child, measured
+   from a tiny wrapper: ``bench_vs_mergekit.measure``). mergelab runs with ``--no-routing-report`` (mergekit
+   has no such check) and once more with it, reported on its own row.
+4. Checks that both outputs have the same tensors (bit for bit; mergekit's Qwen2-MoE per-expert layout does
+   not occur here: the outputs are Mixtral), prints a table with ratios (mergekit / mergelab) and writes
+   it to ``<workdir>/results-<time>.json``.
+
+Example (a few minutes on 2 cores)::
+
+    .venv/bin/python benchmarks/bench_moe.py --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_vs_mergekit import REPO, measure, mergelab_command  # noqa: E402
+
+PROMPTS = {
+    0: ["What is 17 + 25?", "Compute 3 * 14 - 5.", "How much is 120 / 8?", "Add 45 and 99."],
+    1: ["Reverse the string 'hello'.", "Write 'kitten' in capital letters.", "Sort the letters of 'banana'.",
+        "Count the vowels in 'education'."],
+    2: ["What does print(len('abc')) output?", "def f(x): return x * 2\nprint(f(4))",
+        "for i in range(3): print(i)", "x = [1, 2]; x.append(3); print(x)"],
+    3: ["Translate 'bonjour' to English.", "What is the German word for dog?", "Say 'thank you' in Spanish.",
+        "How do you write 'cat' in French?"],
+}
+
+
+def make_models(workdir: Path, experts: int, hidden: int, layers: int, intermediate: int, vocab: int) -> list:
+    spec = dict(experts=experts, hidden=hidden, layers=layers, intermediate=intermediate, vocab=vocab,
+                dtype="bfloat16")
+    root = workdir / "models"
+    marker = root / "spec.json"
+    paths = [root / "base"] + [root / f"expert_{i}" for i in range(experts)]
+    if marker.is_file() and json.loads(marker.read_text()) == spec:
+        return paths
+    shutil.rmtree(root, ignore_errors=True)
+    print(f"writing synthetic models {spec} ...", flush=True)
+    code = (f"from pathlib import Path; from mergelab.synthetic import make_llama_family; "
+            f"make_llama_family(Path({str(root)!r}), **{spec!r})")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([p for ps in PROMPTS.values() for p in ps] * 4,
+                           trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                               show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    for p in paths:
+        tok.save_pretrained(p)
+        cfg = json.loads((p / "config.json").read_text())
+        cfg.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        (p / "config.json").write_text(json.dumps(cfg, indent=2))
+    marker.write_text(json.dumps(spec))
+    return paths
+
+
+def find_mergekit_moe() -> Path:
+    candidates = []
+    if os.environ.get("MERGEKIT_PYTHON"):
+        candidates.append(Path(os.environ["MERGEKIT_PYTHON"]).parent / "mergekit-moe")
+    candidates.append(REPO / ".venv-mergekit" / "bin" / "mergekit-moe")
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise SystemExit("mergekit-moe not found (tried: " + ", ".join(map(str, candidates)) + "); run "
+                     "benchmarks/setup_mergekit_venv.sh or set MERGEKIT_PYTHON")
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    import torch
+    from safetensors.torch import load_file
+
+    def load(folder):
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
+
+    x, y = load(a), load(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", default=str(REPO / "bench-out" / "moe"))
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--experts", type=int, default=4, choices=[2, 3, 4])
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--intermediate", type=int, default=1408)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--modes", default="hidden,cheap_embed")
+    args = ap.parse_args()
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = make_models(workdir, args.experts, args.hidden, args.layers, args.intermediate, args.vocab)
+    mk = find_mergekit_moe()
+    rows = []
+    for mode in args.modes.split(","):
+        cfg = {"base_model": str(paths[0]), "gate_mode": mode, "dtype": "bfloat16", "experts_per_token": 2,
+               "experts": [{"source_model": str(p), "positive_prompts": PROMPTS[i]} for i, p in enumerate(paths[1:])]}
+        recipe = workdir / f"moe-{mode}.yml"
+        import yaml
+
+        recipe.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        outs = {t: workdir / "out" / f"{t}-{mode}" for t in ("mergelab", "mergekit", "mergelab+report")}
+        cmds = {
+            "mergelab": mergelab_command() + ["moe", str(recipe), "-o", str(outs["mergelab"]), "--overwrite", "-q",
+                                              "--no-routing-report"],
+            "mergelab+report": mergelab_command() + ["moe", str(recipe), "-o", str(outs["mergelab+report"]),
+                                                     "--overwrite", "-q"],
+            "mergekit": [str(mk), str(recipe), str(outs["mergekit"])],
+        }
+        res = {t: [] for t in cmds}
+        for r in range(args.runs):
+            order = ["mergelab", "mergekit"] if r % 2 == 0 else ["mergekit", "mergelab"]
+            for tool in order + ["mergelab+report"]:
+                shutil.rmtree(outs[tool], ignore_errors=True)
+                log = workdir / "logs" / f"{tool}-{mode}-{r}.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                seconds, peak, code, cpu = measure(cmds[tool], log, workdir)
+                if code != 0:
+                    raise SystemExit(f"{tool} failed on {mode}; see {log}")
+                res[tool].append((seconds, peak))
+            equal = same_tensors(outs["mergelab"], outs["mergekit"])
+        for tool, runs in res.items():
+            rows.append({"mode": mode, "tool": tool, "seconds": statistics.median(s for s, _ in runs),
+                         "peak_bytes": statistics.median(p for _, p in runs), "runs": len(runs),
+                         "tensors_equal_mergekit": equal if tool == "mergelab" else None})
+        for o in outs.values():
+            shutil.rmtree(o, ignore_errors=True)
+    print(f"\n{'mode':<12} {'tool':<16} {'wall s':>8} {'peak MB':>9}")
+    for r in rows:
+        print(f"{r['mode']:<12} {r['tool']:<16} {r['seconds']:8.2f} {r['peak_bytes'] / 1e6:9.0f}")
+    print()
+    for mode in args.modes.split(","):
+        ml = next(r for r in rows if r["mode"] == mode and r["tool"] == "mergelab")
+        mk_ = next(r for r in rows if r["mode"] == mode and r["tool"] == "mergekit")
+        print(f"{mode}: mergekit/mergelab wall {mk_['seconds'] / ml['seconds']:.2f}x, peak memory "
+              f"{mk_['peak_bytes'] / ml['peak_bytes']:.2f}x; tensors equal: {ml['tensors_equal_mergekit']}")
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    (workdir / f"results-{stamp}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
