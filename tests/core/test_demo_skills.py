@@ -42,13 +42,15 @@ def test_experts_learn_their_task_and_every_model_is_scored(demo):
     assert res.base_source == "given" and sorted(res.merges) == ["task_arithmetic", "ties", "tsv"]
     rec = json.loads((root / "work" / "demo.json").read_text())
     assert rec["accuracy"] == res.accuracy and rec["config"]["tasks"] == list(TASKS)
+    prep = json.loads((root / "cache" / "experts-tiny" / "prepare.json").read_text())
+    assert prep["base_source"] == "given" and sorted(prep["models"]) == sorted(TASKS)  # no multi-task model
     assert len(res.answers) == 2 and {a["task"] for a in res.answers} == set(TASKS)
     assert all(set(a["predictions"]) == set(LABELS) for a in res.answers)
 
 
 def test_recipes_merge_as_written(demo):
-    """Task arithmetic with lambda 1 and weights 1: merged = base + sum of the task vectors (an oracle
-    computed here from the folders' tensors); TIES keeps at most the base plus the experts' entries."""
+    """Task arithmetic with the demo's lambda (0.7) and weights 1: merged = base + 0.7 * the sum of the task
+    vectors (an oracle computed here from the folders' tensors); the TIES recipe names the experts."""
     from safetensors.torch import load_file
 
     root, res, _ = demo
@@ -56,7 +58,7 @@ def test_recipes_merge_as_written(demo):
     experts = [load_file(str(res.experts[t] / "model.safetensors")) for t in TASKS]
     ta = load_file(str(res.merges["task_arithmetic"] / "model.safetensors"))
     for name, b in base.items():
-        want = b + sum(e[name] - b for e in experts)
+        want = b + 0.7 * sum(e[name] - b for e in experts)
         torch.testing.assert_close(ta[name], want, rtol=1e-6, atol=1e-6)
     recipe = (root / "work" / "recipes" / "ties.yaml").read_text()
     assert "merge_method: ties" in recipe and str(res.experts["refusal"]) in recipe and "density: 0.5" in recipe
