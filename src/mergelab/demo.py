@@ -113,6 +113,7 @@ def run_demo(workdir: Path = Path("mergelab-demo"), cache: Optional[Path] = None
     ``base_dir`` replaces the llmmix base (tests use a tiny one)."""
     import torch
     from rich.console import Console
+    from rich.markup import escape
 
     from mergelab.llmmix.finetune import FinetuneConfig
     from mergelab.llmmix.generate import evaluate_task, load_causal_lm
@@ -145,11 +146,11 @@ def run_demo(workdir: Path = Path("mergelab-demo"), cache: Optional[Path] = None
         else:
             base, source = find_base(cfg.size)
         where = {"shipped": "shipped inside mergelab", "cache": "from the llmmix cache"}.get(source, "given")
-        console.print(f"[bold]1. base[/bold]  {base}  ({where})")
+        console.print(f"[bold]1. base[/bold]  {escape(str(base))}  ({where})")
 
         # 2. experts
         console.print(f"[bold]2. experts[/bold]  one full fine-tune per task, {cfg.steps} steps of "
-                      f"{cfg.batch_size} examples, cached in {cache}")
+                      f"{cfg.batch_size} examples, cached in {escape(str(cache))}")
         t0 = time.perf_counter()
         ft = FinetuneConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                             eval_limit=cfg.eval_limit, checkpoint_every=max(cfg.steps, 1), threads=cfg.threads)
@@ -166,7 +167,8 @@ def run_demo(workdir: Path = Path("mergelab-demo"), cache: Optional[Path] = None
             recipe = write_recipe(m, base, [experts[t] for t in cfg.tasks], workdir / "recipes" / f"{m}.yaml")
             out = workdir / f"merged-{m}"
             res = merge(recipe, out, overwrite=True)
-            console.print(f"[bold]3. merge[/bold]  mergelab merge {recipe} -o {out}   ({_method(m)[1]}, "
+            console.print(f"[bold]3. merge[/bold]  mergelab merge {escape(str(recipe))} -o {escape(str(out))}   "
+                          f"({_method(m)[1]}, "
                           f"{res.seconds:.1f} s)")
             merges[m] = out
         t_merge = time.perf_counter() - t0
@@ -196,10 +198,10 @@ def run_demo(workdir: Path = Path("mergelab-demo"), cache: Optional[Path] = None
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "demo.json").write_text(json.dumps({"config": asdict(cfg), **result.to_json()}, indent=2,
                                                       ensure_ascii=False) + "\n", encoding="utf-8")
-        console.print(_summary(accuracy, list(cfg.tasks), [_method(m)[1] for m in cfg.methods]))
+        console.print(_summary(accuracy, list(cfg.tasks), [_method(m)[1] for m in cfg.methods]), markup=False)
         console.print(f"done in {seconds['total']:.0f} s (experts {seconds['experts']:.0f} s"
                       f"{', reused from the cache' if not prep.trained else ''}, merges {seconds['merges']:.0f} s, "
-                      f"evaluation {seconds['evaluation']:.0f} s); results in {workdir / 'demo.json'}. "
+                      f"evaluation {seconds['evaluation']:.0f} s); results in {escape(str(workdir / 'demo.json'))}. "
                       "Tuned coefficients and every method: mergelab bench run --suite llmmix (docs/llmmix.md).")
         return result
     finally:

@@ -120,9 +120,9 @@ def prepare(size: str = "3m", root: Optional[Path] = None, cfg: FinetuneConfig =
     result.seconds = time.time() - t0
     old = json.loads((folder / "prepare.json").read_text(encoding="utf-8")) if (folder / "prepare.json").is_file() else {}
     models = {**(old.get("models", {}) if old.get("base") == str(base_dir) else {}), **result.models}
-    summary = {"size": size, "base": str(base_dir), "base_source": source, "command": command, "tasks": [t.name for t in built],
-               "models": models, "last_run": {"trained": result.trained, "skipped": result.skipped,
-                                                     "seconds": round(result.seconds, 1)}}
+    summary = {"size": size, "base": str(base_dir), "base_source": source, "command": command,
+               "tasks": [t.name for t in built], "models": models,
+               "last_run": {"trained": result.trained, "skipped": result.skipped, "seconds": round(result.seconds, 1)}}
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "prepare.json", summary)
     return result
