@@ -81,3 +81,14 @@ def test_cache_wins_else_shipped(shipped, tmp_path):
     assert base_source(cached) == "cache"
     with pytest.raises(PretrainError, match="mergelab bench pretrain --size 20m"):
         base_folder("20m", tmp_path)  # no 20m ships
+
+
+def test_perplexity_text_of_the_shipped_base(shipped, tmp_path):
+    """bench run's collapse guard reads the held-out split of the base's corpus; with the shipped base and
+    no corpus in the cache that is the shipped heldout.jsonl, whose documents are that split's first ones."""
+    from mergelab.llmmix.run import heldout_text
+
+    docs = [json.loads(line)["text"] for line in (shipped / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    text, source = heldout_text(tmp_path, chars=20_000, base_dir=shipped)
+    assert text == "\n\n".join(docs)[:20_000] and len(text) == 20_000
+    assert source.endswith("heldout.jsonl")
