@@ -171,6 +171,8 @@ def demo(
                                       help="Test examples per task scored for every model."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (1 is often fastest on a "
                                           "busy machine)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Fine-tune from this base folder instead of the "
+                                        "3m base shipped in the package."),
     synthetic: bool = typer.Option(False, "--synthetic", help="The older demo instead: synthetic experts, and "
                                    "how much of each expert's weight change the merges keep."),
     method: str = typer.Option("all", "--method", help="--synthetic only: merge method to demonstrate, or 'all'."),
@@ -188,7 +190,7 @@ def demo(
 
     cfg = dataclasses.replace(DEMO_DEFAULTS, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
                               steps=steps, test_examples=test_examples, threads=threads)
-    run_demo(workdir, cache, cfg, console=out_console)
+    run_demo(workdir, cache, cfg, base_dir=base, console=out_console)
 
 
 OPTIONAL_COMMANDS = (

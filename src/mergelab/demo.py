@@ -1,7 +1,8 @@
 """``mergelab demo``: merge language-model experts that have real skills, and measure what each merge keeps.
 
-1. **Base**: the ``llmmix`` base of ``size`` (``3m``): the cache's when it has one, else the one shipped
-   inside the package (:func:`mergelab.llmmix.pretrain.find_base`).
+1. **Base**: the ``llmmix`` base of ``size`` (``3m``) shipped inside the package, so that every machine
+   starts from the same weights (``base_dir`` / ``--base`` picks another; a size that does not ship
+   falls back to the cache's, :func:`mergelab.llmmix.pretrain.find_base`).
 2. **Experts**: one short full fine-tune of the base per demo task (``bench prepare --suite llmmix``'s
    machinery, :func:`mergelab.llmmix.prepare.prepare`, without the multi-task model), kept in the demo
    cache (``--cache``, else ``$MERGELAB_CACHE/demo``, else ``~/.cache/mergelab/demo``), so a second run
@@ -110,7 +111,7 @@ def run_demo(workdir: Path = Path("mergelab-demo"), cache: Optional[Path] = None
              base_dir: Optional[Path] = None, console=None, progress: bool = True) -> DemoResult:
     """Fine-tune (or reuse) the experts, merge them with each method, measure everything; see the module doc.
 
-    ``base_dir`` replaces the llmmix base (tests use a tiny one)."""
+    ``base_dir`` replaces the shipped base (tests use a tiny one)."""
     import torch
     from rich.console import Console
     from rich.markup import escape
@@ -118,7 +119,7 @@ def run_demo(workdir: Path = Path("mergelab-demo"), cache: Optional[Path] = None
     from mergelab.llmmix.finetune import FinetuneConfig
     from mergelab.llmmix.generate import evaluate_task, load_causal_lm
     from mergelab.llmmix.prepare import prepare
-    from mergelab.llmmix.pretrain import base_source, find_base
+    from mergelab.llmmix.pretrain import base_source, find_base, shipped_base
     from mergelab.llmmix.tasks import build_task, get_spec
     from mergelab.merge import merge
 
@@ -143,6 +144,8 @@ def run_demo(workdir: Path = Path("mergelab-demo"), cache: Optional[Path] = None
     try:
         if base_dir is not None:
             base, source = Path(base_dir), base_source(Path(base_dir))
+        elif shipped_base(cfg.size) is not None:
+            base, source = shipped_base(cfg.size), "shipped"
         else:
             base, source = find_base(cfg.size)
         where = {"shipped": "shipped inside mergelab", "cache": "from the llmmix cache"}.get(source, "given")

@@ -106,3 +106,24 @@ def test_cli_refuses_a_held_out_task(tmp_path, capsys):
                               "--cache", tmp_path / "c"], capsys)
     assert code == 2 and "letter_count held out" in err and "Traceback" not in err
     assert not (tmp_path / "w").exists() and not (tmp_path / "c").exists()
+
+
+def test_default_base_is_the_shipped_one(tmp_path, monkeypatch):
+    """Without --base the demo fine-tunes from the base shipped in the package, whatever the cache holds."""
+    import mergelab.llmmix.prepare as prep
+    from mergelab.llmmix.pretrain import shipped_base
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_prepare(size, root, cfg, base_dir=None, **kw):
+        seen.update(size=size, base=base_dir, root=root, steps=cfg.steps)
+        raise Stop
+
+    monkeypatch.setattr(prep, "prepare", fake_prepare)
+    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path))
+    with pytest.raises(Stop):
+        run_demo(tmp_path / "w", console=Console(file=open(tmp_path / "log.txt", "w")))
+    assert seen == {"size": "3m", "base": shipped_base("3m"), "root": tmp_path / "demo", "steps": 100}
