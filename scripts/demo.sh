@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh) and run the bundled default merge end to end.
+# Set up (scripts/setup.sh), then run `mergelab demo`: fine-tune two small experts from the base shipped in
+# the package (cached in ~/.cache/mergelab/demo), merge them with task arithmetic, TIES and TSV-M, and print
+# every model's accuracy on every task. Arguments go to `mergelab demo` (--tasks, --steps, --threads, --synthetic).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

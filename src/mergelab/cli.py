@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from mergelab.demo import DemoConfig
 from mergelab.errors import MergeLabError
 
 app = typer.Typer(
@@ -172,15 +173,42 @@ def methods(
                               f"{summary}", highlight=False)
 
 
+DEMO_DEFAULTS = DemoConfig()
+
+
 @app.command()
 def demo(
-    workdir: Path = typer.Option(Path("mergelab-demo"), "--workdir", help="Where the demo writes its models."),
-    method: str = typer.Option("all", "--method", help="Merge method to demonstrate, or 'all'."),
+    workdir: Path = typer.Option(Path("mergelab-demo"), "--workdir", help="Where the demo writes recipes, merged "
+                                 "models and demo.json."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Where the experts are kept between runs "
+                                         "(default $MERGELAB_CACHE/demo, else ~/.cache/mergelab/demo)."),
+    tasks: str = typer.Option(",".join(DEMO_DEFAULTS.tasks), "--tasks", help="Comma-separated llmmix tasks, "
+                              "one expert each."),
+    steps: int = typer.Option(DEMO_DEFAULTS.steps, "--steps", help="Fine-tuning steps per expert."),
+    test_examples: int = typer.Option(DEMO_DEFAULTS.test_examples, "--test-examples",
+                                      help="Test examples per task scored for every model."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (1 is often fastest on a "
+                                          "busy machine)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Fine-tune from this base folder instead of the "
+                                        "3m base shipped in the package."),
+    synthetic: bool = typer.Option(False, "--synthetic", help="The older demo instead: synthetic experts, and "
+                                   "how much of each expert's weight change the merges keep."),
+    method: str = typer.Option("all", "--method", help="--synthetic only: merge method to demonstrate, or 'all'."),
 ) -> None:
-    """Build a small base + 3 experts, merge them several ways, load each with transformers, compare."""
+    """Fine-tune small experts from the shipped base, merge them (task arithmetic, TIES, TSV-M), and print
+    each model's accuracy on each task with a few answers side by side."""
+    import dataclasses
+
+    if synthetic:
+        from mergelab.demo_synthetic import run_synthetic_demo
+
+        run_synthetic_demo(workdir, method, out_console)
+        return
     from mergelab.demo import run_demo
 
-    run_demo(workdir, method, out_console)
+    cfg = dataclasses.replace(DEMO_DEFAULTS, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+                              steps=steps, test_examples=test_examples, threads=threads)
+    run_demo(workdir, cache, cfg, base_dir=base, console=out_console)
 
 
 from mergelab.compress.cli import register as _register_compress  # noqa: E402

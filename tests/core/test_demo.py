@@ -1,12 +1,12 @@
-"""The README's main job: the demo merges, loads with transformers, and reports what was kept."""
+"""`mergelab demo --synthetic`: merges synthetic experts, loads with transformers, reports what was kept."""
 
 from rich.console import Console
 
-from mergelab.demo import run_demo
+from mergelab.demo_synthetic import run_synthetic_demo
 
 
 def test_demo_average_keeps_a_third_of_each_independent_expert(tmp_path):
-    scores = run_demo(tmp_path, "task_arithmetic", Console(file=open(tmp_path / "log.txt", "w")))
+    scores = run_synthetic_demo(tmp_path, "task_arithmetic", Console(file=open(tmp_path / "log.txt", "w")))
     s = scores["task_arithmetic"]
     # Independent experts: the average's task vector is (t1+t2+t3)/3, so <avg, t_i>/|t_i|^2 ~ 1/3
     # and its cosine to each ~ 1/sqrt(3).

@@ -288,8 +288,8 @@ def test_base_folder(root, tmp_path):
 
     res = pretrain(tiny_cfg(steps=2), root, log=lambda m: None, progress=False)  # default run folder
     assert res.run_dir == root / "base-tiny" and base_folder("tiny", root) == res.final_dir
-    with pytest.raises(PretrainError, match="mergelab bench pretrain --size 3m"):
-        base_folder("3m", tmp_path)
+    with pytest.raises(PretrainError, match="mergelab bench pretrain --size 20m"):
+        base_folder("20m", tmp_path)  # 3m would be the base shipped in the package
 
 
 def test_cli_pretrain(root, capsys):

@@ -56,6 +56,7 @@ def test_run_two_methods_report(prepared, tmp_path):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     rep = json.loads((out / "report.json").read_text())
     assert rep["complete"] and rep["suite"] == "llmmix"
+    assert rep["base_source"] == "cache" and rep["base_model"] == str(prepared / "base-tiny" / "final")
     assert rep["merge_tasks"] == TASKS and rep["held_out"] == ["letter_count"]
     rows = {r["name"]: r for r in rep["rows"]}
     assert {"pretrained", "individual", "multi-task training", "task arithmetic (default)", "task arithmetic (tuned)",

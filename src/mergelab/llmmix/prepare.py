@@ -3,11 +3,13 @@
 Layout under the cache root (as pretraining's: ``--cache``, else ``$MERGELAB_CACHE/llmmix``, else
 ``~/.cache/mergelab/llmmix``)::
 
-    base-<size>/final/          the pretrained base (``mergelab bench pretrain --size SIZE``), or --base
+    base-<size>/final/          the pretrained base (``mergelab bench pretrain --size SIZE``); without it the
+                                base shipped in the package (``3m``), or --base
     experts-<size>/<task>/      one fine-tuning run per task (see :mod:`mergelab.llmmix.finetune`)
     experts-<size>/multitask/   the multi-task reference, trained on the union of the tasks' train splits
     experts-<size>/base_validation.json   the base's validation accuracy per task (measured once)
-    experts-<size>/prepare.json per model: command(s), steps, seconds, validation accuracy, base accuracy
+    experts-<size>/prepare.json the base used and where it came from (``base_source``: cache, shipped or
+                                given), and per model: command(s), steps, seconds, validation accuracy, base accuracy
                                 (models of earlier runs with other --tasks are kept)
 
 Held-out tasks (``TaskSpec.held_out``) get no expert and are not in the multi-task mix. A model whose
@@ -27,7 +29,7 @@ from typing import Callable, Optional, Sequence
 
 from mergelab.llmmix.finetune import (FinetuneConfig, FinetuneError, base_fingerprint, finetune, finished,
                                       run_settings)
-from mergelab.llmmix.pretrain import base_folder, default_root
+from mergelab.llmmix.pretrain import base_folder, base_source, default_root
 from mergelab.llmmix.training import restores_torch_threads, write_json
 
 MULTITASK = "multitask"
@@ -95,6 +97,8 @@ def prepare(size: str = "3m", root: Optional[Path] = None, cfg: FinetuneConfig =
         torch.set_num_threads(cfg.threads)
     root = Path(root) if root else default_root()
     base_dir = Path(base_dir) if base_dir else base_folder(size, root)
+    source = base_source(base_dir)
+    log(f"base: {base_dir} ({ {'shipped': 'shipped with mergelab', 'cache': 'cached'}.get(source, 'given')})")
     folder = root / f"experts-{size}"
     built = _tasks(tasks, task_seed, sizes)
     units = [(t.name, [t], cfg) for t in built]
@@ -131,9 +135,9 @@ def prepare(size: str = "3m", root: Optional[Path] = None, cfg: FinetuneConfig =
     result.seconds = time.time() - t0
     old = json.loads((folder / "prepare.json").read_text(encoding="utf-8")) if (folder / "prepare.json").is_file() else {}
     models = {**(old.get("models", {}) if old.get("base") == str(base_dir) else {}), **result.models}
-    summary = {"size": size, "base": str(base_dir), "command": command, "tasks": [t.name for t in built],
-               "models": models, "last_run": {"trained": result.trained, "skipped": result.skipped,
-                                                     "seconds": round(result.seconds, 1)}}
+    summary = {"size": size, "base": str(base_dir), "base_source": source, "command": command,
+               "tasks": [t.name for t in built], "models": models,
+               "last_run": {"trained": result.trained, "skipped": result.skipped, "seconds": round(result.seconds, 1)}}
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "prepare.json", summary)
     return result

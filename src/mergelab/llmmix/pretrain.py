@@ -58,15 +58,45 @@ def default_root() -> Path:
     return (Path(env) if env else Path.home() / ".cache" / "mergelab") / "llmmix"
 
 
-def base_folder(size: str, root: Optional[Path] = None) -> Path:
-    """The pretrained base of ``size`` in the cache (``ROOT/base-SIZE/final``); an error naming the command
-    that makes it when it is not there."""
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "llmmix"
+
+
+def shipped_base(size: str) -> Optional[Path]:
+    """The base of ``size`` shipped inside the package (``mergelab/data/llmmix/base-SIZE``: today ``3m``,
+    float32, bit-identical to the cached run's ``final/``, with its ``pretrain.json`` and the first held-out
+    documents of its corpus in ``heldout.jsonl``), or None when none ships."""
+    folder = SHIPPED_DIR / f"base-{size}"
+    return folder if (folder / "model.safetensors").is_file() else None
+
+
+def find_base(size: str, root: Optional[Path] = None) -> tuple:
+    """``(folder, source)`` of the base of ``size``: the cache's (``ROOT/base-SIZE/final``, source
+    ``"cache"``) when it holds one, else the one shipped in the package (source ``"shipped"``); an error
+    naming the command that makes it when there is neither."""
     size_spec(size)
     folder = (Path(root) if root else default_root()) / f"base-{size}" / "final"
-    if not (folder / "model.safetensors").is_file():
-        raise PretrainError(f"{folder}: no pretrained llmmix base of size {size} (make it with "
-                            f"'mergelab bench pretrain --size {size}', or resume the run there)")
-    return folder
+    if (folder / "model.safetensors").is_file():
+        return folder, "cache"
+    shipped = shipped_base(size)
+    if shipped is not None:
+        return shipped, "shipped"
+    raise PretrainError(f"{folder}: no pretrained llmmix base of size {size} (make it with "
+                        f"'mergelab bench pretrain --size {size}', or resume the run there)")
+
+
+def base_folder(size: str, root: Optional[Path] = None) -> Path:
+    """The base of ``size``: the cache's when it has one, else the shipped one (:func:`find_base`)."""
+    return find_base(size, root)[0]
+
+
+def base_source(base_dir: Path) -> str:
+    """``"shipped"`` when ``base_dir`` is a base shipped in the package, else ``"cache"`` (or a user's folder)."""
+    try:
+        Path(base_dir).resolve().relative_to(SHIPPED_DIR)
+        return "shipped"
+    except ValueError:
+        return "cache" if Path(base_dir).name == "final" and Path(base_dir).parent.name.startswith("base-") \
+            else "given"
 
 
 @dataclass(frozen=True)

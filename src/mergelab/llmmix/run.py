@@ -46,7 +46,8 @@ def _state(folder: Path) -> dict:
 
 def heldout_text(root: Path, chars: int = PPL_CHARS, base_dir: Optional[Path] = None) -> tuple:
     """``(text, source)``: the first ``chars`` characters of the held-out split of the corpus the base
-    was pretrained on (its run's ``pretrain.json``), else of a corpus in ``root``
+    was pretrained on (its run's ``pretrain.json``), else of the base folder's ``heldout.jsonl`` (a shipped
+    base has one: the same documents' start), else of a corpus in ``root``
     (``corpus-*/heldout.jsonl``), else of stdlib docstrings (seeded draw)."""
     candidates = []
     for rec in ([Path(base_dir) / "pretrain.json", Path(base_dir).parent / "pretrain.json"] if base_dir else []):
@@ -54,6 +55,8 @@ def heldout_text(root: Path, chars: int = PPL_CHARS, base_dir: Optional[Path] = 
             corpus = json.loads(rec.read_text(encoding="utf-8")).get("corpus")
             if corpus:
                 candidates.append(Path(corpus) / "heldout.jsonl")
+    if base_dir:  # a shipped base carries the first held-out documents of its corpus
+        candidates.append(Path(base_dir) / "heldout.jsonl")
     candidates += sorted(Path(root).glob("corpus-*/heldout.jsonl"))
     for f in candidates:
         if not f.is_file():
@@ -229,7 +232,7 @@ def run_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root: Option
     ``report.json``, ``report.md`` and the charts to ``out`` (rewritten after every method)."""
     from mergelab import __version__
     from mergelab.evaluate.report import write_report
-    from mergelab.llmmix.pretrain import base_folder, default_root
+    from mergelab.llmmix.pretrain import base_folder, base_source, default_root
     from mergelab.llmmix.tasks import build_task, get_spec, task_names
 
     if threads:
@@ -260,7 +263,8 @@ def run_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root: Option
     rows = runner.references()
     report = {
         "suite": "llmmix", "suite_fingerprint": "+".join(t.fingerprint()[:8] for t in tasks + held),
-        "suite_source": "mergelab.llmmix.tasks", "base_model": str(base_dir), "cache": str(folder),
+        "suite_source": "mergelab.llmmix.tasks", "base_model": str(base_dir),
+        "base_source": base_source(base_dir), "cache": str(folder),
         "merge_tasks": names, "held_out": held_names,
         "test_sizes": {t.name: len(t.split("test")) for t in tasks + held},
         "methods": list(methods), "tuned": tune, "grids": grids or {}, "seed": seed, "mergelab_version": __version__,
