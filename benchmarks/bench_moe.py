@@ -10,7 +10,8 @@ What it does, in one run:
    gives the *same file* to both tools.
 3. Runs each tool as its own process, ``--runs`` times per mode (median reported), alternating which goes
    first; wall time around the process and its own peak RSS (``ru_maxrss`` of the reaped child, measured
-   from a tiny wrapper: ``bench_vs_mergekit.measure``). mergelab runs with ``--no-routing-report`` (mergekit
+   from a tiny wrapper: ``bench_vs_mergekit.measure``), and its CPU time (user + system), which moves less
+   with the machine's load. mergelab runs with ``--no-routing-report`` (mergekit
    has no such check) and once more with it, reported on its own row.
 4. Checks that both outputs have the same tensors (bit for bit; mergekit's Qwen2-MoE per-expert layout does
    not occur here: the outputs are Mixtral), prints a table with ratios (mergekit / mergelab) and writes
@@ -148,22 +149,26 @@ def main() -> None:
                 seconds, peak, code, cpu = measure(cmds[tool], log, workdir)
                 if code != 0:
                     raise SystemExit(f"{tool} failed on {mode}; see {log}")
-                res[tool].append((seconds, peak))
+                res[tool].append((seconds, peak, cpu))
+                print(f"  {mode} {tool}: {seconds:.1f} s wall, {cpu:.1f} s CPU, {peak / 1e6:.0f} MB peak", flush=True)
             equal = same_tensors(outs["mergelab"], outs["mergekit"])
         for tool, runs in res.items():
-            rows.append({"mode": mode, "tool": tool, "seconds": statistics.median(s for s, _ in runs),
-                         "peak_bytes": statistics.median(p for _, p in runs), "runs": len(runs),
+            rows.append({"mode": mode, "tool": tool, "seconds": statistics.median(r[0] for r in runs),
+                         "peak_bytes": statistics.median(r[1] for r in runs),
+                         "cpu_seconds": statistics.median(r[2] for r in runs), "runs": len(runs),
                          "tensors_equal_mergekit": equal if tool == "mergelab" else None})
         for o in outs.values():
             shutil.rmtree(o, ignore_errors=True)
-    print(f"\n{'mode':<12} {'tool':<16} {'wall s':>8} {'peak MB':>9}")
+    print(f"\n{'mode':<12} {'tool':<16} {'wall s':>8} {'CPU s':>8} {'peak MB':>9}")
     for r in rows:
-        print(f"{r['mode']:<12} {r['tool']:<16} {r['seconds']:8.2f} {r['peak_bytes'] / 1e6:9.0f}")
+        print(f"{r['mode']:<12} {r['tool']:<16} {r['seconds']:8.2f} {r['cpu_seconds']:8.2f} "
+              f"{r['peak_bytes'] / 1e6:9.0f}")
     print()
     for mode in args.modes.split(","):
         ml = next(r for r in rows if r["mode"] == mode and r["tool"] == "mergelab")
         mk_ = next(r for r in rows if r["mode"] == mode and r["tool"] == "mergekit")
-        print(f"{mode}: mergekit/mergelab wall {mk_['seconds'] / ml['seconds']:.2f}x, peak memory "
+        print(f"{mode}: mergekit/mergelab wall {mk_['seconds'] / ml['seconds']:.2f}x, CPU "
+              f"{mk_['cpu_seconds'] / ml['cpu_seconds']:.2f}x, peak memory "
               f"{mk_['peak_bytes'] / ml['peak_bytes']:.2f}x; tensors equal: {ml['tensors_equal_mergekit']}")
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     (workdir / f"results-{stamp}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))

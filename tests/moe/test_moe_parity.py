@@ -13,7 +13,6 @@ read a shared expert that is neither the base nor a routed expert (its loaders s
 from __future__ import annotations
 
 import json
-import subprocess
 import textwrap
 
 import pytest
@@ -22,7 +21,7 @@ import torch
 from tests.conftest import run_cli
 from tests.moe.test_moe import ARITH, ROPE, STRINGS, tensors, write
 from tests.moe.tiny import make_family
-from tests.parity.test_parity_defaults import MERGEKIT_PYTHON
+from tests.parity.mergekit_runner import MERGEKIT_PYTHON, run_script
 
 pytestmark = [
     pytest.mark.mergekit,
@@ -32,7 +31,6 @@ pytestmark = [
 SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
-    torch.set_num_threads(int(sys.argv[2]))
     from mergekit.scripts.moe import main
     spec = json.load(open(sys.argv[1]))
     for config, out, extra in spec:
@@ -109,11 +107,7 @@ def runs(tmp_path_factory):
         code, _, err = run_cli(["moe", path, "-o", root / "ml" / name, "-q", "--no-routing-report"])
         assert code == 0, err
         made[name] = (root / "ml" / name, root / "mk" / name)
-    (root / "spec.json").write_text(json.dumps(spec))
-    (root / "run.py").write_text(SCRIPT)
-    proc = subprocess.run([MERGEKIT_PYTHON, str(root / "run.py"), str(root / "spec.json"),
-                           str(torch.get_num_threads())], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_script(SCRIPT, spec, root, threads=torch.get_num_threads())
     return made
 
 

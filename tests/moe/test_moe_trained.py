@@ -13,7 +13,6 @@ the base with expert i's MLPs (an oracle assembled from the dense checkpoints); 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ import torch
 from tests.conftest import run_cli
 from tests.moe.test_moe import tensors, write
 from tests.moe.test_moe_parity import SCRIPT
-from tests.parity.test_parity_defaults import MERGEKIT_PYTHON
+from tests.parity.mergekit_runner import MERGEKIT_PYTHON, run_script
 
 pytest.importorskip("faker", reason="the llmmix corpus needs Faker (mergelab's 'llm' extra)")
 
@@ -138,11 +137,7 @@ def test_moe_generates_and_matches_the_single_expert_oracle(family):
 def test_trained_moe_equals_mergekit_moe(family):
     root = family["root"]
     config, ours = family["made"]["hidden"]
-    (root / "spec.json").write_text(json.dumps([[str(config), str(root / "mk"), []]]))
-    (root / "run.py").write_text(SCRIPT)
-    proc = subprocess.run([MERGEKIT_PYTHON, str(root / "run.py"), str(root / "spec.json"),
-                           str(torch.get_num_threads())], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_script(SCRIPT, [[str(config), str(root / "mk"), []]], root, threads=torch.get_num_threads())
     a, b = tensors(ours), tensors(root / "mk")
     assert a.keys() == b.keys()
     for k in a:

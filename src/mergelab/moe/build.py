@@ -17,7 +17,6 @@ converted by transformers on load); the tensors are the same numbers.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from mergelab.errors import CheckpointError, MergeLabError, RecipeError
+from mergelab.errors import CheckpointError, RecipeError
 from mergelab.io.checkpoint import Checkpoint
 from mergelab.io.output import (copy_donor_files, prepare_output, publish, versions, write_manifest)
 from mergelab.io.writer import ShardWriter, layout_shards, parse_size

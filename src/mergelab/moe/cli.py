@@ -48,5 +48,6 @@ def moe(
     if result.routing:
         for e in result.routing["experts"]:
             _out.print(f"  expert {e['expert']}: {e['share_top1_tokens']:.0%} of its prompts' tokens routed to it "
-                       f"(last token {e['share_top1_last_token']:.0%}, prompts by majority {e['share_prompts_majority']:.0%}; "
+                       f"(last token {e['share_top1_last_token']:.0%}, prompts by majority "
+                       f"{e['share_prompts_majority']:.0%}; "
                        f"chance {result.routing['chance']:.0%})", highlight=False, soft_wrap=True)
