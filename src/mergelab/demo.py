@@ -34,8 +34,8 @@ from mergelab.errors import MergeLabError
 
 # (method, label, global parameters, per-model parameters). TIES and TSV-M: the registry defaults (TIES's
 # density, which mergekit requires, at 0.5, the common choice in its examples). Task arithmetic: lambda
-# 0.7; on 40 validation examples per task of the default experts 0.5 and 0.7 tie (mean 42.5%) and 1.0
-# gets 23.5% (it adds both task vectors in full, and the refusals vanish; docs/llmmix.md).
+# 0.7; on 40 validation examples per task of the default experts (from the first 3m base) 0.5 and 0.7
+# tie (mean 42.5%) and 1.0 gets 23.5% (it adds both task vectors in full; docs/llmmix.md).
 METHODS = (
     ("task_arithmetic", "task arithmetic", {"lambda": 0.7}, {"weight": 1.0}),
     ("ties", "TIES", {"lambda": 1.0}, {"weight": 1.0, "density": 0.5}),

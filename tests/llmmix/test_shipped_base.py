@@ -32,6 +32,7 @@ def test_shipped_base_loads_and_has_the_recorded_size(shipped):
     assert len(tok) == model.config.vocab_size == 8192
     text = "def read_config(path):\n    return json.load(open(path))"
     assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+    assert tok.tokenize("2721") == ["2", "7", "2", "1"]  # the tokenizer that splits digits (docs/llmmix.md)
     total = sum(f.stat().st_size for f in shipped.iterdir())
     assert total <= 25 * 2**20, f"the shipped base is {total / 2**20:.1f} MiB (at most 25 MiB may ship)"
 
