@@ -117,3 +117,18 @@ def test_bad_inputs_are_clear_and_write_nothing(trained, tiny_family, tmp_path, 
     assert code == 2 and "nothing to extract" in err and not bad.exists()
     with pytest.raises(MergeLabError, match="exists"):
         extract(str(base), str(expert), str(tmp_path), rank=2)
+
+
+def test_extracted_adapter_is_a_mergelab_input(trained, tmp_path):
+    """``extract`` output on a tied-embedding model (embedding kept dense, PEFT's head copy saved too) works
+    as ``BASE+ADAPTER`` in a recipe: at full rank the adapted model is the expert."""
+    from mergelab.io.adapted import open_model
+
+    base, (expert, _) = trained
+    extract(str(base), str(expert), str(tmp_path / "ad"), rank=10_000)
+    adapted = open_model(f"{base}+{tmp_path / 'ad'}")
+    ft = Checkpoint.open(str(expert))
+    assert set(adapted.tensors) == set(ft.tensors)
+    for name in ft.tensors:
+        assert torch.allclose(adapted.read(name, dtype=torch.float32), ft.read(name, dtype=torch.float32),
+                              atol=1e-6, rtol=0), name

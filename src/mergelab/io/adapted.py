@@ -15,7 +15,9 @@
 reads the base's rows and adds ``s * (B @ A)[rows]`` (:meth:`LoraModule.delta
 <mergelab.io.peft_adapter.LoraModule.delta>`) in float32 (float64 if asked) before the cast to the
 requested dtype: nothing is densified ahead of time, so memory stays bounded by the tensor (or row
-range) being read. Tensors an adapter saves whole (``modules_to_save``) replace the base's.
+range) being read. Tensors an adapter saves whole (``modules_to_save``) replace the base's; the copy of a
+tied output head that PEFT saves next to the embedding (``ensure_weight_tying``) is dropped when the base
+stores no head and the copy equals the saved embedding.
 mergekit instead merges the adapter into a cached dense copy of the model first (PEFT's
 ``merge_and_unload`` in the checkpoint's dtype); here the sum is formed in float32 and rounded once.
 """
@@ -110,13 +112,26 @@ class AdaptedCheckpoint:
                                       f"(lora_B {tuple(m.B.shape)} @ lora_A {tuple(m.A.shape)}) but the base "
                                       f"'{base.path}' has '{name}' of shape {tuple(info.shape)}: adapter of another "
                                       f"base")
-        for name, t in adapter.full.items():
+        self.full: Dict[str, torch.Tensor] = dict(adapter.full)
+        for name in [n for n in self.full if n not in base.tensors]:
+            if self._tied_copy(name, base):
+                del self.full[name]  # PEFT's copy of a tied head (ensure_weight_tying): the embedding carries it
+        for name, t in self.full.items():
             info = base.tensors.get(name)
             if info is None or tuple(info.shape) != tuple(t.shape):
                 got = "is absent" if info is None else f"has shape {tuple(info.shape)}"
                 raise CheckpointError(f"{where}: saved module tensor '{name}' (modules_to_save) of shape "
                                       f"{tuple(t.shape)} does not fit the base '{base.path}', where it {got}")
         self.tensors: Dict[str, TensorInfo] = dict(base.tensors)
+
+    def _tied_copy(self, name: str, base: Checkpoint) -> bool:
+        """True when saved tensor ``name`` is an output head the base does not store (tied embeddings) and
+        the adapter saves an embedding the base does store with the very same values."""
+        if not (base.config() or {}).get("tie_word_embeddings") or not name.endswith("lm_head.weight"):
+            return False
+        t = self.full[name]
+        return any(other in base.tensors and other.endswith("embed_tokens.weight") and other_t.shape == t.shape
+                   and torch.equal(other_t, t) for other, other_t in self.full.items())
 
     def info(self, name: str) -> TensorInfo:
         try:
@@ -128,7 +143,7 @@ class AdaptedCheckpoint:
              device: str = "cpu") -> torch.Tensor:
         """As :meth:`Checkpoint.read`, with the adapter applied: ``W[rows] + s * (B @ A)[rows]``."""
         info = self.info(name)
-        full = self.adapter.full.get(name)
+        full = self.full.get(name)
         if full is not None:
             t = full[rows[0]:rows[1]] if rows is not None and full.dim() else full
             return owned_tensor(t, dtype or info.dtype, device)
