@@ -114,7 +114,7 @@ def model_folders(workdir: Path, size: str, experts: int = 3) -> List[Path]:
     return [root / "base"] + [root / f"expert_{i}" for i in range(experts)]
 
 
-LLMMIX_TASKS = ("string_ops", "arithmetic", "refusal")  # the trained experts merged for an llmmix-SIZE size
+LLMMIX_TASKS = ("string_ops", "list_ops", "arithmetic")  # the trained experts merged for an llmmix-SIZE size
 
 
 def llmmix_models(size: str) -> List[Path]:
