@@ -163,3 +163,15 @@ def test_prepare_in_parallel_gives_the_same_models(root, tmp_path):
         assert parallel.models[name]["validation_accuracy"] == serial.models[name]["validation_accuracy"]
     with pytest.raises(FinetuneError, match="--jobs 0"):
         prepare("tiny", tmp_path / "x", _cfg(steps=6), jobs=0, log=lambda s: None, **kw)
+
+
+def test_prepare_in_parallel_stops_on_a_failed_model(root, tmp_path):
+    """A model that fails stops the run (no new model starts) with an error naming it and saying how to resume."""
+    base = root / "base-tiny" / "final"
+    (tmp_path / "experts-tiny").mkdir()
+    (tmp_path / "experts-tiny" / "string_ops").write_text("a file where the run folder goes")  # its worker fails
+    kw = dict(tasks=["string_ops", "list_ops", "arithmetic"], sizes=SIZES, base_dir=base, multitask=False,
+              progress=False, log=lambda s: None)
+    with pytest.raises(FinetuneError, match=r"string_ops: .*run the same command again to resume"):
+        prepare("tiny", tmp_path, _cfg(steps=4, eval_limit=1), jobs=2, **kw)
+    assert not (tmp_path / "experts-tiny" / "arithmetic").exists()  # the third model never started

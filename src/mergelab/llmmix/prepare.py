@@ -156,20 +156,73 @@ def _finetune_one(base_dir, names, task_seed, sizes, run_dir, cfg, name, command
                     progress=False, fresh=fresh).record
 
 
-def _finetune_in_parallel(todo, jobs, base_dir, folder, command, base_acc, fresh, task_seed, sizes, log) -> dict:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+def _parallel_worker(args: tuple, results) -> None:
+    name = args[6]
+    try:
+        results.put((name, True, _finetune_one(*args)))
+    except BaseException as e:  # reported to the parent, which stops starting new models
+        results.put((name, False, f"{type(e).__name__}: {e}"))
 
-    order = sorted(todo, key=lambda unit: -unit[2].steps * len(unit[1]))  # longest first
-    log(f"training {len(order)} models, {min(jobs, len(order))} at a time (one thread each)")
-    records = {}
-    with ProcessPoolExecutor(max_workers=min(jobs, len(order)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_finetune_one, base_dir, [t.name for t in ts], task_seed, sizes, folder / name, c,
-                               name, command, base_acc, fresh[name]): name for name, ts, c in order}
-        for future in futures:
-            name = futures[future]
-            records[name] = future.result()
-            log(f"done: {name}")
+
+def _finetune_in_parallel(todo, jobs, base_dir, folder, command, base_acc, fresh, task_seed, sizes, log) -> dict:
+    """Train ``todo``'s models ``jobs`` at a time, each in a process of its own, longest first. A model
+    that fails, or SIGTERM / Ctrl-C to this process (forwarded to the running models, which checkpoint),
+    stops the run: no new model starts, the running ones end, finished ones stay finished, and the error
+    says to run the same command again to resume."""
+    import multiprocessing
+    import os
+    import queue
+    import signal
+
+    from mergelab.llmmix.training import on_main_thread
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    pending = sorted(todo, key=lambda unit: -unit[2].steps * len(unit[1]))
+    log(f"training {len(pending)} models, {min(jobs, len(pending))} at a time (one thread each)")
+    running: dict = {}
+    records: dict = {}
+    errors: list = []
+    stopped = {"signal": None}
+
+    def on_signal(signum, frame):
+        stopped["signal"] = signal.Signals(signum).name
+        for proc in running.values():
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if on_main_thread() else {}
+    try:
+        while pending or running:
+            while pending and len(running) < jobs and not errors and stopped["signal"] is None:
+                name, ts, c = pending.pop(0)
+                args = (base_dir, [t.name for t in ts], task_seed, sizes, folder / name, c, name, command, base_acc,
+                        fresh[name])
+                running[name] = ctx.Process(target=_parallel_worker, args=(args, results), name=f"finetune-{name}")
+                running[name].start()
+            if not running:
+                break
+            try:
+                name, ok, payload = results.get(timeout=1.0)
+            except queue.Empty:
+                for name, proc in list(running.items()):
+                    if not proc.is_alive() and proc.exitcode != 0:
+                        errors.append(f"{name}: its process ended with exit code {proc.exitcode}")
+                        del running[name]
+                continue
+            running.pop(name).join()
+            if ok:
+                records[name] = payload
+                log(f"done: {name}")
+            else:
+                errors.append(f"{name}: {payload}")
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if errors or stopped["signal"]:
+        why = f"stopped by {stopped['signal']}" if stopped["signal"] else "; ".join(errors)
+        raise FinetuneError(f"bench prepare --jobs {jobs}: {why}. Finished models are kept and unfinished ones keep "
+                            f"their checkpoints: run the same command again to resume")
     return records
 
 
