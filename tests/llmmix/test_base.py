@@ -235,6 +235,27 @@ def test_pretrain_tiny_learns_and_output_loads(root):
     assert isinstance(tok.decode(out[0], skip_special_tokens=True), str)
 
 
+def test_replay_tokens_are_the_bases_pretraining_stream(root, tmp_path):
+    """Fine-tuning with replay reads the base's own pretraining tokens: from the cache when the base was
+    pretrained there, rebuilt bit for bit (seeded corpus, the base's tokenizer copied) on an empty cache
+    for a base that carries its pretrain.json, as the shipped base does."""
+    import shutil
+
+    from mergelab.llmmix.pretrain import replay_tokens
+
+    res = pretrain(tiny_cfg(steps=2), root, root / "run-replay", log=lambda m: None, progress=False)
+    cached = _paths(root).tokens / "train.u16"
+    assert replay_tokens(res.final_dir, root, log=lambda m: None) == cached
+    shipped = tmp_path / "shipped"
+    shutil.copytree(res.final_dir, shipped)
+    shutil.copy2(res.run_dir / "pretrain.json", shipped / "pretrain.json")
+    rebuilt = replay_tokens(shipped, tmp_path / "empty-cache", log=lambda m: None)
+    assert rebuilt != cached and rebuilt.read_bytes() == cached.read_bytes()
+    (shipped / "pretrain.json").unlink()
+    with pytest.raises(PretrainError, match="pretrain.json"):
+        replay_tokens(shipped, tmp_path / "other", log=lambda m: None)
+
+
 def _val(model, held):
     """Mean next-token loss on the first held-out batches of 8 blocks (eval_batches=2), computed here."""
     import numpy as np

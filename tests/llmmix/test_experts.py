@@ -73,6 +73,55 @@ def test_resume_equals_uninterrupted(root, tmp_path):
         finetune(base, [task], tmp_path / "b", _cfg(steps=12, lr=1e-3, eval_limit=1), **quiet)
 
 
+def _replay_file(path, vocab, n=4000, seed=0):
+    import numpy as np
+
+    np.random.default_rng(seed).integers(3, vocab, n).astype(np.uint16).tofile(path)
+    return path
+
+
+def test_replay_adds_the_pretraining_loss_and_resumes(root, tmp_path):
+    """With replay each step also fits blocks of pretraining text: the loss recorded as replay_loss is the
+    model's next-token loss on exactly the seeded block the step read; a resumed run equals an
+    uninterrupted one; replay without its token file is an error naming what is missing."""
+    import numpy as np
+
+    from mergelab.llmmix.pretrain import Blocks
+
+    task = build_task("string_ops", seed=0, sizes=SIZES)
+    base = root / "base-tiny" / "final"
+    tokens = _replay_file(tmp_path / "train.u16", 400)
+    quiet = dict(progress=False, log=lambda s: None)
+    cfg = _cfg(steps=6, eval_limit=1, replay_batch=2, replay_len=16)
+    whole = finetune(base, [task], tmp_path / "a", cfg, replay=tokens, **quiet)
+    recs = [json.loads(l) for l in (tmp_path / "a" / "loss.jsonl").read_text().splitlines()]
+    assert all("replay_loss" in r for r in recs)
+    # step 1's replay loss is the base's loss on the first seeded blocks, computed here
+    model, _ = load_causal_lm(base)
+    ids = torch.from_numpy(Blocks(tokens, 16, cfg.seed + 1).batch(0, 2))
+    assert ids.shape == (2, 17)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1]
+        want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert recs[0]["replay_loss"] == pytest.approx(want.item(), abs=1e-5)
+    part = finetune(base, [task], tmp_path / "b", cfg, replay=tokens, stop_after=3, **quiet)
+    assert part.step == 3
+    rest = finetune(base, [task], tmp_path / "b", cfg, replay=tokens, **quiet)
+    wa, wb = _weights(whole.final_dir), _weights(rest.final_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # replay changes the model; a run without replay differs
+    plain = finetune(base, [task], tmp_path / "c", _cfg(steps=6, eval_limit=1), **quiet)
+    assert any(not torch.equal(wa[k], _weights(plain.final_dir)[k]) for k in wa)
+    # other replay text is another run
+    other = _replay_file(tmp_path / "other.u16", 400, seed=1)
+    with pytest.raises(FinetuneError, match="other settings"):
+        finetune(base, [task], tmp_path / "b", cfg, replay=other, **quiet)
+    with pytest.raises(FinetuneError, match="train.u16"):
+        finetune(base, [task], tmp_path / "d", cfg, replay=None, **quiet)
+    assert not (tmp_path / "d").exists()
+    assert np.fromfile(tokens, dtype=np.uint16).size == 4000
+
+
 def test_prepare_experts_multitask_skip_and_merge(root):
     cfg = _cfg(steps=16, eval_limit=3)
     folder = root / "experts-tiny"

@@ -55,13 +55,16 @@ def prepare(
                                            "test=N (default: the tasks' own)."),
     jobs: int = typer.Option(1, "--jobs", help="llmmix: models trained at once, one process and one thread each "
                              "(2 on a free 2-core machine is about twice as fast as 1)."),
+    replay_batch: Optional[int] = typer.Option(None, "--replay-batch", help="llmmix: blocks of the base's "
+                                               "pretraining text added to each step's loss, so experts keep the "
+                                               "base's language model (default 8; 0: no replay)."),
 ) -> None:
     """Fine-tune one expert per task, linear probes on the frozen base, and a multi-task model (resumable).
 
     With --suite llmmix: full fine-tunes of the pretrained Llama base per merged task and a multi-task
     model (--epochs, --head-lr, --max-length and --task do not apply)."""
-    if suite != "llmmix" and jobs != 1:
-        raise MergeLabError("--jobs applies to --suite llmmix only")
+    if suite != "llmmix" and (jobs != 1 or replay_batch is not None):
+        raise MergeLabError("--jobs and --replay-batch apply to --suite llmmix only")
     if suite == "llmmix":
         _prepare_llmmix(size, cache, None if base == "minilm-l6" else Path(base), _split(tasks), steps,
                         multitask_steps, 2e-3 if lr is None else lr, 16 if batch_size is None else batch_size, seed,
@@ -69,7 +72,7 @@ def prepare(
                         bad=[f for f, given in (("--epochs", epochs != 3.0), ("--head-lr", head_lr != 2e-3),
                                                 ("--max-length", max_length != 64), ("--task", bool(task)),
                                                 ("--multitask-epochs", multitask_epochs is not None)) if given],
-                        examples=examples, jobs=jobs)
+                        examples=examples, jobs=jobs, replay_batch=replay_batch)
         return
     from mergelab.bench.cache import BenchCache
     from mergelab.bench.prepare import prepare as run_prepare
@@ -100,7 +103,7 @@ def _sizes(examples: Optional[str]) -> Optional[dict]:
 
 
 def _prepare_llmmix(size, cache, base_dir, tasks, steps, multitask_steps, lr, batch_size, seed, eval_limit, device,
-                    threads, multitask, rebuild, progress, bad, examples, jobs=1) -> None:
+                    threads, multitask, rebuild, progress, bad, examples, jobs=1, replay_batch=None) -> None:
     from mergelab.llmmix.finetune import FinetuneConfig
     from mergelab.llmmix.prepare import prepare as run_prepare
 
@@ -108,7 +111,8 @@ def _prepare_llmmix(size, cache, base_dir, tasks, steps, multitask_steps, lr, ba
         raise MergeLabError(f"--suite llmmix: {', '.join(bad)} do(es) not apply to the llmmix suite")
     sizes = _sizes(examples)
     cfg = FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_limit=eval_limit, device=device,
-                         threads=threads)
+                         threads=threads,
+                         **({} if replay_batch is None else {"replay_batch": replay_batch}))
     command = "mergelab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:3] == ["bench", "prepare"] \
         else f"mergelab bench prepare --suite llmmix --size {size} --steps {steps}"
     r = run_prepare(size, cache, cfg, tasks, multitask, multitask_steps, base_dir, sizes=sizes, rebuild=rebuild,

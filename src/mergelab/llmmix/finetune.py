@@ -59,6 +59,12 @@ class FinetuneConfig(RunConfig):
     grad_clip: float = 1.0
     seed: int = 0
     max_length: int = 512
+    # Replay: each step also takes ``replay_batch`` blocks of ``replay_len`` tokens of the base's
+    # pretraining text and adds their next-token loss (times ``replay_weight``), so an expert learns its
+    # task without forgetting the language model it merges with (0: no replay).
+    replay_batch: int = 0
+    replay_len: int = 128
+    replay_weight: float = 1.0
     # not part of the run's identity
     checkpoint_every: int = 100
     eval_limit: Optional[int] = None  # validation examples per task scored at the end (None: all)
@@ -115,10 +121,22 @@ class FinetuneResult:
     record: dict
 
 
-def run_settings(cfg: FinetuneConfig, base_dir: Path, tasks: Sequence) -> dict:
-    """What identifies a run: the training settings, the base and each task's data."""
-    return {**cfg.settings(), "base": base_fingerprint(base_dir),
-            "tasks": {t.name: t.fingerprint() for t in tasks}}
+def run_settings(cfg: FinetuneConfig, base_dir: Path, tasks: Sequence, replay: Optional[Path] = None) -> dict:
+    """What identifies a run: the training settings, the base, each task's data and the replay text."""
+    out = {**cfg.settings(), "base": base_fingerprint(base_dir),
+           "tasks": {t.name: t.fingerprint() for t in tasks}}
+    if cfg.replay_batch:
+        out["replay_tokens"] = replay_fingerprint(replay)
+    return out
+
+
+def replay_fingerprint(tokens_file: Optional[Path]) -> str:
+    if tokens_file is None or not Path(tokens_file).is_file():
+        raise FinetuneError(f"replay needs the base's pretraining token file (train.u16); got {tokens_file}")
+    size = Path(tokens_file).stat().st_size
+    with open(tokens_file, "rb") as f:
+        head = f.read(1 << 20)
+    return hashlib.sha256(str(size).encode() + head).hexdigest()[:16]
 
 
 def finished(run_dir: Path, settings: dict) -> Optional[dict]:
@@ -133,12 +151,14 @@ def finished(run_dir: Path, settings: dict) -> Optional[dict]:
 @restores_torch_threads
 def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig, name: str = "",
              command: str = "", base_accuracy: Optional[dict] = None, log: Callable[[str], None] = print,
-             progress: bool = True, stop_after: Optional[int] = None, fresh: bool = False) -> FinetuneResult:
+             progress: bool = True, stop_after: Optional[int] = None, fresh: bool = False,
+             replay: Optional[Path] = None) -> FinetuneResult:
     """Fine-tune (or resume) the model of ``base_dir`` on the training splits of ``tasks``.
 
     ``base_accuracy`` maps task name to the base's validation accuracy (recorded beside the model's).
     ``stop_after`` stops at that step as a kill would (for tests). A finished run with the same settings
-    returns at once; one with other settings is an error unless ``fresh`` (start over).
+    returns at once; one with other settings is an error unless ``fresh`` (start over). ``replay`` is the
+    base's pretraining token file (``tokens-*/train.u16``), needed when ``cfg.replay_batch`` > 0.
     """
     import torch
 
@@ -153,7 +173,7 @@ def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig
         raise FinetuneError(f"--device {cfg.device}: CUDA is not available in this torch build")
     run_dir, base_dir = Path(run_dir), Path(base_dir)
     name = name or run_dir.name
-    settings = run_settings(cfg, base_dir, tasks)
+    settings = run_settings(cfg, base_dir, tasks, replay)
     ckpt = run_dir / "checkpoint" / "state.pt"
     final = run_dir / "final"
     if fresh and run_dir.exists():
@@ -171,6 +191,11 @@ def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     feats = [encode_for_training(tok, ex, cfg.max_length) for t in tasks for ex in t.split("train")]
     pool = Pool(feats, cfg.seed)
+    replay_blocks = None
+    if cfg.replay_batch:
+        from mergelab.llmmix.pretrain import Blocks
+
+        replay_blocks = Blocks(Path(replay), cfg.replay_len, cfg.seed + 1)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -229,8 +254,13 @@ def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig
                 b = collate_for_training(pool.batch(step, cfg.batch_size), pad)
                 b = {k: v.to(cfg.device) for k, v in b.items()}
                 loss = model(**b).loss
+                total = loss
+                if replay_blocks is not None:
+                    ids = torch.from_numpy(replay_blocks.batch(step, cfg.replay_batch)).to(cfg.device)
+                    replay_loss = model(input_ids=ids, labels=ids).loss
+                    total = loss + cfg.replay_weight * replay_loss
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                total.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 lr = opt.param_groups[0]["lr"]
                 opt.step()
@@ -238,6 +268,8 @@ def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig
                 step += 1
                 rec = {"step": step, "loss": round(loss.item(), 6), "lr": lr,
                        "seconds": round(elapsed + time.time() - t0, 3)}
+                if replay_blocks is not None:
+                    rec["replay_loss"] = round(replay_loss.item(), 6)
                 lf.write(json.dumps(rec) + "\n")
                 lf.flush()
                 records.append(rec)

@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 
 from mergelab.llmmix.finetune import (FinetuneConfig, FinetuneError, base_fingerprint, finetune, finished,
                                       run_settings)
-from mergelab.llmmix.pretrain import base_folder, base_source, default_root
+from mergelab.llmmix.pretrain import base_folder, base_source, default_root, replay_tokens
 from mergelab.llmmix.training import restores_torch_threads, write_json
 
 MULTITASK = "multitask"
@@ -100,6 +100,7 @@ def prepare(size: str = "3m", root: Optional[Path] = None, cfg: FinetuneConfig =
     source = base_source(base_dir)
     log(f"base: {base_dir} ({ {'shipped': 'shipped with mergelab', 'cache': 'cached'}.get(source, 'given')})")
     folder = root / f"experts-{size}"
+    replay = replay_tokens(base_dir, root, log) if cfg.replay_batch else None
     built = _tasks(tasks, task_seed, sizes)
     units = [(t.name, [t], cfg) for t in built]
     if multitask and len(built) > 1:
@@ -108,7 +109,7 @@ def prepare(size: str = "3m", root: Optional[Path] = None, cfg: FinetuneConfig =
     result = PrepareResult(folder, 0.0)
     todo = []
     for name, ts, c in units:
-        rec = finished(folder / name, run_settings(c, base_dir, ts))
+        rec = finished(folder / name, run_settings(c, base_dir, ts, replay))
         if rec is not None:
             result.skipped.append(name)
             result.models[name] = _summary(rec)
@@ -118,17 +119,17 @@ def prepare(size: str = "3m", root: Optional[Path] = None, cfg: FinetuneConfig =
         log(f"already prepared: {', '.join(result.skipped)}")
     if todo:
         base_acc = base_accuracy(base_dir, built, folder / "base_validation.json", cfg, log)
-        fresh = {name: rebuild and _other_settings(folder / name, c, base_dir, ts) for name, ts, c in todo}
+        fresh = {name: rebuild and _other_settings(folder / name, c, base_dir, ts, replay) for name, ts, c in todo}
         if jobs > 1 and len(todo) > 1:
             records = _finetune_in_parallel(todo, jobs, base_dir, folder, command, base_acc, fresh, task_seed,
-                                            sizes, log)
+                                            sizes, log, replay)
         else:
             records = {}
             for i, (name, ts, c) in enumerate(todo, 1):
                 log(f"[{i}/{len(todo)}] {name}")
                 records[name] = finetune(base_dir, ts, folder / name, c, name=name, command=command,
                                          base_accuracy=base_acc, log=log, progress=progress,
-                                         fresh=fresh[name]).record
+                                         fresh=fresh[name], replay=replay).record
         for name, _, _ in todo:
             result.trained.append(name)
             result.models[name] = _summary(records[name])
@@ -143,7 +144,7 @@ def prepare(size: str = "3m", root: Optional[Path] = None, cfg: FinetuneConfig =
     return result
 
 
-def _finetune_one(base_dir, names, task_seed, sizes, run_dir, cfg, name, command, base_acc, fresh) -> dict:
+def _finetune_one(base_dir, names, task_seed, sizes, run_dir, cfg, name, command, base_acc, fresh, replay) -> dict:
     """One unit of :func:`_finetune_in_parallel`, in a worker process (tasks rebuilt there from their
     names: generated tasks are cheap to draw and need not be pickled)."""
     import torch
@@ -153,7 +154,7 @@ def _finetune_one(base_dir, names, task_seed, sizes, run_dir, cfg, name, command
     log = lambda msg: print(f"[{name}] {msg}", flush=True)  # noqa: E731
     cfg = dataclasses.replace(cfg, threads=1)
     return finetune(base_dir, tasks, run_dir, cfg, name=name, command=command, base_accuracy=base_acc, log=log,
-                    progress=False, fresh=fresh).record
+                    progress=False, fresh=fresh, replay=replay).record
 
 
 def _parallel_worker(args: tuple, results) -> None:
@@ -164,7 +165,8 @@ def _parallel_worker(args: tuple, results) -> None:
         results.put((name, False, f"{type(e).__name__}: {e}"))
 
 
-def _finetune_in_parallel(todo, jobs, base_dir, folder, command, base_acc, fresh, task_seed, sizes, log) -> dict:
+def _finetune_in_parallel(todo, jobs, base_dir, folder, command, base_acc, fresh, task_seed, sizes, log,
+                          replay=None) -> dict:
     """Train ``todo``'s models ``jobs`` at a time, each in a process of its own, longest first. A model
     that fails, or SIGTERM / Ctrl-C to this process (forwarded to the running models, which checkpoint),
     stops the run: no new model starts, the running ones end, finished ones stay finished, and the error
@@ -197,7 +199,7 @@ def _finetune_in_parallel(todo, jobs, base_dir, folder, command, base_acc, fresh
             while pending and len(running) < jobs and not errors and stopped["signal"] is None:
                 name, ts, c = pending.pop(0)
                 args = (base_dir, [t.name for t in ts], task_seed, sizes, folder / name, c, name, command, base_acc,
-                        fresh[name])
+                        fresh[name], replay)
                 running[name] = ctx.Process(target=_parallel_worker, args=(args, results), name=f"finetune-{name}")
                 running[name].start()
             if not running:
@@ -226,11 +228,11 @@ def _finetune_in_parallel(todo, jobs, base_dir, folder, command, base_acc, fresh
     return records
 
 
-def _other_settings(run_dir: Path, cfg: FinetuneConfig, base_dir: Path, tasks) -> bool:
+def _other_settings(run_dir: Path, cfg: FinetuneConfig, base_dir: Path, tasks, replay=None) -> bool:
     """True when ``run_dir`` holds a checkpoint or record made with other settings."""
     import torch
 
-    settings = run_settings(cfg, base_dir, tasks)
+    settings = run_settings(cfg, base_dir, tasks, replay)
     ckpt = run_dir / "checkpoint" / "state.pt"
     if ckpt.is_file():
         return torch.load(ckpt, map_location="cpu", weights_only=False)["settings"] != settings

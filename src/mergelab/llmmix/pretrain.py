@@ -148,6 +148,37 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
+
+def replay_tokens(base_dir: Path, root: Optional[Path] = None, log: Callable[[str], None] = print) -> Path:
+    """The pretraining token stream (``tokens-<hash>/train.u16``) of the base in ``base_dir``, for
+    fine-tuning with replay. Read from the cache when the base was pretrained there; for a shipped base
+    on an empty cache, the corpus is rebuilt from the settings in its ``pretrain.json`` (seeded, so the
+    same text) and tokenized with the base's own tokenizer (copied, never retrained)."""
+    base_dir = Path(base_dir)
+    rec_path = next((p for p in (base_dir / "pretrain.json", base_dir.parent / "pretrain.json") if p.is_file()), None)
+    if rec_path is None:
+        raise PretrainError(f"{base_dir}: no pretrain.json beside the base, so its pretraining text (for replay) "
+                            "is unknown; fine-tune without replay (--replay-batch 0)")
+    settings = dict(json.loads(rec_path.read_text(encoding="utf-8"))["settings"])
+    settings["corpus_sources"] = tuple(settings["corpus_sources"])
+    cfg = PretrainConfig(**settings)
+    paths = paths_for(cfg, Path(root) if root else default_root())
+    tokens = paths.tokens / "train.u16"
+    if tokens.is_file():
+        return tokens
+    if not (paths.tokenizer / "tokenizer.json").is_file():
+        tmp = paths.tokenizer.with_name(paths.tokenizer.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in base_dir.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "llmmix_tokenizer")):
+                shutil.copy2(f, tmp / f.name)
+        tmp.rename(paths.tokenizer)
+    log(f"replay text: rebuilding the pretraining corpus and tokens of {base_dir} in {paths.tokens.parent}")
+    prepare_data(cfg, paths, log)
+    return tokens
+
+
 @dataclass
 class Paths:
     corpus: Path
