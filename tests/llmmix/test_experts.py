@@ -224,3 +224,38 @@ def test_prepare_in_parallel_stops_on_a_failed_model(root, tmp_path):
     with pytest.raises(FinetuneError, match=r"string_ops: .*run the same command again to resume"):
         prepare("tiny", tmp_path, _cfg(steps=4, eval_limit=1), jobs=2, **kw)
     assert not (tmp_path / "experts-tiny" / "arithmetic").exists()  # the third model never started
+
+
+def test_lora_expert_is_a_peft_adapter_mergelab_reads_exactly(root, tmp_path):
+    """A LoRA run (lora_rank > 0) trains only PEFT adapters, writes final/ as a PEFT adapter folder that
+    PeftModel loads, and mergelab's BASE+ADAPTER reading of it equals PEFT's merged weights; resuming
+    gives the same adapter."""
+    from peft import PeftModel
+
+    from mergelab.io.adapted import open_model
+
+    task = build_task("string_ops", seed=0, sizes=SIZES)
+    base = root / "base-tiny" / "final"
+    quiet = dict(progress=False, log=lambda s: None)
+    cfg = _cfg(steps=8, eval_limit=2, lora_rank=4, lr=1e-2)
+    r = finetune(base, [task], tmp_path / "l", cfg, **quiet)
+    final = r.final_dir
+    assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
+    conf = json.loads((final / "adapter_config.json").read_text())
+    assert conf["r"] == 4 and conf["lora_alpha"] == 8 and conf["base_model_name_or_path"] == str(base)
+    adapter = load_file(str(final / "adapter_model.safetensors"))
+    assert adapter and all("lora_A" in k or "lora_B" in k for k in adapter)
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at 0: it trained
+    model, _ = load_causal_lm(base)
+    dense = PeftModel.from_pretrained(model, str(final)).merge_and_unload().state_dict()
+    ours = open_model(f"{base}+{final}")
+    for name in ours.tensors:
+        assert torch.allclose(ours.read(name), dense[name], atol=1e-6), name
+    # the base was frozen: embeddings and norms equal the base's
+    base_sd = _weights(base)
+    assert torch.equal(ours.read("model.embed_tokens.weight"), base_sd["model.embed_tokens.weight"])
+    part = finetune(base, [task], tmp_path / "m", cfg, stop_after=3, **quiet)
+    assert part.step == 3
+    rest = finetune(base, [task], tmp_path / "m", cfg, **quiet)
+    again = load_file(str(rest.final_dir / "adapter_model.safetensors"))
+    assert all(torch.equal(again[k], adapter[k]) for k in adapter)

@@ -127,3 +127,38 @@ def test_heldout_text_is_the_bases_corpus_heldout_split(tmp_path):
     # without the base's record: a corpus in the cache root
     text, source = heldout_text(tmp_path / "root", chars=300)
     assert text == "other"
+
+
+def test_lora_experts_prepare_and_run(prepared, tmp_path):
+    """`bench prepare --lora-rank R` trains PEFT LoRA experts into experts-SIZE-loraR; `bench run --lora-rank R`
+    merges them. The expert row's scores are those of PEFT's own merged model, evaluated here."""
+    from peft import PeftModel
+
+    from mergelab.llmmix.generate import evaluate_task, load_causal_lm
+    from mergelab.llmmix.tasks import build_task
+
+    res = CliRunner().invoke(app, ["prepare", "--suite", "llmmix", "--size", "tiny", "--cache", str(prepared),
+                                   "--tasks", ",".join(TASKS), "--examples", EXAMPLES, "--steps", "40",
+                                   "--lr", "1e-2", "--batch-size", "8", "--lora-rank", "4", "--no-multitask",
+                                   "--replay-batch", "0", "--threads", "1", "--eval-limit", "2", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    folder = prepared / "experts-tiny-lora4"
+    for t in TASKS:
+        assert (folder / t / "final" / "adapter_config.json").is_file()
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["run", "--suite", "llmmix", "--size", "tiny", "--cache", str(prepared),
+                                   "--lora-rank", "4", "--tasks", ",".join(TASKS), "--methods", "task_arithmetic",
+                                   "--no-tune", "--held-out", "", "--examples", EXAMPLES, "--threads", "1",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["cache"] == str(folder)
+    rows = {r["name"]: r for r in rep["rows"]}
+    base = prepared / "base-tiny" / "final"
+    for t in TASKS:
+        model, tok = load_causal_lm(base)
+        merged = PeftModel.from_pretrained(model, str(folder / t / "final")).merge_and_unload()
+        ev = evaluate_task(merged, tok, build_task(t, seed=0, sizes=SIZES), "test")
+        assert rows["individual"]["correct"][t] == "".join("1" if r["score"] >= 1 else "0" for r in ev.records)
+    assert rows["task arithmetic (default)"]["status"] == "ok"
+    assert rows["multi-task training"]["status"] == "missing"

@@ -58,13 +58,15 @@ def prepare(
     replay_batch: Optional[int] = typer.Option(None, "--replay-batch", help="llmmix: blocks of the base's "
                                                "pretraining text added to each step's loss, so experts keep the "
                                                "base's language model (default 8; 0: no replay)."),
+    lora_rank: int = typer.Option(0, "--lora-rank", help="llmmix: train PEFT LoRA adapters of this rank instead "
+                                  "of full fine-tunes (kept in CACHE/experts-SIZE-loraR; 0: full fine-tunes)."),
 ) -> None:
     """Fine-tune one expert per task, linear probes on the frozen base, and a multi-task model (resumable).
 
     With --suite llmmix: full fine-tunes of the pretrained Llama base per merged task and a multi-task
     model (--epochs, --head-lr, --max-length and --task do not apply)."""
-    if suite != "llmmix" and (jobs != 1 or replay_batch is not None):
-        raise MergeLabError("--jobs and --replay-batch apply to --suite llmmix only")
+    if suite != "llmmix" and (jobs != 1 or replay_batch is not None or lora_rank):
+        raise MergeLabError("--jobs, --replay-batch and --lora-rank apply to --suite llmmix only")
     if suite == "llmmix":
         _prepare_llmmix(size, cache, None if base == "minilm-l6" else Path(base), _split(tasks), steps,
                         multitask_steps, 2e-3 if lr is None else lr, 16 if batch_size is None else batch_size, seed,
@@ -72,7 +74,8 @@ def prepare(
                         bad=[f for f, given in (("--epochs", epochs != 3.0), ("--head-lr", head_lr != 2e-3),
                                                 ("--max-length", max_length != 64), ("--task", bool(task)),
                                                 ("--multitask-epochs", multitask_epochs is not None)) if given],
-                        examples=examples, jobs=jobs, replay_batch=replay_batch)
+                        examples=examples, jobs=jobs, replay_batch=replay_batch,
+                        lora_rank=lora_rank)
         return
     from mergelab.bench.cache import BenchCache
     from mergelab.bench.prepare import prepare as run_prepare
@@ -103,7 +106,8 @@ def _sizes(examples: Optional[str]) -> Optional[dict]:
 
 
 def _prepare_llmmix(size, cache, base_dir, tasks, steps, multitask_steps, lr, batch_size, seed, eval_limit, device,
-                    threads, multitask, rebuild, progress, bad, examples, jobs=1, replay_batch=None) -> None:
+                    threads, multitask, rebuild, progress, bad, examples, jobs=1, replay_batch=None,
+                    lora_rank=0) -> None:
     from mergelab.llmmix.finetune import FinetuneConfig
     from mergelab.llmmix.prepare import prepare as run_prepare
 
@@ -111,7 +115,7 @@ def _prepare_llmmix(size, cache, base_dir, tasks, steps, multitask_steps, lr, ba
         raise MergeLabError(f"--suite llmmix: {', '.join(bad)} do(es) not apply to the llmmix suite")
     sizes = _sizes(examples)
     cfg = FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_limit=eval_limit, device=device,
-                         threads=threads,
+                         threads=threads, lora_rank=lora_rank,
                          **({} if replay_batch is None else {"replay_batch": replay_batch}))
     command = "mergelab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:3] == ["bench", "prepare"] \
         else f"mergelab bench prepare --suite llmmix --size {size} --steps {steps}"
@@ -157,6 +161,8 @@ def run(
     examples: Optional[str] = typer.Option(None, "--examples", help="llmmix: split sizes as given to `bench prepare`."),
     device: str = typer.Option("cpu", "--device", help="llmmix: cpu, cuda or cuda:N."),
     threads: Optional[int] = typer.Option(None, "--threads", help="llmmix: torch CPU threads."),
+    lora_rank: int = typer.Option(0, "--lora-rank", help="llmmix: merge the LoRA experts of this rank "
+                                  "(CACHE/experts-SIZE-loraR from `bench prepare --lora-rank R`)."),
 ) -> None:
     """Merge the prepared experts with each method, evaluate every task, write the report and charts."""
     from mergelab.bench.cache import BenchCache
@@ -176,9 +182,12 @@ def run(
             raise MergeLabError("--suite llmmix: --task does not apply (llmmix tasks are built in)")
         report = run_llmmix(names, out, size, cache, None if base == "minilm-l6" else Path(base), _split(tasks),
                             _split(held_out), _sizes(examples), tune=tune, seed=seed, grids=grids, command=command,
-                            log=typer.echo, device=device, threads=threads, save_models=save_models)
+                            log=typer.echo, device=device, threads=threads, save_models=save_models,
+                            lora_rank=lora_rank)
         typer.echo(f"wrote {out / 'report.json'}, {out / 'report.md'} and charts ({report['seconds']:.0f} s)")
         return
+    if lora_rank:
+        raise MergeLabError("--lora-rank applies to --suite llmmix only")
     s = load_suite(suite, task)
     report = run_bench(s, BenchCache(s, cache), names, out, base, _split(tasks), _split(held_out), tune, seed,
                        command=command, log=typer.echo, save_models=save_models, grids=grids)

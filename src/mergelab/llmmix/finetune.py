@@ -65,6 +65,10 @@ class FinetuneConfig(RunConfig):
     replay_batch: int = 0
     replay_len: int = 128
     replay_weight: float = 1.0
+    # LoRA (PEFT) instead of a full fine-tune when lora_rank > 0: adapters on LORA_TARGETS, alpha
+    # lora_alpha (default 2 x rank), no dropout; the base stays frozen and final/ is a PEFT adapter folder.
+    lora_rank: int = 0
+    lora_alpha: Optional[float] = None
     # not part of the run's identity
     checkpoint_every: int = 100
     eval_limit: Optional[int] = None  # validation examples per task scored at the end (None: all)
@@ -74,6 +78,18 @@ class FinetuneConfig(RunConfig):
 
     RUNTIME = ("checkpoint_every", "eval_limit", "eval_batch_size", "device", "threads")
     WARMUP_CAP = 50
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_config(cfg: FinetuneConfig):
+    """The PEFT ``LoraConfig`` of a LoRA run (``cfg.lora_rank`` > 0)."""
+    from peft import LoraConfig
+
+    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2.0 * cfg.lora_rank
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS), lora_dropout=0.0,
+                      bias="none", task_type="CAUSAL_LM")
 
 
 def base_fingerprint(base_dir: Path) -> str:
@@ -142,7 +158,9 @@ def replay_fingerprint(tokens_file: Optional[Path]) -> str:
 def finished(run_dir: Path, settings: dict) -> Optional[dict]:
     """The run's record if ``run_dir/final`` holds a finished run with ``settings``; else None."""
     rec_path = Path(run_dir) / "finetune.json"
-    if not (Path(run_dir) / "final" / "model.safetensors").is_file() or not rec_path.is_file():
+    final = Path(run_dir) / "final"
+    weights = final / "model.safetensors", final / "adapter_model.safetensors"
+    if not any(w.is_file() for w in weights) or not rec_path.is_file():
         return None
     rec = json.loads(rec_path.read_text(encoding="utf-8"))
     return rec if rec.get("settings") == settings and rec.get("finished") else None
@@ -188,6 +206,11 @@ def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig
         torch.set_num_threads(cfg.threads)
 
     model, tok = load_causal_lm(base_dir, device=cfg.device)
+    if cfg.lora_rank:
+        from peft import get_peft_model
+
+        torch.manual_seed(cfg.seed)  # PEFT draws the A matrices from torch's generator
+        model = get_peft_model(model, lora_config(cfg))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     feats = [encode_for_training(tok, ex, cfg.max_length) for t in tasks for ex in t.split("train")]
     pool = Pool(feats, cfg.seed)
@@ -196,8 +219,9 @@ def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig
         from mergelab.llmmix.pretrain import Blocks
 
         replay_blocks = Blocks(Path(replay), cfg.replay_len, cfg.seed + 1)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg))
@@ -261,7 +285,7 @@ def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig
                     total = loss + cfg.replay_weight * replay_loss
                 opt.zero_grad(set_to_none=True)
                 total.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
                 lr = opt.param_groups[0]["lr"]
                 opt.step()
                 sched.step()
@@ -302,8 +326,10 @@ def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig
     if step >= cfg.steps:
         model.eval()
         t1 = time.time()
-        acc = {t.name: evaluate_task(model, tok, t, "validation", limit=cfg.eval_limit,
+        scored = _merged_copy(model) if cfg.lora_rank else model
+        acc = {t.name: evaluate_task(scored, tok, t, "validation", limit=cfg.eval_limit,
                                      batch_size=cfg.eval_batch_size).accuracy for t in tasks}
+        del scored
         record.update(validation_accuracy=acc, eval_seconds=round(time.time() - t1, 1), finished=True)
         if base_accuracy is not None:
             record["base_validation_accuracy"] = {t.name: base_accuracy.get(t.name) for t in tasks}
@@ -333,16 +359,26 @@ def _progress(enabled: bool, name: str, start: int, total: int):
     return bar, job
 
 
+def _merged_copy(peft_model):
+    """A plain model with the adapters folded in, for scoring; the trained PeftModel is left as it is."""
+    import copy
+
+    return copy.deepcopy(peft_model).merge_and_unload()
+
+
 def _write_final(model, tok, run_dir: Path, record: dict) -> Path:
+    """Write ``final/``: a Hugging Face model folder, or for a LoRA run a PEFT adapter folder (its
+    ``adapter_config.json`` records the base folder) with the tokenizer."""
     from transformers import GenerationConfig
 
     final = run_dir / "final"
     tmp = run_dir / "final.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     model.to("cpu").save_pretrained(str(tmp), safe_serialization=True)
-    c = model.config
-    GenerationConfig(bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
-                     pad_token_id=c.pad_token_id).save_pretrained(str(tmp))
+    if not hasattr(model, "peft_config"):
+        c = model.config
+        GenerationConfig(bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+                         pad_token_id=c.pad_token_id).save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
     write_json(tmp / "finetune.json", record)
     shutil.rmtree(final, ignore_errors=True)

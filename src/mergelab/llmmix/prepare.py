@@ -76,6 +76,12 @@ def base_accuracy(base_dir: Path, tasks: Sequence, cache_file: Path, cfg: Finetu
 
 
 @restores_torch_threads
+def experts_folder(root: Path, size: str, lora_rank: int = 0) -> Path:
+    """Where ``bench prepare`` keeps the experts of a base size: ``experts-SIZE`` (full fine-tunes) or
+    ``experts-SIZE-loraR`` (PEFT LoRA adapters of rank R)."""
+    return Path(root) / (f"experts-{size}-lora{lora_rank}" if lora_rank else f"experts-{size}")
+
+
 def prepare(size: str = "3m", root: Optional[Path] = None, cfg: FinetuneConfig = FinetuneConfig(),
             tasks: Optional[Sequence[str]] = None, multitask: bool = True, multitask_steps: Optional[int] = None,
             base_dir: Optional[Path] = None, task_seed: int = 0, sizes: Optional[dict] = None,
@@ -99,7 +105,7 @@ def prepare(size: str = "3m", root: Optional[Path] = None, cfg: FinetuneConfig =
     base_dir = Path(base_dir) if base_dir else base_folder(size, root)
     source = base_source(base_dir)
     log(f"base: {base_dir} ({ {'shipped': 'shipped with mergelab', 'cache': 'cached'}.get(source, 'given')})")
-    folder = root / f"experts-{size}"
+    folder = experts_folder(root, size, cfg.lora_rank)
     replay = replay_tokens(base_dir, root, log) if cfg.replay_batch else None
     built = _tasks(tasks, task_seed, sizes)
     units = [(t.name, [t], cfg) for t in built]

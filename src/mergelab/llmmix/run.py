@@ -44,6 +44,21 @@ def _state(folder: Path) -> dict:
     return out
 
 
+def _expert_state(final: Path, base_dir: Path) -> dict:
+    """An expert's weights: its model folder's, or for a PEFT LoRA expert the base's with ``s * B A`` added
+    to each adapted matrix (mergelab's own reading, :class:`mergelab.io.adapted.AdaptedCheckpoint`)."""
+    from mergelab.io.peft_adapter import is_adapter_folder
+
+    if not is_adapter_folder(final):
+        return _state(final)
+    from mergelab.io.adapted import open_model
+
+    import torch
+
+    ckpt = open_model(f"{base_dir}+{final}")
+    return {name: ckpt.read(name, dtype=torch.float32) for name in ckpt.tensors}
+
+
 def heldout_text(root: Path, chars: int = PPL_CHARS, base_dir: Optional[Path] = None) -> tuple:
     """``(text, source)``: the first ``chars`` characters of the held-out split of the corpus the base
     was pretrained on (its run's ``pretrain.json``), else of the base folder's ``heldout.jsonl`` (a shipped
@@ -116,7 +131,7 @@ class LlmRunner(BenchRunner):
             if settings.get("base") != fp or settings.get("tasks", {}).get(t.name) != t.fingerprint():
                 raise MergeLabError(f"{run}: expert trained on another base or other task data than this run's "
                                     "(same --size/--base/--examples as `bench prepare` expected)")
-            self.experts.append(_state(run / "final"))
+            self.experts.append(_expert_state(run / "final", self.base_dir))
         self._statistics, self._aux = {}, {}
         self.base_eval = self.evaluate_merged(self.base)
         self.base_ppl = self.base_eval["row_extra"]["perplexity"]
@@ -210,7 +225,7 @@ class LlmRunner(BenchRunner):
             rows.append({"name": "multi-task training", "kind": "reference", "status": "missing",
                          "reason": f"{mt}: no multi-task model"})
             return rows
-        ev = self.evaluate_merged(_state(mt))
+        ev = self.evaluate_merged(_expert_state(mt, self.base_dir))
         rows.append(self._row("multi-task training", "reference", ev["correct"], ev["held_out"],
                               note="one model fine-tuned on all merged tasks together", **ev["row_extra"]))
         return rows
@@ -227,11 +242,12 @@ def run_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root: Option
                held_out: Optional[Sequence[str]] = None, sizes: Optional[dict] = None, task_seed: int = 0,
                tune: bool = True, seed: int = 0, grids: Optional[dict] = None, command: str = "",
                log: Callable[[str], None] = print, device: str = "cpu", threads: Optional[int] = None,
-               save_models: bool = False) -> dict:
+               save_models: bool = False, lora_rank: int = 0) -> dict:
     """Run the llmmix protocol for ``methods`` on the experts in ``ROOT/experts-SIZE`` and write
     ``report.json``, ``report.md`` and the charts to ``out`` (rewritten after every method)."""
     from mergelab import __version__
     from mergelab.evaluate.report import write_report
+    from mergelab.llmmix.prepare import experts_folder
     from mergelab.llmmix.pretrain import base_folder, base_source, default_root
     from mergelab.llmmix.tasks import build_task, get_spec, task_names
 
@@ -240,7 +256,7 @@ def run_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root: Option
 
         torch.set_num_threads(threads)
     root = Path(root) if root else default_root()
-    folder = root / f"experts-{size}"
+    folder = experts_folder(root, size, lora_rank)
     prep = json.loads((folder / "prepare.json").read_text(encoding="utf-8")) if (folder / "prepare.json").is_file() else {}
     base_dir = Path(base_dir) if base_dir else Path(prep["base"]) if prep.get("base") else base_folder(size, root)
     names = list(merge_tasks) if merge_tasks else list(prep.get("tasks") or task_names(held_out=False))
