@@ -58,6 +58,9 @@ class DemoConfig:
     methods: tuple = tuple(m[0] for m in METHODS)
     seed: int = 0
     threads: Optional[int] = None  # torch CPU threads (None: torch's default)
+    # no replay: 100 steps at 1e-3 keep the base's language model, and on an empty cache replay would first
+    # rebuild the pretraining corpus (about a minute)
+    replay_batch: int = 0
     answers: int = 3  # test examples shown side by side
 
     def sizes(self) -> dict:
@@ -156,7 +159,8 @@ def run_demo(workdir: Path = Path("mergelab-demo"), cache: Optional[Path] = None
                       f"{cfg.batch_size} examples, cached in {escape(str(cache))}")
         t0 = time.perf_counter()
         ft = FinetuneConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
-                            eval_limit=cfg.eval_limit, checkpoint_every=max(cfg.steps, 1), threads=cfg.threads)
+                            eval_limit=cfg.eval_limit, checkpoint_every=max(cfg.steps, 1), threads=cfg.threads,
+                            replay_batch=cfg.replay_batch)
         prep = prepare(cfg.size, cache, ft, tasks=list(cfg.tasks), multitask=False, base_dir=base,
                        sizes=cfg.sizes(), task_seed=cfg.seed, rebuild=True, command="mergelab demo",
                        log=log, progress=progress)

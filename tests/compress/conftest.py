@@ -26,7 +26,8 @@ def trained(tmp_path_factory):
     threads = torch.get_num_threads()
     try:
         base = pretrain(pcfg, root, root / "base", **quiet).final_dir
-        fcfg = FinetuneConfig(steps=12, batch_size=8, lr=3e-3, checkpoint_every=100, eval_limit=1, threads=1)
+        fcfg = FinetuneConfig(steps=12, batch_size=8, lr=3e-3, checkpoint_every=100, eval_limit=1, threads=1,
+                              replay_batch=0)
         experts = [finetune(base, [build_task(name, seed=0, sizes=SIZES)], root / name, fcfg, **quiet).final_dir
                    for name in TASKS]
     finally:

@@ -27,7 +27,7 @@ def root(tmp_path_factory):
 
 
 def _cfg(**kw):
-    return FinetuneConfig(**{"steps": 24, "batch_size": 8, "lr": 3e-3, "checkpoint_every": 100, "threads": 1, **kw})
+    return FinetuneConfig(**{"steps": 24, "batch_size": 8, "lr": 3e-3, "checkpoint_every": 100, "threads": 1, "replay_batch": 0, **kw})
 
 
 def _weights(folder):
@@ -148,7 +148,7 @@ def test_prepare_experts_multitask_skip_and_merge(root):
     res = CliRunner().invoke(app, ["prepare", "--suite", "llmmix", "--size", "tiny", "--cache", str(root),
                                    "--tasks", "arithmetic,string_ops", "--steps", "16", "--multitask-steps", "16",
                                    "--batch-size", "8", "--lr", "3e-3", "--eval-limit", "3", "--examples", EXAMPLES,
-                                   "--no-progress", "--threads", "1"])
+                                   "--no-progress", "--threads", "1", "--replay-batch", "0"])
     assert res.exit_code == 0, res.output
     assert "trained 0 model(s), 3 already there" in res.output
 

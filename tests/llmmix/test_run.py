@@ -35,7 +35,8 @@ def save_base(folder):
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("llmrun")
     save_base(root / "base-tiny" / "final")
-    cfg = FinetuneConfig(steps=150, batch_size=8, lr=3e-3, checkpoint_every=1000, threads=1, eval_limit=3)
+    cfg = FinetuneConfig(steps=150, batch_size=8, lr=3e-3, checkpoint_every=1000, threads=1, eval_limit=3,
+                         replay_batch=0)
     prepare("tiny", root, cfg, tasks=TASKS, multitask_steps=150, sizes=SIZES, progress=False, log=lambda s: None)
     return root
 

@@ -21,7 +21,8 @@ TASKS = ["language_id", "refusal", "string_ops"]
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("llmscale")
     save_base(root / "base-tiny" / "final")
-    cfg = FinetuneConfig(steps=100, batch_size=8, lr=3e-3, checkpoint_every=1000, threads=1, eval_limit=3)
+    cfg = FinetuneConfig(steps=100, batch_size=8, lr=3e-3, checkpoint_every=1000, threads=1, eval_limit=3,
+                         replay_batch=0)
     prepare("tiny", root, cfg, tasks=TASKS, multitask=False, sizes=SIZES, progress=False, log=lambda s: None)
     return root
 

