@@ -148,9 +148,9 @@ def test_lora_experts_prepare_and_run(prepared, tmp_path):
         assert (folder / t / "final" / "adapter_config.json").is_file()
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["run", "--suite", "llmmix", "--size", "tiny", "--cache", str(prepared),
-                                   "--lora-rank", "4", "--tasks", ",".join(TASKS), "--methods", "task_arithmetic",
-                                   "--no-tune", "--held-out", "", "--examples", EXAMPLES, "--threads", "1",
-                                   "--out", str(out)])
+                                   "--lora-rank", "4", "--tasks", ",".join(TASKS), "--methods", "task_arithmetic,ties",
+                                   "--no-tune", "--adapter-merges", "--held-out", "", "--examples", EXAMPLES,
+                                   "--threads", "1", "--out", str(out)])
     assert res.exit_code == 0, res.output
     rep = json.loads((out / "report.json").read_text())
     assert rep["cache"] == str(folder)
@@ -161,5 +161,18 @@ def test_lora_experts_prepare_and_run(prepared, tmp_path):
         merged = PeftModel.from_pretrained(model, str(folder / t / "final")).merge_and_unload()
         ev = evaluate_task(merged, tok, build_task(t, seed=0, sizes=SIZES), "test")
         assert rows["individual"]["correct"][t] == "".join("1" if r["score"] >= 1 else "0" for r in ev.records)
-    assert rows["task arithmetic (default)"]["status"] == "ok"
     assert rows["multi-task training"]["status"] == "missing"
+    # merges that stay adapters: cat is exact, and svd at rank 2 x 4 holds the sum of two rank-4 deltas
+    # exactly, so both score as the dense task arithmetic of the same adapters with the same coefficients
+    dense = rows["task arithmetic (default)"]
+    for name, rank in (("task arithmetic (adapter, cat)", 8), ("task arithmetic (adapter, svd r=8)", 8)):
+        row = rows[name]
+        assert row["status"] == "ok" and row["params"] == dense["params"] and row["params_from"] == dense["name"]
+        assert row["correct"] == dense["correct"], name
+        assert row["perplexity"] == pytest.approx(dense["perplexity"], rel=1e-4)
+        assert row["adapter_rank"] == rank and row["max_relative_truncation_error"] < 1e-4
+        assert row["adapter_bytes"] > 0 and row["merge_seconds"] > 0
+    for name in ("TIES (adapter, svd r=8)", "TIES (adapter, knots r=8)"):
+        assert rows[name]["status"] == "ok" and rows[name]["params"] == rows["TIES (default)"]["params"]
+        assert 0 <= rows[name]["max_relative_truncation_error"] < 1
+    assert (out / "adapters" / "knots-ties" / "adapter_config.json").is_file()

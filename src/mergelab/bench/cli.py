@@ -163,6 +163,8 @@ def run(
     threads: Optional[int] = typer.Option(None, "--threads", help="llmmix: torch CPU threads."),
     lora_rank: int = typer.Option(0, "--lora-rank", help="llmmix: merge the LoRA experts of this rank "
                                   "(CACHE/experts-SIZE-loraR from `bench prepare --lora-rank R`)."),
+    adapter_merges: bool = typer.Option(False, "--adapter-merges", help="llmmix with --lora-rank: also merge "
+                                        "the adapters as adapters (cat, svd with task arithmetic and TIES, KnOTS-TIES)."),
 ) -> None:
     """Merge the prepared experts with each method, evaluate every task, write the report and charts."""
     from mergelab.bench.cache import BenchCache
@@ -183,11 +185,11 @@ def run(
         report = run_llmmix(names, out, size, cache, None if base == "minilm-l6" else Path(base), _split(tasks),
                             _split(held_out), _sizes(examples), tune=tune, seed=seed, grids=grids, command=command,
                             log=typer.echo, device=device, threads=threads, save_models=save_models,
-                            lora_rank=lora_rank)
+                            lora_rank=lora_rank, adapter_merges=adapter_merges)
         typer.echo(f"wrote {out / 'report.json'}, {out / 'report.md'} and charts ({report['seconds']:.0f} s)")
         return
-    if lora_rank:
-        raise MergeLabError("--lora-rank applies to --suite llmmix only")
+    if lora_rank or adapter_merges:
+        raise MergeLabError("--lora-rank and --adapter-merges apply to --suite llmmix only")
     s = load_suite(suite, task)
     report = run_bench(s, BenchCache(s, cache), names, out, base, _split(tasks), _split(held_out), tune, seed,
                        command=command, log=typer.echo, save_models=save_models, grids=grids)

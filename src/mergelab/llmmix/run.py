@@ -242,9 +242,11 @@ def run_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root: Option
                held_out: Optional[Sequence[str]] = None, sizes: Optional[dict] = None, task_seed: int = 0,
                tune: bool = True, seed: int = 0, grids: Optional[dict] = None, command: str = "",
                log: Callable[[str], None] = print, device: str = "cpu", threads: Optional[int] = None,
-               save_models: bool = False, lora_rank: int = 0) -> dict:
+               save_models: bool = False, lora_rank: int = 0, adapter_merges: bool = False) -> dict:
     """Run the llmmix protocol for ``methods`` on the experts in ``ROOT/experts-SIZE`` and write
-    ``report.json``, ``report.md`` and the charts to ``out`` (rewritten after every method)."""
+    ``report.json``, ``report.md`` and the charts to ``out`` (rewritten after every method). With
+    ``lora_rank`` the experts are the LoRA ones (``experts-SIZE-loraR``), and ``adapter_merges`` adds
+    the rows of :mod:`mergelab.llmmix.adapter_merges` (merges that stay adapters) after the dense ones."""
     from mergelab import __version__
     from mergelab.evaluate.report import write_report
     from mergelab.llmmix.prepare import experts_folder
@@ -268,6 +270,8 @@ def run_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root: Option
         raise MergeLabError(f"tasks {sorted(set(names) & set(held_names))} are both merged and held out")
     if len(names) < 2:
         raise MergeLabError(f"a merge needs at least 2 tasks; got {names}")
+    if adapter_merges and not lora_rank:
+        raise MergeLabError("adapter merges need the LoRA experts: give --lora-rank R")
     check_grid_keys(grids, methods)
     plans = [plan_method(name, len(names), grids) for name in methods]
     start = time.perf_counter()
@@ -297,6 +301,14 @@ def run_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root: Option
     for name, plan in zip(methods, plans):
         rows.extend(runner.run_method(plan, tune))
         report["seconds"] = round(time.perf_counter() - start, 1)
-        report["complete"] = name == methods[-1]
+        report["complete"] = name == methods[-1] and not adapter_merges
+        write_report(report, Path(out))
+    if adapter_merges:
+        from mergelab.llmmix.adapter_merges import ADAPTER_MERGES, adapter_merge_rows
+
+        log("merges that stay adapters: " + ", ".join(f"{c} ({m})" for c, m in ADAPTER_MERGES))
+        rows.extend(adapter_merge_rows(runner, rows, Path(out) / "adapters", lora_rank))
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        report["complete"] = True
         write_report(report, Path(out))
     return report
