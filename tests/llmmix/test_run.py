@@ -63,6 +63,9 @@ def test_run_two_methods_report(prepared, tmp_path):
     assert {"pretrained", "individual", "multi-task training", "task arithmetic (default)", "task arithmetic (tuned)",
             "TIES (default)", "TIES (tuned)"} <= set(rows)
     expert = rows["individual"]["correct"]
+    ratios = rows["individual"]["expert_perplexity_ratio"]
+    assert set(ratios) == set(TASKS) and all(
+        ratios[t] == pytest.approx(rows["individual"]["expert_perplexity"][t] / rep["base_perplexity"]) for t in TASKS)
     assert all(_acc(expert[t]) > 0 for t in TASKS), expert  # so normalised accuracy is defined and checked
     base_ppl = rep["base_perplexity"]
     assert rows["pretrained"]["perplexity"] == pytest.approx(base_ppl)

@@ -135,12 +135,13 @@ class LlmRunner(BenchRunner):
         self._statistics, self._aux = {}, {}
         self.base_eval = self.evaluate_merged(self.base)
         self.base_ppl = self.base_eval["row_extra"]["perplexity"]
-        self.expert_correct = {}
+        self.expert_correct, self.expert_perplexity = {}, {}
         for t, sd in zip(tasks, self.experts):
             self._load(sd)
             ev = self._eval_split(t, "test")
             self.expert_correct[t.name] = _bits(ev.records)
             self.expert_records[t.name] = ev.records
+            self.expert_perplexity[t.name] = self._perplexity()
 
     # -- models
     def _load(self, state: dict) -> None:
@@ -183,9 +184,16 @@ class LlmRunner(BenchRunner):
         accs = [self._eval_split(self.tasks[t], "validation").accuracy for t in self.merge_tasks]
         return sum(accs) / len(accs)
 
-    def evaluate_merged(self, merged: dict) -> dict:
+    def _perplexity(self) -> float:
+        """The loaded model's perplexity on the held-out text."""
+        import torch
+
         from mergelab.evaluate.lm import perplexity
 
+        with torch.no_grad():
+            return perplexity(self.model, self.tokenizer, self.ppl_text)["perplexity"]
+
+    def evaluate_merged(self, merged: dict) -> dict:
         t0 = time.perf_counter()
         self._load(merged)
         correct, preds = {}, {}
@@ -199,10 +207,7 @@ class LlmRunner(BenchRunner):
             held[name] = ev.accuracy
             correct[name] = _bits(ev.records)
             preds[name] = [r["prediction"] for r in ev.records]
-        import torch
-
-        with torch.no_grad():
-            ppl = perplexity(self.model, self.tokenizer, self.ppl_text)["perplexity"]
+        ppl = self._perplexity()
         extra = {"perplexity": ppl, "predictions": preds}
         base = getattr(self, "base_ppl", None)
         if base is not None:
@@ -219,7 +224,9 @@ class LlmRunner(BenchRunner):
         rows.append(self._row("pretrained", "reference", b["correct"], b["held_out"],
                               note="the base model, no fine-tuning", **b["row_extra"]))
         rows.append(self._row("individual", "reference", dict(self.expert_correct), None,
-                              note="each task's own fine-tuned expert"))
+                              note="each task's own fine-tuned expert",
+                              expert_perplexity=dict(self.expert_perplexity),
+                              expert_perplexity_ratio={t: p / self.base_ppl for t, p in self.expert_perplexity.items()}))
         mt = self.experts_dir / "multitask" / "final"
         if not (mt / "model.safetensors").is_file():
             rows.append({"name": "multi-task training", "kind": "reference", "status": "missing",
