@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from mergelab.bench.run import CALIBRATION_EXAMPLES, BenchRunner, check_grid_keys, plan_method
+from mergelab.bench.run import CALIBRATION_EXAMPLES, BenchRunner, check_grid_keys, plan_method, run_methods
 from mergelab.errors import MergeLabError
 
 COLLAPSE_RATIO = 2.0
@@ -278,9 +278,5 @@ def run_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root: Option
         "rows": rows, "complete": not methods,
     }
     write_report(report, Path(out))
-    for name, plan in zip(methods, plans):
-        rows.extend(runner.run_method(plan, tune))
-        report["seconds"] = round(time.perf_counter() - start, 1)
-        report["complete"] = name == methods[-1]
-        write_report(report, Path(out))
+    run_methods(runner, plans, methods, report, out, tune, start)
     return report
