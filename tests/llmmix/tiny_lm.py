@@ -51,3 +51,37 @@ def save_tiny(folder: Path):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def trained_family(root: Path, tasks, sizes: dict, *, pretrain_steps: int = 30, corpus_bytes: int = 120_000,
+                   vocab_size: int = 400, finetune_steps: int = 24):
+    """A tiny Llama base pretrained with the project's own code (``llmmix.pretrain``: tied embeddings, no
+    ``lm_head.weight`` stored, float32) and one expert per task name in ``tasks`` fine-tuned from it
+    (``llmmix.finetune``), all under ``root``: ``(base_dir, [expert_dir, ...], [Task, ...])``, the tasks
+    as built with ``seed=0`` and ``sizes``. Takes a few seconds per model.
+
+    Training with ``threads=1`` sets torch's thread count for the whole process; the count is restored
+    (float32 reductions, and so bit-equality with mergekit, depend on it)."""
+    import torch
+
+    from mergelab.llmmix.finetune import FinetuneConfig, finetune
+    from mergelab.llmmix.pretrain import PretrainConfig, pretrain
+    from mergelab.llmmix.tasks import build_task
+
+    root = Path(root)
+    quiet = dict(log=lambda m: None, progress=False)
+    pcfg = PretrainConfig(size="tiny", steps=pretrain_steps, batch_size=8, seq_len=32, lr=1e-2, warmup=2,
+                          corpus_bytes=corpus_bytes, corpus_sources=("stdlib-code", "stdlib-docs", "faker"),
+                          vocab_size=vocab_size, checkpoint_every=100, eval_every=100, eval_batches=1, threads=1)
+    threads = torch.get_num_threads()
+    try:
+        base = pretrain(pcfg, root, root / "base", **quiet).final_dir
+        fcfg = FinetuneConfig(steps=finetune_steps, batch_size=8, lr=3e-3, checkpoint_every=100, eval_limit=1,
+                              threads=1, replay_batch=0)
+        built, experts = [], []
+        for name in tasks:
+            built.append(build_task(name, seed=0, sizes=sizes))
+            experts.append(finetune(base, [built[-1]], root / name, fcfg, **quiet).final_dir)
+    finally:
+        torch.set_num_threads(threads)
+    return Path(base), [Path(e) for e in experts], built

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
+from tests.llmmix.tiny_lm import trained_family
 from tests.moe.test_moe import tensors, write
 from tests.moe.test_moe_parity import SCRIPT
 from tests.parity.mergekit_runner import MERGEKIT_PYTHON, run_script
@@ -31,27 +32,9 @@ SIZES = {"train": 32, "validation": 6, "test": 2}
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    from mergelab.llmmix.finetune import FinetuneConfig, finetune
-    from mergelab.llmmix.pretrain import PretrainConfig, pretrain
-    from mergelab.llmmix.tasks import build_task
-
     root = tmp_path_factory.mktemp("moetrained")
-    quiet = dict(log=lambda m: None, progress=False)
-    pcfg = PretrainConfig(size="tiny", steps=30, batch_size=8, seq_len=32, lr=1e-2, warmup=2, corpus_bytes=120_000,
-                          corpus_sources=("stdlib-code", "stdlib-docs", "faker"), vocab_size=400,
-                          checkpoint_every=100, eval_every=100, eval_batches=1, threads=1)
-    threads = torch.get_num_threads()
-    try:
-        base = pretrain(pcfg, root, root / "base", **quiet).final_dir
-        fcfg = FinetuneConfig(steps=24, batch_size=8, lr=3e-3, checkpoint_every=100, eval_limit=1, threads=1,
-                              replay_batch=0)
-        experts, prompts = [], []
-        for name in TASKS:
-            task = build_task(name, seed=0, sizes=SIZES)
-            experts.append(finetune(base, [task], root / name, fcfg, **quiet).final_dir)
-            prompts.append([e.prompt for e in task.split("validation")])
-    finally:
-        torch.set_num_threads(threads)
+    base, experts, tasks = trained_family(root, TASKS, SIZES)
+    prompts = [[e.prompt for e in task.split("validation")] for task in tasks]
     cfg = {"base_model": str(base), "gate_mode": "hidden", "dtype": "float32", "experts_per_token": 1,
            "experts": [{"source_model": str(p), "positive_prompts": ps} for p, ps in zip(experts, prompts)]}
     made = {}
@@ -60,7 +43,7 @@ def family(tmp_path_factory):
         code, _, err = run_cli(["moe", path, "-o", root / mode, "-q"])
         assert code == 0, err
         made[mode] = (path, root / mode)
-    return {"root": root, "base": Path(base), "experts": [Path(p) for p in experts], "prompts": prompts,
+    return {"root": root, "base": base, "experts": experts, "prompts": prompts,
             "made": made}
 
 

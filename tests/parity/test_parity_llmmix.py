@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
+from tests.llmmix.tiny_lm import trained_family
 from tests.parity.mergekit_runner import (NEEDS_MERGEKIT, assert_bit_equal, assert_same_config, load_tensors,
                                           run_configs, write_configs)
 from tests.parity.test_parity_defaults import CONFIGS, _gta
@@ -53,27 +54,9 @@ SELECTION = {"ties", "breadcrumbs", "breadcrumbs_ties", "sce"}
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from mergelab.llmmix.finetune import FinetuneConfig, finetune
-    from mergelab.llmmix.pretrain import PretrainConfig, pretrain
-    from mergelab.llmmix.tasks import build_task
-
     root = tmp_path_factory.mktemp("llmparity")
-    quiet = dict(log=lambda m: None, progress=False)
-    pcfg = PretrainConfig(size="tiny", steps=30, batch_size=8, seq_len=32, lr=1e-2, warmup=2, corpus_bytes=120_000,
-                          corpus_sources=("stdlib-code", "stdlib-docs", "faker"), vocab_size=400,
-                          checkpoint_every=100, eval_every=100, eval_batches=1, threads=1)
-    # Training with threads=1 sets torch's thread count for the whole process: restore it.
-    threads = torch.get_num_threads()
-    try:
-        base = pretrain(pcfg, root, root / "base", **quiet).final_dir
-        fcfg = FinetuneConfig(steps=24, batch_size=8, lr=3e-3, checkpoint_every=100, eval_limit=1, threads=1,
-                              replay_batch=0)
-        fam = {"base": str(base)}
-        for i, name in enumerate(TASKS):
-            task = build_task(name, seed=0, sizes=SIZES)
-            fam[f"expert_{i}"] = str(finetune(base, [task], root / name, fcfg, **quiet).final_dir)
-    finally:
-        torch.set_num_threads(threads)
+    base, experts, _ = trained_family(root, TASKS, SIZES)
+    fam = {"base": str(base), **{f"expert_{i}": str(e) for i, e in enumerate(experts)}}
     made = {case: make(fam) for case, make in CASES.items()}
     paths = write_configs(made, root)
     configs = {case: (paths[case], made[case]) for case in CASES}

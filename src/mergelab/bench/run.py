@@ -461,7 +461,6 @@ def run_bench(suite: Suite, cache: BenchCache, methods: Sequence[str], out: Path
     With ``save_models`` every evaluated merge is also written to ``out/models/<method>-<variant>/``.
     """
     from mergelab import __version__
-    from mergelab.evaluate.report import write_report
 
     held = list(suite.held_out if held_out is None else held_out)
     tasks = list(merge_tasks) if merge_tasks else [t for t in suite.task_names if t not in held]
@@ -486,11 +485,21 @@ def run_bench(suite: Suite, cache: BenchCache, methods: Sequence[str], out: Path
                      "linear probe refitted on the merged encoder"),
         "rows": rows, "complete": False,
     }
-    for name, plan in zip(methods, plans):
-        rows.extend(runner.run_method(plan, tune))
-        # the files are rewritten after every method, so an interrupted run keeps what it measured
-        report["seconds"] = round(time.perf_counter() - start, 1)
-        report["complete"] = name == methods[-1]
-        write_report(report, Path(out))
+    run_methods(runner, plans, methods, report, out, tune, start)
     return report
+
+
+def run_methods(runner, plans: Sequence[MethodPlan], methods: Sequence[str], report: dict, out: Path, tune: bool,
+                start: float, last: bool = True) -> None:
+    """Run each method's ``plan`` with ``runner`` (a :class:`BenchRunner` or one of its kind), appending its
+    rows to ``report["rows"]``; ``report.json``, ``report.md`` and the charts in ``out`` are rewritten after
+    every method (``seconds`` since ``start``, ``complete`` once the last has run, unless ``last`` is
+    False because the caller adds rows after these), so an interrupted run keeps what it measured."""
+    from mergelab.evaluate.report import write_report
+
+    for name, plan in zip(methods, plans):
+        report["rows"].extend(runner.run_method(plan, tune))
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        report["complete"] = last and name == methods[-1]
+        write_report(report, Path(out))
 

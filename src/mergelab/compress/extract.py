@@ -39,7 +39,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from mergelab.compress.lowrank import check_rank_choice, relative_error, truncated_svd
-from mergelab.compress.inputs import check_same_tensors
+from mergelab.compress.inputs import open_pair
 from mergelab.errors import CheckpointError, MergeLabError
 from mergelab.io.checkpoint import Checkpoint
 
@@ -100,11 +100,7 @@ def extract(base: str, model: str, out: str, *, rank: Optional[int] = None, ener
     if other not in ("dense", "skip"):
         raise MergeLabError(f"--other must be dense or skip, got '{other}'")
     out_path = Path(out)
-    if out_path.exists() and not overwrite:
-        raise MergeLabError(f"output '{out_path}' exists; pass --overwrite to replace it")
-    b = Checkpoint.open(base, label="base")
-    m = Checkpoint.open(model, label="model")
-    check_same_tensors(b, m)
+    b, m = open_pair(base, model, out_path, overwrite)
     cfg = m.config()
     if cfg is None:
         raise CheckpointError(f"model '{model}' has no config.json: extraction needs the architecture")

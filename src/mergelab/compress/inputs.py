@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from mergelab.errors import CheckpointError
+from pathlib import Path
+
+from mergelab.errors import CheckpointError, MergeLabError
+from mergelab.io.checkpoint import Checkpoint
 
 
 def check_same_tensors(base, model) -> None:
@@ -18,3 +21,15 @@ def check_same_tensors(base, model) -> None:
             raise CheckpointError(f"tensor '{name}' has shape {tuple(info.shape)} in model '{model.label}' but "
                                   f"{tuple(base.tensors[name].shape)} in base '{base.label}': the model must be a "
                                   f"fine-tune of this base")
+
+
+def open_pair(base: str, model: str, out, overwrite: bool):
+    """``(base, model)`` opened as checkpoints (labels ``base`` and ``model``) and checked with
+    :func:`check_same_tensors`, after refusing an existing output ``out`` unless ``overwrite``."""
+    out_path = Path(out)
+    if out_path.exists() and not overwrite:
+        raise MergeLabError(f"output '{out_path}' exists; pass --overwrite to replace it")
+    b = Checkpoint.open(base, label="base")
+    m = Checkpoint.open(model, label="model")
+    check_same_tensors(b, m)
+    return b, m

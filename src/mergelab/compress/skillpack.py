@@ -54,7 +54,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mergelab.compress import bitdelta
-from mergelab.compress.inputs import check_same_tensors
+from mergelab.compress.inputs import open_pair
 from mergelab.compress.lowrank import relative_error, truncated_svd
 from mergelab.compress.quant import FLOAT_BITS, check_bits, dequantize_rows, pack_bits, quantize_rows, unpack_bits
 from mergelab.errors import CheckpointError, MergeLabError
@@ -292,11 +292,7 @@ def compress(base: str, model: str, out: str, settings: PackSettings = PackSetti
     """
     settings.validate()
     out_path = Path(out)
-    if out_path.exists() and not overwrite:
-        raise MergeLabError(f"output '{out_path}' exists; pass --overwrite to replace it")
-    b = Checkpoint.open(base, label="base")
-    m = Checkpoint.open(model, label="model")
-    check_same_tensors(b, m)
+    b, m = open_pair(base, model, out_path, overwrite)
     store: Dict[str, torch.Tensor] = {}
     entries: Dict[str, dict] = {}
     dense_bytes = 0

@@ -31,7 +31,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from mergelab.errors import CheckpointError
-from mergelab.io.checkpoint import Checkpoint, TensorInfo, owned_tensor
+from mergelab.io.checkpoint import Checkpoint, owned_tensor
 from mergelab.io.peft_adapter import (CONFIG_NAME, LoraAdapter, is_adapter_folder, read_lora,
                                       recorded_base_mismatch)
 
@@ -133,11 +133,7 @@ class AdaptedCheckpoint:
         return any(other in base.tensors and other.endswith("embed_tokens.weight") and other_t.shape == t.shape
                    and torch.equal(other_t, t) for other, other_t in self.full.items())
 
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise CheckpointError(f"tensor '{name}' is missing from model '{self.label}' ({self.path})")
+    info = Checkpoint.info  # same lookup and error over this class's ``tensors``, ``label`` and ``path``
 
     def read(self, name: str, rows: Optional[tuple] = None, dtype: Optional[torch.dtype] = None,
              device: str = "cpu") -> torch.Tensor:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from mergelab.bench.run import CALIBRATION_EXAMPLES, BenchRunner, check_grid_keys, plan_method
+from mergelab.bench.run import CALIBRATION_EXAMPLES, BenchRunner, check_grid_keys, plan_method, run_methods
 from mergelab.errors import MergeLabError
 
 COLLAPSE_RATIO = 2.0
@@ -305,11 +305,7 @@ def run_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root: Option
         "rows": rows, "complete": not methods,
     }
     write_report(report, Path(out))
-    for name, plan in zip(methods, plans):
-        rows.extend(runner.run_method(plan, tune))
-        report["seconds"] = round(time.perf_counter() - start, 1)
-        report["complete"] = name == methods[-1] and not adapter_merges
-        write_report(report, Path(out))
+    run_methods(runner, plans, methods, report, out, tune, start, last=not adapter_merges)
     if adapter_merges:
         from mergelab.llmmix.adapter_merges import ADAPTER_MERGES, adapter_merge_rows
 
