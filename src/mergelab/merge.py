@@ -153,6 +153,8 @@ def plan_fingerprint(plan: MergePlan, shard_bytes: int, seed: int, aux: Optional
         "chunk_elements": CHUNK_ELEMENTS,
         "whole_elements": WHOLE_ELEMENTS,
     }
+    if getattr(plan, "vocab", None) is not None:  # the output vocabulary's rows (pad_to_multiple_of included)
+        data["vocab_rows"] = plan.vocab.size
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -296,7 +298,7 @@ def _write_metadata(plan, folder: Path, summary, report, index, started, device,
         for key in LAYER_COUNT_KEYS:
             if key in cfg and cfg[key] != plan.num_layers:
                 updates[key] = plan.num_layers
-    vocab = plan.vocab
+    vocab = getattr(plan, "vocab", None)
     if vocab is not None and cfg is not None:
         updates["vocab_size"] = vocab.size
     write_config(cfg, folder, out_dtype, updates)
@@ -307,7 +309,8 @@ def _write_metadata(plan, folder: Path, summary, report, index, started, device,
 
         written = write_tokenizer(vocab, folder)
         vocabulary = {"tokenizer_source": vocab.source, "rows": vocab.size, "tokens": len(vocab.vocab),
-                      "missing_tokens": r.missing_tokens or "base", "tokenizer_files_written": written,
+                      "missing_tokens": r.missing_tokens or "base", "pad_to_multiple_of": r.pad_to_multiple_of,
+                      "tokenizer_files_written": written,
                       "input_rows": {c.label: n for c, n in zip(plan.checkpoints, vocab.rows)}}
     recipe_data = dump_recipe(r)
     write_model_card(folder, recipe_data, plan.method.summary, plan.method.reference)

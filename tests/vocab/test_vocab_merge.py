@@ -173,3 +173,31 @@ def test_bad_vocabulary_inputs_are_clear_errors(token_experts, tmp_path, capsys)
         for w in words:
             assert w in text, (name, w, text)
         assert not out.exists() and not Path(str(out) + ".partial").exists(), name
+
+
+def test_a_padded_vocabulary_keeps_its_rows(token_experts, tmp_path, capsys):
+    """mergekit #425: an embedding padded beyond its tokenizer (Qwen2.5: 152064 rows, 151665 tokens) must not
+    be cut to the tokenizer's length. Base and experts padded to 320 rows for 300 tokens: ``base`` keeps
+    320 rows, and so does ``union`` (whose two added tokens take ids 300 and 301 inside the padding)."""
+    from safetensors.torch import save_file
+
+    fam = dict(token_experts)
+    n = load_tensors(fam["base"])[EMBED].shape[0]
+    for name in ("base", "calc_stripped", "rev_stripped"):
+        folder = tmp_path / f"{name}_padded"
+        shutil.copytree(fam[name], folder)
+        t = load_tensors(folder)
+        g = torch.Generator().manual_seed(len(name))
+        t[EMBED] = torch.cat([t[EMBED], torch.randn(20, t[EMBED].shape[1], generator=g)])
+        save_file(t, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, "vocab_size": n + 20}))
+        fam[f"{name}_padded"] = folder
+    padded = {"base": fam["base_padded"], "calc": fam["calc_stripped_padded"], "rev": fam["rev_stripped_padded"]}
+    out = _merge(tmp_path, padded, "base_padded_src", capsys, tokenizer_source="base")
+    assert load_tensors(out)[EMBED].shape[0] == n + 20
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == n + 20
+    mixed = {"base": fam["base_padded"], "calc": fam["calc"], "rev": fam["rev_stripped_padded"]}
+    out = _merge(tmp_path, mixed, "union_padded", capsys, tokenizer_source="union")
+    u, calc = load_tensors(out), load_tensors(fam["calc"])
+    assert u[EMBED].shape[0] == n + 20 and torch.equal(u[EMBED][n], calc[EMBED][n])

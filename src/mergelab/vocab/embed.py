@@ -124,6 +124,8 @@ class VocabAlignedCheckpoint:
         }
 
     def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_"):  # never reached for the wrapper's own fields once they are set
+            raise AttributeError(attr)
         return getattr(self._inner, attr)
 
     def info(self, name: str) -> TensorInfo:
