@@ -152,7 +152,8 @@ def build_output_vocab(source: str, refs: Sequence[str], checkpoints: Sequence[A
         if rows[i] != rows[fallback]:
             raise CheckpointError(
                 f"model '{refs[i]}' ('{folders[i]}') has no tokenizer and {rows[i]} embedding rows where "
-                f"'{refs[fallback]}' has {rows[fallback]}: its rows cannot be matched to tokens; add its tokenizer files")
+                f"'{refs[fallback]}' has {rows[fallback]}: its rows cannot be matched to tokens; add its tokenizer "
+                f"files")
         tokenizers[i] = tokenizers[fallback]
         notes.append(f"model '{refs[i]}' has no tokenizer: its embedding rows are read as the vocabulary of "
                      f"'{refs[fallback]}' (same row count)")
@@ -188,6 +189,9 @@ def build_output_vocab(source: str, refs: Sequence[str], checkpoints: Sequence[A
     orphan = int((token_mask & (counts == 0)).sum())
     if orphan:
         warnings.append(f"{orphan} token(s) of the output tokenizer are in no model's embedding; their rows are zero")
+    lacking = [f"'{refs[i]}' {int((token_mask & (p < 0)).sum())}" for i, p in enumerate(perms)]
+    notes.append(f"tokenizer_source {source}: output vocabulary of {len(vocab)} tokens in {size} rows (inputs' rows: "
+                 f"{', '.join(str(r) for r in rows)}); tokens each input lacks: {', '.join(lacking)}")
     return OutputVocab(source=source, tokenizer=out_tok, vocab=vocab, size=size, perms=perms, token_mask=token_mask,
                        rows=rows, copy_from=copy_from, notes=notes, warnings=warnings)
 
