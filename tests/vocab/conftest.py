@@ -135,3 +135,21 @@ def untied_token_experts(tmp_path_factory):
     """The same with an untied ``lm_head``."""
     pytest.importorskip("tokenizers")
     return make_family(tmp_path_factory.mktemp("vocab_untied"), tied=False)
+
+
+def token_in_base_family(fam: dict, root: Path) -> dict:
+    """Inputs where the base has a token one model lacks: base ``calc`` (has ``<calc>``), models ``rev`` (lacks
+    it) and ``calc2``, ``calc`` with its ``<calc>`` row moved (+0.25), so the rules ``base`` and ``mean`` of
+    ``missing_tokens`` give different rows for ``rev``."""
+    from safetensors.torch import load_file, save_file
+
+    calc2 = root / "calc2"
+    if not calc2.exists():
+        shutil.copytree(fam["calc"], calc2)
+        state = load_file(str(calc2 / "model.safetensors"))
+        for k in state:
+            if k.endswith(("embed_tokens.weight", "lm_head.weight")):
+                state[k] = state[k].clone()
+                state[k][-1] += 0.25
+        save_file(state, str(calc2 / "model.safetensors"), metadata={"format": "pt"})
+    return {"base": fam["calc"], "rev": fam["rev"], "calc2": calc2}

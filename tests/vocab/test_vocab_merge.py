@@ -201,3 +201,24 @@ def test_a_padded_vocabulary_keeps_its_rows(token_experts, tmp_path, capsys):
     out = _merge(tmp_path, mixed, "union_padded", capsys, tokenizer_source="union")
     u, calc = load_tensors(out), load_tensors(fam["calc"])
     assert u[EMBED].shape[0] == n + 20 and torch.equal(u[EMBED][n], calc[EMBED][n])
+
+
+@pytest.mark.parametrize("rule", ["base", "mean"])
+def test_missing_tokens_rule_end_to_end(rule, token_experts, tmp_path, capsys):
+    """``<calc>`` is in the base and ``calc2`` but not ``rev``: ``rev`` gets the base's row (``base``) or the
+    mean of the base's and calc2's (``mean``); task arithmetic then gives b + w(r - b) + w(c2 - b)."""
+    from tests.vocab.conftest import token_in_base_family
+
+    fam = token_in_base_family(token_experts, tmp_path)
+    extra = {"tokenizer_source": "union", **({"missing_tokens": rule} if rule == "mean" else {})}
+    out = _merge(tmp_path, fam, f"rule_{rule}", capsys, experts=("rev", "calc2"), **extra)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    i = tok.convert_tokens_to_ids("<calc>")
+    b = load_tensors(fam["base"])[EMBED][-1]
+    c2 = load_tensors(fam["calc2"])[EMBED][-1]
+    r = b if rule == "base" else (b + c2) / 2
+    expect = b + 0.7 * (r - b) + 0.7 * (c2 - b)
+    torch.testing.assert_close(load_tensors(out)[EMBED][i], expect, rtol=0, atol=1e-6)
+    assert json.loads((out / "mergelab.json").read_text())["vocabulary"]["missing_tokens"] == rule

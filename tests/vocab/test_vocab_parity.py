@@ -14,6 +14,7 @@ import torch
 
 from tests.conftest import run_cli
 from tests.parity.mergekit_runner import NEEDS_MERGEKIT, load_tensors, run_configs, write_configs
+from tests.vocab.conftest import token_in_base_family
 
 pytestmark = NEEDS_MERGEKIT
 
@@ -39,6 +40,10 @@ def test_tokenizer_sources_give_mergekits_rows(token_experts, untied_token_exper
         "untied_union": _config(untied, tokenizer_source="union"),
         "untied_union_linear_no_base": linear,
         "untied_model": _config(untied, tokenizer_source=str(untied["rev"])),
+        # the base has a token one model lacks: mergekit's rule is missing_tokens: base
+        "tied_token_in_base": {**_config(tied, tokenizer_source="union"), "base_model": str(tied["calc"]),
+                               "models": [{"model": str(m), "parameters": {"weight": 0.7}}
+                                          for m in (tied["rev"], token_in_base_family(tied, tmp_path)["calc2"])]},
     }
     paths = write_configs(cases, tmp_path)
     run_configs(paths, tmp_path, threads=torch.get_num_threads())
