@@ -4,8 +4,9 @@ A recipe names a ``merge_method``, a ``base_model``, the ``models`` (each with `
 global ``parameters``, ``dtype``/``out_dtype`` and ``tokenizer_source``, exactly as mergekit's
 ``models:`` configs do. mergelab adds ``seed`` (per-tensor random streams), ``post`` (post-steps such
 as LiNeS applied to the merged task vector), ``vocab_policy`` (what to do when embedding shapes
-differ: ``error``, the default, or ``common_submatrix``, mergekit's old silent crop, made explicit) and
-``output: {format: peft, combine, rank}`` (a merge of LoRA adapters that stays an adapter:
+differ: ``error``, the default, or ``common_submatrix``, mergekit's old silent crop, made explicit),
+``missing_tokens`` (with ``tokenizer_source``: the row a model gets for a token it lacks, ``base`` or
+``mean``; :mod:`mergelab.vocab`) and ``output: {format: peft, combine, rank}`` (a merge of LoRA adapters that stays an adapter:
 :mod:`mergelab.adapters`). A model may be a PEFT LoRA adapter on a base, ``BASE+ADAPTER`` as in
 mergekit or ``{adapter: PATH}`` on ``base_model`` (:mod:`mergelab.io.adapted`).
 
