@@ -216,6 +216,27 @@ from mergelab.compress.cli import register as _register_compress  # noqa: E402
 _register_compress(app)  # extract, compress, graft
 
 
+@app.command("transplant-tokenizer")
+def transplant_tokenizer(
+    model: str = typer.Argument(..., help="Model folder whose weights are kept."),
+    donor: str = typer.Option(..., "--donor", help="Model folder whose tokenizer MODEL gets (its embeddings anchor "
+                              "the new tokens)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder (written as OUT.partial, renamed when done)."),
+    k: int = typer.Option(64, "--k", help="Orthogonal matching pursuit steps per new token (mergekit-tokensurgeon's "
+                          "--k)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary."),
+) -> None:
+    """Rebuild MODEL's embeddings for DONOR's tokenizer: shared tokens copied, new ones by orthogonal matching
+    pursuit over the shared tokens (mergekit-tokensurgeon's default)."""
+    from mergelab.vocab.transplant import transplant_tokenizer as run
+
+    r = run(model, donor, str(out), k=k, overwrite=overwrite)
+    if not quiet:
+        out_console.print(f"wrote {r.out}: {r.rows} rows, {r.copied_tokens} tokens copied, {r.approximated_tokens} "
+                          f"approximated (omp, k={k}) in {r.seconds:.1f} s", highlight=False)
+
+
 OPTIONAL_COMMANDS = (
     ("mergelab.evaluate.cli", "evaluate", "Evaluate a checkpoint on a suite, or an LM's perplexity."),
     ("mergelab.bench.cli", "bench", "Prepare experts and run the merge-quality benchmark suite."),

@@ -153,6 +153,8 @@ def plan_fingerprint(plan: MergePlan, shard_bytes: int, seed: int, aux: Optional
         "chunk_elements": CHUNK_ELEMENTS,
         "whole_elements": WHOLE_ELEMENTS,
     }
+    if getattr(plan, "vocab", None) is not None:  # the output vocabulary's rows (pad_to_multiple_of included)
+        data["vocab_rows"] = plan.vocab.size
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -203,7 +205,19 @@ def merge(
     if shard_bytes <= 0:
         raise MergeLabError(f"--shard-size must be positive, got {shard_size}")
     checkpoints = open_checkpoints(r) if checkpoints is None else checkpoints
+    vocab = None
+    if r.tokenizer_source is not None:  # rows matched to the output vocabulary by token (mergelab.vocab)
+        from mergelab.vocab import align_checkpoints
+
+        checkpoints, vocab = align_checkpoints(r, checkpoints)
     plan = build_plan(r, checkpoints, strict=strict)
+    if vocab is not None:
+        plan.vocab = vocab
+        plan.notes.extend(vocab.notes)
+        plan.warnings.extend(vocab.warnings)
+    elif r.tokenizer_source is not None:
+        plan.notes.append(f"tokenizer_source: {r.tokenizer_source}: no input has a tokenizer and every embedding "
+                          f"has the same rows, so rows were kept as they are")
     for line in plan.warnings:
         (on_warning or _warn)(line)
     aux = _aux_checkpoints(plan)
@@ -284,8 +298,20 @@ def _write_metadata(plan, folder: Path, summary, report, index, started, device,
         for key in LAYER_COUNT_KEYS:
             if key in cfg and cfg[key] != plan.num_layers:
                 updates[key] = plan.num_layers
+    vocab = getattr(plan, "vocab", None)
+    if vocab is not None and cfg is not None:
+        updates["vocab_size"] = vocab.size
     write_config(cfg, folder, out_dtype, updates)
     copied = copy_donor_files(donor.path, folder)
+    vocabulary = None
+    if vocab is not None:
+        from mergelab.vocab import write_tokenizer
+
+        written = write_tokenizer(vocab, folder)
+        vocabulary = {"tokenizer_source": vocab.source, "rows": vocab.size, "tokens": len(vocab.vocab),
+                      "missing_tokens": r.missing_tokens or "base", "pad_to_multiple_of": r.pad_to_multiple_of,
+                      "tokenizer_files_written": written,
+                      "input_rows": {c.label: n for c, n in zip(plan.checkpoints, vocab.rows)}}
     recipe_data = dump_recipe(r)
     write_model_card(folder, recipe_data, plan.method.summary, plan.method.reference)
     write_manifest(folder, {
@@ -305,6 +331,7 @@ def _write_metadata(plan, folder: Path, summary, report, index, started, device,
         "output_bytes": index["metadata"]["total_size"],
         "donor": {"path": str(donor.path), "files_copied": copied},
         "config_updates": updates,
+        "vocabulary": vocabulary,
         "plan": summary,
         "notes": plan.notes,
         "warnings": plan.warnings,

@@ -129,6 +129,8 @@ class MergePlan:
     warnings: List[str] = field(default_factory=list)
     # {model, field, value, reference, reference_value} per config field that differs from the donor's.
     config_differences: List[dict] = field(default_factory=list)
+    # The output vocabulary when the recipe has tokenizer_source (mergelab.vocab.OutputVocab).
+    vocab: Any = None
 
     @property
     def merged_jobs(self) -> List[TensorJob]:
@@ -332,7 +334,7 @@ def build_models_plan(recipe: Recipe, checkpoints: Dict[str, Any]) -> MergePlan:
     ref_ckpt = ckpts[reference]
     names = list(ref_ckpt.tensors)
     num_layers = _layer_count(ckpts, reference, names)
-    donor_ref = recipe.tokenizer_source if recipe.tokenizer_source not in (None, "base") else None
+    donor_ref = recipe.tokenizer_source if recipe.tokenizer_source not in (None, "base", "union") else None
     if donor_ref is not None and donor_ref not in index_of:
         raise RecipeError(f"tokenizer_source: '{donor_ref}' is not one of the recipe's models")
     donor = index_of[donor_ref] if donor_ref else reference

@@ -4,8 +4,9 @@ A recipe names a ``merge_method``, a ``base_model``, the ``models`` (each with `
 global ``parameters``, ``dtype``/``out_dtype`` and ``tokenizer_source``, exactly as mergekit's
 ``models:`` configs do. mergelab adds ``seed`` (per-tensor random streams), ``post`` (post-steps such
 as LiNeS applied to the merged task vector), ``vocab_policy`` (what to do when embedding shapes
-differ: ``error``, the default, or ``common_submatrix``, mergekit's old silent crop, made explicit) and
-``output: {format: peft, combine, rank}`` (a merge of LoRA adapters that stays an adapter:
+differ: ``error``, the default, or ``common_submatrix``, mergekit's old silent crop, made explicit),
+``missing_tokens`` (with ``tokenizer_source``: the row a model gets for a token it lacks, ``base`` or
+``mean``; :mod:`mergelab.vocab`) and ``output: {format: peft, combine, rank}`` (a merge of LoRA adapters that stays an adapter:
 :mod:`mergelab.adapters`). A model may be a PEFT LoRA adapter on a base, ``BASE+ADAPTER`` as in
 mergekit or ``{adapter: PATH}`` on ``base_model`` (:mod:`mergelab.io.adapted`).
 
@@ -42,8 +43,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter,
-                      ValidationError, field_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      TypeAdapter, ValidationError, field_validator)
 
 from mergelab.errors import RecipeError
 from mergelab.methods.registry import (MergeMethod, Param, all_parameter_names, get_method, get_post_step,
@@ -131,8 +132,17 @@ class Recipe(_Strict):
     seed: int = 0
     post: List[PostStepEntry] = Field(default_factory=list)
     vocab_policy: Literal["error", "common_submatrix"] = "error"
+    # With tokenizer_source: the row a model gets for a token it lacks (mergelab.vocab.embed); None = base
+    missing_tokens: Optional[Literal["base", "mean"]] = None
     name: Optional[str] = None
     output: Optional[OutputSpec] = None
+    # tokenizer: {pad_to_multiple_of: N}, kept apart once the block is read as tokenizer_source
+    _pad_to_multiple_of: Optional[int] = PrivateAttr(default=None)
+
+    @property
+    def pad_to_multiple_of(self) -> Optional[int]:
+        """The output vocabulary's row count is rounded up to a multiple of this (``tokenizer:`` block)."""
+        return self._pad_to_multiple_of
 
     def model_refs(self) -> List[str]:
         """Every model path the recipe names, base first, without duplicates."""
@@ -201,11 +211,18 @@ def _check_structure(r: Recipe) -> None:
         if r.tokenizer_source is not None:
             raise RecipeError("give either tokenizer_source: or tokenizer:, not both (as in mergekit)")
         _tokenizer_block_as_source(r)
-    if r.tokenizer_source == "union":
-        raise RecipeError(
-            "tokenizer_source: union / tokenizer: with tokens or padding (building a merged vocabulary) is not "
-            "supported yet (issue 18); use tokenizer_source: base or a model path"
-        )
+    if r.tokenizer_source is not None:
+        if r.vocab_policy != "error":
+            raise RecipeError(f"vocab_policy: {r.vocab_policy} crops embeddings by index, tokenizer_source matches "
+                              f"their rows by token string: give one of them")
+        if r.output is not None and r.output.format == "peft":
+            raise RecipeError("tokenizer_source with output: format: peft is not supported (an adapter cannot carry a "
+                              "new vocabulary); remove one of them")
+        if r.tokenizer_source == "":
+            raise RecipeError("tokenizer_source: expected 'base', 'union' or a model path, got an empty string")
+    elif r.missing_tokens is not None:
+        raise RecipeError(f"missing_tokens: {r.missing_tokens} applies to merges with tokenizer_source (or "
+                          f"tokenizer:) only, which match embedding rows by token; set one or remove it")
     if r.chat_template is not None:
         raise RecipeError("chat_template: is not supported yet (issue 18, tokenizers); remove it to copy the donor's "
                           "tokenizer files, chat template included, as they are")
@@ -268,20 +285,23 @@ def _check_output(r: Recipe) -> None:
 
 
 def _tokenizer_block_as_source(r: Recipe) -> None:
-    """``tokenizer: {source: X}`` without ``tokens`` or ``pad_to_multiple_of`` is mergekit's
-    ``tokenizer_source: X`` (the same vocabulary, embeddings aligned to it): read it as that."""
+    """``tokenizer: {source: X, pad_to_multiple_of: N}`` is mergekit's ``tokenizer_source: X`` with the output
+    vocabulary's rows rounded up to a multiple of N: read it as that (``tokens:`` is not supported)."""
     block = r.tokenizer
     if not isinstance(block, dict) or not set(block) <= {"source", "tokens", "pad_to_multiple_of"}:
         raise RecipeError(f"tokenizer: must be a mapping with 'source' (and optionally 'tokens', "
                           f"'pad_to_multiple_of'), as in mergekit; got {block!r}")
-    if block.get("tokens") or block.get("pad_to_multiple_of") not in (None, 1):
-        raise RecipeError("tokenizer: 'tokens' and 'pad_to_multiple_of' (adding or moving token embeddings, padding "
-                          "the vocabulary) are not supported yet (issue 18); only tokenizer: {source: base or a "
-                          "model path} is")
+    if block.get("tokens"):
+        raise RecipeError("tokenizer: 'tokens' (adding tokens or choosing each one's embedding source) is not "
+                          "supported yet; use tokenizer: {source: ..., pad_to_multiple_of: ...} or tokenizer_source")
+    pad = block.get("pad_to_multiple_of")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise RecipeError(f"tokenizer.pad_to_multiple_of: expected a positive integer, got {pad!r}")
     source = block.get("source", "union")  # mergekit's default source
     if not isinstance(source, str):
         raise RecipeError(f"tokenizer.source: expected 'base', 'union' or a model path, got {source!r}")
     r.tokenizer_source, r.tokenizer = source, None
+    r._pad_to_multiple_of = pad
 
 
 def normalize_dtype(name: Optional[str]) -> Optional[str]:

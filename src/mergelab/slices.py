@@ -148,7 +148,7 @@ def build_slice_plan(recipe: Recipe, checkpoints: Dict[str, Any]) -> MergePlan:
         if layer_index(name) is None and not _PRE.search(name):
             add_job(name, last_others, last_base, lambda s: name, last_settings, last[5], 0.0, None, seen)
 
-    donor_ref = recipe.tokenizer_source if recipe.tokenizer_source not in (None, "base") else None
+    donor_ref = recipe.tokenizer_source if recipe.tokenizer_source not in (None, "base", "union") else None
     if donor_ref is not None and donor_ref not in index_of:
         raise RecipeError(f"tokenizer_source: '{donor_ref}' is not one of the recipe's models")
     donor = index_of[donor_ref] if donor_ref else index_of[first_ref.model]

@@ -87,8 +87,14 @@ def test_missing_required_and_misplaced_parameters():
 def test_structure_errors():
     with pytest.raises(RecipeError, match="exactly one of 'models', 'slices'"):
         load_recipe({"merge_method": "linear"})
-    with pytest.raises(RecipeError, match="union"):
-        load_recipe(recipe(tokenizer_source="union"))
+    with pytest.raises(RecipeError, match="missing_tokens: mean applies to merges with tokenizer_source"):
+        load_recipe(recipe(missing_tokens="mean"))
+    with pytest.raises(RecipeError, match="vocab_policy: common_submatrix crops embeddings by index"):
+        load_recipe(recipe(tokenizer_source="union", vocab_policy="common_submatrix"))
+    with pytest.raises(RecipeError, match="tokenizer.pad_to_multiple_of: expected a positive integer"):
+        load_recipe(recipe(tokenizer={"source": "union", "pad_to_multiple_of": 0}))
+    assert load_recipe(recipe(tokenizer={"pad_to_multiple_of": 8})).tokenizer_source == "union"  # mergekit's default
+    assert load_recipe(recipe(tokenizer={"pad_to_multiple_of": 8})).pad_to_multiple_of == 8
     with pytest.raises(RecipeError, match="out_dtype: 'int8' is not a float dtype"):
         load_recipe(recipe(out_dtype="int8"))
 

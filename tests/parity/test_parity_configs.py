@@ -258,6 +258,10 @@ CASES: Dict[str, Callable[[F], dict]] = {
         "models": [{"model": f["e0"]}, {"model": f["e1"], "parameters": {"weight": 0.5}}], "base_model": f["base"],
         "merge_method": "task_arithmetic", "parameters": {"weight": 0.6}, "tokenizer_source": f["e1"],
         "dtype": "float32"},
+    "tokenizer_source_union": lambda f: {
+        "models": [{"model": f["e0"]}, {"model": f["e1"], "parameters": {"weight": 0.5}}], "base_model": f["base"],
+        "merge_method": "task_arithmetic", "parameters": {"weight": 0.6}, "tokenizer_source": "union",
+        "dtype": "float32"},
     "tokenizer_block_source": lambda f: {
         "slices": [{"sources": [_src(f["base"], 0, 4), _src(f["e0"], 0, 4)]}],
         "merge_method": "slerp", "base_model": f["base"], "parameters": {"t": 0.4}, "tokenizer": {"source": "base"},
@@ -278,13 +282,10 @@ REFUSED: Dict[str, tuple] = {
     "chat_template": (lambda f: {
         "models": [{"model": f["e0"]}, {"model": f["e1"]}], "base_model": f["base"], "merge_method": "task_arithmetic",
         "parameters": {"weight": 0.6}, "chat_template": "chatml", "dtype": "float32"}, ["chat_template", "issue 18"]),
-    "tokenizer_union": (lambda f: {
-        "models": [{"model": f["e0"]}, {"model": f["e1"]}], "base_model": f["base"], "merge_method": "task_arithmetic",
-        "parameters": {"weight": 0.6}, "tokenizer_source": "union", "dtype": "float32"}, ["union", "issue 18"]),
     "tokenizer_tokens": (lambda f: {
         "models": [{"model": f["e0"]}, {"model": f["e1"]}], "base_model": f["base"], "merge_method": "task_arithmetic",
         "parameters": {"weight": 0.6}, "tokenizer": {"source": "base", "tokens": {"<s>": {"source": f["e0"]}}},
-        "dtype": "float32"}, ["tokens", "issue 18"]),
+        "dtype": "float32"}, ["tokenizer: 'tokens'", "not supported"]),
     "lora_suffix": (lambda f: {
         "models": [{"model": f["e0"] + "+" + f["e1"]}, {"model": f["e1"]}], "merge_method": "linear",
         "dtype": "float32"}, ["is not a PEFT adapter folder", "adapter_config.json"]),
