@@ -215,6 +215,10 @@ from mergelab.compress.cli import register as _register_compress  # noqa: E402
 
 _register_compress(app)  # extract, compress, graft
 
+from mergelab.search.cli import register as _register_search  # noqa: E402
+
+_register_search(app)  # evolve
+
 
 OPTIONAL_COMMANDS = (
     ("mergelab.evaluate.cli", "evaluate", "Evaluate a checkpoint on a suite, or an LM's perplexity."),
