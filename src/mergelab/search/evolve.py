@@ -110,11 +110,12 @@ def plot_history(path: Path, evaluations: list, title: str) -> None:
 
 def evolve(config: Any, out: Path, *, workers: Optional[int] = None, ray_address: Optional[str] = None,
            threads: int = 1, resume: bool = False, overwrite: bool = False, max_evals: Optional[int] = None,
-           log: Callable[[str], None] = print,
+           log: Callable[[str], None] = print, use_ray: Optional[bool] = None,
            on_generation: Optional[Callable[[int], None]] = None) -> dict:
     """Run (or ``resume``) the CMA-ES search of ``config`` into ``out``; returns the history dict.
 
-    ``max_evals`` overrides the config's budget (a resumed search may be given a larger one).
+    Candidates are evaluated on Ray when ``ray_address`` is given, ``workers > 1`` or ``use_ray``
+    (:func:`mergelab.search.pool.make_pool`). ``max_evals`` overrides the config's budget (a resumed search may be given a larger one).
     ``on_generation(g)`` is called after generation ``g``'s state is written (tests stop a run there).
     """
     import cma
@@ -137,7 +138,7 @@ def evolve(config: Any, out: Path, *, workers: Optional[int] = None, ray_address
                                    "settings differ); use another folder or --overwrite")
     prepare_out(out, resume, overwrite)
     genome = cfg.genome
-    pool = make_pool(cfg.data, workers, ray_address, threads)
+    pool = make_pool(cfg.data, workers, ray_address, threads, use_ray)
     try:
         if resume:
             es = state["es"]
