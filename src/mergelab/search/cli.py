@@ -1,4 +1,4 @@
-"""``mergelab evolve``: the merge-search commands (see :mod:`mergelab.search`)."""
+"""``mergelab evolve`` and ``mergelab map``: the merge-search commands (see :mod:`mergelab.search`)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,29 @@ def evolve(
                               f"(evaluation {best['eval']}); recipe: {out}/best_recipe.yaml", highlight=False)
 
 
-COMMANDS = (("evolve", evolve),)
+def map_front(
+    config: Path = typer.Argument(..., help="Search config whose genome has one gene (weight) per model."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for samples.json, front.json/.png, recipe-K.yaml."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Candidates evaluated at once (Ray actors)."),
+    ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
+    threads: int = typer.Option(1, "--threads", help="torch threads per evaluator."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+) -> None:
+    """MAP: quadratic surrogates per task, their Pareto front (NSGA-II), recipes for chosen trade-offs."""
+    from mergelab.cli import out_console
+    from mergelab.search.map import run_map
+
+    res = run_map(config, out, workers=workers, ray_address=ray, threads=threads, overwrite=overwrite,
+                  log=(lambda s: None) if quiet else _log)
+    if not quiet:
+        e = res["surrogate_error_at_chosen"]
+        out_console.print(f"front of {len(res['front']['points'])} points from {res['sample_points']} sampled merges; "
+                          f"{len(res['chosen'])} chosen recipes in {out} (surrogate |error| mean {e['mean_abs']:.4g}, "
+                          f"max {e['max_abs']:.4g})", highlight=False)
+
+
+COMMANDS = (("evolve", evolve), ("map", map_front))
 
 
 def register(app: typer.Typer) -> None:
