@@ -58,7 +58,14 @@ def main() -> None:
                                                          **({"density": 0.5} if "ties" in args.method else {})}}
                          for p in paths[1:]]}
     counts = [int(w) for w in args.workers.split(",")]
-    ray.init(num_cpus=max(counts), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    for attempt in range(3):  # on a loaded machine Ray's raylet may give up waiting for its agent (15 s)
+        try:
+            ray.init(num_cpus=max(counts), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            break
+        except Exception:
+            if attempt == 2:
+                raise
+            ray.shutdown()
     results = {}
     reference = None
     for label, make in [("local", lambda: None)] + [(f"ray-{n}", (lambda n=n: RayExecutor(workers=n)))

@@ -1,4 +1,4 @@
-"""``mergelab evolve`` and ``mergelab map``: the merge-search commands (see :mod:`mergelab.search`)."""
+"""``mergelab evolve``, ``map`` and ``m2n2``: the merge-search commands (see :mod:`mergelab.search`)."""
 
 from __future__ import annotations
 
@@ -67,7 +67,23 @@ def map_front(
                           f"max {e['max_abs']:.4g})", highlight=False)
 
 
-COMMANDS = (("evolve", evolve), ("map", map_front))
+def m2n2(
+    config: Path = typer.Argument(..., help="Search config: genome.models are the starting archive; fitness:."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for history.json/.png and best/."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+) -> None:
+    """M2N2: an archive evolved by SLERP crossover at a split point, fitness sharing and attraction."""
+    from mergelab.cli import out_console
+    from mergelab.search.m2n2 import run_m2n2
+
+    hist = run_m2n2(config, out, overwrite=overwrite, log=(lambda s: None) if quiet else _log)
+    if not quiet:
+        out_console.print(f"best archive member: mean score {hist['best']['mean_score']:.4f}; model in {out}/best",
+                          highlight=False)
+
+
+COMMANDS = (("evolve", evolve), ("map", map_front), ("m2n2", m2n2))
 
 
 def register(app: typer.Typer) -> None:

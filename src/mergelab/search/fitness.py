@@ -143,17 +143,19 @@ class Scorer:
 
             return evaluate_task(self.model, self.tokenizer, task, self.spec.split, limit=self.spec.limit,
                                  batch_size=self.spec.batch_size).accuracy
-        return -self._answer_nll(examples)
+        total, count = self._answer_nll(examples)
+        return -float(sum(total)) / max(int(sum(count)), 1)
 
-    def _answer_nll(self, examples) -> float:
-        """Mean negative log-likelihood per answer token (EOS included), prompts masked: the fine-tuning
-        loss (:func:`mergelab.llmmix.tasks.format.encode_for_training`) on these examples."""
+    def _answer_nll(self, examples) -> tuple:
+        """Per example, the summed negative log-likelihood of the answer tokens (EOS included) given the
+        prompt, and their count: the fine-tuning loss (:func:`mergelab.llmmix.tasks.format.encode_for_training`).
+        The task's ``loss`` score is minus the total over the total count (mean per answer token)."""
         import torch
 
         from mergelab.llmmix.tasks.format import collate_for_training, encode_for_training
 
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        total, count = 0.0, 0
+        totals, counts = [], []
         bs = self.spec.batch_size
         with torch.no_grad():
             for i in range(0, len(examples), bs):
@@ -163,9 +165,29 @@ class Scorer:
                 logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
                 mask = labels != -100
                 picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-                total += float(-(picked * mask).sum())
-                count += int(mask.sum())
-        return total / max(count, 1)
+                totals += (-(picked * mask).sum(dim=1)).tolist()
+                counts += mask.sum(dim=1).tolist()
+        return totals, counts
+
+    def example_scores(self, state: dict):
+        """Every example's score in [0, 1] over all tasks (in task order): the task metric's score for
+        ``accuracy``, ``exp(-mean answer-token loss)`` for ``loss`` (M2N2's per-example scores)."""
+        import numpy as np
+
+        self.load(state)
+        out = []
+        for task in self.spec.tasks:
+            if self.spec.metric == "accuracy":
+                from mergelab.llmmix.generate import evaluate_task
+
+                ev = evaluate_task(self.model, self.tokenizer, task, self.spec.split, limit=self.spec.limit,
+                                   batch_size=self.spec.batch_size)
+                out += [float(r["score"]) for r in ev.records]
+            else:
+                examples = task.split(self.spec.split)[: self.spec.limit]
+                totals, counts = self._answer_nll(examples)
+                out += [math.exp(-t / max(c, 1)) for t, c in zip(totals, counts)]
+        return np.array(out, dtype=float)
 
     def score(self, state: dict) -> dict:
         """``{"fitness": weighted mean, "tasks": {name: score}}`` of the merged ``state``."""
