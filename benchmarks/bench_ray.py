@@ -58,12 +58,12 @@ def main() -> None:
                                                          **({"density": 0.5} if "ties" in args.method else {})}}
                          for p in paths[1:]]}
     counts = [int(w) for w in args.workers.split(",")]
-    for attempt in range(3):  # on a loaded machine Ray's raylet may give up waiting for its agent (15 s)
+    for attempt in range(8):  # on a loaded machine Ray's raylet may give up waiting for its agent (15 s)
         try:
             ray.init(num_cpus=max(counts), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
             break
         except Exception:
-            if attempt == 2:
+            if attempt == 7:
                 raise
             ray.shutdown()
     results = {}
