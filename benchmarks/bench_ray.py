@@ -66,6 +66,7 @@ def main() -> None:
             if attempt == 7:
                 raise
             ray.shutdown()
+            time.sleep(20)
     results = {}
     reference = None
     for label, make in [("local", lambda: None)] + [(f"ray-{n}", (lambda n=n: RayExecutor(workers=n)))
