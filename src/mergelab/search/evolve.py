@@ -136,6 +136,10 @@ def evolve(config: Any, out: Path, *, workers: Optional[int] = None, ray_address
         if state.get("fingerprint") != fingerprint:
             raise SearchStateError(f"--resume: '{out}' holds a search of another config (genome, fitness or search "
                                    "settings differ); use another folder or --overwrite")
+    if ray_address or use_ray or (workers or 1) > 1:
+        from mergelab.search.pool import connect
+
+        connect(ray_address, workers or 1)  # a cluster that cannot be joined fails before OUT is touched
     prepare_out(out, resume, overwrite)
     genome = cfg.genome
     pool = make_pool(cfg.data, workers, ray_address, threads, use_ray)

@@ -189,6 +189,10 @@ def run_map(config: Any, out: Path, *, workers: Optional[int] = None, ray_addres
                                 f"(tasks: {', '.join(names)})")
     if ray_address:
         check_ray_address(ray_address)
+    if ray_address or (workers or 1) > 1:
+        from mergelab.search.pool import connect
+
+        connect(ray_address, workers or 1)  # a cluster that cannot be joined fails before OUT is touched
     prepare_out(Path(out), False, overwrite)
     out = Path(out)
     kind = "sigmoid" if cfg.fitness.metric == "accuracy" else "neg_softplus"

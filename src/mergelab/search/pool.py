@@ -53,6 +53,10 @@ def connect(address: Optional[str], workers: int) -> None:
             ray.init(num_cpus=workers, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     except ConnectionError as e:
         raise RayUnavailableError(f"--ray {address}: {e}") from None
+    except Exception as e:  # Ray raises plain Exception when its local node does not come up
+        ray.shutdown()
+        where = f"join the Ray cluster at {address}" if address else f"start a local Ray with {workers} CPUs"
+        raise RayUnavailableError(f"could not {where}: {e} (see /tmp/ray/session_latest/logs/raylet.err)") from None
 
 
 class LocalPool:
