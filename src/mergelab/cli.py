@@ -60,10 +60,30 @@ def merge(
                                 "inputs whose config.json differs where it changes what the weights mean."),
     no_space_check: bool = typer.Option(False, "--no-space-check", help="Do not refuse a merge whose output exceeds "
                                         "the free space (for filesystems that report it wrongly)."),
+    executor: str = typer.Option("local", "--executor", help="local (streaming, this process) or ray (output shards "
+                                 "split across Ray workers that read the inputs from shared storage)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="--executor ray: number of workers (default: the "
+                                          "cluster's CPUs; a local Ray is started with this many)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray", help="--executor ray: join this cluster (auto, HOST:PORT "
+                                              "or ray://HOST:PORT) instead of starting a local Ray."),
 ) -> None:
     """Merge the models named by RECIPE into the Hugging Face folder OUT."""
     from mergelab.merge import merge as run_merge
     from mergelab.multi import is_multi_stage
+
+    if executor not in ("local", "ray"):
+        raise MergeLabError(f"--executor must be local or ray, got '{executor}'")
+    if executor == "local" and (workers is not None or ray_address):
+        raise MergeLabError("--workers and --ray apply to --executor ray")
+    runner = None
+    if executor == "ray":
+        if intermediate_dir is not None or is_multi_stage(recipe):
+            raise MergeLabError("--executor ray runs single-stage recipes; run the stages one by one")
+        if device != "cpu":
+            raise MergeLabError("--executor ray computes on the workers' CPUs; drop --device")
+        from mergelab.execute.ray import RayExecutor
+
+        runner = RayExecutor(workers=workers, address=ray_address, allow_nonfinite=allow_nonfinite)
 
     if intermediate_dir is not None or is_multi_stage(recipe):
         _merge_multi(recipe, out, intermediate_dir, overwrite=overwrite, resume=resume, dry_run=dry_run,
@@ -75,8 +95,8 @@ def merge(
         raise MergeLabError("an output folder is required: -o OUT")
     result = run_merge(recipe, out, overwrite=overwrite, resume=resume, dry_run=dry_run, device=device,
                        shard_size=shard_size, allow_nonfinite=allow_nonfinite, fsync=fsync,
-                       progress=not quiet and sys.stderr.isatty(), strict=strict, space_check=not no_space_check,
-                       on_warning=_print_warning)
+                       progress=not quiet and sys.stderr.isatty() and runner is None, strict=strict,
+                       space_check=not no_space_check, on_warning=_print_warning, executor=runner)
     s = result.summary
     if s.get("format") == "peft":  # a merge that stays an adapter (mergelab.adapters)
         what = f"{len(s['adapters'])} adapters, {s['modules']} modules, combine {s['combine']}" + (
@@ -214,6 +234,10 @@ def demo(
 from mergelab.compress.cli import register as _register_compress  # noqa: E402
 
 _register_compress(app)  # extract, compress, graft
+
+from mergelab.search.cli import register as _register_search  # noqa: E402
+
+_register_search(app)  # evolve
 
 
 @app.command("transplant-tokenizer")

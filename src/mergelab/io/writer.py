@@ -160,8 +160,9 @@ class ShardWriter:
     """
 
     def __init__(self, folder: Path, shards: List[Shard], fingerprint: str, resume: bool = False,
-                 durable: bool = False):
+                 durable: bool = False, record_progress: bool = True):
         self.folder = folder
+        self.record_progress = record_progress
         self.durable = durable
         self.shards = shards
         self.fingerprint = fingerprint
@@ -190,7 +191,8 @@ class ShardWriter:
                     f"remove it or run with --overwrite to start over"
                 )
         try:
-            progress.write_text(json.dumps({"plan_fingerprint": self.fingerprint}))
+            if self.record_progress:  # not by a distributed worker, which writes some of the shards
+                progress.write_text(json.dumps({"plan_fingerprint": self.fingerprint}))
         except OSError as e:
             raise self._failed("write", progress, e)
         for s in self.shards:
@@ -262,6 +264,24 @@ class ShardWriter:
         except OSError as e:
             raise self._failed(f"rename to '{s.filename}'", path, e)
         del self._remaining[s.filename]
+
+    def adopt(self, filenames: Iterable[str]) -> None:
+        """Count shards written by other processes (a distributed executor's workers) as complete: each
+        must be in the folder under its final name with its planned size and header."""
+        for name in filenames:
+            s = next(x for x in self.shards if x.filename == name)
+            path = self.folder / name
+            ok = path.is_file() and path.stat().st_size == s.file_bytes
+            if ok:
+                with open(path, "rb") as f:
+                    ok = f.read(len(s.header)) == s.header
+            if not ok:
+                raise OutputError(f"shard '{path}' was not written completely by its worker")
+            self._remaining.pop(name, None)
+            fd = self._fds.pop(name, None)
+            if fd is not None:
+                os.close(fd)
+                (self.folder / (name + ".incomplete")).unlink(missing_ok=True)
 
     def is_complete(self, name: str) -> bool:
         """Whether the shard holding ``name`` was already complete when the writer started."""

@@ -1,0 +1,133 @@
+"""`mergelab evolve` end to end on tiny trained Llama experts: the written recipe reproduces the scored
+tensors under `mergelab merge`, a killed search resumes to the uninterrupted result, bad input fails
+before any work."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors import safe_open
+
+from tests.conftest import run_cli
+from tests.search.conftest import SIZES, config
+
+pytest.importorskip("cma")
+
+
+def digest(folder: Path) -> str:
+    """sha256 over the output's tensors in name order (name, dtype, shape, raw bytes), computed here."""
+    tensors = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                tensors[k] = st.get_tensor(k)
+    h = hashlib.sha256()
+    import torch
+
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{str(t.dtype).replace('torch.', '')}|{list(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def setup(family, tmp_path_factory):
+    from mergelab.llmmix.tasks import build_task
+    from mergelab.llmmix.tasks.jsonl import write_task_jsonl
+
+    root = tmp_path_factory.mktemp("evolve")
+    # one task from the suite, one from a user JSONL file (the same data the expert was trained on)
+    jsonl = write_task_jsonl(build_task("refusal", seed=0, sizes=SIZES), root / "refusal.jsonl")
+    cfg = config(family, layer_granularity=1, filters=["mlp"])
+    cfg["fitness"] = {"suite": "llmmix", "tasks": ["language_id"], "task_files": [str(jsonl)],
+                      "examples": SIZES, "metric": "loss"}
+    path = root / "search.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return root, path, cfg
+
+
+@pytest.fixture(scope="module")
+def full_run(setup, family):
+    root, path, _ = setup
+    out = root / "full"
+    code, _, _ = run_cli(["evolve", path, "-o", out, "--quiet"])
+    assert code == 0
+    return out, json.loads((out / "history.json").read_text())
+
+
+def test_history_and_best(full_run):
+    out, hist = full_run
+    evs = hist["evaluations"]
+    assert len(evs) == 6 and hist["generations"] == 2 and hist["popsize"] == 3
+    assert [e["eval"] for e in evs] == list(range(1, 7))
+    assert hist["genome_size"] == 2 * 2 * 2 * 2  # 2 layer groups, 2 models, 2 filter sets, weight+density
+    best = max(evs, key=lambda e: e["fitness"])
+    assert hist["best"]["eval"] == best["eval"] and hist["best"]["fitness"] == best["fitness"]
+    for e in evs:  # fitness is the mean of the two tasks' minus answer loss
+        assert set(e["tasks"]) == {"language_id", "refusal"}
+        assert e["fitness"] == pytest.approx(sum(e["tasks"].values()) / 2)
+        assert all(v < 0 for v in e["tasks"].values())
+    assert len({e["digest"] for e in evs}) == 6  # six different merges
+    assert (out / "history.png").stat().st_size > 1000
+
+
+def test_best_recipe_reproduces_scored_tensors(full_run, tmp_path):
+    out, hist = full_run
+    recipe = yaml.safe_load((out / "best_recipe.yaml").read_text())
+    assert len(recipe["slices"]) == 2 and recipe["merge_method"] == "ties"
+    code, _, _ = run_cli(["merge", out / "best_recipe.yaml", "-o", tmp_path / "merged", "--quiet"])
+    assert code == 0
+    assert digest(tmp_path / "merged") == hist["best"]["digest"]
+
+
+def test_killed_search_resumes_to_the_same_result(setup, full_run, tmp_path):
+    from mergelab.search.evolve import evolve
+
+    _, path, _ = setup
+    out = tmp_path / "killed"
+
+    def kill(gen):
+        if gen == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evolve(path, out, log=lambda s: None, on_generation=kill)
+    assert len(json.loads((out / "history.json").read_text())["evaluations"]) == 3
+    code, _, _ = run_cli(["evolve", path, "-o", out, "--resume", "--quiet"])
+    assert code == 0
+    resumed = json.loads((out / "history.json").read_text())
+    _, full = full_run
+    keys = ("eval", "generation", "genes", "fitness", "tasks", "digest")
+    assert [{k: e[k] for k in keys} for e in resumed["evaluations"]] == \
+        [{k: e[k] for k in keys} for e in full["evaluations"]]
+    assert (out / "best_recipe.yaml").read_text() == (full_run[0] / "best_recipe.yaml").read_text()
+
+
+def _bad(tmp_path, capsys, cfg, *extra):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(["evolve", path, "-o", out, *extra], capsys)
+    assert code == 2, stdout + stderr
+    assert "Traceback" not in stderr and not out.exists()
+    return " ".join(stderr.split())
+
+
+def test_bad_input_fails_before_any_work(family, tmp_path, capsys):
+    cfg = config(family, ranges={"density": [0.7, 0.3]})
+    assert "genome.ranges.density: the range [0.7, 0.3] is empty" in _bad(tmp_path, capsys, cfg)
+    cfg = config(family, ranges={"t": [0.0, 1.0]})
+    assert "'t' is not a parameter of method 'ties'" in _bad(tmp_path, capsys, cfg)
+    cfg = config(family)
+    cfg["fitness"] = {"task_files": [str(tmp_path / "missing.jsonl")]}
+    assert "missing.jsonl: no such task file" in _bad(tmp_path, capsys, cfg)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer":\n')
+    cfg["fitness"] = {"task_files": [str(broken)]}
+    assert "broken.jsonl line 2: not valid JSON" in _bad(tmp_path, capsys, cfg)
+    cfg = config(family)
+    msg = _bad(tmp_path, capsys, cfg, "--ray", "127.0.0.1:9")
+    assert "--ray 127.0.0.1:9: no Ray cluster answers at 127.0.0.1:9" in msg
