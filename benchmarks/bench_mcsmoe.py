@@ -29,7 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
 TASKS = "string_ops,list_ops,translate_dates,language_id"
 # (label, folder name, compress_moe options)
 VARIANTS = [("MC-SMoE", "mcsmoe", {}), ("no alignment", "noalign", {"align": False}),

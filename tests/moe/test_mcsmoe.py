@@ -185,6 +185,25 @@ def test_three_trained_experts_to_two(moe3, tmp_path):
     assert gen.shape[1] == ids["input_ids"].shape[1] + 5
 
 
+def test_low_rank_plus_sparse_option(moe3, tmp_path):
+    """--rank at full rank keeps the merged experts (to float error); --rank 2 --sparsity 0.05 stores
+    r(m+n) + 2 * 5% of mn numbers per matrix and changes the experts."""
+    plain = compress(moe3["moe"], tmp_path / "plain", 2, moe3["cal"])
+    full = compress(moe3["moe"], tmp_path / "full", 2, moe3["cal"], "--rank", "1000")
+    small = compress(moe3["moe"], tmp_path / "small", 2, moe3["cal"], "--rank", "2", "--sparsity", "0.05")
+    assert "compressed_fraction_of_merged_experts" not in plain
+    a, b, c = tensors(tmp_path / "plain"), tensors(tmp_path / "full"), tensors(tmp_path / "small")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+    assert any(not torch.allclose(c[n], a[n], atol=1e-3) for n in a if "experts" in n)
+    cfg = json.loads((moe3["moe"] / "config.json").read_text())
+    H, I = cfg["hidden_size"], cfg["intermediate_size"]
+    # per group: gate [I, H], up [I, H], down [H, I]
+    per = (2 * (I + H) + 2 * round(0.05 * I * H)) / (I * H)
+    assert small["compressed_fraction_of_merged_experts"] == pytest.approx(per)
+    assert full["compressed_fraction_of_merged_experts"] == pytest.approx(min(I, H) * (I + H) / (I * H))
+
+
 def test_bad_input_is_a_clear_error_and_writes_nothing(moe3, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")

@@ -44,7 +44,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -75,13 +75,6 @@ class RoutingStats:
         g = self.gram[layer]
         norm = g.diagonal().clamp(min=1e-30).sqrt()
         return (g / norm[:, None] / norm[None, :] + 1) / 2
-
-
-@dataclass
-class Grouping:
-    """Per layer: ``groups[l]`` lists of original expert indices, the dominant (core) expert first;
-    groups ordered by their dominant's index."""
-    groups: List[List[List[int]]]
 
 
 @dataclass
