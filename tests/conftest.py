@@ -27,6 +27,21 @@ def tiny_family(tmp_path):
     return paths[0], paths[1:]
 
 
+@pytest.fixture(scope="session")
+def trained_llamas(tmp_path_factory):
+    """Really trained tiny Llama models, made once per session: a base pretrained with the project's own
+    code (tied embeddings, as the llmmix suite ships them) and experts fine-tuned on the llmmix tasks
+    arithmetic and string_ops, float32 (``tests.llmmix.tiny_lm.trained_family``, smaller than the parity
+    suite's). Returns ``(base, [experts])``; used by the compression and MC-SMoE tests."""
+    pytest.importorskip("faker", reason="the llmmix corpus needs Faker (mergelab's 'llm' extra)")
+    from tests.llmmix.tiny_lm import trained_family
+
+    base, experts, _ = trained_family(tmp_path_factory.mktemp("trained_llamas"), ("arithmetic", "string_ops"),
+                                      {"train": 24, "validation": 2, "test": 8}, pretrain_steps=20,
+                                      corpus_bytes=80_000, vocab_size=300, finetune_steps=12)
+    return base, experts
+
+
 def run_cli(args, capsys=None):
     """Run the mergelab CLI in-process; returns (exit_code, stdout, stderr)."""
     from mergelab.cli import main
