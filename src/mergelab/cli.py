@@ -215,6 +215,10 @@ from mergelab.compress.cli import register as _register_compress  # noqa: E402
 
 _register_compress(app)  # extract, compress, graft
 
+from mergelab.align.cli import register as _register_align  # noqa: E402
+
+_register_align(app)  # align, pleas
+
 
 OPTIONAL_COMMANDS = (
     ("mergelab.evaluate.cli", "evaluate", "Evaluate a checkpoint on a suite, or an LM's perplexity."),
