@@ -41,7 +41,22 @@ def align(
                       f"distance to REFERENCE {r.distance_before:.6g} -> {r.distance_after:.6g}", highlight=False)
 
 
-COMMANDS = [("align", align)]
+def pleas(
+    recipe: Path = typer.Argument(..., help="YAML: merge_method: pleas, models (two), calibration, parameters "
+                                  "(width, activation, heads, inputs)."),
+    out: Path = typer.Option(..., "-o", "--out", help="The merged checkpoint (model A's format, the chosen widths)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+) -> None:
+    """PLeaS: merge two MLPs trained from different initialisations at a chosen width (permutations + least
+    squares)."""
+    from mergelab.align.pleas import run_recipe
+
+    r = run_recipe(recipe, out, overwrite=overwrite)
+    widths = ", ".join(f"{g} {w} ({r.merged_units[g]} merged)" for g, w in r.widths.items())
+    out_console.print(f"PLeaS merged into {out}: widths {widths}", highlight=False)
+
+
+COMMANDS = [("align", align), ("pleas", pleas)]
 
 
 def register(app: typer.Typer) -> None:

@@ -22,6 +22,8 @@ def _as_rows(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     if x.ndim == 4:  # [N, C, H, W]
         return x.movedim(1, -1).reshape(-1, x.shape[1])
     if x.ndim == 3 and mask is not None:
+        if x.shape[0] != mask.shape[0]:  # e.g. position embeddings, shared by the batch
+            x = x.expand(mask.shape[0], *x.shape[1:])
         return x[mask.bool()]
     return x.reshape(-1, x.shape[-1])
 

@@ -1,0 +1,265 @@
+"""PLeaS: merging two models trained from different initialisations, at a chosen width.
+
+Nasery et al., "PLeaS: Merging Models with Permutations and Least Squares", CVPR 2025
+(arXiv 2407.02447; SewoongLab/PLeaS-Merging). Steps, per hidden-unit group of a feed-forward chain:
+
+1. **Matching.** Activation matching (``matching.activation_matching``) pairs B's units with A's.
+2. **Partial merging.** Of the ``n`` matched pairs, the ``m = 2n - width`` most similar (uncentred
+   cross-correlation of the pair, summed over the calibration inputs) are merged; the other ``n - m``
+   units of each model stay separate. The merged layer has ``width`` units in blocks
+   ``[merged | A-only | B-only]``; ``width`` runs from ``n`` (everything merged) to ``2n`` (the two
+   models side by side, an exact ensemble).
+3. **Least squares.** Each merged layer's weights (and bias) are the least-squares solution that maps
+   its input features ``[(i_A + i_B)/2 on merged units | i_A on A-only | i_B on B-only]`` to the target
+   features ``[(o_A + o_B)/2 | o_A | o_B]`` of the same blocks, where ``i_X``, ``o_X`` are model X's own
+   (permuted) layer inputs and pre-activation outputs on the calibration batch. A-only outputs never read
+   B-only inputs and vice versa (the paper's gradient mask), so the closed form is solved per output
+   block (the paper's code fits the same objective by Adam; the closed form is its exact minimiser).
+   ``inputs="merged"`` uses the merged model's own inputs instead (each layer corrects the error of the
+   layers before it).
+
+The output layer's targets are the two models' averaged logits (``heads="average"``, shared label
+space) or both models' logits side by side (``heads="concat"``, disjoint label spaces: A's classes
+then B's). **PLeaS-free** is the same procedure with calibration inputs from another domain.
+
+Implemented for MLP chains (linear layers with one elementwise nonlinearity between them), given as
+state dicts; the result is a state dict of the same keys with the chosen widths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+
+from mergelab.align.matching import activation_matching
+from mergelab.align.spec import Axis, apply_permutations, chain_spec
+from mergelab.errors import MergeLabError
+
+ACT = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+
+Width = Union[int, float]
+
+
+@dataclass
+class PleasResult:
+    state: Dict[str, torch.Tensor]
+    widths: Dict[str, int]  # group -> merged width
+    merged_units: Dict[str, int]  # group -> number of merged pairs
+    perms: Dict[str, torch.Tensor]
+
+
+def mlp_layers(state: Mapping[str, torch.Tensor]) -> List[str]:
+    """The linear layers of an MLP state dict, in order (module names); anything else is an error."""
+    mods: List[str] = []
+    for k, v in state.items():
+        m, _, leaf = k.rpartition(".")
+        if leaf not in ("weight", "bias") or (leaf == "weight" and v.ndim != 2):
+            raise MergeLabError(f"PLeaS handles MLP chains of linear layers; tensor '{k}' of shape {tuple(v.shape)} "
+                                f"is not a linear layer's weight or bias")
+        if m not in mods:
+            mods.append(m)
+    if len(mods) < 2:
+        raise MergeLabError("PLeaS needs an MLP with at least one hidden layer (two linear layers)")
+    return mods
+
+
+def _forward(state, layers, act, x) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Per layer: its input and its pre-activation output (float64)."""
+    ins, outs = [], []
+    h = x.double()
+    for i, m in enumerate(layers):
+        ins.append(h)
+        o = h @ state[m + ".weight"].double().T
+        if m + ".bias" in state:
+            o = o + state[m + ".bias"].double()
+        outs.append(o)
+        h = ACT[act](o) if i < len(layers) - 1 else o
+    return ins, outs
+
+
+def resolve_width(width, group: str, layer: str, n: int) -> int:
+    """The merged width of a group with ``n`` units per model: a float is a multiple of ``n`` in
+    [1.0, 2.0], an int an absolute count in [n, 2n]; a mapping is looked up by group (``P0``) or by the
+    name of the layer that outputs it."""
+    w = width
+    if isinstance(width, Mapping):
+        if group in width:
+            w = width[group]
+        elif layer in width:
+            w = width[layer]
+        elif "default" in width:
+            w = width["default"]
+        else:
+            w = 1.0
+    if isinstance(w, bool) or not isinstance(w, (int, float)):
+        raise MergeLabError(f"width for layer '{layer}' ({group}): expected a number, got {w!r}")
+    units = int(round(w * n)) if isinstance(w, float) else int(w)
+    if not n <= units <= 2 * n:
+        shown = f"{w} x {n} = {units}" if isinstance(w, float) else str(w)
+        raise MergeLabError(f"width for layer '{layer}' ({group}) is {shown} units, outside the allowed range "
+                            f"[{n}, {2 * n}] (one model's width to the sum of both; as a multiple: 1.0 to 2.0)")
+    return units
+
+
+def _lstsq_blocks(Z: torch.Tensor, Y: torch.Tensor, zb: torch.Tensor, yb: torch.Tensor, ridge: float,
+                  bias: bool = True):
+    """Least squares ``Y ~ Z W^T + b`` per output block; A-only outputs (block 1) may not read B-only
+    inputs (block 2) and vice versa. Returns ``(W, b)``."""
+    n_out, n_in = Y.shape[1], Z.shape[1]
+    W = torch.zeros(n_out, n_in, dtype=torch.float64)
+    b = torch.zeros(n_out, dtype=torch.float64)
+    ones = torch.ones(Z.shape[0], 1 if bias else 0, dtype=torch.float64)
+    for block, banned in ((0, None), (1, 2), (2, 1)):
+        rows = (yb == block).nonzero().flatten()
+        if len(rows) == 0:
+            continue
+        cols = (zb != banned).nonzero().flatten() if banned is not None else torch.arange(n_in)
+        X = torch.cat([Z[:, cols], ones], 1)
+        G = X.T @ X
+        lam = ridge * float(G.diagonal().mean())
+        sol = torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=torch.float64), X.T @ Y[:, rows])
+        W[rows[:, None], cols[None, :]] = sol[:len(cols)].T
+        if bias:
+            b[rows] = sol[-1]
+    return W, b
+
+
+def pleas_mlp(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor], inputs: torch.Tensor,
+              width: Union[Width, Mapping[str, Width]] = 1.0, activation: str = "relu", heads: str = "average",
+              ridge: float = 1e-8, layer_inputs: str = "original") -> PleasResult:
+    """PLeaS merge of two MLPs of the same shapes on calibration ``inputs`` ``[N, in]`` (module docstring)."""
+    if activation not in ACT:
+        raise MergeLabError(f"activation must be one of {', '.join(ACT)}, got '{activation}'")
+    if heads not in ("average", "concat"):
+        raise MergeLabError(f"heads must be 'average' (shared labels) or 'concat' (disjoint labels), got '{heads}'")
+    if layer_inputs not in ("original", "merged"):
+        raise MergeLabError(f"inputs must be 'original' (the paper) or 'merged', got '{layer_inputs}'")
+    layers = mlp_layers(state_a)
+    for k, v in state_a.items():
+        if k not in state_b or tuple(state_b[k].shape) != tuple(v.shape):
+            raise MergeLabError(f"PLeaS: tensor '{k}' has shape {tuple(v.shape)} in model A but "
+                                f"{tuple(state_b[k].shape) if k in state_b else 'is missing'} in model B")
+    spec = chain_spec({k: tuple(v.shape) for k, v in state_a.items()})
+    groups = [f"P{i}" for i in range(len(layers) - 1)]
+    n = {g: spec.perms[g].size for g in groups}
+    widths = {g: resolve_width(width, g, layers[i], n[g]) for i, g in enumerate(groups)}
+    if inputs.ndim != 2 or inputs.shape[1] != state_a[layers[0] + ".weight"].shape[1]:
+        raise MergeLabError(f"calibration inputs have shape {tuple(inputs.shape)}; the MLP takes "
+                            f"[N, {state_a[layers[0] + '.weight'].shape[1]}]")
+
+    # 1. matching on the post-activation hidden units (the next layer's inputs)
+    ins_a, _ = _forward(state_a, layers, activation, inputs)
+    ins_b, _ = _forward(state_b, layers, activation, inputs)
+    feats_a = {g: [(Axis(g), ins_a[i + 1])] for i, g in enumerate(groups)}
+    feats_b = {g: [(Axis(g), ins_b[i + 1])] for i, g in enumerate(groups)}
+    perms = activation_matching(spec, feats_a, feats_b)
+    state_b = apply_permutations(state_b, spec, perms)
+    ins_a, outs_a = _forward(state_a, layers, activation, inputs)
+    ins_b, outs_b = _forward(state_b, layers, activation, inputs)
+
+    # 2. partial merge: most similar pairs merged, blocks [merged | A-only | B-only]
+    order: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    merged_units = {}
+    for i, g in enumerate(groups):
+        sim = (ins_a[i + 1] * ins_b[i + 1]).sum(0)
+        m = 2 * n[g] - widths[g]
+        rank = torch.argsort(sim, descending=True, stable=True)
+        order[g] = (rank[:m].sort().values, rank[m:].sort().values)
+        merged_units[g] = m
+
+    def blocks(g: Optional[str], fa: torch.Tensor, fb: torch.Tensor, last: bool = False):
+        """Merged-model features of one group, and each column's block (0 merged, 1 A-only, 2 B-only)."""
+        if g is None:
+            if last and heads == "concat":
+                return torch.cat([fa, fb], 1), torch.tensor([1] * fa.shape[1] + [2] * fb.shape[1])
+            return (fa + fb) / 2, torch.zeros(fa.shape[1], dtype=torch.long)
+        M, R = order[g]
+        f = torch.cat([(fa[:, M] + fb[:, M]) / 2, fa[:, R], fb[:, R]], 1)
+        return f, torch.tensor([0] * len(M) + [1] * len(R) + [2] * len(R))
+
+    # 3. least squares per layer
+    out: Dict[str, torch.Tensor] = {}
+    h = inputs.double()
+    for i, m in enumerate(layers):
+        g_in = groups[i - 1] if i > 0 else None
+        g_out = groups[i] if i < len(groups) else None
+        Y, yb = blocks(g_out, outs_a[i], outs_b[i], last=g_out is None)
+        if layer_inputs == "merged" or i == 0:
+            Z = h
+            zb = blocks(g_in, ins_a[i], ins_b[i])[1] if g_in is not None else torch.zeros(h.shape[1], dtype=torch.long)
+        else:
+            Z, zb = blocks(g_in, ins_a[i], ins_b[i])
+        W, b = _lstsq_blocks(Z, Y, zb, yb, ridge, bias=m + ".bias" in state_a)
+        dtype = state_a[m + ".weight"].dtype
+        out[m + ".weight"] = W.to(dtype)
+        if m + ".bias" in state_a:
+            out[m + ".bias"] = b.to(dtype)
+        o = h @ W.T + b
+        h = ACT[activation](o) if i < len(layers) - 1 else o
+    return PleasResult(out, widths, merged_units, perms)
+
+
+def mlp_forward(state: Mapping[str, torch.Tensor], x: torch.Tensor, activation: str = "relu") -> torch.Tensor:
+    """The output of an MLP state dict (as :func:`pleas_mlp` reads and writes them)."""
+    layers = mlp_layers(state)
+    return _forward(state, layers, activation, x)[1][-1]
+
+
+# --------------------------------------------------------------------------- recipe and command
+RECIPE_KEYS = {"merge_method", "models", "parameters", "calibration", "dtype"}
+PARAMETERS = {"width": 1.0, "activation": "relu", "heads": "average", "inputs": "original", "ridge": 1e-8}
+
+
+def run_recipe(recipe_path, out, overwrite: bool = False) -> PleasResult:
+    """``mergelab pleas RECIPE -o OUT``: a YAML with ``merge_method: pleas``, two ``models``,
+    ``calibration`` (a tensor file ``[N, in]``: fine-tuning-domain inputs, or another domain's for
+    PLeaS-free) and ``parameters`` (``width``: global number or a mapping per group/layer with an optional
+    ``default``; ``activation``; ``heads``; ``inputs``; ``ridge``). Writes OUT in model A's format."""
+    from pathlib import Path
+
+    import yaml
+
+    from mergelab.align.api import _write, load_model, read_inputs
+
+    recipe_path = Path(recipe_path)
+    try:
+        data = yaml.safe_load(recipe_path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise MergeLabError(f"cannot read recipe '{recipe_path}': {e}")
+    where = f"recipe '{recipe_path}'"
+    if not isinstance(data, dict):
+        raise MergeLabError(f"{where}: expected a mapping")
+    unknown = set(data) - RECIPE_KEYS
+    if unknown:
+        raise MergeLabError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(RECIPE_KEYS))})")
+    if data.get("merge_method") != "pleas":
+        raise MergeLabError(f"{where}: merge_method must be 'pleas' for `mergelab pleas`, got {data.get('merge_method')!r}")
+    models = data.get("models")
+    if not isinstance(models, list) or len(models) != 2:
+        raise MergeLabError(f"{where}: PLeaS merges exactly two models (models: [{{model: A}}, {{model: B}}])")
+    paths = [Path(m["model"] if isinstance(m, dict) else m) for m in models]
+    if "calibration" not in data:
+        raise MergeLabError(f"{where}: 'calibration' (a tensor file of inputs [N, in]) is required")
+    params = dict(PARAMETERS)
+    given = data.get("parameters") or {}
+    bad = set(given) - set(PARAMETERS)
+    if bad:
+        raise MergeLabError(f"{where}: unknown parameter(s) {', '.join(sorted(bad))} (known: {', '.join(PARAMETERS)})")
+    params.update(given)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        from mergelab.errors import OutputError
+
+        raise OutputError(f"output '{out}' already exists; pass --overwrite to replace it")
+    a, b = load_model(paths[0], "model A"), load_model(paths[1], "model B")
+    if a.config is not None:
+        raise MergeLabError(f"PLeaS handles plain MLP state dicts so far; '{a.path}' is a Hugging Face "
+                            f"'{a.config.get('model_type')}' model")
+    x = read_inputs(Path(data["calibration"]))
+    res = pleas_mlp(a.state, b.state, x.reshape(len(x), -1), width=params["width"], activation=params["activation"],
+                    heads=params["heads"], ridge=float(params["ridge"]), layer_inputs=params["inputs"])
+    _write(a, res.state, out, overwrite, {"method": "pleas", "models": [str(p) for p in paths], "widths": res.widths,
+                                          "merged_units": res.merged_units, "parameters": params})
+    return res
