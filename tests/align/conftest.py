@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
+import io
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -62,9 +62,17 @@ def tiny_llama(seed: int, layers: int = 2, hidden: int = 32):
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "mergelab.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=env)
+    """The mergelab command line, in this process (no interpreter start-up per call)."""
+    from mergelab.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return subprocess.CompletedProcess(["mergelab", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:

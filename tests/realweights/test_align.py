@@ -1,6 +1,6 @@
-"""``mergelab align`` on the fine-tuned MiniLM experts: a randomly permuted expert is the same function,
-and aligning it to the *base* (a different checkpoint) by weight or activation matching gives back the
-expert's own tensors bit for bit."""
+"""``mergelab align`` on the fine-tuned MiniLM experts: a randomly permuted expert is the same function;
+weight matching to the *base* (a different checkpoint) and activation matching to the expert on a few
+texts give back the expert's own tensors bit for bit."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import shutil
 import torch
 
 from mergelab.align.spec import apply_permutations, bert_spec, random_permutations
-from tests.realweights.conftest import run_merge  # noqa: F401  (same CLI environment as the other tests)
 from tests.align.conftest import close, run_cli
 
 TEXTS = ["the film was a delight from start to finish", "ich habe heute keine zeit", "banana",
@@ -49,10 +48,10 @@ def test_align_minilm_expert(real_family, tmp_path):
 
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(TEXTS * 4) + "\n")
-    for method in ("weight", "activation"):
+    for method, reference in (("weight", real_family.base), ("activation", expert)):
         out = tmp_path / f"aligned-{method}"
         extra = ["--calibration", calib] if method == "activation" else []
-        r = run_cli("align", real_family.base, permuted, "-o", out, "--method", method, *extra)
+        r = run_cli("align", reference, permuted, "-o", out, "--method", method, *extra)
         assert r.returncode == 0, r.stderr
         from safetensors.torch import load_file
 

@@ -38,7 +38,8 @@ def align(
     moved = sum(int((v != __import__("torch").arange(len(v))).sum()) for v in r.perms.values())
     out_console.print(f"aligned {model} to {reference} ({r.spec.kind} spec, {len(r.perms)} permutation groups, "
                       f"{moved} units moved) by {method} matching into {out} in {r.seconds:.1f} s; squared "
-                      f"distance to REFERENCE {r.distance_before:.6g} -> {r.distance_after:.6g}", highlight=False)
+                      f"distance to REFERENCE {r.distance_before:.6g} -> {r.distance_after:.6g}", highlight=False,
+                      soft_wrap=True)
 
 
 def pleas(
@@ -53,7 +54,7 @@ def pleas(
 
     r = run_recipe(recipe, out, overwrite=overwrite)
     widths = ", ".join(f"{g} {w} ({r.merged_units[g]} merged)" for g, w in r.widths.items())
-    out_console.print(f"PLeaS merged into {out}: widths {widths}", highlight=False)
+    out_console.print(f"PLeaS merged into {out}: widths {widths}", highlight=False, soft_wrap=True)
 
 
 COMMANDS = [("align", align), ("pleas", pleas)]
