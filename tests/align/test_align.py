@@ -176,3 +176,27 @@ def test_activation_matching_mlp_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     c = torch.load(tmp_path / "c.pt", weights_only=True)
     assert all(torch.equal(c[k], sd[k]) for k in sd)
+
+
+def test_merge_runs_on_aligned_models(tmp_path):
+    """Any merge method takes REFERENCE and ALIGNED: a linear merge of two Llamas from different inits."""
+    import yaml
+    from safetensors.torch import load_file
+
+    tiny_llama(0).save_pretrained(tmp_path / "a")
+    tiny_llama(1).save_pretrained(tmp_path / "b")
+    r = run_cli("align", tmp_path / "a", tmp_path / "b", "-o", tmp_path / "c")
+    assert r.returncode == 0, r.stderr
+    recipe = {"merge_method": "linear", "dtype": "float32",
+              "models": [{"model": str(tmp_path / n), "parameters": {"weight": 0.5}} for n in ("a", "c")]}
+    (tmp_path / "m.yml").write_text(yaml.safe_dump(recipe))
+    r = run_cli("merge", tmp_path / "m.yml", "-o", tmp_path / "m", "--quiet")
+    assert r.returncode == 0, r.stderr
+    a, c = load_model(tmp_path / "a", "a").state, load_model(tmp_path / "c", "c").state
+    merged = {}
+    for f in (tmp_path / "m").glob("*.safetensors"):
+        merged.update(load_file(str(f)))
+    assert torch.allclose(merged["model.layers.1.mlp.up_proj.weight"],
+                          (a["model.layers.1.mlp.up_proj.weight"] + c["model.layers.1.mlp.up_proj.weight"]) / 2)
+    b = load_model(tmp_path / "b", "b").state
+    assert not torch.equal(c["model.layers.1.mlp.up_proj.weight"], b["model.layers.1.mlp.up_proj.weight"])
