@@ -200,3 +200,30 @@ def test_merge_runs_on_aligned_models(tmp_path):
                           (a["model.layers.1.mlp.up_proj.weight"] + c["model.layers.1.mlp.up_proj.weight"]) / 2)
     b = load_model(tmp_path / "b", "b").state
     assert not torch.equal(c["model.layers.1.mlp.up_proj.weight"], b["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_bert_classifier_same_function_and_unknown_head_refused():
+    import pytest
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+
+    from mergelab.align.spec import infer_spec
+    from mergelab.errors import MergeLabError
+
+    cfg = BertConfig(vocab_size=50, hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=40,
+                     max_position_embeddings=32, num_labels=3)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(cfg).eval()
+    sd = model.state_dict()
+    spec = infer_spec(cfg.to_dict(), shapes(sd))
+    assert spec.kind == "bert" and "classifier.weight" not in spec.axes
+    rp = random_permutations(spec, gen(9))
+    other = BertForSequenceClassification(cfg).eval()
+    other.load_state_dict(apply_permutations(sd, spec, rp))
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        assert close(other(input_ids=ids).logits, model(input_ids=ids).logits)
+    found = weight_matching(spec, sd, other.state_dict())
+    assert all(torch.equal(found[k], invert(rp)[k]) for k in spec.perms)
+    mlm = BertForMaskedLM(cfg).state_dict()
+    with pytest.raises(MergeLabError, match="tensor 'cls.predictions"):
+        infer_spec(cfg.to_dict(), shapes(mlm))

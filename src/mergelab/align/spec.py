@@ -220,6 +220,7 @@ def bert_spec(config: dict, shapes: Mapping[str, tuple], residual: bool = True) 
         axes[b + "output.LayerNorm.bias"] = (R,)
     if pre + "pooler.dense.weight" in shapes:
         axes[pre + "pooler.dense.weight"] = (None, R)
+    _check_known(shapes, axes, "bert", ("position_ids", "pooler.dense.bias", "classifier.weight", "classifier.bias"))
     axes = {k: v for k, v in axes.items() if k in shapes and any(a is not None for a in v)}
     return PermutationSpec(perms, axes, "bert")
 
@@ -259,11 +260,24 @@ def llama_spec(config: dict, shapes: Mapping[str, tuple], residual: bool = True)
         axes[b + "mlp.gate_proj.weight"] = (Axis(M), R)
         axes[b + "mlp.up_proj.weight"] = (Axis(M), R)
         axes[b + "mlp.down_proj.weight"] = (R, Axis(M))
+        axes[b + "mlp.gate_proj.bias"] = (Axis(M),)
+        axes[b + "mlp.up_proj.bias"] = (Axis(M),)
+        axes[b + "mlp.down_proj.bias"] = (R,)
     for k in shapes:
         if k.endswith("lm_head.weight"):
             axes[k] = (None, R)
+    _check_known(shapes, axes, "llama", ("rotary_emb.inv_freq", "self_attn.q_norm.weight", "self_attn.k_norm.weight"))
     axes = {k: v for k, v in axes.items() if k in shapes and any(a is not None for a in v)}
     return PermutationSpec(perms, axes, "llama")
+
+
+def _check_known(shapes, axes, kind: str, untouched: tuple) -> None:
+    """Every tensor is either placed by the spec or known not to see a permuted axis (a head on the
+    pooler, per-head q/k norms, buffers); anything else (an MLM head, say) could break the function."""
+    for k in shapes:
+        if k not in axes and not k.endswith(untouched):
+            raise MergeLabError(f"align does not know where tensor '{k}' of this {kind} model sits (it may read the "
+                                f"permuted residual stream); give a permutation spec with --spec")
 
 
 def _check_depth(shapes, prefix: str, layers: int) -> None:
