@@ -99,3 +99,30 @@ def test_pleas_command(tmp_path):
         r = run_cli("pleas", tmp_path / name, "-o", tmp_path / "n.pt")
         assert r.returncode == 2 and "Traceback" not in r.stderr and needle in " ".join(r.stderr.split()), r.stderr
     assert set(tmp_path.iterdir()) == before
+
+
+def test_conv_net_full_width_ensemble_and_permuted_copy():
+    """Conv layers fitted on unfolded patches, BatchNorm folded in and written back as the identity,
+    conv maps flattened into a linear layer: the same two identities as for MLPs."""
+    from mergelab.align.pleas import pleas_conv
+    from tests.align.conftest import ConvNet, convnet
+
+    a, b = convnet(0), convnet(1)
+    x = torch.randn(200, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    test = torch.randn(30, 1, 8, 8)
+    r = pleas_conv(a, b, x, width=2.0)
+    assert r.widths == {"P0": 12, "P1": 16, "P2": 20}
+    wide = ConvNet(width=12)
+    wide.conv2, wide.bn2 = torch.nn.Conv2d(12, 16, 3, stride=2, padding=1), torch.nn.BatchNorm2d(16)
+    wide.fc1, wide.fc2 = torch.nn.Linear(16 * 16, 20), torch.nn.Linear(20, 3)
+    wide.load_state_dict(r.state)
+    with torch.no_grad():
+        ens = (a(test) + b(test)) / 2
+        assert torch.allclose(wide.eval()(test), ens, atol=1e-4 * float(ens.abs().max()))
+        spec = chain_spec({k: tuple(v.shape) for k, v in a.state_dict().items()})
+        c = convnet(5)
+        c.load_state_dict(apply_permutations(a.state_dict(), spec, random_permutations(spec, torch.Generator().manual_seed(2))))
+        m = convnet(7)
+        m.load_state_dict(pleas_conv(a, c, x, width=1.0).state)
+        assert torch.allclose(m.eval()(test), a(test), atol=1e-4 * float(a(test).abs().max()))
+    assert pleas_conv(a, b, x, width=1.5).widths == {"P0": 9, "P1": 12, "P2": 15}

@@ -263,3 +263,137 @@ def run_recipe(recipe_path, out, overwrite: bool = False) -> PleasResult:
     _write(a, res.state, out, overwrite, {"method": "pleas", "models": [str(p) for p in paths], "widths": res.widths,
                                           "merged_units": res.merged_units, "parameters": params})
     return res
+
+
+# --------------------------------------------------------------------------- conv nets
+@dataclass
+class ChainLayer:
+    """One layer of a plain conv net: a ``Conv2d`` or ``Linear`` module, the BatchNorm after it (folded
+    into the least-squares targets), and whether its input is flattened conv maps."""
+
+    name: str
+    kind: str
+    stride: Tuple[int, int] = (1, 1)
+    padding: Tuple[int, int] = (0, 0)
+    kernel: Tuple[int, int] = (1, 1)
+    norm: Optional[str] = None
+    flatten: bool = False
+
+
+def conv_chain(module: torch.nn.Module) -> List[ChainLayer]:
+    """The layers of a plain conv net (Conv2d [+ BatchNorm2d] ... flatten, Linear ...) in definition order;
+    the module's forward must apply them in that order with one nonlinearity after every layer but the last."""
+    layers: List[ChainLayer] = []
+    for name, m in module.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            if m.groups != 1 or m.dilation != (1, 1) or m.padding_mode != "zeros" or isinstance(m.padding, str):
+                raise MergeLabError(f"PLeaS: conv layer '{name}' uses groups, dilation or non-zero padding modes")
+            layers.append(ChainLayer(name, "conv", tuple(m.stride), tuple(m.padding), tuple(m.kernel_size)))
+        elif isinstance(m, torch.nn.Linear):
+            layers.append(ChainLayer(name, "linear", flatten=bool(layers) and layers[-1].kind == "conv"))
+        elif isinstance(m, torch.nn.BatchNorm2d) and layers:
+            layers[-1].norm = name
+    if len(layers) < 2:
+        raise MergeLabError("PLeaS needs at least two conv/linear layers")
+    return layers
+
+
+def _chain_forward(state, layers: List[ChainLayer], act: str, x: torch.Tensor):
+    """Per layer: its input (maps or vectors) and its output after the folded BatchNorm (float64)."""
+    F = torch.nn.functional
+    ins, outs = [], []
+    h = x.double()
+    for i, L in enumerate(layers):
+        if L.flatten:
+            h = h.flatten(1)
+        ins.append(h)
+        w, b = state[L.name + ".weight"].double(), state.get(L.name + ".bias")
+        b = b.double() if b is not None else None
+        o = F.conv2d(h, w, b, L.stride, L.padding) if L.kind == "conv" else F.linear(h, w, b)
+        if L.norm:
+            n = L.norm + "."
+            o = F.batch_norm(o, state[n + "running_mean"].double(), state[n + "running_var"].double(),
+                             state[n + "weight"].double(), state[n + "bias"].double(), False, 0.0, 1e-5)
+        outs.append(o)
+        h = ACT[act](o) if i < len(layers) - 1 else o
+    return ins, outs
+
+
+def _rows(f: torch.Tensor) -> torch.Tensor:
+    return f.movedim(1, -1).reshape(-1, f.shape[1]) if f.ndim == 4 else f
+
+
+def pleas_conv(module_a: torch.nn.Module, module_b: torch.nn.Module, inputs: torch.Tensor,
+               width: Union[Width, Mapping[str, Width]] = 1.0, activation: str = "relu", heads: str = "average",
+               ridge: float = 1e-8) -> PleasResult:
+    """PLeaS for a plain conv net (:func:`conv_chain`): conv layers are fitted as linear maps of their
+    unfolded input patches; each BatchNorm is folded into its layer's targets and written back as the
+    identity (weight 1, bias = the fitted intercept when the conv has none, mean 0, var 1 - eps). The
+    merged state dict has model A's keys and the chosen channel widths."""
+    if activation not in ACT or heads not in ("average", "concat"):
+        raise MergeLabError(f"activation must be one of {', '.join(ACT)} and heads 'average' or 'concat'")
+    layers = conv_chain(module_a)
+    sa = {k: v.detach() for k, v in module_a.state_dict().items()}
+    sb = {k: v.detach() for k, v in module_b.state_dict().items()}
+    spec = chain_spec({k: tuple(v.shape) for k, v in sa.items()})
+    groups = [f"P{i}" for i in range(len(layers) - 1)]
+    n = {g: spec.perms[g].size for g in groups}
+    widths = {g: resolve_width(width, g, layers[i].name, n[g]) for i, g in enumerate(groups)}
+    ins_a, _ = _chain_forward(sa, layers, activation, inputs)
+    ins_b, _ = _chain_forward(sb, layers, activation, inputs)
+    hid = lambda ins, i: ins[i + 1].unflatten(1, (n[groups[i]], -1)).movedim(1, -1).reshape(-1, n[groups[i]]) \
+        if layers[i + 1].flatten else _rows(ins[i + 1])  # noqa: E731
+    perms = activation_matching(spec, {g: [(Axis(g), hid(ins_a, i))] for i, g in enumerate(groups)},
+                                {g: [(Axis(g), hid(ins_b, i))] for i, g in enumerate(groups)})
+    sb = apply_permutations(sb, spec, perms)
+    ins_a, outs_a = _chain_forward(sa, layers, activation, inputs)
+    ins_b, outs_b = _chain_forward(sb, layers, activation, inputs)
+    order, merged_units = {}, {}
+    for i, g in enumerate(groups):
+        sim = (hid(ins_a, i) * hid(ins_b, i)).sum(0)
+        m = 2 * n[g] - widths[g]
+        rank = torch.argsort(sim, descending=True, stable=True)
+        order[g] = (rank[:m].sort().values, rank[m:].sort().values)
+        merged_units[g] = m
+
+    def blocks(g, fa, fb, last=False, per=1):
+        if g is None:
+            if last and heads == "concat":
+                return torch.cat([fa, fb], 1), torch.tensor([1] * fa.shape[1] + [2] * fb.shape[1])
+            return (fa + fb) / 2, torch.zeros(fa.shape[1], dtype=torch.long)
+        M, R = order[g]
+        if per > 1:  # flattened maps: unit c covers columns c*per ... c*per + per - 1
+            fa, fb = fa.unflatten(1, (n[g], per)), fb.unflatten(1, (n[g], per))
+        f = torch.cat([(fa[:, M] + fb[:, M]) / 2, fa[:, R], fb[:, R]], 1)
+        lab = torch.tensor([0] * len(M) + [1] * len(R) + [2] * len(R))
+        return (f.flatten(1), lab.repeat_interleave(per)) if per > 1 else (f, lab)
+
+    out: Dict[str, torch.Tensor] = {}
+    for i, L in enumerate(layers):
+        g_in = groups[i - 1] if i > 0 else None
+        g_out = groups[i] if i < len(groups) else None
+        per = ins_a[i].shape[1] // n[g_in] if (L.flatten and g_in) else 1
+        Z, zb = blocks(g_in, ins_a[i], ins_b[i], per=per) if g_in else (ins_a[i], torch.zeros(ins_a[i].shape[1], dtype=torch.long))
+        Y, yb = blocks(g_out, outs_a[i], outs_b[i], last=g_out is None)
+        if L.kind == "conv":
+            k = L.kernel[0] * L.kernel[1]
+            Zu = torch.nn.functional.unfold(Z, L.kernel, padding=L.padding, stride=L.stride)  # [N, C*k, L]
+            Z2, zb2, Y2 = Zu.transpose(1, 2).reshape(-1, Zu.shape[1]), zb.repeat_interleave(k), _rows(Y)
+        else:
+            Z2, zb2, Y2 = Z, zb, Y
+        has_bias = L.name + ".bias" in sa or L.norm is not None
+        W, b = _lstsq_blocks(Z2, Y2, zb2, yb, ridge, bias=has_bias)
+        dt = sa[L.name + ".weight"].dtype
+        out[L.name + ".weight"] = (W.reshape(W.shape[0], -1, *L.kernel) if L.kind == "conv" else W).to(dt)
+        if L.name + ".bias" in sa:
+            out[L.name + ".bias"] = b.to(dt)
+            b = torch.zeros_like(b)
+        if L.norm:
+            p = L.norm + "."
+            out[p + "weight"] = torch.ones(W.shape[0], dtype=dt)
+            out[p + "bias"] = b.to(dt)
+            out[p + "running_mean"] = torch.zeros(W.shape[0], dtype=dt)
+            out[p + "running_var"] = torch.full((W.shape[0],), 1 - 1e-5, dtype=dt)
+            if p + "num_batches_tracked" in sa:
+                out[p + "num_batches_tracked"] = sa[p + "num_batches_tracked"].clone()
+    return PleasResult(out, widths, merged_units, perms)
