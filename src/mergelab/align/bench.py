@@ -106,6 +106,42 @@ def train_mlp(x, y, classes: int, hidden: int, seed: int, epochs: int) -> Dict[s
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
+class ConvDigits(torch.nn.Module):
+    """conv 3x3 - BN - ReLU, strided conv 3x3 - BN - ReLU, flatten, linear (8x8 single-channel inputs)."""
+
+    def __init__(self, c1: int, c2: int, classes: int):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, c1, 3, padding=1)
+        self.bn1 = torch.nn.BatchNorm2d(c1)
+        self.conv2 = torch.nn.Conv2d(c1, c2, 3, stride=2, padding=1)
+        self.bn2 = torch.nn.BatchNorm2d(c2)
+        self.fc = torch.nn.Linear(c2 * 16, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x.reshape(-1, 1, 8, 8))))
+        return self.fc(torch.relu(self.bn2(self.conv2(x))).flatten(1))
+
+
+def train_conv(x, y, classes: int, width: int, seed: int, epochs: int) -> ConvDigits:
+    torch.manual_seed(seed)
+    net = ConvDigits(width, width, classes)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(64):
+            loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
+def _conv_from(state) -> ConvDigits:
+    net = ConvDigits(state["conv1.weight"].shape[0], state["conv2.weight"].shape[0], state["fc.weight"].shape[0])
+    net.load_state_dict(state)
+    return net.eval()
+
+
 def _accuracy(logits, y, tasks) -> float:
     """Mean over tasks of the accuracy on that task's test examples, argmax within its own logits."""
     accs = []
@@ -125,8 +161,10 @@ def _average(a, b, heads: str):
 
 
 def run_pair(data: Data, setting: str, seed_a: int, seed_b: int, hidden: int, epochs: int,
-             widths=WIDTHS) -> Dict[str, float]:
+             widths=WIDTHS, arch: str = "mlp") -> Dict[str, float]:
     """Accuracy of every row for one pair of models (the keys name the rows)."""
+    if arch == "conv":
+        return _run_pair_conv(data, setting, seed_a, seed_b, hidden, epochs, widths)
     if setting == "shared":
         splits = [(slice(None), list(range(10)))] * 2
         tasks = [(list(range(10)), list(range(10)))]
@@ -173,8 +211,62 @@ def run_pair(data: Data, setting: str, seed_a: int, seed_b: int, hidden: int, ep
     return rows
 
 
+def _setting(data: Data, setting: str):
+    if setting == "shared":
+        return ([(slice(None), list(range(10)))] * 2, [(list(range(10)), list(range(10)))], "average")
+    return ([(data.y_train < 5, list(range(5))), (data.y_train >= 5, list(range(5, 10)))],
+            [(list(range(5)), list(range(5))), (list(range(5, 10)), list(range(5, 10)))], "concat")
+
+
+def _run_pair_conv(data: Data, setting: str, seed_a: int, seed_b: int, width: int, epochs: int, widths):
+    """As :func:`run_pair` for :class:`ConvDigits` (digits only); averaging averages BatchNorm statistics too."""
+    from mergelab.align.features import record
+    from mergelab.align.pleas import pleas_conv
+
+    splits, tasks, heads = _setting(data, setting)
+    nets = [train_conv(data.x_train[m], data.y_train[m] - c[0], len(c), width, seed, epochs)
+            for (m, c), seed in zip(splits, (seed_a, seed_b))]
+    a, b = (n.state_dict() for n in nets)
+    xt, yt = data.x_test, data.y_test
+    with torch.no_grad():
+        fa, fb = nets[0](xt), nets[1](xt)
+        rows: Dict[str, float] = {}
+        if setting == "shared":
+            rows["model A"], rows["model B"] = _accuracy(fa, yt, tasks), _accuracy(fb, yt, tasks)
+            rows["ensemble"] = _accuracy((fa + fb) / 2, yt, tasks)
+        else:
+            rows["model A"] = _accuracy(fa, yt, tasks[:1])
+            rows["model B"] = _accuracy(fb, yt, [(list(range(5)), list(range(5, 10)))])
+            rows["ensemble"] = _accuracy(torch.cat([fa, fb], 1), yt, tasks)
+        spec = chain_spec({k: tuple(v.shape) for k, v in a.items()})
+
+        def avg(sb):
+            out = {}
+            for k in a:
+                if k.endswith("num_batches_tracked"):
+                    out[k] = a[k]
+                elif heads == "concat" and k.startswith("fc."):
+                    out[k] = torch.cat([a[k], sb[k]])
+                else:
+                    out[k] = (a[k] + sb[k]) / 2
+            return out
+
+        score = lambda state: _accuracy(_conv_from(state)(xt), yt, tasks)  # noqa: E731
+        rows["average"] = score(avg(b))
+        rows["weight matching + average"] = score(avg(apply_permutations(b, spec, weight_matching(spec, a, b))))
+        calib = data.x_train.reshape(-1, 1, 8, 8)
+        batches = list(calib.split(256))
+        feats = [record(n, spec, batches, lambda m, x: (m(x), None)[1]) for n in nets]
+        rows["activation matching + average"] = score(avg(apply_permutations(b, spec, activation_matching(spec, *feats))))
+        for w in widths:
+            rows[f"PLeaS w={w:g}"] = score(pleas_conv(nets[0], nets[1], calib, width=float(w), heads=heads).state)
+            other = data.other_domain.reshape(-1, 1, 8, 8)
+            rows[f"PLeaS-free w={w:g}"] = score(pleas_conv(nets[0], nets[1], other, width=float(w), heads=heads).state)
+    return rows
+
+
 def run(out: Path, pairs: int = 3, hidden=(16, 64), epochs: int = 30, quick: bool = False,
-        datasets=("digits", "mnist1d"), log=print) -> dict:
+        datasets=("digits", "mnist1d"), log=print, conv: bool = True) -> dict:
     """Run every dataset, setting and hidden width over ``pairs`` seed pairs; write ``report.json``,
     ``report.md`` and ``accuracy_vs_width.png`` into ``out``."""
     if quick:
@@ -192,12 +284,13 @@ def run(out: Path, pairs: int = 3, hidden=(16, 64), epochs: int = 30, quick: boo
             if data is None:
                 skipped.append(f"{name} (package not installed)")
                 continue
-            for h in hidden:
+            archs = [("mlp", h) for h in hidden] + ([("conv", 8)] if conv and name == "digits" else [])
+            for arch, h in archs:
                 for setting in ("shared", "disjoint"):
-                    key = f"{name} / {setting} / hidden {h}"
+                    key = f"{name} / {setting} / " + (f"hidden {h}" if arch == "mlp" else f"conv {h} channels")
                     for p in range(pairs):
                         rows = run_pair(data, setting, 100 + 2 * p, 101 + 2 * p, h, epochs,
-                                        widths=(1.0, 2.0) if quick else WIDTHS)
+                                        widths=(1.0, 2.0) if quick else WIDTHS, arch=arch)
                         for r, v in rows.items():
                             results.setdefault(key, {}).setdefault(r, []).append(v)
                     log(f"{key}: " + ", ".join(f"{r} {np.mean(v):.3f}" for r, v in results[key].items()))
