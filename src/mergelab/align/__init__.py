@@ -4,7 +4,9 @@
   Llama-layout decoders, or a spec file), and applying permutations;
 * :mod:`mergelab.align.matching`: Git Re-Basin weight matching and activation matching;
 * :mod:`mergelab.align.features`: recording the activations activation matching compares;
-* :mod:`mergelab.align.api`: ``mergelab align`` (load, check, match, permute, write).
+* :mod:`mergelab.align.api`: ``mergelab align`` (load, check, match, permute, write);
+* :mod:`mergelab.align.pleas`: PLeaS (permutations + least squares) at a chosen width, ``mergelab pleas``;
+* :mod:`mergelab.align.bench`: the benchmark of merging models trained from different initialisations.
 """
 
 from mergelab.align.matching import activation_matching, weight_distance, weight_matching

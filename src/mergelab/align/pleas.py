@@ -23,7 +23,8 @@ space) or both models' logits side by side (``heads="concat"``, disjoint label s
 then B's). **PLeaS-free** is the same procedure with calibration inputs from another domain.
 
 Implemented for MLP chains (linear layers with one elementwise nonlinearity between them), given as
-state dicts; the result is a state dict of the same keys with the chosen widths.
+state dicts (:func:`pleas_mlp`, ``mergelab pleas``), and for plain conv nets given as modules
+(:func:`pleas_conv`); the result is a state dict of the same keys with the chosen widths.
 """
 
 from __future__ import annotations
