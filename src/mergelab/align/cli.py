@@ -31,11 +31,13 @@ def align(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
     """Permute MODEL's hidden units to match REFERENCE; the result computes the same function as MODEL."""
+    import torch
+
     from mergelab.align.api import align as run
 
     r = run(reference, model, out, method=method, calibration=calibration, spec_file=spec, residual=residual,
             overwrite=overwrite, max_iter=max_iter, seed=seed, activation=activation)
-    moved = sum(int((v != __import__("torch").arange(len(v))).sum()) for v in r.perms.values())
+    moved = sum(int((v != torch.arange(len(v))).sum()) for v in r.perms.values())
     out_console.print(f"aligned {model} to {reference} ({r.spec.kind} spec, {len(r.perms)} permutation groups, "
                       f"{moved} units moved) by {method} matching into {out} in {r.seconds:.1f} s; squared "
                       f"distance to REFERENCE {r.distance_before:.6g} -> {r.distance_after:.6g}", highlight=False,
