@@ -1,0 +1,344 @@
+"""Benchmark: merging MLPs trained from different random initialisations (issue 18, item 3).
+
+Data: scikit-learn's digits (8x8 images, 10 classes; offline), and mnist1d when the ``mnist1d``
+package is installed. Two settings: **shared** labels (both models learn all classes) and **disjoint**
+labels (A learns classes 0-4, B classes 5-9; merged models keep one head per model and are scored on
+each task with its own head). Per pair of models (different seeds for initialisation and data order):
+
+* each model alone, and the ensemble (averaged logits; disjoint: both heads side by side);
+* plain weight averaging, weight matching + averaging, activation matching + averaging (width 1.0);
+* PLeaS at widths 1.0 ... 2.0 with calibration inputs from the training set, and PLeaS-free with
+  calibration inputs from another domain (8x8 grayscale patches of scikit-learn's two sample photos).
+
+Everything runs on CPU in about a minute (``quick=True``: seconds, for the tests).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from mergelab.align.matching import activation_matching, weight_matching
+from mergelab.align.pleas import mlp_forward, pleas_mlp
+from mergelab.align.spec import Axis, apply_permutations, chain_spec
+
+WIDTHS = (1.0, 1.25, 1.5, 1.75, 2.0)
+
+
+@dataclass
+class Data:
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    other_domain: torch.Tensor  # unlabelled inputs of another domain, same shape
+
+
+def _standardise(train, *others):
+    mu, sd = train.mean(0, keepdim=True), train.std(0, keepdim=True).clamp_min(1.0)  # constant pixels stay tame
+    return [(t - mu) / sd for t in (train, *others)]
+
+
+def _photo_patches(n: int, side: int, seed: int) -> np.ndarray:
+    """Grayscale ``side x side`` patches of scikit-learn's bundled sample photos (china, flower)."""
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for img in load_sample_images().images:
+        g = img.mean(2)
+        for _ in range(n // 2):
+            s = int(rng.integers(side * 2, side * 8))
+            r, c = rng.integers(0, g.shape[0] - s), rng.integers(0, g.shape[1] - s)
+            patch = g[r:r + s, c:c + s]
+            idx = (np.arange(side) * s // side)
+            out.append(patch[np.ix_(idx, idx)].reshape(-1))
+    return np.asarray(out, dtype=np.float32)
+
+
+def load_digits_data(seed: int = 0) -> Data:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    xtr, xte, ytr, yte = train_test_split(d.data.astype(np.float32), d.target, test_size=0.3, random_state=seed,
+                                          stratify=d.target)
+    other = _photo_patches(1000, 8, seed)
+    other = other / other.max() * 16.0  # the digits' pixel range, 0..16
+    xtr, xte, other = _standardise(*(torch.as_tensor(a) for a in (xtr, xte, other)))
+    return Data("digits", xtr, torch.as_tensor(ytr), xte, torch.as_tensor(yte), other)
+
+
+def load_mnist1d_data(seed: int = 0) -> Optional[Data]:
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        return None
+    args = get_dataset_args()
+    args.seed = seed
+    d = make_dataset(args)
+    xtr, xte = torch.as_tensor(d["x"], dtype=torch.float32), torch.as_tensor(d["x_test"], dtype=torch.float32)
+    other = torch.cumsum(torch.randn(1000, xtr.shape[1], generator=torch.Generator().manual_seed(seed)), 1)
+    xtr, xte, other = _standardise(xtr, xte, other)
+    return Data("mnist1d", xtr, torch.as_tensor(d["y"]), xte, torch.as_tensor(d["y_test"]), other)
+
+
+def train_mlp(x, y, classes: int, hidden: int, seed: int, epochs: int) -> Dict[str, torch.Tensor]:
+    """A two-hidden-layer ReLU MLP from its own random initialisation (Adam, minibatches of 64)."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden),
+                              torch.nn.ReLU(), torch.nn.Linear(hidden, classes))
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(64):
+            loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+class ConvDigits(torch.nn.Module):
+    """conv 3x3 - BN - ReLU, strided conv 3x3 - BN - ReLU, flatten, linear (8x8 single-channel inputs)."""
+
+    def __init__(self, c1: int, c2: int, classes: int):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, c1, 3, padding=1)
+        self.bn1 = torch.nn.BatchNorm2d(c1)
+        self.conv2 = torch.nn.Conv2d(c1, c2, 3, stride=2, padding=1)
+        self.bn2 = torch.nn.BatchNorm2d(c2)
+        self.fc = torch.nn.Linear(c2 * 16, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x.reshape(-1, 1, 8, 8))))
+        return self.fc(torch.relu(self.bn2(self.conv2(x))).flatten(1))
+
+
+def train_conv(x, y, classes: int, width: int, seed: int, epochs: int) -> ConvDigits:
+    torch.manual_seed(seed)
+    net = ConvDigits(width, width, classes)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(64):
+            loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
+def _conv_from(state) -> ConvDigits:
+    net = ConvDigits(state["conv1.weight"].shape[0], state["conv2.weight"].shape[0], state["fc.weight"].shape[0])
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def _accuracy(logits, y, tasks) -> float:
+    """Mean over tasks of the accuracy on that task's test examples, argmax within its own logits."""
+    accs = []
+    for cols, classes in tasks:
+        mask = torch.isin(y, torch.tensor(classes))
+        pred = logits[mask][:, cols].argmax(1)
+        accs.append(float((torch.tensor(classes)[pred] == y[mask]).float().mean()))
+    return float(np.mean(accs))
+
+
+def _average(a, b, heads: str):
+    out = {}
+    last = list(a)[-2:]  # the output layer's weight and bias
+    for k in a:
+        out[k] = torch.cat([a[k], b[k]]) if heads == "concat" and k in last else (a[k] + b[k]) / 2
+    return out
+
+
+def run_pair(data: Data, setting: str, seed_a: int, seed_b: int, hidden: int, epochs: int,
+             widths=WIDTHS, arch: str = "mlp") -> Dict[str, float]:
+    """Accuracy of every row for one pair of models (the keys name the rows)."""
+    if arch == "conv":
+        return _run_pair_conv(data, setting, seed_a, seed_b, hidden, epochs, widths)
+    if setting == "shared":
+        splits = [(slice(None), list(range(10)))] * 2
+        tasks = [(list(range(10)), list(range(10)))]
+        heads = "average"
+    else:
+        splits = [(data.y_train < 5, list(range(5))), (data.y_train >= 5, list(range(5, 10)))]
+        tasks = [(list(range(5)), list(range(5))), (list(range(5, 10)), list(range(5, 10)))]
+        heads = "concat"
+    models = []
+    for (mask, classes), seed in zip(splits, (seed_a, seed_b)):
+        x, y = data.x_train[mask], data.y_train[mask]
+        models.append(train_mlp(x, y - classes[0], len(classes), hidden, seed, epochs))
+    a, b = models
+    xt, yt = data.x_test, data.y_test
+    fa, fb = mlp_forward(a, xt).float(), mlp_forward(b, xt).float()
+    rows: Dict[str, float] = {}
+    if setting == "shared":
+        rows["model A"], rows["model B"] = _accuracy(fa, yt, tasks), _accuracy(fb, yt, tasks)
+        rows["ensemble"] = _accuracy((fa + fb) / 2, yt, tasks)
+    else:  # each model on its own task; the ensemble is both heads side by side (exact)
+        rows["model A"] = _accuracy(fa, yt, tasks[:1])
+        rows["model B"] = _accuracy(fb, yt, [(list(range(5)), list(range(5, 10)))])
+        rows["ensemble"] = _accuracy(torch.cat([fa, fb], 1), yt, tasks)
+    spec = chain_spec({k: tuple(v.shape) for k, v in a.items()})
+    rows["average"] = _accuracy(mlp_forward(_average(a, b, heads), xt).float(), yt, tasks)
+    wm = apply_permutations(b, spec, weight_matching(spec, a, b))
+    rows["weight matching + average"] = _accuracy(mlp_forward(_average(a, wm, heads), xt).float(), yt, tasks)
+    calib = data.x_train
+
+    def hidden_feats(state):
+        h, feats = calib, {}
+        for i, k in enumerate([k for k in state if k.endswith(".weight")][:-1]):
+            h = torch.relu(h @ state[k].T + state[k[:-6] + "bias"])
+            feats[f"P{i}"] = [(Axis(f"P{i}"), h)]
+        return feats
+
+    am = apply_permutations(b, spec, activation_matching(spec, hidden_feats(a), hidden_feats(b)))
+    rows["activation matching + average"] = _accuracy(mlp_forward(_average(a, am, heads), xt).float(), yt, tasks)
+    for w in widths:
+        r = pleas_mlp(a, b, calib, width=float(w), heads=heads)
+        rows[f"PLeaS w={w:g}"] = _accuracy(mlp_forward(r.state, xt).float(), yt, tasks)
+        r = pleas_mlp(a, b, data.other_domain, width=float(w), heads=heads)
+        rows[f"PLeaS-free w={w:g}"] = _accuracy(mlp_forward(r.state, xt).float(), yt, tasks)
+    return rows
+
+
+def _setting(data: Data, setting: str):
+    if setting == "shared":
+        return ([(slice(None), list(range(10)))] * 2, [(list(range(10)), list(range(10)))], "average")
+    return ([(data.y_train < 5, list(range(5))), (data.y_train >= 5, list(range(5, 10)))],
+            [(list(range(5)), list(range(5))), (list(range(5, 10)), list(range(5, 10)))], "concat")
+
+
+def _run_pair_conv(data: Data, setting: str, seed_a: int, seed_b: int, width: int, epochs: int, widths):
+    """As :func:`run_pair` for :class:`ConvDigits` (digits only); averaging averages BatchNorm statistics too."""
+    from mergelab.align.features import record
+    from mergelab.align.pleas import pleas_conv
+
+    splits, tasks, heads = _setting(data, setting)
+    nets = [train_conv(data.x_train[m], data.y_train[m] - c[0], len(c), width, seed, epochs)
+            for (m, c), seed in zip(splits, (seed_a, seed_b))]
+    a, b = (n.state_dict() for n in nets)
+    xt, yt = data.x_test, data.y_test
+    with torch.no_grad():
+        fa, fb = nets[0](xt), nets[1](xt)
+        rows: Dict[str, float] = {}
+        if setting == "shared":
+            rows["model A"], rows["model B"] = _accuracy(fa, yt, tasks), _accuracy(fb, yt, tasks)
+            rows["ensemble"] = _accuracy((fa + fb) / 2, yt, tasks)
+        else:
+            rows["model A"] = _accuracy(fa, yt, tasks[:1])
+            rows["model B"] = _accuracy(fb, yt, [(list(range(5)), list(range(5, 10)))])
+            rows["ensemble"] = _accuracy(torch.cat([fa, fb], 1), yt, tasks)
+        spec = chain_spec({k: tuple(v.shape) for k, v in a.items()})
+
+        def avg(sb):
+            out = {}
+            for k in a:
+                if k.endswith("num_batches_tracked"):
+                    out[k] = a[k]
+                elif heads == "concat" and k.startswith("fc."):
+                    out[k] = torch.cat([a[k], sb[k]])
+                else:
+                    out[k] = (a[k] + sb[k]) / 2
+            return out
+
+        score = lambda state: _accuracy(_conv_from(state)(xt), yt, tasks)  # noqa: E731
+        rows["average"] = score(avg(b))
+        rows["weight matching + average"] = score(avg(apply_permutations(b, spec, weight_matching(spec, a, b))))
+        calib = data.x_train.reshape(-1, 1, 8, 8)
+        batches = list(calib.split(256))
+        feats = [record(n, spec, batches, lambda m, x: (m(x), None)[1]) for n in nets]
+        rows["activation matching + average"] = score(avg(apply_permutations(b, spec, activation_matching(spec, *feats))))
+        for w in widths:
+            rows[f"PLeaS w={w:g}"] = score(pleas_conv(nets[0], nets[1], calib, width=float(w), heads=heads).state)
+            other = data.other_domain.reshape(-1, 1, 8, 8)
+            rows[f"PLeaS-free w={w:g}"] = score(pleas_conv(nets[0], nets[1], other, width=float(w), heads=heads).state)
+    return rows
+
+
+def run(out: Path, pairs: int = 3, hidden=(16, 64), epochs: int = 30, quick: bool = False,
+        datasets=("digits", "mnist1d"), log=print, conv: bool = True) -> dict:
+    """Run every dataset, setting and hidden width over ``pairs`` seed pairs; write ``report.json``,
+    ``report.md`` and ``accuracy_vs_width.png`` into ``out``."""
+    if quick:
+        pairs, hidden, epochs = 1, (16,), 3
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t0 = time.time()
+    results: Dict[str, Dict[str, List[float]]] = {}
+    skipped = []
+    try:
+        for name in datasets:
+            data = load_digits_data() if name == "digits" else load_mnist1d_data()
+            if data is None:
+                skipped.append(f"{name} (package not installed)")
+                continue
+            archs = [("mlp", h) for h in hidden] + ([("conv", 8)] if conv and name == "digits" else [])
+            for arch, h in archs:
+                for setting in ("shared", "disjoint"):
+                    key = f"{name} / {setting} / " + (f"hidden {h}" if arch == "mlp" else f"conv {h} channels")
+                    for p in range(pairs):
+                        rows = run_pair(data, setting, 100 + 2 * p, 101 + 2 * p, h, epochs,
+                                        widths=(1.0, 2.0) if quick else WIDTHS, arch=arch)
+                        for r, v in rows.items():
+                            results.setdefault(key, {}).setdefault(r, []).append(v)
+                    log(f"{key}: " + ", ".join(f"{r} {np.mean(v):.3f}" for r, v in results[key].items()))
+    finally:
+        torch.set_num_threads(threads)
+    report = {"pairs": pairs, "hidden": list(hidden), "epochs": epochs, "seconds": round(time.time() - t0, 1),
+              "skipped": skipped,
+              "results": {k: {r: {"mean": float(np.mean(v)), "std": float(np.std(v)), "runs": v} for r, v in rows.items()}
+                          for k, rows in results.items()}}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    plot(report, out / "accuracy_vs_width.png")
+    return report
+
+
+def markdown(report: dict) -> str:
+    keys = list(report["results"])
+    rows = list(report["results"][keys[0]]) if keys else []
+    lines = ["| row | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append(f"| {r} | " + " | ".join(f"{report['results'][k][r]['mean']:.3f} ± {report['results'][k][r]['std']:.3f}"
+                                              for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(report["results"])
+    cols = 2
+    nrows = max(1, (len(keys) + cols - 1) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows), squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        res = report["results"][k]
+        for prefix, style in (("PLeaS w=", "o-"), ("PLeaS-free w=", "s--")):
+            pts = sorted((float(r[len(prefix):]), v["mean"]) for r, v in res.items() if r.startswith(prefix))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=prefix.rstrip(" w="))
+        for r, marker in (("average", "x"), ("weight matching + average", "^"), ("activation matching + average", "v")):
+            ax.plot([1.0], [res[r]["mean"]], marker, markersize=9, label=r)
+        ax.plot([2.0], [res["ensemble"]["mean"]], "*", markersize=12, label="ensemble")
+        ax.axhline(np.mean([res["model A"]["mean"], res["model B"]["mean"]]), color="grey", ls=":", label="models alone (mean)")
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("width (x one model's)")
+        ax.set_ylabel("test accuracy")
+    axes.flat[0].legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

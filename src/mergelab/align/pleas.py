@@ -1,0 +1,400 @@
+"""PLeaS: merging two models trained from different initialisations, at a chosen width.
+
+Nasery et al., "PLeaS: Merging Models with Permutations and Least Squares", CVPR 2025
+(arXiv 2407.02447; SewoongLab/PLeaS-Merging). Steps, per hidden-unit group of a feed-forward chain:
+
+1. **Matching.** Activation matching (``matching.activation_matching``) pairs B's units with A's.
+2. **Partial merging.** Of the ``n`` matched pairs, the ``m = 2n - width`` most similar (uncentred
+   cross-correlation of the pair, summed over the calibration inputs) are merged; the other ``n - m``
+   units of each model stay separate. The merged layer has ``width`` units in blocks
+   ``[merged | A-only | B-only]``; ``width`` runs from ``n`` (everything merged) to ``2n`` (the two
+   models side by side, an exact ensemble).
+3. **Least squares.** Each merged layer's weights (and bias) are the least-squares solution that maps
+   its input features ``[(i_A + i_B)/2 on merged units | i_A on A-only | i_B on B-only]`` to the target
+   features ``[(o_A + o_B)/2 | o_A | o_B]`` of the same blocks, where ``i_X``, ``o_X`` are model X's own
+   (permuted) layer inputs and pre-activation outputs on the calibration batch. A-only outputs never read
+   B-only inputs and vice versa (the paper's gradient mask), so the closed form is solved per output
+   block (the paper's code fits the same objective by Adam; the closed form is its exact minimiser).
+   ``inputs="merged"`` uses the merged model's own inputs instead (each layer corrects the error of the
+   layers before it).
+
+The output layer's targets are the two models' averaged logits (``heads="average"``, shared label
+space) or both models' logits side by side (``heads="concat"``, disjoint label spaces: A's classes
+then B's). **PLeaS-free** is the same procedure with calibration inputs from another domain.
+
+Implemented for MLP chains (linear layers with one elementwise nonlinearity between them), given as
+state dicts (:func:`pleas_mlp`, ``mergelab pleas``), and for plain conv nets given as modules
+(:func:`pleas_conv`); the result is a state dict of the same keys with the chosen widths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+
+from mergelab.align.matching import activation_matching
+from mergelab.align.spec import Axis, apply_permutations, chain_spec
+from mergelab.errors import MergeLabError
+
+ACT = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+
+Width = Union[int, float]
+
+
+@dataclass
+class PleasResult:
+    state: Dict[str, torch.Tensor]
+    widths: Dict[str, int]  # group -> merged width
+    merged_units: Dict[str, int]  # group -> number of merged pairs
+    perms: Dict[str, torch.Tensor]
+
+
+def mlp_layers(state: Mapping[str, torch.Tensor]) -> List[str]:
+    """The linear layers of an MLP state dict, in order (module names); anything else is an error."""
+    mods: List[str] = []
+    for k, v in state.items():
+        m, _, leaf = k.rpartition(".")
+        if leaf not in ("weight", "bias") or (leaf == "weight" and v.ndim != 2):
+            raise MergeLabError(f"PLeaS handles MLP chains of linear layers; tensor '{k}' of shape {tuple(v.shape)} "
+                                f"is not a linear layer's weight or bias")
+        if m not in mods:
+            mods.append(m)
+    if len(mods) < 2:
+        raise MergeLabError("PLeaS needs an MLP with at least one hidden layer (two linear layers)")
+    return mods
+
+
+def _forward(state, layers, act, x) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Per layer: its input and its pre-activation output (float64)."""
+    ins, outs = [], []
+    h = x.double()
+    for i, m in enumerate(layers):
+        ins.append(h)
+        o = h @ state[m + ".weight"].double().T
+        if m + ".bias" in state:
+            o = o + state[m + ".bias"].double()
+        outs.append(o)
+        h = ACT[act](o) if i < len(layers) - 1 else o
+    return ins, outs
+
+
+def resolve_width(width, group: str, layer: str, n: int) -> int:
+    """The merged width of a group with ``n`` units per model: a float is a multiple of ``n`` in
+    [1.0, 2.0], an int an absolute count in [n, 2n]; a mapping is looked up by group (``P0``) or by the
+    name of the layer that outputs it."""
+    w = width
+    if isinstance(width, Mapping):
+        if group in width:
+            w = width[group]
+        elif layer in width:
+            w = width[layer]
+        elif "default" in width:
+            w = width["default"]
+        else:
+            w = 1.0
+    if isinstance(w, bool) or not isinstance(w, (int, float)):
+        raise MergeLabError(f"width for layer '{layer}' ({group}): expected a number, got {w!r}")
+    units = int(round(w * n)) if isinstance(w, float) else int(w)
+    if not n <= units <= 2 * n:
+        shown = f"{w} x {n} = {units}" if isinstance(w, float) else str(w)
+        raise MergeLabError(f"width for layer '{layer}' ({group}) is {shown} units, outside the allowed range "
+                            f"[{n}, {2 * n}] (one model's width to the sum of both; as a multiple: 1.0 to 2.0)")
+    return units
+
+
+def _lstsq_blocks(Z: torch.Tensor, Y: torch.Tensor, zb: torch.Tensor, yb: torch.Tensor, ridge: float,
+                  bias: bool = True):
+    """Least squares ``Y ~ Z W^T + b`` per output block; A-only outputs (block 1) may not read B-only
+    inputs (block 2) and vice versa. Returns ``(W, b)``."""
+    n_out, n_in = Y.shape[1], Z.shape[1]
+    W = torch.zeros(n_out, n_in, dtype=torch.float64)
+    b = torch.zeros(n_out, dtype=torch.float64)
+    ones = torch.ones(Z.shape[0], 1 if bias else 0, dtype=torch.float64)
+    for block, banned in ((0, None), (1, 2), (2, 1)):
+        rows = (yb == block).nonzero().flatten()
+        if len(rows) == 0:
+            continue
+        cols = (zb != banned).nonzero().flatten() if banned is not None else torch.arange(n_in)
+        X = torch.cat([Z[:, cols], ones], 1)
+        G = X.T @ X
+        lam = ridge * float(G.diagonal().mean())
+        sol = torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=torch.float64), X.T @ Y[:, rows])
+        W[rows[:, None], cols[None, :]] = sol[:len(cols)].T
+        if bias:
+            b[rows] = sol[-1]
+    return W, b
+
+
+def pleas_mlp(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor], inputs: torch.Tensor,
+              width: Union[Width, Mapping[str, Width]] = 1.0, activation: str = "relu", heads: str = "average",
+              ridge: float = 1e-8, layer_inputs: str = "original") -> PleasResult:
+    """PLeaS merge of two MLPs of the same shapes on calibration ``inputs`` ``[N, in]`` (module docstring)."""
+    if activation not in ACT:
+        raise MergeLabError(f"activation must be one of {', '.join(ACT)}, got '{activation}'")
+    if heads not in ("average", "concat"):
+        raise MergeLabError(f"heads must be 'average' (shared labels) or 'concat' (disjoint labels), got '{heads}'")
+    if layer_inputs not in ("original", "merged"):
+        raise MergeLabError(f"inputs must be 'original' (the paper) or 'merged', got '{layer_inputs}'")
+    layers = mlp_layers(state_a)
+    for k, v in state_a.items():
+        if k not in state_b or tuple(state_b[k].shape) != tuple(v.shape):
+            raise MergeLabError(f"PLeaS: tensor '{k}' has shape {tuple(v.shape)} in model A but "
+                                f"{tuple(state_b[k].shape) if k in state_b else 'is missing'} in model B")
+    spec = chain_spec({k: tuple(v.shape) for k, v in state_a.items()})
+    groups = [f"P{i}" for i in range(len(layers) - 1)]
+    n = {g: spec.perms[g].size for g in groups}
+    widths = {g: resolve_width(width, g, layers[i], n[g]) for i, g in enumerate(groups)}
+    if inputs.ndim != 2 or inputs.shape[1] != state_a[layers[0] + ".weight"].shape[1]:
+        raise MergeLabError(f"calibration inputs have shape {tuple(inputs.shape)}; the MLP takes "
+                            f"[N, {state_a[layers[0] + '.weight'].shape[1]}]")
+
+    # 1. matching on the post-activation hidden units (the next layer's inputs)
+    ins_a, _ = _forward(state_a, layers, activation, inputs)
+    ins_b, _ = _forward(state_b, layers, activation, inputs)
+    feats_a = {g: [(Axis(g), ins_a[i + 1])] for i, g in enumerate(groups)}
+    feats_b = {g: [(Axis(g), ins_b[i + 1])] for i, g in enumerate(groups)}
+    perms = activation_matching(spec, feats_a, feats_b)
+    state_b = apply_permutations(state_b, spec, perms)
+    ins_a, outs_a = _forward(state_a, layers, activation, inputs)
+    ins_b, outs_b = _forward(state_b, layers, activation, inputs)
+
+    # 2. partial merge: most similar pairs merged, blocks [merged | A-only | B-only]
+    order: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    merged_units = {}
+    for i, g in enumerate(groups):
+        sim = (ins_a[i + 1] * ins_b[i + 1]).sum(0)
+        m = 2 * n[g] - widths[g]
+        rank = torch.argsort(sim, descending=True, stable=True)
+        order[g] = (rank[:m].sort().values, rank[m:].sort().values)
+        merged_units[g] = m
+
+    def blocks(g: Optional[str], fa: torch.Tensor, fb: torch.Tensor, last: bool = False):
+        """Merged-model features of one group, and each column's block (0 merged, 1 A-only, 2 B-only)."""
+        if g is None:
+            if last and heads == "concat":
+                return torch.cat([fa, fb], 1), torch.tensor([1] * fa.shape[1] + [2] * fb.shape[1])
+            return (fa + fb) / 2, torch.zeros(fa.shape[1], dtype=torch.long)
+        M, R = order[g]
+        f = torch.cat([(fa[:, M] + fb[:, M]) / 2, fa[:, R], fb[:, R]], 1)
+        return f, torch.tensor([0] * len(M) + [1] * len(R) + [2] * len(R))
+
+    # 3. least squares per layer
+    out: Dict[str, torch.Tensor] = {}
+    h = inputs.double()
+    for i, m in enumerate(layers):
+        g_in = groups[i - 1] if i > 0 else None
+        g_out = groups[i] if i < len(groups) else None
+        Y, yb = blocks(g_out, outs_a[i], outs_b[i], last=g_out is None)
+        if layer_inputs == "merged" or i == 0:
+            Z = h
+            zb = blocks(g_in, ins_a[i], ins_b[i])[1] if g_in is not None else torch.zeros(h.shape[1], dtype=torch.long)
+        else:
+            Z, zb = blocks(g_in, ins_a[i], ins_b[i])
+        W, b = _lstsq_blocks(Z, Y, zb, yb, ridge, bias=m + ".bias" in state_a)
+        dtype = state_a[m + ".weight"].dtype
+        out[m + ".weight"] = W.to(dtype)
+        if m + ".bias" in state_a:
+            out[m + ".bias"] = b.to(dtype)
+        o = h @ W.T + b
+        h = ACT[activation](o) if i < len(layers) - 1 else o
+    return PleasResult(out, widths, merged_units, perms)
+
+
+def mlp_forward(state: Mapping[str, torch.Tensor], x: torch.Tensor, activation: str = "relu") -> torch.Tensor:
+    """The output of an MLP state dict (as :func:`pleas_mlp` reads and writes them)."""
+    layers = mlp_layers(state)
+    return _forward(state, layers, activation, x)[1][-1]
+
+
+# --------------------------------------------------------------------------- recipe and command
+RECIPE_KEYS = {"merge_method", "models", "parameters", "calibration", "dtype"}
+PARAMETERS = {"width": 1.0, "activation": "relu", "heads": "average", "inputs": "original", "ridge": 1e-8}
+
+
+def run_recipe(recipe_path, out, overwrite: bool = False) -> PleasResult:
+    """``mergelab pleas RECIPE -o OUT``: a YAML with ``merge_method: pleas``, two ``models``,
+    ``calibration`` (a tensor file ``[N, in]``: fine-tuning-domain inputs, or another domain's for
+    PLeaS-free) and ``parameters`` (``width``: global number or a mapping per group/layer with an optional
+    ``default``; ``activation``; ``heads``; ``inputs``; ``ridge``). Writes OUT in model A's format."""
+    from pathlib import Path
+
+    import yaml
+
+    from mergelab.align.api import _write, load_model, read_inputs
+
+    recipe_path = Path(recipe_path)
+    try:
+        data = yaml.safe_load(recipe_path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise MergeLabError(f"cannot read recipe '{recipe_path}': {e}")
+    where = f"recipe '{recipe_path}'"
+    if not isinstance(data, dict):
+        raise MergeLabError(f"{where}: expected a mapping")
+    unknown = set(data) - RECIPE_KEYS
+    if unknown:
+        raise MergeLabError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(RECIPE_KEYS))})")
+    if data.get("merge_method") != "pleas":
+        raise MergeLabError(f"{where}: merge_method must be 'pleas' for `mergelab pleas`, got {data.get('merge_method')!r}")
+    models = data.get("models")
+    if not isinstance(models, list) or len(models) != 2:
+        raise MergeLabError(f"{where}: PLeaS merges exactly two models (models: [{{model: A}}, {{model: B}}])")
+    paths = [Path(m["model"] if isinstance(m, dict) else m) for m in models]
+    if "calibration" not in data:
+        raise MergeLabError(f"{where}: 'calibration' (a tensor file of inputs [N, in]) is required")
+    params = dict(PARAMETERS)
+    given = data.get("parameters") or {}
+    bad = set(given) - set(PARAMETERS)
+    if bad:
+        raise MergeLabError(f"{where}: unknown parameter(s) {', '.join(sorted(bad))} (known: {', '.join(PARAMETERS)})")
+    params.update(given)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        from mergelab.errors import OutputError
+
+        raise OutputError(f"output '{out}' already exists; pass --overwrite to replace it")
+    a, b = load_model(paths[0], "model A"), load_model(paths[1], "model B")
+    if a.config is not None:
+        raise MergeLabError(f"PLeaS handles plain MLP state dicts so far; '{a.path}' is a Hugging Face "
+                            f"'{a.config.get('model_type')}' model")
+    x = read_inputs(Path(data["calibration"]))
+    res = pleas_mlp(a.state, b.state, x.reshape(len(x), -1), width=params["width"], activation=params["activation"],
+                    heads=params["heads"], ridge=float(params["ridge"]), layer_inputs=params["inputs"])
+    _write(a, res.state, out, overwrite, {"method": "pleas", "models": [str(p) for p in paths], "widths": res.widths,
+                                          "merged_units": res.merged_units, "parameters": params})
+    return res
+
+
+# --------------------------------------------------------------------------- conv nets
+@dataclass
+class ChainLayer:
+    """One layer of a plain conv net: a ``Conv2d`` or ``Linear`` module, the BatchNorm after it (folded
+    into the least-squares targets), and whether its input is flattened conv maps."""
+
+    name: str
+    kind: str
+    stride: Tuple[int, int] = (1, 1)
+    padding: Tuple[int, int] = (0, 0)
+    kernel: Tuple[int, int] = (1, 1)
+    norm: Optional[str] = None
+    flatten: bool = False
+
+
+def conv_chain(module: torch.nn.Module) -> List[ChainLayer]:
+    """The layers of a plain conv net (Conv2d [+ BatchNorm2d] ... flatten, Linear ...) in definition order;
+    the module's forward must apply them in that order with one nonlinearity after every layer but the last."""
+    layers: List[ChainLayer] = []
+    for name, m in module.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            if m.groups != 1 or m.dilation != (1, 1) or m.padding_mode != "zeros" or isinstance(m.padding, str):
+                raise MergeLabError(f"PLeaS: conv layer '{name}' uses groups, dilation or non-zero padding modes")
+            layers.append(ChainLayer(name, "conv", tuple(m.stride), tuple(m.padding), tuple(m.kernel_size)))
+        elif isinstance(m, torch.nn.Linear):
+            layers.append(ChainLayer(name, "linear", flatten=bool(layers) and layers[-1].kind == "conv"))
+        elif isinstance(m, torch.nn.BatchNorm2d) and layers:
+            layers[-1].norm = name
+    if len(layers) < 2:
+        raise MergeLabError("PLeaS needs at least two conv/linear layers")
+    return layers
+
+
+def _chain_forward(state, layers: List[ChainLayer], act: str, x: torch.Tensor):
+    """Per layer: its input (maps or vectors) and its output after the folded BatchNorm (float64)."""
+    F = torch.nn.functional
+    ins, outs = [], []
+    h = x.double()
+    for i, L in enumerate(layers):
+        if L.flatten:
+            h = h.flatten(1)
+        ins.append(h)
+        w, b = state[L.name + ".weight"].double(), state.get(L.name + ".bias")
+        b = b.double() if b is not None else None
+        o = F.conv2d(h, w, b, L.stride, L.padding) if L.kind == "conv" else F.linear(h, w, b)
+        if L.norm:
+            n = L.norm + "."
+            o = F.batch_norm(o, state[n + "running_mean"].double(), state[n + "running_var"].double(),
+                             state[n + "weight"].double(), state[n + "bias"].double(), False, 0.0, 1e-5)
+        outs.append(o)
+        h = ACT[act](o) if i < len(layers) - 1 else o
+    return ins, outs
+
+
+def _rows(f: torch.Tensor) -> torch.Tensor:
+    return f.movedim(1, -1).reshape(-1, f.shape[1]) if f.ndim == 4 else f
+
+
+def pleas_conv(module_a: torch.nn.Module, module_b: torch.nn.Module, inputs: torch.Tensor,
+               width: Union[Width, Mapping[str, Width]] = 1.0, activation: str = "relu", heads: str = "average",
+               ridge: float = 1e-8) -> PleasResult:
+    """PLeaS for a plain conv net (:func:`conv_chain`): conv layers are fitted as linear maps of their
+    unfolded input patches; each BatchNorm is folded into its layer's targets and written back as the
+    identity (weight 1, bias = the fitted intercept when the conv has none, mean 0, var 1 - eps). The
+    merged state dict has model A's keys and the chosen channel widths."""
+    if activation not in ACT or heads not in ("average", "concat"):
+        raise MergeLabError(f"activation must be one of {', '.join(ACT)} and heads 'average' or 'concat'")
+    layers = conv_chain(module_a)
+    sa = {k: v.detach() for k, v in module_a.state_dict().items()}
+    sb = {k: v.detach() for k, v in module_b.state_dict().items()}
+    spec = chain_spec({k: tuple(v.shape) for k, v in sa.items()})
+    groups = [f"P{i}" for i in range(len(layers) - 1)]
+    n = {g: spec.perms[g].size for g in groups}
+    widths = {g: resolve_width(width, g, layers[i].name, n[g]) for i, g in enumerate(groups)}
+    ins_a, _ = _chain_forward(sa, layers, activation, inputs)
+    ins_b, _ = _chain_forward(sb, layers, activation, inputs)
+    hid = lambda ins, i: ins[i + 1].unflatten(1, (n[groups[i]], -1)).movedim(1, -1).reshape(-1, n[groups[i]]) \
+        if layers[i + 1].flatten else _rows(ins[i + 1])  # noqa: E731
+    perms = activation_matching(spec, {g: [(Axis(g), hid(ins_a, i))] for i, g in enumerate(groups)},
+                                {g: [(Axis(g), hid(ins_b, i))] for i, g in enumerate(groups)})
+    sb = apply_permutations(sb, spec, perms)
+    ins_a, outs_a = _chain_forward(sa, layers, activation, inputs)
+    ins_b, outs_b = _chain_forward(sb, layers, activation, inputs)
+    order, merged_units = {}, {}
+    for i, g in enumerate(groups):
+        sim = (hid(ins_a, i) * hid(ins_b, i)).sum(0)
+        m = 2 * n[g] - widths[g]
+        rank = torch.argsort(sim, descending=True, stable=True)
+        order[g] = (rank[:m].sort().values, rank[m:].sort().values)
+        merged_units[g] = m
+
+    def blocks(g, fa, fb, last=False, per=1):
+        if g is None:
+            if last and heads == "concat":
+                return torch.cat([fa, fb], 1), torch.tensor([1] * fa.shape[1] + [2] * fb.shape[1])
+            return (fa + fb) / 2, torch.zeros(fa.shape[1], dtype=torch.long)
+        M, R = order[g]
+        if per > 1:  # flattened maps: unit c covers columns c*per ... c*per + per - 1
+            fa, fb = fa.unflatten(1, (n[g], per)), fb.unflatten(1, (n[g], per))
+        f = torch.cat([(fa[:, M] + fb[:, M]) / 2, fa[:, R], fb[:, R]], 1)
+        lab = torch.tensor([0] * len(M) + [1] * len(R) + [2] * len(R))
+        return (f.flatten(1), lab.repeat_interleave(per)) if per > 1 else (f, lab)
+
+    out: Dict[str, torch.Tensor] = {}
+    for i, L in enumerate(layers):
+        g_in = groups[i - 1] if i > 0 else None
+        g_out = groups[i] if i < len(groups) else None
+        per = ins_a[i].shape[1] // n[g_in] if (L.flatten and g_in) else 1
+        Z, zb = blocks(g_in, ins_a[i], ins_b[i], per=per) if g_in else (ins_a[i], torch.zeros(ins_a[i].shape[1], dtype=torch.long))
+        Y, yb = blocks(g_out, outs_a[i], outs_b[i], last=g_out is None)
+        if L.kind == "conv":
+            k = L.kernel[0] * L.kernel[1]
+            Zu = torch.nn.functional.unfold(Z, L.kernel, padding=L.padding, stride=L.stride)  # [N, C*k, L]
+            Z2, zb2, Y2 = Zu.transpose(1, 2).reshape(-1, Zu.shape[1]), zb.repeat_interleave(k), _rows(Y)
+        else:
+            Z2, zb2, Y2 = Z, zb, Y
+        has_bias = L.name + ".bias" in sa or L.norm is not None
+        W, b = _lstsq_blocks(Z2, Y2, zb2, yb, ridge, bias=has_bias)
+        dt = sa[L.name + ".weight"].dtype
+        out[L.name + ".weight"] = (W.reshape(W.shape[0], -1, *L.kernel) if L.kind == "conv" else W).to(dt)
+        if L.name + ".bias" in sa:
+            out[L.name + ".bias"] = b.to(dt)
+            b = torch.zeros_like(b)
+        if L.norm:
+            p = L.norm + "."
+            out[p + "weight"] = torch.ones(W.shape[0], dtype=dt)
+            out[p + "bias"] = b.to(dt)
+            out[p + "running_mean"] = torch.zeros(W.shape[0], dtype=dt)
+            out[p + "running_var"] = torch.full((W.shape[0],), 1 - 1e-5, dtype=dt)
+            if p + "num_batches_tracked" in sa:
+                out[p + "num_batches_tracked"] = sa[p + "num_batches_tracked"].clone()
+    return PleasResult(out, widths, merged_units, perms)
