@@ -260,6 +260,7 @@ def transplant_tokenizer(
         out_console.print(f"wrote {r.out}: {r.rows} rows, {r.copied_tokens} tokens copied, {r.approximated_tokens} "
                           f"approximated (omp, k={k}) in {r.seconds:.1f} s", highlight=False)
 
+
 from mergelab.align.cli import register as _register_align  # noqa: E402
 
 _register_align(app)  # align, pleas
