@@ -223,6 +223,8 @@ OPTIONAL_COMMANDS = (
     ("mergelab.calibrate.cli", "calibrate", "Collect calibration statistics (Gram matrices, Fisher)."),
     ("mergelab.moe.cli", "moe", "Build a mixture of experts (Mixtral, Qwen2-MoE) from dense experts, "
                                 "mergekit-moe's YAML."),
+    ("mergelab.routed.cli", "routed", "Routed / per-task models (EMR-Merging, Twin-Merging, WEMoE) and their "
+                                      "benchmark."),
     ("mergelab.tune.cli", "tune", "Merges that learn coefficients in memory (RegMean++, AdaMerging, "
                                   "Expert Merging, FW-Merging), their benchmark and the pool-scaling study."),
 )
