@@ -141,3 +141,18 @@ class RoutedModel:
         h = self.heads[name]
         pooled = self.forward(task=name, **batch).pooler_output
         return pooled @ h["weight"].T + h["bias"]
+
+
+def merge_shared(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]], method: str,
+                 params: Optional[dict] = None, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """One static merge with a registered method (``mergelab.merge_state_dicts``); a required per-model
+    ``weight`` (task arithmetic, TIES, ...) defaults to 1 for every expert, as ``bench run`` sets it."""
+    import mergelab
+    from mergelab.methods.registry import get_method
+
+    params = dict(params or {})
+    m = get_method(method)
+    p = m.model_param("weight")
+    if p is not None and p.required and "weight" not in params:
+        params["weight"] = [1.0] * len(experts)
+    return mergelab.merge_state_dicts(dict(base), [dict(e) for e in experts], method, params=params, seed=seed)

@@ -84,7 +84,8 @@ class RoutedLinear(_Routed):
     def forward(self, x):
         y = self.base(x)
         y = self._mix("weight", lambda d: _linear_delta(x, d), y)
-        return self._mix("bias", lambda d: d, y) if "bias" in self.deltas else y
+        shape = y.shape
+        return self._mix("bias", lambda d: d.expand(shape), y) if "bias" in self.deltas else y
 
 
 class RoutedEmbedding(_Routed):
@@ -113,7 +114,8 @@ class RoutedLayerNorm(_Routed):
         if "weight" in self.deltas:
             normed = F.layer_norm(x, b.normalized_shape, None, None, b.eps)
             y = self._mix("weight", lambda d: normed * d, y)
-        return self._mix("bias", lambda d: d.expand_as(y), y)
+        shape = y.shape
+        return self._mix("bias", lambda d: d.expand(shape), y)
 
 
 WRAPPERS = ((nn.Linear, RoutedLinear), (nn.Embedding, RoutedEmbedding), (nn.LayerNorm, RoutedLayerNorm))

@@ -35,7 +35,7 @@ from torch import nn
 
 from mergelab.errors import MergeLabError
 from mergelab.routed import store
-from mergelab.routed.common import RoutedModel, build_module, check_inputs, masked_mean
+from mergelab.routed.common import RoutedModel, build_module, check_inputs, masked_mean, merge_shared
 from mergelab.routed.layers import Mixture, attach
 
 
@@ -85,14 +85,13 @@ def rank_for(shape, cfg: TwinConfig) -> int:
 def shared_and_exclusive(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
                          tasks: Sequence[str], cfg: TwinConfig) -> tuple:
     """``(theta_s, exclusive, info)``; ``exclusive[k][key]`` is a dense 1-D delta or ``(U, S, Vh)``."""
-    import mergelab
     from mergelab.compress.lowrank import truncated_svd
 
     cfg.check()
     keys = check_inputs(base, experts, tasks)
     b = {k: base[k].float() for k in keys}
     ex = [{k: e[k].float() for k in keys} for e in experts]
-    shared = mergelab.merge_state_dicts(b, ex, cfg.shared_method, params=dict(cfg.shared_params), seed=cfg.seed)
+    shared = merge_shared(b, ex, cfg.shared_method, cfg.shared_params, cfg.seed)
     exclusive: List[Dict[str, object]] = [dict() for _ in experts]
     err = {}
     for key in keys:

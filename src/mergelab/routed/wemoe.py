@@ -35,7 +35,7 @@ from torch import nn
 
 from mergelab.errors import MergeLabError
 from mergelab.routed import store
-from mergelab.routed.common import RoutedModel, build_module, check_inputs, masked_mean
+from mergelab.routed.common import RoutedModel, build_module, check_inputs, masked_mean, merge_shared
 from mergelab.routed.layers import Mixture, RoutedLinear, attach
 
 # (path of the layer list, module whose input the router reads, the MLP's linear maps under a layer)
@@ -194,8 +194,6 @@ def upscale(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, tor
             config, cfg: WEMoEConfig = WEMoEConfig(), model_class: str = "AutoModel",
             heads: Optional[Mapping[str, dict]] = None) -> WEMoEModel:
     """The untrained WEMoE model (routers at their initial values) in memory."""
-    import mergelab
-
     cfg.check()
     keys = check_inputs(base, experts, tasks)
     probe = build_module(config, model_class)
@@ -205,8 +203,8 @@ def upscale(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, tor
         raise MergeLabError(f"wemoe: the base model lacks the MLP tensor '{missing[0]}'")
     del probe
     b = {k: base[k].float() for k in keys}
-    merged = mergelab.merge_state_dicts(b, [{k: e[k].float() for k in keys} for e in experts], "task_arithmetic",
-                                        params={"lambda": cfg.init_lambda})
+    merged = merge_shared(b, [{k: e[k].float() for k in keys} for e in experts], "task_arithmetic",
+                          {"lambda": cfg.init_lambda})
     merged = {**base, **{k: (b[k] if k in mlp else v.float()) for k, v in merged.items()}}
     taus = [{k: e[k].float() - b[k] for k in mlp} for e in experts]
     manifest = {"method": "wemoe", "tasks": list(tasks), "model_class": model_class, "settings": asdict(cfg),
