@@ -57,11 +57,27 @@ def test_every_routed_method_writes_a_row_with_sizes_and_cost(prepared):  # noqa
     assert (out / "report.json").stat().st_mtime_ns == before
 
 
-def test_bad_input_clear_errors_nothing_written(prepared, tmp_path):  # noqa: F811
+class Run:
+    def __init__(self, code, stderr):
+        self.returncode, self.stderr = code, stderr
+
+
+def test_bad_input_clear_errors_nothing_written(prepared, tmp_path, capsys):  # noqa: F811
+    from mergelab.cli import main
+
+    def cli_in(*args):  # in-process: each subprocess costs seconds of imports
+        capsys.readouterr()
+        try:
+            main(["routed", *map(str, args)])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        return Run(code, capsys.readouterr().err)
+
     suite, cache, base, root = prepared
-    p = cli("bench", "--methods", "emr,moe", "--out", tmp_path / "a")
+    p = cli("bench", "--methods", "emr,moe", "--out", tmp_path / "a")  # one real process: exit status, no traceback
     assert p.returncode != 0 and "unknown routed method(s) ['moe']" in p.stderr and "Traceback" not in p.stderr
-    p = cli("bench", "--methods", "twin", "--twin-density", "0", "--out", tmp_path / "b")
+    p = cli_in("bench", "--methods", "twin", "--twin-density", "0", "--out", tmp_path / "b")
     assert p.returncode != 0 and "--twin-density must be in (0, 1]" in p.stderr
     # emr: experts of another shape, a missing folder, an existing output
     from transformers import BertConfig, BertModel
@@ -70,13 +86,13 @@ def test_bad_input_clear_errors_nothing_written(prepared, tmp_path):  # noqa: F8
                                  intermediate_size=16))
     other.save_pretrained(str(tmp_path / "other"))
     expert = cache.expert_dir("sentiment")
-    p = cli("emr", base, expert, tmp_path / "other", "-o", tmp_path / "c")
+    p = cli_in("emr", base, expert, tmp_path / "other", "-o", tmp_path / "c")
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert "has shape" in p.stderr or "lacks tensor" in p.stderr, p.stderr
-    p = cli("emr", base, tmp_path / "missing", "-o", tmp_path / "d")
+    p = cli_in("emr", base, tmp_path / "missing", "-o", tmp_path / "d")
     assert p.returncode != 0 and "missing" in p.stderr and "config.json" in p.stderr
     (tmp_path / "e").mkdir()
-    p = cli("emr", base, expert, "-o", tmp_path / "e")
+    p = cli_in("emr", base, expert, "-o", tmp_path / "e")
     assert p.returncode != 0 and "exists" in p.stderr
     assert sorted(x.name for x in tmp_path.iterdir()) == ["e", "other"]
     assert list((tmp_path / "e").iterdir()) == []
