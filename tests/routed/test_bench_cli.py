@@ -46,6 +46,7 @@ def test_every_routed_method_writes_a_row_with_sizes_and_cost(prepared):  # noqa
     # full masks where they agree, each task's model is close to its expert
     assert rows["emr"]["metrics"]["mean_normalised_accuracy"] > 0.5
     md = (out / "report.md").read_text()
+    assert "total / all experts" in (out / "routed.md").read_text()
     assert "WEMoE (test-time adaptation)" in md and "EMR-Merging" in md
     assert json.loads((out / "report.json").read_text())["complete"] is True
     # a second run into the same folder is refused before any work, nothing rewritten

@@ -213,6 +213,24 @@ class RoutedBench:
             return [{"name": DISPLAY[method], "method": method, "kind": "routed", "status": "failed", "reason": str(e)}]
 
 
+def routed_markdown(report: dict) -> str:
+    """The routed rows with what they keep beyond one model and what they cost (``routed.md``)."""
+    head = ["model", "mean acc", "norm. acc", "extra MiB", "total / one model", "total / all experts",
+            "linear MACs / one model", "eval time / static", "task id needed", "data"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["rows"]:
+        if r.get("status") != "ok" or r.get("kind") != "routed":
+            continue
+        m, s, inf, d = r["metrics"], r["sizes"], r["inference"], r.get("data", {})
+        data = "none" if not d.get("split") else d["split"] + (" (test-time adaptation)" if d.get("test_time") else "")
+        lines.append("| " + " | ".join([
+            r["name"], f"{100 * m['mean_accuracy']:.1f}", f"{100 * m['mean_normalised_accuracy']:.1f}",
+            f"{s['extra_bytes'] / 2**20:.1f}", f"{s['vs_one_model']:.2f}", f"{s['vs_all_experts']:.2f}",
+            f"{inf.get('linear_macs_vs_one_model', 0):.2f}", f"{inf.get('time_vs_static', 0):.2f}",
+            "yes" if inf.get("task_id_needed") else "no", data]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def run_routed_bench(suite, cache, methods: Sequence[str], out: Path, base: str = "minilm-l6",
                      merge_tasks: Optional[Sequence[str]] = None, held_out: Optional[Sequence[str]] = None,
                      seed: int = 0, settings: RoutedSettings = RoutedSettings(), references: bool = True,
@@ -253,4 +271,5 @@ def run_routed_bench(suite, cache, methods: Sequence[str], out: Path, base: str 
         report["seconds"] = round(time.perf_counter() - start, 1)
         report["complete"] = m == methods[-1]
         write_report(report, out)
+        (out / "routed.md").write_text(routed_markdown(report))
     return report
