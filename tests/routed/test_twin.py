@@ -105,3 +105,17 @@ def test_truncation_error_and_size_accounting(family_states, twin_full):
     assert s["exclusive_bytes"] == expect
     assert s["extra_bytes"] == s["exclusive_bytes"] + s["router_bytes"]
     assert s["vs_all_experts"] == round((s["one_model_bytes"] + s["extra_bytes"]) / (3 * s["one_model_bytes"]), 4)
+
+
+def test_bad_input_before_any_work(family_states, tmp_path):
+    from mergelab.errors import MergeLabError
+
+    config, tok, base, experts, tasks = family_states
+    ok = [{"input_ids": torch.tensor([[101, 102]]), "attention_mask": torch.tensor([[1, 1]])}]
+    with pytest.raises(MergeLabError, match="no router inputs for task 'language'"):
+        build_twin(tmp_path / "t", base, experts, tasks, config, [ok, [], ok])
+    with pytest.raises(MergeLabError, match="router inputs for 2 tasks, 3 experts"):
+        build_twin(tmp_path / "t", base, experts, tasks, config, [ok, ok])
+    with pytest.raises(MergeLabError, match="rank must be an integer >= 1"):
+        build_twin(tmp_path / "t", base, experts, tasks, config, [ok] * 3, TwinConfig(rank=0))
+    assert list(tmp_path.iterdir()) == []

@@ -264,13 +264,16 @@ def build_twin(out: Path, base: Mapping[str, torch.Tensor], experts: Sequence[Ma
     labels unused); writes the folder ``out`` and returns it."""
     if len(router_batches) != len(tasks):
         raise MergeLabError(f"twin: router inputs for {len(router_batches)} tasks, {len(tasks)} experts")
+    for t, bs in zip(tasks, router_batches):  # before any work, so nothing is computed or written in vain
+        if not bs or not any(int(b["input_ids"].numel()) for b in bs):
+            raise MergeLabError(f"twin: no router inputs for task '{t}' (the router learns each task from its inputs)")
+    if Path(out).exists():
+        raise MergeLabError(f"output folder '{out}' exists; remove it or choose another")
     shared, exclusive, info = shared_and_exclusive(base, experts, tasks, cfg)
     full_shared = {**{k: v for k, v in base.items()}, **shared}
     module = build_module(config, model_class, full_shared)
     feats, labels = [], []
     for k, bs in enumerate(router_batches):
-        if not bs:
-            raise MergeLabError(f"twin: no router inputs for task '{tasks[k]}'")
         f = shared_features(module, bs)
         feats.append(f)
         labels.append(torch.full((f.shape[0],), k, dtype=torch.long))
