@@ -274,6 +274,8 @@ OPTIONAL_COMMANDS = (
     ("mergelab.moe.cli", "moe", "Build a mixture of experts (Mixtral, Qwen2-MoE) from dense experts, "
                                 "mergekit-moe's YAML."),
     ("mergelab.moe.compress_cli", "moe-compress", "Merge the experts of a Mixtral MoE into fewer (MC-SMoE)."),
+    ("mergelab.routed.cli", "routed", "Routed / per-task models (EMR-Merging, Twin-Merging, WEMoE) and their "
+                                      "benchmark."),
     ("mergelab.tune.cli", "tune", "Merges that learn coefficients in memory (RegMean++, AdaMerging, "
                                   "Expert Merging, FW-Merging), their benchmark and the pool-scaling study."),
 )

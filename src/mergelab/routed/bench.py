@@ -1,0 +1,275 @@
+"""``mergelab routed bench``: leaderboard rows for the routed methods on a prepared bench suite.
+
+The pieces are ``bench run``'s (:class:`mergelab.bench.run.BenchRunner`: the prepared base, experts,
+heads and reference rows; the report writer), and every row goes through the saved format: each
+method's folder is written under ``OUT/models/<row>/`` and evaluated through :func:`mergelab.routed.load`.
+Rows are ``kind: "routed"`` and add what a static merge does not have: ``sizes`` (bytes and parameters
+beyond one model, against one model and all experts), ``inference`` (multiply-adds per token against
+one model, measured evaluation time against one static model's) and ``data`` (which split taught the
+router; ``test_time`` for WEMoE adapted on the test inputs, as AdaMerging's test-time row).
+
+Held-out tasks are not scored (a routed model has no single encoder to refit a probe on).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from mergelab.errors import MergeLabError
+
+METHODS = ("emr", "twin", "wemoe", "wemoe_tta")
+DISPLAY = {"emr": "EMR-Merging", "twin": "Twin-Merging", "wemoe": "WEMoE (routers on validation inputs)",
+           "wemoe_tta": "WEMoE (test-time adaptation)"}
+
+
+@dataclass
+class RoutedSettings:
+    """Budgets of the runner (CPU-sized; the docs say where they differ from the references)."""
+
+    emr_reduction: str = "tensor_mean"
+    twin_method: str = "task_arithmetic"
+    twin_lambda: float = 0.3
+    twin_density: float = 0.1
+    twin_rank: Optional[int] = None
+    twin_examples: int = 0  # router inputs per task from the validation split (0: all)
+    twin_epochs: int = 50
+    wemoe_steps: int = 200  # reference 1000
+    wemoe_lr: float = 1e-3  # reference 1e-4 over 1000 steps
+    wemoe_examples: int = 64  # unlabelled inputs per task
+    wemoe_batch: int = 16
+    eval_batch: int = 64
+    threads: Optional[int] = None
+
+
+def _kw(b) -> dict:
+    return {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
+
+
+def linear_macs(module) -> int:
+    """Multiply-adds per token of the module's Linear maps (what dominates a transformer's cost)."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+class RoutedBench:
+    def __init__(self, suite, cache, merge_tasks: Sequence[str], held_out: Sequence[str], out: Path,
+                 base: str = "minilm-l6", seed: int = 0, settings: RoutedSettings = RoutedSettings(),
+                 log: Callable[[str], None] = print, runner=None):
+        from mergelab.bench.run import BenchRunner, _unprefixed
+
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.runner = runner or BenchRunner(suite, cache, merge_tasks, held_out, base, seed, log)
+        self.suite, self.seed, self.settings, self.log, self.out = suite, seed, settings, log, Path(out)
+        self.tasks = list(self.runner.merge_tasks)
+        self.base = _unprefixed(self.runner.base)
+        self.experts = [_unprefixed(e) for e in self.runner.experts]
+        self.heads = {t: self.runner.heads[t] for t in self.tasks}
+        self.config, self.tokenizer = self.runner.config, self.runner.tokenizer
+        self._static = None
+
+    # ------------------------------------------------------------------ data and evaluation
+    def batches(self, split: str, n: int, batch_size: int, test_time: bool = False) -> List[list]:
+        from mergelab.calibrate.data import task_texts, tokenize_batches
+        from mergelab.evaluate.model import MAX_LENGTH
+
+        return [[_kw(b) for b in tokenize_batches(self.tokenizer, task_texts(
+            self.suite.task(t), split, n or None, self.seed, test_time, suite=self.suite.name),
+            batch_size, MAX_LENGTH)] for t in self.tasks]
+
+    @torch.no_grad()
+    def correct(self, model, split: str = "test") -> dict:
+        """task -> correctness bits of the routed ``model`` (task id given; routers ignore it)."""
+        from mergelab.evaluate.harness import gold, texts
+        from mergelab.evaluate.metrics import correct_bits
+        from mergelab.evaluate.model import batches, head_logits
+
+        out = {}
+        for t in self.tasks:
+            task = self.suite.task(t)
+            xs = texts(task, split)
+            order = sorted(range(len(xs)), key=lambda i: len(xs[i]))
+            pred = torch.empty(len(xs), dtype=torch.long)
+            for idx, b in batches(self.tokenizer, xs, self.settings.eval_batch, order=order):
+                pooled = model(task=t, **_kw(b)).pooler_output
+                pred[idx] = head_logits(pooled, self.heads[t]).argmax(-1)
+            out[t] = correct_bits(pred, gold(task, split))
+        return out
+
+    def static_seconds(self) -> float:
+        """Test-split evaluation time of one static encoder (the base), the unit of the cost column."""
+        if self._static is None:
+            t0 = time.perf_counter()
+            self.runner.evaluator.correct(self.runner.evaluator.encoder(self.base), self.heads, self.tasks)
+            self._static = time.perf_counter() - t0
+        return self._static
+
+    def row(self, key: str, folder: Path, build_seconds: float, mib: float, data: dict, **extra) -> dict:
+        import mergelab.routed as routed
+
+        model = routed.load(folder)
+        t0 = time.perf_counter()
+        correct = self.correct(model)
+        seconds = time.perf_counter() - t0
+        one = linear_macs(model.module)
+        static = self.static_seconds()
+        inference = {"eval_seconds": round(seconds, 2), "static_eval_seconds": round(static, 2),
+                     "time_vs_static": round(seconds / static, 2), "description": model.manifest.get("inference")}
+        inference.update(extra.pop("inference", {}))
+        inference["linear_macs_per_token"] = inference.get("linear_macs_per_token", one)
+        row = self.runner._row(DISPLAY[key], "routed", correct, None, method=key, merge_seconds=round(build_seconds, 2),
+                               merge_peak_mib=round(mib, 1), eval_seconds=round(seconds, 2), data=data,
+                               sizes=model.sizes, inference=inference, folder=str(folder), **extra)
+        m = row["metrics"]
+        s = model.sizes
+        self.log(f"{row['name']}: test mean accuracy {m['mean_accuracy']:.4f}, normalised "
+                 f"{m['mean_normalised_accuracy']:.4f}; {s.get('extra_bytes', 0) / 2**20:.1f} MiB beyond one model "
+                 f"({s.get('vs_all_experts', 0):.3f} of all experts); build {build_seconds:.1f} s, eval {seconds:.1f} s")
+        return row
+
+    def _timer(self):
+        from mergelab.tune.bench import _Timer
+
+        return _Timer()
+
+    # ------------------------------------------------------------------ methods
+    def emr(self) -> List[dict]:
+        from mergelab.routed.emr import emr_merge, save_emr
+
+        folder = self.out / "models" / "emr"
+        with self._timer() as tm:
+            res = emr_merge(self.base, self.experts, self.tasks, self.settings.emr_reduction)
+            save_emr(folder, res, self.base, self.config, self.tasks, heads=self.heads)
+        data = {"split": None, "examples_per_task": 0, "labels_used": False, "test_time": False}
+        return [self.row("emr", folder, tm.seconds, tm.mem.mib, data,
+                         params={"rescale_reduction": self.settings.emr_reduction},
+                         rescalers=dict(zip(self.tasks, res.rescalers)),
+                         inference={"linear_macs_vs_one_model": 1.0, "task_id_needed": True})]
+
+    def twin(self) -> List[dict]:
+        from mergelab.routed.twin import TwinConfig, build_twin
+
+        s = self.settings
+        cfg = TwinConfig(shared_method=s.twin_method, shared_params={"lambda": s.twin_lambda}, rank=s.twin_rank,
+                         density=s.twin_density, router_epochs=s.twin_epochs, seed=self.seed)
+        folder = self.out / "models" / "twin"
+        data = self.batches("validation", s.twin_examples, 64)
+        with self._timer() as tm:
+            build_twin(folder, self.base, self.experts, self.tasks, self.config, data, cfg, heads=self.heads,
+                       log=self.log)
+        import mergelab.routed as routed
+
+        m = routed.load(folder)
+        one = linear_macs(m.module)
+        lowrank = sum(sum(int(d[0].shape[1]) * (d[0].shape[0] + d[2].shape[1]) for d in mod.deltas.get("weight", [])
+                          if d is not None and not torch.is_tensor(d))
+                      for mod in m.module.modules() if type(mod).__name__ == "RoutedLinear")
+        info = {"split": "validation", "examples_per_task": s.twin_examples or "all", "labels_used": False,
+                "task_ids_used": True, "test_time": False}
+        return [self.row("twin", folder, tm.seconds, tm.mem.mib, info,
+                         params={"shared": f"{s.twin_method} lambda={s.twin_lambda}",
+                                 "rank": s.twin_rank or f"{s.twin_density:g} of full"},
+                         router_accuracy=m.manifest.get("router_accuracy"),
+                         inference={"linear_macs_vs_one_model": round((2 * one + lowrank) / one, 3),
+                                    "task_id_needed": False})]
+
+    def wemoe(self, test_time: bool) -> List[dict]:
+        from mergelab.routed.wemoe import WEMoEConfig, save_wemoe, train_routers, upscale
+
+        s = self.settings
+        key = "wemoe_tta" if test_time else "wemoe"
+        split = "test" if test_time else "validation"
+        cfg = WEMoEConfig(steps=s.wemoe_steps, lr=s.wemoe_lr, seed=self.seed)
+        data = self.batches(split, s.wemoe_examples, s.wemoe_batch, test_time)
+        folder = self.out / "models" / key
+        with self._timer() as tm:
+            model = upscale(self.base, self.experts, self.tasks, self.config, cfg, heads=self.heads)
+            hist = train_routers(model, [self.heads[t] for t in self.tasks], data, cfg, log=self.log)
+            save_wemoe(folder, model, {"entropy_first_last": [hist[0], hist[-1]] if hist else None})
+        mlp = sum(v.numel() for v in model.taus[0].values() if v.dim() == 2)
+        one = linear_macs(model.module)
+        info = {"split": split, "examples_per_task": s.wemoe_examples, "labels_used": False, "test_time": test_time}
+        return [self.row(key, folder, tm.seconds, tm.mem.mib, info,
+                         params={"steps": s.wemoe_steps, "lr": s.wemoe_lr, "init_lambda": cfg.init_lambda},
+                         entropy_first_last=[hist[0], hist[-1]] if hist else None,
+                         inference={"linear_macs_vs_one_model": round((one + len(self.tasks) * mlp) / one, 3),
+                                    "task_id_needed": False})]
+
+    def run(self, method: str) -> List[dict]:
+        if method not in METHODS:
+            raise MergeLabError(f"unknown routed method '{method}'; known: {', '.join(METHODS)}")
+        try:
+            if method == "emr":
+                return self.emr()
+            if method == "twin":
+                return self.twin()
+            return self.wemoe(method == "wemoe_tta")
+        except MergeLabError as e:
+            self.log(f"{method} failed: {e}")
+            return [{"name": DISPLAY[method], "method": method, "kind": "routed", "status": "failed", "reason": str(e)}]
+
+
+def routed_markdown(report: dict) -> str:
+    """The routed rows with what they keep beyond one model and what they cost (``routed.md``)."""
+    head = ["model", "mean acc", "norm. acc", "extra MiB", "total / one model", "total / all experts",
+            "linear MACs / one model", "eval time / static", "task id needed", "data"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["rows"]:
+        if r.get("status") != "ok" or r.get("kind") != "routed":
+            continue
+        m, s, inf, d = r["metrics"], r["sizes"], r["inference"], r.get("data", {})
+        data = "none" if not d.get("split") else d["split"] + (" (test-time adaptation)" if d.get("test_time") else "")
+        lines.append("| " + " | ".join([
+            r["name"], f"{100 * m['mean_accuracy']:.1f}", f"{100 * m['mean_normalised_accuracy']:.1f}",
+            f"{s['extra_bytes'] / 2**20:.1f}", f"{s['vs_one_model']:.2f}", f"{s['vs_all_experts']:.2f}",
+            f"{inf.get('linear_macs_vs_one_model', 0):.2f}", f"{inf.get('time_vs_static', 0):.2f}",
+            "yes" if inf.get("task_id_needed") else "no", data]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_routed_bench(suite, cache, methods: Sequence[str], out: Path, base: str = "minilm-l6",
+                     merge_tasks: Optional[Sequence[str]] = None, held_out: Optional[Sequence[str]] = None,
+                     seed: int = 0, settings: RoutedSettings = RoutedSettings(), references: bool = True,
+                     log: Callable[[str], None] = print) -> dict:
+    """Run the routed ``methods`` on the prepared suite; write the report and the model folders to ``out``."""
+    from mergelab import __version__
+    from mergelab.evaluate.report import write_report
+
+    methods = list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise MergeLabError(f"unknown routed method(s) {unknown}; known: {', '.join(METHODS)}" if unknown
+                            else f"no routed method given; known: {', '.join(METHODS)}")
+    out = Path(out)
+    taken = [m for m in methods if (out / "models" / m).exists()]
+    if taken:
+        raise MergeLabError(f"'{out / 'models' / taken[0]}' exists; remove it or choose another --out")
+    held = list(suite.held_out if held_out is None else held_out)
+    tasks = list(merge_tasks) if merge_tasks else [t for t in suite.task_names if t not in held]
+    if len(tasks) < 2:
+        raise MergeLabError(f"a routed model needs at least 2 merged tasks; got {tasks}")
+    start = time.perf_counter()
+    bench = RoutedBench(suite, cache, tasks, held, out, base, seed, settings, log)
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    rows = bench.runner.references() if references else []
+    report = {
+        "suite": suite.name, "suite_fingerprint": suite.fingerprint(), "suite_source": suite.source,
+        "base_model": base, "cache": str(cache.dir), "merge_tasks": tasks, "held_out": held,
+        "test_sizes": {t: len(suite.task(t).split("test")) for t in tasks}, "methods": methods, "seed": seed,
+        "mergelab_version": __version__, "settings": asdict(settings), "seconds": 0.0, "complete": False,
+        "protocol": ("routed models built from the prepared experts, saved, reloaded with mergelab.routed.load and "
+                     "evaluated on the test splits with each task's own expert head; routers taught on validation "
+                     "inputs (test inputs only for the row marked test-time adaptation); held-out tasks not scored"),
+        "rows": rows,
+    }
+    for m in methods:
+        rows.extend(bench.run(m))
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        report["complete"] = m == methods[-1]
+        write_report(report, out)
+        (out / "routed.md").write_text(routed_markdown(report))
+    return report

@@ -1,0 +1,155 @@
+"""Per-input mixtures of weight deltas, applied in the forward pass without forming per-input weights.
+
+For a module with shared weights ``W`` and expert deltas ``D_k`` mixed per input ``b`` by weights
+``w[b, k]`` (a :class:`Mixture` set by a router before the module runs)::
+
+    W(b) = W + sum_k w[b, k] D_k     =>     f_{W(b)}(x_b) = f_W(x_b) + sum_k w[b, k] f_{D_k}(x_b)
+
+for the linear parts (Linear: ``x D_k^T + d_k``; Embedding: ``D_k[ids]``; a LayerNorm's affine part).
+So a batch runs in one forward with K extra (low-rank: cheap) products per module, and the result is
+exactly the forward of the assembled per-input weights. A delta is a dense tensor, a low-rank triple
+``(U, S, Vh)`` (``D = U diag(S) Vh``), or ``None`` (zero for that expert).
+
+Twin-Merging wraps every module whose tensors it routes under one global mixture; WEMoE wraps each
+layer's MLP linears under that layer's mixture.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mergelab.errors import MergeLabError
+
+Delta = Union[None, torch.Tensor, tuple]
+
+
+class Mixture:
+    """The current per-input expert weights ``w`` [B, K] (set by a router, read by the routed modules)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.w: Optional[torch.Tensor] = None
+
+    def get(self) -> torch.Tensor:
+        if self.w is None:
+            raise MergeLabError("routed module called before its router set the mixture weights")
+        return self.w
+
+
+def _scale(w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``w`` [B] broadcast over the trailing dims of ``y`` [B, ...] (or [1, ...], broadcast to B)."""
+    return w.reshape((-1,) + (1,) * (y.dim() - 1)) * y
+
+
+def dense(delta: Delta) -> Optional[torch.Tensor]:
+    if delta is None or torch.is_tensor(delta):
+        return delta
+    U, S, Vh = delta
+    return (U * S) @ Vh
+
+
+def _linear_delta(x: torch.Tensor, delta: Delta) -> torch.Tensor:
+    if torch.is_tensor(delta):
+        return x @ delta.T
+    U, S, Vh = delta
+    return ((x @ Vh.T) * S) @ U.T
+
+
+class _Routed(nn.Module):
+    def __init__(self, mixture: Mixture, deltas: Dict[str, Sequence[Delta]]):
+        super().__init__()
+        self.mixture = mixture
+        for name, ds in deltas.items():
+            if len(ds) != mixture.n:
+                raise MergeLabError(f"routed module: {len(ds)} deltas for '{name}', the mixture has {mixture.n} experts")
+        self.deltas = {name: list(ds) for name, ds in deltas.items()}
+
+    def _mix(self, name: str, fn, y: torch.Tensor) -> torch.Tensor:
+        w = self.mixture.get()
+        for k, d in enumerate(self.deltas.get(name, ())):
+            if d is not None:
+                y = y + _scale(w[:, k], fn(d))
+        return y
+
+
+class RoutedLinear(_Routed):
+    def __init__(self, base: nn.Linear, mixture: Mixture, deltas: Dict[str, Sequence[Delta]]):
+        super().__init__(mixture, deltas)
+        self.base = base
+
+    def forward(self, x):
+        y = self.base(x)
+        y = self._mix("weight", lambda d: _linear_delta(x, d), y)
+        shape = y.shape
+        return self._mix("bias", lambda d: d.expand(shape), y) if "bias" in self.deltas else y
+
+
+class RoutedEmbedding(_Routed):
+    def __init__(self, base: nn.Embedding, mixture: Mixture, deltas: Dict[str, Sequence[Delta]]):
+        super().__init__(mixture, deltas)
+        self.base = base
+
+    def forward(self, ids):
+        def lookup(d):
+            if torch.is_tensor(d):
+                return F.embedding(ids, d)
+            U, S, Vh = d
+            return (F.embedding(ids, U) * S) @ Vh
+
+        return self._mix("weight", lookup, self.base(ids))
+
+
+class RoutedLayerNorm(_Routed):
+    def __init__(self, base: nn.LayerNorm, mixture: Mixture, deltas: Dict[str, Sequence[Delta]]):
+        super().__init__(mixture, deltas)
+        self.base = base
+
+    def forward(self, x):
+        b = self.base
+        y = b(x)
+        if "weight" in self.deltas:
+            normed = F.layer_norm(x, b.normalized_shape, None, None, b.eps)
+            y = self._mix("weight", lambda d: normed * d, y)
+        shape = y.shape
+        return self._mix("bias", lambda d: d.expand(shape), y)
+
+
+WRAPPERS = ((nn.Linear, RoutedLinear), (nn.Embedding, RoutedEmbedding), (nn.LayerNorm, RoutedLayerNorm))
+
+
+def attach(module: nn.Module, deltas: Mapping[str, Sequence[Delta]], mixture: Mixture) -> List[str]:
+    """Wrap the submodules owning the tensors of ``deltas`` (full names, e.g. ``encoder.layer.0.output.dense.weight``).
+
+    Every named tensor must belong to a Linear, Embedding or LayerNorm (else an error naming it).
+    Returns the wrapped module names.
+    """
+    by_module: Dict[str, Dict[str, Sequence[Delta]]] = {}
+    for key, ds in deltas.items():
+        if all(d is None for d in ds):
+            continue
+        owner, _, attr = key.rpartition(".")
+        by_module.setdefault(owner, {})[attr] = ds
+    wrapped = []
+    for owner, ds in by_module.items():
+        try:
+            sub = module.get_submodule(owner)
+        except AttributeError:
+            raise MergeLabError(f"tensor '{owner}.{next(iter(ds))}' has no module in {type(module).__name__}") from None
+        for cls, wrapper in WRAPPERS:
+            if type(sub) is cls or (isinstance(sub, cls) and not isinstance(sub, _Routed)):
+                break
+        else:
+            raise MergeLabError(f"tensor '{owner}.{next(iter(ds))}' belongs to a {type(sub).__name__}; per-input "
+                                "routing supports Linear, Embedding and LayerNorm modules")
+        for attr in ds:
+            if attr not in ("weight", "bias"):
+                raise MergeLabError(f"tensor '{owner}.{attr}': only weight and bias can be routed")
+        parent_name, _, child = owner.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, wrapper(sub, mixture, ds))
+        wrapped.append(owner)
+    return wrapped

@@ -1,0 +1,307 @@
+"""Twin-Merging (Lu et al., NeurIPS 2024, "Twin-Merging: Dynamic Integration of Modular Expertise in
+Model Merging"; reference code LZY-the-boys/Twin-Merging, read for facts only).
+
+1. **Shared knowledge** ``theta_s = merge(theta_0, {theta_k})`` with any registered mergelab method
+   (default task arithmetic, lambda 0.3: the reference's generative setting; 0.29 discriminative).
+2. **Exclusive knowledge** ``delta_k = theta_k - theta_s`` per tensor; every 2-D tensor is compressed
+   by truncated SVD (:func:`mergelab.compress.lowrank.truncated_svd`) to rank ``r`` (``rank``, or
+   ``int(density * min(m, n))``: the reference's discriminative default keeps 10%), 1-D tensors stay
+   dense, tensors with no exclusive part (all experts equal to the shared value) are not stored.
+3. **Router**: the reference's ``SimpleMLP`` -- Linear(d, H) -> BatchNorm -> LeakyReLU -> Dropout(0.5)
+   -> Linear(H, H) -> BatchNorm -> LeakyReLU -> Dropout(0.5) -> Linear(H, K) -- on the mean over real
+   tokens of the **shared** model's last hidden state, trained with cross-entropy on the task id of
+   labelled-by-task inputs (mergelab: the validation splits; Adam lr 5e-4, the best epoch by accuracy
+   on a held-back fifth of those inputs).
+4. **Inference** for input ``x``: ``w = softmax(router(x))``, ``theta_x = theta_s + sum_k w_k delta_hat_k``.
+   mergelab never forms ``theta_x``: the routed modules add ``w_k f_{delta_k}(x)`` in the forward pass
+   (:mod:`mergelab.routed.layers`), which is the same function and lets a batch of inputs with
+   different routes run in one forward.
+
+Storage: ``shared.safetensors`` (one model), ``exclusive.safetensors`` (``{task}/{tensor}.U|S|Vh`` or
+``{task}/{tensor}`` dense), ``router.safetensors``. Size: ``K * sum r (m + n + 1)`` plus the dense
+1-D deltas and the router, beyond one model.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from mergelab.errors import MergeLabError
+from mergelab.routed import store
+from mergelab.routed.common import RoutedModel, build_module, check_inputs, masked_mean, merge_shared
+from mergelab.routed.layers import Mixture, attach
+
+
+@dataclass
+class TwinConfig:
+    """Settings (defaults: the reference's discriminative configuration where it has one)."""
+
+    shared_method: str = "task_arithmetic"
+    shared_params: dict = field(default_factory=lambda: {"lambda": 0.3})
+    rank: Optional[int] = None  # fixed rank per 2-D tensor (reference generative: 8)
+    density: float = 0.1  # else rank = max(1, int(density * min(m, n))) (reference: 1 - mask_rate 0.9)
+    router_hidden: int = 1024
+    router_epochs: int = 50
+    router_lr: float = 5e-4
+    router_batch: int = 1024
+    dropout: float = 0.5
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
+            raise MergeLabError(f"twin: rank must be an integer >= 1, got {self.rank!r}")
+        if not 0 < float(self.density) <= 1:
+            raise MergeLabError(f"twin: density must be in (0, 1], got {self.density!r}")
+        for name in ("router_hidden", "router_epochs", "router_batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise MergeLabError(f"twin: {name} must be an integer >= 1, got {v!r}")
+
+
+class SimpleMLP(nn.Module):
+    """The reference router (see the module docstring)."""
+
+    def __init__(self, d: int, hidden: int, k: int, dropout: float = 0.5):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(),
+                                 nn.Dropout(dropout), nn.Linear(hidden, k))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def rank_for(shape, cfg: TwinConfig) -> int:
+    return cfg.rank if cfg.rank is not None else max(1, int(cfg.density * min(shape)))
+
+
+def shared_and_exclusive(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
+                         tasks: Sequence[str], cfg: TwinConfig) -> tuple:
+    """``(theta_s, exclusive, info)``; ``exclusive[k][key]`` is a dense 1-D delta or ``(U, S, Vh)``."""
+    from mergelab.compress.lowrank import truncated_svd
+
+    cfg.check()
+    keys = check_inputs(base, experts, tasks)
+    b = {k: base[k].float() for k in keys}
+    ex = [{k: e[k].float() for k in keys} for e in experts]
+    shared = merge_shared(b, ex, cfg.shared_method, cfg.shared_params, cfg.seed)
+    exclusive: List[Dict[str, object]] = [dict() for _ in experts]
+    err = {}
+    for key in keys:
+        s = shared[key].float()
+        deltas = [e[key] - s for e in ex]
+        if all(not bool(d.ne(0).any()) for d in deltas):
+            continue
+        for k, d in enumerate(deltas):
+            if d.dim() == 2:
+                f = truncated_svd(d, rank=rank_for(d.shape, cfg))
+                exclusive[k][key] = (f.U, f.S, f.Vh)
+                norm = float(d.double().norm())
+                if norm > 0:
+                    err.setdefault(key, []).append(float(((f.U * f.S) @ f.Vh - d).double().norm()) / norm)
+            else:
+                exclusive[k][key] = d.clone()
+    info = {"shared_method": cfg.shared_method, "shared_params": dict(cfg.shared_params),
+            "mean_relative_error": sum(sum(v) for v in err.values()) / max(1, sum(len(v) for v in err.values()))}
+    return {k: v.float() for k, v in shared.items()}, exclusive, info
+
+
+def exclusive_tensors(tasks: Sequence[str], exclusive: Sequence[Mapping[str, object]]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for t, ex in zip(tasks, exclusive):
+        for key, d in ex.items():
+            if torch.is_tensor(d):
+                out[f"{t}/{key}"] = d
+            else:
+                U, S, Vh = d
+                out[f"{t}/{key}.U"], out[f"{t}/{key}.S"], out[f"{t}/{key}.Vh"] = U, S, Vh
+    return out
+
+
+def read_exclusive(tasks: Sequence[str], flat: Mapping[str, torch.Tensor]) -> List[Dict[str, object]]:
+    out: List[Dict[str, object]] = [dict() for _ in tasks]
+    index = {t: i for i, t in enumerate(tasks)}
+    for name, v in flat.items():
+        t, _, key = name.partition("/")
+        if t not in index:
+            raise MergeLabError(f"exclusive tensor '{name}' names no task of the model")
+        for part in (".U", ".S", ".Vh"):
+            if key.endswith(part):
+                k = key[: -len(part)]
+                slot = out[index[t]].setdefault(k, [None, None, None])
+                slot[(".U", ".S", ".Vh").index(part)] = v
+                break
+        else:
+            out[index[t]][key] = v
+    for ex in out:
+        for k, v in ex.items():
+            if isinstance(v, list):
+                if any(x is None for x in v):
+                    raise MergeLabError(f"exclusive factors of '{k}' are incomplete")
+                ex[k] = tuple(v)
+    return out
+
+
+class TwinModel(RoutedModel):
+    """Shared model + routed low-rank exclusive knowledge (``forward(**batch)``; the task is not needed)."""
+
+    method = "twin"
+
+    def __init__(self, folder, manifest, config, heads, shared, exclusive, router: nn.Module):
+        module = build_module(config, manifest.get("model_class", "AutoModel"), shared)
+        super().__init__(folder, manifest, config, module, heads)
+        self.router = router.eval()
+        self.mixture = Mixture(len(self.tasks))
+        keys = sorted({k for ex in exclusive for k in ex})
+        self.wrapped = attach(module, {k: [ex.get(k) for ex in exclusive] for k in keys}, self.mixture)
+
+    @classmethod
+    def from_folder(cls, folder, manifest, config, heads) -> "TwinModel":
+        folder = Path(folder)
+        shared = store.load_tensors(folder / "shared.safetensors")
+        exclusive = read_exclusive(manifest["tasks"], store.load_tensors(folder / "exclusive.safetensors"))
+        router = router_from_state(store.load_tensors(folder / "router.safetensors"), manifest)
+        return cls(folder, manifest, config, heads, shared, exclusive, router)
+
+    def _hidden(self, out):
+        hs = getattr(out, "hidden_states", None)
+        return hs[-1] if hs else out.last_hidden_state
+
+    def route(self, **batch) -> torch.Tensor:
+        """``softmax(router(mean_tokens(shared last hidden state)))`` [B, K]."""
+        ids = batch.get("input_ids")
+        n = ids.shape[0] if ids is not None else next(iter(batch.values())).shape[0]
+        self.mixture.w = torch.zeros(n, len(self.tasks))
+        out = self.module(**batch, output_hidden_states=True)
+        feats = masked_mean(self._hidden(out), batch.get("attention_mask"))
+        return torch.softmax(self.router(feats), -1)
+
+    def forward(self, task=None, weights: Optional[torch.Tensor] = None, **batch):
+        """The model at ``theta_s + sum_k w_k delta_k`` per input (``weights`` overrides the router)."""
+        w = self.route(**batch) if weights is None else weights
+        self.mixture.w = w
+        try:
+            return self.module(**batch)
+        finally:
+            self.mixture.w = None
+
+
+def router_from_state(state: Mapping[str, torch.Tensor], manifest: dict) -> nn.Module:
+    r = manifest.get("router", {})
+    try:
+        router = SimpleMLP(int(r["input_dim"]), int(r["hidden"]), len(manifest["tasks"]), float(r.get("dropout", 0.5)))
+        router.load_state_dict(dict(state))
+    except (KeyError, RuntimeError) as e:
+        raise MergeLabError(f"routed model: the router does not match routed.json's 'router' entry ({e})") from None
+    return router.eval()
+
+
+@torch.no_grad()
+def shared_features(module, batches: Sequence) -> torch.Tensor:
+    """Router inputs of ``batches`` (dicts of input_ids / attention_mask) under the (unwrapped) shared ``module``."""
+    feats = []
+    for b in batches:
+        out = module(**b, output_hidden_states=True)
+        hs = out.hidden_states[-1] if getattr(out, "hidden_states", None) else out.last_hidden_state
+        feats.append(masked_mean(hs, b.get("attention_mask")))
+    return torch.cat(feats)
+
+
+def train_router(features: torch.Tensor, labels: torch.Tensor, k: int, cfg: TwinConfig,
+                 log=lambda s: None) -> tuple:
+    """Cross-entropy on the task id; the best epoch by accuracy on a held-back fifth (or the last epoch
+    when there are fewer than 10 inputs). Returns ``(router, info)``."""
+    if features.shape[0] < 2:
+        raise MergeLabError("twin: the router needs at least 2 labelled inputs")
+    if len(set(labels.tolist())) < 2 and k > 1:
+        raise MergeLabError("twin: the router's training inputs come from one task only")
+    g = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    order = torch.randperm(features.shape[0], generator=g)
+    n_val = features.shape[0] // 5 if features.shape[0] >= 10 else 0
+    val, tr = order[:n_val], order[n_val:]
+    router = SimpleMLP(features.shape[1], cfg.router_hidden, k, cfg.dropout)
+    opt = torch.optim.Adam(router.parameters(), lr=cfg.router_lr)
+    best, best_acc, history = None, -1.0, []
+    rng = random.Random(cfg.seed)
+    for epoch in range(cfg.router_epochs):
+        router.train()
+        idx = tr.tolist()
+        rng.shuffle(idx)
+        for i in range(0, len(idx), cfg.router_batch):
+            b = idx[i:i + cfg.router_batch]
+            if len(b) < 2:  # BatchNorm needs two rows
+                continue
+            loss = nn.functional.cross_entropy(router(features[b]), labels[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        router.eval()
+        with torch.no_grad():
+            sel = val if n_val else tr
+            acc = float((router(features[sel]).argmax(-1) == labels[sel]).float().mean())
+        history.append(acc)
+        if acc > best_acc:
+            best_acc, best = acc, copy.deepcopy(router.state_dict())
+    router.load_state_dict(best)
+    log(f"twin router: best held-back task-id accuracy {best_acc:.4f} over {cfg.router_epochs} epochs")
+    return router.eval(), {"router_accuracy": best_acc, "router_inputs": int(features.shape[0]),
+                           "router_heldback": int(n_val), "accuracy_by_epoch": history}
+
+
+def build_twin(out: Path, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
+               tasks: Sequence[str], config, router_batches: Sequence[Sequence], cfg: TwinConfig = TwinConfig(),
+               model_class: str = "AutoModel", heads: Optional[Mapping[str, dict]] = None,
+               extra: Optional[dict] = None, log=lambda s: None) -> Path:
+    """Shared merge, exclusive factors, router trained on ``router_batches[k]`` (inputs of task ``k``,
+    labels unused); writes the folder ``out`` and returns it."""
+    if len(router_batches) != len(tasks):
+        raise MergeLabError(f"twin: router inputs for {len(router_batches)} tasks, {len(tasks)} experts")
+    for t, bs in zip(tasks, router_batches):  # before any work, so nothing is computed or written in vain
+        if not bs or not any(int(b["input_ids"].numel()) for b in bs):
+            raise MergeLabError(f"twin: no router inputs for task '{t}' (the router learns each task from its inputs)")
+    if Path(out).exists():
+        raise MergeLabError(f"output folder '{out}' exists; remove it or choose another")
+    shared, exclusive, info = shared_and_exclusive(base, experts, tasks, cfg)
+    full_shared = {**{k: v for k, v in base.items()}, **shared}
+    module = build_module(config, model_class, full_shared)
+    feats, labels = [], []
+    for k, bs in enumerate(router_batches):
+        f = shared_features(module, bs)
+        feats.append(f)
+        labels.append(torch.full((f.shape[0],), k, dtype=torch.long))
+    router, rinfo = train_router(torch.cat(feats), torch.cat(labels), len(tasks), cfg, log)
+    tmp = store.begin(Path(out))
+    try:
+        one = store.save_tensors(tmp / "shared.safetensors", {k: v for k, v in full_shared.items()})
+        flat = exclusive_tensors(tasks, exclusive)
+        ex_bytes = store.save_tensors(tmp / "exclusive.safetensors", flat)
+        rstate = router.state_dict()
+        r_bytes = store.save_tensors(tmp / "router.safetensors", rstate)
+        extra_params = sum(v.numel() for v in flat.values()) + sum(
+            v.numel() for v in rstate.values() if v.is_floating_point())
+        config.save_pretrained(str(tmp))
+        if heads:
+            store.save_heads(tmp / "heads.safetensors", heads)
+        manifest = {"method": "twin", "tasks": list(tasks), "model_class": model_class,
+                    "router": {"input_dim": int(next(iter(feats)).shape[1]), "hidden": cfg.router_hidden,
+                               "dropout": cfg.dropout, "input": "mean over real tokens of the shared model's "
+                                                                "last hidden state"},
+                    "settings": asdict(cfg), **info, **rinfo, "heads": bool(heads),
+                    "sizes": dict(store.sizes(one, ex_bytes + r_bytes, extra_params, len(tasks)),
+                                  exclusive_bytes=ex_bytes, router_bytes=r_bytes),
+                    "inference": "per input: one shared forward for the router, then one forward adding "
+                                 "K low-rank products per routed module",
+                    **(extra or {})}
+        store.write_manifest(tmp, manifest)
+    except BaseException:
+        store.abort(tmp)
+        raise
+    return store.commit(tmp, Path(out))

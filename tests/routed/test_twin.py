@@ -1,0 +1,121 @@
+"""Twin-Merging (NeurIPS 2024) on really fine-tuned MiniLM experts: the reference's identities."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertModel
+
+import mergelab.routed as routed
+from mergelab.routed.twin import TwinConfig, build_twin, shared_and_exclusive
+
+TEXTS = {
+    "sentiment": ["a wonderful film", "terrible acting", "i loved it", "boring and bad", "great fun", "awful"],
+    "language": ["bonjour le monde", "hola amigo", "guten tag", "ciao bella", "merci beaucoup", "danke schon"],
+    "syllables": ["cat", "banana", "elephant", "dog", "umbrella", "tree"],
+}
+
+
+def ref_output(config, state, batch):
+    m = BertModel(config, add_pooling_layer=True).eval()
+    m.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        return m(**batch).last_hidden_state
+
+
+@pytest.fixture(scope="module")
+def twin_full(family_states, tmp_path_factory):
+    """A full-rank Twin model (density 1): every exclusive part kept exactly (up to SVD rounding)."""
+    config, tok, base, experts, tasks = family_states
+    data = []
+    for t in tasks:
+        enc = tok(TEXTS[t], padding=True, return_tensors="pt")
+        ids = enc["input_ids"].clamp_max(config.vocab_size - 1)
+        data.append([{"input_ids": ids, "attention_mask": enc["attention_mask"]}])
+    cfg = TwinConfig(density=1.0, router_hidden=16, router_epochs=30, router_lr=1e-2)
+    out = build_twin(tmp_path_factory.mktemp("twin") / "twin", base, experts, tasks, config, data, cfg)
+    return out, routed.load(out)
+
+
+def test_one_hot_full_rank_gives_each_expert(family_states, twin_full, batch):
+    config, tok, base, experts, tasks = family_states
+    out, model = twin_full
+    n = batch["input_ids"].shape[0]
+    for k, t in enumerate(tasks):
+        w = torch.zeros(n, len(tasks))
+        w[:, k] = 1.0
+        with torch.no_grad():
+            got = model(weights=w, **batch).last_hidden_state
+        torch.testing.assert_close(got, ref_output(config, experts[k], batch), atol=2e-4, rtol=1e-3)
+    # mixed routes in one batch: row i takes expert i % K
+    w = torch.zeros(n, len(tasks))
+    w[torch.arange(n), torch.arange(n) % len(tasks)] = 1.0
+    with torch.no_grad():
+        got = model(weights=w, **batch).last_hidden_state
+    for i in range(n):
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        torch.testing.assert_close(got[i:i + 1], ref_output(config, experts[i % len(tasks)], one), atol=2e-4, rtol=1e-3)
+
+
+def test_uniform_weights_give_shared_plus_mean_exclusive(family_states, twin_full, batch):
+    config, tok, base, experts, tasks = family_states
+    out, model = twin_full
+    K = len(tasks)
+    # the shared model: task arithmetic, lambda 0.3, written from its formula
+    shared = {k: base[k] + 0.3 * sum(e[k] - base[k] for e in experts) for k in base if base[k].is_floating_point()}
+    want = {k: shared[k] + sum(e[k] - shared[k] for e in experts) / K for k in shared}
+    w = torch.full((batch["input_ids"].shape[0], K), 1.0 / K)
+    with torch.no_grad():
+        got = model(weights=w, **batch).last_hidden_state
+    torch.testing.assert_close(got, ref_output(config, want, batch), atol=2e-4, rtol=1e-3)
+    # the router: trained on the task ids of its inputs, it routes them back to their task
+    manifest = json.loads((out / "routed.json").read_text())
+    assert manifest["router_accuracy"] >= 0.5
+    with torch.no_grad():
+        r = model.route(**batch)
+    torch.testing.assert_close(r.sum(-1), torch.ones(r.shape[0]))
+
+
+def test_truncation_error_and_size_accounting(family_states, twin_full):
+    config, tok, base, experts, tasks = family_states
+    key = "encoder.layer.0.intermediate.dense.weight"
+    few = [key, "encoder.layer.0.output.LayerNorm.weight"]
+    shared, exclusive, info = shared_and_exclusive({k: base[k] for k in few}, [{k: e[k] for k in few} for e in experts],
+                                                   tasks, TwinConfig(rank=3))
+    d = (experts[1][key] - shared[key]).double().numpy()
+    s = np.linalg.svd(d, compute_uv=False)
+    U, S, Vh = exclusive[1][key]
+    err = np.linalg.norm(((U * S) @ Vh).double().numpy() - d)
+    np.testing.assert_allclose(err, np.sqrt((s[3:] ** 2).sum()), rtol=1e-4)  # Eckart-Young
+    assert U.shape == (1536, 3) and Vh.shape == (3, 384)
+    assert torch.is_tensor(exclusive[1]["encoder.layer.0.output.LayerNorm.weight"])  # 1-D stays dense
+    # sizes of the full-rank folder: K * sum r (m + n + 1) + dense 1-D deltas + router, float32
+    out, model = twin_full
+    s = model.sizes
+    shared = {k: base[k] + 0.3 * sum(e[k] - base[k] for e in experts) for k in base if base[k].is_floating_point()}
+    expect = 0
+    for k in range(len(tasks)):
+        for name, v in base.items():
+            if not v.is_floating_point() or all(torch.equal(e[name], shared[name]) for e in experts):
+                continue
+            expect += 4 * (min(v.shape) * (sum(v.shape) + 1) if v.dim() == 2 else v.numel())
+    assert s["exclusive_bytes"] == expect
+    assert s["extra_bytes"] == s["exclusive_bytes"] + s["router_bytes"]
+    assert s["vs_all_experts"] == round((s["one_model_bytes"] + s["extra_bytes"]) / (3 * s["one_model_bytes"]), 4)
+
+
+def test_bad_input_before_any_work(family_states, tmp_path):
+    from mergelab.errors import MergeLabError
+
+    config, tok, base, experts, tasks = family_states
+    ok = [{"input_ids": torch.tensor([[101, 102]]), "attention_mask": torch.tensor([[1, 1]])}]
+    with pytest.raises(MergeLabError, match="no router inputs for task 'language'"):
+        build_twin(tmp_path / "t", base, experts, tasks, config, [ok, [], ok])
+    with pytest.raises(MergeLabError, match="router inputs for 2 tasks, 3 experts"):
+        build_twin(tmp_path / "t", base, experts, tasks, config, [ok, ok])
+    with pytest.raises(MergeLabError, match="rank must be an integer >= 1"):
+        build_twin(tmp_path / "t", base, experts, tasks, config, [ok] * 3, TwinConfig(rank=0))
+    assert list(tmp_path.iterdir()) == []
