@@ -40,7 +40,8 @@ def _build(root: Path) -> Family:
     threads = torch.get_num_threads()
     try:
         save_base(base)
-        cfg = FinetuneConfig(steps=STEPS, batch_size=8, lr=3e-3, checkpoint_every=1000, threads=1, eval_limit=1)
+        cfg = FinetuneConfig(steps=STEPS, batch_size=8, lr=3e-3, checkpoint_every=1000, threads=1, eval_limit=1,
+                             replay_batch=0)
         for name in TASKS:
             finetune(base, [build_task(name, seed=0, sizes=SIZES)], root / name, cfg, log=lambda m: None,
                      progress=False)
