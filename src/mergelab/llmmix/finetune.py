@@ -4,10 +4,11 @@ A run reads a base folder (``LlamaForCausalLM`` + tokenizer, e.g. ``base-3m/fina
 splits of one or more generative tasks, and writes into its run folder::
 
     checkpoint/state.pt   model, optimizer, scheduler, RNG states and the step (replaced atomically)
-    loss.jsonl            one line per step: step, loss, lr, seconds
+    loss.jsonl            one line per step: step, loss, lr, seconds (and replay_loss with replay)
     loss.png              the loss curve
     finetune.json         settings, command(s), steps, time, validation accuracy (and the base's)
-    final/                the fine-tuned model: AutoModelForCausalLM / AutoTokenizer load it
+    final/                the fine-tuned model: AutoModelForCausalLM / AutoTokenizer load it (a LoRA
+                          run: a PEFT adapter folder that PeftModel.from_pretrained loads on the base)
 
 Training: every training example of every task is encoded once with
 :func:`mergelab.llmmix.tasks.encode_for_training` (prompt tokens masked with -100, answer + EOS
@@ -15,7 +16,11 @@ learnt); the examples of all tasks form one pool, and step ``s`` reads positions
 of a sequence of seeded permutations of the pool (one per epoch), so the data order is a function of
 the seed and the step alone and a resumed run reads what an uninterrupted one reads. AdamW (betas
 0.9/0.95, weight decay on matrices only), linear warm-up then cosine decay to 10% of the peak rate
-(pretraining's schedule), gradient clipping at 1.0, float32, no dropout. A run stopped (``stop_after``,
+(pretraining's schedule), gradient clipping at 1.0, float32, no dropout. With replay
+(``replay_batch`` > 0, the default) each step adds the next-token loss of ``replay_batch`` seeded blocks
+of the base's pretraining token stream (:func:`mergelab.llmmix.pretrain.replay_tokens`), which keeps the
+expert near the base's language model so that experts can be merged. With ``lora_rank`` > 0 only PEFT
+LoRA adapters train (:func:`lora_config`), the base frozen. A run stopped (``stop_after``,
 Ctrl-C, SIGTERM) keeps its checkpoint; the same call resumes it and ends with the same weights.
 
 At the end the model's greedy validation accuracy on each task is measured with
@@ -150,7 +155,8 @@ def run_settings(cfg: FinetuneConfig, base_dir: Path, tasks: Sequence, replay: O
 
 def replay_fingerprint(tokens_file: Optional[Path]) -> str:
     if tokens_file is None or not Path(tokens_file).is_file():
-        raise FinetuneError(f"replay needs the base's pretraining token file (train.u16); got {tokens_file}")
+        raise FinetuneError(f"replay needs the base's pretraining token file (train.u16); got {tokens_file} "
+                            "(fine-tune without replay with --replay-batch 0)")
     size = Path(tokens_file).stat().st_size
     with open(tokens_file, "rb") as f:
         head = f.read(1 << 20)
