@@ -17,7 +17,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 DEFAULT_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear"]
 
 
-def _split(value: Optional[str]) -> Optional[list]:
+def split_names(value: Optional[str]) -> Optional[list]:
+    """A comma-separated option as a list of its non-empty items (None when not given)."""
     return None if value is None else [x for x in (v.strip() for v in value.split(",")) if x]
 
 
@@ -68,7 +69,7 @@ def prepare(
     if suite != "llmmix" and (jobs != 1 or replay_batch is not None or lora_rank):
         raise MergeLabError("--jobs, --replay-batch and --lora-rank apply to --suite llmmix only")
     if suite == "llmmix":
-        _prepare_llmmix(size, cache, None if base == "minilm-l6" else Path(base), _split(tasks), steps,
+        _prepare_llmmix(size, cache, None if base == "minilm-l6" else Path(base), split_names(tasks), steps,
                         multitask_steps, 1e-3 if lr is None else lr, 16 if batch_size is None else batch_size, seed,
                         eval_limit, device, threads, multitask, rebuild, progress,
                         bad=[f for f, given in (("--epochs", epochs != 3.0), ("--head-lr", head_lr != 2e-3),
@@ -86,7 +87,7 @@ def prepare(
     cfg = TrainConfig(epochs=epochs, lr=2e-4 if lr is None else lr, head_lr=head_lr,
                       batch_size=32 if batch_size is None else batch_size, max_length=max_length, seed=seed)
     bench_cache = BenchCache(s, cache)
-    result = run_prepare(s, bench_cache, cfg, base, _split(tasks), multitask, rebuild, progress, typer.echo,
+    result = run_prepare(s, bench_cache, cfg, base, split_names(tasks), multitask, rebuild, progress, typer.echo,
                          multitask_epochs)
     typer.echo(f"prepared {s.name} in {result.cache_dir} ({result.seconds:.0f} s; trained "
                f"{len(result.trained)} unit(s), {len(result.skipped)} already there)")
@@ -182,8 +183,8 @@ def run(
 
         if task:
             raise MergeLabError("--suite llmmix: --task does not apply (llmmix tasks are built in)")
-        report = run_llmmix(names, out, size, cache, None if base == "minilm-l6" else Path(base), _split(tasks),
-                            _split(held_out), _sizes(examples), tune=tune, seed=seed, grids=grids, command=command,
+        report = run_llmmix(names, out, size, cache, None if base == "minilm-l6" else Path(base), split_names(tasks),
+                            split_names(held_out), _sizes(examples), tune=tune, seed=seed, grids=grids, command=command,
                             log=typer.echo, device=device, threads=threads, save_models=save_models,
                             lora_rank=lora_rank, adapter_merges=adapter_merges)
         typer.echo(f"wrote {out / 'report.json'}, {out / 'report.md'} and charts ({report['seconds']:.0f} s)")
@@ -191,7 +192,7 @@ def run(
     if lora_rank or adapter_merges:
         raise MergeLabError("--lora-rank and --adapter-merges apply to --suite llmmix only")
     s = load_suite(suite, task)
-    report = run_bench(s, BenchCache(s, cache), names, out, base, _split(tasks), _split(held_out), tune, seed,
+    report = run_bench(s, BenchCache(s, cache), names, out, base, split_names(tasks), split_names(held_out), tune, seed,
                        command=command, log=typer.echo, save_models=save_models, grids=grids)
     typer.echo(f"wrote {out / 'report.json'}, {out / 'report.md'} and charts ({report['seconds']:.0f} s)")
 
@@ -224,13 +225,13 @@ def scale(
     if suite != "llmmix":
         raise MergeLabError(f"--suite {suite}: the scale study runs on llmmix only (textmix: `mergelab tune scale`)")
     try:
-        ks = [int(k) for k in _split(experts)]
+        ks = [int(k) for k in split_names(experts)]
     except ValueError:
         raise MergeLabError(f"--experts {experts}: expected comma-separated integers") from None
-    names = resolve_methods(["linear" if m == "average" else m for m in _split(methods)])  # the paper's name
+    names = resolve_methods(["linear" if m == "average" else m for m in split_names(methods)])  # the paper's name
     command = "mergelab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
         if sys.argv[1:3] == ["bench", "scale"] else ""
-    study = run_scale(_split(sizes), ks, names, out, cache, _split(held_out), _sizes(examples), order_seed, seed,
+    study = run_scale(split_names(sizes), ks, names, out, cache, split_names(held_out), _sizes(examples), order_seed, seed,
                       _grids(grid), command=command, log=typer.echo, device=device, threads=threads, resume=resume)
     typer.echo(f"wrote {out / 'scale.json'}, {out / 'scale.md'} and {out / 'scale.png'}")
     for f in study["findings"]:
@@ -266,7 +267,7 @@ def pretrain(
 
     cfg = PretrainConfig(size=size, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=warmup,
                          seed=seed, corpus_bytes=int(corpus_mb * 1e6),
-                         corpus_sources=tuple(_split(sources) or DEFAULT_SOURCES), vocab_size=vocab_size,
+                         corpus_sources=tuple(split_names(sources) or DEFAULT_SOURCES), vocab_size=vocab_size,
                          checkpoint_every=max(1, checkpoint_every), eval_every=max(1, eval_every), device=device,
                          threads=threads)
     command = "mergelab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:3] == ["bench", "pretrain"] \
@@ -303,7 +304,7 @@ def compress(
     root = Path(cache) if cache else default_root()
     folder = Path(experts_dir) if experts_dir else root / f"experts-{size}"
     base_dir = Path(base) if base else base_folder(size, root)
-    names = _split(tasks) or sorted(p.parent.name for p in folder.glob("*/final") if p.is_dir())
+    names = split_names(tasks) or sorted(p.parent.name for p in folder.glob("*/final") if p.is_dir())
     experts = {n: folder / n / "final" for n in names}
     missing = [str(p) for p in experts.values() if not p.is_dir()]
     if missing or not experts:
@@ -314,10 +315,10 @@ def compress(
     chosen = LEVELS
     if levels:
         known = {lv[0]: lv for lv in LEVELS}
-        bad = [x for x in _split(levels) if x not in known]
+        bad = [x for x in split_names(levels) if x not in known]
         if bad:
             raise MergeLabError(f"--levels: unknown level {bad[0]!r}; known: {', '.join(known)}")
-        chosen = tuple(known[x] for x in _split(levels))
+        chosen = tuple(known[x] for x in split_names(levels))
     bench_compress(base_dir, experts, out, limit=limit, embed_density=embed_density, device=device,
                    command=command, log=typer.echo, levels=chosen)
     typer.echo(f"wrote {out / 'compress.json'}, {out / 'compress.md'} and {out / 'compress.png'}")

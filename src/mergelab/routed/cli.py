@@ -7,14 +7,11 @@ from typing import List, Optional
 
 import typer
 
+from mergelab.bench.cli import split_names
 from mergelab.errors import CheckpointError, MergeLabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Routed / per-task models: EMR-Merging, Twin-Merging, WEMoE.")
-
-
-def _split(value: Optional[str]) -> Optional[list]:
-    return None if value is None else [x for x in (v.strip() for v in value.split(",")) if x]
 
 
 @app.command()
@@ -43,7 +40,7 @@ def bench(
     from mergelab.evaluate.tasks import load_suite
     from mergelab.routed.bench import METHODS, RoutedSettings, run_routed_bench
 
-    names = _split(methods) or []
+    names = split_names(methods) or []
     bad = [m for m in names if m not in METHODS]
     if bad or not names:
         raise MergeLabError(f"--methods: unknown routed method(s) {bad}; known: {', '.join(METHODS)}" if bad
@@ -60,7 +57,7 @@ def bench(
     settings = RoutedSettings(emr_reduction=emr_reduction, twin_density=twin_density, twin_rank=twin_rank,
                               twin_lambda=twin_lambda, wemoe_steps=wemoe_steps, wemoe_lr=wemoe_lr,
                               wemoe_examples=wemoe_examples, threads=threads)
-    report = run_routed_bench(s, BenchCache(s, cache), names, out, base, _split(tasks), _split(held_out), seed,
+    report = run_routed_bench(s, BenchCache(s, cache), names, out, base, split_names(tasks), split_names(held_out), seed,
                               settings, references, log=typer.echo)
     typer.echo(f"wrote {out / 'report.json'} and {out / 'report.md'} ({report['seconds']:.0f} s)")
 
@@ -80,7 +77,7 @@ def emr(
 
     if out.exists():
         raise MergeLabError(f"output folder '{out}' exists; remove it or choose another")
-    names = _split(tasks) or [p.name for p in experts]
+    names = split_names(tasks) or [p.name for p in experts]
     if len(names) != len(experts):
         raise MergeLabError(f"--tasks gives {len(names)} names for {len(experts)} experts")
     for p in [base, *experts]:

@@ -9,14 +9,11 @@ from typing import List, Optional
 
 import typer
 
+from mergelab.bench.cli import split_names
 from mergelab.errors import MergeLabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Optimisation-based merges in memory (RegMean++, AdaMerging, Expert Merging, FW-Merging).")
-
-
-def _split(value: Optional[str]) -> Optional[list]:
-    return None if value is None else [x for x in (v.strip() for v in value.split(",")) if x]
 
 
 @app.command()
@@ -49,8 +46,8 @@ def bench(
     settings = TunedSettings(ada_steps=ada_steps, ada_lr=ada_lr, ada_examples=ada_examples,
                              expert_epochs=expert_epochs, fw_iterations=fw_iterations, fw_examples=fw_examples,
                              threads=threads)
-    report = run_tuned_bench(s, BenchCache(s, cache), _split(methods) or [], out, base, _split(tasks),
-                             _split(held_out), seed, settings, references, log=typer.echo)
+    report = run_tuned_bench(s, BenchCache(s, cache), split_names(methods) or [], out, base, split_names(tasks),
+                             split_names(held_out), seed, settings, references, log=typer.echo)
     typer.echo(f"wrote {out / 'report.json'} and {out / 'report.md'} ({report['seconds']:.0f} s)")
 
 
