@@ -14,7 +14,7 @@ from mergelab.llmmix.tasks.builtin import REFUSAL
 from mergelab.llmmix.tasks.metrics import final_number
 
 SMALL = {"train": 60, "validation": 20, "test": 30}
-FAKER_TASKS = {"translate_dates", "refusal"}
+FAKER_TASKS = {"translate_dates", "refusal", "reworded_date"}
 
 
 def _build(name, seed=0, sizes=SMALL):
@@ -178,6 +178,23 @@ def test_number_compare_oracle():
     for e in _all(_build("number_compare")):
         a, b = map(int, re.findall(r"\d+", e.prompt))
         assert a != b and int(e.answer) == (a if a > b else b)
+
+
+def test_reworded_held_out_oracles_and_wordings_unseen_by_the_merged_tasks():
+    merged_prompts = {e.prompt for n in ("string_ops", "list_ops") for e in _all(_build(n))}
+    for e in _all(_build("reworded_upper")):
+        word = re.fullmatch(r"(?:Change '(\w+)' to upper case|Make '(\w+)' all uppercase)\.", e.prompt).group(1, 2)
+        word = word[0] or word[1]
+        assert e.answer == word.upper() and e.prompt not in merged_prompts
+    for e in _all(_build("reworded_max")):
+        xs = [int(x) for x in e.prompt.split(":")[1].split()]
+        assert int(e.answer) == max(xs) and "Write the largest" not in e.prompt
+    pytest.importorskip("faker")
+    trained = {e.prompt for e in _all(_build("translate_dates"))}
+    for e in _all(_build("reworded_date")):
+        assert e.prompt.startswith("How do you say '") and e.prompt not in trained
+        english, lang = re.fullmatch(r"How do you say '(.+)' in (\w+)\?", e.prompt).groups()
+        assert e.meta["language"] == lang and e.answer.split()[1] == english.split()[1]
 
 
 def test_language_id_oracle():

@@ -1,4 +1,4 @@
-"""The built-in ``llmmix`` tasks: nine merged tasks in MergeBench's five categories and two held out.
+"""The built-in ``llmmix`` tasks: nine merged tasks in MergeBench's five categories and five held out.
 
 Each sampler draws one example for a split from a :class:`random.Random`; :mod:`.base` draws the
 splits (disjoint prompts, seeded per split). The merged tasks that transform words (``string_ops``,
@@ -237,6 +237,30 @@ def sample_letter_count(rng, split):
     return _ex(f"How many times does the letter '{letter}' occur in '{w}'?", str(w.count(letter)))
 
 
+# held out, reworded: a merged skill asked in words no expert saw. ``letter_count`` and ``number_compare``
+# need a skill no expert teaches and stay at 0% for every model of a few million parameters; these three
+# measure whether a merge carries a skill beyond the prompts it was trained on.
+def sample_reworded_upper(rng, split):
+    w = rng.choice(_common_words())
+    q = rng.choice(("Change '{w}' to upper case.", "Make '{w}' all uppercase."))
+    return _ex(q.format(w=w), w.upper())
+
+
+def sample_reworded_max(rng, split):
+    xs = _nums(rng, rng.randint(3, 6))
+    q = rng.choice(("Which number in this list is the biggest: {s}", "Give the maximum of: {s}"))
+    return _ex(q.format(s=" ".join(map(str, xs))), str(max(xs)))
+
+
+def sample_reworded_date(rng, split):
+    names = sources.date_names()
+    lang = rng.choice(sorted(names))
+    days, months = names[lang]
+    wd, m, d = rng.randrange(7), rng.randrange(12), rng.randint(1, 28)
+    q = f"How do you say '{sources.ENGLISH_DAYS[wd]} {d} {sources.ENGLISH_MONTHS[m]}' in {lang}?"
+    return _ex(q, f"{days[wd]} {d} {months[m]}", language=lang)
+
+
 def _ex(prompt, answer, **meta):
     return GenExample(prompt=prompt, answer=answer, meta=meta)
 
@@ -275,3 +299,12 @@ register(TaskSpec("letter_count", "instruction", sample_letter_count,
 register(TaskSpec("number_compare", "math", sample_number_compare,
                   "pick the larger of two numbers (half differ in one digit)", held_out=True,
                   source="generated", max_new_tokens=8))
+register(TaskSpec("reworded_upper", "instruction", sample_reworded_upper,
+                  "upper-case a word, asked in words string_ops never uses", held_out=True, source=_TEXTMIX,
+                  max_new_tokens=12))
+register(TaskSpec("reworded_max", "instruction", sample_reworded_max,
+                  "the largest number of a list, asked in words list_ops never uses", held_out=True,
+                  source="generated numbers", max_new_tokens=8))
+register(TaskSpec("reworded_date", "multilingual", sample_reworded_date,
+                  "translate_dates asked as a question", held_out=True,
+                  source="Faker locale tables DAY_NAMES / MONTH_NAMES (MIT)", max_new_tokens=16, requires=("faker",)))
