@@ -183,7 +183,8 @@ def test_number_compare_oracle():
 def test_reworded_held_out_oracles_and_wordings_unseen_by_the_merged_tasks():
     merged_prompts = {e.prompt for n in ("string_ops", "list_ops") for e in _all(_build(n))}
     for e in _all(_build("reworded_upper")):
-        word = re.fullmatch(r"(?:Change '(\w+)' to upper case|Make '(\w+)' all uppercase)\.", e.prompt).group(1, 2)
+        word = re.fullmatch(r"(?:Change '(\w+(?: \w+)?)' to upper case|Make '(\w+(?: \w+)?)' all uppercase)\.",
+                            e.prompt).group(1, 2)
         word = word[0] or word[1]
         assert e.answer == word.upper() and e.prompt not in merged_prompts
     for e in _all(_build("reworded_max")):
