@@ -33,7 +33,8 @@ def prepare(
     base: str = typer.Option("minilm-l6", "--base", help="Base model: minilm-l6 (PyPI package) or a local folder "
                              "(llmmix: default CACHE/base-SIZE/final)."),
     epochs: float = typer.Option(3.0, "--epochs", help="Passes over each task's training split."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW; default 2e-4, llmmix 1e-3)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW; default 2e-4, llmmix 1e-3, llmmix "
+                                       "1m 2e-3)."),
     head_lr: float = typer.Option(2e-3, "--head-lr", help="Head learning rate."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default 32 (llmmix 16)."),
     max_length: int = typer.Option(64, "--max-length", help="Tokens per example (longer texts are cut)."),
@@ -44,7 +45,8 @@ def prepare(
     rebuild: bool = typer.Option(False, "--rebuild", help="Retrain units prepared with other settings."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     size: str = typer.Option("3m", "--size", help="llmmix: base size (base from `bench pretrain`, or --base DIR)."),
-    steps: int = typer.Option(600, "--steps", help="llmmix: optimizer steps per expert."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="llmmix: optimizer steps per expert (default 600; "
+                                        "1m: 1000)."),
     multitask_steps: Optional[int] = typer.Option(None, "--multitask-steps", help="llmmix: steps of the "
                                                   "multi-task model (default: --steps x number of tasks)."),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="llmmix: validation examples per task "
@@ -70,7 +72,7 @@ def prepare(
         raise MergeLabError("--jobs, --replay-batch and --lora-rank apply to --suite llmmix only")
     if suite == "llmmix":
         _prepare_llmmix(size, cache, None if base == "minilm-l6" else Path(base), split_names(tasks), steps,
-                        multitask_steps, 1e-3 if lr is None else lr, 16 if batch_size is None else batch_size, seed,
+                        multitask_steps, lr, 16 if batch_size is None else batch_size, seed,
                         eval_limit, device, threads, multitask, rebuild, progress,
                         bad=[f for f, given in (("--epochs", epochs != 3.0), ("--head-lr", head_lr != 2e-3),
                                                 ("--max-length", max_length != 64), ("--task", bool(task)),
@@ -109,12 +111,15 @@ def _sizes(examples: Optional[str]) -> Optional[dict]:
 def _prepare_llmmix(size, cache, base_dir, tasks, steps, multitask_steps, lr, batch_size, seed, eval_limit, device,
                     threads, multitask, rebuild, progress, bad, examples, jobs=1, replay_batch=None,
                     lora_rank=0) -> None:
-    from mergelab.llmmix.finetune import FinetuneConfig
+    from mergelab.llmmix.finetune import FinetuneConfig, recipe_for_size
     from mergelab.llmmix.prepare import prepare as run_prepare
 
     if bad:
         raise MergeLabError(f"--suite llmmix: {', '.join(bad)} do(es) not apply to the llmmix suite")
     sizes = _sizes(examples)
+    recipe = recipe_for_size(size)
+    steps = recipe["steps"] if steps is None else steps
+    lr = recipe["lr"] if lr is None else lr
     cfg = FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_limit=eval_limit, device=device,
                          threads=threads, lora_rank=lora_rank,
                          **({} if replay_batch is None else {"replay_batch": replay_batch}))
