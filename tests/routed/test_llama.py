@@ -132,3 +132,43 @@ def test_wemoe_on_llama_routes_on_the_prompt_and_trains_on_next_token_entropy(ll
     loaded = routed.load(save_wemoe(tmp_path / "wemoe", m))
     one = left_padded(tok, prompts[:2])
     assert torch.equal(greedy(loaded.causal_lm(), one), greedy(m.causal_lm(), one))
+
+
+def test_routed_bench_on_llmmix_experts(trained_llamas, tmp_path):
+    """The llmmix routed bench end to end on the trained tiny experts laid out as `bench prepare` does."""
+    import json
+
+    from mergelab.llmmix.generate import evaluate_task
+    from mergelab.llmmix.run import _bits
+    from mergelab.routed.bench import RoutedSettings, run_routed_llmmix
+
+    base_dir, expert_dirs = trained_llamas
+    root = tmp_path / "cache"
+    folder = root / "experts-tiny"
+    folder.mkdir(parents=True)
+    for t, e in zip(TASKS, expert_dirs):
+        (folder / t).symlink_to(e.parent)
+    (folder / "prepare.json").write_text(json.dumps({"base": str(base_dir), "tasks": list(TASKS)}))
+    sizes = {"train": 24, "validation": 2, "test": 8}  # the fixture's
+    settings = RoutedSettings(twin_epochs=3, twin_density=1.0, wemoe_steps=2, wemoe_examples=2, wemoe_batch=2)
+    out = tmp_path / "out"
+    rep = run_routed_llmmix(["emr", "twin", "wemoe"], out, "tiny", root, eval_limit=6, settings=settings,
+                            log=lambda s: None, sizes=sizes)
+    rows = {r.get("method", r["name"]): r for r in rep["rows"]}
+    assert rep["complete"] and rep["test_sizes"] == {t: 6 for t in TASKS}
+    for key in ("emr", "twin", "wemoe"):
+        r = rows[key]
+        assert r["status"] == "ok", r
+        assert set(r["correct"]) == set(TASKS) and all(len(b) == 6 for b in r["correct"].values())
+        assert r["sizes"]["extra_bytes"] > 0
+    # EMR's bits are the per-task models' own greedy exact matches
+    m = routed.load(out / "models" / "emr")
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    for t in TASKS:
+        task = build_task(t, seed=0, sizes=sizes)
+        assert rows["emr"]["correct"][t] == _bits(evaluate_task(m.causal_lm(t), tok, task, "test", limit=6).records)
+    # the experts' reference bits are on the same six examples
+    ind = rows["individual"]["correct"]
+    for t, e in zip(TASKS, expert_dirs):
+        ref = LlamaForCausalLM.from_pretrained(str(e)).eval()
+        assert ind[t] == _bits(evaluate_task(ref, tok, build_task(t, seed=0, sizes=sizes), "test", limit=6).records)

@@ -272,11 +272,17 @@ def train_routers(model: WEMoEModel, heads: Optional[Sequence[Mapping[str, torch
     nexts = [cycle(d, cfg.seed + t) if d else None for t, d in enumerate(data)]
     history = []
     for step in range(cfg.steps):
-        loss = entropy_objective(Rows, {}, [n() if n else None for n in nexts])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        batches = [n() if n else None for n in nexts]
+        total = 0.0
+        for t, b in enumerate(batches):  # the sum's gradient, one task's graph in memory at a time
+            if b is None:
+                continue
+            loss = entropy_objective(Rows, {}, [b if u == t else None for u in range(len(batches))])
+            loss.backward()
+            total += float(loss.detach())
         opt.step()
-        history.append(float(loss.detach()))
+        history.append(total)
         if step % 20 == 0 or step == cfg.steps - 1:
             log(f"wemoe step {step}: entropy {history[-1]:.4f}")
     for p in params:
