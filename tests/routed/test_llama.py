@@ -150,7 +150,7 @@ def test_routed_bench_on_llmmix_experts(trained_llamas, tmp_path):
         (folder / t).symlink_to(e.parent)
     (folder / "prepare.json").write_text(json.dumps({"base": str(base_dir), "tasks": list(TASKS)}))
     sizes = {"train": 24, "validation": 2, "test": 8}  # the fixture's
-    settings = RoutedSettings(twin_epochs=3, twin_density=1.0, wemoe_steps=2, wemoe_examples=2, wemoe_batch=2)
+    settings = RoutedSettings(twin_epochs=2, twin_density=1.0, wemoe_steps=1, wemoe_examples=2, wemoe_batch=2)
     out = tmp_path / "out"
     rep = run_routed_llmmix(["emr", "twin", "wemoe"], out, "tiny", root, eval_limit=6, settings=settings,
                             log=lambda s: None, sizes=sizes)

@@ -132,8 +132,9 @@ class RoutedBench:
                                sizes=model.sizes, inference=inference, folder=str(folder), **extra)
         m = row["metrics"]
         s = model.sizes
+        norm = m.get("mean_normalised_accuracy")
         self.log(f"{row['name']}: test mean accuracy {m['mean_accuracy']:.4f}, normalised "
-                 f"{m['mean_normalised_accuracy']:.4f}; {s.get('extra_bytes', 0) / 2**20:.1f} MiB beyond one model "
+                 f"{'n/a' if norm is None else f'{norm:.4f}'}; {s.get('extra_bytes', 0) / 2**20:.1f} MiB beyond one model "
                  f"({s.get('vs_all_experts', 0):.3f} of all experts); build {build_seconds:.1f} s, eval {seconds:.1f} s")
         return row
 
@@ -224,20 +225,24 @@ class RoutedBench:
 class LlmRoutedBench(RoutedBench):
     """The routed rows on ``llmmix``'s causal-LM experts: greedy exact match (or pass@1) through the llmmix
     runner (:class:`mergelab.llmmix.run.LlmRunner`), on the first ``eval_limit`` test examples of each task
-    (the experts' reference bits on the same examples). Routers read prompts only (rendered and encoded
+    (the experts' reference bits on the same examples; held-out text perplexity is not measured: a routed
+    model's route on running text is not what its rows measure). Routers read prompts only (rendered and encoded
     as fine-tuning and evaluation do, left-padded); Twin-Merging and WEMoE route on the prompt and keep
     the route for the generated tokens (:meth:`mergelab.routed.common.RoutedModel.generate`). WEMoE's
     routers minimise the entropy of the answer's first token (:func:`mergelab.routed.wemoe.next_token_logits`)."""
 
     model_class = "AutoModelForCausalLM"
 
-    def __init__(self, tasks: Sequence, out: Path, base_dir: Path, experts_dir: Path, ppl_text: tuple,
+    def __init__(self, tasks: Sequence, out: Path, base_dir: Path, experts_dir: Path,
                  eval_limit: Optional[int] = None, seed: int = 0, settings: RoutedSettings = RoutedSettings(),
                  log: Callable[[str], None] = print):
         from mergelab.llmmix.run import LlmRunner
         from mergelab.routed.wemoe import next_token_logits
 
-        class Runner(LlmRunner):  # every split evaluated on its first eval_limit examples
+        class Runner(LlmRunner):  # every split evaluated on its first eval_limit examples; no perplexity
+            def _perplexity(self):
+                return None
+
             def _eval_split(self, task, split: str):
                 from mergelab.llmmix.generate import evaluate_task
 
@@ -247,7 +252,7 @@ class LlmRoutedBench(RoutedBench):
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.eval_limit = eval_limit
-        self.runner = Runner(tasks, [], base_dir, experts_dir, ppl_text, seed, log)
+        self.runner = Runner(tasks, [], base_dir, experts_dir, ("", "not measured"), seed, log)
         self.suite, self.seed, self.settings, self.log, self.out = None, seed, settings, log, Path(out)
         self.specs = {t.name: t for t in tasks}
         self.tasks = [t.name for t in tasks]
@@ -305,6 +310,10 @@ class LlmRoutedBench(RoutedBench):
         return self._static
 
 
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
 def routed_markdown(report: dict) -> str:
     """The routed rows with what they keep beyond one model and what they cost (``routed.md``)."""
     head = ["model", "mean acc", "norm. acc", "extra MiB", "total / one model", "total / all experts",
@@ -316,7 +325,7 @@ def routed_markdown(report: dict) -> str:
         m, s, inf, d = r["metrics"], r["sizes"], r["inference"], r.get("data", {})
         data = "none" if not d.get("split") else d["split"] + (" (test-time adaptation)" if d.get("test_time") else "")
         lines.append("| " + " | ".join([
-            r["name"], f"{100 * m['mean_accuracy']:.1f}", f"{100 * m['mean_normalised_accuracy']:.1f}",
+            r["name"], f"{100 * m['mean_accuracy']:.1f}", _pct(m.get("mean_normalised_accuracy")),
             f"{s['extra_bytes'] / 2**20:.1f}", f"{s['vs_one_model']:.2f}", f"{s['vs_all_experts']:.2f}",
             f"{inf.get('linear_macs_vs_one_model', 0):.2f}", f"{inf.get('time_vs_static', 0):.2f}",
             "yes" if inf.get("task_id_needed") else "no", data]) + " |")
@@ -389,7 +398,6 @@ def run_routed_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root:
     from mergelab import __version__
     from mergelab.llmmix.prepare import experts_folder
     from mergelab.llmmix.pretrain import base_folder, default_root
-    from mergelab.llmmix.run import heldout_text
     from mergelab.llmmix.tasks import build_task, get_spec
 
     out = Path(out)
@@ -415,8 +423,7 @@ def run_routed_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root:
         raise MergeLabError(f"a routed model needs at least 2 merged tasks; got {names}")
     start = time.perf_counter()
     tasks = [build_task(n, seed=0, sizes=sizes) for n in names]
-    bench = LlmRoutedBench(tasks, out, base_dir, folder, heldout_text(root, base_dir=base_dir), eval_limit, seed,
-                           settings, log)
+    bench = LlmRoutedBench(tasks, out, base_dir, folder, eval_limit, seed, settings, log)
     (out / "models").mkdir(parents=True, exist_ok=True)
     report = {
         "suite": "llmmix", "suite_fingerprint": "+".join(t.fingerprint()[:8] for t in tasks),
