@@ -72,6 +72,12 @@ class RoutedBench:
         self.config, self.tokenizer = self.runner.config, self.runner.tokenizer
         self._static = None
 
+    model_class = "AutoModel"
+    wemoe_logits = None  # the task heads' logits (router training)
+
+    def references(self) -> List[dict]:
+        return self.runner.references()
+
     # ------------------------------------------------------------------ data and evaluation
     def batches(self, split: str, n: int, batch_size: int, test_time: bool = False) -> List[list]:
         from mergelab.calibrate.data import task_texts, tokenize_batches
@@ -126,8 +132,9 @@ class RoutedBench:
                                sizes=model.sizes, inference=inference, folder=str(folder), **extra)
         m = row["metrics"]
         s = model.sizes
+        norm = m.get("mean_normalised_accuracy")
         self.log(f"{row['name']}: test mean accuracy {m['mean_accuracy']:.4f}, normalised "
-                 f"{m['mean_normalised_accuracy']:.4f}; {s.get('extra_bytes', 0) / 2**20:.1f} MiB beyond one model "
+                 f"{'n/a' if norm is None else f'{norm:.4f}'}; {s.get('extra_bytes', 0) / 2**20:.1f} MiB beyond one model "
                  f"({s.get('vs_all_experts', 0):.3f} of all experts); build {build_seconds:.1f} s, eval {seconds:.1f} s")
         return row
 
@@ -143,7 +150,7 @@ class RoutedBench:
         folder = self.out / "models" / "emr"
         with self._timer() as tm:
             res = emr_merge(self.base, self.experts, self.tasks, self.settings.emr_reduction)
-            save_emr(folder, res, self.base, self.config, self.tasks, heads=self.heads)
+            save_emr(folder, res, self.base, self.config, self.tasks, heads=self.heads, model_class=self.model_class)
         data = {"split": None, "examples_per_task": 0, "labels_used": False, "test_time": False}
         return [self.row("emr", folder, tm.seconds, tm.mem.mib, data,
                          params={"rescale_reduction": self.settings.emr_reduction},
@@ -160,7 +167,7 @@ class RoutedBench:
         data = self.batches("validation", s.twin_examples, 64)
         with self._timer() as tm:
             build_twin(folder, self.base, self.experts, self.tasks, self.config, data, cfg, heads=self.heads,
-                       log=self.log)
+                       model_class=self.model_class, log=self.log)
         import mergelab.routed as routed
 
         m = routed.load(folder)
@@ -187,8 +194,10 @@ class RoutedBench:
         data = self.batches(split, s.wemoe_examples, s.wemoe_batch, test_time)
         folder = self.out / "models" / key
         with self._timer() as tm:
-            model = upscale(self.base, self.experts, self.tasks, self.config, cfg, heads=self.heads)
-            hist = train_routers(model, [self.heads[t] for t in self.tasks], data, cfg, log=self.log)
+            model = upscale(self.base, self.experts, self.tasks, self.config, cfg, heads=self.heads,
+                            model_class=self.model_class)
+            hist = train_routers(model, [self.heads[t] for t in self.tasks] if self.heads else None, data, cfg,
+                                 log=self.log, logits=self.wemoe_logits)
             save_wemoe(folder, model, {"entropy_first_last": [hist[0], hist[-1]] if hist else None})
         mlp = sum(v.numel() for v in model.taus[0].values() if v.dim() == 2)
         one = linear_macs(model.module)
@@ -213,6 +222,98 @@ class RoutedBench:
             return [{"name": DISPLAY[method], "method": method, "kind": "routed", "status": "failed", "reason": str(e)}]
 
 
+class LlmRoutedBench(RoutedBench):
+    """The routed rows on ``llmmix``'s causal-LM experts: greedy exact match (or pass@1) through the llmmix
+    runner (:class:`mergelab.llmmix.run.LlmRunner`), on the first ``eval_limit`` test examples of each task
+    (the experts' reference bits on the same examples; held-out text perplexity is not measured: a routed
+    model's route on running text is not what its rows measure). Routers read prompts only (rendered and encoded
+    as fine-tuning and evaluation do, left-padded); Twin-Merging and WEMoE route on the prompt and keep
+    the route for the generated tokens (:meth:`mergelab.routed.common.RoutedModel.generate`). WEMoE's
+    routers minimise the entropy of the answer's first token (:func:`mergelab.routed.wemoe.next_token_logits`)."""
+
+    model_class = "AutoModelForCausalLM"
+
+    def __init__(self, tasks: Sequence, out: Path, base_dir: Path, experts_dir: Path,
+                 eval_limit: Optional[int] = None, seed: int = 0, settings: RoutedSettings = RoutedSettings(),
+                 log: Callable[[str], None] = print):
+        from mergelab.llmmix.run import LlmRunner
+        from mergelab.routed.wemoe import next_token_logits
+
+        class Runner(LlmRunner):  # every split evaluated on its first eval_limit examples; no perplexity
+            def _perplexity(self):
+                return None
+
+            def _eval_split(self, task, split: str):
+                from mergelab.llmmix.generate import evaluate_task
+
+                return evaluate_task(self.model, self.tokenizer, task, split, limit=eval_limit,
+                                     batch_size=self.batch_size)
+
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.eval_limit = eval_limit
+        self.runner = Runner(tasks, [], base_dir, experts_dir, ("", "not measured"), seed, log)
+        self.suite, self.seed, self.settings, self.log, self.out = None, seed, settings, log, Path(out)
+        self.specs = {t.name: t for t in tasks}
+        self.tasks = [t.name for t in tasks]
+        self.base, self.experts = self.runner.base, self.runner.experts
+        self.heads = None
+        self.config, self.tokenizer = self.runner.model.config, self.runner.tokenizer
+        self.wemoe_logits = next_token_logits
+        self._static = None
+
+    def references(self) -> List[dict]:
+        r = self.runner
+        return [r._row("pretrained", "reference", r.base_eval["correct"], None, note="the base model, no fine-tuning"),
+                r._row("individual", "reference", dict(r.expert_correct), None,
+                       note="each task's own fine-tuned expert")]
+
+    def batches(self, split: str, n: int, batch_size: int, test_time: bool = False) -> List[list]:
+        """Per task, left-padded batches of the first ``n`` prompts of ``split`` (all with ``n`` 0)."""
+        from mergelab.llmmix.tasks.format import encode_prompt
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out = []
+        for t in self.tasks:
+            ex = self.specs[t].split(split)
+            enc = [encode_prompt(self.tokenizer, e.prompt) for e in (ex[:n] if n else ex)]
+            bs = []
+            for i in range(0, len(enc), batch_size):
+                chunk = enc[i:i + batch_size]
+                width = max(map(len, chunk))
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for j, e in enumerate(chunk):
+                    ids[j, width - len(e):] = torch.tensor(e, dtype=torch.long)
+                    mask[j, width - len(e):] = 1
+                bs.append({"input_ids": ids, "attention_mask": mask})
+            out.append(bs)
+        return out
+
+    @torch.no_grad()
+    def correct(self, model, split: str = "test") -> dict:
+        from mergelab.llmmix.generate import evaluate_task
+        from mergelab.llmmix.run import _bits
+
+        return {t: _bits(evaluate_task(model.causal_lm(t), self.tokenizer, self.specs[t], split,
+                                       limit=self.eval_limit, batch_size=self.runner.batch_size).records)
+                for t in self.tasks}
+
+    def static_seconds(self) -> float:
+        """Test evaluation time of one static model (the base), the unit of the cost column."""
+        if self._static is None:
+            self.runner._load(self.base)
+            t0 = time.perf_counter()
+            for t in self.tasks:
+                self.runner._eval_split(self.specs[t], "test")
+            self._static = time.perf_counter() - t0
+        return self._static
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
 def routed_markdown(report: dict) -> str:
     """The routed rows with what they keep beyond one model and what they cost (``routed.md``)."""
     head = ["model", "mean acc", "norm. acc", "extra MiB", "total / one model", "total / all experts",
@@ -224,11 +325,35 @@ def routed_markdown(report: dict) -> str:
         m, s, inf, d = r["metrics"], r["sizes"], r["inference"], r.get("data", {})
         data = "none" if not d.get("split") else d["split"] + (" (test-time adaptation)" if d.get("test_time") else "")
         lines.append("| " + " | ".join([
-            r["name"], f"{100 * m['mean_accuracy']:.1f}", f"{100 * m['mean_normalised_accuracy']:.1f}",
+            r["name"], f"{100 * m['mean_accuracy']:.1f}", _pct(m.get("mean_normalised_accuracy")),
             f"{s['extra_bytes'] / 2**20:.1f}", f"{s['vs_one_model']:.2f}", f"{s['vs_all_experts']:.2f}",
             f"{inf.get('linear_macs_vs_one_model', 0):.2f}", f"{inf.get('time_vs_static', 0):.2f}",
             "yes" if inf.get("task_id_needed") else "no", data]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _check(methods: Sequence[str], out: Path) -> list:
+    methods = list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise MergeLabError(f"unknown routed method(s) {unknown}; known: {', '.join(METHODS)}" if unknown
+                            else f"no routed method given; known: {', '.join(METHODS)}")
+    taken = [m for m in methods if (Path(out) / "models" / m).exists()]
+    if taken:
+        raise MergeLabError(f"'{Path(out) / 'models' / taken[0]}' exists; remove it or choose another --out")
+    return methods
+
+
+def _run_methods(bench: RoutedBench, methods: Sequence[str], out: Path, report: dict, start: float) -> dict:
+    from mergelab.evaluate.report import write_report
+
+    for m in methods:
+        report["rows"].extend(bench.run(m))
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        report["complete"] = m == methods[-1]
+        write_report(report, out)
+        (out / "routed.md").write_text(routed_markdown(report))
+    return report
 
 
 def run_routed_bench(suite, cache, methods: Sequence[str], out: Path, base: str = "minilm-l6",
@@ -237,17 +362,9 @@ def run_routed_bench(suite, cache, methods: Sequence[str], out: Path, base: str 
                      log: Callable[[str], None] = print) -> dict:
     """Run the routed ``methods`` on the prepared suite; write the report and the model folders to ``out``."""
     from mergelab import __version__
-    from mergelab.evaluate.report import write_report
 
-    methods = list(methods)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise MergeLabError(f"unknown routed method(s) {unknown}; known: {', '.join(METHODS)}" if unknown
-                            else f"no routed method given; known: {', '.join(METHODS)}")
     out = Path(out)
-    taken = [m for m in methods if (out / "models" / m).exists()]
-    if taken:
-        raise MergeLabError(f"'{out / 'models' / taken[0]}' exists; remove it or choose another --out")
+    methods = _check(methods, out)
     held = list(suite.held_out if held_out is None else held_out)
     tasks = list(merge_tasks) if merge_tasks else [t for t in suite.task_names if t not in held]
     if len(tasks) < 2:
@@ -255,7 +372,7 @@ def run_routed_bench(suite, cache, methods: Sequence[str], out: Path, base: str 
     start = time.perf_counter()
     bench = RoutedBench(suite, cache, tasks, held, out, base, seed, settings, log)
     (out / "models").mkdir(parents=True, exist_ok=True)
-    rows = bench.runner.references() if references else []
+    rows = bench.references() if references else []
     report = {
         "suite": suite.name, "suite_fingerprint": suite.fingerprint(), "suite_source": suite.source,
         "base_model": base, "cache": str(cache.dir), "merge_tasks": tasks, "held_out": held,
@@ -266,10 +383,60 @@ def run_routed_bench(suite, cache, methods: Sequence[str], out: Path, base: str 
                      "inputs (test inputs only for the row marked test-time adaptation); held-out tasks not scored"),
         "rows": rows,
     }
-    for m in methods:
-        rows.extend(bench.run(m))
-        report["seconds"] = round(time.perf_counter() - start, 1)
-        report["complete"] = m == methods[-1]
-        write_report(report, out)
-        (out / "routed.md").write_text(routed_markdown(report))
-    return report
+    return _run_methods(bench, methods, out, report, start)
+
+
+def run_routed_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root: Optional[Path] = None,
+                      merge_tasks: Optional[Sequence[str]] = None, eval_limit: Optional[int] = 100, seed: int = 0,
+                      settings: RoutedSettings = RoutedSettings(), references: bool = True,
+                      log: Callable[[str], None] = print, sizes: Optional[dict] = None) -> dict:
+    """The routed ``methods`` on ``llmmix``'s prepared causal-LM experts (``ROOT/experts-SIZE``, as
+    ``bench run --suite llmmix``), evaluated on the first ``eval_limit`` test examples per task
+    (``sizes``: the task split sizes the experts were prepared with, default the built-in ones)."""
+    import json
+
+    from mergelab import __version__
+    from mergelab.llmmix.prepare import experts_folder
+    from mergelab.llmmix.pretrain import base_folder, default_root
+    from mergelab.llmmix.tasks import build_task, get_spec
+
+    out = Path(out)
+    methods = _check(methods, out)
+    if eval_limit is not None and eval_limit < 1:
+        raise MergeLabError(f"--eval-limit must be >= 1, got {eval_limit}")
+    root = Path(root) if root else default_root()
+    folder = experts_folder(root, size, 0)
+    if not (folder / "prepare.json").is_file():
+        raise MergeLabError(f"{folder}: no prepared llmmix experts (run `mergelab bench prepare --suite llmmix "
+                            f"--size {size}`)")
+    prep = json.loads((folder / "prepare.json").read_text(encoding="utf-8"))
+    base_dir = Path(prep["base"]) if prep.get("base") else base_folder(size, root)
+    names = list(merge_tasks) if merge_tasks else list(prep.get("tasks") or [])
+    unknown = [n for n in names if n not in (prep.get("tasks") or [])]
+    if unknown:
+        raise MergeLabError(f"--tasks: no prepared expert for {', '.join(unknown)} in {folder} "
+                            f"(prepared: {', '.join(prep.get('tasks') or [])})")
+    bad = [n for n in names if get_spec(n).held_out]
+    if bad:
+        raise MergeLabError(f"--tasks: {', '.join(bad)} held out (no expert may see a held-out task)")
+    if len(names) < 2:
+        raise MergeLabError(f"a routed model needs at least 2 merged tasks; got {names}")
+    start = time.perf_counter()
+    tasks = [build_task(n, seed=0, sizes=sizes) for n in names]
+    bench = LlmRoutedBench(tasks, out, base_dir, folder, eval_limit, seed, settings, log)
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    report = {
+        "suite": "llmmix", "suite_fingerprint": "+".join(t.fingerprint()[:8] for t in tasks),
+        "suite_source": "mergelab.llmmix.tasks", "base_model": str(base_dir), "cache": str(folder),
+        "merge_tasks": names, "held_out": [],
+        "test_sizes": {t.name: len(t.split("test")[:eval_limit] if eval_limit else t.split("test")) for t in tasks},
+        "eval_limit": eval_limit, "methods": methods, "seed": seed, "mergelab_version": __version__,
+        "settings": asdict(settings), "seconds": 0.0, "complete": False,
+        "protocol": ("routed causal LMs built from the prepared experts, saved, reloaded with mergelab.routed.load; "
+                     "greedy exact match (or pass@1) on the first eval_limit test examples of each task (the "
+                     "experts' reference on the same examples); routers read the prompts of the validation "
+                     "splits (the test prompts only for the row marked test-time adaptation) and route each "
+                     "generation on its prompt; EMR is given the task id"),
+        "rows": bench.references() if references else [],
+    }
+    return _run_methods(bench, methods, out, report, start)

@@ -16,12 +16,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 @app.command()
 def bench(
-    suite: str = typer.Option("textmix", "--suite", help="Built-in suite name, suite folder or suite YAML."),
+    suite: str = typer.Option("textmix", "--suite", help="Built-in suite name (textmix, llmmix), suite folder or YAML."),
     methods: str = typer.Option("emr,twin,wemoe,wemoe_tta", "--methods", "-m",
                                 help="Comma-separated: emr, twin, wemoe, wemoe_tta (test-time adaptation)."),
     out: Path = typer.Option(Path("bench-out/routed"), "--out", help="Report and models/<method>/ folders."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache root used by `mergelab bench prepare`."),
-    base: str = typer.Option("minilm-l6", "--base", help="Base model the experts were trained from."),
+    base: str = typer.Option("minilm-l6", "--base", help="Base model the experts were trained from (not llmmix: "
+                                                          "its prepare.json names the base)."),
+    size: str = typer.Option("3m", "--size", help="llmmix: the base size whose experts are used (experts-SIZE)."),
+    eval_limit: Optional[int] = typer.Option(100, "--eval-limit",
+                                             help="llmmix: first N test examples per task (0: all)."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Merge only these tasks (comma-separated)."),
     held_out: Optional[str] = typer.Option(None, "--held-out", help="Held-out tasks (default: the suite's)."),
     references: bool = typer.Option(True, "--references/--no-references", help="Also report the reference rows."),
@@ -53,10 +57,21 @@ def bench(
         raise MergeLabError(f"--twin-rank must be >= 1, got {twin_rank}")
     if wemoe_steps < 0 or wemoe_examples < 1 or not wemoe_lr > 0:
         raise MergeLabError("--wemoe-steps must be >= 0, --wemoe-examples >= 1 and --wemoe-lr > 0")
-    s = load_suite(suite)
     settings = RoutedSettings(emr_reduction=emr_reduction, twin_density=twin_density, twin_rank=twin_rank,
                               twin_lambda=twin_lambda, wemoe_steps=wemoe_steps, wemoe_lr=wemoe_lr,
                               wemoe_examples=wemoe_examples, threads=threads)
+    if suite == "llmmix":
+        from mergelab.routed.bench import run_routed_llmmix
+
+        if held_out:
+            raise MergeLabError("--held-out: the llmmix routed bench scores merged tasks only")
+        if eval_limit is not None and eval_limit < 0:
+            raise MergeLabError(f"--eval-limit must be >= 0, got {eval_limit}")
+        report = run_routed_llmmix(names, out, size, cache, split_names(tasks), eval_limit or None, seed, settings,
+                                   references, log=typer.echo)
+        typer.echo(f"wrote {out / 'report.json'} and {out / 'report.md'} ({report['seconds']:.0f} s)")
+        return
+    s = load_suite(suite)
     report = run_routed_bench(s, BenchCache(s, cache), names, out, base, split_names(tasks), split_names(held_out), seed,
                               settings, references, log=typer.echo)
     typer.echo(f"wrote {out / 'report.json'} and {out / 'report.md'} ({report['seconds']:.0f} s)")

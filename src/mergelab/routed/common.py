@@ -62,7 +62,8 @@ def build_module(config, model_class: str = "AutoModel", state: Optional[Mapping
     module = module.float().eval()
     if state is not None:
         missing, unexpected = module.load_state_dict(dict(state), strict=False)
-        missing = [k for k in missing if not k.endswith("position_ids")]
+        tied = set(tied_names(module).values())
+        missing = [k for k in missing if not k.endswith("position_ids") and k not in tied]
         unexpected = [k for k in unexpected if not k.endswith("position_ids")]
         if missing or unexpected:
             raise CheckpointError(f"the tensors do not match the config's {type(module).__name__}: missing "
@@ -70,6 +71,19 @@ def build_module(config, model_class: str = "AutoModel", state: Optional[Mapping
     for p in module.parameters():
         p.requires_grad_(False)
     return module
+
+
+def tied_names(module) -> Dict[str, str]:
+    """``{name: name of the first tensor it shares storage with}`` for the module's tied parameters (a tied
+    ``lm_head.weight`` -> ``model.embed_tokens.weight``); tied checkpoints store only the first."""
+    first: Dict[int, str] = {}
+    out = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out[first[id(p)]] = name
+        else:
+            first[id(p)] = name
+    return out
 
 
 def load_config(folder: Path):
@@ -107,7 +121,9 @@ class RoutedModel:
         self.folder, self.manifest, self.config, self.module = folder, manifest, config, module
         self.tasks: List[str] = list(manifest["tasks"])
         self.heads: Dict[str, Dict[str, torch.Tensor]] = dict(heads or {})
-        self.fixed = {k: v for k, v in module.state_dict().items()}
+        tied = set(tied_names(module).values())
+        # a tied tensor is given once (functional_call ties the other name to it)
+        self.fixed = {k: v for k, v in module.state_dict().items() if k not in tied}
 
     @property
     def sizes(self) -> dict:
@@ -133,6 +149,29 @@ class RoutedModel:
     def __call__(self, task=None, **batch):
         return self.forward(task=task, **batch)
 
+    # ------------------------------------------------------------ generation (causal LMs)
+    def begin_generation(self, task, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> None:
+        """Fix the model's weights for a ``generate`` over these prompts (a subclass's hook): per task for
+        EMR-Merging; routed on the prompt for Twin-Merging and WEMoE, the route kept for every generated
+        token (the decoding steps see one token each, not the input the router was taught on)."""
+        raise NotImplementedError
+
+    def end_generation(self) -> None:
+        pass
+
+    def generate(self, task=None, input_ids=None, attention_mask=None, **kwargs):
+        """``module.generate`` with the weights :meth:`begin_generation` fixes for these prompts."""
+        self.begin_generation(task, input_ids, attention_mask)
+        try:
+            return self.module.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            self.end_generation()
+
+    def causal_lm(self, task=None) -> "GenerationView":
+        """An object with ``generate``, ``parameters`` and ``generation_config`` as a Hugging Face causal LM
+        has them (what :func:`mergelab.llmmix.generate.evaluate_task` needs), generating for ``task``."""
+        return GenerationView(self, task)
+
     def logits(self, task, **batch) -> torch.Tensor:
         k = self._task_index(task)
         name = self.tasks[k]
@@ -156,3 +195,25 @@ def merge_shared(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str
     if p is not None and p.required and "weight" not in params:
         params["weight"] = [1.0] * len(experts)
     return mergelab.merge_state_dicts(dict(base), [dict(e) for e in experts], method, params=params, seed=seed)
+
+
+class GenerationView:
+    """A routed causal LM seen as a Hugging Face one for greedy decoding (see :meth:`RoutedModel.causal_lm`)."""
+
+    def __init__(self, model: RoutedModel, task=None):
+        self.routed, self.task = model, task
+        self.config = model.module.config
+
+    @property
+    def generation_config(self):
+        return self.routed.module.generation_config
+
+    @generation_config.setter
+    def generation_config(self, value):
+        self.routed.module.generation_config = value
+
+    def parameters(self):
+        return self.routed.module.parameters()
+
+    def generate(self, input_ids=None, attention_mask=None, **kwargs):
+        return self.routed.generate(self.task, input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -160,3 +160,17 @@ class EMRModel(RoutedModel):
 
     def forward(self, task=None, **batch):
         return self.call(self.task_params(task), **batch)
+
+    def begin_generation(self, task, input_ids, attention_mask) -> None:
+        """Task ``task``'s weights copied into the module (``generate`` runs the module itself)."""
+        state = self.module.state_dict()
+        with torch.no_grad():
+            for k, v in self.task_params(task).items():
+                state[k].copy_(v)
+
+    def end_generation(self) -> None:
+        state = self.module.state_dict()
+        with torch.no_grad():
+            for k, v in self.base.items():
+                if k in state:
+                    state[k].copy_(v)

@@ -5,7 +5,9 @@ For a module with shared weights ``W`` and expert deltas ``D_k`` mixed per input
 
     W(b) = W + sum_k w[b, k] D_k     =>     f_{W(b)}(x_b) = f_W(x_b) + sum_k w[b, k] f_{D_k}(x_b)
 
-for the linear parts (Linear: ``x D_k^T + d_k``; Embedding: ``D_k[ids]``; a LayerNorm's affine part).
+for the linear parts (Linear: ``x D_k^T + d_k``; Embedding: ``D_k[ids]``; a LayerNorm's affine part; an
+RMSNorm's weight: Llama / Qwen / Mistral ``w * n(x)`` and Gemma's ``(1 + w) * n(x)`` are both linear in
+``w``, so a weight delta ``d_k`` adds ``n(x) * d_k`` with ``n(x) = x / sqrt(mean(x^2) + eps)``).
 So a batch runs in one forward with K extra (low-rank: cheap) products per module, and the result is
 exactly the forward of the assembled per-input weights. A delta is a dense tensor, a low-rank triple
 ``(U, S, Vh)`` (``D = U diag(S) Vh``), or ``None`` (zero for that expert).
@@ -77,13 +79,29 @@ class _Routed(nn.Module):
 
 
 class RoutedLinear(_Routed):
+    """With dense weight deltas for every expert (WEMoE's MLP task vectors) and inputs of more than one
+    token, the per-input weights ``W + sum_k w[b, k] D_k`` are formed and applied by one batched product:
+    ``K |W| + T |W|`` multiply-adds per input instead of ``(K + 1) T |W|`` (the same function)."""
+
     def __init__(self, base: nn.Linear, mixture: Mixture, deltas: Dict[str, Sequence[Delta]]):
         super().__init__(mixture, deltas)
         self.base = base
+        ds = self.deltas.get("weight", [])
+        self._stack = None
+        if ds and all(torch.is_tensor(d) for d in ds):
+            self._stack = torch.stack([d.float() for d in ds])
+            self.deltas["weight"] = list(self._stack.unbind(0))  # views: stored once
 
     def forward(self, x):
-        y = self.base(x)
-        y = self._mix("weight", lambda d: _linear_delta(x, d), y)
+        w = self.mixture.get()
+        if self._stack is not None and x.dim() == 3 and x.shape[1] > 1 and w.shape[0] == x.shape[0]:
+            weight = self.base.weight + torch.einsum("bk,koi->boi", w.to(self._stack.dtype), self._stack)
+            y = torch.bmm(x, weight.transpose(1, 2).to(x.dtype))
+            if self.base.bias is not None:
+                y = y + self.base.bias
+        else:
+            y = self.base(x)
+            y = self._mix("weight", lambda d: _linear_delta(x, d), y)
         shape = y.shape
         return self._mix("bias", lambda d: d.expand(shape), y) if "bias" in self.deltas else y
 
@@ -118,15 +136,45 @@ class RoutedLayerNorm(_Routed):
         return self._mix("bias", lambda d: d.expand(shape), y)
 
 
+class RoutedRMSNorm(_Routed):
+    """An RMSNorm (any module class named ``*RMSNorm`` with a 1-D ``weight`` and ``variance_epsilon`` or
+    ``eps``) whose weight takes dense per-expert deltas; the output is exactly the norm with weight
+    ``w + sum_k w[b, k] d_k`` (the weight enters linearly)."""
+
+    def __init__(self, base: nn.Module, mixture: Mixture, deltas: Dict[str, Sequence[Delta]]):
+        super().__init__(mixture, deltas)
+        self.base = base
+        self.eps = float(getattr(base, "variance_epsilon", getattr(base, "eps", 1e-6)))
+
+    def forward(self, x):
+        y = self.base(x)
+        xf = x.float()
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return self._mix("weight", lambda d: normed * dense(d), y)
+
+
+def is_rms_norm(m: nn.Module) -> bool:
+    w = getattr(m, "weight", None)
+    return (type(m).__name__.endswith("RMSNorm") and isinstance(w, torch.Tensor) and w.dim() == 1
+            and (hasattr(m, "variance_epsilon") or hasattr(m, "eps")))
+
+
 WRAPPERS = ((nn.Linear, RoutedLinear), (nn.Embedding, RoutedEmbedding), (nn.LayerNorm, RoutedLayerNorm))
 
 
-def attach(module: nn.Module, deltas: Mapping[str, Sequence[Delta]], mixture: Mixture) -> List[str]:
+def attach(module: nn.Module, deltas: Mapping[str, Sequence[Delta]], mixture: Mixture,
+           tied: Optional[Mapping[str, str]] = None) -> List[str]:
     """Wrap the submodules owning the tensors of ``deltas`` (full names, e.g. ``encoder.layer.0.output.dense.weight``).
 
     Every named tensor must belong to a Linear, Embedding or LayerNorm (else an error naming it).
-    Returns the wrapped module names.
+    With ``tied`` (``{tensor name: name of the tensor tied to it}``, e.g. a tied ``lm_head.weight`` to
+    ``model.embed_tokens.weight``), the tied module gets the same deltas, so the assembled model stays
+    tied. Returns the wrapped module names.
     """
+    deltas = dict(deltas)
+    for src, dst in (tied or {}).items():
+        if src in deltas and dst not in deltas:
+            deltas[dst] = deltas[src]
     by_module: Dict[str, Dict[str, Sequence[Delta]]] = {}
     for key, ds in deltas.items():
         if all(d is None for d in ds):
@@ -143,11 +191,14 @@ def attach(module: nn.Module, deltas: Mapping[str, Sequence[Delta]], mixture: Mi
             if type(sub) is cls or (isinstance(sub, cls) and not isinstance(sub, _Routed)):
                 break
         else:
-            raise MergeLabError(f"tensor '{owner}.{next(iter(ds))}' belongs to a {type(sub).__name__}; per-input "
-                                "routing supports Linear, Embedding and LayerNorm modules")
+            if not is_rms_norm(sub):
+                raise MergeLabError(f"tensor '{owner}.{next(iter(ds))}' belongs to a {type(sub).__name__}; per-input "
+                                    "routing supports Linear, Embedding, LayerNorm and RMSNorm modules")
+            wrapper = RoutedRMSNorm
         for attr in ds:
-            if attr not in ("weight", "bias"):
-                raise MergeLabError(f"tensor '{owner}.{attr}': only weight and bias can be routed")
+            if attr not in ("weight", "bias") or (wrapper is RoutedRMSNorm and attr != "weight"):
+                raise MergeLabError(f"tensor '{owner}.{attr}': only weight and bias can be routed "
+                                    "(an RMSNorm: its weight)")
         parent_name, _, child = owner.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, child, wrapper(sub, mixture, ds))

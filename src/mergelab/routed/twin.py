@@ -35,7 +35,7 @@ from torch import nn
 
 from mergelab.errors import MergeLabError
 from mergelab.routed import store
-from mergelab.routed.common import RoutedModel, build_module, check_inputs, masked_mean, merge_shared
+from mergelab.routed.common import RoutedModel, build_module, check_inputs, masked_mean, merge_shared, tied_names
 from mergelab.routed.layers import Mixture, attach
 
 
@@ -160,7 +160,8 @@ class TwinModel(RoutedModel):
         self.router = router.eval()
         self.mixture = Mixture(len(self.tasks))
         keys = sorted({k for ex in exclusive for k in ex})
-        self.wrapped = attach(module, {k: [ex.get(k) for ex in exclusive] for k in keys}, self.mixture)
+        self.wrapped = attach(module, {k: [ex.get(k) for ex in exclusive] for k in keys}, self.mixture,
+                              tied=tied_names(module))
 
     @classmethod
     def from_folder(cls, folder, manifest, config, heads) -> "TwinModel":
@@ -182,6 +183,20 @@ class TwinModel(RoutedModel):
         out = self.module(**batch, output_hidden_states=True)
         feats = masked_mean(self._hidden(out), batch.get("attention_mask"))
         return torch.softmax(self.router(feats), -1)
+
+    def begin_generation(self, task, input_ids, attention_mask) -> None:
+        """Routed on the prompt (left-padded: the mask marks its real tokens); the route is kept for every
+        generated token."""
+        batch = {"input_ids": input_ids}
+        if attention_mask is not None:
+            batch["attention_mask"] = attention_mask
+        with torch.no_grad():
+            w = self.route(**batch)
+        self.mixture.w = w
+        self.last_route = w
+
+    def end_generation(self) -> None:
+        self.mixture.w = None
 
     def forward(self, task=None, weights: Optional[torch.Tensor] = None, **batch):
         """The model at ``theta_s + sum_k w_k delta_k`` per input (``weights`` overrides the router)."""

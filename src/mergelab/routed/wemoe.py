@@ -147,15 +147,23 @@ class WEMoEModel(RoutedModel):
             keys = [f"{path}.{i}.{lin}.{p}" for lin in linears for p in ("weight", "bias")]
             attach(module, {key: [e[key] for e in experts] for key in keys if key in experts[0]}, mix)
             module.get_submodule(f"{path}.{i}.{router_in}").register_forward_pre_hook(self._hook(i))
+        module.register_forward_hook(self._after_forward)
+        self._phase: Optional[str] = None  # generation: "prompt" (routes computed and kept), then "decode"
+        self._kept: Dict[int, torch.Tensor] = {}
         self.fixed = {}
 
     def _hook(self, i: int) -> Callable:
         def hook(mod, args):
+            if self._phase == "decode":
+                self.mixtures[i].w = self._kept[i]
+                return
             h = args[0]
             w = masked_mean(self.gates[i](h), self.mask if self.mask is not None and self.mask.shape == h.shape[:2]
                             else None)
             if self.batch_reduce:
                 w = w.mean(0, keepdim=True).expand(h.shape[0], -1)
+            if self._phase == "prompt":
+                self._kept[i] = w
             self.mixtures[i].w = w
             self.last_routing[i] = w.detach()
         return hook
@@ -182,6 +190,20 @@ class WEMoEModel(RoutedModel):
             self.mask = None
             for m in self.mixtures:
                 m.w = None
+
+    def _after_forward(self, mod, args, out):
+        if self._phase == "prompt":
+            self._phase = "decode"
+
+    def begin_generation(self, task, input_ids, attention_mask) -> None:
+        """Each layer routes on the prompt's tokens (the first forward of ``generate``, the mean over the
+        mask's real tokens); the decoding steps reuse those routes."""
+        self.mask, self._phase, self._kept = attention_mask, "prompt", {}
+
+    def end_generation(self) -> None:
+        self.mask, self._phase = None, None
+        for m in self.mixtures:
+            m.w = None
 
     def routing(self, **batch) -> List[torch.Tensor]:
         """The per-layer routing weights ``w^l`` [B, K] the model uses on ``batch``."""
@@ -214,16 +236,29 @@ def upscale(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, tor
     return model
 
 
-def train_routers(model: WEMoEModel, heads: Sequence[Mapping[str, torch.Tensor]], data: Sequence[Sequence],
-                  cfg: WEMoEConfig, log: Callable[[str], None] = lambda s: None) -> List[float]:
+def next_token_logits(model: WEMoEModel, batch: Mapping[str, torch.Tensor], t: int) -> torch.Tensor:
+    """A causal LM's prediction of the answer's first token: the logits at the last position of
+    left-padded prompts (every row's last real token)."""
+    return model(**batch).logits[:, -1, :]
+
+
+def train_routers(model: WEMoEModel, heads: Optional[Sequence[Mapping[str, torch.Tensor]]], data: Sequence[Sequence],
+                  cfg: WEMoEConfig, log: Callable[[str], None] = lambda s: None,
+                  logits: Optional[Callable] = None) -> List[float]:
     """Minimise ``sum_t H(head_t(model(x_t)))`` over the routers only; ``data[t]``: batches of task ``t``.
-    Returns the objective per step."""
+    ``logits(model, batch, t)`` replaces the head (for a causal LM: :func:`next_token_logits`, the
+    entropy of the answer's first token given the unlabelled prompt). Returns the objective per step."""
     from mergelab.tune.adamerging import entropy_objective
     from mergelab.tune.functional import cycle
+
+    if logits is None and heads is None:
+        raise MergeLabError("wemoe: router training needs the task heads or a logits function")
 
     class Rows:  # the task-model interface of entropy_objective
         @staticmethod
         def rows(params, batch, t):
+            if logits is not None:
+                return logits(model, batch, t)
             h = heads[t]
             return model(**batch).pooler_output @ h["weight"].float().T + h["bias"].float()
 
@@ -237,11 +272,17 @@ def train_routers(model: WEMoEModel, heads: Sequence[Mapping[str, torch.Tensor]]
     nexts = [cycle(d, cfg.seed + t) if d else None for t, d in enumerate(data)]
     history = []
     for step in range(cfg.steps):
-        loss = entropy_objective(Rows, {}, [n() if n else None for n in nexts])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        batches = [n() if n else None for n in nexts]
+        total = 0.0
+        for t, b in enumerate(batches):  # the sum's gradient, one task's graph in memory at a time
+            if b is None:
+                continue
+            loss = entropy_objective(Rows, {}, [b if u == t else None for u in range(len(batches))])
+            loss.backward()
+            total += float(loss.detach())
         opt.step()
-        history.append(float(loss.detach()))
+        history.append(total)
         if step % 20 == 0 or step == cfg.steps - 1:
             log(f"wemoe step {step}: entropy {history[-1]:.4f}")
     for p in params:
