@@ -178,6 +178,28 @@ def save_encoder(folder: Path, config, tokenizer, encoder: dict) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
+def save_prefixed_base(folder: Path, base: str = "minilm-l6") -> Path:
+    """Write the base encoder with the experts' tensor names (``bert.*``) as a model folder, so a recipe
+    (or a search genome) can name it as ``base_model`` beside the experts; the experts' ``classifier.*``
+    heads are not in it, so a merge with it as the reference leaves them out. Written as ``.partial``
+    and renamed."""
+    from mergelab.evaluate.model import base_model_path, load_config, load_tokenizer
+
+    folder = Path(folder)
+    path = base_model_path(base)
+    encoder = float_state(split_state(read_state(path))[0])
+    tmp = BenchCache.begin(folder)
+    cfg = load_config(path)
+    cfg = cfg.__class__.from_dict(cfg.to_dict())
+    cfg.architectures = ["BertModel"]
+    save_file({ENCODER_PREFIX + k: v.contiguous() for k, v in encoder.items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
+    cfg.save_pretrained(str(tmp))
+    load_tokenizer(path).save_pretrained(str(tmp))
+    BenchCache.commit(tmp, folder)
+    return folder
+
+
 def save_heads(path: Path, heads: dict) -> None:
     save_file(heads_to_tensors(heads), str(path))
 

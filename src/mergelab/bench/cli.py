@@ -202,6 +202,18 @@ def run(
     typer.echo(f"wrote {out / 'report.json'}, {out / 'report.md'} and charts ({report['seconds']:.0f} s)")
 
 
+@app.command("base")
+def base_folder(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the base into."),
+    base: str = typer.Option("minilm-l6", "--base", help="Base model: minilm-l6 (PyPI package) or a local folder."),
+) -> None:
+    """Write the textmix base encoder with the experts' tensor names (bert.*), for recipes and search
+    genomes that merge the experts (base_model: OUT)."""
+    from mergelab.bench.cache import save_prefixed_base
+
+    typer.echo(f"wrote {save_prefixed_base(out, base)}")
+
+
 @app.command()
 def scale(
     suite: str = typer.Option("llmmix", "--suite", help="Suite (only llmmix has a scale study here)."),

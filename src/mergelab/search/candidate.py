@@ -24,7 +24,8 @@ from mergelab.search.fitness import FitnessSpec, parse_fitness
 from mergelab.search.genome import Genome, parse_genome
 
 CONFIG_KEYS = {"genome", "fitness", "search"}
-SEARCH_KEYS = {"max_evals", "sigma0", "popsize", "seed", "random_init"}
+SEARCH_KEYS = {"max_evals", "sigma0", "popsize", "seed", "random_init", "strategy"}
+STRATEGIES = ("cma", "random")
 
 
 class SearchConfigError(MergeLabError):
@@ -108,7 +109,9 @@ def read_config(source: Any) -> SearchConfig:
             f["model"] = _absolute(f["model"])
         if isinstance(f.get("task_files"), list):
             f["task_files"] = [_absolute(t) if isinstance(t, str) else t for t in f["task_files"]]
-    fitness = parse_fitness(f, genome.base_model or genome.models[0], f"{where}: fitness")
+        if isinstance(f.get("heads"), dict):
+            f["heads"] = {k: _absolute(v) if isinstance(v, str) else v for k, v in f["heads"].items()}
+    fitness = parse_fitness(f, genome.base_model or genome.models[0], f"{where}: fitness", genome.models)
     search = dict(data.get("search") or {})
     unknown = sorted(set(search) - SEARCH_KEYS)
     if unknown:
@@ -118,6 +121,15 @@ def read_config(source: Any) -> SearchConfig:
     search.setdefault("popsize", None)
     search.setdefault("seed", 0)
     search.setdefault("random_init", False)
+    search.setdefault("strategy", "cma")
+    if search["strategy"] not in STRATEGIES:
+        raise SearchConfigError(f"{where}: search.strategy: expected one of {', '.join(STRATEGIES)}, got "
+                                f"{search['strategy']!r}")
+    if search["strategy"] == "random":
+        try:
+            genome.sample_bounds()
+        except MergeLabError as e:
+            raise SearchConfigError(f"{where}: {e}") from None
     if not isinstance(search["max_evals"], int) or search["max_evals"] < 1:
         raise SearchConfigError(f"{where}: search.max_evals: expected a positive integer")
     if not isinstance(search["sigma0"], (int, float)) or not search["sigma0"] > 0:
@@ -148,11 +160,11 @@ class CandidateEvaluator:
         self.config = read_config(data)
         self.genome = self.config.genome
         from mergelab.io.adapted import open_model
-        from mergelab.search.fitness import Scorer
+        from mergelab.search.fitness import make_scorer
 
         refs = dict.fromkeys(self.genome.models + ([self.genome.base_model] if self.genome.base_model else []))
         self.checkpoints = {ref: open_model(ref) for ref in refs}
-        self.scorer = Scorer(self.config.fitness)
+        self.scorer = make_scorer(self.config.fitness)
 
     def merge(self, x) -> tuple:
         """``(recipe dict, merged state dict)`` of genotype ``x``."""

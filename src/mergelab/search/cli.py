@@ -26,16 +26,19 @@ def evolve(
     threads: int = typer.Option(1, "--threads", help="torch threads per evaluator (fixed, so results do not depend "
                                 "on the number of workers)."),
     max_evals: Optional[int] = typer.Option(None, "--max-evals", help="Evaluation budget (overrides search.max_evals)."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="cma (CMA-ES, default) or random (uniform "
+                                           "random search over the genome's ranges; overrides search.strategy)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the search whose state is in OUT."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
 ) -> None:
-    """Evolve merge coefficients with CMA-ES (mergekit-evolve's genome), merging every candidate in memory."""
+    """Evolve merge coefficients with CMA-ES (mergekit-evolve's genome), or random search, merging every
+    candidate in memory."""
     from mergelab.cli import out_console
     from mergelab.search.evolve import evolve as run
 
     hist = run(config, out, workers=workers, ray_address=ray, threads=threads, resume=resume, overwrite=overwrite,
-               max_evals=max_evals, log=(lambda s: None) if quiet else _log)
+               max_evals=max_evals, log=(lambda s: None) if quiet else _log, strategy=strategy)
     best = hist["best"]
     if not quiet:
         if best is None:

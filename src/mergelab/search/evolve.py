@@ -17,6 +17,12 @@ up to ``popsize - 1`` past it) or when CMA-ES's own stopping criteria fire.
   history. ``--resume`` continues from it after a kill and ends exactly as an uninterrupted run.
 
 CMA-ES's seed is ``search.seed + 1`` (``cma`` reads 0 as "seed from the clock").
+
+``search.strategy: random`` (``--strategy random``) replaces CMA-ES by uniform random search at the same
+budget: each "generation" draws ``popsize`` genotypes (default CMA-ES's ``4 + floor(3 ln genes)``)
+uniformly from the genome's sampling bounds (:meth:`~mergelab.search.genome.Genome.sample_bounds`)
+with ``numpy.random.default_rng(search.seed)``; the draws do not depend on the budget, and the
+generator's state is in ``state.pkl``, so ``--resume`` continues it exactly as for CMA-ES.
 """
 
 from __future__ import annotations
@@ -38,6 +44,28 @@ from mergelab.search.candidate import SearchConfig, read_config
 
 STATE = "state.pkl"
 FAILED = 1e30  # what CMA-ES is told for a candidate whose merge failed (it minimises)
+
+
+class RandomSearch:
+    """Uniform random search with CMA-ES's ask/tell/stop interface (``tell`` learns nothing)."""
+
+    def __init__(self, low: np.ndarray, high: np.ndarray, seed: int, popsize: int):
+        self.low, self.high, self.popsize = np.asarray(low, float), np.asarray(high, float), int(popsize)
+        self.rng = np.random.default_rng(seed)
+
+    def ask(self) -> list:
+        return list(self.rng.uniform(self.low, self.high, size=(self.popsize, len(self.low))))
+
+    def tell(self, xs, fitnesses) -> None:
+        pass
+
+    def stop(self) -> dict:
+        return {}
+
+
+def default_popsize(genes: int) -> int:
+    """CMA-ES's default population, ``4 + floor(3 ln N)``."""
+    return 4 + int(3 * math.log(genes))
 
 
 class SearchStateError(MergeLabError):
@@ -111,8 +139,9 @@ def plot_history(path: Path, evaluations: list, title: str) -> None:
 def evolve(config: Any, out: Path, *, workers: Optional[int] = None, ray_address: Optional[str] = None,
            threads: int = 1, resume: bool = False, overwrite: bool = False, max_evals: Optional[int] = None,
            log: Callable[[str], None] = print, use_ray: Optional[bool] = None,
-           on_generation: Optional[Callable[[int], None]] = None) -> dict:
-    """Run (or ``resume``) the CMA-ES search of ``config`` into ``out``; returns the history dict.
+           on_generation: Optional[Callable[[int], None]] = None, strategy: Optional[str] = None) -> dict:
+    """Run (or ``resume``) the CMA-ES (or random, ``search.strategy`` / ``strategy``) search of
+    ``config`` into ``out``; returns the history dict.
 
     Candidates are evaluated on Ray when ``ray_address`` is given, ``workers > 1`` or ``use_ray``
     (:func:`mergelab.search.pool.make_pool`). ``max_evals`` overrides the config's budget (a resumed search may be given a larger one).
@@ -122,7 +151,19 @@ def evolve(config: Any, out: Path, *, workers: Optional[int] = None, ray_address
 
     from mergelab.search.pool import check_ray_address, make_pool
 
-    cfg: SearchConfig = read_config(config)
+    if strategy is not None:
+        if isinstance(config, (str, Path)):
+            data = yaml.safe_load(Path(config).read_text(encoding="utf-8")) if Path(config).is_file() else None
+            if isinstance(data, dict):
+                data["search"] = {**(data.get("search") or {}), "strategy": strategy}
+                cfg = read_config(data)
+                cfg.path = Path(config)
+            else:
+                cfg = read_config(config)
+        else:
+            cfg = read_config({**config, "search": {**(config.get("search") or {}), "strategy": strategy}})
+    else:
+        cfg = read_config(config)
     if ray_address:
         check_ray_address(ray_address)
     if workers is not None and workers < 1:
@@ -154,15 +195,21 @@ def evolve(config: Any, out: Path, *, workers: Optional[int] = None, ray_address
                 x0 = np.random.default_rng(cfg.search["seed"]).uniform(0, 1, genome.size)
             else:
                 x0 = genome.x0()
-            opts = {"seed": cfg.search["seed"] + 1, "verbose": -9, "maxfevals": budget}
-            if cfg.search["popsize"]:
-                opts["popsize"] = cfg.search["popsize"]
-            es = cma.CMAEvolutionStrategy(list(x0), cfg.search["sigma0"], opts)
-            history = {"config": str(cfg.path) if cfg.path else None, "algorithm": "cma-es",
+            if cfg.search["strategy"] == "random":
+                low, high = genome.sample_bounds()
+                es = RandomSearch(low, high, cfg.search["seed"], cfg.search["popsize"] or default_popsize(genome.size))
+            else:
+                opts = {"seed": cfg.search["seed"] + 1, "verbose": -9, "maxfevals": budget}
+                if cfg.search["popsize"]:
+                    opts["popsize"] = cfg.search["popsize"]
+                es = cma.CMAEvolutionStrategy(list(x0), cfg.search["sigma0"], opts)
+            algorithm = "random" if cfg.search["strategy"] == "random" else "cma-es"
+            history = {"config": str(cfg.path) if cfg.path else None, "algorithm": algorithm,
                        "genome_size": genome.size, "popsize": es.popsize, "sigma0": cfg.search["sigma0"],
                        "seed": cfg.search["seed"], "fitness": cfg.fitness.describe(), "generations": 0,
                        "evaluations": [], "best": None, "x0": [float(v) for v in x0]}
-        es.opts.set({"maxfevals": budget})
+        if not isinstance(es, RandomSearch):
+            es.opts.set({"maxfevals": budget})
         history["max_evals"] = budget
         history["workers"] = pool.size
         started = time.perf_counter()
@@ -208,7 +255,8 @@ def _save(out: Path, cfg: SearchConfig, history: dict, es, fingerprint: str) -> 
     best = history["best"]
     if best is not None:
         write_recipe(out / "best_recipe.yaml", best["recipe"],
-                     f"mergelab evolve: best of {len(history['evaluations'])} evaluations (evaluation {best['eval']}, "
+                     f"mergelab evolve ({history['algorithm']}): best of {len(history['evaluations'])} evaluations (evaluation {best['eval']}, "
                      f"generation {best['generation'] + 1})\nfitness {best['fitness']:.6g} on the "
                      f"{cfg.fitness.split} split ({cfg.fitness.metric}); merged tensors' sha256 {best['digest']}")
-    plot_history(out / "history.png", history["evaluations"], f"CMA-ES, popsize {history['popsize']}")
+    name = "random search" if history["algorithm"] == "random" else "CMA-ES"
+    plot_history(out / "history.png", history["evaluations"], f"{name}, popsize {history['popsize']}")

@@ -14,6 +14,13 @@ stays for the final report):
 * ``model``: the folder whose architecture and tokenizer evaluate the merged weights (default: the
   genome's base model, else its first model); ``limit``: the first N examples of each task;
   ``weights``: a weight per task (default 1), the fitness being the weighted mean over tasks.
+* ``suite: textmix`` with ``tasks: [names]`` (default: the genome's model folders' names, as in the
+  bench cache's ``experts/<task>/``): encoders scored as ``mergelab bench run`` scores them. The
+  merged ``bert.*`` encoder is loaded into one resident BertModel and every task is scored with its
+  **own expert's classification head** (``heads: {task: expert folder}``; default the genome model
+  folder named like the task); a task's score is its accuracy on the split (the first ``limit``
+  examples when given; the splits are shuffled), the fitness the (weighted) mean over tasks.
+  ``metric`` must be ``accuracy``.
 
 A merged state dict is scored by loading it into one resident model (no checkpoint written).
 """
@@ -23,13 +30,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from mergelab.errors import MergeLabError
 
 FITNESS_KEYS = {"suite", "tasks", "task_files", "metric", "split", "limit", "model", "weights", "examples",
-                "task_seed", "batch_size"}
-SUITES = ("llmmix",)
+                "task_seed", "batch_size", "heads"}
+SUITES = ("llmmix", "textmix")
+LLMMIX_ONLY = ("task_files", "examples", "task_seed")
 
 
 class FitnessError(MergeLabError):
@@ -45,16 +53,22 @@ class FitnessSpec:
     model: Optional[str] = None
     weights: Dict[str, float] = field(default_factory=dict)
     batch_size: int = 16
+    suite: str = "llmmix"
+    heads: Dict[str, str] = field(default_factory=dict)  # textmix: task -> folder holding its head
 
     def describe(self) -> dict:
-        return {"tasks": [t.name for t in self.tasks], "task_fingerprints": {t.name: t.fingerprint() for t in self.tasks},
-                "metric": self.metric, "split": self.split, "limit": self.limit, "model": self.model,
-                "weights": self.weights}
+        out = {"tasks": [t.name for t in self.tasks],
+               "task_fingerprints": {t.name: t.fingerprint() for t in self.tasks},
+               "metric": self.metric, "split": self.split, "limit": self.limit, "model": self.model,
+               "weights": self.weights}
+        if self.suite == "textmix":
+            out.update(suite="textmix", heads=self.heads)
+        return out
 
 
-def parse_fitness(data: Any, default_model: str, where: str = "fitness") -> FitnessSpec:
+def parse_fitness(data: Any, default_model: str, where: str = "fitness", models: Sequence[str] = ()) -> FitnessSpec:
     """Read and check ``fitness:``, building the tasks (a missing or malformed task file is an error
-    naming the file and line)."""
+    naming the file and line). ``models`` are the genome's models (textmix's default tasks and heads)."""
     from mergelab.llmmix.tasks import build_task, get_spec
     from mergelab.llmmix.tasks.jsonl import load_jsonl_task
 
@@ -78,8 +92,11 @@ def parse_fitness(data: Any, default_model: str, where: str = "fitness") -> Fitn
     names = data.get("tasks") or []
     files = data.get("task_files") or []
     if suite is not None and suite not in SUITES:
-        hint = " (textmix is scored by `mergelab bench run`; see docs/search.md)" if suite == "textmix" else ""
-        raise FitnessError(f"{where}.suite: unknown suite {suite!r}; expected one of {', '.join(SUITES)}{hint}")
+        raise FitnessError(f"{where}.suite: unknown suite {suite!r}; expected one of {', '.join(SUITES)}")
+    if suite == "textmix":
+        return _parse_textmix(data, default_model, where, models, metric, split, limit)
+    if "heads" in data:
+        raise FitnessError(f"{where}.heads: only for suite: textmix (classification heads per task)")
     if names and suite is None:
         raise FitnessError(f"{where}.tasks: built-in task names need suite: llmmix")
     if not isinstance(names, list) or not isinstance(files, list):
@@ -118,6 +135,149 @@ def parse_fitness(data: Any, default_model: str, where: str = "fitness") -> Fitn
                        int(data.get("batch_size", 16)))
 
 
+def _parse_textmix(data: dict, default_model: str, where: str, models: Sequence[str], metric: str, split: str,
+                   limit: Optional[int]) -> FitnessSpec:
+    """``suite: textmix``: the tasks, each task's head folder and the encoder's config folder, checked."""
+    import json
+
+    from mergelab.evaluate.tasks import load_suite
+
+    wrong = [k for k in LLMMIX_ONLY if k in data]
+    if wrong:
+        raise FitnessError(f"{where}: {wrong} are for llmmix / JSONL tasks, not suite: textmix")
+    if metric != "accuracy":
+        raise FitnessError(f"{where}.metric: suite: textmix is scored by accuracy with each expert's head; "
+                           f"got {metric!r}")
+    suite = load_suite("textmix")
+    names = data.get("tasks")
+    if names is None:
+        names = [Path(m).name for m in models]
+        if not names or any(n not in suite.task_names for n in names):
+            raise FitnessError(f"{where}.tasks: give the textmix tasks to score (the genome's model folders "
+                               f"{names} are not all named after tasks {suite.task_names})")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise FitnessError(f"{where}.tasks: expected a non-empty list of textmix task names")
+    if len(set(names)) != len(names):
+        raise FitnessError(f"{where}.tasks: a task is named twice in {names}")
+    tasks = []
+    for n in names:
+        try:
+            tasks.append(suite.task(n))
+        except MergeLabError as e:
+            raise FitnessError(f"{where}.tasks: {e}") from None
+    by_name = {Path(m).name: str(m) for m in models}
+    given = data.get("heads") or {}
+    if not isinstance(given, dict):
+        raise FitnessError(f"{where}.heads: expected task name -> folder of that task's expert")
+    extra = sorted(set(given) - set(names))
+    if extra:
+        raise FitnessError(f"{where}.heads: {extra} are not among the tasks {names}")
+    heads = {}
+    for t in tasks:
+        folder = given.get(t.name) or by_name.get(t.name)
+        if folder is None:
+            raise FitnessError(f"{where}.heads: no head for task '{t.name}': no genome model folder is named "
+                               f"'{t.name}'; give heads: {{{t.name}: EXPERT_FOLDER}}")
+        folder = Path(folder)
+        shape = _head_shape(folder)
+        if shape is None:
+            raise FitnessError(f"{where}.heads: '{folder}' (task '{t.name}') has no classifier.weight "
+                               "(expected a BertForSequenceClassification folder, as bench prepare writes)")
+        if shape[0] != t.num_labels:
+            raise FitnessError(f"{where}.heads: the head in '{folder}' has {shape[0]} classes; task '{t.name}' "
+                               f"has {t.num_labels}")
+        heads[t.name] = str(folder)
+    weights = data.get("weights") or {}
+    if not isinstance(weights, dict) or any(k not in names for k in weights) or \
+            any(not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 for v in weights.values()):
+        raise FitnessError(f"{where}.weights: expected task name -> non-negative number, tasks: {names}")
+    model = data.get("model") or default_model
+    cfg = Path(model) / "config.json"
+    if not cfg.is_file() or json.loads(cfg.read_text(encoding="utf-8")).get("model_type") != "bert":
+        raise FitnessError(f"{where}.model: '{model}' is not a BERT model folder (its config.json and tokenizer "
+                           "evaluate the merged encoder)")
+    return FitnessSpec(tasks, metric, split, limit, str(model), {k: float(v) for k, v in weights.items()},
+                       int(data.get("batch_size", 128)), "textmix", heads)
+
+
+def _head_shape(folder: Path) -> Optional[tuple]:
+    """Shape of ``classifier.weight`` in a model folder's safetensors, or None."""
+    from mergelab.io.adapted import open_model
+
+    try:
+        ckpt = open_model(str(folder))
+    except MergeLabError:
+        return None
+    if "classifier.weight" not in ckpt.tensors:
+        return None
+    return tuple(ckpt.info("classifier.weight").shape)
+
+
+def make_scorer(spec: FitnessSpec):
+    """The scorer of ``spec``: :class:`EncoderScorer` for textmix, else :class:`Scorer`."""
+    return EncoderScorer(spec) if spec.suite == "textmix" else Scorer(spec)
+
+
+class EncoderScorer:
+    """Scores merged BERT encoders on textmix tasks, each with its own expert's head (as ``bench run``)."""
+
+    def __init__(self, spec: FitnessSpec):
+        from mergelab.evaluate.model import load_config, load_tokenizer, read_state, split_state
+
+        self.spec = spec
+        self.config = load_config(spec.model)
+        self.tokenizer = load_tokenizer(spec.model)
+        self.heads = {t: split_state(read_state(folder))[1] for t, folder in spec.heads.items()}
+        self.encoder = None
+
+    @staticmethod
+    def keep(name: str) -> bool:
+        """Whether a checkpoint tensor belongs to the merged encoder (heads are per task, never merged)."""
+        return not name.startswith("classifier.")
+
+    def load(self, state: dict) -> None:
+        from mergelab.evaluate.model import build_encoder, split_state
+
+        try:
+            self.encoder = build_encoder(self.config, split_state(state)[0])
+        except MergeLabError as e:
+            raise MergeLabError(f"the merged weights do not fit the encoder of '{self.spec.model}': {e}") from None
+
+    def _bits(self, task) -> list:
+        from mergelab.evaluate.model import predict
+
+        examples = task.split(self.spec.split)[: self.spec.limit]
+        pred = predict(self.encoder, self.tokenizer, [e.text for e in examples], self.heads[task.name],
+                       self.spec.batch_size)
+        return [float(int(p) == e.label) for p, e in zip(pred.tolist(), examples)]
+
+    def example_scores(self, state: dict):
+        """1/0 per example over all tasks, in task order (M2N2's per-example scores)."""
+        import numpy as np
+
+        self.load(state)
+        return np.array([b for t in self.spec.tasks for b in self._bits(t)], dtype=float)
+
+    def score(self, state: dict) -> dict:
+        """``{"fitness": weighted mean accuracy, "tasks": {name: accuracy}}`` of the merged ``state``."""
+        self.load(state)
+        per = {}
+        for t in self.spec.tasks:
+            bits = self._bits(t)
+            per[t.name] = sum(bits) / max(len(bits), 1)
+        w = {n: self.spec.weights.get(n, 1.0) for n in per}
+        fit = sum(w[n] * v for n, v in per.items()) / (sum(w.values()) or 1.0)
+        return {"fitness": fit, "tasks": per}
+
+    def save(self, state: dict, folder: Path) -> None:
+        """Write the encoder of ``state`` as a BertModel folder (``mergelab evaluate`` reads it)."""
+        from mergelab.bench.cache import save_encoder
+        from mergelab.evaluate.model import split_state
+
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        save_encoder(Path(folder), self.config, self.tokenizer, split_state(state)[0])
+
+
 class Scorer:
     """Holds one resident model and scores merged state dicts on the fitness tasks."""
 
@@ -126,6 +286,17 @@ class Scorer:
 
         self.spec = spec
         self.model, self.tokenizer = load_causal_lm(spec.model)
+
+    @staticmethod
+    def keep(name: str) -> bool:
+        """Every tensor of the checkpoints is part of the evaluated model."""
+        return True
+
+    def save(self, state: dict, folder: Path) -> None:
+        """Write ``state`` as a Hugging Face folder of the evaluation model's architecture."""
+        self.load(state)
+        self.model.save_pretrained(Path(folder))
+        self.tokenizer.save_pretrained(Path(folder))
 
     def load(self, state: dict) -> None:
         missing, unexpected = self.model.load_state_dict(state, strict=False)

@@ -97,6 +97,30 @@ class Genome:
         x = np.array(start * (G * M * S) + glob * (G * S), dtype=float)
         return x
 
+    def gene_params(self) -> List[str]:
+        """The parameter name of every gene, in genotype order."""
+        G, M, S = self.groups, len(self.models), self.sets
+        return list(self.model_params) * (G * M * S) + list(self.global_params) * (G * S)
+
+    def sample_bounds(self) -> Tuple[np.ndarray, np.ndarray]:
+        """``(low, high)`` per gene for random search: the parameter's ``ranges`` entry, else ``[0, 1]``
+        for weight, t and density (``[-1, 1]`` for weight and t with negative weights allowed), the
+        values mergekit-evolve's decoding reaches from its start point. Another parameter without a
+        range is an error (random search has nothing to sample it from)."""
+        lows, highs = [], []
+        for p in self.gene_params():
+            if p in self.ranges:
+                lo, hi = self.ranges[p]
+            elif p in ("weight", "t"):
+                lo, hi = (-1.0 if self.allow_negative_weights else 0.0), 1.0
+            elif p == "density":
+                lo, hi = 0.0, 1.0
+            else:
+                raise GenomeError(f"genome.ranges: random search needs a range [low, high] for parameter '{p}'")
+            lows.append(lo)
+            highs.append(hi)
+        return np.array(lows), np.array(highs)
+
     def _clip(self, p: str, v: float) -> float:
         lo, hi = self.ranges.get(p, (-math.inf, math.inf))
         return float(min(max(v, lo), hi))

@@ -19,7 +19,9 @@ An archive of models (flattened float parameters, in name order) starts from the
 
 Evaluations run in this process (one child per step). ``OUT``: ``history.json`` (per step: parents, split,
 w, the child's score, the replaced member), ``history.png`` and ``best/``, the archive member with the best
-mean score, saved as a Hugging Face folder of ``fitness.model``'s architecture.
+mean score, saved as a Hugging Face folder of ``fitness.model``'s architecture (for ``suite: textmix``
+the merged encoder, without heads). ``search.save_best_at: [N, ...]`` also saves the best member after
+N evaluations (seeds included) as ``best-at-N/``, to compare budgets from one run.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from mergelab.errors import MergeLabError
 from mergelab.search.candidate import read_config
 from mergelab.search.evolve import plot_history, prepare_out, write_json
 
-M2N2_KEYS = {"steps", "alpha", "seed", "matchmaker", "split_point", "archive_size"}
+M2N2_KEYS = {"steps", "alpha", "seed", "matchmaker", "split_point", "archive_size", "save_best_at"}
 
 
 def shared_fitness(S: np.ndarray, alpha: float) -> tuple:
@@ -94,7 +96,7 @@ def run_m2n2(config: Any, out: Path, *, overwrite: bool = False, log: Callable[[
     import yaml
 
     from mergelab.llmmix.run import _state
-    from mergelab.search.fitness import Scorer
+    from mergelab.search.fitness import make_scorer
 
     data = yaml.safe_load(Path(config).read_text(encoding="utf-8")) if not isinstance(config, dict) else config
     opts = dict((data or {}).get("search") or {}) if isinstance(data, dict) else {}
@@ -104,16 +106,28 @@ def run_m2n2(config: Any, out: Path, *, overwrite: bool = False, log: Callable[[
     steps, alpha = int(opts.get("steps", 50)), float(opts.get("alpha", 1.0))
     if steps < 1 or alpha < 0:
         raise MergeLabError("m2n2: search.steps must be >= 1 and search.alpha >= 0")
+    save_at = opts.get("save_best_at") or []
+    if not isinstance(save_at, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                                                for n in save_at):
+        raise MergeLabError("m2n2: search.save_best_at: expected a list of evaluation counts")
     seed = int(opts.get("seed", 0))
     cfg = read_config({**data, "search": {"seed": seed}})
     prepare_out(Path(out), False, overwrite)
     out = Path(out)
     rng = np.random.default_rng(seed)
-    scorer = Scorer(cfg.fitness)
-    states = [_state(Path(m)) for m in cfg.genome.models]
+    scorer = make_scorer(cfg.fitness)
+    states = [{k: v for k, v in _state(Path(m)).items() if scorer.keep(k)} for m in cfg.genome.models]
     flat = Flat(states[0])
     archive: List[torch.Tensor] = [flat.flatten(s) for s in states]
     size = int(opts.get("archive_size", len(archive)))
+
+    def snapshot() -> None:
+        if len(evals) in save_at:
+            means = [float(np.mean(r)) for r in rows]
+            k = int(np.argmax(means))
+            scorer.save(flat.unflatten(archive[k]), out / f"best-at-{len(evals)}")
+            history.setdefault("best_at", {})[str(len(evals))] = {"member": k, "mean_score": means[k]}
+
     rows, evals, t_start = [], [], time.perf_counter()
     for vec in archive:
         s = scorer.example_scores(flat.unflatten(vec))
@@ -121,6 +135,7 @@ def run_m2n2(config: Any, out: Path, *, overwrite: bool = False, log: Callable[[
         evals.append({"eval": len(evals) + 1, "kind": "seed", "fitness": float(np.mean(s))})
     history = {"algorithm": "m2n2", "alpha": alpha, "seed": seed, "archive_size": size, "steps": [],
                "evaluations": evals, "fitness": cfg.fitness.describe()}
+    snapshot()
     for step in range(steps):
         S = np.array(rows)
         f, Sh = shared_fitness(S, alpha)
@@ -152,6 +167,7 @@ def run_m2n2(config: Any, out: Path, *, overwrite: bool = False, log: Callable[[
             replaced = "child is the weakest"
         history["steps"].append({"step": step + 1, "parents": [p1, p2], "split": split, "w": w,
                                  "child_mean_score": float(np.mean(s)), "replaced": replaced})
+        snapshot()
         log(f"m2n2 step {step + 1}/{steps}: parents {p1},{p2} split {split}/{D} w {w:.3f}: child {np.mean(s):.4f}, "
             f"replaced {replaced}")
     means = [float(np.mean(r)) for r in rows]
@@ -159,9 +175,7 @@ def run_m2n2(config: Any, out: Path, *, overwrite: bool = False, log: Callable[[
     history["archive_mean_scores"] = means
     history["best"] = {"member": best, "mean_score": means[best]}
     history["seconds"] = round(time.perf_counter() - t_start, 2)
-    scorer.load(flat.unflatten(archive[best]))
-    scorer.model.save_pretrained(out / "best")
-    scorer.tokenizer.save_pretrained(out / "best")
+    scorer.save(flat.unflatten(archive[best]), out / "best")
     write_json(out / "history.json", history)
     plot_history(out / "history.png", evals, f"M2N2, alpha {alpha:g}")
     return history

@@ -1,0 +1,146 @@
+"""Issue 19 item 5: CMA-ES, random search and M2N2 on textmix at equal numbers of evaluations.
+
+Reads the three search folders (``mergelab evolve cma.yaml``, ``mergelab evolve random.yaml``,
+``mergelab m2n2 m2n2.yaml``; configs in docs/results/search-textmix/), takes for each budget N the best
+candidate by validation fitness among the first N evaluations (M2N2: its ``best-at-N/`` archive member),
+scores it on the full **test** splits with each task's expert head, and does the same for the bench's
+validation grid for task arithmetic (uniform weights ``lambda`` in 0.3, 0.5, 1.0, scored on the same
+capped validation). Writes ``results.json``, ``results.md`` and ``best_so_far.png`` into ``--out``.
+
+    cd WORKDIR   # holds cma.yaml, random.yaml, m2n2.yaml, textmix-base/, out-cma/, out-random/, out-m2n2/
+    python benchmarks/search_textmix.py --workdir . --budgets 50,100,200 --out docs/results/search-textmix
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+GRID = (0.3, 0.5, 1.0)  # mergelab bench's LAMBDA_SUM grid for task arithmetic
+
+
+def best_within(evals: list, n: int) -> dict:
+    """The best of the first ``n`` evaluations (the earliest on ties)."""
+    pool = [e for e in evals[:n] if math.isfinite(e["fitness"])]
+    return max(pool, key=lambda e: (e["fitness"], -e["eval"]))
+
+
+def curve(evals: list) -> list:
+    best, out = -math.inf, []
+    for e in evals:
+        best = max(best, e["fitness"])
+        out.append(best)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", type=Path, default=Path("."))
+    ap.add_argument("--budgets", default="50,100,200")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    os.chdir(args.workdir)
+    budgets = [int(b) for b in args.budgets.split(",")]
+    from mergelab.evaluate.model import read_state
+    from mergelab.search.candidate import CandidateEvaluator
+
+    cfg = yaml.safe_load(Path("cma.yaml").read_text())
+    val = CandidateEvaluator(cfg)
+    test_cfg = json.loads(json.dumps(cfg))
+    test_cfg["fitness"]["split"] = "test"
+    test_cfg["fitness"].pop("limit", None)
+    test = CandidateEvaluator(test_cfg)
+    tasks = [t.name for t in test.config.fitness.tasks]
+    results = {"validation_limit_per_task": cfg["fitness"].get("limit"), "tasks": tasks, "rows": [], "curves": {}}
+
+    def test_row(name, budget, fitness, genes=None, state=None, **extra):
+        t0 = time.perf_counter()
+        if state is None:
+            _, state = test.merge(np.asarray(genes))
+        r = test.scorer.score(state)
+        row = {"search": name, "budget": budget, "validation_fitness": fitness, "test_mean_accuracy": r["fitness"],
+               "test_tasks": r["tasks"], "test_seconds": round(time.perf_counter() - t0, 1), **extra}
+        results["rows"].append(row)
+        print(json.dumps(row), flush=True)
+
+    # the bench's grid: uniform weights, three points on the same capped validation
+    grid = []
+    for lam in GRID:
+        x = np.full(val.genome.size, lam)
+        r = val.evaluate(x)
+        grid.append({"lambda": lam, "fitness": r["fitness"], "seconds": r["merge_and_score_seconds"]})
+    g = max(grid, key=lambda e: e["fitness"])
+    results["grid"] = grid
+    test_row("validation grid (task arithmetic, lambda in 0.3/0.5/1.0)", len(GRID), g["fitness"],
+             genes=np.full(val.genome.size, g["lambda"]), values={"lambda": g["lambda"]})
+
+    for name, folder in (("CMA-ES", "out-cma"), ("random", "out-random")):
+        if not Path(folder, "history.json").is_file():
+            continue
+        h = json.loads(Path(folder, "history.json").read_text())
+        evals = h["evaluations"]
+        results["curves"][name] = curve(evals)
+        secs = [e["merge_and_score_seconds"] for e in evals]
+        for n in budgets:
+            if len(evals) >= n:
+                b = best_within(evals, n)
+                test_row(name, n, b["fitness"], genes=b["genes"], best_eval=b["eval"], values=b["values"],
+                         seconds_per_evaluation=round(float(np.mean(secs[:n])), 2))
+    if Path("out-m2n2", "history.json").is_file() or Path("out-m2n2").is_dir():
+        hp = Path("out-m2n2", "history.json")
+        h = json.loads(hp.read_text()) if hp.is_file() else None
+        if h is not None:
+            results["curves"]["M2N2"] = curve(h["evaluations"])
+            secs = [e.get("seconds") for e in h["evaluations"] if e.get("seconds") is not None]
+        for n in budgets:
+            folder = Path("out-m2n2", f"best-at-{n}")
+            if folder.is_dir():
+                fit = h["best_at"][str(n)]["mean_score"] if h else None
+                test_row("M2N2", n, fit, state=read_state(folder),
+                         seconds_per_evaluation=round(float(np.mean(secs[:n])), 2) if h and secs else None)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    _table(results, args.out / "results.md")
+    _plot(results, grid, args.out / "best_so_far.png")
+
+
+def _table(results: dict, path: Path) -> None:
+    tasks = results["tasks"]
+    lines = ["| search | evaluations | validation fitness (capped) | test mean acc | " + " | ".join(tasks) +
+             " | s / evaluation |", "|---" * (5 + len(tasks)) + "|"]
+    for r in results["rows"]:
+        fit = "–" if r["validation_fitness"] is None else f"{100 * r['validation_fitness']:.1f}"
+        lines.append(f"| {r['search']} | {r['budget']} | {fit} | {100 * r['test_mean_accuracy']:.1f} | " +
+                     " | ".join(f"{100 * r['test_tasks'][t]:.1f}" for t in tasks) +
+                     f" | {r.get('seconds_per_evaluation', '–')} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _plot(results: dict, grid: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, ys in results["curves"].items():
+        ax.plot(range(1, len(ys) + 1), [100 * y for y in ys], label=name)
+    ax.axhline(100 * max(g["fitness"] for g in grid), color="gray", ls="--", label="validation grid (3 points)")
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel(f"best validation fitness so far (%, {results['validation_limit_per_task']} / task)")
+    ax.set_title("textmix, task arithmetic with one weight per expert")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
