@@ -90,6 +90,7 @@ def test_fusion_of_two_tokenizers_trains(trained_llamas, other_family, tasks, tm
     frac = rec["fusion"]["aligned_fraction"]
     assert frac[str(experts[1])] == 1.0  # same tokenizer
     assert 0.2 <= frac[str(other_family[1])] < 1.0  # another BPE of the same text: partly aligned
+    assert sum(rec["fusion"]["candidate_weight_share"].values()) == pytest.approx(1.0, abs=1e-3)
     log = [json.loads(x) for x in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
     assert len(log) == 3 and all(x["loss"] == pytest.approx(0.5 * x["clm_loss"] + 0.5 * x["fuse_loss"], abs=2e-6)
                                  for x in log)

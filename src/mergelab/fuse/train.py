@@ -134,6 +134,8 @@ class FusionObjective:
             m.eval().requires_grad_(False)
             self.candidates.append((m, tok, None))
         self.vocab = model.config.vocab_size
+        names = [str(s) for s in self.sources] + (["target"] if self.cfg.include_target else [])
+        self.weight_totals = dict.fromkeys(names, 0.0)  # sum over fused sequences of each candidate's weight
 
     def loss(self, model, batch_feats: List[dict], batch: dict):
         """``(total, parts)``: the combined loss and the numbers logged per step."""
@@ -166,6 +168,8 @@ class FusionObjective:
         for n, i in enumerate(todo):
             ces = [pc[n][0] for pc in per_cand]
             w = fusion_weights(self.cfg.fusion, ces)
+            for name, wk in zip(self.weight_totals, w):
+                self.weight_totals[name] += wk
             pos = [t for t, lab in enumerate(self.feats[i]["labels"]) if lab != -100 and t >= 1]
             ids_rows, prob_rows = [[] for _ in pos], [[] for _ in pos]
             for k, wk in enumerate(w):
@@ -265,9 +269,18 @@ def fuse_train(target_dir: Path, sources: Sequence[Path], tasks: Sequence, run_d
                       progress=progress, stop_after=stop_after, fresh=fresh, replay=replay, objective=objective)
     if result.final_dir is not None:
         rec = {**result.record, "fusion": {"sources": [str(s) for s in objective.sources],
-                                           "aligned_fraction": objective.aligned, **dataclasses.asdict(settings)}}
+                                           "aligned_fraction": objective.aligned,
+                                           "candidate_weight_share": _shares(getattr(objective, "weight_totals", {})),
+                                           **dataclasses.asdict(settings)}}
         (run_dir / "fuse.json").write_text(json.dumps(rec, indent=2) + "\n", encoding="utf-8")
     return result
+
+
+def _shares(totals: dict) -> dict:
+    """Each candidate's share of the fusion weight over the sequences fused in this process (for MinCE: how
+    often it had the lowest cross-entropy)."""
+    s = sum(totals.values())
+    return {k: round(v / s, 4) for k, v in totals.items()} if s else {}
 
 
 def chat_merge(pivot: Path, targets: Sequence[Path], out: Path, method: str = "varm",
