@@ -267,7 +267,8 @@ def fuse_train(target_dir: Path, sources: Sequence[Path], tasks: Sequence, run_d
         log(f"source {src}: {100 * frac:.1f}% of the target's tokens align one-to-one")
     result = finetune(target_dir, tasks, run_dir, cfg, name=run_dir.name, command=command, log=log,
                       progress=progress, stop_after=stop_after, fresh=fresh, replay=replay, objective=objective)
-    if result.final_dir is not None:
+    trained = hasattr(objective, "weight_totals")  # False when a finished run was found and reused
+    if result.final_dir is not None and (trained or not (run_dir / "fuse.json").is_file()):
         rec = {**result.record, "fusion": {"sources": [str(s) for s in objective.sources],
                                            "aligned_fraction": objective.aligned,
                                            "candidate_weight_share": _shares(getattr(objective, "weight_totals", {})),
