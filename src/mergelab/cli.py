@@ -276,6 +276,7 @@ OPTIONAL_COMMANDS = (
     ("mergelab.moe.compress_cli", "moe-compress", "Merge the experts of a Mixtral MoE into fewer (MC-SMoE)."),
     ("mergelab.routed.cli", "routed", "Routed / per-task models (EMR-Merging, Twin-Merging, WEMoE) and their "
                                       "benchmark."),
+    ("mergelab.fuse.cli", "fuse", "Knowledge fusion of causal LMs with different tokenizers (FuseLLM, FuseChat)."),
     ("mergelab.tune.cli", "tune", "Merges that learn coefficients in memory (RegMean++, AdaMerging, "
                                   "Expert Merging, FW-Merging), their benchmark and the pool-scaling study."),
 )

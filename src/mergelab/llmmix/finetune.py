@@ -189,13 +189,16 @@ def finished(run_dir: Path, settings: dict) -> Optional[dict]:
 def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig, name: str = "",
              command: str = "", base_accuracy: Optional[dict] = None, log: Callable[[str], None] = print,
              progress: bool = True, stop_after: Optional[int] = None, fresh: bool = False,
-             replay: Optional[Path] = None) -> FinetuneResult:
+             replay: Optional[Path] = None, objective=None) -> FinetuneResult:
     """Fine-tune (or resume) the model of ``base_dir`` on the training splits of ``tasks``.
 
     ``base_accuracy`` maps task name to the base's validation accuracy (recorded beside the model's).
     ``stop_after`` stops at that step as a kill would (for tests). A finished run with the same settings
     returns at once; one with other settings is an error unless ``fresh`` (start over). ``replay`` is the
     base's pretraining token file (``tokens-*/train.u16``), needed when ``cfg.replay_batch`` > 0.
+    ``objective`` replaces the task loss (e.g. :class:`mergelab.fuse.train.FusionObjective`): its
+    ``settings()`` join the run's identity, ``bind(model, tok, examples, features)`` is called once before
+    training, and ``loss(model, features, batch)`` returns ``(loss, numbers to log)`` each step.
     """
     import torch
 
@@ -211,6 +214,8 @@ def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig
     run_dir, base_dir = Path(run_dir), Path(base_dir)
     name = name or run_dir.name
     settings = run_settings(cfg, base_dir, tasks, replay)
+    if objective is not None:
+        settings["objective"] = objective.settings()
     ckpt = run_dir / "checkpoint" / "state.pt"
     final = run_dir / "final"
     if fresh and run_dir.exists():
@@ -231,7 +236,10 @@ def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig
         torch.manual_seed(cfg.seed)  # PEFT draws the A matrices from torch's generator
         model = get_peft_model(model, lora_config(cfg))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    feats = [encode_for_training(tok, ex, cfg.max_length) for t in tasks for ex in t.split("train")]
+    examples = [ex for t in tasks for ex in t.split("train")]
+    feats = [encode_for_training(tok, ex, cfg.max_length) for ex in examples]
+    if objective is not None:
+        objective.bind(model, tok, examples, feats)
     pool = Pool(feats, cfg.seed)
     replay_blocks = None
     if cfg.replay_batch:
@@ -294,9 +302,13 @@ def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig
     try:
         with open(log_path, "a", encoding="utf-8") as lf:
             while step < stop and not interrupted["flag"]:
-                b = collate_for_training(pool.batch(step, cfg.batch_size), pad)
+                batch_feats = pool.batch(step, cfg.batch_size)
+                b = collate_for_training(batch_feats, pad)
                 b = {k: v.to(cfg.device) for k, v in b.items()}
-                loss = model(**b).loss
+                if objective is None:
+                    loss, parts = model(**b).loss, {}
+                else:
+                    loss, parts = objective.loss(model, batch_feats, b)
                 total = loss
                 if replay_blocks is not None:
                     ids = torch.from_numpy(replay_blocks.batch(step, cfg.replay_batch)).to(cfg.device)
@@ -310,7 +322,7 @@ def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig
                 sched.step()
                 step += 1
                 rec = {"step": step, "loss": round(loss.item(), 6), "lr": lr,
-                       "seconds": round(elapsed + time.time() - t0, 3)}
+                       "seconds": round(elapsed + time.time() - t0, 3), **parts}
                 if replay_blocks is not None:
                     rec["replay_loss"] = round(replay_loss.item(), 6)
                 lf.write(json.dumps(rec) + "\n")
