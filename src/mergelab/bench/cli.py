@@ -33,7 +33,8 @@ def prepare(
     base: str = typer.Option("minilm-l6", "--base", help="Base model: minilm-l6 (PyPI package) or a local folder "
                              "(llmmix: default CACHE/base-SIZE/final)."),
     epochs: float = typer.Option(3.0, "--epochs", help="Passes over each task's training split."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW; default 2e-4, llmmix 1e-3)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW; default 2e-4, with --lora-rank "
+                                       "1e-3, llmmix 1e-3)."),
     head_lr: float = typer.Option(2e-3, "--head-lr", help="Head learning rate."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default 32 (llmmix 16)."),
     max_length: int = typer.Option(64, "--max-length", help="Tokens per example (longer texts are cut)."),
@@ -59,15 +60,19 @@ def prepare(
     replay_batch: Optional[int] = typer.Option(None, "--replay-batch", help="llmmix: blocks of the base's "
                                                "pretraining text added to each step's loss, so experts keep the "
                                                "base's language model (default 8; 0: no replay)."),
-    lora_rank: int = typer.Option(0, "--lora-rank", help="llmmix: train PEFT LoRA adapters of this rank instead "
-                                  "of full fine-tunes (kept in CACHE/experts-SIZE-loraR; 0: full fine-tunes)."),
+    lora_rank: int = typer.Option(0, "--lora-rank", help="Train PEFT LoRA adapters of this rank instead of full "
+                                  "fine-tunes (textmix: CACHE/SUITE-FP/lora-R/TASK, the head trained fully beside "
+                                  "the adapter, no multi-task model; llmmix: CACHE/experts-SIZE-loraR; 0: full "
+                                  "fine-tunes)."),
 ) -> None:
     """Fine-tune one expert per task, linear probes on the frozen base, and a multi-task model (resumable).
 
     With --suite llmmix: full fine-tunes of the pretrained Llama base per merged task and a multi-task
     model (--epochs, --head-lr, --max-length and --task do not apply)."""
-    if suite != "llmmix" and (jobs != 1 or replay_batch is not None or lora_rank):
-        raise MergeLabError("--jobs, --replay-batch and --lora-rank apply to --suite llmmix only")
+    if lora_rank < 0:
+        raise MergeLabError(f"--lora-rank {lora_rank}: expected a positive rank (0: full fine-tunes)")
+    if suite != "llmmix" and (jobs != 1 or replay_batch is not None):
+        raise MergeLabError("--jobs and --replay-batch apply to --suite llmmix only")
     if suite == "llmmix":
         _prepare_llmmix(size, cache, None if base == "minilm-l6" else Path(base), split_names(tasks), steps,
                         multitask_steps, 1e-3 if lr is None else lr, 16 if batch_size is None else batch_size, seed,
@@ -84,11 +89,11 @@ def prepare(
     from mergelab.evaluate.tasks import load_suite
 
     s = load_suite(suite, task)
-    cfg = TrainConfig(epochs=epochs, lr=2e-4 if lr is None else lr, head_lr=head_lr,
+    cfg = TrainConfig(epochs=epochs, lr=(1e-3 if lora_rank else 2e-4) if lr is None else lr, head_lr=head_lr,
                       batch_size=32 if batch_size is None else batch_size, max_length=max_length, seed=seed)
     bench_cache = BenchCache(s, cache)
     result = run_prepare(s, bench_cache, cfg, base, split_names(tasks), multitask, rebuild, progress, typer.echo,
-                         multitask_epochs)
+                         multitask_epochs, lora_rank=lora_rank)
     typer.echo(f"prepared {s.name} in {result.cache_dir} ({result.seconds:.0f} s; trained "
                f"{len(result.trained)} unit(s), {len(result.skipped)} already there)")
 
@@ -162,9 +167,9 @@ def run(
     examples: Optional[str] = typer.Option(None, "--examples", help="llmmix: split sizes as given to `bench prepare`."),
     device: str = typer.Option("cpu", "--device", help="llmmix: cpu, cuda or cuda:N."),
     threads: Optional[int] = typer.Option(None, "--threads", help="llmmix: torch CPU threads."),
-    lora_rank: int = typer.Option(0, "--lora-rank", help="llmmix: merge the LoRA experts of this rank "
-                                  "(CACHE/experts-SIZE-loraR from `bench prepare --lora-rank R`)."),
-    adapter_merges: bool = typer.Option(False, "--adapter-merges", help="llmmix with --lora-rank: also merge "
+    lora_rank: int = typer.Option(0, "--lora-rank", help="Merge the LoRA experts of this rank (from `bench "
+                                  "prepare --lora-rank R`)."),
+    adapter_merges: bool = typer.Option(False, "--adapter-merges", help="With --lora-rank: also merge "
                                         "the adapters as adapters (cat, svd with task arithmetic and TIES, KnOTS-TIES)."),
 ) -> None:
     """Merge the prepared experts with each method, evaluate every task, write the report and charts."""
@@ -189,11 +194,10 @@ def run(
                             lora_rank=lora_rank, adapter_merges=adapter_merges)
         typer.echo(f"wrote {out / 'report.json'}, {out / 'report.md'} and charts ({report['seconds']:.0f} s)")
         return
-    if lora_rank or adapter_merges:
-        raise MergeLabError("--lora-rank and --adapter-merges apply to --suite llmmix only")
     s = load_suite(suite, task)
     report = run_bench(s, BenchCache(s, cache), names, out, base, split_names(tasks), split_names(held_out), tune, seed,
-                       command=command, log=typer.echo, save_models=save_models, grids=grids)
+                       command=command, log=typer.echo, save_models=save_models, grids=grids, lora_rank=lora_rank,
+                       adapter_merges=adapter_merges)
     typer.echo(f"wrote {out / 'report.json'}, {out / 'report.md'} and charts ({report['seconds']:.0f} s)")
 
 
