@@ -77,7 +77,7 @@ def test_run_lora_adapter_merges_rows(lora_prepared, tiny_base, mini_suite, tmp_
     cache_root, _ = lora_prepared
     out = tmp_path / "out"
     res = CliRunner().invoke(bench_app, ["run", "--suite", str(mini_suite), "--cache", str(cache_root), "--base",
-                                         str(tiny_base), "--out", str(out), "-m", "task_arithmetic,ties", "--no-tune",
+                                         str(tiny_base), "--out", str(out), "-m", "task_arithmetic,ties,regmean,fisher", "--no-tune",
                                          "--lora-rank", "4", "--adapter-merges"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     report = json.loads((out / "report.json").read_text())
@@ -100,6 +100,60 @@ def test_run_lora_adapter_merges_rows(lora_prepared, tiny_base, mini_suite, tmp_
         assert row["status"] == "ok" and row["adapter_rank"] == 8 and row["adapter_bytes"] > 0
         assert row["merge_seconds"] > 0 and 0.0 <= row["max_relative_truncation_error"] < 1.0
     assert (out / "adapters" / "cat-task_arithmetic" / "adapter_config.json").is_file()
+    for name in ("regmean (default)", "fisher (default)"):
+        assert rows[name]["status"] == "ok", rows[name]
+
+
+def test_lora_calibration_equals_that_of_the_peft_merged_classifier(lora_prepared, tiny_base, mini_suite, tmp_path):
+    """The bench's statistics of a LoRA expert (its classifier built from BASE+ADAPTER and the head saved
+    beside it) equal those of PEFT's merged encoder + the same head saved as a BertForSequenceClassification
+    folder, calibrated on the same examples."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+
+    from mergelab.bench.run import CALIBRATION_EXAMPLES, FISHER_MODE
+    from mergelab.calibrate import task_texts
+    from mergelab.calibrate.collect import calibrate
+    from mergelab.evaluate.model import MAX_LENGTH
+
+    cache_root, _ = lora_prepared
+    suite = load_suite(str(mini_suite))
+    cache = BenchCache(suite, cache_root)
+    t = "sentiment"
+    got_dir = cache.lora_expert_dir(t, 4) / "calibration"
+    if not (got_dir / "fisher.safetensors").is_file():  # made by the run test; make it here when run alone
+        from mergelab.bench.run import BenchRunner
+
+        runner = BenchRunner(suite, cache, suite.merge_task_names, [], str(tiny_base), lora_rank=4, log=lambda s: None)
+        runner.statistics("gram"), runner.statistics("fisher")
+    d = cache.lora_expert_dir(t, 4)
+    merged = PeftModel.from_pretrained(BertModel.from_pretrained(str(tiny_base)), str(d)).merge_and_unload()
+    head = load_file_(d / "head.safetensors")
+    cfg = BertConfig.from_pretrained(str(tiny_base), num_labels=head["weight"].shape[0])
+    cfg.architectures = ["BertForSequenceClassification"]
+    clf = BertForSequenceClassification(cfg)
+    clf.bert.load_state_dict(merged.state_dict())
+    clf.classifier.weight.data.copy_(head["weight"])
+    clf.classifier.bias.data.copy_(head["bias"])
+    folder = tmp_path / "dense"
+    clf.save_pretrained(str(folder))
+    AutoTokenizer.from_pretrained(str(tiny_base)).save_pretrained(str(folder))
+    data = task_texts(suite.task(t), "train", CALIBRATION_EXAMPLES, 0, suite=suite.name)
+    oracle = calibrate(folder, data, tmp_path / "oracle", ["gram", "fisher"], max_length=MAX_LENGTH,
+                       fisher_mode=FISHER_MODE)
+    for stat in ("gram", "fisher"):
+        got, want = load_file_(got_dir / f"{stat}.safetensors"), load_file_(oracle.files[stat])
+        # the head is never merged: the bench's statistics cover the encoder's tensors only
+        assert set(got) == {k for k in want if not k.startswith("classifier.")}
+        assert any(k.startswith("bert.encoder") for k in got)
+        for k in got:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-7, msg=f"{stat} {k}")
+
+
+def load_file_(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 def test_adapter_merges_without_lora_rank_is_refused(lora_prepared, tiny_base, mini_suite, tmp_path):

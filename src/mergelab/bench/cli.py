@@ -51,7 +51,7 @@ def prepare(
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="llmmix: validation examples per task "
                                              "scored (default: all)."),
     device: str = typer.Option("cpu", "--device", help="llmmix: cpu, cuda or cuda:N."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="llmmix: torch CPU threads (1 is often fastest "
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (1 is often fastest "
                                           "on a busy machine)."),
     examples: Optional[str] = typer.Option(None, "--examples", help="llmmix: split sizes, train=N,validation=N,"
                                            "test=N (default: the tasks' own)."),
@@ -90,7 +90,8 @@ def prepare(
 
     s = load_suite(suite, task)
     cfg = TrainConfig(epochs=epochs, lr=(1e-3 if lora_rank else 2e-4) if lr is None else lr, head_lr=head_lr,
-                      batch_size=32 if batch_size is None else batch_size, max_length=max_length, seed=seed)
+                      batch_size=32 if batch_size is None else batch_size, max_length=max_length, seed=seed,
+                      threads=threads)
     bench_cache = BenchCache(s, cache)
     result = run_prepare(s, bench_cache, cfg, base, split_names(tasks), multitask, rebuild, progress, typer.echo,
                          multitask_epochs, lora_rank=lora_rank)
@@ -166,7 +167,7 @@ def run(
     size: str = typer.Option("3m", "--size", help="llmmix: base size whose experts are merged."),
     examples: Optional[str] = typer.Option(None, "--examples", help="llmmix: split sizes as given to `bench prepare`."),
     device: str = typer.Option("cpu", "--device", help="llmmix: cpu, cuda or cuda:N."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="llmmix: torch CPU threads."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
     lora_rank: int = typer.Option(0, "--lora-rank", help="Merge the LoRA experts of this rank (from `bench "
                                   "prepare --lora-rank R`)."),
     adapter_merges: bool = typer.Option(False, "--adapter-merges", help="With --lora-rank: also merge "
@@ -194,6 +195,10 @@ def run(
                             lora_rank=lora_rank, adapter_merges=adapter_merges)
         typer.echo(f"wrote {out / 'report.json'}, {out / 'report.md'} and charts ({report['seconds']:.0f} s)")
         return
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     s = load_suite(suite, task)
     report = run_bench(s, BenchCache(s, cache), names, out, base, split_names(tasks), split_names(held_out), tune, seed,
                        command=command, log=typer.echo, save_models=save_models, grids=grids, lora_rank=lora_rank,

@@ -252,9 +252,35 @@ class BenchRunner:
     calibration_max_length = MAX_LENGTH  # tokens per calibration example
 
     def calibration_dirs(self, task: str) -> tuple:
-        """``(model folder, calibration folder)`` of ``task``'s expert: the Hugging Face folder
-        ``mergelab.calibrate`` runs, and where its statistics are cached (beside the expert)."""
+        """``(model, calibration folder)`` of ``task``'s expert: the Hugging Face folder (a LoRA expert:
+        ``BASE+ADAPTER``) ``mergelab.calibrate`` runs, and where its statistics are cached (beside the expert)."""
+        if self.lora_rank:
+            d = self.cache.lora_expert_dir(task, self.lora_rank)
+            return f"{self.base_path}+{d}", d / "calibration"
         return self.cache.expert_dir(task), self.cache.expert_dir(task) / "calibration"
+
+    def calibration_model(self, task: str):
+        """The :class:`~mergelab.calibrate.model.CalibrationModel` of ``task``'s expert when it is not a
+        Hugging Face folder (None: ``mergelab.calibrate`` loads :meth:`calibration_dirs`' model). A LoRA
+        expert's head is kept beside its adapter, so its classifier (the base + ``s * B A`` under ``bert.``
+        names, and the head) is built here; the statistics carry the names of the merged tensors."""
+        if not self.lora_rank:
+            return None
+        from transformers import BertForSequenceClassification
+
+        from mergelab.calibrate.model import wrap_module
+
+        head = self.heads[task]
+        cfg = self.config.__class__.from_dict(self.config.to_dict())
+        cfg.num_labels = head["weight"].shape[0]
+        module = BertForSequenceClassification(cfg)
+        state = dict(self.experts[self.merge_tasks.index(task)])
+        state["classifier.weight"], state["classifier.bias"] = head["weight"], head["bias"]
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if [k for k in missing if not k.endswith("position_ids")] or unexpected:
+            raise MergeLabError(f"LoRA expert '{task}': its tensors do not fit a BertForSequenceClassification "
+                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return wrap_module(module, "classifier", checkpoint_names=list(self.experts[0]))
 
     def calibration_data(self, task: str):
         """The :class:`~mergelab.calibrate.CalibrationSet` of ``task``'s expert: a seeded sample of
@@ -278,7 +304,7 @@ class BenchRunner:
             if not path.is_file():
                 t0 = time.perf_counter()
                 calibrate(model, self.calibration_data(t), folder, [stat], max_length=self.calibration_max_length,
-                          fisher_mode=FISHER_MODE, seed=self.seed)
+                          fisher_mode=FISHER_MODE, seed=self.seed, model=self.calibration_model(t))
                 seconds += time.perf_counter() - t0
                 self.log(f"calibrated {stat} of expert {t} in {time.perf_counter() - t0:.1f} s")
             paths.append(str(path))

@@ -160,8 +160,15 @@ class LlmRunner(BenchRunner):
     calibration_max_length = CALIBRATION_MAX_LENGTH
 
     def calibration_dirs(self, task: str) -> tuple:
+        """A LoRA expert (``final/`` an adapter folder) is calibrated as ``BASE+ADAPTER``."""
+        from mergelab.io.peft_adapter import is_adapter_folder
+
         run = self.experts_dir / task
-        return run / "final", run / "calibration"
+        final = run / "final"
+        return (f"{self.base_dir}+{final}" if is_adapter_folder(final) else final), run / "calibration"
+
+    def calibration_model(self, task: str):
+        return None
 
     def calibration_data(self, task: str):
         """:data:`CALIBRATION_EXAMPLES` rendered prompt + answer texts of the task's **train** split
