@@ -10,6 +10,11 @@ else ``~/.cache/mergelab/bench``)::
     pretrained/pretrained.json
     multitask/                   a Hugging Face BertModel folder (the shared encoder) + heads.safetensors
                                  + multitask.json
+    lora-<R>/prepare.json        settings of the last ``bench prepare --lora-rank R``
+    lora-<R>/<task>/             a PEFT LoRA adapter folder of rank R on the base encoder
+                                 (adapter_config.json, adapter_model.safetensors; tensor names those of the
+                                 base's BertModel) + head.safetensors (the task's head, trained fully with
+                                 the adapter: 'weight', 'bias') + expert.json
 
 Every unit is written to ``<name>.partial`` and renamed when complete, so an interrupted prepare
 resumes at the first missing unit. Each unit's JSON records the hash of the settings that made it;
@@ -80,6 +85,12 @@ class BenchCache:
     def expert_dir(self, task: str) -> Path:
         return self.dir / "experts" / task
 
+    def lora_dir(self, rank: int) -> Path:
+        return self.dir / f"lora-{int(rank)}"
+
+    def lora_expert_dir(self, task: str, rank: int) -> Path:
+        return self.lora_dir(rank) / task
+
     @property
     def pretrained_dir(self) -> Path:
         return self.dir / "pretrained"
@@ -141,6 +152,14 @@ class BenchCache:
         encoder, head = split_state(read_state(d))
         return encoder, head, info
 
+    def lora_expert(self, task: str, rank: int, base_path: Path) -> tuple:
+        """``(encoder_state, head, info)`` of ``task``'s LoRA expert of rank ``rank``: the encoder is the
+        base's (``base_path``) with ``s * B A`` added to each adapted matrix, read with mergelab's own
+        adapter reading (:func:`mergelab.io.adapted.open_model` on ``BASE+ADAPTER``)."""
+        d = self.lora_expert_dir(task, rank)
+        info = self.info(d)
+        return adapted_state(base_path, d), load_file(str(d / "head.safetensors")), info
+
     def pretrained_heads(self) -> tuple:
         d = self.pretrained_dir
         info = self.info(d)
@@ -198,6 +217,29 @@ def save_prefixed_base(folder: Path, base: str = "minilm-l6") -> Path:
     load_tokenizer(path).save_pretrained(str(tmp))
     BenchCache.commit(tmp, folder)
     return folder
+
+
+def save_lora_expert(folder: Path, peft_model, head: dict, base_path: Path) -> None:
+    """Write a LoRA expert: the PEFT adapter folder (recording ``base_path`` as its base) and
+    ``head.safetensors``."""
+    for cfg in peft_model.peft_config.values():
+        cfg.base_model_name_or_path = str(base_path)
+    peft_model.save_pretrained(str(folder), safe_serialization=True)
+    save_file({"weight": head["weight"].contiguous().float(), "bias": head["bias"].contiguous().float()},
+              str(folder / "head.safetensors"))
+
+
+def adapted_state(base_path: Path, adapter: Path) -> dict:
+    """Every floating tensor of ``BASE+ADAPTER`` in float32 (BertModel names, no ``bert.`` prefix)."""
+    from mergelab.io.adapted import open_model
+
+    ckpt = open_model(f"{base_path}+{adapter}")
+    out = {}
+    for name in ckpt.tensors:
+        if name.endswith("position_ids"):
+            continue
+        out[name] = ckpt.read(name, dtype=torch.float32)
+    return out
 
 
 def save_heads(path: Path, heads: dict) -> None:

@@ -33,8 +33,8 @@ def prepare(
     base: str = typer.Option("minilm-l6", "--base", help="Base model: minilm-l6 (PyPI package) or a local folder "
                              "(llmmix: default CACHE/base-SIZE/final)."),
     epochs: float = typer.Option(3.0, "--epochs", help="Passes over each task's training split."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW; default 2e-4, llmmix 1e-3, llmmix "
-                                       "1m 2e-3)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW; default 2e-4, with --lora-rank "
+                                       "1e-3; llmmix 1e-3, llmmix 1m 2e-3)."),
     head_lr: float = typer.Option(2e-3, "--head-lr", help="Head learning rate."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default 32 (llmmix 16)."),
     max_length: int = typer.Option(64, "--max-length", help="Tokens per example (longer texts are cut)."),
@@ -52,7 +52,7 @@ def prepare(
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="llmmix: validation examples per task "
                                              "scored (default: all)."),
     device: str = typer.Option("cpu", "--device", help="llmmix: cpu, cuda or cuda:N."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="llmmix: torch CPU threads (1 is often fastest "
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (1 is often fastest "
                                           "on a busy machine)."),
     examples: Optional[str] = typer.Option(None, "--examples", help="llmmix: split sizes, train=N,validation=N,"
                                            "test=N (default: the tasks' own)."),
@@ -61,15 +61,19 @@ def prepare(
     replay_batch: Optional[int] = typer.Option(None, "--replay-batch", help="llmmix: blocks of the base's "
                                                "pretraining text added to each step's loss, so experts keep the "
                                                "base's language model (default 8; 0: no replay)."),
-    lora_rank: int = typer.Option(0, "--lora-rank", help="llmmix: train PEFT LoRA adapters of this rank instead "
-                                  "of full fine-tunes (kept in CACHE/experts-SIZE-loraR; 0: full fine-tunes)."),
+    lora_rank: int = typer.Option(0, "--lora-rank", help="Train PEFT LoRA adapters of this rank instead of full "
+                                  "fine-tunes (textmix: CACHE/SUITE-FP/lora-R/TASK, the head trained fully beside "
+                                  "the adapter, no multi-task model; llmmix: CACHE/experts-SIZE-loraR; 0: full "
+                                  "fine-tunes)."),
 ) -> None:
     """Fine-tune one expert per task, linear probes on the frozen base, and a multi-task model (resumable).
 
     With --suite llmmix: full fine-tunes of the pretrained Llama base per merged task and a multi-task
     model (--epochs, --head-lr, --max-length and --task do not apply)."""
-    if suite != "llmmix" and (jobs != 1 or replay_batch is not None or lora_rank):
-        raise MergeLabError("--jobs, --replay-batch and --lora-rank apply to --suite llmmix only")
+    if lora_rank < 0:
+        raise MergeLabError(f"--lora-rank {lora_rank}: expected a positive rank (0: full fine-tunes)")
+    if suite != "llmmix" and (jobs != 1 or replay_batch is not None):
+        raise MergeLabError("--jobs and --replay-batch apply to --suite llmmix only")
     if suite == "llmmix":
         _prepare_llmmix(size, cache, None if base == "minilm-l6" else Path(base), split_names(tasks), steps,
                         multitask_steps, lr, 16 if batch_size is None else batch_size, seed,
@@ -86,11 +90,12 @@ def prepare(
     from mergelab.evaluate.tasks import load_suite
 
     s = load_suite(suite, task)
-    cfg = TrainConfig(epochs=epochs, lr=2e-4 if lr is None else lr, head_lr=head_lr,
-                      batch_size=32 if batch_size is None else batch_size, max_length=max_length, seed=seed)
+    cfg = TrainConfig(epochs=epochs, lr=(1e-3 if lora_rank else 2e-4) if lr is None else lr, head_lr=head_lr,
+                      batch_size=32 if batch_size is None else batch_size, max_length=max_length, seed=seed,
+                      threads=threads)
     bench_cache = BenchCache(s, cache)
     result = run_prepare(s, bench_cache, cfg, base, split_names(tasks), multitask, rebuild, progress, typer.echo,
-                         multitask_epochs)
+                         multitask_epochs, lora_rank=lora_rank)
     typer.echo(f"prepared {s.name} in {result.cache_dir} ({result.seconds:.0f} s; trained "
                f"{len(result.trained)} unit(s), {len(result.skipped)} already there)")
 
@@ -166,10 +171,10 @@ def run(
     size: str = typer.Option("3m", "--size", help="llmmix: base size whose experts are merged."),
     examples: Optional[str] = typer.Option(None, "--examples", help="llmmix: split sizes as given to `bench prepare`."),
     device: str = typer.Option("cpu", "--device", help="llmmix: cpu, cuda or cuda:N."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="llmmix: torch CPU threads."),
-    lora_rank: int = typer.Option(0, "--lora-rank", help="llmmix: merge the LoRA experts of this rank "
-                                  "(CACHE/experts-SIZE-loraR from `bench prepare --lora-rank R`)."),
-    adapter_merges: bool = typer.Option(False, "--adapter-merges", help="llmmix with --lora-rank: also merge "
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+    lora_rank: int = typer.Option(0, "--lora-rank", help="Merge the LoRA experts of this rank (from `bench "
+                                  "prepare --lora-rank R`)."),
+    adapter_merges: bool = typer.Option(False, "--adapter-merges", help="With --lora-rank: also merge "
                                         "the adapters as adapters (cat, svd with task arithmetic and TIES, KnOTS-TIES)."),
 ) -> None:
     """Merge the prepared experts with each method, evaluate every task, write the report and charts."""
@@ -194,11 +199,14 @@ def run(
                             lora_rank=lora_rank, adapter_merges=adapter_merges)
         typer.echo(f"wrote {out / 'report.json'}, {out / 'report.md'} and charts ({report['seconds']:.0f} s)")
         return
-    if lora_rank or adapter_merges:
-        raise MergeLabError("--lora-rank and --adapter-merges apply to --suite llmmix only")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     s = load_suite(suite, task)
     report = run_bench(s, BenchCache(s, cache), names, out, base, split_names(tasks), split_names(held_out), tune, seed,
-                       command=command, log=typer.echo, save_models=save_models, grids=grids)
+                       command=command, log=typer.echo, save_models=save_models, grids=grids, lora_rank=lora_rank,
+                       adapter_merges=adapter_merges)
     typer.echo(f"wrote {out / 'report.json'}, {out / 'report.md'} and charts ({report['seconds']:.0f} s)")
 
 

@@ -13,6 +13,11 @@ For each requested method this:
 
 The references come from ``bench prepare``: linear probes on the frozen base ("pretrained"), the
 experts on their own tasks ("individual"), and the multi-task model ("multi-task training").
+
+With ``lora_rank`` R the experts merged are the LoRA experts of ``bench prepare --lora-rank R`` (each
+read as the base plus ``s * B A``, with its own head), "individual" are those experts and a further
+reference row gives the full fine-tunes; ``adapter_merges`` adds the rows of
+:mod:`mergelab.bench.adapter_merges` (merges that stay adapters) after the dense ones.
 """
 
 from __future__ import annotations
@@ -215,17 +220,19 @@ class BenchRunner:
 
     def __init__(self, suite: Suite, cache: BenchCache, merge_tasks: Sequence[str], held_out: Sequence[str],
                  base: str = "minilm-l6", seed: int = 0, log: Callable[[str], None] = print,
-                 save_dir: Optional[Path] = None):
+                 save_dir: Optional[Path] = None, lora_rank: int = 0):
         self.suite, self.cache, self.log, self.seed, self.save_dir = suite, cache, log, seed, save_dir
         self.merge_tasks, self.held_out = list(merge_tasks), list(held_out)
+        self.lora_rank = int(lora_rank)
         path = base_model_path(base)
+        self.base_path = path
         self.config, self.tokenizer = load_config(path), load_tokenizer(path)
         # tensors keep their checkpoint names (``bert.`` prefix) so calibration statistics match them
         self.base = _prefixed(float_state(split_state(read_state(path))[0]))
         self.evaluator = Evaluator(suite, self.config, self.tokenizer)
         self.experts, self.heads, self.expert_info = [], {}, {}
         for t in self.merge_tasks:
-            enc, head, info = cache.expert(t)
+            enc, head, info = cache.lora_expert(t, self.lora_rank, path) if self.lora_rank else cache.expert(t)
             self.experts.append(_prefixed(float_state(enc)))
             self.heads[t] = head
             self.expert_info[t] = info
@@ -245,9 +252,35 @@ class BenchRunner:
     calibration_max_length = MAX_LENGTH  # tokens per calibration example
 
     def calibration_dirs(self, task: str) -> tuple:
-        """``(model folder, calibration folder)`` of ``task``'s expert: the Hugging Face folder
-        ``mergelab.calibrate`` runs, and where its statistics are cached (beside the expert)."""
+        """``(model, calibration folder)`` of ``task``'s expert: the Hugging Face folder (a LoRA expert:
+        ``BASE+ADAPTER``) ``mergelab.calibrate`` runs, and where its statistics are cached (beside the expert)."""
+        if self.lora_rank:
+            d = self.cache.lora_expert_dir(task, self.lora_rank)
+            return f"{self.base_path}+{d}", d / "calibration"
         return self.cache.expert_dir(task), self.cache.expert_dir(task) / "calibration"
+
+    def calibration_model(self, task: str):
+        """The :class:`~mergelab.calibrate.model.CalibrationModel` of ``task``'s expert when it is not a
+        Hugging Face folder (None: ``mergelab.calibrate`` loads :meth:`calibration_dirs`' model). A LoRA
+        expert's head is kept beside its adapter, so its classifier (the base + ``s * B A`` under ``bert.``
+        names, and the head) is built here; the statistics carry the names of the merged tensors."""
+        if not self.lora_rank:
+            return None
+        from transformers import BertForSequenceClassification
+
+        from mergelab.calibrate.model import wrap_module
+
+        head = self.heads[task]
+        cfg = self.config.__class__.from_dict(self.config.to_dict())
+        cfg.num_labels = head["weight"].shape[0]
+        module = BertForSequenceClassification(cfg)
+        state = dict(self.experts[self.merge_tasks.index(task)])
+        state["classifier.weight"], state["classifier.bias"] = head["weight"], head["bias"]
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if [k for k in missing if not k.endswith("position_ids")] or unexpected:
+            raise MergeLabError(f"LoRA expert '{task}': its tensors do not fit a BertForSequenceClassification "
+                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return wrap_module(module, "classifier", checkpoint_names=list(self.experts[0]))
 
     def calibration_data(self, task: str):
         """The :class:`~mergelab.calibrate.CalibrationSet` of ``task``'s expert: a seeded sample of
@@ -271,7 +304,7 @@ class BenchRunner:
             if not path.is_file():
                 t0 = time.perf_counter()
                 calibrate(model, self.calibration_data(t), folder, [stat], max_length=self.calibration_max_length,
-                          fisher_mode=FISHER_MODE, seed=self.seed)
+                          fisher_mode=FISHER_MODE, seed=self.seed, model=self.calibration_model(t))
                 seconds += time.perf_counter() - t0
                 self.log(f"calibrated {stat} of expert {t} in {time.perf_counter() - t0:.1f} s")
             paths.append(str(path))
@@ -290,8 +323,15 @@ class BenchRunner:
         rows.append(self._row("pretrained", "reference", pre,
                               {t: info["tasks"][t]["test_accuracy"] for t in self.held_out},
                               note="linear probe per task on the frozen base encoder"))
-        rows.append(self._row("individual", "reference", dict(self.expert_correct), None,
-                              note="each task's own fine-tuned expert"))
+        if self.lora_rank:
+            rows.append(self._row("individual", "reference", dict(self.expert_correct), None,
+                                  note=f"each task's own LoRA expert (rank {self.lora_rank}, the adapter on the base)"))
+            full = {t: self.cache.info(self.cache.expert_dir(t))["tasks"][t]["test_correct"] for t in self.merge_tasks}
+            rows.append(self._row("individual (full fine-tunes)", "reference", full, None,
+                                  note="each task's own fully fine-tuned expert (the suite's default experts)"))
+        else:
+            rows.append(self._row("individual", "reference", dict(self.expert_correct), None,
+                                  note="each task's own fine-tuned expert"))
         try:
             enc, mt_heads, mt_info = self.cache.multitask()
         except MergeLabError as e:
@@ -313,6 +353,19 @@ class BenchRunner:
         row["metrics"] = summarise(correct, self.merge_tasks, self.expert_correct, held)
         row["correct"] = correct
         return row
+
+    # -- adapter merges (mergelab.bench.adapter_merges)
+    @property
+    def adapter_base(self) -> Path:
+        return self.base_path
+
+    def adapter_paths(self) -> list:
+        return [self.cache.lora_expert_dir(t, self.lora_rank) for t in self.merge_tasks]
+
+    def adapter_state(self, folder: Path) -> dict:
+        from mergelab.bench.cache import adapted_state
+
+        return adapted_state(self.base_path, folder)
 
     # -- merges
     def merge(self, method: str, params: dict) -> tuple:
@@ -455,10 +508,13 @@ def resolve_methods(spec: Sequence[str]) -> list:
 def run_bench(suite: Suite, cache: BenchCache, methods: Sequence[str], out: Path, base: str = "minilm-l6",
               merge_tasks: Optional[Sequence[str]] = None, held_out: Optional[Sequence[str]] = None,
               tune: bool = True, seed: int = 0, command: str = "", log: Callable[[str], None] = print,
-              save_models: bool = False, grids: Optional[dict] = None) -> dict:
+              save_models: bool = False, grids: Optional[dict] = None, lora_rank: int = 0,
+              adapter_merges: bool = False) -> dict:
     """Run the suite for ``methods`` and write ``report.json``, ``report.md`` and PNG charts to ``out``.
 
     With ``save_models`` every evaluated merge is also written to ``out/models/<method>-<variant>/``.
+    With ``lora_rank`` the LoRA experts of that rank are merged, and ``adapter_merges`` adds the rows of
+    merges that stay adapters (see the module doc).
     """
     from mergelab import __version__
 
@@ -469,10 +525,13 @@ def run_bench(suite: Suite, cache: BenchCache, methods: Sequence[str], out: Path
         raise MergeLabError(f"tasks {overlap} are both merged and held out")
     if len(tasks) < 2:
         raise MergeLabError(f"a merge needs at least 2 tasks; got {tasks}")
+    if adapter_merges and not lora_rank:
+        raise MergeLabError("adapter merges need the LoRA experts: give --lora-rank R")
     check_grid_keys(grids, methods)
     plans = [plan_method(name, len(tasks), grids) for name in methods]  # grid errors before any work
     start = time.perf_counter()
-    runner = BenchRunner(suite, cache, tasks, held, base, seed, log, Path(out) / "models" if save_models else None)
+    runner = BenchRunner(suite, cache, tasks, held, base, seed, log, Path(out) / "models" if save_models else None,
+                         lora_rank=lora_rank)
     rows = runner.references()
     report = {
         "suite": suite.name, "suite_fingerprint": suite.fingerprint(), "suite_source": suite.source,
@@ -485,7 +544,19 @@ def run_bench(suite: Suite, cache: BenchCache, methods: Sequence[str], out: Path
                      "linear probe refitted on the merged encoder"),
         "rows": rows, "complete": False,
     }
-    run_methods(runner, plans, methods, report, out, tune, start)
+    if lora_rank:
+        report["lora_rank"] = lora_rank
+        report["lora_cache"] = str(cache.lora_dir(lora_rank))
+    run_methods(runner, plans, methods, report, out, tune, start, last=not adapter_merges)
+    if adapter_merges:
+        from mergelab.bench.adapter_merges import ADAPTER_MERGES, adapter_merge_rows
+        from mergelab.evaluate.report import write_report
+
+        log("merges that stay adapters: " + ", ".join(f"{c} ({m})" for c, m in ADAPTER_MERGES))
+        rows.extend(adapter_merge_rows(runner, rows, Path(out) / "adapters", lora_rank))
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        report["complete"] = True
+        write_report(report, Path(out))
     return report
 
 

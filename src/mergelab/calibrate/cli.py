@@ -27,7 +27,8 @@ def _layers(value: Optional[str]) -> Optional[List[int]]:
 
 @app.command()
 def calibrate(
-    model: Path = typer.Argument(..., help="Hugging Face model folder (classifier, causal LM or bare encoder)."),
+    model: Path = typer.Argument(..., help="Hugging Face model folder (classifier, causal LM or bare encoder), "
+                                 "or BASE+ADAPTER (a PEFT LoRA folder on its base)."),
     out: Path = typer.Option(..., "-o", "--out", help="Folder for <statistic>.safetensors and calibration.json."),
     stats: str = typer.Option("gram", "--stats", help="Comma-separated: gram, fisher, activations."),
     suite: Optional[str] = typer.Option(None, "--suite", help="Benchmark suite (name, folder or YAML) holding --task."),

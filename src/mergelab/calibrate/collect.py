@@ -22,7 +22,7 @@ import torch
 from mergelab.calibrate.data import Batch, CalibrationSet, tokenize_batches
 from mergelab.calibrate.fisher import default_mode, diagonal_fisher
 from mergelab.calibrate.hooks import GramCollector, linear_layers
-from mergelab.calibrate.model import CAUSAL_LM, CalibrationModel, load_model
+from mergelab.calibrate.model import CAUSAL_LM, CalibrationModel, load_model, model_folder
 from mergelab.calibrate.store import STATISTICS, folder_size, save_statistic
 from mergelab.errors import MergeLabError
 
@@ -234,7 +234,7 @@ def calibrate(model_path, data: CalibrationSet, out, statistics: Sequence[str] =
     if batch_size < 1 or max_length < 2:
         raise MergeLabError(f"--batch-size must be >= 1 and --max-length >= 2 (got {batch_size}, {max_length})")
     cal = model or load_model(model_path, kind)
-    tok = _tokenizer(tokenizer_path or model_path)
+    tok = _tokenizer(tokenizer_path or model_folder(model_path))
     batches = list(tokenize_batches(tok, data, batch_size, max_length))
     if cal.kind == CAUSAL_LM and all(int(b.attention_mask.sum(1).max()) < 2 for b in batches):
         raise MergeLabError("causal-LM calibration needs texts of at least 2 tokens")

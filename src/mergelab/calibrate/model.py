@@ -117,11 +117,23 @@ def name_map(module: nn.Module, checkpoint_names) -> Dict[str, str]:
     return out
 
 
+def model_folder(ref) -> Path:
+    """The Hugging Face folder that holds ``ref``'s config and tokenizer: ``ref`` itself, or for a
+    ``BASE+ADAPTER`` reference (:func:`mergelab.io.adapted.split_adapter_ref`) the base."""
+    from mergelab.io.adapted import split_adapter_ref
+
+    split = split_adapter_ref(str(ref))
+    return Path(split[0] if split else ref)
+
+
 def load_model(path, kind: str = "auto", dtype: torch.dtype = torch.float32) -> CalibrationModel:
     """Load the Hugging Face folder ``path`` for calibration (float32, eval mode, no downloads).
 
     ``kind`` is ``auto`` (from ``config.json``'s ``architectures``), ``classifier``, ``causal_lm`` or
-    ``encoder``.
+    ``encoder``. ``path`` may be ``BASE+ADAPTER`` (a PEFT LoRA folder on a base folder, as in recipes):
+    the base's module is loaded and every tensor the adapter changes is replaced by mergelab's reading
+    of it (:class:`~mergelab.io.adapted.AdaptedCheckpoint`: ``W + s * B A`` in float32, ``modules_to_save``
+    taken whole), so the statistics are those of the adapted model under the base's tensor names.
     """
     import os
 
@@ -129,12 +141,19 @@ def load_model(path, kind: str = "auto", dtype: torch.dtype = torch.float32) -> 
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from mergelab.io.checkpoint import Checkpoint
+    from mergelab.io.adapted import open_model
 
-    path = Path(path)
+    ref = str(path)
+    path = model_folder(ref)
+    if str(path) != ref:  # BASE+ADAPTER
+        return _load_adapted(ref, path, kind, dtype)
     if not (path / "config.json").is_file():
+        from mergelab.io.peft_adapter import is_adapter_folder
+
+        if is_adapter_folder(path):
+            open_model(str(path))  # raises: an adapter folder needs its base (BASE+ADAPTER)
         raise CheckpointError(f"model '{path}': expected a local Hugging Face folder with config.json")
-    ckpt = Checkpoint.open(str(path))
+    ckpt = open_model(str(path))
     try:
         cfg = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError) as e:
@@ -152,6 +171,29 @@ def load_model(path, kind: str = "auto", dtype: torch.dtype = torch.float32) -> 
     float_names = [n for n, info in ckpt.tensors.items() if info.dtype.is_floating_point]
     return CalibrationModel(module, kind, name_map(module, ckpt.tensors), str(path), ckpt.fingerprint(),
                             checkpoint_names=float_names)
+
+
+def _load_adapted(ref: str, base: Path, kind: str, dtype: torch.dtype) -> CalibrationModel:
+    """:func:`load_model` for ``BASE+ADAPTER``: the base's module with the adapted tensors written in."""
+    from mergelab.io.adapted import open_model
+
+    ckpt = open_model(ref)  # validates the adapter against the base (shapes, recorded base, variants)
+    cal = load_model(base, kind, dtype)
+    changed = set(ckpt.modules) | set(ckpt.full)
+    params = dict(cal.module.named_parameters(remove_duplicate=False))
+    done = set()
+    for pname, p in params.items():
+        name = cal.checkpoint_name(pname)
+        if name in changed:
+            with torch.no_grad():
+                p.copy_(ckpt.read(name, dtype=torch.float32).to(p.dtype))
+            done.add(name)
+    missing = sorted(changed - done)
+    if missing:
+        raise CheckpointError(f"model '{ref}': the adapter changes {missing[:3]}, which the loaded "
+                              f"{cal.kind} module of '{base}' has no parameter for")
+    cal.path, cal.fingerprint = ref, ckpt.fingerprint()
+    return cal
 
 
 def wrap_module(module: nn.Module, kind: str, logits_fn: Optional[Callable] = None,

@@ -160,8 +160,15 @@ class LlmRunner(BenchRunner):
     calibration_max_length = CALIBRATION_MAX_LENGTH
 
     def calibration_dirs(self, task: str) -> tuple:
+        """A LoRA expert (``final/`` an adapter folder) is calibrated as ``BASE+ADAPTER``."""
+        from mergelab.io.peft_adapter import is_adapter_folder
+
         run = self.experts_dir / task
-        return run / "final", run / "calibration"
+        final = run / "final"
+        return (f"{self.base_dir}+{final}" if is_adapter_folder(final) else final), run / "calibration"
+
+    def calibration_model(self, task: str):
+        return None
 
     def calibration_data(self, task: str):
         """:data:`CALIBRATION_EXAMPLES` rendered prompt + answer texts of the task's **train** split
@@ -237,6 +244,17 @@ class LlmRunner(BenchRunner):
                               note="one model fine-tuned on all merged tasks together", **ev["row_extra"]))
         return rows
 
+    # -- adapter merges (mergelab.bench.adapter_merges)
+    @property
+    def adapter_base(self) -> Path:
+        return self.base_dir
+
+    def adapter_paths(self) -> list:
+        return [self.experts_dir / t / "final" for t in self.merge_tasks]
+
+    def adapter_state(self, folder: Path) -> dict:
+        return _expert_state(folder, self.base_dir)
+
     def _save(self, state: dict, name: str) -> None:
         folder = Path(self.save_dir) / name
         self._load(state)
@@ -253,7 +271,7 @@ def run_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root: Option
     """Run the llmmix protocol for ``methods`` on the experts in ``ROOT/experts-SIZE`` and write
     ``report.json``, ``report.md`` and the charts to ``out`` (rewritten after every method). With
     ``lora_rank`` the experts are the LoRA ones (``experts-SIZE-loraR``), and ``adapter_merges`` adds
-    the rows of :mod:`mergelab.llmmix.adapter_merges` (merges that stay adapters) after the dense ones."""
+    the rows of :mod:`mergelab.bench.adapter_merges` (merges that stay adapters) after the dense ones."""
     from mergelab import __version__
     from mergelab.evaluate.report import write_report
     from mergelab.llmmix.prepare import experts_folder
@@ -307,7 +325,7 @@ def run_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root: Option
     write_report(report, Path(out))
     run_methods(runner, plans, methods, report, out, tune, start, last=not adapter_merges)
     if adapter_merges:
-        from mergelab.llmmix.adapter_merges import ADAPTER_MERGES, adapter_merge_rows
+        from mergelab.bench.adapter_merges import ADAPTER_MERGES, adapter_merge_rows
 
         log("merges that stay adapters: " + ", ".join(f"{c} ({m})" for c, m in ADAPTER_MERGES))
         rows.extend(adapter_merge_rows(runner, rows, Path(out) / "adapters", lora_rank))

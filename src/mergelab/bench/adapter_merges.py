@@ -1,4 +1,10 @@
-"""Leaderboard rows for merges that stay adapters, on the suite's LoRA experts (``--lora-rank R``).
+"""Leaderboard rows for merges that stay adapters, on a suite's LoRA experts (``--lora-rank R``).
+
+One home for every suite (``textmix`` and ``llmmix``). The runner supplies three things:
+``adapter_base`` (the base folder the adapters were trained on), ``adapter_paths()`` (the merged
+tasks' PEFT adapter folders, in ``merge_tasks`` order) and ``adapter_state(folder)`` (the state dict
+:meth:`evaluate_merged` takes, from a merged adapter folder read on the base), besides the
+:class:`~mergelab.bench.run.BenchRunner` interface (``evaluate_merged``, ``_row``).
 
 Each row runs the public path a user runs: a recipe whose models are ``{adapter: PATH}`` on the base
 and whose ``output`` is ``{format: peft, combine: cat | svd | knots}`` goes through
@@ -18,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mergelab.bench.run import DISPLAY, PeakMemory
+from mergelab.bench.run import DISPLAY, PeakMemory, _public
 
 # (combine, method): cat is exact for task arithmetic; svd and knots truncate to the expert rank x this
 ADAPTER_MERGES = (("cat", "task_arithmetic"), ("svd", "task_arithmetic"), ("svd", "ties"), ("knots", "ties"))
@@ -58,9 +64,8 @@ def adapter_merge_rows(runner, rows: Sequence[dict], workdir: Path, lora_rank: i
     ``rank_factor x lora_rank``."""
     from mergelab import merge
     from mergelab.bench.run import plan_method
-    from mergelab.llmmix.run import _expert_state
 
-    adapters = [runner.experts_dir / t / "final" for t in runner.merge_tasks]
+    adapters = list(runner.adapter_paths())
     out_rows = []
     for combine, method in combos:
         params, source = _chosen_params(rows, method)
@@ -70,18 +75,19 @@ def adapter_merge_rows(runner, rows: Sequence[dict], workdir: Path, lora_rank: i
         label = f"{DISPLAY.get(method, method)} (adapter, {combine}" + (f" r={rank})" if rank else ")")
         out = Path(workdir) / f"{combine}-{method}"
         shutil.rmtree(out, ignore_errors=True)
-        recipe = adapter_recipe(runner.base_dir, adapters, method, params, combine, rank)
+        recipe = adapter_recipe(runner.adapter_base, adapters, method, params, combine, rank)
         with PeakMemory() as mem:
             t0 = time.perf_counter()
             merge(recipe, out)
             seconds = time.perf_counter() - t0
         record = json.loads((out / "mergelab.json").read_text(encoding="utf-8"))
         errors = [m.get("relative_error", 0.0) for m in record["modules"].values()]
-        ev = runner.evaluate_merged(_expert_state(out, runner.base_dir))
+        ev = runner.evaluate_merged(runner.adapter_state(out))
         out_rows.append(runner._row(
-            label, "merge", ev["correct"], ev["held_out"], method=method, combine=combine, params=params,
+            label, "merge", ev["correct"], ev.get("held_out"), method=method, combine=combine, params=_public(params),
             params_from=source, merge_seconds=round(seconds, 3), merge_peak_mib=round(mem.mib, 1),
             adapter_bytes=(out / "adapter_model.safetensors").stat().st_size,
             adapter_rank=rank if rank else lora_rank * len(adapters),
-            max_relative_truncation_error=max(errors) if errors else 0.0, **ev["row_extra"]))
+            max_relative_truncation_error=max(errors) if errors else 0.0, eval_seconds=ev["seconds"],
+            **ev.get("row_extra", {})))
     return out_rows
