@@ -45,9 +45,11 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("."))
     ap.add_argument("--budgets", default="50,100,200")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--searches", default="grid,cma,random,m2n2", help="which rows to compute (default all)")
     args = ap.parse_args()
     os.chdir(args.workdir)
     budgets = [int(b) for b in args.budgets.split(",")]
+    only = set(args.searches.split(","))
     from mergelab.evaluate.model import read_state
     from mergelab.search.candidate import CandidateEvaluator
 
@@ -72,17 +74,18 @@ def main() -> None:
 
     # the bench's grid: uniform weights, three points on the same capped validation
     grid = []
-    for lam in GRID:
+    for lam in (GRID if "grid" in only else ()):
         x = np.full(val.genome.size, lam)
         r = val.evaluate(x)
         grid.append({"lambda": lam, "fitness": r["fitness"], "seconds": r["merge_and_score_seconds"]})
-    g = max(grid, key=lambda e: e["fitness"])
     results["grid"] = grid
-    test_row("validation grid (task arithmetic, lambda in 0.3/0.5/1.0)", len(GRID), g["fitness"],
-             genes=np.full(val.genome.size, g["lambda"]), values={"lambda": g["lambda"]})
+    if grid:
+        g = max(grid, key=lambda e: e["fitness"])
+        test_row("validation grid (task arithmetic, lambda in 0.3/0.5/1.0)", len(GRID), g["fitness"],
+                 genes=np.full(val.genome.size, g["lambda"]), values={"lambda": g["lambda"]})
 
     for name, folder in (("CMA-ES", "out-cma"), ("random", "out-random")):
-        if not Path(folder, "history.json").is_file():
+        if folder[4:] not in only or not Path(folder, "history.json").is_file():
             continue
         h = json.loads(Path(folder, "history.json").read_text())
         evals = h["evaluations"]
@@ -93,7 +96,7 @@ def main() -> None:
                 b = best_within(evals, n)
                 test_row(name, n, b["fitness"], genes=b["genes"], best_eval=b["eval"], values=b["values"],
                          seconds_per_evaluation=round(float(np.mean(secs[:n])), 2))
-    if Path("out-m2n2", "history.json").is_file() or Path("out-m2n2").is_dir():
+    if "m2n2" in only and Path("out-m2n2").is_dir():
         hp = Path("out-m2n2", "history.json")
         h = json.loads(hp.read_text()) if hp.is_file() else None
         if h is not None:
@@ -132,7 +135,8 @@ def _plot(results: dict, grid: list, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for name, ys in results["curves"].items():
         ax.plot(range(1, len(ys) + 1), [100 * y for y in ys], label=name)
-    ax.axhline(100 * max(g["fitness"] for g in grid), color="gray", ls="--", label="validation grid (3 points)")
+    if grid:
+        ax.axhline(100 * max(g["fitness"] for g in grid), color="gray", ls="--", label="validation grid (3 points)")
     ax.set_xlabel("evaluations")
     ax.set_ylabel(f"best validation fitness so far (%, {results['validation_limit_per_task']} / task)")
     ax.set_title("textmix, task arithmetic with one weight per expert")

@@ -255,7 +255,8 @@ def _save(out: Path, cfg: SearchConfig, history: dict, es, fingerprint: str) -> 
     best = history["best"]
     if best is not None:
         write_recipe(out / "best_recipe.yaml", best["recipe"],
-                     f"mergelab evolve ({history['algorithm']}): best of {len(history['evaluations'])} evaluations (evaluation {best['eval']}, "
+                     f"mergelab evolve ({history['algorithm']}): best of {len(history['evaluations'])} evaluations "
+                     f"(evaluation {best['eval']}, "
                      f"generation {best['generation'] + 1})\nfitness {best['fitness']:.6g} on the "
                      f"{cfg.fitness.split} split ({cfg.fitness.metric}); merged tensors' sha256 {best['digest']}")
     name = "random search" if history["algorithm"] == "random" else "CMA-ES"
