@@ -163,3 +163,11 @@ def test_adapter_merges_without_lora_rank_is_refused(lora_prepared, tiny_base, m
                                          "--adapter-merges"])
     assert res.exit_code != 0 and "--lora-rank" in str(res.exception)
     assert not (tmp_path / "o").exists()
+
+
+def test_multitask_with_textmix_lora_is_an_error_before_any_work(mini_suite, tmp_path):
+    cache = tmp_path / "cache"
+    res = CliRunner().invoke(bench_app, ["prepare", "--suite", str(mini_suite), "--cache", str(cache),
+                                         "--lora-rank", "4", "--multitask", "--no-progress"])
+    assert res.exit_code != 0 and "--multitask" in str(res.exception) and "LoRA" in str(res.exception)
+    assert not cache.exists() or not any(cache.rglob("*.safetensors"))

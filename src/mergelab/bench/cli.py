@@ -39,7 +39,9 @@ def prepare(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default 32 (llmmix 16)."),
     max_length: int = typer.Option(64, "--max-length", help="Tokens per example (longer texts are cut)."),
     seed: int = typer.Option(0, "--seed"),
-    multitask: bool = typer.Option(True, "--multitask/--no-multitask", help="Also train the multi-task model."),
+    multitask: Optional[bool] = typer.Option(None, "--multitask/--no-multitask", help="Also train the multi-task "
+                                             "model (default: yes; textmix --lora-rank: no, the full one is the "
+                                             "reference)."),
     multitask_epochs: Optional[float] = typer.Option(None, "--multitask-epochs", help="Passes over each task's "
                                                      "data for the multi-task model (default: --epochs)."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Retrain units prepared with other settings."),
@@ -74,6 +76,10 @@ def prepare(
         raise MergeLabError(f"--lora-rank {lora_rank}: expected a positive rank (0: full fine-tunes)")
     if suite != "llmmix" and (jobs != 1 or replay_batch is not None):
         raise MergeLabError("--jobs and --replay-batch apply to --suite llmmix only")
+    if suite != "llmmix" and lora_rank and multitask:
+        raise MergeLabError("--multitask: textmix LoRA experts get no multi-task model (the full fine-tune's "
+                            "multi-task model is the reference); drop --multitask")
+    multitask = (not (suite != "llmmix" and lora_rank)) if multitask is None else multitask
     if suite == "llmmix":
         _prepare_llmmix(size, cache, None if base == "minilm-l6" else Path(base), split_names(tasks), steps,
                         multitask_steps, lr, 16 if batch_size is None else batch_size, seed,
