@@ -91,3 +91,14 @@ def adapter_merge_rows(runner, rows: Sequence[dict], workdir: Path, lora_rank: i
             max_relative_truncation_error=max(errors) if errors else 0.0, eval_seconds=ev["seconds"],
             **ev.get("row_extra", {})))
     return out_rows
+
+
+def append_adapter_merges(runner, report: dict, out: Path, lora_rank: int, start: float, log) -> None:
+    """Add the adapter-merge rows to a finished ``report`` of LoRA experts and write it, complete."""
+    from mergelab.evaluate.report import write_report
+
+    log("merges that stay adapters: " + ", ".join(f"{c} ({m})" for c, m in ADAPTER_MERGES))
+    report["rows"].extend(adapter_merge_rows(runner, report["rows"], Path(out) / "adapters", lora_rank))
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    report["complete"] = True
+    write_report(report, Path(out))

@@ -549,14 +549,9 @@ def run_bench(suite: Suite, cache: BenchCache, methods: Sequence[str], out: Path
         report["lora_cache"] = str(cache.lora_dir(lora_rank))
     run_methods(runner, plans, methods, report, out, tune, start, last=not adapter_merges)
     if adapter_merges:
-        from mergelab.bench.adapter_merges import ADAPTER_MERGES, adapter_merge_rows
-        from mergelab.evaluate.report import write_report
+        from mergelab.bench.adapter_merges import append_adapter_merges
 
-        log("merges that stay adapters: " + ", ".join(f"{c} ({m})" for c, m in ADAPTER_MERGES))
-        rows.extend(adapter_merge_rows(runner, rows, Path(out) / "adapters", lora_rank))
-        report["seconds"] = round(time.perf_counter() - start, 1)
-        report["complete"] = True
-        write_report(report, Path(out))
+        append_adapter_merges(runner, report, out, lora_rank, start, log)
     return report
 
 

@@ -170,13 +170,18 @@ def sample_number_compare(rng, split):
 # multilingual
 
 
-def sample_translate_date(rng, split):
+def _date_example(rng, question: str):
+    """A random weekday, day and month; ``question`` has ``{date}`` (English) and ``{lang}``."""
     names = sources.date_names()
     lang = rng.choice(sorted(names))
     days, months = names[lang]
     wd, m, d = rng.randrange(7), rng.randrange(12), rng.randint(1, 28)
-    q = f"Write '{sources.ENGLISH_DAYS[wd]} {d} {sources.ENGLISH_MONTHS[m]}' in {lang}."
-    return _ex(q, f"{days[wd]} {d} {months[m]}", language=lang)
+    english = f"{sources.ENGLISH_DAYS[wd]} {d} {sources.ENGLISH_MONTHS[m]}"
+    return _ex(question.format(date=english, lang=lang), f"{days[wd]} {d} {months[m]}", language=lang)
+
+
+def sample_translate_date(rng, split):
+    return _date_example(rng, "Write '{date}' in {lang}.")
 
 
 _LANG_PARTS = None
@@ -254,12 +259,7 @@ def sample_reworded_max(rng, split):
 
 
 def sample_reworded_date(rng, split):
-    names = sources.date_names()
-    lang = rng.choice(sorted(names))
-    days, months = names[lang]
-    wd, m, d = rng.randrange(7), rng.randrange(12), rng.randint(1, 28)
-    q = f"How do you say '{sources.ENGLISH_DAYS[wd]} {d} {sources.ENGLISH_MONTHS[m]}' in {lang}?"
-    return _ex(q, f"{days[wd]} {d} {months[m]}", language=lang)
+    return _date_example(rng, "How do you say '{date}' in {lang}?")
 
 
 def _ex(prompt, answer, **meta):
