@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from mergelab.errors import MergeLabError
 from mergelab.evaluate.model import ENCODER_PREFIX, HEAD_PREFIX, read_state, split_state
 from mergelab.evaluate.tasks import Suite
+from mergelab.io.adapted import adapted_state
 
 
 class CacheError(MergeLabError):
@@ -227,19 +228,6 @@ def save_lora_expert(folder: Path, peft_model, head: dict, base_path: Path) -> N
     peft_model.save_pretrained(str(folder), safe_serialization=True)
     save_file({"weight": head["weight"].contiguous().float(), "bias": head["bias"].contiguous().float()},
               str(folder / "head.safetensors"))
-
-
-def adapted_state(base_path: Path, adapter: Path) -> dict:
-    """Every floating tensor of ``BASE+ADAPTER`` in float32 (BertModel names, no ``bert.`` prefix)."""
-    from mergelab.io.adapted import open_model
-
-    ckpt = open_model(f"{base_path}+{adapter}")
-    out = {}
-    for name in ckpt.tensors:
-        if name.endswith("position_ids"):
-            continue
-        out[name] = ckpt.read(name, dtype=torch.float32)
-    return out
 
 
 def save_heads(path: Path, heads: dict) -> None:

@@ -25,14 +25,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from mergelab.bench.cache import (BenchCache, adapted_state, float_state, save_classifier, save_encoder,
-                                  save_heads, save_lora_expert, settings_hash, write_json)
+from mergelab.bench.cache import (BenchCache, float_state, save_classifier, save_encoder, save_heads,
+                                  save_lora_expert, settings_hash, write_json)
 from mergelab.bench.training import LORA_TARGETS, TrainConfig, lora_config, steps_for, train, train_lora
 from mergelab.evaluate.harness import Evaluator, gold
 from mergelab.evaluate.metrics import accuracy, correct_bits
 from mergelab.evaluate.model import (base_model_path, fit_probe, head_logits, load_config, load_tokenizer,
                                      read_state, split_state)
 from mergelab.evaluate.tasks import Suite
+from mergelab.io.adapted import adapted_state
 
 
 @dataclass

@@ -363,7 +363,7 @@ class BenchRunner:
         return [self.cache.lora_expert_dir(t, self.lora_rank) for t in self.merge_tasks]
 
     def adapter_state(self, folder: Path) -> dict:
-        from mergelab.bench.cache import adapted_state
+        from mergelab.io.adapted import adapted_state
 
         return adapted_state(self.base_path, folder)
 

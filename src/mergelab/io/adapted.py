@@ -82,6 +82,14 @@ def open_model(ref: str, label: Optional[str] = None):
     return AdaptedCheckpoint(base, read_lora(adapter_ref), label or ref)
 
 
+
+def adapted_state(base, adapter) -> Dict[str, torch.Tensor]:
+    """Every tensor of ``BASE+ADAPTER`` (``W + s * B A`` where the adapter changes ``W``) in float32, for
+    in-memory use; position-id buffers (not weights) are left out."""
+    ckpt = open_model(f"{base}+{adapter}")
+    return {name: ckpt.read(name, dtype=torch.float32) for name in ckpt.tensors
+            if not name.endswith("position_ids")}
+
 class AdaptedCheckpoint:
     """``base`` with ``adapter`` applied tensor by tensor on read (see the module docstring).
 

@@ -51,12 +51,9 @@ def _expert_state(final: Path, base_dir: Path) -> dict:
 
     if not is_adapter_folder(final):
         return _state(final)
-    from mergelab.io.adapted import open_model
+    from mergelab.io.adapted import adapted_state
 
-    import torch
-
-    ckpt = open_model(f"{base_dir}+{final}")
-    return {name: ckpt.read(name, dtype=torch.float32) for name in ckpt.tensors}
+    return adapted_state(base_dir, final)
 
 
 def heldout_text(root: Path, chars: int = PPL_CHARS, base_dir: Optional[Path] = None) -> tuple:
