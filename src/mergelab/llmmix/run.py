@@ -105,11 +105,12 @@ class LlmRunner(BenchRunner):
 
     def __init__(self, tasks: Sequence, held: Sequence, base_dir: Path, experts_dir: Path, ppl_text: tuple,
                  seed: int = 0, log: Callable[[str], None] = print, batch_size: int = 64, device: str = "cpu",
-                 save_dir: Optional[Path] = None):
+                 save_dir: Optional[Path] = None, eval_limit: Optional[int] = None):
         from mergelab.llmmix.finetune import base_fingerprint
         from mergelab.llmmix.generate import load_causal_lm
 
         self.log, self.seed, self.save_dir, self.device, self.batch_size = log, seed, save_dir, device, batch_size
+        self.eval_limit = eval_limit  # score only the first N examples of every split (None: all)
         self.tasks, self.held = {t.name: t for t in tasks}, {t.name: t for t in held}
         self.merge_tasks, self.held_out = list(self.tasks), list(self.held)
         self.base_dir, self.experts_dir = Path(base_dir), Path(experts_dir)
@@ -151,7 +152,8 @@ class LlmRunner(BenchRunner):
     def _eval_split(self, task, split: str):
         from mergelab.llmmix.generate import evaluate_task
 
-        return evaluate_task(self.model, self.tokenizer, task, split, batch_size=self.batch_size)
+        return evaluate_task(self.model, self.tokenizer, task, split, limit=self.eval_limit,
+                             batch_size=self.batch_size)
 
     # -- calibration hooks (the procedure is BenchRunner.statistics)
     calibration_max_length = CALIBRATION_MAX_LENGTH
@@ -188,8 +190,10 @@ class LlmRunner(BenchRunner):
         accs = [self._eval_split(self.tasks[t], "validation").accuracy for t in self.merge_tasks]
         return sum(accs) / len(accs)
 
-    def _perplexity(self) -> float:
-        """The loaded model's perplexity on the held-out text."""
+    def _perplexity(self) -> Optional[float]:
+        """The loaded model's perplexity on the held-out text (None when the runner was given no text)."""
+        if not self.ppl_text:
+            return None
         import torch
 
         from mergelab.evaluate.lm import perplexity

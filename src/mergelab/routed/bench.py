@@ -239,20 +239,12 @@ class LlmRoutedBench(RoutedBench):
         from mergelab.llmmix.run import LlmRunner
         from mergelab.routed.wemoe import next_token_logits
 
-        class Runner(LlmRunner):  # every split evaluated on its first eval_limit examples; no perplexity
-            def _perplexity(self):
-                return None
-
-            def _eval_split(self, task, split: str):
-                from mergelab.llmmix.generate import evaluate_task
-
-                return evaluate_task(self.model, self.tokenizer, task, split, limit=eval_limit,
-                                     batch_size=self.batch_size)
-
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.eval_limit = eval_limit
-        self.runner = Runner(tasks, [], base_dir, experts_dir, ("", "not measured"), seed, log)
+        # no perplexity pass (no text): routed rows do not report it
+        self.runner = LlmRunner(tasks, [], base_dir, experts_dir, ("", "not measured"), seed, log,
+                                eval_limit=eval_limit)
         self.suite, self.seed, self.settings, self.log, self.out = None, seed, settings, log, Path(out)
         self.specs = {t.name: t for t in tasks}
         self.tasks = [t.name for t in tasks]
