@@ -309,6 +309,42 @@ def pretrain(
 
 
 @app.command()
+def instruct(
+    suite: str = typer.Option("llmmix", "--suite", help="Suite (only llmmix has causal-LM bases)."),
+    size: str = typer.Option("3m", "--size", help="Size of the pretrained base to instruction-tune."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache root (default $MERGELAB_CACHE/llmmix "
+                                         "or ~/.cache/mergelab/llmmix)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Pretrained base folder (default CACHE/base-SIZE/final)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default 800)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 1e-3)."),
+    examples: Optional[str] = typer.Option(None, "--examples", help="Split sizes of each mix task, "
+                                           "train=N,validation=N,test=N (default 2000/200/200)."),
+    eval_limit: Optional[int] = typer.Option(100, "--eval-limit", help="Validation examples per task scored at the end."),
+    replay_batch: Optional[int] = typer.Option(None, "--replay-batch", help="Blocks of the base's pretraining text "
+                                               "replayed per step (default 8; 0: none)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+    fresh: bool = typer.Option(False, "--fresh", help="Delete the run's checkpoint and start over."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Make the instruction-tuned variant SIZE-instruct of an llmmix base (the pretrained base trained on an
+    instruction mix of other tasks, with replay); then `bench prepare --size SIZE-instruct` trains experts on it."""
+    from mergelab.llmmix.instruct import default_config, instruct_base
+
+    if suite != "llmmix":
+        raise MergeLabError(f"--suite {suite}: only llmmix has an instruction-tuned base")
+    cfg = default_config(steps=steps, lr=lr, eval_limit=eval_limit, replay_batch=replay_batch, device=device,
+                         threads=threads)
+    command = "mergelab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:3] == ["bench", "instruct"] \
+        else f"mergelab bench instruct --size {size}"
+    result = instruct_base(size, cache, cfg, base, sizes=_sizes(examples), command=command, log=typer.echo,
+                           progress=progress, fresh=fresh)
+    acc = result.record.get("validation_accuracy", {})
+    typer.echo(f"{result.final_dir}: instruction-tuned base ({result.step} steps); validation accuracy "
+               + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
+
+
+@app.command()
 def compress(
     suite: str = typer.Option("llmmix", "--suite", help="Suite (llmmix; textmix experts are not causal LMs with "
                               "a generation harness here)."),

@@ -44,6 +44,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from mergelab.errors import MergeLabError
+from mergelab.llmmix.model import split_size
 from mergelab.llmmix.pretrain import plot_losses
 from mergelab.llmmix.training import (RunConfig, differing, lr_schedule, on_main_thread, read_log,
                                       restores_torch_threads, rng_state, set_rng_state, write_json)
@@ -93,9 +94,10 @@ SIZE_RECIPES = {"1m": {"steps": 1000, "lr": 2e-3}}
 
 
 def recipe_for_size(size: str) -> dict:
-    """The fine-tuning ``steps`` and ``lr`` ``bench prepare`` uses by default for a base size."""
+    """The fine-tuning ``steps`` and ``lr`` ``bench prepare`` uses by default for a base size (an
+    instruction-tuned variant, ``3m-instruct``, takes its size's recipe)."""
     defaults = {"steps": FinetuneConfig.steps, "lr": FinetuneConfig.lr}
-    return {**defaults, **SIZE_RECIPES.get(size, {})}
+    return {**defaults, **SIZE_RECIPES.get(split_size(size)[0], {})}
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -43,11 +43,25 @@ SIZES = {
 MAX_POSITIONS = 512
 
 
+# A base *variant* is named by a suffix on its size: ``3m-instruct`` is the ``3m`` base further trained
+# on an instruction mix (:mod:`mergelab.llmmix.instruct`); same shapes, its own cache folders.
+INSTRUCT_SUFFIX = "-instruct"
+
+
+def split_size(size: str) -> tuple:
+    """``(shape size, instruction-tuned?)`` of a base name: ``"3m-instruct"`` -> ``("3m", True)``."""
+    if size.endswith(INSTRUCT_SUFFIX):
+        return size[: -len(INSTRUCT_SUFFIX)], True
+    return size, False
+
+
 def size_spec(size: str) -> Size:
+    shape, _ = split_size(size)
     try:
-        return SIZES[size]
+        return SIZES[shape]
     except KeyError:
-        raise MergeLabError(f"--size {size!r}: unknown base size; known: {', '.join(SIZES)}") from None
+        raise MergeLabError(f"--size {size!r}: unknown base size; known: {', '.join(SIZES)} "
+                            f"(each also as SIZE{INSTRUCT_SUFFIX}, its instruction-tuned variant)") from None
 
 
 def llama_config(size: str, vocab_size: int, bos_id: int = 0, eos_id: int = 1, pad_id: int = 2):

@@ -39,7 +39,7 @@ import numpy as np
 
 from mergelab.errors import MergeLabError
 from mergelab.llmmix.corpus import DEFAULT_SOURCES, CorpusConfig, build_corpus, read_documents
-from mergelab.llmmix.model import build_model, count_parameters, size_spec
+from mergelab.llmmix.model import build_model, count_parameters, size_spec, split_size
 from mergelab.llmmix.tokenizer import EOS, PRE_TOKENIZER, load_tokenizer, train_tokenizer
 from mergelab.llmmix.training import (RunConfig, differing, lr_schedule, on_main_thread, read_log,
                                       restores_torch_threads, rng_state, set_rng_state, write_json)
@@ -77,6 +77,10 @@ def find_base(size: str, root: Optional[Path] = None) -> tuple:
     folder = (Path(root) if root else default_root()) / f"base-{size}" / "final"
     if (folder / "model.safetensors").is_file():
         return folder, "cache"
+    shape, instruct = split_size(size)
+    if instruct:
+        raise PretrainError(f"{folder}: no instruction-tuned llmmix base of size {shape} (make it with "
+                            f"'mergelab bench instruct --size {shape}', or resume the run there)")
     shipped = shipped_base(size)
     if shipped is not None:
         return shipped, "shipped"
@@ -333,6 +337,9 @@ def pretrain(cfg: PretrainConfig, root: Optional[Path] = None, run_dir: Optional
     import torch
 
     size_spec(cfg.size)
+    if split_size(cfg.size)[1]:
+        raise PretrainError(f"--size {cfg.size}: an instruction-tuned base is not pretrained; make it from the "
+                            f"pretrained one with 'mergelab bench instruct --size {split_size(cfg.size)[0]}'")
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.seq_len < 8:
         raise PretrainError("--steps and --batch-size must be >= 1 and --seq-len >= 8")
     if cfg.seq_len + 1 > 512:

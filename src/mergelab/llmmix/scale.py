@@ -11,10 +11,18 @@ normalised held-in accuracy (merged / expert, per merged task) and the mean held
 writes ``scale.json``, ``scale.md`` (table and findings) and ``scale.png``.
 
 The paper's findings checked against the numbers (:func:`findings`): a larger base merges better
-(mean normalised accuracy rises with size), more experts help held-out generalisation (mean held-out
-accuracy at the largest ``k`` above that at the smallest, per size), and the methods' differences shrink
-with scale (the spread, max - min over methods of normalised accuracy averaged over ``k``, falls with
-size). Sizes are taken in the order given, smallest first.
+(mean normalised accuracy rises with size), an instruction-tuned base merges better (``SIZE-instruct``
+against ``SIZE``, both given; :mod:`mergelab.llmmix.instruct`), more experts help held-out
+generalisation (mean held-out accuracy at the largest ``k`` above that at the smallest, per size), and
+the methods' differences shrink with scale (the spread, max - min over methods of normalised accuracy
+averaged over ``k``, falls with size). Sizes are taken in the order given, smallest first; the
+instruction-tuned variants enter only their own finding. A difference smaller than
+:data:`MIN_EFFECT` (two points) counts as no difference: with 200 test examples per task one
+example is half a point, and the merges' rows share their experts, so smaller gaps are noise here.
+
+The expert order is drawn once over every task prepared for any of the sizes, so a size with fewer
+experts prepared (an instruction-tuned variant with the first four, say) merges the same subsets at
+the ``k`` it has.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from mergelab.errors import MergeLabError
+from mergelab.llmmix.prepare import MULTITASK
 
 
 def expert_order(tasks: Sequence[str], seed: int = 0) -> list:
@@ -33,6 +42,9 @@ def expert_order(tasks: Sequence[str], seed: int = 0) -> list:
     order = sorted(tasks)
     random.Random(seed).shuffle(order)
     return order
+
+
+MIN_EFFECT = 0.02
 
 
 def _mean(xs):
@@ -60,48 +72,83 @@ def _reusable(run_dir: Path, subset, methods, held_out, seed, grids) -> Optional
 
 def findings(results: Sequence[dict], sizes: Sequence[str], ks: Sequence[int], methods: Sequence[str]) -> list:
     """One ``{"finding", "verdict", "numbers", "text"}`` per finding of the paper, computed from ``results``
-    (verdict: ``reproduced``, ``not reproduced`` or ``not enough sizes`` / ``not enough data``)."""
+    (verdict: ``reproduced``, ``partly reproduced``, ``not reproduced``, ``no clear difference`` (every
+    gap below :data:`MIN_EFFECT`) or ``not enough sizes`` / ``not enough data``)."""
+    from mergelab.llmmix.model import INSTRUCT_SUFFIX, split_size
+
     def vals(key, **match):
         return [r[key] for r in results if all(r[k] == v for k, v in match.items()) and r[key] is not None]
 
+    def compare(pairs):
+        """Verdict for "each pair's second value is larger": gaps below MIN_EFFECT are no difference."""
+        gaps = [b - a for a, b in pairs]
+        if all(abs(g) < MIN_EFFECT for g in gaps):
+            return "no clear difference"
+        up = [g >= MIN_EFFECT for g in gaps]
+        return "reproduced" if all(up) else "partly reproduced" if any(up) else "not reproduced"
+
+    plain = [s for s in sizes if not split_size(s)[1]]
     out = []
     norm = {s: _mean(vals("mean_normalised_accuracy", size=s)) for s in sizes}
-    if len(sizes) < 2:
-        verdict, text = "not enough sizes", f"only one base size ({sizes[0]})"
-    elif any(v is None for v in norm.values()):
+    if len(plain) < 2:
+        verdict, text = "not enough sizes", f"only one base size ({', '.join(plain) or 'none'})"
+    elif any(norm[s] is None for s in plain):
         verdict, text = "not enough data", "a size has no normalised accuracy"
     else:
-        up = all(norm[a] < norm[b] for a, b in zip(sizes, sizes[1:]))
-        verdict = "reproduced" if up else "not reproduced"
-        text = "mean normalised held-in accuracy by size: " + ", ".join(f"{s} {100 * norm[s]:.1f}%" for s in sizes)
-    out.append({"finding": "larger base merges better", "verdict": verdict, "numbers": norm, "text": text})
+        verdict = compare([(norm[a], norm[b]) for a, b in zip(plain, plain[1:])])
+        text = "mean normalised held-in accuracy by size: " + ", ".join(f"{s} {100 * norm[s]:.1f}%" for s in plain)
+    out.append({"finding": "larger base merges better", "verdict": verdict,
+                "numbers": {s: norm[s] for s in plain}, "text": text})
+
+    pairs = [(s, s + INSTRUCT_SUFFIX) for s in plain if s + INSTRUCT_SUFFIX in sizes]
+    inst = {}
+    for s, si in pairs:  # compare on the (k, method) cells both have
+        cells = [(k, m) for k in ks for m in methods
+                 if vals("mean_normalised_accuracy", size=s, k=k, method=m)
+                 and vals("mean_normalised_accuracy", size=si, k=k, method=m)]
+        inst[s] = {key: [_mean([vals(key, size=z, k=k, method=m)[0] for k, m in cells]) for z in (s, si)]
+                   for key in ("mean_normalised_accuracy", "mean_held_out_accuracy")}
+        inst[s]["cells"] = len(cells)
+    if not pairs:
+        verdict, text = "not enough sizes", f"no SIZE{INSTRUCT_SUFFIX} given with its SIZE"
+    elif any(inst[s]["cells"] == 0 for s, _ in pairs):
+        verdict, text = "not enough data", "no (k, method) with results for both bases"
+    else:
+        verdict = compare([tuple(inst[s]["mean_normalised_accuracy"]) for s, _ in pairs])
+        text = "; ".join(
+            f"{s} vs {si} over {inst[s]['cells']} (k, method) cells: normalised held-in "
+            f"{100 * inst[s]['mean_normalised_accuracy'][0]:.1f}% vs {100 * inst[s]['mean_normalised_accuracy'][1]:.1f}%"
+            + ("" if None in inst[s]["mean_held_out_accuracy"] else
+               f", held-out {100 * inst[s]['mean_held_out_accuracy'][0]:.1f}% vs "
+               f"{100 * inst[s]['mean_held_out_accuracy'][1]:.1f}%") for s, si in pairs)
+    out.append({"finding": "instruction-tuned base merges better", "verdict": verdict, "numbers": inst, "text": text})
 
     held = {s: {k: _mean(vals("mean_held_out_accuracy", size=s, k=k)) for k in ks} for s in sizes}
-    lo, hi = min(ks), max(ks)
-    if len(ks) < 2 or any(held[s][lo] is None or held[s][hi] is None for s in sizes):
+    have = {s: [k for k in ks if held[s][k] is not None] for s in sizes}
+    if any(len(have[s]) < 2 for s in sizes):
         verdict, text = "not enough data", "needs two or more expert counts and held-out tasks"
     else:
-        better = [held[s][hi] > held[s][lo] for s in sizes]
-        verdict = "reproduced" if all(better) else "partly reproduced" if any(better) else "not reproduced"
+        verdict = compare([(held[s][have[s][0]], held[s][have[s][-1]]) for s in sizes])
         text = "mean held-out accuracy " + "; ".join(
-            f"{s}: k={lo} {100 * held[s][lo]:.1f}% -> k={hi} {100 * held[s][hi]:.1f}%" for s in sizes)
+            f"{s}: k={have[s][0]} {100 * held[s][have[s][0]]:.1f}% -> k={have[s][-1]} {100 * held[s][have[s][-1]]:.1f}%"
+            for s in sizes)
     out.append({"finding": "more experts help held-out generalisation", "verdict": verdict,
                 "numbers": {s: {str(k): v for k, v in d.items()} for s, d in held.items()}, "text": text})
 
     spread = {}
-    for s in sizes:
+    for s in plain:
         per = [_mean(vals("mean_normalised_accuracy", size=s, method=m)) for m in methods]
         per = [p for p in per if p is not None]
         spread[s] = max(per) - min(per) if len(per) >= 2 else None
-    if len(sizes) < 2:
-        verdict, text = "not enough sizes", f"only one base size ({sizes[0]})"
+    if len(plain) < 2:
+        verdict, text = "not enough sizes", f"only one base size ({', '.join(plain) or 'none'})"
     elif any(v is None for v in spread.values()):
         verdict, text = "not enough data", "needs two or more methods with results at every size"
     else:
-        down = all(spread[a] > spread[b] for a, b in zip(sizes, sizes[1:]))
-        verdict = "reproduced" if down else "not reproduced"
+        # shrinking spread: the larger size's spread is the "first" value of each pair
+        verdict = compare([(spread[b], spread[a]) for a, b in zip(plain, plain[1:])])
         text = ("spread (max - min over methods) of mean normalised held-in accuracy by size: "
-                + ", ".join(f"{s} {100 * spread[s]:.1f} points" for s in sizes))
+                + ", ".join(f"{s} {100 * spread[s]:.1f} points" for s in plain))
     out.append({"finding": "methods' differences shrink with scale", "verdict": verdict, "numbers": spread,
                 "text": text})
     return out
@@ -150,16 +197,27 @@ def run_scale(sizes: Sequence[str], experts: Sequence[int], methods: Sequence[st
         raise MergeLabError("bench scale: --sizes, --experts and --methods must each name at least one value")
     if ks[0] < 2:
         raise MergeLabError(f"--experts {','.join(map(str, ks))}: a merge needs at least 2 experts")
-    order = {}
+    prepared = {}
     for size in sizes:
         prep = root / f"experts-{size}" / "prepare.json"
         if not prep.is_file():
             raise MergeLabError(f"{prep}: no prepared experts of size {size} (run `mergelab bench prepare "
                                 f"--suite llmmix --size {size}`)")
-        tasks = json.loads(prep.read_text(encoding="utf-8")).get("tasks") or []
-        if len(tasks) < ks[-1]:
-            raise MergeLabError(f"{prep}: {len(tasks)} experts prepared for size {size}, --experts asks for {ks[-1]}")
-        order[size] = expert_order(tasks, order_seed)
+        rec = json.loads(prep.read_text(encoding="utf-8"))
+        prepared[size] = (set(rec.get("tasks") or ()) | set(rec.get("models") or {})) - {MULTITASK}
+    everything = expert_order(sorted(set().union(*prepared.values())), order_seed)
+    order = {}
+    for size in sizes:
+        if len(prepared[size]) < ks[-1]:
+            raise MergeLabError(f"{root / f'experts-{size}' / 'prepare.json'}: {len(prepared[size])} experts prepared "
+                                f"for size {size}, --experts asks for {ks[-1]}")
+        missing = [t for t in everything[:ks[-1]] if t not in prepared[size]]
+        if missing:
+            raise MergeLabError(f"{root / f'experts-{size}' / 'prepare.json'}: {len(prepared[size])} experts prepared "
+                                f"for size {size}; --experts {ks[-1]} merges {', '.join(everything[:ks[-1]])}, and "
+                                f"{', '.join(missing)} is missing (run `mergelab bench prepare --suite llmmix "
+                                f"--size {size} --tasks {','.join(missing)}`)")
+        order[size] = [t for t in everything if t in prepared[size]]
     study = {"suite": "llmmix", "sizes": list(sizes), "experts": ks, "methods": list(methods), "order_seed": order_seed,
              "order": order, "held_out": [], "command": command, "results": [], "findings": [], "complete": False}
     out.mkdir(parents=True, exist_ok=True)
