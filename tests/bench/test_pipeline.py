@@ -217,7 +217,8 @@ def test_compress_textmix_experts_end_to_end(prepared, tiny_base, mini_suite, tm
     assert "| sentiment | graft-m | graft |" in md and "test NLL" in md
     assert (tmp_path / "c" / "compress.png").read_bytes()[:4] == b"\x89PNG"
     for extra, msg in ((["--tasks", "nope"], "has no task 'nope'"),
-                       (["--tasks", "sentiment", "--experts-dir", str(tmp_path)], "--experts-dir applies to --suite llmmix")):
+                       (["--tasks", "sentiment", "--experts-dir", str(tmp_path)],
+                        "--experts-dir applies to --suite llmmix")):
         res = CliRunner().invoke(bench_app, args[:7] + extra + ["--out", str(tmp_path / "bad")])
         assert res.exit_code != 0 and msg in str(res.exception), res.output + repr(res.exception)
         assert not (tmp_path / "bad").exists()
