@@ -17,7 +17,7 @@ from mergelab.errors import RecipeError
 from mergelab.io.peft_adapter import read_lora
 from mergelab.merge import merge
 
-from .helpers import load_base, random_adapter, state_of
+from .helpers import load_base, peft_dense, random_adapter, state_of
 
 peft = pytest.importorskip("peft")
 
@@ -210,3 +210,70 @@ def test_cli_peft_output_and_dry_run(fam, tmp_path, capsys):
                                                                   "mergelab.json"]
     code, _, err = run_cli(["merge", path, "-o", tmp_path / "o"], capsys)
     assert code == 2 and "already exists" in err
+
+
+def _ties_oracle(blocks, weights, density, normalize):
+    """mergekit 0.1.5's TIES / DARE-TIES (no drop) on a zero base, written out in numpy: per-block top-k
+    trim (k = max(1, int(density * numel))), weighted deltas, sign elected by the sum (0 -> +1), sum
+    of the agreeing entries, divided by the agreeing weights when ``normalize``."""
+    tvs, masks_w = [], []
+    for b, w in zip(blocks, weights):
+        flat = np.abs(b).ravel()
+        k = max(1, int(density * flat.size))
+        keep = np.zeros(flat.size, bool)
+        keep[np.argsort(-flat, kind="stable")[:k]] = True
+        tvs.append(w * np.where(keep.reshape(b.shape), b, 0.0))
+    tvs = np.stack(tvs)
+    elected = np.where(tvs.sum(0) >= 0, 1.0, -1.0)
+    agree = np.sign(tvs) == elected
+    merged = (tvs * agree).sum(0)
+    if normalize:
+        div = (np.asarray(weights, dtype=np.float64)[:, None, None] * agree).sum(0)
+        merged = merged / np.where(div == 0, 1.0, div)
+    return merged
+
+
+@pytest.mark.parametrize("method,params,normalize", [("ties", {"density": 0.5}, True),
+                                                     ("dare_ties", {"density": 1.0}, False)])
+def test_knots_equals_an_independent_knots_within_reported_error(trained, tmp_path, method, params, normalize):
+    """KnOTS on PEFT-trained adapters against the paper's recipe written out here: each adapter's delta
+    from PEFT's merge_and_unload, numpy SVD of [dW_1 | dW_2] (components above 1e-5), the aligned
+    blocks merged by mergekit's TIES (or DARE-TIES at density 1: sign election and sum, nothing
+    dropped), D = U R*. At the aligned rank the written adapter is D; at rank 2 it is D's best rank-2
+    approximation, off by exactly the relative error mergelab.json reports."""
+    ads, weights = [trained.adapters["strops"], trained.adapters["arith"]], [1.0, 0.8]
+    b = state_of(trained.base)
+    deltas = [{k: (v.double() - b[k].double()).numpy() for k, v in peft_dense(trained.base, a).items()} for a in ads]
+    oracle = {}
+    for name in b:
+        present = [i for i in range(2) if np.abs(deltas[i][name]).max() > 0]
+        if not present:
+            continue
+        cat = np.concatenate([deltas[i][name] for i in present], axis=1)
+        U, S, Vh = np.linalg.svd(cat, full_matrices=False)
+        keep = S > 1e-5
+        inn = deltas[0][name].shape[1]
+        R = S[keep, None] * Vh[keep]
+        blocks = [R[:, j * inn:(j + 1) * inn] for j in range(len(present))]
+        oracle[name] = U[:, keep] @ _ties_oracle(blocks, [weights[i] for i in present], params["density"], normalize)
+    assert len(oracle) == 6  # 2 layers x (q, v, down): down only in strops, a one-adapter KnOTS there
+    for rank in (None, 2):
+        full = rank is None
+        out = merge(_recipe(trained.base, ads, method, weights,
+                            {"format": "peft", "combine": "knots", "rank": 64 if full else rank}, **params),
+                    tmp_path / f"k{rank}").out
+        report = json.loads((out / "mergelab.json").read_text())["modules"]
+        got = _deltas(out)
+        assert set(got) == set(oracle)
+        for name, d in oracle.items():
+            rep = report[name[:-len(".weight")]]
+            err = float(np.linalg.norm(got[name].numpy() - d) / np.linalg.norm(d))
+            if full:
+                assert rep["rank"] == rep["aligned_rank"] and rep["relative_error"] < 1e-6
+                assert err < 1e-5, (name, err)
+            else:
+                s = np.linalg.svd(d, compute_uv=False)
+                eckart_young = float(np.sqrt((s[2:] ** 2).sum() / (s ** 2).sum()))
+                assert rep["rank"] == 2 and eckart_young > 0.05
+                assert rep["relative_error"] == pytest.approx(eckart_young, rel=1e-3)
+                assert err == pytest.approx(eckart_young, rel=1e-3), name

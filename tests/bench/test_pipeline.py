@@ -189,3 +189,36 @@ def test_evaluate_cli_says_which_reference_is_missing(prepared, report, mini_sui
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert any("not computed for --split validation" in m for m in json.loads(out.read_text())["missing"])
     assert "missing: normalised accuracy" in " ".join(res.output.split())
+
+
+def test_compress_textmix_experts_end_to_end(prepared, tiny_base, mini_suite, tmp_path):
+    """`bench compress --suite SUITE` on textmix-style experts (issue 16 item 5): the expert row scores
+    what `bench prepare` recorded for it (the encoder written out, compressed as a pack's input and read
+    back with its own head), a GraftLLM pack, the low-rank pack at its bytes and BitDelta each give a
+    rebuilt model's accuracy and test NLL; unknown tasks and llmmix-only options are refused."""
+    cache, _ = prepared
+    args = ["compress", "--suite", str(mini_suite), "--cache", str(cache), "--base", str(tiny_base),
+            "--tasks", "sentiment", "--levels", "graft-m", "--out", str(tmp_path / "c")]
+    res = CliRunner().invoke(bench_app, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    rep = json.loads((tmp_path / "c" / "compress.json").read_text())
+    suite = load_suite(str(mini_suite))
+    e = rep["experts"]["sentiment"]
+    info = BenchCache(suite, cache).info(BenchCache(suite, cache).expert_dir("sentiment"))
+    assert e["accuracy_expert"] == info["tasks"]["sentiment"]["test_accuracy"]
+    assert e["n"] == len(suite.task("sentiment").split("test")) == 24
+    rows = {r["label"]: r for r in e["rows"]}
+    assert set(rows) == {"graft-m", "lowrank@graft-m", "bitdelta"}
+    g, lr = rows["graft-m"]["matrix_bytes"], rows["lowrank@graft-m"]["matrix_bytes"]
+    assert 0.65 * g <= lr <= 1.35 * g
+    for r in rows.values():  # accuracies on 24 examples; NLL of a 2-way head: finite and positive
+        assert round(r["accuracy"] * 24) == pytest.approx(r["accuracy"] * 24) and 0 < r["answer_nll"] < 10
+    md = (tmp_path / "c" / "compress.md").read_text()
+    assert "| sentiment | graft-m | graft |" in md and "test NLL" in md
+    assert (tmp_path / "c" / "compress.png").read_bytes()[:4] == b"\x89PNG"
+    for extra, msg in ((["--tasks", "nope"], "has no task 'nope'"),
+                       (["--tasks", "sentiment", "--experts-dir", str(tmp_path)],
+                        "--experts-dir applies to --suite llmmix")):
+        res = CliRunner().invoke(bench_app, args[:7] + extra + ["--out", str(tmp_path / "bad")])
+        assert res.exit_code != 0 and msg in str(res.exception), res.output + repr(res.exception)
+        assert not (tmp_path / "bad").exists()

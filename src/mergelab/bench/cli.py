@@ -346,16 +346,18 @@ def instruct(
 
 @app.command()
 def compress(
-    suite: str = typer.Option("llmmix", "--suite", help="Suite (llmmix; textmix experts are not causal LMs with "
-                              "a generation harness here)."),
+    suite: str = typer.Option("llmmix", "--suite", help="llmmix (its causal-LM experts, exact match) or textmix "
+                              "(the fully fine-tuned MiniLM experts of `bench prepare`, each with its own head)."),
     size: str = typer.Option("3m", "--size", help="llmmix base size whose experts are compressed."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache root used by `bench prepare`."),
-    base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (default: the cache's)."),
-    experts_dir: Optional[Path] = typer.Option(None, "--experts-dir", help="Folder of TASK/final expert folders "
-                                               "(default: CACHE/experts-SIZE)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (default: the cache's; textmix: "
+                                        "minilm-l6)."),
+    experts_dir: Optional[Path] = typer.Option(None, "--experts-dir", help="llmmix: folder of TASK/final expert "
+                                               "folders (default: CACHE/experts-SIZE)."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Experts to compress (comma-separated; default: "
-                                        "every TASK/final found)."),
-    limit: int = typer.Option(50, "--limit", help="Test examples per task."),
+                                        "llmmix every TASK/final found, textmix the suite's merged tasks)."),
+    limit: int = typer.Option(50, "--limit", help="llmmix: test examples per task (textmix scores the whole "
+                              "test split)."),
     embed_density: float = typer.Option(1.0, "--embed-density", help="Embedding delta density in every pack."),
     levels: Optional[str] = typer.Option(None, "--levels", help="GraftLLM pack sizes to run (comma-separated "
                                          "labels of mergelab.compress.bench.LEVELS; default: all)."),
@@ -363,11 +365,38 @@ def compress(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
 ) -> None:
     """Size against accuracy: GraftLLM SkillPacks at several sizes, plain low-rank at the same bytes, BitDelta."""
-    from mergelab.compress.bench import LEVELS, bench_compress
+    from mergelab.compress.bench import LEVELS, bench_compress, bench_compress_textmix
     from mergelab.llmmix.pretrain import base_folder, default_root
 
+    chosen = LEVELS
+    if levels:
+        known = {lv[0]: lv for lv in LEVELS}
+        bad = [x for x in split_names(levels) if x not in known]
+        if bad:
+            raise MergeLabError(f"--levels: unknown level {bad[0]!r}; known: {', '.join(known)}")
+        chosen = tuple(known[x] for x in split_names(levels))
+    command = "mergelab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:3] == ["bench", "compress"] \
+        else ""
     if suite != "llmmix":
-        raise MergeLabError(f"--suite {suite}: bench compress runs on llmmix (its experts are causal LMs)")
+        from mergelab.bench.cache import BenchCache
+        from mergelab.evaluate.tasks import load_suite
+
+        s = load_suite(suite)
+        if experts_dir is not None:
+            raise MergeLabError(f"--experts-dir applies to --suite llmmix; --suite {suite} reads the experts of "
+                                f"`mergelab bench prepare --suite {suite}` from --cache")
+        bc = BenchCache(s, cache)
+        names = split_names(tasks) or list(s.merge_task_names)
+        for n in names:
+            s.task(n)  # an unknown task is an error naming the suite's tasks
+            if not bc.info_path(bc.expert_dir(n)).is_file():
+                raise MergeLabError(f"no prepared expert '{n}' in {bc.expert_dir(n)}: run `mergelab bench prepare "
+                                    f"--suite {suite} --tasks {n}` first")
+        bench_compress_textmix(s, bc, names, out, base=str(base) if base else s.base_model,
+                               embed_density=embed_density, levels=chosen, device=device, command=command,
+                               log=typer.echo)
+        typer.echo(f"wrote {out / 'compress.json'}, {out / 'compress.md'} and {out / 'compress.png'}")
+        return
     root = Path(cache) if cache else default_root()
     folder = Path(experts_dir) if experts_dir else root / f"experts-{size}"
     base_dir = Path(base) if base else base_folder(size, root)
@@ -377,15 +406,6 @@ def compress(
     if missing or not experts:
         raise MergeLabError(f"no expert folder {missing[0] if missing else str(folder / '*' / 'final')}: run "
                             f"`mergelab bench prepare --suite llmmix --size {size}` first")
-    command = "mergelab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:3] == ["bench", "compress"] \
-        else ""
-    chosen = LEVELS
-    if levels:
-        known = {lv[0]: lv for lv in LEVELS}
-        bad = [x for x in split_names(levels) if x not in known]
-        if bad:
-            raise MergeLabError(f"--levels: unknown level {bad[0]!r}; known: {', '.join(known)}")
-        chosen = tuple(known[x] for x in split_names(levels))
     bench_compress(base_dir, experts, out, limit=limit, embed_density=embed_density, device=device,
                    command=command, log=typer.echo, levels=chosen)
     typer.echo(f"wrote {out / 'compress.json'}, {out / 'compress.md'} and {out / 'compress.png'}")

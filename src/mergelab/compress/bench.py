@@ -1,7 +1,8 @@
 """``mergelab bench compress``: size against accuracy for SkillPacks, plain low-rank and BitDelta.
 
-For each expert (an llmmix causal LM fine-tuned on one task) and its base: the expert's and the base's
-test accuracy on the expert's task, then for each GraftLLM pack size (``LEVELS``) the accuracy of the
+For each expert (an llmmix causal LM fine-tuned on one task, or a textmix MiniLM fine-tuned on one
+task: :func:`bench_compress_textmix`) and its base: the expert's and the base's test accuracy on the
+expert's task, then for each GraftLLM pack size (``LEVELS``) the accuracy of the
 rebuilt model (``mergelab graft BASE PACK``), next to the plain low-rank pack (float16 factors) whose
 attention + MLP bytes match the GraftLLM pack's, and BitDelta. Embeddings and the other tensors are
 stored the same way in every scheme (``embed_density``), so the packs differ only in how the
@@ -47,35 +48,104 @@ def lowrank_fraction_for(tensors: dict, target: int) -> float:
 def bench_compress(base: Path, experts: Dict[str, Path], out: Path, *, limit: int = 50, task_seed: int = 0,
                    embed_density: float = 1.0, levels: Sequence[Tuple[str, float, float]] = LEVELS,
                    device: str = "cpu", command: str = "", log: Callable[[str], None] = print) -> dict:
-    """Run the size-against-accuracy study (see the module docstring); returns the report."""
-    from mergelab.compress.graft import graft
-    from mergelab.compress.skillpack import PackSettings, compress
+    """Run the size-against-accuracy study on llmmix experts (see the module docstring); returns the report."""
     from mergelab.llmmix.generate import evaluate_task, load_causal_lm
     from mergelab.llmmix.tasks import build_task
 
     if not experts:
         raise MergeLabError("bench compress: no experts given")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    report = {"suite": "llmmix", "base": str(base), "limit": limit, "task_seed": task_seed,
-              "embed_density": embed_density, "levels": [list(x) for x in levels], "command": command,
-              "protocol": "greedy exact match on the first LIMIT test examples of the expert's own task; "
-                          "each pack rebuilt on the base with `mergelab graft` (task_arithmetic, weight 1)",
-              "experts": {}}
-    work = Path(tempfile.mkdtemp(prefix="mergelab-bench-compress-"))
+    tasks = {name: build_task(name, seed=task_seed) for name in experts}
 
-    def accuracy(folder: Path, task) -> Tuple[float, float]:
+    def score(name: str, folder: Path) -> Tuple[float, float]:
+        task = tasks[name]
         model, tok = load_causal_lm(str(folder), device=device)
         acc = evaluate_task(model, tok, task, split="test", limit=limit).accuracy
         return acc, answer_nll(model, tok, task.split("test")[:limit], device)
 
+    report = {"suite": "llmmix", "base": str(base), "limit": limit, "task_seed": task_seed,
+              "embed_density": embed_density, "levels": [list(x) for x in levels], "command": command,
+              "protocol": "greedy exact match on the first LIMIT test examples of the expert's own task; "
+                          "each pack rebuilt on the base with `mergelab graft` (task_arithmetic, weight 1)",
+              "metric": "exact match", "nll": "answer NLL", "experts": {}}
+    sizes = {name: min(limit, len(t.split("test"))) for name, t in tasks.items()}
+    return _study(base, experts, score, sizes, out, report, embed_density, levels, device, log)
+
+
+def bench_compress_textmix(suite, cache, tasks: Sequence[str], out: Path, *, base: str = "minilm-l6",
+                           embed_density: float = 1.0,
+                           levels: Sequence[Tuple[str, float, float]] = LEVELS, device: str = "cpu",
+                           command: str = "", log: Callable[[str], None] = print) -> dict:
+    """The same study on textmix's fully fine-tuned experts (``bench prepare``'s cache): each expert's
+    encoder and the base encoder are written as BertModel folders, the pack is made from the two, and
+    the rebuilt encoder is scored with the expert's own head on the task's whole test split (accuracy,
+    and the mean cross-entropy of the head's logits as the continuous companion)."""
+    import torch
+
+    from mergelab.bench.cache import float_state, save_encoder
+    from mergelab.evaluate.harness import Evaluator, gold
+    from mergelab.evaluate.model import (base_model_path, head_logits, load_config, load_tokenizer, read_state,
+                                         split_state)
+    from mergelab.evaluate.metrics import accuracy, correct_bits
+
+    if not tasks:
+        raise MergeLabError("bench compress: no experts given")
+    path = base_model_path(base)
+    config, tokenizer = load_config(path), load_tokenizer(path)
+    evaluator = Evaluator(suite, config, tokenizer)
+    heads = {}
+    work = Path(tempfile.mkdtemp(prefix="mergelab-bench-compress-textmix-"))
+    try:
+        base_dir = work / "base"
+        base_dir.mkdir()
+        save_encoder(base_dir, config, tokenizer, float_state(split_state(read_state(path))[0]))
+        experts = {}
+        for t in tasks:
+            enc, heads[t], _ = cache.expert(t)
+            experts[t] = work / f"expert-{t}"
+            experts[t].mkdir()
+            save_encoder(experts[t], config, tokenizer, float_state(enc))
+
+        def score(name: str, folder: Path) -> Tuple[float, float]:
+            task = suite.task(name)
+            enc = evaluator.encoder(float_state(split_state(read_state(folder))[0]))
+            with torch.no_grad():
+                logits = head_logits(evaluator.features(enc, task, "test"), heads[name])
+            labels = gold(task, "test")
+            nll = float(torch.nn.functional.cross_entropy(logits.float(), labels.long()))
+            return accuracy(correct_bits(logits.argmax(-1), labels)), nll
+
+        report = {"suite": suite.name, "suite_fingerprint": suite.fingerprint(), "base": str(path),
+                  "cache": str(cache.dir), "limit": None, "embed_density": embed_density,
+                  "levels": [list(x) for x in levels], "command": command,
+                  "protocol": "accuracy of the expert's own head on the rebuilt encoder, whole test split of the "
+                              "expert's task; each pack rebuilt on the base with `mergelab graft` "
+                              "(task_arithmetic, weight 1)",
+                  "metric": "accuracy", "nll": "test NLL", "experts": {}}
+        sizes = {t: len(suite.task(t).split("test")) for t in tasks}
+        return _study(base_dir, experts, score, sizes, out, report, embed_density, levels, device, log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _study(base: Path, experts: Dict[str, Path], score: Callable[[str, Path], Tuple[float, float]],
+           sizes: Dict[str, int], out: Path, report: dict, embed_density: float,
+           levels: Sequence[Tuple[str, float, float]], device: str, log: Callable[[str], None]) -> dict:
+    """For each expert: its score and the base's, then each GraftLLM level, the low-rank pack at its
+    matrix bytes and BitDelta, each rebuilt with ``mergelab graft`` and scored by ``score(name, folder)``
+    (``(accuracy, nll)``); the report is written after every expert."""
+    from mergelab.compress.graft import graft
+    from mergelab.compress.skillpack import PackSettings, compress
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="mergelab-bench-compress-"))
     try:
         for name, expert in experts.items():
-            task = build_task(name, seed=task_seed)
             rows = []
-            (acc_expert, nll_expert), (acc_base, nll_base) = accuracy(expert, task), accuracy(base, task)
-            log(f"{name}: expert {acc_expert:.3f} (answer NLL {nll_expert:.3f}), base {acc_base:.3f} ({nll_base:.3f})")
+            (acc_expert, nll_expert), (acc_base, nll_base) = score(name, expert), score(name, base)
+            log(f"{name}: expert {acc_expert:.3f} ({report['nll']} {nll_expert:.3f}), base {acc_base:.3f} "
+                f"({nll_base:.3f})")
 
             def run(label: str, scheme: str, settings: PackSettings, level: Optional[str] = None) -> dict:
                 pack = work / f"{name}-{label}"
@@ -87,11 +157,11 @@ def bench_compress(base: Path, experts: Dict[str, Path], out: Path, *, limit: in
                        "pack_bytes": res.bytes, "dense_bytes": res.dense_bytes,
                        "mean_matrix_rel_error": round(_mean_error(res.tensors), 6),
                        }
-                row["accuracy"], row["answer_nll"] = accuracy(rebuilt, task)
+                row["accuracy"], row["answer_nll"] = score(name, rebuilt)
                 shutil.rmtree(rebuilt, ignore_errors=True)
                 shutil.rmtree(pack, ignore_errors=True)
                 log(f"{name}: {label} {row['matrix_bytes']} matrix bytes, error {row['mean_matrix_rel_error']:.3f}, "
-                    f"accuracy {row['accuracy']:.3f}, answer NLL {row['answer_nll']:.3f}")
+                    f"accuracy {row['accuracy']:.3f}, {report['nll']} {row['answer_nll']:.3f}")
                 rows.append(row)
                 return row
 
@@ -108,8 +178,7 @@ def bench_compress(base: Path, experts: Dict[str, Path], out: Path, *, limit: in
             run("bitdelta", "bitdelta", PackSettings(scheme="bitdelta", embed_density=embed_density))
             report["experts"][name] = {"path": str(expert), "task": name, "accuracy_expert": acc_expert,
                                        "accuracy_base": acc_base, "answer_nll_expert": nll_expert,
-                                       "answer_nll_base": nll_base, "n": min(limit, len(task.split("test"))),
-                                       "rows": rows}
+                                       "answer_nll_base": nll_base, "n": sizes[name], "rows": rows}
             report["seconds"] = round(time.perf_counter() - started, 1)
             _write(report, out)
     finally:
@@ -142,9 +211,11 @@ def _write(report: dict, out: Path) -> None:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Size against accuracy (llmmix, first {report['limit']} test examples of each expert's task; "
+    examples = f"first {report['limit']}" if report.get("limit") else "all"
+    lines = [f"Size against accuracy ({report['suite']}, {examples} test examples of each expert's task; "
              f"embedding density {report['embed_density']}).", "",
-             "| expert | pack | scheme | attn+MLP bytes | pack bytes | mean rel. error | accuracy | answer NLL |",
+             f"| expert | pack | scheme | attn+MLP bytes | pack bytes | mean rel. error | accuracy | "
+             f"{report.get('nll', 'answer NLL')} |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for name, e in report["experts"].items():
         lines.append(f"| {name} | fine-tuned expert | - | - | - | 0 | {e['accuracy_expert']:.3f} | "
@@ -166,8 +237,8 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(2, len(names), figsize=(4.2 * len(names), 6.4), squeeze=False)
     for col, name in enumerate(names):
         e = report["experts"][name]
-        for row, (key, ylabel) in enumerate((("accuracy", "test accuracy (exact match)"),
-                                              ("answer_nll", "answer NLL (lower is better)"))):
+        for row, (key, ylabel) in enumerate((("accuracy", f"test {report.get('metric', 'exact match')}"),
+                                              ("answer_nll", f"{report.get('nll', 'answer NLL')} (lower is better)"))):
             ax = axes[row][col]
             for scheme, style in (("graft", "o-"), ("lowrank", "s--"), ("bitdelta", "D")):
                 rows = sorted((r for r in e["rows"] if r["scheme"] == scheme), key=lambda r: r["matrix_bytes"])
