@@ -395,8 +395,12 @@ def write_twin_rank_chart(report: dict, path: Path) -> Path:
     ax.set_ylim(0, 105)
     ax.axhline(100, color="grey", lw=0.8, ls="--")
     ax2 = ax.twinx()
-    ax2.plot(ranks, [r["sizes"]["vs_one_model"] for r in rows], "s--", color="C1")
-    ax2.set_ylabel("bytes kept / one model", color="C1")
+    ax2.plot(ranks, [r["sizes"]["vs_one_model"] for r in rows], "s--", color="C1", label="routed folder")
+    s = rows[0]["sizes"] if rows else {}
+    if s.get("experts_bytes") and s.get("one_model_bytes"):
+        ax2.axhline(s["experts_bytes"] / s["one_model_bytes"], color="C1", lw=0.8, ls=":", label="all experts")
+        ax2.legend(loc="lower right", fontsize=8)
+    ax2.set_ylabel("total bytes / one model", color="C1")
     ax2.set_ylim(0, None)
     ax.set_title(f"{report['suite']}: Twin-Merging, rank vs accuracy vs bytes ({len(report['merge_tasks'])} tasks)")
     _save(fig, Path(path))
