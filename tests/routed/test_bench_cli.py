@@ -80,6 +80,12 @@ def test_bad_input_clear_errors_nothing_written(prepared, tmp_path, capsys):  # 
     assert p.returncode != 0 and "unknown routed method(s) ['moe']" in p.stderr and "Traceback" not in p.stderr
     p = cli_in("bench", "--methods", "twin", "--twin-density", "0", "--out", tmp_path / "b")
     assert p.returncode != 0 and "--twin-density must be in (0, 1]" in p.stderr
+    p = cli_in("bench", "--methods", "twin", "--twin-ranks", "8,x", "--out", tmp_path / "b")
+    assert p.returncode != 0 and "--twin-ranks: 'x' is not an integer" in p.stderr
+    p = cli_in("bench", "--methods", "twin", "--twin-ranks", "8,8", "--out", tmp_path / "b")
+    assert p.returncode != 0 and "--twin-ranks must be distinct integers >= 1" in p.stderr
+    p = cli_in("bench", "--methods", "twin", "--twin-rank", "4", "--twin-ranks", "8,16", "--out", tmp_path / "b")
+    assert p.returncode != 0 and "give one of them" in p.stderr
     # emr: experts of another shape, a missing folder, an existing output
     from transformers import BertConfig, BertModel
 

@@ -134,13 +134,12 @@ def test_wemoe_on_llama_routes_on_the_prompt_and_trains_on_next_token_entropy(ll
     assert torch.equal(greedy(loaded.causal_lm(), one), greedy(m.causal_lm(), one))
 
 
-def test_routed_bench_on_llmmix_experts(trained_llamas, tmp_path):
-    """The llmmix routed bench end to end on the trained tiny experts laid out as `bench prepare` does."""
-    import json
+SIZES = {"train": 24, "validation": 2, "test": 8}  # the trained_llamas fixture's
 
-    from mergelab.llmmix.generate import evaluate_task
-    from mergelab.llmmix.run import _bits
-    from mergelab.routed.bench import RoutedSettings, run_routed_llmmix
+
+def prepared_root(trained_llamas, tmp_path):
+    """The trained tiny experts laid out as `bench prepare --suite llmmix --size tiny` does."""
+    import json
 
     base_dir, expert_dirs = trained_llamas
     root = tmp_path / "cache"
@@ -149,7 +148,18 @@ def test_routed_bench_on_llmmix_experts(trained_llamas, tmp_path):
     for t, e in zip(TASKS, expert_dirs):
         (folder / t).symlink_to(e.parent)
     (folder / "prepare.json").write_text(json.dumps({"base": str(base_dir), "tasks": list(TASKS)}))
-    sizes = {"train": 24, "validation": 2, "test": 8}  # the fixture's
+    return root
+
+
+def test_routed_bench_on_llmmix_experts(trained_llamas, tmp_path):
+    """The llmmix routed bench end to end on the trained tiny experts laid out as `bench prepare` does."""
+    from mergelab.llmmix.generate import evaluate_task
+    from mergelab.llmmix.run import _bits
+    from mergelab.routed.bench import RoutedSettings, run_routed_llmmix
+
+    base_dir, expert_dirs = trained_llamas
+    root = prepared_root(trained_llamas, tmp_path)
+    sizes = SIZES
     settings = RoutedSettings(twin_epochs=2, twin_density=1.0, wemoe_steps=1, wemoe_examples=2, wemoe_batch=2)
     out = tmp_path / "out"
     rep = run_routed_llmmix(["emr", "twin", "wemoe"], out, "tiny", root, eval_limit=6, settings=settings,
@@ -172,3 +182,41 @@ def test_routed_bench_on_llmmix_experts(trained_llamas, tmp_path):
     for t, e in zip(TASKS, expert_dirs):
         ref = LlamaForCausalLM.from_pretrained(str(e)).eval()
         assert ind[t] == _bits(evaluate_task(ref, tok, build_task(t, seed=0, sizes=sizes), "test", limit=6).records)
+
+
+def test_twin_rank_sweep_rows_bytes_and_chart(trained_llamas, llamas, tmp_path):
+    """`--twin-ranks`: one Twin row per rank, one router for all, the exclusive bytes of each rank as counted
+    here from the experts' shapes (r (m + n + 1) floats per changed matrix and task, 1-D deltas dense), the
+    exact experts' deltas at full rank, and the rank table and chart."""
+    from mergelab.routed.bench import RoutedSettings, run_routed_llmmix
+
+    config, _, base, experts, _ = llamas
+    full = max(min(v.shape) for v in base.values() if v.dim() == 2)
+    settings = RoutedSettings(twin_epochs=2, twin_ranks=(1, full))
+    out = tmp_path / "out"
+    rep = run_routed_llmmix(["twin"], out, "tiny", prepared_root(trained_llamas, tmp_path), eval_limit=2,
+                            settings=settings, references=False, log=lambda s: None, sizes=SIZES)
+    rows = [r for r in rep["rows"] if r.get("method") == "twin"]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert [r["name"] for r in rows] == ["Twin-Merging (rank 1)", f"Twin-Merging (rank {full})"]
+    assert [r["params"]["rank"] for r in rows] == [1, full]
+    changed = [k for k in base if any(not torch.equal(e[k], base[k]) for e in experts)]  # the rest: no exclusive part
+    assert changed and any(base[k].dim() == 2 for k in changed)
+    for r, rank in zip(rows, (1, full)):
+        floats = sum(min(rank, *base[k].shape) * (sum(base[k].shape) + 1) if base[k].dim() == 2
+                     else base[k].numel() for k in changed)
+        assert r["sizes"]["exclusive_bytes"] == 4 * len(TASKS) * floats
+        assert (out / "models" / f"twin-r{rank}" / "routed.json").is_file()
+    assert rows[0]["exclusive_relative_error"] > 0.05 and rows[1]["exclusive_relative_error"] < 1e-5
+    assert rows[0]["router_accuracy"] == rows[1]["router_accuracy"]  # one seeded router
+    assert rows[0]["sizes"]["extra_bytes"] < rows[1]["sizes"]["extra_bytes"]
+    md = (out / "twin_ranks.md").read_text().splitlines()
+    assert md[0].startswith("| rank | mean acc | norm. acc") and [x.split(" | ")[0] for x in md[2:]] == ["| 1",
+                                                                                                    f"| {full}"]
+    assert (out / "twin_ranks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second sweep into the same folder is refused before any work
+    from mergelab.errors import MergeLabError
+
+    with pytest.raises(MergeLabError, match="twin-r1"):
+        run_routed_llmmix(["twin"], out, "tiny", prepared_root(trained_llamas, tmp_path / "again"), eval_limit=2,
+                          settings=settings, references=False, log=lambda s: None, sizes=SIZES)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -36,6 +36,7 @@ class RoutedSettings:
     twin_lambda: float = 0.3
     twin_density: float = 0.1
     twin_rank: Optional[int] = None
+    twin_ranks: Tuple[int, ...] = ()  # a rank sweep: one Twin row per rank (folders twin-r<rank>), one router
     twin_examples: int = 0  # router inputs per task from the validation split (0: all)
     twin_epochs: int = 50
     wemoe_steps: int = 200  # reference 1000
@@ -114,7 +115,8 @@ class RoutedBench:
             self._static = time.perf_counter() - t0
         return self._static
 
-    def row(self, key: str, folder: Path, build_seconds: float, mib: float, data: dict, **extra) -> dict:
+    def row(self, key: str, folder: Path, build_seconds: float, mib: float, data: dict, name: Optional[str] = None,
+            **extra) -> dict:
         import mergelab.routed as routed
 
         model = routed.load(folder)
@@ -127,7 +129,7 @@ class RoutedBench:
                      "time_vs_static": round(seconds / static, 2), "description": model.manifest.get("inference")}
         inference.update(extra.pop("inference", {}))
         inference["linear_macs_per_token"] = inference.get("linear_macs_per_token", one)
-        row = self.runner._row(DISPLAY[key], "routed", correct, None, method=key, merge_seconds=round(build_seconds, 2),
+        row = self.runner._row(name or DISPLAY[key], "routed", correct, None, method=key, merge_seconds=round(build_seconds, 2),
                                merge_peak_mib=round(mib, 1), eval_seconds=round(seconds, 2), data=data,
                                sizes=model.sizes, inference=inference, folder=str(folder), **extra)
         m = row["metrics"]
@@ -158,13 +160,22 @@ class RoutedBench:
                          inference={"linear_macs_vs_one_model": 1.0, "task_id_needed": True})]
 
     def twin(self) -> List[dict]:
+        """One row at ``twin_rank`` / ``twin_density``, or one per rank of ``twin_ranks`` (a sweep: each rank
+        its own folder ``twin-r<rank>``, built from the same router inputs; the router's training is seeded,
+        so every rank gets the same router)."""
+        s = self.settings
+        data = self.batches("validation", s.twin_examples, 64)
+        if not s.twin_ranks:
+            return [self._twin_row(s.twin_rank, "twin", DISPLAY["twin"], data)]
+        return [self._twin_row(r, f"twin-r{r}", f"{DISPLAY['twin']} (rank {r})", data) for r in s.twin_ranks]
+
+    def _twin_row(self, rank: Optional[int], folder_name: str, name: str, data: List[list]) -> dict:
         from mergelab.routed.twin import TwinConfig, build_twin
 
         s = self.settings
-        cfg = TwinConfig(shared_method=s.twin_method, shared_params={"lambda": s.twin_lambda}, rank=s.twin_rank,
+        cfg = TwinConfig(shared_method=s.twin_method, shared_params={"lambda": s.twin_lambda}, rank=rank,
                          density=s.twin_density, router_epochs=s.twin_epochs, seed=self.seed)
-        folder = self.out / "models" / "twin"
-        data = self.batches("validation", s.twin_examples, 64)
+        folder = self.out / "models" / folder_name
         with self._timer() as tm:
             build_twin(folder, self.base, self.experts, self.tasks, self.config, data, cfg, heads=self.heads,
                        model_class=self.model_class, log=self.log)
@@ -177,12 +188,13 @@ class RoutedBench:
                       for mod in m.module.modules() if type(mod).__name__ == "RoutedLinear")
         info = {"split": "validation", "examples_per_task": s.twin_examples or "all", "labels_used": False,
                 "task_ids_used": True, "test_time": False}
-        return [self.row("twin", folder, tm.seconds, tm.mem.mib, info,
-                         params={"shared": f"{s.twin_method} lambda={s.twin_lambda}",
-                                 "rank": s.twin_rank or f"{s.twin_density:g} of full"},
-                         router_accuracy=m.manifest.get("router_accuracy"),
-                         inference={"linear_macs_vs_one_model": round((2 * one + lowrank) / one, 3),
-                                    "task_id_needed": False})]
+        return self.row("twin", folder, tm.seconds, tm.mem.mib, info, name=name,
+                        params={"shared": f"{s.twin_method} lambda={s.twin_lambda}",
+                                "rank": rank or f"{s.twin_density:g} of full"},
+                        router_accuracy=m.manifest.get("router_accuracy"),
+                        exclusive_relative_error=m.manifest.get("mean_relative_error"),
+                        inference={"linear_macs_vs_one_model": round((2 * one + lowrank) / one, 3),
+                                   "task_id_needed": False})
 
     def wemoe(self, test_time: bool) -> List[dict]:
         from mergelab.routed.wemoe import WEMoEConfig, save_wemoe, train_routers, upscale
@@ -324,16 +336,76 @@ def routed_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _check(methods: Sequence[str], out: Path) -> list:
+def _check(methods: Sequence[str], out: Path, settings: RoutedSettings = RoutedSettings()) -> list:
     methods = list(methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise MergeLabError(f"unknown routed method(s) {unknown}; known: {', '.join(METHODS)}" if unknown
                             else f"no routed method given; known: {', '.join(METHODS)}")
-    taken = [m for m in methods if (Path(out) / "models" / m).exists()]
+    ranks = list(settings.twin_ranks)
+    bad = [r for r in ranks if isinstance(r, bool) or not isinstance(r, int) or r < 1]
+    if bad or len(set(ranks)) != len(ranks):
+        raise MergeLabError(f"twin ranks must be distinct integers >= 1, got {ranks}")
+    folders = [f"twin-r{r}" for r in ranks] if "twin" in methods and ranks else []
+    folders += [m for m in methods if not (m == "twin" and ranks)]
+    taken = [m for m in folders if (Path(out) / "models" / m).exists()]
     if taken:
         raise MergeLabError(f"'{Path(out) / 'models' / taken[0]}' exists; remove it or choose another --out")
     return methods
+
+
+def _sweep(report: dict) -> List[dict]:
+    """The Twin rows of a rank sweep (those with an integer rank), by rank."""
+    rows = [r for r in report["rows"] if r.get("status") == "ok" and r.get("method") == "twin"
+            and isinstance(r.get("params", {}).get("rank"), int)]
+    return sorted(rows, key=lambda r: r["params"]["rank"])
+
+
+def twin_rank_markdown(report: dict) -> str:
+    """Rank against accuracy and bytes for a Twin-Merging rank sweep (``twin_ranks.md``)."""
+    head = ["rank", "mean acc", "norm. acc", "exclusive rel. error", "router task-id acc", "extra MiB",
+            "total / one model", "total / all experts", "linear MACs / one model"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in _sweep(report):
+        m, s = r["metrics"], r["sizes"]
+        err, acc = r.get("exclusive_relative_error"), r.get("router_accuracy")
+        lines.append("| " + " | ".join([
+            str(r["params"]["rank"]), f"{100 * m['mean_accuracy']:.1f}", _pct(m.get("mean_normalised_accuracy")),
+            "n/a" if err is None else f"{err:.3f}", "n/a" if acc is None else f"{acc:.3f}",
+            f"{s['extra_bytes'] / 2**20:.1f}", f"{s['vs_one_model']:.2f}", f"{s['vs_all_experts']:.2f}",
+            f"{r['inference'].get('linear_macs_vs_one_model', 0):.2f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_twin_rank_chart(report: dict, path: Path) -> Path:
+    """``twin_ranks.png``: normalised accuracy against the rank kept, with the bytes kept beyond one model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mergelab.evaluate.plots import _save
+
+    rows = _sweep(report)
+    ranks = [r["params"]["rank"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(ranks, [100 * (r["metrics"].get("mean_normalised_accuracy") or 0) for r in rows], "o-", color="C0")
+    ax.set_xlabel("rank of each task's exclusive part")
+    ax.set_ylabel("normalised accuracy (% of experts)", color="C0")
+    ax.set_ylim(0, 105)
+    ax.axhline(100, color="grey", lw=0.8, ls="--")
+    ax2 = ax.twinx()
+    ax2.plot(ranks, [r["sizes"]["vs_one_model"] for r in rows], "s--", color="C1", label="routed folder")
+    s = rows[0]["sizes"] if rows else {}
+    if s.get("experts_bytes") and s.get("one_model_bytes"):
+        ax2.axhline(s["experts_bytes"] / s["one_model_bytes"], color="C1", lw=0.8, ls=":", label="all experts")
+        ax2.legend(loc="lower right", fontsize=8)
+    ax2.set_ylabel("total bytes / one model", color="C1")
+    ax2.set_ylim(0, None)
+    ax.set_title(f"{report['suite']}: Twin-Merging, rank vs accuracy vs bytes ({len(report['merge_tasks'])} tasks)")
+    _save(fig, Path(path))
+    plt.close(fig)
+    return Path(path)
 
 
 def _run_methods(bench: RoutedBench, methods: Sequence[str], out: Path, report: dict, start: float) -> dict:
@@ -345,6 +417,9 @@ def _run_methods(bench: RoutedBench, methods: Sequence[str], out: Path, report: 
         report["complete"] = m == methods[-1]
         write_report(report, out)
         (out / "routed.md").write_text(routed_markdown(report))
+        if bench.settings.twin_ranks and m == "twin" and _sweep(report):
+            (out / "twin_ranks.md").write_text(twin_rank_markdown(report))
+            write_twin_rank_chart(report, out / "twin_ranks.png")
     return report
 
 
@@ -356,7 +431,7 @@ def run_routed_bench(suite, cache, methods: Sequence[str], out: Path, base: str 
     from mergelab import __version__
 
     out = Path(out)
-    methods = _check(methods, out)
+    methods = _check(methods, out, settings)
     held = list(suite.held_out if held_out is None else held_out)
     tasks = list(merge_tasks) if merge_tasks else [t for t in suite.task_names if t not in held]
     if len(tasks) < 2:
@@ -393,7 +468,7 @@ def run_routed_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root:
     from mergelab.llmmix.tasks import build_task, get_spec
 
     out = Path(out)
-    methods = _check(methods, out)
+    methods = _check(methods, out, settings)
     if eval_limit is not None and eval_limit < 1:
         raise MergeLabError(f"--eval-limit must be >= 1, got {eval_limit}")
     root = Path(root) if root else default_root()

@@ -32,6 +32,9 @@ def bench(
     emr_reduction: str = typer.Option("tensor_mean", "--emr-reduction", help="tensor_mean (code) or element_sum (paper)."),
     twin_density: float = typer.Option(0.1, "--twin-density", help="Rank kept per matrix, as a fraction of full rank."),
     twin_rank: Optional[int] = typer.Option(None, "--twin-rank", help="Fixed rank per matrix (instead of --twin-density)."),
+    twin_ranks: Optional[str] = typer.Option(None, "--twin-ranks",
+                                             help="A rank sweep: one Twin row per rank (comma-separated, e.g. "
+                                                  "12,32,64), with twin_ranks.md and twin_ranks.png."),
     twin_lambda: float = typer.Option(0.3, "--twin-lambda", help="Task-arithmetic lambda of the shared model."),
     wemoe_steps: int = typer.Option(200, "--wemoe-steps"),
     wemoe_lr: float = typer.Option(1e-3, "--wemoe-lr"),
@@ -55,11 +58,21 @@ def bench(
         raise MergeLabError(f"--twin-density must be in (0, 1], got {twin_density}")
     if twin_rank is not None and twin_rank < 1:
         raise MergeLabError(f"--twin-rank must be >= 1, got {twin_rank}")
+    ranks = []
+    for r in split_names(twin_ranks) or []:
+        try:
+            ranks.append(int(r))
+        except ValueError:
+            raise MergeLabError(f"--twin-ranks: '{r}' is not an integer") from None
+    if any(r < 1 for r in ranks) or len(set(ranks)) != len(ranks):
+        raise MergeLabError(f"--twin-ranks must be distinct integers >= 1, got {twin_ranks}")
+    if ranks and twin_rank is not None:
+        raise MergeLabError("--twin-rank and --twin-ranks: give one of them")
     if wemoe_steps < 0 or wemoe_examples < 1 or not wemoe_lr > 0:
         raise MergeLabError("--wemoe-steps must be >= 0, --wemoe-examples >= 1 and --wemoe-lr > 0")
     settings = RoutedSettings(emr_reduction=emr_reduction, twin_density=twin_density, twin_rank=twin_rank,
-                              twin_lambda=twin_lambda, wemoe_steps=wemoe_steps, wemoe_lr=wemoe_lr,
-                              wemoe_examples=wemoe_examples, threads=threads)
+                              twin_ranks=tuple(ranks), twin_lambda=twin_lambda, wemoe_steps=wemoe_steps,
+                              wemoe_lr=wemoe_lr, wemoe_examples=wemoe_examples, threads=threads)
     if suite == "llmmix":
         from mergelab.routed.bench import run_routed_llmmix
 

@@ -11,7 +11,9 @@ Model Merging"; reference code LZY-the-boys/Twin-Merging, read for facts only).
    -> Linear(H, H) -> BatchNorm -> LeakyReLU -> Dropout(0.5) -> Linear(H, K) -- on the mean over real
    tokens of the **shared** model's last hidden state, trained with cross-entropy on the task id of
    labelled-by-task inputs (mergelab: the validation splits; Adam lr 5e-4, the best epoch by accuracy
-   on a held-back fifth of those inputs).
+   on a held-back fifth of those inputs, ties broken by the lower held-back cross-entropy: once the
+   accuracy saturates, the first epoch to reach it is an under-trained router whose softmax mixes in
+   the other tasks' exclusive parts).
 4. **Inference** for input ``x``: ``w = softmax(router(x))``, ``theta_x = theta_s + sum_k w_k delta_hat_k``.
    mergelab never forms ``theta_x``: the routed modules add ``w_k f_{delta_k}(x)`` in the forward pass
    (:mod:`mergelab.routed.layers`), which is the same function and lets a batch of inputs with
@@ -231,8 +233,9 @@ def shared_features(module, batches: Sequence) -> torch.Tensor:
 
 def train_router(features: torch.Tensor, labels: torch.Tensor, k: int, cfg: TwinConfig,
                  log=lambda s: None) -> tuple:
-    """Cross-entropy on the task id; the best epoch by accuracy on a held-back fifth (or the last epoch
-    when there are fewer than 10 inputs). Returns ``(router, info)``."""
+    """Cross-entropy on the task id; the best epoch by accuracy on a held-back fifth, ties broken by the
+    lower held-back cross-entropy (on the training inputs when there are fewer than 10 inputs). Returns
+    ``(router, info)``."""
     if features.shape[0] < 2:
         raise MergeLabError("twin: the router needs at least 2 labelled inputs")
     if len(set(labels.tolist())) < 2 and k > 1:
@@ -244,7 +247,7 @@ def train_router(features: torch.Tensor, labels: torch.Tensor, k: int, cfg: Twin
     val, tr = order[:n_val], order[n_val:]
     router = SimpleMLP(features.shape[1], cfg.router_hidden, k, cfg.dropout)
     opt = torch.optim.Adam(router.parameters(), lr=cfg.router_lr)
-    best, best_acc, history = None, -1.0, []
+    best, best_key, best_epoch, history, losses = None, None, 0, [], []
     rng = random.Random(cfg.seed)
     for epoch in range(cfg.router_epochs):
         router.train()
@@ -261,14 +264,20 @@ def train_router(features: torch.Tensor, labels: torch.Tensor, k: int, cfg: Twin
         router.eval()
         with torch.no_grad():
             sel = val if n_val else tr
-            acc = float((router(features[sel]).argmax(-1) == labels[sel]).float().mean())
+            out = router(features[sel])
+            acc = float((out.argmax(-1) == labels[sel]).float().mean())
+            held_loss = float(nn.functional.cross_entropy(out, labels[sel]))
         history.append(acc)
-        if acc > best_acc:
-            best_acc, best = acc, copy.deepcopy(router.state_dict())
+        losses.append(held_loss)
+        if best_key is None or (acc, -held_loss) > best_key:
+            best_key, best, best_epoch = (acc, -held_loss), copy.deepcopy(router.state_dict()), epoch
     router.load_state_dict(best)
-    log(f"twin router: best held-back task-id accuracy {best_acc:.4f} over {cfg.router_epochs} epochs")
-    return router.eval(), {"router_accuracy": best_acc, "router_inputs": int(features.shape[0]),
-                           "router_heldback": int(n_val), "accuracy_by_epoch": history}
+    best_acc = best_key[0]
+    log(f"twin router: best held-back task-id accuracy {best_acc:.4f} (epoch {best_epoch + 1} of {cfg.router_epochs}, "
+        f"held-back cross-entropy {-best_key[1]:.4f})")
+    return router.eval(), {"router_accuracy": best_acc, "router_epoch": best_epoch,
+                           "router_heldback_loss": -best_key[1], "router_inputs": int(features.shape[0]),
+                           "router_heldback": int(n_val), "accuracy_by_epoch": history, "loss_by_epoch": losses}
 
 
 def build_twin(out: Path, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
