@@ -26,10 +26,11 @@ Only the facts of the reference (``FuseLLM/src/utils/others.py``, ``vocab_mappin
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from rapidfuzz import process
+from rapidfuzz.distance import Levenshtein
 
 MARKERS = ("Ġ", "▁")  # word-start markers: byte-level BPE (GPT-2, Llama 3, Qwen) and SentencePiece (Llama 2)
 
@@ -46,18 +47,9 @@ def stripped(token: str) -> str:
     return token
 
 
-@lru_cache(maxsize=1 << 18)
 def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance (insertions, deletions and substitutions cost 1)."""
-    if len(a) < len(b):
-        a, b = b, a
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
+    """Levenshtein distance (insertions, deletions and substitutions cost 1), by rapidfuzz."""
+    return Levenshtein.distance(a, b)
 
 
 def align_tokens(source: Sequence[str], target: Sequence[str]) -> List[List[int]]:
@@ -124,14 +116,8 @@ class VocabMap:
         self._src_special = set(getattr(source_tokenizer, "all_special_ids", []) or [])
         tgt_special = set(getattr(target_tokenizer, "all_special_ids", []) or [])
         cand = [i for i, tok in enumerate(self.tgt_tokens) if tok is not None and i not in tgt_special]
-        by_len: Dict[int, list] = {}
-        for i in cand:
-            by_len.setdefault(len(canonical(self.tgt_tokens[i])), []).append(i)
-        self._groups = {}  # length -> (ids, code points [n, length])
-        for length, ids in by_len.items():
-            chars = np.array([[ord(c) for c in canonical(self.tgt_tokens[i])] for i in ids],
-                             dtype=np.int64).reshape(len(ids), length)
-            self._groups[length] = (np.array(ids, dtype=np.int64), chars)
+        self._cand_ids = np.array(cand, dtype=np.int64)  # ascending: argmin's first hit is the lowest id
+        self._cand_strings = [canonical(self.tgt_tokens[i]) for i in cand]
         self._memo: Dict[int, Optional[int]] = {}
         self.exact_matches = sum(1 for tok in self.src_tokens if tok is not None and canonical(tok) in self._exact)
 
@@ -156,38 +142,11 @@ class VocabMap:
         return self._nearest(s)
 
     def _nearest(self, s: str) -> Optional[int]:
-        """The target id at least edit distance from ``s`` (lowest id on a tie). The distance is at least
-        the difference of the lengths, so lengths are visited nearest first and the search stops once
-        that bound exceeds the best distance found."""
-        best: Optional[tuple] = None
-        for length in sorted(self._groups, key=lambda n: (abs(n - len(s)), n)):
-            if best is not None and abs(length - len(s)) > best[0]:
-                break
-            ids, chars = self._groups[length]
-            d = nearest_distances(s, chars, np.full(len(ids), length))
-            k = int(np.argmin(d))
-            k = int(ids[d == d[k]].min())
-            cand = (int(d[ids == k][0]), k)
-            if best is None or cand < best:
-                best = cand
-        return None if best is None else best[1]
-
-
-def nearest_distances(s: str, chars: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Levenshtein distances from ``s`` to every row of ``chars`` (code points, -1 padded; true lengths
-    ``lengths``), one dynamic-programming row at a time, vectorised over the rows."""
-    v, w = chars.shape
-    prev = np.broadcast_to(np.arange(w + 1, dtype=np.int64), (v, w + 1)).copy()
-    for i, c in enumerate(s, 1):
-        cur = np.empty_like(prev)
-        cur[:, 0] = i
-        sub = prev[:, :-1] + (chars != ord(c))
-        dele = prev[:, 1:] + 1
-        best = np.minimum(sub, dele)
-        for j in range(1, w + 1):  # insertions chain along the row
-            cur[:, j] = np.minimum(best[:, j - 1], cur[:, j - 1] + 1)
-        prev = cur
-    return prev[np.arange(v), lengths]
+        """The target id at least edit distance from ``s`` (lowest id on a tie)."""
+        if not self._cand_strings:
+            return None
+        d = process.cdist([s], self._cand_strings, scorer=Levenshtein.distance, dtype=np.int32)[0]
+        return int(self._cand_ids[int(np.argmin(d))])
 
 
 def _id_to_token(tok) -> List[Optional[str]]:
