@@ -213,9 +213,14 @@ def _head_shape(folder: Path) -> Optional[tuple]:
     return tuple(ckpt.info("classifier.weight").shape)
 
 
+def scorer_class(spec: FitnessSpec) -> type:
+    """The scorer class of ``spec``: :class:`EncoderScorer` for textmix, else :class:`Scorer`."""
+    return EncoderScorer if spec.suite == "textmix" else Scorer
+
+
 def make_scorer(spec: FitnessSpec):
-    """The scorer of ``spec``: :class:`EncoderScorer` for textmix, else :class:`Scorer`."""
-    return EncoderScorer(spec) if spec.suite == "textmix" else Scorer(spec)
+    """The scorer of ``spec`` (:func:`scorer_class`), its evaluation model loaded."""
+    return scorer_class(spec)(spec)
 
 
 class EncoderScorer:
