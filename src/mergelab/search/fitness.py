@@ -241,10 +241,16 @@ class EncoderScorer:
         return not name.startswith("classifier.")
 
     def load(self, state: dict) -> None:
-        from mergelab.evaluate.model import build_encoder, split_state
+        """Load the merged encoder of ``state`` into the one resident BertModel (built on the first call,
+        then overwritten in place: no model is built per candidate)."""
+        from mergelab.evaluate.model import build_encoder, load_encoder, split_state
 
+        encoder = split_state(state)[0]
         try:
-            self.encoder = build_encoder(self.config, split_state(state)[0])
+            if self.encoder is None:
+                self.encoder = build_encoder(self.config, encoder)
+            else:
+                load_encoder(self.encoder, encoder)
         except MergeLabError as e:
             raise MergeLabError(f"the merged weights do not fit the encoder of '{self.spec.model}': {e}") from None
 
