@@ -82,6 +82,34 @@ def test_scores_equal_the_bench_evaluator(textmix):
     assert per_example.tolist() == [float(c) for n in names for c in bits[n][:20]]
 
 
+def test_one_resident_encoder(textmix):
+    """Candidates are loaded into one kept BertModel, which then equals a freshly built one exactly."""
+    from mergelab.errors import MergeLabError
+    from mergelab.evaluate.model import build_encoder, split_state
+    from mergelab.search.candidate import CandidateEvaluator
+
+    ev = CandidateEvaluator(_config(textmix, limit=16))
+    _, first = ev.merge([0.6, 0.3, 0.5])
+    _, second = ev.merge([0.1, 0.9, 0.2])
+    want = ev.scorer.score(first)
+    model = ev.scorer.encoder
+
+    def same_as_fresh(state) -> bool:
+        fresh = build_encoder(ev.scorer.config, split_state(state)[0]).state_dict()
+        kept = model.state_dict()
+        return kept.keys() == fresh.keys() and all(torch.equal(kept[k], fresh[k]) for k in kept)
+
+    assert same_as_fresh(first)
+    ev.scorer.score(second)  # another candidate, loaded into the same module
+    assert ev.scorer.encoder is model and same_as_fresh(second) and not same_as_fresh(first)
+    assert ev.scorer.score(first) == want and ev.scorer.encoder is model and same_as_fresh(first)
+    wrong = dict(first)
+    name = next(k for k in wrong if k.endswith("attention.self.query.weight"))
+    wrong[name] = wrong[name][:, :-1]
+    with pytest.raises(MergeLabError, match="do not fit the encoder.*query.weight"):
+        ev.scorer.score(wrong)
+
+
 def test_evolve_and_m2n2_on_textmix(textmix, tmp_path):
     from mergelab.evaluate.model import read_state
     from mergelab.search.fitness import make_scorer, parse_fitness

@@ -1,4 +1,5 @@
-"""M2N2's pieces against values worked out by hand, and `mergelab m2n2` end to end."""
+"""M2N2's pieces against values worked out by hand, and `mergelab m2n2` end to end: rounds of several
+children, a killed run resumed to the uninterrupted result, bad input refused before any work."""
 
 import json
 
@@ -43,6 +44,21 @@ def test_crossover_endpoints_and_split():
     assert torch.allclose(crossover(x, y, 0, 0.5), torch.sin(omega / 2) / torch.sin(omega) * (x + y), atol=1e-5)
 
 
+def test_crossover_does_not_depend_on_torch_threads():
+    # a child made in a driver with 1 or 2 torch threads must be the same bits (workers 1 vs 2)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(1_000_003, generator=g), torch.randn(1_000_003, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = crossover(x, y, 400_000, 0.3)
+        torch.set_num_threads(2)
+        two = crossover(x, y, 400_000, 0.3)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
 def test_m2n2_end_to_end(family, tmp_path):
     cfg = config(family, method="linear")
     cfg["search"] = {"steps": 3, "seed": 2, "alpha": 1.0}
@@ -57,3 +73,89 @@ def test_m2n2_end_to_end(family, tmp_path):
     assert (tmp_path / "out" / "best" / "config.json").is_file()
     for s in hist["steps"]:
         assert sorted(s["parents"]) == [0, 1]  # two members: the partner is the other one
+
+
+def _write(tmp_path, cfg, name="m2n2.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def batched(family, tmp_path_factory):
+    """An uninterrupted run with two children per round: 5 children in rounds of 2, 2 and 1."""
+    root = tmp_path_factory.mktemp("m2n2-batched")
+    cfg = config(family, method="linear")
+    cfg["search"] = {"steps": 5, "seed": 4, "batch_size": 2, "archive_size": 3, "save_best_at": [4]}
+    path = _write(root, cfg)
+    code, _, _ = run_cli(["m2n2", path, "-o", root / "full", "--quiet"])
+    assert code == 0
+    return path, root / "full", json.loads((root / "full" / "history.json").read_text())
+
+
+def test_rounds_of_children(batched):
+    _, out, hist = batched
+    assert hist["batch_size"] == 2 and hist["rounds"] == 3
+    assert [s["round"] for s in hist["steps"]] == [1, 1, 2, 2, 3]
+    assert [e["kind"] for e in hist["evaluations"]] == ["seed", "seed"] + ["child"] * 5
+    # archive_size 3 from two experts: the first child is added, later ones replace
+    assert hist["steps"][0]["replaced"] is None and len(hist["archive_mean_scores"]) == 3
+    # both children of round 1 are drawn from the two-member archive: parents among 0 and 1
+    assert all(sorted(s["parents"]) == [0, 1] for s in hist["steps"][:2])
+    assert hist["best_at"]["4"]["mean_score"] == max(e["fitness"] for e in hist["evaluations"][:4])
+    assert (out / "best-at-4" / "config.json").is_file() and (out / "state.pkl").is_file()
+
+
+def test_killed_run_resumes_to_the_same_result(batched, tmp_path):
+    from mergelab.search.m2n2 import run_m2n2
+
+    path, full_out, full = batched
+    out = tmp_path / "killed"
+
+    def kill(rnd):
+        if rnd == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_m2n2(path, out, log=lambda s: None, on_round=kill)
+    assert len(json.loads((out / "history.json").read_text())["steps"]) == 4
+    code, _, _ = run_cli(["m2n2", path, "-o", out, "--resume", "--quiet"])
+    assert code == 0
+    resumed = json.loads((out / "history.json").read_text())
+    for key in ("steps", "evaluations", "best", "best_at", "archive_mean_scores"):
+        drop = {"seconds"}
+        strip = (lambda v: [{k: e[k] for k in e if k not in drop} for e in v]) if isinstance(resumed[key], list) \
+            and resumed[key] and isinstance(resumed[key][0], dict) else (lambda v: v)
+        assert strip(resumed[key]) == strip(full[key]), key
+    assert (out / "best" / "model.safetensors").read_bytes() == (full_out / "best" / "model.safetensors").read_bytes()
+
+    # a larger --steps continues the finished run; the archive it rebuilds must match the saved digests
+    code, _, _ = run_cli(["m2n2", path, "-o", out, "--resume", "--steps", "6", "--quiet"])
+    assert code == 0
+    more = json.loads((out / "history.json").read_text())
+    assert len(more["steps"]) == 6 and more["steps"][-1]["round"] == 4 and more["steps"][:5] == resumed["steps"]
+
+
+def test_bad_input_fails_before_any_work(family, tmp_path, capsys):
+    def bad(search, *extra, resume_into=None):
+        cfg = config(family, method="linear")
+        cfg["search"] = search
+        path = _write(tmp_path, cfg)
+        out = resume_into or tmp_path / "out"
+        code, stdout, stderr = run_cli(["m2n2", path, "-o", out, "--quiet", *extra], capsys)
+        assert code == 2, stdout + stderr
+        assert "Traceback" not in stderr and (resume_into is not None or not out.exists())
+        return " ".join(stderr.split())
+
+    assert "search.batch_size: expected an integer >= 1, got 0" in bad({"batch_size": 0})
+    assert "search.batch_size: expected an integer >= 1, got 'two'" in bad({"batch_size": "two"})
+    assert "search.batch_size: expected an integer >= 1, got True" in bad({"batch_size": True})
+    assert "search.steps: expected an integer >= 1, got 0" in bad({"steps": 0})
+    assert "--steps: expected an integer >= 1, got 0" in bad({}, "--steps", "0")
+    assert "search.archive_size: expected an integer >= 2, got 1" in bad({"archive_size": 1})
+    assert "search.alpha: expected a number >= 0, got -1" in bad({"alpha": -1})
+    assert "search: unknown key(s) ['popsize']" in bad({"popsize": 4})
+    assert "--workers must be at least 1, got 0" in bad({}, "--workers", "0")
+    assert "--threads must be at least 1, got 0" in bad({}, "--threads", "0")
+    assert "no Ray cluster answers at 127.0.0.1:9" in bad({}, "--ray", "127.0.0.1:9")
+    assert "holds no search state" in bad({}, "--resume", resume_into=tmp_path / "empty")

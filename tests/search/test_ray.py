@@ -1,5 +1,5 @@
 """Ray, started here with two CPUs (one session for the module): the Ray executor writes the local
-executor's bytes, and a search's results do not depend on the number of workers."""
+executor's bytes, and a search's results (evolve, M2N2) do not depend on the number of workers."""
 
 import json
 
@@ -71,6 +71,21 @@ def test_search_does_not_depend_on_the_number_of_workers(family, tmp_path):
         assert hist["workers"] == (kw.get("workers") or 1)
     assert runs["ray-2"] == runs["in-process"]
     assert len(runs["ray-2"]) == 4
+
+
+def test_m2n2_does_not_depend_on_the_number_of_workers(family, tmp_path):
+    from mergelab.search.m2n2 import run_m2n2
+
+    cfg = config(family, method="linear")
+    cfg["search"] = {"steps": 4, "seed": 5, "batch_size": 2, "archive_size": 3}
+    runs = {}
+    for label, kw in (("in-process", {}), ("ray-2", {"workers": 2})):
+        hist = run_m2n2(cfg, tmp_path / label, log=lambda s: None, **kw)
+        assert hist["workers"] == (kw.get("workers") or 1)
+        runs[label] = (hist["steps"], [e["fitness"] for e in hist["evaluations"]], hist["archive_mean_scores"],
+                       (tmp_path / label / "best" / "model.safetensors").read_bytes())
+    assert runs["ray-2"] == runs["in-process"]
+    assert [s["round"] for s in runs["ray-2"][0]] == [1, 1, 2, 2]
 
 
 def test_ray_executor_refuses_unreachable_cluster(family, tmp_path, capsys):

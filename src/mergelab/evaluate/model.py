@@ -129,8 +129,18 @@ def _template(config):
 
 def build_encoder(config, state: dict):
     """A new BertModel from ``config`` with ``state`` loaded; every encoder tensor must be present."""
-    model = copy.deepcopy(_template(config))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    return load_encoder(copy.deepcopy(_template(config)), state)
+
+
+def load_encoder(model, state: dict):
+    """Copy ``state`` into the BertModel ``model`` in place (``load_state_dict``: no new parameters) and
+    return it in eval mode; every encoder tensor must be present with its shape (``position_ids`` may be
+    left out). A model that is kept and reloaded per candidate ends exactly as a fresh
+    :func:`build_encoder`: every parameter and persistent buffer is overwritten."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a shape mismatch
+        raise CheckpointError(f"encoder state does not match the config: {' '.join(str(e).split())[:300]}") from None
     missing = [k for k in missing if not k.endswith("position_ids")]
     unexpected = [k for k in unexpected if not k.endswith("position_ids")]
     if missing or unexpected:

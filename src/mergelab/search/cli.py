@@ -71,8 +71,17 @@ def map_front(
 
 
 def m2n2(
-    config: Path = typer.Argument(..., help="Search config: genome.models are the starting archive; fitness:."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for history.json/.png and best/."),
+    config: Path = typer.Argument(..., help="Search config: genome.models are the starting archive; fitness:; "
+                                  "search: steps, batch_size (children per round), alpha, seed, ..."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for history.json/.png, state.pkl and best/."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Children evaluated at once (Ray actors; "
+                                          "useful up to search.batch_size)."),
+    ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
+    threads: int = typer.Option(1, "--threads", help="torch threads per evaluator (fixed, so results do not depend "
+                                "on the number of workers)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Children to make (overrides search.steps; with "
+                                        "--resume, a larger number continues a finished run)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run whose state is in OUT."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
 ) -> None:
@@ -80,7 +89,8 @@ def m2n2(
     from mergelab.cli import out_console
     from mergelab.search.m2n2 import run_m2n2
 
-    hist = run_m2n2(config, out, overwrite=overwrite, log=(lambda s: None) if quiet else _log)
+    hist = run_m2n2(config, out, workers=workers, ray_address=ray, threads=threads, steps=steps, resume=resume,
+                    overwrite=overwrite, log=(lambda s: None) if quiet else _log)
     if not quiet:
         out_console.print(f"best archive member: mean score {hist['best']['mean_score']:.4f}; model in {out}/best",
                           highlight=False)

@@ -213,9 +213,14 @@ def _head_shape(folder: Path) -> Optional[tuple]:
     return tuple(ckpt.info("classifier.weight").shape)
 
 
+def scorer_class(spec: FitnessSpec) -> type:
+    """The scorer class of ``spec``: :class:`EncoderScorer` for textmix, else :class:`Scorer`."""
+    return EncoderScorer if spec.suite == "textmix" else Scorer
+
+
 def make_scorer(spec: FitnessSpec):
-    """The scorer of ``spec``: :class:`EncoderScorer` for textmix, else :class:`Scorer`."""
-    return EncoderScorer(spec) if spec.suite == "textmix" else Scorer(spec)
+    """The scorer of ``spec`` (:func:`scorer_class`), its evaluation model loaded."""
+    return scorer_class(spec)(spec)
 
 
 class EncoderScorer:
@@ -236,10 +241,16 @@ class EncoderScorer:
         return not name.startswith("classifier.")
 
     def load(self, state: dict) -> None:
-        from mergelab.evaluate.model import build_encoder, split_state
+        """Load the merged encoder of ``state`` into the one resident BertModel (built on the first call,
+        then overwritten in place: no model is built per candidate)."""
+        from mergelab.evaluate.model import build_encoder, load_encoder, split_state
 
+        encoder = split_state(state)[0]
         try:
-            self.encoder = build_encoder(self.config, split_state(state)[0])
+            if self.encoder is None:
+                self.encoder = build_encoder(self.config, encoder)
+            else:
+                load_encoder(self.encoder, encoder)
         except MergeLabError as e:
             raise MergeLabError(f"the merged weights do not fit the encoder of '{self.spec.model}': {e}") from None
 

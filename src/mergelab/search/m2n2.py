@@ -17,27 +17,47 @@ An archive of models (flattened float parameters, in name order) starts from the
 4. **Replacement**: fitness is recomputed over the archive and the child; the weakest archive member is
    replaced unless the child is the weakest.
 
-Evaluations run in this process (one child per step). ``OUT``: ``history.json`` (per step: parents, split,
-w, the child's score, the replaced member), ``history.png`` and ``best/``, the archive member with the best
-mean score, saved as a Hugging Face folder of ``fitness.model``'s architecture (for ``suite: textmix``
-the merged encoder, without heads). ``search.save_best_at: [N, ...]`` also saves the best member after
-N evaluations (seeds included) as ``best-at-N/``, to compare budgets from one run.
+**Rounds** (``search.batch_size: B``, default 1): M2N2 is steady state; to evaluate in parallel, each round
+draws B children (steps 2-3, B times in a row from one random generator) from the archive as it stands at
+the round's start, evaluates them together on the pool (:mod:`mergelab.search.pool`: in this process, or
+on Ray actors with ``workers`` / ``ray_address``), then inserts them one by one in draw order (step 4, each
+against the archive as the previous insertions left it). ``B = 1`` is the paper's one child per step.
+``search.steps`` counts children (the last round is cut to fit), so a run makes ``len(models) + steps``
+evaluations whatever B is. Results do not depend on the number of workers: the children are made here
+(the crossover's angle is a float64 NumPy sum, its coefficients Python floats, so no torch reduction
+whose rounding follows the thread count), scored in order with ``threads`` torch threads per evaluator,
+and inserted here in order. B does change the search (children of one round see the same archive).
+
+``OUT``: ``history.json`` (per step: round, parents, split, w, the child's score, the replaced member),
+``history.png`` and ``best/``, the archive member with the best mean score, saved as a Hugging Face folder
+of ``fitness.model``'s architecture (for ``suite: textmix`` the merged encoder, without heads).
+``search.save_best_at: [N, ...]`` also saves the best member after N evaluations (seeds included) as
+``best-at-N/``, to compare budgets from one run. ``state.pkl`` (after every round): the random
+generator, the per-example scores, the history and each member's sha256; the archive itself is not
+stored (a member of a MiniLM archive is 90 MB) but rebuilt on ``resume`` by replaying the recorded
+crossovers from the seeds, checked against those digests. A resumed run ends exactly as an
+uninterrupted one; a larger ``steps`` continues a finished run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
+import math
+import pickle
 import time
 from pathlib import Path
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 import numpy as np
 import torch
 
 from mergelab.errors import MergeLabError
-from mergelab.search.candidate import read_config
-from mergelab.search.evolve import plot_history, prepare_out, write_json
+from mergelab.search.candidate import SearchConfigError, read_config
+from mergelab.search.evolve import STATE, SearchStateError, plot_history, prepare_out, write_atomic, write_json
 
-M2N2_KEYS = {"steps", "alpha", "seed", "matchmaker", "split_point", "archive_size", "save_best_at"}
+M2N2_KEYS = {"steps", "alpha", "seed", "matchmaker", "split_point", "archive_size", "save_best_at", "batch_size"}
 
 
 def shared_fitness(S: np.ndarray, alpha: float) -> tuple:
@@ -61,15 +81,26 @@ def _pick(rng: np.random.Generator, weights: np.ndarray) -> int:
 
 
 def crossover(x: torch.Tensor, y: torch.Tensor, split: int, w: float) -> torch.Tensor:
-    """SLERP of flat vectors ``x``, ``y`` with per-coordinate weight ``w`` before ``split``, ``1 - w`` after."""
-    v = torch.full_like(x, 1.0 - w)
-    v[:split] = w
-    xn, yn = x / x.norm(), y / y.norm()
-    omega = torch.arccos(torch.clamp((xn * yn).sum(), -1.0, 1.0))
-    so = torch.sin(omega)
-    if float(so) <= 1e-6:
-        return (1 - v) * x + v * y
-    return torch.sin((1 - v) * omega) / so * x + torch.sin(v * omega) / so * y
+    """SLERP of flat vectors ``x``, ``y`` with per-coordinate weight ``w`` before ``split``, ``1 - w`` after.
+
+    The angle is summed in float64 by NumPy and the two pairs of coefficients are Python floats, so the
+    child's bits do not depend on torch's thread count (a torch sum's rounding does)."""
+    xd, yd = x.detach().double().numpy(), y.detach().double().numpy()
+    cos = float(np.sum(xd * yd)) / math.sqrt(float(np.sum(xd * xd)) * float(np.sum(yd * yd)))
+    del xd, yd
+    omega = math.acos(min(1.0, max(-1.0, cos)))
+    so = math.sin(omega)
+
+    def coefficients(v: float) -> tuple:
+        if so <= 1e-6:
+            return 1.0 - v, v
+        return math.sin((1.0 - v) * omega) / so, math.sin(v * omega) / so
+
+    child = torch.empty_like(x)
+    for part, v in ((slice(0, split), w), (slice(split, None), 1.0 - w)):
+        a, b = coefficients(v)
+        child[part] = x[part] * a + y[part] * b
+    return child
 
 
 class Flat:
@@ -91,91 +122,268 @@ class Flat:
         return out
 
 
-def run_m2n2(config: Any, out: Path, *, overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Run M2N2 for ``config`` into ``out`` (see the module doc); returns the history."""
-    import yaml
+class MemberEvaluator:
+    """Per-example scores of archive members (flat vectors in :class:`Flat`'s layout): one per pool worker
+    (:func:`mergelab.search.pool.make_pool`), its evaluation model loaded once. ``data``:
+    ``{"config": a search config's data, "layout": Flat}``."""
 
-    from mergelab.llmmix.run import _state
-    from mergelab.search.fitness import make_scorer
+    def __init__(self, data: dict, threads: int = 1):
+        from mergelab.search.fitness import make_scorer
 
-    data = yaml.safe_load(Path(config).read_text(encoding="utf-8")) if not isinstance(config, dict) else config
-    opts = dict((data or {}).get("search") or {}) if isinstance(data, dict) else {}
+        if threads:
+            torch.set_num_threads(threads)
+        self.layout = data["layout"]
+        self.scorer = make_scorer(read_config(data["config"]).fitness)
+
+    @staticmethod
+    def pack(x) -> np.ndarray:
+        """What a Ray actor is sent for member ``x``: its float32 values as a NumPy array (Ray's object
+        store carries it without pickling the values)."""
+        return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+
+    def evaluate(self, x) -> dict:
+        """``{"scores": per-example scores, "seconds": load and scoring time}``."""
+        t0 = time.perf_counter()
+        vec = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x, dtype=np.float32))  # a copy
+        scores = self.scorer.example_scores(self.layout.unflatten(vec))
+        return {"scores": np.asarray(scores, dtype=float), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def member_digest(vec: torch.Tensor) -> str:
+    """sha256 of a member's float32 values (what ``resume`` checks the replayed archive against)."""
+    return hashlib.sha256(vec.contiguous().numpy().tobytes()).hexdigest()
+
+
+def read_options(opts: Any, steps: Optional[int] = None) -> dict:
+    """``search:`` of an M2N2 config, checked, with defaults (``steps`` overrides ``search.steps``)."""
+    if not isinstance(opts, dict):
+        raise SearchConfigError("m2n2: search: expected a mapping")
     unknown = sorted(set(opts) - M2N2_KEYS)
     if unknown:
-        raise MergeLabError(f"m2n2: search: unknown key(s) {unknown}; expected some of {sorted(M2N2_KEYS)}")
-    steps, alpha = int(opts.get("steps", 50)), float(opts.get("alpha", 1.0))
-    if steps < 1 or alpha < 0:
-        raise MergeLabError("m2n2: search.steps must be >= 1 and search.alpha >= 0")
+        raise SearchConfigError(f"m2n2: search: unknown key(s) {unknown}; expected some of {sorted(M2N2_KEYS)}")
+
+    def integer(key, default, least):
+        v = opts.get(key, default)
+        if v is None and default is None:
+            return None
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            raise SearchConfigError(f"m2n2: search.{key}: expected an integer >= {least}, got {v!r}")
+        return v
+
+    out = {"steps": integer("steps", 50, 1), "batch_size": integer("batch_size", 1, 1),
+           "seed": integer("seed", 0, 0), "archive_size": integer("archive_size", None, 2)}
+    if steps is not None:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise SearchConfigError(f"m2n2: --steps: expected an integer >= 1, got {steps!r}")
+        out["steps"] = steps
+    alpha = opts.get("alpha", 1.0)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha >= 0:
+        raise SearchConfigError(f"m2n2: search.alpha: expected a number >= 0, got {alpha!r}")
+    out["alpha"] = float(alpha)
+    for key in ("matchmaker", "split_point"):
+        if not isinstance(opts.get(key, True), bool):
+            raise SearchConfigError(f"m2n2: search.{key}: expected true or false")
+        out[key] = opts.get(key, True)
     save_at = opts.get("save_best_at") or []
     if not isinstance(save_at, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
                                                 for n in save_at):
-        raise MergeLabError("m2n2: search.save_best_at: expected a list of evaluation counts")
-    seed = int(opts.get("seed", 0))
-    cfg = read_config({**data, "search": {"seed": seed}})
-    prepare_out(Path(out), False, overwrite)
+        raise SearchConfigError("m2n2: search.save_best_at: expected a list of evaluation counts")
+    out["save_best_at"] = save_at
+    return out
+
+
+def propose(rng: np.random.Generator, f: np.ndarray, Sh: np.ndarray, D: int, opts: dict) -> tuple:
+    """One child's ``(p1, p2, split, w)``: the parents (competition, attraction) and the crossover's draws."""
+    p1 = _pick(rng, f)
+    a = attraction(Sh, p1) if opts["matchmaker"] else f.copy()
+    a[p1] = 0.0
+    if a.sum() <= 0:
+        a = np.ones(len(a))
+        a[p1] = 0.0
+    p2 = _pick(rng, a)
+    split = int(rng.integers(0, D)) if opts["split_point"] else D
+    w = float(rng.uniform(0.0, 1.0))
+    return p1, p2, split, w
+
+
+def replay(seeds: List[torch.Tensor], steps: list) -> List[torch.Tensor]:
+    """The archive after the recorded ``steps``: each round's children made from the archive at the round's
+    start, then inserted in order, as :func:`run_m2n2` did."""
+    archive = list(seeds)
+    for _, group in itertools.groupby(steps, key=lambda s: s["round"]):
+        group = list(group)
+        children = [crossover(archive[s["parents"][0]], archive[s["parents"][1]], s["split"], s["w"])
+                    for s in group]
+        for s, child in zip(group, children):
+            if s["replaced"] is None:
+                archive.append(child)
+            elif isinstance(s["replaced"], int):
+                archive[s["replaced"]] = child
+    return archive
+
+
+def _fingerprint(cfg, opts: dict) -> str:
+    """What a resumed run must share with the interrupted one (the budget and snapshots may change)."""
+    search = {k: v for k, v in opts.items() if k not in ("steps", "save_best_at")}
+    blob = {"genome": cfg.data["genome"], "fitness": cfg.fitness.describe(), "search": search}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read(config: Any) -> tuple:
+    """``(config data or None, its search: mapping)``; read_config reports a missing or broken file."""
+    import yaml
+
+    if isinstance(config, dict):
+        return config, dict(config.get("search") or {})
+    try:
+        data = yaml.safe_load(Path(config).read_text(encoding="utf-8")) if Path(config).is_file() else None
+    except yaml.YAMLError:
+        data = None
+    if not isinstance(data, dict):
+        read_config(config)  # raises the config's own error
+    opts = data.get("search") or {}
+    return data, opts
+
+
+def run_m2n2(config: Any, out: Path, *, workers: Optional[int] = None, ray_address: Optional[str] = None,
+             threads: int = 1, resume: bool = False, overwrite: bool = False, steps: Optional[int] = None,
+             use_ray: Optional[bool] = None, log: Callable[[str], None] = print,
+             on_round: Optional[Callable[[int], None]] = None) -> dict:
+    """Run (or ``resume``) M2N2 for ``config`` into ``out`` (see the module doc); returns the history.
+
+    Members are scored on the pool of :func:`mergelab.search.pool.make_pool` (Ray when ``ray_address`` is
+    given, ``workers > 1`` or ``use_ray``); ``steps`` overrides ``search.steps``; ``on_round(r)`` is called
+    after round ``r``'s state is written (tests stop a run there)."""
+    from mergelab.llmmix.run import _state
+    from mergelab.search.fitness import make_scorer, scorer_class
+    from mergelab.search.pool import LocalPool, check_ray_address, connect, make_pool
+
+    data, raw = _read(config)
+    opts = read_options(raw, steps)
+    cfg = read_config({**data, "search": {"seed": opts["seed"]}})
+    if isinstance(config, (str, Path)):
+        cfg.path = Path(config)
+    if ray_address:
+        check_ray_address(ray_address)
+    if workers is not None and workers < 1:
+        raise MergeLabError(f"--workers must be at least 1, got {workers}")
+    if threads < 1:
+        raise MergeLabError(f"--threads must be at least 1, got {threads}")
     out = Path(out)
-    rng = np.random.default_rng(seed)
-    scorer = make_scorer(cfg.fitness)
-    states = [{k: v for k, v in _state(Path(m)).items() if scorer.keep(k)} for m in cfg.genome.models]
+    fingerprint = _fingerprint(cfg, opts)
+    state = None
+    if resume and (out / STATE).is_file():
+        with open(out / STATE, "rb") as fh:
+            state = pickle.load(fh)
+        if state.get("algorithm") != "m2n2" or state.get("fingerprint") != fingerprint:
+            raise SearchStateError(f"--resume: '{out}' holds another search (another algorithm, genome, fitness or "
+                                   "search settings); use another folder or --overwrite")
+    if ray_address or use_ray or (workers or 1) > 1:
+        connect(ray_address, workers or 1)  # a cluster that cannot be joined fails before OUT is touched
+    prepare_out(out, resume, overwrite)
+
+    keep = scorer_class(cfg.fitness).keep
+    states = [{k: v for k, v in _state(Path(m)).items() if keep(k)} for m in cfg.genome.models]
     flat = Flat(states[0])
-    archive: List[torch.Tensor] = [flat.flatten(s) for s in states]
-    size = int(opts.get("archive_size", len(archive)))
+    seeds: List[torch.Tensor] = [flat.flatten(s) for s in states]
+    del states
+    size = opts["archive_size"] or len(seeds)
+    alpha, save_at, total = opts["alpha"], opts["save_best_at"], opts["steps"]
+    pool = make_pool({"config": cfg.data, "layout": flat}, workers, ray_address, threads, use_ray, MemberEvaluator)
+    saver = [pool.evaluator.scorer] if isinstance(pool, LocalPool) else []
+
+    def save(vec: torch.Tensor, folder: Path) -> None:
+        if not saver:
+            saver.append(make_scorer(cfg.fitness))
+        saver[0].save(flat.unflatten(vec), folder)
 
     def snapshot() -> None:
-        if len(evals) in save_at:
+        n = len(history["evaluations"])
+        if n in save_at:
             means = [float(np.mean(r)) for r in rows]
             k = int(np.argmax(means))
-            scorer.save(flat.unflatten(archive[k]), out / f"best-at-{len(evals)}")
-            history.setdefault("best_at", {})[str(len(evals))] = {"member": k, "mean_score": means[k]}
+            save(archive[k], out / f"best-at-{n}")
+            history.setdefault("best_at", {})[str(n)] = {"member": k, "mean_score": means[k]}
 
-    rows, evals, t_start = [], [], time.perf_counter()
-    for vec in archive:
-        s = scorer.example_scores(flat.unflatten(vec))
-        rows.append(s)
-        evals.append({"eval": len(evals) + 1, "kind": "seed", "fitness": float(np.mean(s))})
-    history = {"algorithm": "m2n2", "alpha": alpha, "seed": seed, "archive_size": size, "steps": [],
-               "evaluations": evals, "fitness": cfg.fitness.describe()}
-    snapshot()
-    for step in range(steps):
-        S = np.array(rows)
-        f, Sh = shared_fitness(S, alpha)
-        p1 = _pick(rng, f)
-        a = attraction(Sh, p1) if opts.get("matchmaker", True) else f.copy()
-        a[p1] = 0.0
-        if a.sum() <= 0:
-            a = np.ones(len(a))
-            a[p1] = 0.0
-        p2 = _pick(rng, a)
-        D = archive[0].numel()
-        split = int(rng.integers(0, D)) if opts.get("split_point", True) else D
-        w = float(rng.uniform(0.0, 1.0))
-        child = crossover(archive[p1], archive[p2], split, w)
-        t0 = time.perf_counter()
-        s = scorer.example_scores(flat.unflatten(child))
-        evals.append({"eval": len(evals) + 1, "kind": "child", "fitness": float(np.mean(s)),
-                      "seconds": round(time.perf_counter() - t0, 3)})
-        f_all, _ = shared_fitness(np.vstack([S, s[None]]), alpha)
-        worst = int(np.argmin(f_all[:-1]))
-        if len(archive) < size:
-            archive.append(child)
-            rows.append(s)
-            replaced = None
-        elif f_all[-1] > f_all[worst]:
-            archive[worst], rows[worst] = child, s
-            replaced = worst
+    def write_state() -> None:
+        blob = {"algorithm": "m2n2", "fingerprint": fingerprint, "rng": rng.bit_generator.state,
+                "rows": rows, "digests": digests, "history": history}
+        write_atomic(out / STATE, pickle.dumps(blob))
+        write_json(out / "history.json", history)
+        plot_history(out / "history.png", history["evaluations"], f"M2N2, alpha {alpha:g}, batch {opts['batch_size']}")
+
+    t_start = time.perf_counter()
+    try:
+        if state is not None:
+            rng = np.random.default_rng(opts["seed"])
+            rng.bit_generator.state = state["rng"]
+            history, rows, digests = state["history"], list(state["rows"]), list(state["digests"])
+            archive = replay(seeds, history["steps"])
+            if [member_digest(v) for v in archive] != digests:
+                raise SearchStateError(f"--resume: the archive rebuilt from the models and the crossovers recorded "
+                                       f"in '{out}' differs from the one saved (were the models changed?)")
+            log(f"resumed after round {history['rounds']} ({len(history['evaluations'])} evaluations)")
         else:
-            replaced = "child is the weakest"
-        history["steps"].append({"step": step + 1, "parents": [p1, p2], "split": split, "w": w,
-                                 "child_mean_score": float(np.mean(s)), "replaced": replaced})
-        snapshot()
-        log(f"m2n2 step {step + 1}/{steps}: parents {p1},{p2} split {split}/{D} w {w:.3f}: child {np.mean(s):.4f}, "
-            f"replaced {replaced}")
-    means = [float(np.mean(r)) for r in rows]
-    best = int(np.argmax(means))
-    history["archive_mean_scores"] = means
-    history["best"] = {"member": best, "mean_score": means[best]}
-    history["seconds"] = round(time.perf_counter() - t_start, 2)
-    scorer.save(flat.unflatten(archive[best]), out / "best")
-    write_json(out / "history.json", history)
-    plot_history(out / "history.png", evals, f"M2N2, alpha {alpha:g}")
+            rng = np.random.default_rng(opts["seed"])
+            archive = list(seeds)
+            rows = [r["scores"] for r in pool.map(archive)]
+            digests = [member_digest(v) for v in archive]
+            history = {"algorithm": "m2n2", "config": str(cfg.path) if cfg.path else None, "alpha": alpha,
+                       "seed": opts["seed"], "archive_size": size, "batch_size": opts["batch_size"], "rounds": 0,
+                       "steps": [], "fitness": cfg.fitness.describe(),
+                       "evaluations": [{"eval": i + 1, "kind": "seed", "fitness": float(np.mean(s))}
+                                       for i, s in enumerate(rows)]}
+            snapshot()
+            write_state()
+        history["workers"] = pool.size
+        evals = history["evaluations"]
+        D = archive[0].numel()
+        while len(history["steps"]) < total:
+            rnd = history["rounds"] + 1
+            f, Sh = shared_fitness(np.array(rows), alpha)
+            batch = min(opts["batch_size"], total - len(history["steps"]))
+            picks = [propose(rng, f, Sh, D, opts) for _ in range(batch)]
+            children = [crossover(archive[p1], archive[p2], split, w) for p1, p2, split, w in picks]
+            t0 = time.perf_counter()
+            results = pool.map(children)
+            wall = time.perf_counter() - t0
+            for (p1, p2, split, w), child, r in zip(picks, children, results):
+                s = np.asarray(r["scores"], dtype=float)
+                evals.append({"eval": len(evals) + 1, "kind": "child", "fitness": float(np.mean(s)),
+                              "seconds": r["seconds"]})
+                f_all, _ = shared_fitness(np.vstack([np.array(rows), s[None]]), alpha)
+                worst = int(np.argmin(f_all[:-1]))
+                if len(archive) < size:
+                    archive.append(child)
+                    rows.append(s)
+                    digests.append(member_digest(child))
+                    replaced = None
+                elif f_all[-1] > f_all[worst]:
+                    archive[worst], rows[worst], digests[worst] = child, s, member_digest(child)
+                    replaced = worst
+                else:
+                    replaced = "child is the weakest"
+                step = len(history["steps"]) + 1
+                history["steps"].append({"step": step, "round": rnd, "parents": [p1, p2], "split": split, "w": w,
+                                         "child_mean_score": float(np.mean(s)), "replaced": replaced})
+                snapshot()
+                log(f"m2n2 step {step}/{total}: parents {p1},{p2} split {split}/{D} w {w:.3f}: child "
+                    f"{np.mean(s):.4f}, replaced {replaced}")
+            history["rounds"] = rnd
+            history.setdefault("round_seconds", []).append(round(wall, 3))
+            write_state()
+            if len(picks) > 1:
+                log(f"m2n2 round {rnd}: {len(picks)} children in {wall:.1f} s ({wall / len(picks):.2f} s/evaluation)")
+            if on_round is not None:
+                on_round(rnd)
+        means = [float(np.mean(r)) for r in rows]
+        best = int(np.argmax(means))
+        history["archive_mean_scores"] = means
+        history["best"] = {"member": best, "mean_score": means[best]}
+        history["seconds_this_run"] = round(time.perf_counter() - t_start, 2)
+        history["seconds"] = round(history.get("seconds", 0.0) + history["seconds_this_run"], 2)
+        save(archive[best], out / "best")
+        write_state()
+    finally:
+        pool.close()
     return history

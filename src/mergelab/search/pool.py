@@ -3,8 +3,11 @@
 ``workers=1`` without ``ray_address`` evaluates in this process. Otherwise Ray is used: a running
 session of this process (``ray.init`` done by the caller) is joined as it is; ``ray_address`` (``auto``,
 ``HOST:PORT`` or ``ray://HOST:PORT``) joins a cluster; else a local Ray with ``workers`` CPUs is started.
-Each actor holds a :class:`~mergelab.search.candidate.CandidateEvaluator` (models opened, evaluation
-model loaded once) and torch runs with ``threads`` threads in it, so results do not depend on how many
+Each actor holds one evaluator, by default a :class:`~mergelab.search.candidate.CandidateEvaluator`
+(models opened, evaluation model loaded once; ``evolve`` and ``map``), or the class given as
+``evaluator`` (``m2n2``'s :class:`~mergelab.search.m2n2.MemberEvaluator`): a class built as
+``cls(data, threads)`` with ``evaluate(x) -> dict`` and optionally ``pack(x)``, what is sent to an actor
+for ``x``. torch runs with ``threads`` threads in every evaluator, so results do not depend on how many
 actors there are: candidates are handed out in order and their results come back in that order.
 """
 
@@ -59,13 +62,17 @@ def connect(address: Optional[str], workers: int) -> None:
         raise RayUnavailableError(f"could not {where}: {e} (see /tmp/ray/session_latest/logs/raylet.err)") from None
 
 
+def _default_evaluator():
+    from mergelab.search.candidate import CandidateEvaluator
+
+    return CandidateEvaluator
+
+
 class LocalPool:
     """Evaluates in this process."""
 
-    def __init__(self, data: dict, threads: int = 1):
-        from mergelab.search.candidate import CandidateEvaluator
-
-        self.evaluator = CandidateEvaluator(data, threads)
+    def __init__(self, data: dict, threads: int = 1, evaluator: Optional[type] = None):
+        self.evaluator = (evaluator or _default_evaluator())(data, threads)
         self.size = 1
 
     def map(self, xs: Sequence) -> List[dict]:
@@ -76,10 +83,8 @@ class LocalPool:
 
 
 class _Worker:
-    def __init__(self, data: dict, threads: int):
-        from mergelab.search.candidate import CandidateEvaluator
-
-        self.evaluator = CandidateEvaluator(data, threads)
+    def __init__(self, data: dict, threads: int, evaluator: type):
+        self.evaluator = evaluator(data, threads)
 
     def evaluate(self, x) -> dict:
         return self.evaluator.evaluate(x)
@@ -88,17 +93,19 @@ class _Worker:
 class RayPool:
     """Evaluates on ``workers`` Ray actors."""
 
-    def __init__(self, data: dict, workers: int, threads: int = 1):
+    def __init__(self, data: dict, workers: int, threads: int = 1, evaluator: Optional[type] = None):
         import ray
         from ray.util import ActorPool
 
+        evaluator = evaluator or _default_evaluator()
         actor = ray.remote(num_cpus=threads)(_Worker)
-        self.actors = [actor.remote(data, threads) for _ in range(workers)]
+        self.actors = [actor.remote(data, threads, evaluator) for _ in range(workers)]
         self.pool = ActorPool(self.actors)
+        self.pack = getattr(evaluator, "pack", None) or (lambda x: [float(v) for v in x])
         self.size = workers
 
     def map(self, xs: Sequence) -> List[dict]:
-        return list(self.pool.map(lambda a, x: a.evaluate.remote([float(v) for v in x]), list(xs)))
+        return list(self.pool.map(lambda a, x: a.evaluate.remote(self.pack(x)), list(xs)))
 
     def close(self) -> None:
         import ray
@@ -108,15 +115,15 @@ class RayPool:
 
 
 def make_pool(data: dict, workers: Optional[int] = None, ray_address: Optional[str] = None, threads: int = 1,
-              use_ray: Optional[bool] = None):
-    """The evaluation pool for ``data`` (a checked search config's data)."""
+              use_ray: Optional[bool] = None, evaluator: Optional[type] = None):
+    """The evaluation pool for ``data`` (a checked search config's data, or what ``evaluator`` is built from)."""
     if use_ray is None:
         use_ray = bool(ray_address) or (workers or 1) > 1
     if not use_ray:
-        return LocalPool(data, threads)
+        return LocalPool(data, threads, evaluator)
     connect(ray_address, workers or 1)
     import ray
 
     if workers is None:
         workers = max(1, int(ray.cluster_resources().get("CPU", 1) // max(threads, 1)))
-    return RayPool(data, workers, threads)
+    return RayPool(data, workers, threads, evaluator)
