@@ -376,25 +376,37 @@ def pleas_conv(module_a: torch.nn.Module, module_b: torch.nn.Module, inputs: tor
         per = ins_a[i].shape[1] // n[g_in] if (L.flatten and g_in) else 1
         Z, zb = blocks(g_in, ins_a[i], ins_b[i], per=per) if g_in else (ins_a[i], torch.zeros(ins_a[i].shape[1], dtype=torch.long))
         Y, yb = blocks(g_out, outs_a[i], outs_b[i], last=g_out is None)
-        if L.kind == "conv":
-            k = L.kernel[0] * L.kernel[1]
-            Zu = torch.nn.functional.unfold(Z, L.kernel, padding=L.padding, stride=L.stride)  # [N, C*k, L]
-            Z2, zb2, Y2 = Zu.transpose(1, 2).reshape(-1, Zu.shape[1]), zb.repeat_interleave(k), _rows(Y)
-        else:
-            Z2, zb2, Y2 = Z, zb, Y
-        has_bias = L.name + ".bias" in sa or L.norm is not None
-        W, b = _lstsq_blocks(Z2, Y2, zb2, yb, ridge, bias=has_bias)
-        dt = sa[L.name + ".weight"].dtype
-        out[L.name + ".weight"] = (W.reshape(W.shape[0], -1, *L.kernel) if L.kind == "conv" else W).to(dt)
-        if L.name + ".bias" in sa:
-            out[L.name + ".bias"] = b.to(dt)
-            b = torch.zeros_like(b)
-        if L.norm:
-            p = L.norm + "."
-            out[p + "weight"] = torch.ones(W.shape[0], dtype=dt)
-            out[p + "bias"] = b.to(dt)
-            out[p + "running_mean"] = torch.zeros(W.shape[0], dtype=dt)
-            out[p + "running_var"] = torch.full((W.shape[0],), 1 - 1e-5, dtype=dt)
-            if p + "num_batches_tracked" in sa:
-                out[p + "num_batches_tracked"] = sa[p + "num_batches_tracked"].clone()
+        W, b = fit_layer(L, Z, zb, Y, yb, ridge, bias=L.name + ".bias" in sa or L.norm is not None)
+        write_layer(out, sa, L, W, b)
     return PleasResult(out, widths, merged_units, perms)
+
+
+def fit_layer(L: ChainLayer, Z: torch.Tensor, zb: torch.Tensor, Y: torch.Tensor, yb: torch.Tensor, ridge: float,
+              bias: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_lstsq_blocks` for one layer: a conv layer is a linear map of its unfolded input patches
+    (``Z`` maps ``[N, C, H, W]``, ``Y`` its output maps), a linear layer of ``Z`` ``[N, in]``."""
+    if L.kind == "conv":
+        k = L.kernel[0] * L.kernel[1]
+        Zu = torch.nn.functional.unfold(Z, L.kernel, padding=L.padding, stride=L.stride)  # [N, C*k, L]
+        Z, zb, Y = Zu.transpose(1, 2).reshape(-1, Zu.shape[1]), zb.repeat_interleave(k), _rows(Y)
+    return _lstsq_blocks(Z, Y, zb, yb, ridge, bias=bias)
+
+
+def write_layer(out: Dict[str, torch.Tensor], like: Mapping[str, torch.Tensor], L: ChainLayer, W: torch.Tensor,
+                b: torch.Tensor) -> None:
+    """Store a fitted layer ``W`` (rows = outputs; conv kernels flattened), ``b`` under ``L``'s names, in
+    ``like``'s dtypes. A BatchNorm after it is written as the identity (weight 1, mean 0, var 1 - eps)
+    carrying the intercept as its bias when the layer has none."""
+    dt = like[L.name + ".weight"].dtype
+    out[L.name + ".weight"] = (W.reshape(W.shape[0], -1, *L.kernel) if L.kind == "conv" else W).to(dt)
+    if L.name + ".bias" in like:
+        out[L.name + ".bias"] = b.to(dt)
+        b = torch.zeros_like(b)
+    if L.norm:
+        p = L.norm + "."
+        out[p + "weight"] = torch.ones(W.shape[0], dtype=dt)
+        out[p + "bias"] = b.to(dt)
+        out[p + "running_mean"] = torch.zeros(W.shape[0], dtype=dt)
+        out[p + "running_var"] = torch.full((W.shape[0],), 1 - 1e-5, dtype=dt)
+        if p + "num_batches_tracked" in like:
+            out[p + "num_batches_tracked"] = like[p + "num_batches_tracked"].clone()
