@@ -306,7 +306,7 @@ def run(out: Path, pairs: int = 3, hidden=(16, 64), epochs: int = 30, quick: boo
     """Run every dataset, setting and hidden width over ``pairs`` seed pairs; write ``report.json``,
     ``report.md`` and ``accuracy_vs_width.png`` into ``out``."""
     if quick:
-        pairs, hidden, epochs, resnet = 1, (16,), 3, 4 if resnet else 0
+        pairs, hidden, epochs, resnet = 1, (16,), 3, 8 if resnet else 0
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
