@@ -125,4 +125,30 @@ def run_minilm(out: Path, cache: Path, task: str = "sentiment", reinit_layers: i
     md = [f"| row | {task}: A from MiniLM, B from MiniLM with top {reinit_layers} layers re-initialised |", "|---|---|"]
     md += [f"| {k} | {v:.3f} |" for k, v in rows.items()]
     (out / "minilm.md").write_text("\n".join(md) + "\n")
+    plot(report, out / "minilm_accuracy_vs_width.png")
     return report
+
+
+def plot(report: dict, path: Path) -> None:
+    """Test accuracy against the FFN width (x intermediate_size): PLeaS, the averages at 1.0, the ensemble at 2.0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = report["results"]
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    pts = sorted((float(k.split("w=")[1].split()[0]), v) for k, v in res.items() if k.startswith("PLeaS w="))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="PLeaS")
+    for r, marker in (("average", "x"), ("weight matching + average", "^"), ("activation matching + average", "v")):
+        ax.plot([1.0], [res[r]], marker, markersize=9, label=r)
+    ax.plot([2.0], [res["ensemble"]], "*", markersize=12, label="ensemble")
+    ax.axhline(res["model A"], color="grey", ls=":", label="model A")
+    ax.axhline(res["model B"], color="grey", ls="--", label="model B")
+    ax.set_title(f"MiniLM, {report['task']}: B's top {report['reinit_layers']} layers re-initialised", fontsize=9)
+    ax.set_xlabel("FFN width (x intermediate_size)")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
