@@ -11,6 +11,8 @@ its own head). Per pair of models (different seeds for initialisation and data o
 * plain weight averaging, weight matching + averaging, activation matching + averaging (width 1.0);
   for the conv nets also both matchings + averaging followed by Git Re-Basin's BatchNorm reset
   (running statistics recomputed on the training images);
+* for the MLPs, ZipIt-style merging (:mod:`mergelab.align.zipit`): both hidden layers zipped (width 1.0),
+  or only the first (partial zipping: the second stays both models side by side);
 * PLeaS at widths 1.0 ... 2.0 with calibration inputs from the training set, and PLeaS-free with
   calibration inputs from another domain (8x8 grayscale patches of scikit-learn's two sample photos).
 
@@ -31,6 +33,7 @@ import torch
 from mergelab.align.matching import activation_matching, weight_matching
 from mergelab.align.pleas import mlp_forward, pleas_mlp
 from mergelab.align.spec import Axis, apply_permutations, chain_spec
+from mergelab.align.zipit import zipit_mlp
 
 WIDTHS = (1.0, 1.25, 1.5, 1.75, 2.0)
 
@@ -205,6 +208,9 @@ def run_pair(data: Data, setting: str, seed_a: int, seed_b: int, hidden: int, ep
 
     am = apply_permutations(b, spec, activation_matching(spec, hidden_feats(a), hidden_feats(b)))
     rows["activation matching + average"] = _accuracy(mlp_forward(_average(a, am, heads), xt).float(), yt, tasks)
+    for depth, name in ((-1, "ZipIt (both hidden layers zipped)"), (1, "ZipIt partial (first layer zipped)")):
+        z = zipit_mlp(a, b, calib, depth=depth, heads=heads)
+        rows[name] = _accuracy(mlp_forward(z, xt).float(), yt, tasks)
     for w in widths:
         r = pleas_mlp(a, b, calib, width=float(w), heads=heads)
         rows[f"PLeaS w={w:g}"] = _accuracy(mlp_forward(r.state, xt).float(), yt, tasks)
@@ -373,11 +379,14 @@ def plot(report: dict, path: Path) -> None:
         for prefix, style in (("PLeaS w=", "o-"), ("PLeaS-free w=", "s--")):
             pts = sorted((float(r[len(prefix):]), v["mean"]) for r, v in res.items() if r.startswith(prefix))
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=prefix.rstrip(" w="))
-        for r, marker in (("average", "x"), ("weight matching + average", "^"), ("activation matching + average", "v"),
-                          ("weight matching + average + BN reset", "<"),
-                          ("activation matching + average + BN reset", ">")):
+        for r, marker, x in (("average", "x", 1.0), ("weight matching + average", "^", 1.0),
+                             ("activation matching + average", "v", 1.0),
+                             ("weight matching + average + BN reset", "<", 1.0),
+                             ("activation matching + average + BN reset", ">", 1.0),
+                             ("ZipIt (both hidden layers zipped)", "D", 1.0),
+                             ("ZipIt partial (first layer zipped)", "d", 1.5)):  # hidden widths n and 2n
             if r in res:
-                ax.plot([1.0], [res[r]["mean"]], marker, markersize=9, label=r)
+                ax.plot([x], [res[r]["mean"]], marker, markersize=8, label=r)
         ax.plot([2.0], [res["ensemble"]["mean"]], "*", markersize=12, label="ensemble")
         ax.axhline(np.mean([res["model A"]["mean"], res["model B"]["mean"]]), color="grey", ls=":", label="models alone (mean)")
         ax.set_title(k, fontsize=9)
