@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from tests.align.conftest import close, run_cli
+from tests.align.conftest import run_cli
 from tests.realweights.conftest import _task_rows
 
 

@@ -61,7 +61,7 @@ def _accuracy(config: dict, state: dict, texts, labels, tokenizer, batch: int = 
 def run_minilm(out: Path, cache: Path, task: str = "sentiment", reinit_layers: int = 2, train_examples: int = 800,
                epochs: float = 2.0, calibration_texts: int = 150, widths=(1.0, 1.5), seed: int = 1, log=print) -> dict:
     """Build B, run every merge, write ``minilm.json`` and ``minilm.md`` into ``out``; see the module doc."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     from transformers import AutoTokenizer, BertConfig
 
     from mergelab.align.api import align
