@@ -224,7 +224,10 @@ def collect_activations(loaded: Loaded, spec: PermutationSpec, calibration: Path
 
 
 # --------------------------------------------------------------------------- writing
-def _write(loaded: Loaded, state: Dict[str, torch.Tensor], out: Path, overwrite: bool, extra: dict) -> None:
+def _write(loaded: Loaded, state: Dict[str, torch.Tensor], out: Path, overwrite: bool, extra: dict,
+           config: Optional[dict] = None, record_name: str = "alignment.json") -> None:
+    """Write ``state`` in ``loaded``'s format; a HF folder also gets ``config`` (default: a copy of
+    ``loaded``'s ``config.json``), its tokenizer files and ``extra`` as ``record_name``."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -251,10 +254,12 @@ def _write(loaded: Loaded, state: Dict[str, torch.Tensor], out: Path, overwrite:
     try:
         save_file({k: v.contiguous() for k, v in state.items()}, str(partial / "model.safetensors"),
                   metadata={"format": "pt"})
-        if (loaded.path / "config.json").is_file():
+        if config is not None:
+            (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        elif (loaded.path / "config.json").is_file():
             shutil.copy2(loaded.path / "config.json", partial / "config.json")
         copy_donor_files(loaded.path, partial)
-        (partial / "alignment.json").write_text(json.dumps(extra, indent=2) + "\n")
+        (partial / record_name).write_text(json.dumps(extra, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -1,16 +1,22 @@
-"""Benchmark: merging MLPs trained from different random initialisations (issue 18, item 3).
+"""Benchmark: merging nets trained from different random initialisations (issue 18, item 3).
 
 Data: scikit-learn's digits (8x8 images, 10 classes; offline), and mnist1d when the ``mnist1d``
-package is installed. Two settings: **shared** labels (both models learn all classes) and **disjoint**
-labels (A learns classes 0-4, B classes 5-9; merged models keep one head per model and are scored on
-each task with its own head). Per pair of models (different seeds for initialisation and data order):
+package is installed (it generates its data from templates, offline). Nets: two-hidden-layer MLPs,
+a plain conv net and a ResNet-style net (:mod:`mergelab.align.resnet`; the conv nets on digits only).
+Two settings: **shared** labels (both models learn all classes) and **disjoint** labels (A learns
+classes 0-4, B classes 5-9; merged models keep one head per model and are scored on each task with
+its own head). Per pair of models (different seeds for initialisation and data order):
 
 * each model alone, and the ensemble (averaged logits; disjoint: both heads side by side);
 * plain weight averaging, weight matching + averaging, activation matching + averaging (width 1.0);
+  for the conv nets also both matchings + averaging followed by Git Re-Basin's BatchNorm reset
+  (running statistics recomputed on the training images);
+* for the MLPs, ZipIt-style merging (:mod:`mergelab.align.zipit`): both hidden layers zipped (width 1.0),
+  or only the first (partial zipping: the second stays both models side by side);
 * PLeaS at widths 1.0 ... 2.0 with calibration inputs from the training set, and PLeaS-free with
   calibration inputs from another domain (8x8 grayscale patches of scikit-learn's two sample photos).
 
-Everything runs on CPU in about a minute (``quick=True``: seconds, for the tests).
+Everything runs on CPU in about four CPU-minutes (``quick=True``: seconds, for the tests).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 from mergelab.align.matching import activation_matching, weight_matching
 from mergelab.align.pleas import mlp_forward, pleas_mlp
 from mergelab.align.spec import Axis, apply_permutations, chain_spec
+from mergelab.align.zipit import zipit_mlp
 
 WIDTHS = (1.0, 1.25, 1.5, 1.75, 2.0)
 
@@ -161,8 +168,8 @@ def _average(a, b, heads: str):
 def run_pair(data: Data, setting: str, seed_a: int, seed_b: int, hidden: int, epochs: int,
              widths=WIDTHS, arch: str = "mlp") -> Dict[str, float]:
     """Accuracy of every row for one pair of models (the keys name the rows)."""
-    if arch == "conv":
-        return _run_pair_conv(data, setting, seed_a, seed_b, hidden, epochs, widths)
+    if arch in ("conv", "resnet"):
+        return _run_pair_conv(data, setting, seed_a, seed_b, hidden, epochs, widths, arch)
     if setting == "shared":
         splits = [(slice(None), list(range(10)))] * 2
         tasks = [(list(range(10)), list(range(10)))]
@@ -201,6 +208,9 @@ def run_pair(data: Data, setting: str, seed_a: int, seed_b: int, hidden: int, ep
 
     am = apply_permutations(b, spec, activation_matching(spec, hidden_feats(a), hidden_feats(b)))
     rows["activation matching + average"] = _accuracy(mlp_forward(_average(a, am, heads), xt).float(), yt, tasks)
+    for depth, name in ((-1, "ZipIt (both hidden layers zipped)"), (1, "ZipIt partial (first layer zipped)")):
+        z = zipit_mlp(a, b, calib, depth=depth, heads=heads)
+        rows[name] = _accuracy(mlp_forward(z, xt).float(), yt, tasks)
     for w in widths:
         r = pleas_mlp(a, b, calib, width=float(w), heads=heads)
         rows[f"PLeaS w={w:g}"] = _accuracy(mlp_forward(r.state, xt).float(), yt, tasks)
@@ -216,14 +226,31 @@ def _setting(data: Data, setting: str):
             [(list(range(5)), list(range(5))), (list(range(5, 10)), list(range(5, 10)))], "concat")
 
 
-def _run_pair_conv(data: Data, setting: str, seed_a: int, seed_b: int, width: int, epochs: int, widths):
-    """As :func:`run_pair` for :class:`ConvDigits` (digits only); averaging averages BatchNorm statistics too."""
+def train_resnet(x, y, classes: int, width: int, seed: int, epochs: int):
+    """A :class:`~mergelab.align.resnet.ResNet` (``width`` channels in the stream and in each of its two
+    blocks) from its own random initialisation, trained as the other nets."""
+    from mergelab.align.resnet import ResNet
+
+    torch.manual_seed(seed)
+    net = ResNet(width, width, classes, blocks=2)
+    _fit(net, x, y, seed, epochs)
+    return net.eval()
+
+
+def _run_pair_conv(data: Data, setting: str, seed_a: int, seed_b: int, width: int, epochs: int, widths,
+                   arch: str = "conv"):
+    """As :func:`run_pair` for :class:`ConvDigits` or the ResNet (``arch="resnet"``; digits only); averaging
+    averages BatchNorm statistics too. The ResNet is aligned with its own spec (the residual stream is one
+    permutation shared by every block), the plain conv net with the inferred chain spec."""
     from mergelab.align.features import record
     from mergelab.align.pleas import pleas_conv
+    from mergelab.align.resnet import ResNet, pleas_resnet, resnet_spec
 
     splits, tasks, heads = _setting(data, setting)
-    nets = [train_conv(data.x_train[m], data.y_train[m] - c[0], len(c), width, seed, epochs)
+    train = train_resnet if arch == "resnet" else train_conv
+    nets = [train(data.x_train[m], data.y_train[m] - c[0], len(c), width, seed, epochs)
             for (m, c), seed in zip(splits, (seed_a, seed_b))]
+    from_state, pleas = (ResNet.from_state, pleas_resnet) if arch == "resnet" else (_conv_from, pleas_conv)
     a, b = (n.state_dict() for n in nets)
     xt, yt = data.x_test, data.y_test
     with torch.no_grad():
@@ -236,7 +263,7 @@ def _run_pair_conv(data: Data, setting: str, seed_a: int, seed_b: int, width: in
             rows["model A"] = _accuracy(fa, yt, tasks[:1])
             rows["model B"] = _accuracy(fb, yt, [(list(range(5)), list(range(5, 10)))])
             rows["ensemble"] = _accuracy(torch.cat([fa, fb], 1), yt, tasks)
-        spec = chain_spec({k: tuple(v.shape) for k, v in a.items()})
+        spec = resnet_spec(nets[0]) if arch == "resnet" else chain_spec({k: tuple(v.shape) for k, v in a.items()})
 
         def avg(sb):
             out = {}
@@ -249,26 +276,43 @@ def _run_pair_conv(data: Data, setting: str, seed_a: int, seed_b: int, width: in
                     out[k] = (a[k] + sb[k]) / 2
             return out
 
-        score = lambda state: _accuracy(_conv_from(state)(xt), yt, tasks)  # noqa: E731
-        rows["average"] = score(avg(b))
-        rows["weight matching + average"] = score(avg(apply_permutations(b, spec, weight_matching(spec, a, b))))
         calib = data.x_train.reshape(-1, 1, 8, 8)
         batches = list(calib.split(256))
+
+        def score(state, reset=False):
+            net = from_state(state)
+            if reset:  # Git Re-Basin's BatchNorm reset: statistics recomputed on the calibration images
+                for m in net.modules():
+                    if isinstance(m, torch.nn.BatchNorm2d):
+                        m.reset_running_stats()
+                        m.momentum = None  # cumulative average over the batches
+                net.train()
+                for x in batches:
+                    net(x)
+                net.eval()
+            return _accuracy(net(xt), yt, tasks)
+
+        rows["average"] = score(avg(b))
+        wm = avg(apply_permutations(b, spec, weight_matching(spec, a, b)))
+        rows["weight matching + average"] = score(wm)
         feats = [record(n, spec, batches, lambda m, x: (m(x), None)[1]) for n in nets]
-        rows["activation matching + average"] = score(avg(apply_permutations(b, spec, activation_matching(spec, *feats))))
+        am = avg(apply_permutations(b, spec, activation_matching(spec, *feats)))
+        rows["activation matching + average"] = score(am)
+        rows["weight matching + average + BN reset"] = score(wm, reset=True)
+        rows["activation matching + average + BN reset"] = score(am, reset=True)
         for w in widths:
-            rows[f"PLeaS w={w:g}"] = score(pleas_conv(nets[0], nets[1], calib, width=float(w), heads=heads).state)
+            rows[f"PLeaS w={w:g}"] = score(pleas(nets[0], nets[1], calib, width=float(w), heads=heads).state)
             other = data.other_domain.reshape(-1, 1, 8, 8)
-            rows[f"PLeaS-free w={w:g}"] = score(pleas_conv(nets[0], nets[1], other, width=float(w), heads=heads).state)
+            rows[f"PLeaS-free w={w:g}"] = score(pleas(nets[0], nets[1], other, width=float(w), heads=heads).state)
     return rows
 
 
 def run(out: Path, pairs: int = 3, hidden=(16, 64), epochs: int = 30, quick: bool = False,
-        datasets=("digits", "mnist1d"), log=print, conv: bool = True) -> dict:
+        datasets=("digits", "mnist1d"), log=print, conv: bool = True, resnet: int = 16) -> dict:
     """Run every dataset, setting and hidden width over ``pairs`` seed pairs; write ``report.json``,
     ``report.md`` and ``accuracy_vs_width.png`` into ``out``."""
     if quick:
-        pairs, hidden, epochs = 1, (16,), 3
+        pairs, hidden, epochs, resnet = 1, (16,), 3, 8 if resnet else 0
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
@@ -282,10 +326,12 @@ def run(out: Path, pairs: int = 3, hidden=(16, 64), epochs: int = 30, quick: boo
             if data is None:
                 skipped.append(f"{name} (package not installed)")
                 continue
-            archs = [("mlp", h) for h in hidden] + ([("conv", 8)] if conv and name == "digits" else [])
+            archs = [("mlp", h) for h in hidden] + ([("conv", 8)] if conv and name == "digits" else []) \
+                + ([("resnet", resnet)] if resnet and name == "digits" else [])
+            label = {"mlp": "hidden {}", "conv": "conv {} channels", "resnet": "ResNet {} channels"}
             for arch, h in archs:
                 for setting in ("shared", "disjoint"):
-                    key = f"{name} / {setting} / " + (f"hidden {h}" if arch == "mlp" else f"conv {h} channels")
+                    key = f"{name} / {setting} / " + label[arch].format(h)
                     for p in range(pairs):
                         rows = run_pair(data, setting, 100 + 2 * p, 101 + 2 * p, h, epochs,
                                         widths=(1.0, 2.0) if quick else WIDTHS, arch=arch)
@@ -305,12 +351,16 @@ def run(out: Path, pairs: int = 3, hidden=(16, 64), epochs: int = 30, quick: boo
 
 
 def markdown(report: dict) -> str:
+    """One column per setting, one row per merge (a row a setting lacks is shown as '-')."""
     keys = list(report["results"])
-    rows = list(report["results"][keys[0]]) if keys else []
+    rows: List[str] = []
+    for k in keys:
+        rows += [r for r in report["results"][k] if r not in rows]
+    cell = lambda k, r: (f"{report['results'][k][r]['mean']:.3f} ± {report['results'][k][r]['std']:.3f}"  # noqa: E731
+                         if r in report["results"][k] else "-")
     lines = ["| row | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for r in rows:
-        lines.append(f"| {r} | " + " | ".join(f"{report['results'][k][r]['mean']:.3f} ± {report['results'][k][r]['std']:.3f}"
-                                              for k in keys) + " |")
+        lines.append(f"| {r} | " + " | ".join(cell(k, r) for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -329,14 +379,23 @@ def plot(report: dict, path: Path) -> None:
         for prefix, style in (("PLeaS w=", "o-"), ("PLeaS-free w=", "s--")):
             pts = sorted((float(r[len(prefix):]), v["mean"]) for r, v in res.items() if r.startswith(prefix))
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=prefix.rstrip(" w="))
-        for r, marker in (("average", "x"), ("weight matching + average", "^"), ("activation matching + average", "v")):
-            ax.plot([1.0], [res[r]["mean"]], marker, markersize=9, label=r)
+        for r, marker, x in (("average", "x", 1.0), ("weight matching + average", "^", 1.0),
+                             ("activation matching + average", "v", 1.0),
+                             ("weight matching + average + BN reset", "<", 1.0),
+                             ("activation matching + average + BN reset", ">", 1.0),
+                             ("ZipIt (both hidden layers zipped)", "D", 1.0),
+                             ("ZipIt partial (first layer zipped)", "d", 1.5)):  # hidden widths n and 2n
+            if r in res:
+                ax.plot([x], [res[r]["mean"]], marker, markersize=8, label=r)
         ax.plot([2.0], [res["ensemble"]["mean"]], "*", markersize=12, label="ensemble")
         ax.axhline(np.mean([res["model A"]["mean"], res["model B"]["mean"]]), color="grey", ls=":", label="models alone (mean)")
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("width (x one model's)")
         ax.set_ylabel("test accuracy")
-    axes.flat[0].legend(fontsize=6, loc="lower right")
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines()}  # every row some panel has
+    axes.flat[0].legend(list(handles.values()), list(handles), fontsize=6, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -45,13 +45,13 @@ def align(
 
 
 def pleas(
-    recipe: Path = typer.Argument(..., help="YAML: merge_method: pleas, models (two), calibration, parameters "
-                                  "(width, activation, heads, inputs)."),
+    recipe: Path = typer.Argument(..., help="YAML: merge_method: pleas, models (two), calibration (a tensor "
+                                  "file; texts for BERT), parameters (width, activation, heads, inputs)."),
     out: Path = typer.Option(..., "-o", "--out", help="The merged checkpoint (model A's format, the chosen widths)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
-    """PLeaS: merge two MLPs trained from different initialisations at a chosen width (permutations + least
-    squares)."""
+    """PLeaS: merge two MLPs trained from different initialisations, or two BERT folders (the FFN width), at a
+    chosen width (permutations + least squares)."""
     from mergelab.align.pleas import run_recipe
 
     r = run_recipe(recipe, out, overwrite=overwrite)

@@ -24,7 +24,8 @@ then B's). **PLeaS-free** is the same procedure with calibration inputs from ano
 
 Implemented for MLP chains (linear layers with one elementwise nonlinearity between them), given as
 state dicts (:func:`pleas_mlp`, ``mergelab pleas``), and for plain conv nets given as modules
-(:func:`pleas_conv`); the result is a state dict of the same keys with the chosen widths.
+(:func:`pleas_conv`); the result is a state dict of the same keys with the chosen widths. ResNets:
+:mod:`mergelab.align.resnet`; BERT folders (the FFN width): :mod:`mergelab.align.pleas_bert`.
 """
 
 from __future__ import annotations
@@ -107,7 +108,9 @@ def resolve_width(width, group: str, layer: str, n: int) -> int:
 def _lstsq_blocks(Z: torch.Tensor, Y: torch.Tensor, zb: torch.Tensor, yb: torch.Tensor, ridge: float,
                   bias: bool = True):
     """Least squares ``Y ~ Z W^T + b`` per output block; A-only outputs (block 1) may not read B-only
-    inputs (block 2) and vice versa. Returns ``(W, b)``."""
+    inputs (block 2) and vice versa. Ridge ``ridge`` times the mean diagonal of ``X^T X``; with fewer
+    samples than inputs the identical solution ``X^T (X X^T + lam I)^-1 Y`` (it fits the samples).
+    Returns ``(W, b)``."""
     n_out, n_in = Y.shape[1], Z.shape[1]
     W = torch.zeros(n_out, n_in, dtype=torch.float64)
     b = torch.zeros(n_out, dtype=torch.float64)
@@ -118,9 +121,14 @@ def _lstsq_blocks(Z: torch.Tensor, Y: torch.Tensor, zb: torch.Tensor, yb: torch.
             continue
         cols = (zb != banned).nonzero().flatten() if banned is not None else torch.arange(n_in)
         X = torch.cat([Z[:, cols], ones], 1)
-        G = X.T @ X
-        lam = ridge * float(G.diagonal().mean())
-        sol = torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=torch.float64), X.T @ Y[:, rows])
+        if X.shape[0] < X.shape[1]:  # fewer samples than inputs: the same ridge solution through the N x N system
+            K = X @ X.T
+            lam = ridge * float(K.diagonal().sum()) / X.shape[1]
+            sol = X.T @ torch.linalg.solve(K + lam * torch.eye(K.shape[0], dtype=torch.float64), Y[:, rows])
+        else:
+            G = X.T @ X
+            lam = ridge * float(G.diagonal().mean())
+            sol = torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=torch.float64), X.T @ Y[:, rows])
         W[rows[:, None], cols[None, :]] = sol[:len(cols)].T
         if bias:
             b[rows] = sol[-1]
@@ -216,7 +224,7 @@ PARAMETERS = {"width": 1.0, "activation": "relu", "heads": "average", "inputs": 
 def run_recipe(recipe_path, out, overwrite: bool = False) -> PleasResult:
     """``mergelab pleas RECIPE -o OUT``: a YAML with ``merge_method: pleas``, two ``models``,
     ``calibration`` (a tensor file ``[N, in]``: fine-tuning-domain inputs, or another domain's for
-    PLeaS-free) and ``parameters`` (``width``: global number or a mapping per group/layer with an optional
+    PLeaS-free; texts, ``.txt`` or ``.jsonl``, for BERT folders, see :mod:`mergelab.align.pleas_bert`) and ``parameters`` (``width``: global number or a mapping per group/layer with an optional
     ``default``; ``activation``; ``heads``; ``inputs``; ``ridge``). Writes OUT in model A's format."""
     from pathlib import Path
 
@@ -254,10 +262,24 @@ def run_recipe(recipe_path, out, overwrite: bool = False) -> PleasResult:
         from mergelab.errors import OutputError
 
         raise OutputError(f"output '{out}' already exists; pass --overwrite to replace it")
-    a, b = load_model(paths[0], "model A"), load_model(paths[1], "model B")
-    if a.config is not None:
-        raise MergeLabError(f"PLeaS handles plain MLP state dicts so far; '{a.path}' is a Hugging Face "
-                            f"'{a.config.get('model_type')}' model")
+    a = load_model(paths[0], "model A")
+    if a.config is not None:  # a Hugging Face folder: BERT, the FFN width (mergelab.align.pleas_bert)
+        from mergelab.align import pleas_bert
+
+        if a.config.get("model_type") != "bert":
+            raise MergeLabError(f"PLeaS handles plain MLP state dicts and BERT folders so far; '{a.path}' is a "
+                                f"Hugging Face '{a.config.get('model_type')}' model")
+        fixed = sorted(k for k in given if k not in ("width", "ridge"))
+        if fixed:
+            raise MergeLabError(f"{where}: parameter(s) {', '.join(fixed)} do not apply to BERT (the activation is "
+                                f"the config's hidden_act, the model output is averaged, each FFN reads the merged "
+                                f"stream); only width and ridge")
+        r = pleas_bert.pleas_bert(paths[0], paths[1], Path(data["calibration"]), width=params["width"],
+                                  ridge=float(params["ridge"]))
+        pleas_bert.write(r, paths[0], out, overwrite, {"models": [str(p) for p in paths], "parameters": params})
+        groups = {f"mlp.{i}": r.width for i in range(r.config["num_hidden_layers"])}
+        return PleasResult(r.state, groups, {g: r.merged_units for g in groups}, r.perms)
+    b = load_model(paths[1], "model B")
     x = read_inputs(Path(data["calibration"]))
     res = pleas_mlp(a.state, b.state, x.reshape(len(x), -1), width=params["width"], activation=params["activation"],
                     heads=params["heads"], ridge=float(params["ridge"]), layer_inputs=params["inputs"])
@@ -376,25 +398,37 @@ def pleas_conv(module_a: torch.nn.Module, module_b: torch.nn.Module, inputs: tor
         per = ins_a[i].shape[1] // n[g_in] if (L.flatten and g_in) else 1
         Z, zb = blocks(g_in, ins_a[i], ins_b[i], per=per) if g_in else (ins_a[i], torch.zeros(ins_a[i].shape[1], dtype=torch.long))
         Y, yb = blocks(g_out, outs_a[i], outs_b[i], last=g_out is None)
-        if L.kind == "conv":
-            k = L.kernel[0] * L.kernel[1]
-            Zu = torch.nn.functional.unfold(Z, L.kernel, padding=L.padding, stride=L.stride)  # [N, C*k, L]
-            Z2, zb2, Y2 = Zu.transpose(1, 2).reshape(-1, Zu.shape[1]), zb.repeat_interleave(k), _rows(Y)
-        else:
-            Z2, zb2, Y2 = Z, zb, Y
-        has_bias = L.name + ".bias" in sa or L.norm is not None
-        W, b = _lstsq_blocks(Z2, Y2, zb2, yb, ridge, bias=has_bias)
-        dt = sa[L.name + ".weight"].dtype
-        out[L.name + ".weight"] = (W.reshape(W.shape[0], -1, *L.kernel) if L.kind == "conv" else W).to(dt)
-        if L.name + ".bias" in sa:
-            out[L.name + ".bias"] = b.to(dt)
-            b = torch.zeros_like(b)
-        if L.norm:
-            p = L.norm + "."
-            out[p + "weight"] = torch.ones(W.shape[0], dtype=dt)
-            out[p + "bias"] = b.to(dt)
-            out[p + "running_mean"] = torch.zeros(W.shape[0], dtype=dt)
-            out[p + "running_var"] = torch.full((W.shape[0],), 1 - 1e-5, dtype=dt)
-            if p + "num_batches_tracked" in sa:
-                out[p + "num_batches_tracked"] = sa[p + "num_batches_tracked"].clone()
+        W, b = fit_layer(L, Z, zb, Y, yb, ridge, bias=L.name + ".bias" in sa or L.norm is not None)
+        write_layer(out, sa, L, W, b)
     return PleasResult(out, widths, merged_units, perms)
+
+
+def fit_layer(L: ChainLayer, Z: torch.Tensor, zb: torch.Tensor, Y: torch.Tensor, yb: torch.Tensor, ridge: float,
+              bias: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_lstsq_blocks` for one layer: a conv layer is a linear map of its unfolded input patches
+    (``Z`` maps ``[N, C, H, W]``, ``Y`` its output maps), a linear layer of ``Z`` ``[N, in]``."""
+    if L.kind == "conv":
+        k = L.kernel[0] * L.kernel[1]
+        Zu = torch.nn.functional.unfold(Z, L.kernel, padding=L.padding, stride=L.stride)  # [N, C*k, L]
+        Z, zb, Y = Zu.transpose(1, 2).reshape(-1, Zu.shape[1]), zb.repeat_interleave(k), _rows(Y)
+    return _lstsq_blocks(Z, Y, zb, yb, ridge, bias=bias)
+
+
+def write_layer(out: Dict[str, torch.Tensor], like: Mapping[str, torch.Tensor], L: ChainLayer, W: torch.Tensor,
+                b: torch.Tensor) -> None:
+    """Store a fitted layer ``W`` (rows = outputs; conv kernels flattened), ``b`` under ``L``'s names, in
+    ``like``'s dtypes. A BatchNorm after it is written as the identity (weight 1, mean 0, var 1 - eps)
+    carrying the intercept as its bias when the layer has none."""
+    dt = like[L.name + ".weight"].dtype
+    out[L.name + ".weight"] = (W.reshape(W.shape[0], -1, *L.kernel) if L.kind == "conv" else W).to(dt)
+    if L.name + ".bias" in like:
+        out[L.name + ".bias"] = b.to(dt)
+        b = torch.zeros_like(b)
+    if L.norm:
+        p = L.norm + "."
+        out[p + "weight"] = torch.ones(W.shape[0], dtype=dt)
+        out[p + "bias"] = b.to(dt)
+        out[p + "running_mean"] = torch.zeros(W.shape[0], dtype=dt)
+        out[p + "running_var"] = torch.full((W.shape[0],), 1 - 1e-5, dtype=dt)
+        if p + "num_batches_tracked" in like:
+            out[p + "num_batches_tracked"] = like[p + "num_batches_tracked"].clone()

@@ -1,0 +1,157 @@
+"""PLeaS for BERT encoders: every layer's FFN at a chosen intermediate width.
+
+PLeaS (Nasery et al., CVPR 2025, arXiv 2407.02447; :mod:`mergelab.align.pleas`) applied to the one
+width of a BERT that a checkpoint can change: ``intermediate_size``. transformers' ``BertConfig`` has a
+single ``intermediate_size``, so the width is **global** (the same for every layer); a per-layer
+mapping is refused. The residual stream (``hidden_size``) and the attention heads keep their sizes:
+
+1. **Matching.** Activation matching on calibration texts permutes B's residual stream, whole
+   attention heads and FFN units to match A (``mergelab align --method activation``).
+2. **Everything but the FFNs** (embeddings, attention, LayerNorms, pooler, a classifier) is the
+   average of A and the permuted B: matching + averaging, since those widths are fixed.
+3. **Each FFN** has ``width`` units in blocks ``[merged | A-only | B-only]``: the ``2n - width`` unit
+   pairs whose post-activation features correlate most are merged. The FFN of the merged model reads
+   one residual stream; its estimate on the calibration tokens is ``z = (i_A + i_B)/2``, the merged
+   features of the two models' FFN inputs. Both models' FFNs are evaluated on ``z``. The intermediate
+   dense layer is the least-squares map from ``z`` to ``[(pre_A + pre_B)/2 | pre_A | pre_B]`` (the
+   pre-activation features of the blocks). The output dense layer is the least-squares map from
+   ``[(h_A + h_B)/2 | h_A | h_B]`` (post-activation) to ``(o_A + o_B)/2``, the average of both FFNs'
+   outputs. A-only units never read B-only ones (the paper's mask). At ``width = 2n`` the merged FFN is
+   therefore exactly the average of both FFNs on any input (``[W_A; W_B]`` and ``[W2_A, W2_B]/2``);
+   at ``width = n`` the intermediate layer is the average of the matched weights and the output layer
+   is refitted to the averaged outputs.
+
+The output is a HF folder (``model.safetensors``, A's ``config.json`` with ``intermediate_size`` set to
+the width, A's tokenizer files, ``pleas.json``) that ``AutoModel.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional
+
+import torch
+
+from mergelab.align.matching import activation_matching
+from mergelab.align.pleas import _lstsq_blocks, resolve_width
+from mergelab.align.spec import apply_permutations, bert_spec
+from mergelab.errors import MergeLabError
+
+
+@dataclass
+class BertPleasResult:
+    state: Dict[str, torch.Tensor]
+    config: dict
+    width: int
+    merged_units: int
+    perms: Dict[str, torch.Tensor]
+    tokens: int
+
+
+def _ffn_inputs(loaded, texts: List[str], tokenizer_dir: Path, layers: int, batch_size: int, max_length: int):
+    """Per layer, the input of ``intermediate.dense`` on every non-padding token of ``texts`` ``[T, hidden]``."""
+    from transformers import AutoTokenizer
+
+    from mergelab.align.api import _hf_model
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    model = _hf_model(loaded)
+    mods = {name: m for name, m in model.named_modules()}
+    store: Dict[int, List[torch.Tensor]] = {i: [] for i in range(layers)}
+    current: Dict[int, torch.Tensor] = {}
+    handles = []
+    for i in range(layers):
+        hits = [m for n, m in mods.items() if n.endswith(f"encoder.layer.{i}.intermediate.dense")]
+        handles.append(hits[0].register_forward_pre_hook(lambda m, args, i=i: current.__setitem__(i, args[0].detach())))
+    try:
+        with torch.no_grad():
+            for s in range(0, len(texts), batch_size):
+                enc = tok(texts[s:s + batch_size], padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt")
+                model(**{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+                keep = enc["attention_mask"].bool()
+                for i in range(layers):
+                    store[i].append(current[i][keep].double())
+    finally:
+        for h in handles:
+            h.remove()
+    return {i: torch.cat(v) for i, v in store.items()}
+
+
+def pleas_bert(path_a, path_b, calibration: Path, width=1.0, ridge: float = 1e-8, batch_size: int = 16,
+               max_length: int = 128) -> BertPleasResult:
+    """PLeaS merge of two BERT checkpoints (module docstring) on the texts of ``calibration`` (``.txt``, one
+    a line, or ``.jsonl`` with ``text``), tokenised with A's tokenizer. ``width``: a multiple of
+    ``intermediate_size`` in [1.0, 2.0] or a unit count in [n, 2n], the same for every layer."""
+    from transformers.activations import ACT2FN
+
+    from mergelab.align.api import check_compatible, collect_activations, load_model, read_texts
+
+    a, b = load_model(path_a, "model A"), load_model(path_b, "model B")
+    check_compatible(a, b)
+    cfg = a.config or {}
+    if cfg.get("model_type") != "bert":
+        raise MergeLabError(f"PLeaS for transformers handles BERT so far; '{a.path}' is a "
+                            f"'{cfg.get('model_type')}' model")
+    if isinstance(width, Mapping):
+        raise MergeLabError("width for BERT must be one number: BertConfig has a single intermediate_size for every "
+                            "layer, so PLeaS gives every layer's FFN the same width")
+    spec = bert_spec(cfg, a.shapes)
+    pre = next(k for k in a.state if k.endswith("embeddings.word_embeddings.weight"))[:-len("embeddings.word_embeddings.weight")]
+    layers, n = cfg["num_hidden_layers"], cfg["intermediate_size"]
+    w = resolve_width(width, "mlp", "encoder.layer.*.intermediate.dense (intermediate_size)", n)
+    m = 2 * n - w
+    if cfg.get("hidden_act") not in ACT2FN:
+        raise MergeLabError(f"'{a.path}': unknown hidden_act {cfg.get('hidden_act')!r}")
+    act = ACT2FN[cfg["hidden_act"]]
+    texts = read_texts(Path(calibration))
+
+    # 1. matching (residual stream, whole heads, FFN units)
+    perms = activation_matching(spec, collect_activations(a, spec, calibration, a.path, batch_size, max_length),
+                                collect_activations(b, spec, calibration, a.path, batch_size, max_length))
+    sb = apply_permutations(b.state, spec, perms)
+    # 2. everything averaged; the FFNs are replaced below
+    out = {k: ((v.double() + sb[k].double()) / 2).to(v.dtype) if v.is_floating_point() else v.clone()
+           for k, v in a.state.items()}
+    # 3. the FFNs by least squares on the merged stream's estimate
+    ins_a = _ffn_inputs(a, texts, a.path, layers, batch_size, max_length)
+    ins_b = _ffn_inputs(b, texts, a.path, layers, batch_size, max_length)
+    res = perms["res"]
+    tokens = 0
+    for i in range(layers):
+        p = f"{pre}encoder.layer.{i}."
+        z = (ins_a[i] + ins_b[i][:, res]) / 2
+        tokens = len(z)
+        W1 = {s: st[p + "intermediate.dense.weight"].double() for s, st in (("a", a.state), ("b", sb))}
+        b1 = {s: st[p + "intermediate.dense.bias"].double() for s, st in (("a", a.state), ("b", sb))}
+        W2 = {s: st[p + "output.dense.weight"].double() for s, st in (("a", a.state), ("b", sb))}
+        b2 = {s: st[p + "output.dense.bias"].double() for s, st in (("a", a.state), ("b", sb))}
+        pre_ = {s: z @ W1[s].T + b1[s] for s in "ab"}
+        h = {s: act(pre_[s]) for s in "ab"}
+        o = {s: h[s] @ W2[s].T + b2[s] for s in "ab"}
+        rank = torch.argsort((h["a"] * h["b"]).sum(0), descending=True, stable=True)
+        M, R = rank[:m].sort().values, rank[m:].sort().values
+        T = lambda fa, fb: torch.cat([(fa[:, M] + fb[:, M]) / 2, fa[:, R], fb[:, R]], 1)  # noqa: E731
+        lab = torch.tensor([0] * len(M) + [1] * len(R) + [2] * len(R))
+        zero_in = torch.zeros(z.shape[1], dtype=torch.long)
+        Wi, bi = _lstsq_blocks(z, T(pre_["a"], pre_["b"]), zero_in, lab, ridge)
+        Wo, bo = _lstsq_blocks(T(h["a"], h["b"]), (o["a"] + o["b"]) / 2, lab, torch.zeros(z.shape[1], dtype=torch.long),
+                               ridge)
+        for k, v in (("intermediate.dense.weight", Wi), ("intermediate.dense.bias", bi), ("output.dense.weight", Wo),
+                     ("output.dense.bias", bo)):
+            out[p + k] = v.to(a.state[p + k].dtype).contiguous()
+    config = copy.deepcopy(cfg)
+    config["intermediate_size"] = w
+    return BertPleasResult(out, config, w, m, perms, tokens)
+
+
+def write(result: BertPleasResult, path_a, out: Path, overwrite: bool, extra: Optional[dict] = None) -> None:
+    """The merged folder: weights, A's config with the new ``intermediate_size``, A's tokenizer, ``pleas.json``."""
+    from mergelab.align.api import _write, load_model
+
+    a = load_model(path_a, "model A")
+    record = {"method": "pleas", "intermediate_size": result.width, "merged_units_per_layer": result.merged_units,
+              "calibration_tokens": result.tokens, **(extra or {})}
+    _write(a, result.state, Path(out), overwrite, record, config=result.config, record_name="pleas.json")
