@@ -44,7 +44,7 @@ def instruct_base(size: str, root: Optional[Path] = None, cfg: Optional[Finetune
                   command: str = "", log: Callable[[str], None] = print, progress: bool = True,
                   stop_after: Optional[int] = None, fresh: bool = False) -> FinetuneResult:
     """Train (or resume) ``base-SIZE-instruct`` from the pretrained base of ``size`` (``base_dir``
-    overrides where that base is read). Returns the fine-tuning result; its ``final`` is the new base."""
+    overrides where that base is read). Returns the fine-tuning result; its ``final_dir`` is the new base."""
     shape, instruct = split_size(size)
     if instruct:
         raise PretrainError(f"--size {size}: give the pretrained base's size ({shape}); "
