@@ -58,7 +58,9 @@ def perplexity(model, tokenizer, text: str, max_length: int = 512) -> dict:
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if limit:
         max_length = min(max_length, int(limit))
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    # the whole text is tokenized once and cut into windows below, so the tokenizer's warning about a
+    # sequence longer than the model's limit does not apply
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
     if ids.numel() < 2:
         raise SuiteError("perplexity needs a text of at least 2 tokens")
     total, count = 0.0, 0
