@@ -43,18 +43,15 @@ def _reinit(state: dict, config, layers: Sequence[int], seed: int) -> dict:
     return out
 
 
-def _accuracy(config: dict, state: dict, texts, labels, tokenizer, batch: int = 64) -> tuple:
-    from transformers import BertConfig, BertForSequenceClassification
+def _accuracy(config: dict, state: dict, texts, labels, tokenizer) -> tuple:
+    """``(accuracy, logits)`` of a BertForSequenceClassification state on ``texts``, through the
+    evaluation harness's encoder and head (:mod:`mergelab.evaluate.model`)."""
+    from transformers import BertConfig
 
-    model = BertForSequenceClassification(BertConfig(**config)).eval()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not [k for k in missing if not k.endswith("position_ids")] and not unexpected, (missing, unexpected)
-    logits = []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch):
-            enc = tokenizer(texts[i:i + batch], padding=True, truncation=True, max_length=64, return_tensors="pt")
-            logits.append(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits)
-    logits = torch.cat(logits)
+    from mergelab.evaluate.model import build_encoder, head_logits, pooled_features, split_state
+
+    encoder, head = split_state(state)
+    logits = head_logits(pooled_features(build_encoder(BertConfig(**config), encoder), tokenizer, texts), head)
     return float((logits.argmax(1) == torch.tensor(labels)).float().mean()), logits
 
 
