@@ -36,8 +36,8 @@ def _weights(folder):
 
 def test_expert_learns_loads_generates_and_records(root, tmp_path):
     torch.set_num_threads(2)  # the caller's count; the run uses threads=1 and must give it back
-    task = build_task("arithmetic", seed=0, sizes=SIZES)
-    r = finetune(root / "base-tiny" / "final", [task], tmp_path / "e", _cfg(), base_accuracy={"arithmetic": 0.0},
+    task = build_task("language_id", seed=0, sizes=SIZES)
+    r = finetune(root / "base-tiny" / "final", [task], tmp_path / "e", _cfg(), base_accuracy={"language_id": 0.0},
                  progress=False, log=lambda s: None)
     assert torch.get_num_threads() == 2
     first = sum(l for _, l in r.losses[:3]) / 3
@@ -47,9 +47,9 @@ def test_expert_learns_loads_generates_and_records(root, tmp_path):
     outs = greedy_generate(model, tok, [e.prompt for e in task.split("test")], max_new_tokens=6)
     assert len(outs) == 6 and all(isinstance(o, str) for o in outs)
     rec = json.loads((tmp_path / "e" / "finetune.json").read_text())
-    assert rec["finished"] and rec["step"] == 24 and rec["base_validation_accuracy"] == {"arithmetic": 0.0}
+    assert rec["finished"] and rec["step"] == 24 and rec["base_validation_accuracy"] == {"language_id": 0.0}
     # the recorded accuracy is the saved model's accuracy on the validation split
-    assert rec["validation_accuracy"]["arithmetic"] == evaluate_task(model, tok, task, "validation").accuracy
+    assert rec["validation_accuracy"]["language_id"] == evaluate_task(model, tok, task, "validation").accuracy
     lines = (tmp_path / "e" / "loss.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == list(range(1, 25))
     assert (tmp_path / "e" / "loss.png").is_file()

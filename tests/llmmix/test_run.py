@@ -114,6 +114,31 @@ def test_run_refuses_mismatched_examples(prepared, tmp_path):
     assert not (tmp_path / "o" / "report.json").exists()
 
 
+def test_run_reports_a_stale_multitask_model_instead_of_scoring_it(prepared, tmp_path):
+    """A multi-task model trained on other data for one task (a task changed since) is not a reference:
+    its row says so and names the task, where it used to be scored as if it were current."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(prepared, cache)
+    rec_path = cache / "experts-tiny" / "multitask" / "finetune.json"
+    rec = json.loads(rec_path.read_text())
+    rec["settings"]["tasks"]["refusal"] = "0" * 16
+    rec_path.write_text(json.dumps(rec))
+    for rec_file in (cache / "experts-tiny" / "multitask" / "final").glob("finetune.json"):
+        rec_file.write_text(json.dumps(rec))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["run", "--suite", "llmmix", "--size", "tiny", "--cache", str(cache),
+                                   "--methods", "task_arithmetic", "--no-tune", "--held-out", "",
+                                   "--examples", EXAMPLES, "--threads", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
+    mt = rows["multi-task training"]
+    assert mt["status"] == "stale" and "other data for refusal" in mt["reason"] and "correct" not in mt
+    assert rows["task arithmetic (default)"]["status"] == "ok"
+    assert "multi-task training: stale" in (out / "report.md").read_text()
+
+
 def test_heldout_text_is_the_bases_corpus_heldout_split(tmp_path):
     from mergelab.llmmix.run import heldout_text
 

@@ -82,34 +82,58 @@ def _all(t):
 
 
 def test_arithmetic_oracle():
-    for e in _all(_build("arithmetic")):
+    t = _build("arithmetic")
+    assert t.metric == "final_number"
+    for e in _all(t):
         a, op, b = re.fullmatch(r"What is (\d+) ([-+*]) (\d+)\?", e.prompt).groups()
-        assert int(e.answer) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        work, final = re.fullmatch(r"(.*)\. The answer is (\d+)\.", e.answer).groups()
+        assert int(final) == value
         assert max(len(a), len(b)) >= 2
+        # every step of the column method is a true one-digit fact, ones column first
+        steps = [re.fullmatch(r"(\d+(?: [-+*] \d+)+) = (-?\d+)", s).groups() for s in work.split(", ")]
+        for lhs, rhs in steps:
+            assert eval(lhs) == int(rhs), e.answer
+        first = [int(x) for x in re.findall(r"\d+", steps[0][0])]
+        a0, b0 = int(a) % 10, int(b) % 10
+        assert first in ([a0, b0], [a0 + 10, b0]) if op == "-" else first == [a0, b0 if op == "+" else int(b)]
+        # reading the steps right to left gives the answer: the last step's result, then the ones digit
+        # of the first (subtraction: tens then ones, a leading zero dropped)
+        last, ones = int(steps[-1][1]), int(steps[0][1]) % 10
+        assert value == last * 10 + ones, e.answer
 
 
 def test_word_problems_oracle():
+    """The answer recomputed from the prompt's story; every written step a true equation."""
+    stories = [
+        (r"\w+ has (\d+) (\w+) and gets (\d+) more from .*", lambda a, b: a + b),
+        (r"\w+ has (\d+) (\w+) and gives (\d+) to .*", lambda a, b: a - b),
+        (r"\w+ buys (\d+) boxes with (\d+) (\w+) in each box\..*", lambda a, b: a * b),
+        (r"\w+ shares (\d+) (\w+) equally among (\d+) friends\..*", lambda a, b: a // b),
+        (r"\w+ has (\d+) (\w+) and buys (\d+) packs of (\d+) .*", lambda a, b, c: a + b * c),
+    ]
+    kinds = set()
     for e in _all(_build("word_problems")):
-        work, r = re.fullmatch(r"(.*) = (-?\d+)\. The answer is (-?\d+)\.", e.answer).groups()[:2]
-        assert e.answer.endswith(f"The answer is {r}.")
-        nums = [int(x) for x in re.findall(r"\d+", work)]
-        assert all(str(n) in e.prompt for n in nums)
-        ops = re.findall(r"[-+*/]", work)
-        # * and / first, then + and - left to right, written out by hand
-        terms, signs = [nums[0]], []
-        for op, n in zip(ops, nums[1:]):
-            if op == "*":
-                terms[-1] *= n
-            elif op == "/":
-                assert terms[-1] % n == 0
-                terms[-1] //= n
-            else:
-                signs.append(op)
-                terms.append(n)
-        acc = terms[0]
-        for op, n in zip(signs, terms[1:]):
-            acc = acc + n if op == "+" else acc - n
-        assert acc == int(r) and acc >= 0, (e.prompt, e.answer)
+        for k, (pattern, fn) in enumerate(stories):
+            m = re.fullmatch(pattern, e.prompt)
+            if m:
+                nums = [int(x) for x in m.groups() if x.isdigit()]
+                break
+        else:
+            raise AssertionError(f"unknown story: {e.prompt}")
+        kinds.add(k)
+        if k == 3:
+            assert nums[0] % nums[1] == 0
+        value = fn(*nums)
+        work, final = re.fullmatch(r"(.*)\. The answer is (\d+)\.", e.answer).groups()
+        assert int(final) == value >= 0, (e.prompt, e.answer)
+        for step in re.split(r", |: ", work):
+            if "=" in step:
+                lhs, rhs = step.split(" = ")
+                assert eval(lhs.replace("/", "//")) == int(rhs), e.answer
+        if k in (0, 1):  # two-digit sums and differences are worked by the column method
+            assert work.startswith(f"{nums[0]} {'+' if k == 0 else '-'} {nums[1]}: ") and work.count(", ") == 1
+    assert kinds == set(range(5))
 
 
 def test_string_ops_oracle():

@@ -240,10 +240,31 @@ class LlmRunner(BenchRunner):
             rows.append({"name": "multi-task training", "kind": "reference", "status": "missing",
                          "reason": f"{mt}: no multi-task model"})
             return rows
+        stale = self._multitask_mismatch(mt.parent)
+        if stale:
+            rows.append({"name": "multi-task training", "kind": "reference", "status": "stale",
+                         "reason": f"{mt}: trained on other data than this run's ({stale}); rebuild it with "
+                                   "`mergelab bench prepare --suite llmmix --rebuild` and the same --size/--tasks"})
+            return rows
         ev = self.evaluate_merged(_expert_state(mt, self.base_dir))
         rows.append(self._row("multi-task training", "reference", ev["correct"], ev["held_out"],
                               note="one model fine-tuned on all merged tasks together", **ev["row_extra"]))
         return rows
+
+    def _multitask_mismatch(self, run: Path) -> str:
+        """Why the multi-task model in ``run`` is not a reference for this run ('' when it is): it must
+        come from this base and have seen every merged task with the same data."""
+        from mergelab.llmmix.finetune import base_fingerprint
+
+        rec_path = run / "finetune.json"
+        if not rec_path.is_file():
+            return f"no {rec_path.name}"
+        settings = json.loads(rec_path.read_text(encoding="utf-8")).get("settings", {})
+        if settings.get("base") != base_fingerprint(self.base_dir):
+            return "another base"
+        seen = settings.get("tasks", {})
+        differ = [t.name for t in self.tasks.values() if seen.get(t.name) != t.fingerprint()]
+        return "other data for " + ", ".join(differ) if differ else ""
 
     # -- adapter merges (mergelab.bench.adapter_merges)
     @property

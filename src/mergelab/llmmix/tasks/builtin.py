@@ -100,10 +100,38 @@ def sample_list_ops(rng, split):
 # math
 
 
+def column_work(a: int, op: str, b: int) -> str:
+    """The column method for ``a op b`` written out digit by digit, ones first, as a pupil does it.
+
+    ``47 + 89``: ``7 + 9 = 16, 4 + 8 + 1 = 13``; ``82 - 47``: ``12 - 7 = 5, 8 - 1 - 4 = 3``;
+    ``47 * 6``: ``7 * 6 = 42, 4 * 6 = 24, 24 + 4 = 28``. Each step is a one-digit fact (a sum up to 19
+    or a product up to 81) and the carry or borrow is written in the next step, so the result is read
+    off the steps right to left. ``a`` has two digits; ``b`` two for ``+`` and ``-`` (``b <= a``), one
+    for ``*``.
+    """
+    a1, a0 = divmod(a, 10)
+    if op == "+":
+        b1, b0 = divmod(b, 10)
+        carry = (a0 + b0) // 10
+        second = f"{a1} + {b1} + {carry}" if carry else f"{a1} + {b1}"
+        return f"{a0} + {b0} = {a0 + b0}, {second} = {a1 + b1 + carry}"
+    if op == "-":
+        b1, b0 = divmod(b, 10)
+        if a0 < b0:
+            return f"{a0 + 10} - {b0} = {a0 + 10 - b0}, {a1} - 1 - {b1} = {a1 - 1 - b1}"
+        return f"{a0} - {b0} = {a0 - b0}, {a1} - {b1} = {a1 - b1}"
+    if op == "*":
+        carry = a0 * b // 10
+        head = f"{a0} * {b} = {a0 * b}, {a1} * {b} = {a1 * b}"
+        return head + (f", {a1 * b} + {carry} = {a1 * b + carry}" if carry else "")
+    raise ValueError(f"column_work: unknown operator {op!r}")
+
+
 def sample_arithmetic(rng, split):
-    # Two-digit operands (and two digits by one for products): a 1m expert trained 1,000 steps on 4-digit
-    # sums and 3-by-1-digit products got the magnitude right and 0% exactly (carries run right to left,
-    # generation left to right); at this scale only short carry chains are learnable.
+    # Two-digit operands (and two digits by one for products) with the column method written out before
+    # the answer. Answering directly, a 3m expert reached 11% (9% with six times the training examples):
+    # the carry runs right to left and generation left to right, so the first digit written depends on
+    # the last one computed. Written out ones first, each step is a one-digit fact.
     op = rng.choice("+-*")
     if op == "*":
         a, b = rng.randint(10, 99), rng.randint(2, 9)
@@ -112,41 +140,47 @@ def sample_arithmetic(rng, split):
         if op == "-" and b > a:
             a, b = b, a
     value = a + b if op == "+" else a - b if op == "-" else a * b
-    return _ex(f"What is {a} {op} {b}?", str(value))
+    return _ex(f"What is {a} {op} {b}?", f"{column_work(a, op, b)}. The answer is {value}.")
 
 
 _ITEMS = ("apples", "pencils", "stamps", "marbles", "cookies", "books", "cards", "coins", "shells", "stickers")
 
 
 def sample_word_problem(rng, split):
+    """A one- or two-step word problem; the worked answer states the sum to do and works it as
+    ``arithmetic`` does (the column method for two-digit sums and differences, a one-digit fact for
+    products and quotients up to 12 x 12), then ``The answer is N.``.
+
+    The first version wrote only ``34 + 27 = 61`` and its 3m expert reached 25% (17.5% with six times
+    the examples): 0% on differences, 7 of 40 sums, the times tables learnt.
+    """
     names = sources.given_names()
     a_name, b_name = rng.sample(names, 2)
     item = rng.choice(_ITEMS)
     kind = rng.randrange(5)
     if kind == 0:
-        a, b = rng.randint(2, 60), rng.randint(2, 60)
+        a, b = rng.randint(10, 60), rng.randint(10, 60)
         q = f"{a_name} has {a} {item} and gets {b} more from {b_name}. How many {item} does {a_name} have now?"
-        work, r = f"{a} + {b}", a + b
+        work, r = f"{a} + {b}: {column_work(a, '+', b)}", a + b
     elif kind == 1:
-        a = rng.randint(10, 90)
-        b = rng.randint(1, a - 1)
+        a = rng.randint(21, 90)
+        b = rng.randint(10, a - 1)
         q = f"{a_name} has {a} {item} and gives {b} to {b_name}. How many {item} does {a_name} have left?"
-        work, r = f"{a} - {b}", a - b
+        work, r = f"{a} - {b}: {column_work(a, '-', b)}", a - b
     elif kind == 2:
         a, b = rng.randint(2, 12), rng.randint(2, 12)
         q = f"{a_name} buys {a} boxes with {b} {item} in each box. How many {item} is that?"
-        work, r = f"{a} * {b}", a * b
+        work, r = f"{a} * {b} = {a * b}", a * b
     elif kind == 3:
         a, b = rng.randint(2, 12), rng.randint(2, 9)
         q = f"{a_name} shares {a * b} {item} equally among {b} friends. How many {item} does each friend get?"
-        work, r = f"{a * b} / {b}", a
+        work, r = f"{a * b} / {b} = {a}", a
     else:
-        a, b, c = rng.randint(2, 30), rng.randint(2, 6), rng.randint(2, 9)
-        d = rng.randint(1, a + b * c - 1)
-        q = (f"{a_name} has {a} {item}, buys {b} packs of {c} {item}, then gives {d} to {b_name}. "
-             f"How many {item} does {a_name} have?")
-        work, r = f"{a} + {b} * {c} - {d}", a + b * c - d
-    return _ex(q, f"{work} = {r}. The answer is {r}.")
+        a, b = rng.randint(10, 40), rng.randint(2, 9)
+        c = rng.randint(max(2, -(-10 // b)), 9)  # b * c has two digits
+        q = f"{a_name} has {a} {item} and buys {b} packs of {c} {item}. How many {item} does {a_name} have now?"
+        work, r = f"{b} * {c} = {b * c}, {a} + {b * c}: {column_work(a, '+', b * c)}", a + b * c
+    return _ex(q, f"{work}. The answer is {r}.")
 
 
 # held out: no expert and no tuning sees it
@@ -275,11 +309,13 @@ register(TaskSpec("list_ops", "instruction", sample_list_ops,
                   "list transformations stated in words (sort, reverse, filter, max, ...)",
                   source="generated numbers; " + _TEXTMIX, max_new_tokens=32))
 register(TaskSpec("arithmetic", "math", sample_arithmetic,
-                  "multi-digit addition and subtraction (2-4 digits), multiplication by one digit", source="generated", max_new_tokens=12))
+                  "two-digit addition and subtraction, two digits times one, worked by the column method; "
+                  "the metric checks the final number", metric="final_number", source="generated", max_new_tokens=48))
 register(TaskSpec("word_problems", "math", sample_word_problem,
-                  "one- and two-step word problems with a worked answer; the metric checks the final number",
+                  "one- and two-step word problems with a worked answer (the column method for sums and "
+                  "differences); the metric checks the final number",
                   metric="final_number", source="given names of textmix (name_gender); generated numbers",
-                  max_new_tokens=32))
+                  max_new_tokens=64))
 register(TaskSpec("translate_dates", "multilingual", sample_translate_date,
                   "an English weekday, day and month written in German, French, Spanish, Italian, Dutch or Portuguese",
                   source="Faker locale tables DAY_NAMES / MONTH_NAMES (MIT)", max_new_tokens=16, requires=("faker",)))
