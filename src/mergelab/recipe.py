@@ -46,7 +46,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, StrictStr,
                       TypeAdapter, ValidationError, field_validator)
 
-from mergelab.errors import RecipeError
+from mergelab.errors import MergeLabError, RecipeError
 from mergelab.methods.registry import (MergeMethod, Param, all_parameter_names, get_method, get_post_step,
                                        methods_defining)
 
@@ -223,9 +223,13 @@ def _check_structure(r: Recipe) -> None:
     elif r.missing_tokens is not None:
         raise RecipeError(f"missing_tokens: {r.missing_tokens} applies to merges with tokenizer_source (or "
                           f"tokenizer:) only, which match embedding rows by token; set one or remove it")
-    if r.chat_template is not None:
-        raise RecipeError("chat_template: is not supported yet (issue 18, tokenizers); remove it to copy the donor's "
-                          "tokenizer files, chat template included, as they are")
+    if r.chat_template is not None:  # mergekit's values (mergelab.vocab.chat); built-in names are refused
+        from mergelab.vocab.chat import check_setting
+
+        try:
+            check_setting(r.chat_template)
+        except MergeLabError as e:
+            raise RecipeError(str(e)) from None
     _check_output(r)
     for key in ("dtype", "out_dtype"):
         v = getattr(r, key)

@@ -281,7 +281,8 @@ WARNINGS = {
 REFUSED: Dict[str, tuple] = {
     "chat_template": (lambda f: {
         "models": [{"model": f["e0"]}, {"model": f["e1"]}], "base_model": f["base"], "merge_method": "task_arithmetic",
-        "parameters": {"weight": 0.6}, "chat_template": "chatml", "dtype": "float32"}, ["chat_template", "issue 18"]),
+        "parameters": {"weight": 0.6}, "chat_template": "chatml", "dtype": "float32"},
+        ["chat_template", "built-in template names"]),
     "tokenizer_tokens": (lambda f: {
         "models": [{"model": f["e0"]}, {"model": f["e1"]}], "base_model": f["base"], "merge_method": "task_arithmetic",
         "parameters": {"weight": 0.6}, "tokenizer": {"source": "base", "tokens": {"<s>": {"source": f["e0"]}}},
