@@ -171,6 +171,8 @@ def plan_fingerprint(plan: MergePlan, shard_bytes: int, seed: int, aux: Optional
     }
     if getattr(plan, "vocab", None) is not None:  # the output vocabulary's rows (pad_to_multiple_of included)
         data["vocab_rows"] = plan.vocab.size
+        if plan.vocab.rules:  # tokenizer: {tokens: ...} changes rows the tensors' fingerprints do not see
+            data["vocab_rules"] = sorted(plan.vocab.rules.items())
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -328,7 +330,7 @@ def _write_metadata(plan, folder: Path, summary, report, index, started, device,
         written = write_tokenizer(vocab, folder)
         vocabulary = {"tokenizer_source": vocab.source, "rows": vocab.size, "tokens": len(vocab.vocab),
                       "missing_tokens": r.missing_tokens or "base", "pad_to_multiple_of": r.pad_to_multiple_of,
-                      "tokenizer_files_written": written,
+                      "tokenizer_files_written": written, "tokens": r.tokens,
                       "input_rows": {c.label: n for c, n in zip(plan.checkpoints, vocab.rows)}}
     chat = getattr(plan, "chat_template", None)
     if chat is not None and chat["template"] is not None:
