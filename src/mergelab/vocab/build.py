@@ -150,7 +150,7 @@ def build_output_vocab(source: str, refs: Sequence[str], checkpoints: Sequence[A
             f"shares the base's vocabulary")
     src_i = base_i if source in ("base", "union") else refs.index(source)
     if tokenizers[src_i] is None:
-        if len(set(rows)) == 1 and len(missing) == len(refs):
+        if len(set(rows)) == 1 and len(missing) == len(refs) and not tokens:
             return None  # nothing to match by string: rows stay as they are (the caller notes it)
         raise CheckpointError(f"tokenizer_source: {source} needs the tokenizer of '{refs[src_i]}' "
                               f"('{folders[src_i]}'), which has none (none of {', '.join(_TOKENIZER_FILES)})")
