@@ -6,7 +6,8 @@ intermediate 256, tied embeddings) and read the llmmix ``1m`` base's tokenizer a
 (``ROOT/base-1m/final``, ``ROOT/tokens-*``; made by ``mergelab bench pretrain --size 1m``). Each is trained
 from its own seed (initialisation and data order) for ``steps`` AdamW steps on blocks of ``seq_len``
 tokens. Scores: perplexity and next-token accuracy on the held-out token file. Calibration for
-activation matching and PLeaS: ``calib_blocks`` training blocks, decoded to text.
+activation matching and PLeaS: ``calib_blocks`` training blocks, decoded to text. **PLeaS-free** rows
+(``free_widths``) calibrate on as many spans of uniformly random token ids, decoded: inputs of no domain.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def _metrics(probs: torch.Tensor, held: torch.Tensor):
 
 
 def run_llama(out, root=None, size: str = "1m", steps: int = 300, seq_len: int = 64, batch: int = 16,
-              lr: float = 3e-3, widths=(1.0, 1.25, 1.5, 2.0), calib_blocks: int = 96, held_blocks: int = 256,
+              lr: float = 3e-3, widths=(1.0, 1.25, 1.5, 2.0), free_widths=(1.0, 1.5), calib_blocks: int = 96,
+              held_blocks: int = 256,
               log=print) -> dict:
     """Train (or reuse, under ``OUT/llama-seed{0,1}``) the two models, merge them and score every row;
     writes ``OUT/llama.json`` and ``OUT/llama.md``."""
@@ -109,6 +111,9 @@ def run_llama(out, root=None, size: str = "1m", steps: int = 300, seq_len: int =
     starts = rng.integers(0, len(train) - 65, calib_blocks)
     calib = out / "calib.txt"
     calib.write_text("\n".join(tok.decode(train[s:s + 64].astype(np.int64)).replace("\n", " ") for s in starts) + "\n")
+    noise = out / "calib-random.txt"
+    ids = rng.integers(3, len(tok), (calib_blocks, 64))  # past the special tokens
+    noise.write_text("\n".join(tok.decode(row).replace("\n", " ") for row in ids) + "\n")
 
     t1 = time.time()
     rows: Dict[str, list] = {}
@@ -138,6 +143,11 @@ def run_llama(out, root=None, size: str = "1m", steps: int = 300, seq_len: int =
         write_folder(r, dirs[0], folder, overwrite=True)
         rows[f"PLeaS w={w:g} (intermediate {r.width})"] = list(_score(folder, held))
         tokens_calib = r.tokens
+    for w in free_widths:
+        r = pleas_llama(dirs[0], dirs[1], noise, width=float(w))
+        folder = out / f"pleas-free-{w:g}"
+        write_folder(r, dirs[0], folder, overwrite=True)
+        rows[f"PLeaS-free w={w:g} (random-token calibration)"] = list(_score(folder, held))
     report = {"size": size, "steps": steps, "seq_len": seq_len, "batch": batch, "lr": lr, "intermediate_size": n,
               "final_train_loss": losses, "calibration_tokens": tokens_calib, "held_out_tokens": int(held[:, 1:].numel()),
               "train_seconds": round(train_s, 1), "merge_seconds": round(time.time() - t1, 1),
