@@ -1,9 +1,10 @@
 """Merging nets trained from different random initialisations: averaging, weight/activation matching,
 PLeaS at several widths (docs/alignment.md). MLPs, a plain conv net and a ResNet on digits (and mnist1d
 when installed); with --minilm CACHE also two MiniLM encoders fine-tuned from different starting points
-(CACHE: a textmix bench cache, e.g. ~/.cache/mergelab/bench/textmix-<fingerprint>).
+(CACHE: a textmix bench cache, e.g. ~/.cache/mergelab/bench/textmix-<fingerprint>); with --llama also
+two 1m Llamas pretrained from seeds 0 and 1 on the llmmix 1m base's tokens (--llama-only: only those).
 
-Usage: python benchmarks/bench_different_bases.py [OUT] [--minilm CACHE]"""
+Usage: python benchmarks/bench_different_bases.py [OUT] [--minilm CACHE] [--llama | --llama-only] [--llama-steps N]"""
 
 import argparse
 
@@ -13,8 +14,16 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("out", nargs="?", default="bench-out/different-bases")
     ap.add_argument("--minilm", default=None, help="textmix bench cache: also run the MiniLM rows")
+    ap.add_argument("--llama", action="store_true", help="also the two Llamas pretrained from different seeds")
+    ap.add_argument("--llama-only", action="store_true", help="only the Llama rows")
+    ap.add_argument("--llama-steps", type=int, default=400, help="training steps per Llama (default 400)")
     args = ap.parse_args()
-    run(args.out)
+    if not args.llama_only:
+        run(args.out)
+    if args.llama or args.llama_only:
+        from mergelab.align.bench_llama import run_llama
+
+        run_llama(args.out, steps=args.llama_steps)
     if args.minilm:
         from mergelab.align.bench_minilm import run_minilm
 

@@ -109,6 +109,22 @@ def open_checkpoints(recipe: Recipe) -> Dict[str, Checkpoint]:
     return {ref: open_model(ref) for ref in recipe.model_refs()}
 
 
+def _plan_chat_template(plan: MergePlan, vocab) -> None:
+    """Resolve the recipe's ``chat_template`` (:mod:`mergelab.vocab.chat`) before anything is written; an
+    output without a tokenizer (no vocabulary built, none in the donor) cannot carry one: an error."""
+    from mergelab.vocab.chat import resolve
+
+    template, source = resolve(plan.recipe.chat_template, [getattr(c, "path", None) for c in plan.checkpoints])
+    donor = getattr(plan.checkpoints[plan.donor_index], "path", None)
+    has_tokenizer = vocab is not None or (donor is not None and any(
+        (Path(donor) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")))
+    if template is not None and not has_tokenizer:
+        raise RecipeError(f"chat_template: the output has no tokenizer to carry it (the donor '{donor}' has no "
+                          f"tokenizer files and no tokenizer_source builds one); remove chat_template")
+    plan.chat_template = {"template": template, "source": source}
+    plan.notes.append(f"chat_template: {source}" + ("" if template is not None else "; the donor's files are kept"))
+
+
 def _aux_checkpoints(plan: MergePlan) -> Dict[str, list]:
     """Auxiliary per-model inputs (e.g. optimizer second moments) named by the method's parameters.
 
@@ -155,6 +171,8 @@ def plan_fingerprint(plan: MergePlan, shard_bytes: int, seed: int, aux: Optional
     }
     if getattr(plan, "vocab", None) is not None:  # the output vocabulary's rows (pad_to_multiple_of included)
         data["vocab_rows"] = plan.vocab.size
+        if plan.vocab.rules:  # tokenizer: {tokens: ...} changes rows the tensors' fingerprints do not see
+            data["vocab_rules"] = sorted(plan.vocab.rules.items())
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -218,6 +236,8 @@ def merge(
     elif r.tokenizer_source is not None:
         plan.notes.append(f"tokenizer_source: {r.tokenizer_source}: no input has a tokenizer and every embedding "
                           f"has the same rows, so rows were kept as they are")
+    if r.chat_template is not None:
+        _plan_chat_template(plan, vocab)
     for line in plan.warnings:
         (on_warning or _warn)(line)
     aux = _aux_checkpoints(plan)
@@ -310,8 +330,13 @@ def _write_metadata(plan, folder: Path, summary, report, index, started, device,
         written = write_tokenizer(vocab, folder)
         vocabulary = {"tokenizer_source": vocab.source, "rows": vocab.size, "tokens": len(vocab.vocab),
                       "missing_tokens": r.missing_tokens or "base", "pad_to_multiple_of": r.pad_to_multiple_of,
-                      "tokenizer_files_written": written,
+                      "tokenizer_files_written": written, "tokens": r.tokens,
                       "input_rows": {c.label: n for c, n in zip(plan.checkpoints, vocab.rows)}}
+    chat = getattr(plan, "chat_template", None)
+    if chat is not None and chat["template"] is not None:
+        from mergelab.vocab.chat import write_template
+
+        write_template(folder, chat["template"])
     recipe_data = dump_recipe(r)
     write_model_card(folder, recipe_data, plan.method.summary, plan.method.reference)
     write_manifest(folder, {
@@ -332,6 +357,9 @@ def _write_metadata(plan, folder: Path, summary, report, index, started, device,
         "donor": {"path": str(donor.path), "files_copied": copied},
         "config_updates": updates,
         "vocabulary": vocabulary,
+        "chat_template": None if chat is None else {"setting": "auto" if r.chat_template == "auto" else "inline",
+                                                    "source": chat["source"],
+                                                    "written": chat["template"] is not None},
         "plan": summary,
         "notes": plan.notes,
         "warnings": plan.warnings,

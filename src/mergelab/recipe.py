@@ -46,7 +46,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, StrictStr,
                       TypeAdapter, ValidationError, field_validator)
 
-from mergelab.errors import RecipeError
+from mergelab.errors import MergeLabError, RecipeError
 from mergelab.methods.registry import (MergeMethod, Param, all_parameter_names, get_method, get_post_step,
                                        methods_defining)
 
@@ -136,8 +136,16 @@ class Recipe(_Strict):
     missing_tokens: Optional[Literal["base", "mean"]] = None
     name: Optional[str] = None
     output: Optional[OutputSpec] = None
-    # tokenizer: {pad_to_multiple_of: N}, kept apart once the block is read as tokenizer_source
+    # tokenizer: {pad_to_multiple_of: N, tokens: {...}}, kept apart once the block is read as tokenizer_source
     _pad_to_multiple_of: Optional[int] = PrivateAttr(default=None)
+    _tokens: Optional[Dict[str, dict]] = PrivateAttr(default=None)
+
+    @property
+    def tokens(self) -> Optional[Dict[str, dict]]:
+        """The ``tokenizer: {tokens: ...}`` block, checked: ``{token: {"source": ..., "force": bool}}`` with a
+        source ``{"kind": "model", "model": REF}``, ``{"kind": "model_token", "model": REF, "token": str}``,
+        ``{"kind": "model_token", "model": REF, "token_id": int}`` or ``{"kind": "zero"}``."""
+        return self._tokens
 
     @property
     def pad_to_multiple_of(self) -> Optional[int]:
@@ -223,9 +231,13 @@ def _check_structure(r: Recipe) -> None:
     elif r.missing_tokens is not None:
         raise RecipeError(f"missing_tokens: {r.missing_tokens} applies to merges with tokenizer_source (or "
                           f"tokenizer:) only, which match embedding rows by token; set one or remove it")
-    if r.chat_template is not None:
-        raise RecipeError("chat_template: is not supported yet (issue 18, tokenizers); remove it to copy the donor's "
-                          "tokenizer files, chat template included, as they are")
+    if r.chat_template is not None:  # mergekit's values (mergelab.vocab.chat); built-in names are refused
+        from mergelab.vocab.chat import check_setting
+
+        try:
+            check_setting(r.chat_template)
+        except MergeLabError as e:
+            raise RecipeError(str(e)) from None
     _check_output(r)
     for key in ("dtype", "out_dtype"):
         v = getattr(r, key)
@@ -285,15 +297,14 @@ def _check_output(r: Recipe) -> None:
 
 
 def _tokenizer_block_as_source(r: Recipe) -> None:
-    """``tokenizer: {source: X, pad_to_multiple_of: N}`` is mergekit's ``tokenizer_source: X`` with the output
-    vocabulary's rows rounded up to a multiple of N: read it as that (``tokens:`` is not supported)."""
+    """``tokenizer: {source: X, pad_to_multiple_of: N, tokens: {...}}`` is mergekit's ``tokenizer_source: X``
+    with the output vocabulary's rows rounded up to a multiple of N and per-token embedding sources
+    (:func:`_token_rules`; applied by :mod:`mergelab.vocab`): read it as that."""
     block = r.tokenizer
     if not isinstance(block, dict) or not set(block) <= {"source", "tokens", "pad_to_multiple_of"}:
         raise RecipeError(f"tokenizer: must be a mapping with 'source' (and optionally 'tokens', "
                           f"'pad_to_multiple_of'), as in mergekit; got {block!r}")
-    if block.get("tokens"):
-        raise RecipeError("tokenizer: 'tokens' (adding tokens or choosing each one's embedding source) is not "
-                          "supported yet; use tokenizer: {source: ..., pad_to_multiple_of: ...} or tokenizer_source")
+    r._tokens = _token_rules(block.get("tokens"), r.model_refs()) if block.get("tokens") else None
     pad = block.get("pad_to_multiple_of")
     if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
         raise RecipeError(f"tokenizer.pad_to_multiple_of: expected a positive integer, got {pad!r}")
@@ -302,6 +313,50 @@ def _tokenizer_block_as_source(r: Recipe) -> None:
         raise RecipeError(f"tokenizer.source: expected 'base', 'union' or a model path, got {source!r}")
     r.tokenizer_source, r.tokenizer = source, None
     r._pad_to_multiple_of = pad
+
+
+def _token_rules(tokens: Any, refs: List[str]) -> Dict[str, dict]:
+    """mergekit's ``tokenizer.tokens``: ``{token: {source: S, force: bool}}`` where S is a model of the
+    recipe, ``{kind: model_token, model: M, token: T | token_id: N}`` or ``{kind: zero}``; every token is
+    added to the output tokenizer when it lacks it. Normalised to ``{"source": {"kind": ...}, "force": ...}``."""
+    if not isinstance(tokens, dict):
+        raise RecipeError(f"tokenizer.tokens: expected a mapping of token -> {{source, force}}, got {tokens!r}")
+    out: Dict[str, dict] = {}
+    for tok, cfg in tokens.items():
+        where = f"tokenizer.tokens[{tok!r}]"
+        if not isinstance(tok, str) or not tok:
+            raise RecipeError(f"tokenizer.tokens: every key must be a token string, got {tok!r}")
+        if not isinstance(cfg, dict) or not set(cfg) <= {"source", "force"}:
+            raise RecipeError(f"{where}: expected a mapping with 'source' (and optionally 'force'), got {cfg!r}")
+        force = cfg.get("force", False)
+        if not isinstance(force, bool):
+            raise RecipeError(f"{where}.force: expected true or false, got {force!r}")
+        src = cfg.get("source")
+        if src is None:  # mergekit accepts it and then fails when the token needs a row
+            raise RecipeError(f"{where}: 'source' is required (a model, {{kind: model_token, model, token or "
+                              f"token_id}} or {{kind: zero}})")
+        if isinstance(src, str):
+            rule = {"kind": "model", "model": src}
+        elif isinstance(src, dict) and src.get("kind") == "zero" and set(src) == {"kind"}:
+            rule = {"kind": "zero"}
+        elif isinstance(src, dict) and src.get("kind") == "model_token" and set(src) <= {"kind", "model", "token",
+                                                                                         "token_id"}:
+            if ("token" in src) == ("token_id" in src):
+                raise RecipeError(f"{where}.source: give exactly one of 'token' and 'token_id'")
+            if "token_id" in src and (isinstance(src["token_id"], bool) or not isinstance(src["token_id"], int)
+                                      or src["token_id"] < 0):
+                raise RecipeError(f"{where}.source.token_id: expected a non-negative integer, got {src['token_id']!r}")
+            if "token" in src and not isinstance(src["token"], str):
+                raise RecipeError(f"{where}.source.token: expected a token string, got {src['token']!r}")
+            rule = dict(src)
+        else:
+            raise RecipeError(f"{where}.source: expected a model path, {{kind: model_token, model, token or "
+                              f"token_id}} or {{kind: zero}}, got {src!r}")
+        if "model" in rule and rule["model"] not in refs:
+            raise RecipeError(f"{where}.source: '{rule['model']}' is not one of the recipe's models "
+                              f"({', '.join(refs)})")
+        out[tok] = {"source": rule, "force": force}
+    return out
 
 
 def normalize_dtype(name: Optional[str]) -> Optional[str]:

@@ -108,3 +108,59 @@ def test_pleas_width_out_of_range():
         pleas_resnet(a, b, images(20, 0), width=2.5)
     with pytest.raises(MergeLabError, match="blocks.1.conv1"):
         pleas_resnet(a, b, images(20, 0), width={"block1": 4})
+
+
+def test_pleas_recipe_on_trained_resnet_state_dicts(tmp_path):
+    """`mergelab pleas` on two ResNets really trained on digits from different seeds (6 epochs each), given
+    as plain state dicts: the layout is recognised from the keys, the calibration images may be flattened,
+    width 2 is the ensemble (the nets' own forward passes average), a mapping of widths is honoured, and
+    parameters a ResNet cannot honour, a wrong layout or wrong inputs are refused with nothing written."""
+    from mergelab.align.bench import load_digits_data, train_resnet
+
+    data = load_digits_data()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        nets = [train_resnet(data.x_train, data.y_train, 10, 6, seed, 6) for seed in (0, 1)]
+    finally:
+        torch.set_num_threads(threads)
+    test = data.x_test.reshape(-1, 1, 8, 8)
+    with torch.no_grad():
+        logits = [n(test) for n in nets]
+    assert all(float((lg.argmax(1) == data.y_test).float().mean()) > 0.5 for lg in logits)  # chance: 0.1
+    for i, n in enumerate(nets):
+        torch.save(n.state_dict(), tmp_path / f"r{i}.pt")
+    torch.save(data.x_train[:400], tmp_path / "calib.pt")  # [400, 64]: flattened 8x8 images
+
+    def recipe(name, **extra):
+        path = tmp_path / f"{name}.yml"
+        body = {"merge_method": "pleas", "models": [str(tmp_path / "r0.pt"), str(tmp_path / "r1.pt")],
+                "calibration": str(tmp_path / "calib.pt"), **extra}
+        path.write_text(yaml.safe_dump(body))
+        return path
+
+    r = run_cli("pleas", recipe("full", parameters={"width": 2.0}), "-o", tmp_path / "full.pt")
+    assert r.returncode == 0, r.stderr
+    wide = ResNet.from_state(torch.load(tmp_path / "full.pt", weights_only=True))
+    assert wide.stem.weight.shape[0] == 12 and wide.blocks[0].conv1.weight.shape[0] == 12
+    with torch.no_grad():
+        ens = (logits[0] + logits[1]) / 2
+        assert torch.allclose(wide(test), ens, atol=1e-4 * float(ens.abs().max()))
+    r = run_cli("pleas", recipe("mixed", architecture="resnet", parameters={"width": {"res": 9, "default": 1.0}}),
+                "-o", tmp_path / "mixed.pt")
+    assert r.returncode == 0, r.stderr
+    assert "res 9 (3 merged)" in r.stdout and "block1 6 (6 merged)" in r.stdout
+    with torch.no_grad():
+        out = ResNet.from_state(torch.load(tmp_path / "mixed.pt", weights_only=True))(test)
+    assert out.shape == (len(test), 10)
+    before = set(tmp_path.iterdir())
+    torch.save(torch.randn(10, 3, 8, 8), tmp_path / "bad.pt")  # three channels; saved after `before`
+    before.add(tmp_path / "bad.pt")
+    for extra, needle in (({"parameters": {"activation": "gelu"}}, "do not apply to a ResNet"),
+                          ({"architecture": "vgg"}, "architecture must be one of mlp, resnet"),
+                          ({"calibration": str(tmp_path / "bad.pt")}, "the ResNet takes images [N, 1, H, W]"),
+                          ({"parameters": {"width": 2.5}}, "outside the allowed range [6, 12]")):
+        r = run_cli("pleas", recipe("bad", **extra), "-o", tmp_path / "bad-out.pt")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert needle in " ".join(r.stderr.split()), r.stderr
+        assert set(tmp_path.iterdir()) == before | {tmp_path / "bad.yml"}

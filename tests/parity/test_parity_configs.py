@@ -281,11 +281,12 @@ WARNINGS = {
 REFUSED: Dict[str, tuple] = {
     "chat_template": (lambda f: {
         "models": [{"model": f["e0"]}, {"model": f["e1"]}], "base_model": f["base"], "merge_method": "task_arithmetic",
-        "parameters": {"weight": 0.6}, "chat_template": "chatml", "dtype": "float32"}, ["chat_template", "issue 18"]),
+        "parameters": {"weight": 0.6}, "chat_template": "chatml", "dtype": "float32"},
+        ["chat_template", "built-in template names"]),
     "tokenizer_tokens": (lambda f: {
         "models": [{"model": f["e0"]}, {"model": f["e1"]}], "base_model": f["base"], "merge_method": "task_arithmetic",
-        "parameters": {"weight": 0.6}, "tokenizer": {"source": "base", "tokens": {"<s>": {"source": f["e0"]}}},
-        "dtype": "float32"}, ["tokenizer: 'tokens'", "not supported"]),
+        "parameters": {"weight": 0.6}, "tokenizer": {"source": "base", "tokens": {"<new>": {"source": f["e0"]}}},
+        "dtype": "float32"}, ["tokenizer.tokens['<new>']", "does not have the token"]),
     "lora_suffix": (lambda f: {
         "models": [{"model": f["e0"] + "+" + f["e1"]}, {"model": f["e1"]}], "merge_method": "linear",
         "dtype": "float32"}, ["is not a PEFT adapter folder", "adapter_config.json"]),

@@ -163,7 +163,7 @@ def test_bad_vocabulary_inputs_are_clear_errors(token_experts, tmp_path, capsys)
         "not_a_model": (dict(tokenizer_source=str(tmp_path / "elsewhere")),
                         ["tokenizer_source:", "is not 'base', 'union' or one of the recipe's models"]),
         "tokens_block": (dict(tokenizer={"source": "union", "tokens": {"<x>": {"source": str(fam["calc"])}}}),
-                         ["tokenizer: 'tokens'", "not supported"]),
+                         ["tokenizer.tokens['<x>']", "does not have the token"]),
     }
     for name, (extra, words) in cases.items():
         out = tmp_path / name

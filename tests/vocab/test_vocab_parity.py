@@ -45,6 +45,17 @@ def test_tokenizer_sources_give_mergekits_rows(token_experts, untied_token_exper
                                "models": [{"model": str(m), "parameters": {"weight": 0.7}}
                                           for m in (tied["rev"], token_in_base_family(tied, tmp_path)["calc2"])]},
     }
+    shared = AutoTokenizer.from_pretrained(str(tied["base"])).convert_ids_to_tokens(100)
+    cases["tied_union_tokens"] = _config(tied, tokenizer={"source": "union", "tokens": {  # mergekit's per-token sources
+        "<calc>": {"source": {"kind": "zero"}},
+        "<rev>": {"source": {"kind": "model_token", "model": str(tied["base"]), "token_id": 7}, "force": True},
+        "<new>": {"source": {"kind": "model_token", "model": str(tied["rev"]), "token": "<rev>"}},
+        shared: {"source": {"kind": "zero"}}}})
+    # (with source: base, mergekit adds the tokens to the base's own tokenizer object and then fails on the
+    # base's permutation, KeyError; mergelab adds them to a copy: not comparable, so union here)
+    cases["untied_union_tokens"] = _config(untied, tokenizer={"source": "union", "tokens": {
+        "<calc>": {"source": str(untied["calc"])},
+        shared: {"source": {"kind": "model_token", "model": str(untied["rev"]), "token": "<rev>"}, "force": True}}})
     paths = write_configs(cases, tmp_path)
     run_configs(paths, tmp_path, threads=torch.get_num_threads())
     for case, path in paths.items():

@@ -140,7 +140,9 @@ def read_inputs(path: Path) -> torch.Tensor:
     return x.float()
 
 
-def _hf_model(loaded: Loaded):
+def hf_model(loaded: Loaded):
+    """The transformers model of a loaded HF folder, float32, in eval mode: the class its config's
+    ``architectures`` names when that class holds every tensor of the checkpoint, else ``AutoModel``."""
     import transformers
 
     arch = ((loaded.config or {}).get("architectures") or [None])[0]
@@ -213,7 +215,7 @@ def collect_activations(loaded: Loaded, spec: PermutationSpec, calibration: Path
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = _hf_model(loaded)
+    model = hf_model(loaded)
 
     def call(m, batch):
         enc = tok(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
@@ -223,9 +225,47 @@ def collect_activations(loaded: Loaded, spec: PermutationSpec, calibration: Path
     return record(model, spec, [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)], call)
 
 
+def module_inputs(loaded: Loaded, texts: List[str], tokenizer_dir: Path, modules: List[str], batch_size: int = 16,
+                  max_length: int = 128) -> Dict[str, torch.Tensor]:
+    """The input of each named module (a module name, or the end of one after a dot) on every non-padding
+    token of ``texts``, tokenised with ``tokenizer_dir``'s tokenizer: ``{name: [tokens, width]}``, float64."""
+    import inspect
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = hf_model(loaded)
+    accepted = set(inspect.signature(model.forward).parameters)
+    found = {}
+    for want in modules:
+        hits = [m for n, m in model.named_modules() if n == want or n.endswith("." + want)]
+        if len(hits) != 1:
+            raise MergeLabError(f"'{loaded.path}': {len(hits)} modules named '{want}' (expected one)")
+        found[want] = hits[0]
+    store: Dict[str, List[torch.Tensor]] = {n: [] for n in modules}
+    current: Dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: current.__setitem__(n, args[0].detach()))
+               for n, m in found.items()]
+    try:
+        with torch.no_grad():
+            for s in range(0, len(texts), batch_size):
+                enc = tok(texts[s:s + batch_size], padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt")
+                model(**{k: v for k, v in enc.items() if k in accepted})
+                keep = enc["attention_mask"].bool()
+                for n in modules:
+                    store[n].append(current[n][keep].double())
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v) for n, v in store.items()}
+
+
 # --------------------------------------------------------------------------- writing
-def _write(loaded: Loaded, state: Dict[str, torch.Tensor], out: Path, overwrite: bool, extra: dict,
-           config: Optional[dict] = None, record_name: str = "alignment.json") -> None:
+def write_checkpoint(loaded: Loaded, state: Dict[str, torch.Tensor], out: Path, overwrite: bool, extra: dict,
+                     config: Optional[dict] = None, record_name: str = "alignment.json") -> None:
     """Write ``state`` in ``loaded``'s format; a HF folder also gets ``config`` (default: a copy of
     ``loaded``'s ``config.json``), its tokenizer files and ``extra`` as ``record_name``."""
     from safetensors.torch import save_file
@@ -308,5 +348,5 @@ def align(reference, model, out: Optional[Path], method: str = "weight", calibra
         extra = {"reference": str(Path(reference).resolve()), "model": str(Path(model).resolve()), "method": method,
                  "spec": spec.kind, "distance_before": before, "distance_after": after,
                  "permutations": {k: v.tolist() for k, v in perms.items()}}
-        _write(mod, aligned, Path(out), overwrite, extra)
+        write_checkpoint(mod, aligned, Path(out), overwrite, extra)
     return AlignResult(Path(out) if out else None, perms, spec, before, after, time.time() - t0)

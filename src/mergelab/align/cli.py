@@ -46,12 +46,13 @@ def align(
 
 def pleas(
     recipe: Path = typer.Argument(..., help="YAML: merge_method: pleas, models (two), calibration (a tensor "
-                                  "file; texts for BERT), parameters (width, activation, heads, inputs)."),
+                                  "file for state dicts; texts for BERT and Llama folders), architecture (state "
+                                  "dicts: mlp or resnet), parameters (width, activation, heads, inputs, ridge)."),
     out: Path = typer.Option(..., "-o", "--out", help="The merged checkpoint (model A's format, the chosen widths)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
-    """PLeaS: merge two MLPs trained from different initialisations, or two BERT folders (the FFN width), at a
-    chosen width (permutations + least squares)."""
+    """PLeaS: merge two models trained from different initialisations at a chosen width (permutations + least
+    squares): MLP or ResNet state dicts, BERT or Llama-layout folders (the FFN width)."""
     from mergelab.align.pleas import run_recipe
 
     r = run_recipe(recipe, out, overwrite=overwrite)

@@ -105,7 +105,7 @@ def resolve_width(width, group: str, layer: str, n: int) -> int:
     return units
 
 
-def _lstsq_blocks(Z: torch.Tensor, Y: torch.Tensor, zb: torch.Tensor, yb: torch.Tensor, ridge: float,
+def lstsq_blocks(Z: torch.Tensor, Y: torch.Tensor, zb: torch.Tensor, yb: torch.Tensor, ridge: float,
                   bias: bool = True):
     """Least squares ``Y ~ Z W^T + b`` per output block; A-only outputs (block 1) may not read B-only
     inputs (block 2) and vice versa. Ridge ``ridge`` times the mean diagonal of ``X^T X``; with fewer
@@ -200,7 +200,7 @@ def pleas_mlp(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.T
             zb = blocks(g_in, ins_a[i], ins_b[i])[1] if g_in is not None else torch.zeros(h.shape[1], dtype=torch.long)
         else:
             Z, zb = blocks(g_in, ins_a[i], ins_b[i])
-        W, b = _lstsq_blocks(Z, Y, zb, yb, ridge, bias=m + ".bias" in state_a)
+        W, b = lstsq_blocks(Z, Y, zb, yb, ridge, bias=m + ".bias" in state_a)
         dtype = state_a[m + ".weight"].dtype
         out[m + ".weight"] = W.to(dtype)
         if m + ".bias" in state_a:
@@ -216,21 +216,46 @@ def mlp_forward(state: Mapping[str, torch.Tensor], x: torch.Tensor, activation: 
     return _forward(state, layers, activation, x)[1][-1]
 
 
+def write_folder(result, path_a, out, overwrite: bool, extra: Optional[dict] = None) -> None:
+    """A merged transformer (:mod:`mergelab.align.pleas_bert`, :mod:`mergelab.align.pleas_llama`: a result
+    with ``state``, ``config``, ``width``, ``merged_units``, ``tokens``, ``perms``) as a HF folder: the
+    weights, A's config with the new ``intermediate_size``, A's tokenizer and ``pleas.json`` (the widths,
+    ``extra`` and the permutations applied to B)."""
+    from pathlib import Path
+
+    from mergelab.align.api import load_model, write_checkpoint
+
+    a = load_model(path_a, "model A")
+    record = {"method": "pleas", "intermediate_size": result.width, "merged_units_per_layer": result.merged_units,
+              "calibration_tokens": result.tokens, **(extra or {}),
+              "permutations": {k: v.tolist() for k, v in result.perms.items()}}
+    write_checkpoint(a, result.state, Path(out), overwrite, record, config=result.config, record_name="pleas.json")
+
+
 # --------------------------------------------------------------------------- recipe and command
-RECIPE_KEYS = {"merge_method", "models", "parameters", "calibration", "dtype"}
+RECIPE_KEYS = {"merge_method", "models", "parameters", "calibration", "dtype", "architecture"}
+ARCHITECTURES = ("mlp", "resnet")
 PARAMETERS = {"width": 1.0, "activation": "relu", "heads": "average", "inputs": "original", "ridge": 1e-8}
 
 
 def run_recipe(recipe_path, out, overwrite: bool = False) -> PleasResult:
     """``mergelab pleas RECIPE -o OUT``: a YAML with ``merge_method: pleas``, two ``models``,
-    ``calibration`` (a tensor file ``[N, in]``: fine-tuning-domain inputs, or another domain's for
-    PLeaS-free; texts, ``.txt`` or ``.jsonl``, for BERT folders, see :mod:`mergelab.align.pleas_bert`) and ``parameters`` (``width``: global number or a mapping per group/layer with an optional
-    ``default``; ``activation``; ``heads``; ``inputs``; ``ridge``). Writes OUT in model A's format."""
+    ``calibration`` and ``parameters`` (``width``: a global number or a mapping per group/layer with an
+    optional ``default``; ``activation``; ``heads``; ``inputs``; ``ridge``). Writes OUT in model A's format.
+
+    * HF folders (the architecture from ``config.json``): BERT (:mod:`mergelab.align.pleas_bert`) and
+      Llama-layout decoders (:mod:`mergelab.align.pleas_llama`); ``calibration`` is texts (``.txt``, one a
+      line, or ``.jsonl`` with ``text``); only ``width`` (one number) and ``ridge`` apply.
+    * State dicts (``.pt``, ``.safetensors``): ``architecture: mlp`` (an MLP chain, :func:`pleas_mlp`) or
+      ``resnet`` (:class:`mergelab.align.resnet.ResNet`'s layout, :func:`mergelab.align.resnet.pleas_resnet`;
+      the default when the keys are that layout). ``calibration`` is a tensor file of inputs ``[N, in]`` (a
+      ResNet's images ``[N, C, H, W]``, or flattened square images): fine-tuning-domain inputs, or another
+      domain's for PLeaS-free."""
     from pathlib import Path
 
     import yaml
 
-    from mergelab.align.api import _write, load_model, read_inputs
+    from mergelab.align.api import load_model, read_inputs, write_checkpoint
 
     recipe_path = Path(recipe_path)
     try:
@@ -263,29 +288,76 @@ def run_recipe(recipe_path, out, overwrite: bool = False) -> PleasResult:
 
         raise OutputError(f"output '{out}' already exists; pass --overwrite to replace it")
     a = load_model(paths[0], "model A")
-    if a.config is not None:  # a Hugging Face folder: BERT, the FFN width (mergelab.align.pleas_bert)
-        from mergelab.align import pleas_bert
+    if a.config is not None and "architecture" in data:
+        raise MergeLabError(f"{where}: 'architecture' is for state dicts; '{a.path}' is a Hugging Face folder, whose "
+                            f"config.json names its architecture")
+    if a.config is not None:  # a Hugging Face folder: the FFN width (mergelab.align.pleas_bert / pleas_llama)
+        from mergelab.align.spec import LLAMA_TYPES
 
-        if a.config.get("model_type") != "bert":
-            raise MergeLabError(f"PLeaS handles plain MLP state dicts and BERT folders so far; '{a.path}' is a "
-                                f"Hugging Face '{a.config.get('model_type')}' model")
+        mt = a.config.get("model_type")
+        if mt == "bert":
+            from mergelab.align.pleas_bert import pleas_bert as merge
+        elif mt in LLAMA_TYPES:
+            from mergelab.align.pleas_llama import pleas_llama as merge
+        else:
+            raise MergeLabError(f"PLeaS handles plain MLP and ResNet state dicts and BERT and Llama-layout "
+                                f"({', '.join(LLAMA_TYPES)}) folders; '{a.path}' is a Hugging Face '{mt}' model")
         fixed = sorted(k for k in given if k not in ("width", "ridge"))
         if fixed:
-            raise MergeLabError(f"{where}: parameter(s) {', '.join(fixed)} do not apply to BERT (the activation is "
-                                f"the config's hidden_act, the model output is averaged, each FFN reads the merged "
-                                f"stream); only width and ridge")
-        r = pleas_bert.pleas_bert(paths[0], paths[1], Path(data["calibration"]), width=params["width"],
-                                  ridge=float(params["ridge"]))
-        pleas_bert.write(r, paths[0], out, overwrite, {"models": [str(p) for p in paths], "parameters": params})
+            raise MergeLabError(f"{where}: parameter(s) {', '.join(fixed)} do not apply to a {mt} model (the "
+                                f"activation is the config's hidden_act, the model output is averaged, each FFN "
+                                f"reads the merged stream); only width and ridge")
+        r = merge(paths[0], paths[1], Path(data["calibration"]), width=params["width"], ridge=float(params["ridge"]))
+        write_folder(r, paths[0], out, overwrite, {"models": [str(p) for p in paths], "parameters": params})
         groups = {f"mlp.{i}": r.width for i in range(r.config["num_hidden_layers"])}
         return PleasResult(r.state, groups, {g: r.merged_units for g in groups}, r.perms)
     b = load_model(paths[1], "model B")
     x = read_inputs(Path(data["calibration"]))
-    res = pleas_mlp(a.state, b.state, x.reshape(len(x), -1), width=params["width"], activation=params["activation"],
-                    heads=params["heads"], ridge=float(params["ridge"]), layer_inputs=params["inputs"])
-    _write(a, res.state, out, overwrite, {"method": "pleas", "models": [str(p) for p in paths], "widths": res.widths,
-                                          "merged_units": res.merged_units, "parameters": params})
+    arch = data.get("architecture") or ("resnet" if {"stem.weight", "blocks.0.conv1.weight"} <= set(a.state) else "mlp")
+    if arch not in ARCHITECTURES:
+        raise MergeLabError(f"{where}: architecture must be one of {', '.join(ARCHITECTURES)} for a state dict, got "
+                            f"{arch!r}")
+    if arch == "resnet":
+        res = _resnet_recipe(a, b, x, params, given, where)
+    else:
+        res = pleas_mlp(a.state, b.state, x.reshape(len(x), -1), width=params["width"],
+                        activation=params["activation"], heads=params["heads"], ridge=float(params["ridge"]),
+                        layer_inputs=params["inputs"])
+    write_checkpoint(a, res.state, out, overwrite, {"method": "pleas", "architecture": arch,
+                                                    "models": [str(p) for p in paths],
+                                                    "widths": res.widths, "merged_units": res.merged_units,
+                                                    "parameters": params})
     return res
+
+
+def _resnet_recipe(a, b, x: torch.Tensor, params: dict, given: Mapping, where: str) -> PleasResult:
+    """PLeaS on two :class:`mergelab.align.resnet.ResNet` state dicts: the nets are rebuilt from the
+    tensors' shapes (stem, blocks, head); images ``[N, C, H, W]`` or flattened square ones."""
+    from mergelab.align.resnet import ResNet, pleas_resnet
+
+    fixed = sorted(k for k in given if k in ("activation", "inputs"))
+    if fixed:
+        raise MergeLabError(f"{where}: parameter(s) {', '.join(fixed)} do not apply to a ResNet (ReLU, and each "
+                            f"layer is fitted on both models' own features); width, heads and ridge do")
+    nets = []
+    for m in (a, b):
+        try:
+            nets.append(ResNet.from_state(m.state))
+        except (KeyError, RuntimeError, IndexError) as e:
+            raise MergeLabError(f"'{m.path}' is not a ResNet state dict of mergelab.align.resnet's layout (stem, "
+                                f"stem_bn, blocks.i.conv1/bn1/conv2/bn2, fc): {str(e).splitlines()[0]}")
+    c = nets[0].stem.weight.shape[1]
+    if x.ndim == 2:
+        side = int(round((x.shape[1] / c) ** 0.5))
+        if c * side * side != x.shape[1]:
+            raise MergeLabError(f"{where}: calibration inputs have shape {tuple(x.shape)}; a ResNet with {c} input "
+                                f"channel(s) takes images [N, {c}, H, W] or flattened square ones [N, {c}*S*S]")
+        x = x.reshape(len(x), c, side, side)
+    if x.ndim != 4 or x.shape[1] != c:
+        raise MergeLabError(f"{where}: calibration inputs have shape {tuple(x.shape)}; the ResNet takes images "
+                            f"[N, {c}, H, W]")
+    return pleas_resnet(nets[0], nets[1], x, width=params["width"], heads=params["heads"],
+                        ridge=float(params["ridge"]))
 
 
 # --------------------------------------------------------------------------- conv nets
@@ -405,13 +477,13 @@ def pleas_conv(module_a: torch.nn.Module, module_b: torch.nn.Module, inputs: tor
 
 def fit_layer(L: ChainLayer, Z: torch.Tensor, zb: torch.Tensor, Y: torch.Tensor, yb: torch.Tensor, ridge: float,
               bias: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_lstsq_blocks` for one layer: a conv layer is a linear map of its unfolded input patches
+    """:func:`lstsq_blocks` for one layer: a conv layer is a linear map of its unfolded input patches
     (``Z`` maps ``[N, C, H, W]``, ``Y`` its output maps), a linear layer of ``Z`` ``[N, in]``."""
     if L.kind == "conv":
         k = L.kernel[0] * L.kernel[1]
         Zu = torch.nn.functional.unfold(Z, L.kernel, padding=L.padding, stride=L.stride)  # [N, C*k, L]
         Z, zb, Y = Zu.transpose(1, 2).reshape(-1, Zu.shape[1]), zb.repeat_interleave(k), _rows(Y)
-    return _lstsq_blocks(Z, Y, zb, yb, ridge, bias=bias)
+    return lstsq_blocks(Z, Y, zb, yb, ridge, bias=bias)
 
 
 def write_layer(out: Dict[str, torch.Tensor], like: Mapping[str, torch.Tensor], L: ChainLayer, W: torch.Tensor,

@@ -30,12 +30,12 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, Mapping
 
 import torch
 
 from mergelab.align.matching import activation_matching
-from mergelab.align.pleas import _lstsq_blocks, resolve_width
+from mergelab.align.pleas import lstsq_blocks, resolve_width
 from mergelab.align.spec import apply_permutations, bert_spec
 from mergelab.errors import MergeLabError
 
@@ -50,36 +50,6 @@ class BertPleasResult:
     tokens: int
 
 
-def _ffn_inputs(loaded, texts: List[str], tokenizer_dir: Path, layers: int, batch_size: int, max_length: int):
-    """Per layer, the input of ``intermediate.dense`` on every non-padding token of ``texts`` ``[T, hidden]``."""
-    from transformers import AutoTokenizer
-
-    from mergelab.align.api import _hf_model
-
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    model = _hf_model(loaded)
-    mods = {name: m for name, m in model.named_modules()}
-    store: Dict[int, List[torch.Tensor]] = {i: [] for i in range(layers)}
-    current: Dict[int, torch.Tensor] = {}
-    handles = []
-    for i in range(layers):
-        hits = [m for n, m in mods.items() if n.endswith(f"encoder.layer.{i}.intermediate.dense")]
-        handles.append(hits[0].register_forward_pre_hook(lambda m, args, i=i: current.__setitem__(i, args[0].detach())))
-    try:
-        with torch.no_grad():
-            for s in range(0, len(texts), batch_size):
-                enc = tok(texts[s:s + batch_size], padding=True, truncation=True, max_length=max_length,
-                          return_tensors="pt")
-                model(**{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
-                keep = enc["attention_mask"].bool()
-                for i in range(layers):
-                    store[i].append(current[i][keep].double())
-    finally:
-        for h in handles:
-            h.remove()
-    return {i: torch.cat(v) for i, v in store.items()}
-
-
 def pleas_bert(path_a, path_b, calibration: Path, width=1.0, ridge: float = 1e-8, batch_size: int = 16,
                max_length: int = 128) -> BertPleasResult:
     """PLeaS merge of two BERT checkpoints (module docstring) on the texts of ``calibration`` (``.txt``, one
@@ -87,7 +57,7 @@ def pleas_bert(path_a, path_b, calibration: Path, width=1.0, ridge: float = 1e-8
     ``intermediate_size`` in [1.0, 2.0] or a unit count in [n, 2n], the same for every layer."""
     from transformers.activations import ACT2FN
 
-    from mergelab.align.api import check_compatible, collect_activations, load_model, read_texts
+    from mergelab.align.api import check_compatible, collect_activations, load_model, module_inputs, read_texts
 
     a, b = load_model(path_a, "model A"), load_model(path_b, "model B")
     check_compatible(a, b)
@@ -116,8 +86,9 @@ def pleas_bert(path_a, path_b, calibration: Path, width=1.0, ridge: float = 1e-8
     out = {k: ((v.double() + sb[k].double()) / 2).to(v.dtype) if v.is_floating_point() else v.clone()
            for k, v in a.state.items()}
     # 3. the FFNs by least squares on the merged stream's estimate
-    ins_a = _ffn_inputs(a, texts, a.path, layers, batch_size, max_length)
-    ins_b = _ffn_inputs(b, texts, a.path, layers, batch_size, max_length)
+    names = [f"encoder.layer.{i}.intermediate.dense" for i in range(layers)]
+    ins_a = list(module_inputs(a, texts, a.path, names, batch_size, max_length).values())
+    ins_b = list(module_inputs(b, texts, a.path, names, batch_size, max_length).values())
     res = perms["res"]
     tokens = 0
     for i in range(layers):
@@ -136,8 +107,8 @@ def pleas_bert(path_a, path_b, calibration: Path, width=1.0, ridge: float = 1e-8
         T = lambda fa, fb: torch.cat([(fa[:, M] + fb[:, M]) / 2, fa[:, R], fb[:, R]], 1)  # noqa: E731
         lab = torch.tensor([0] * len(M) + [1] * len(R) + [2] * len(R))
         zero_in = torch.zeros(z.shape[1], dtype=torch.long)
-        Wi, bi = _lstsq_blocks(z, T(pre_["a"], pre_["b"]), zero_in, lab, ridge)
-        Wo, bo = _lstsq_blocks(T(h["a"], h["b"]), (o["a"] + o["b"]) / 2, lab, torch.zeros(z.shape[1], dtype=torch.long),
+        Wi, bi = lstsq_blocks(z, T(pre_["a"], pre_["b"]), zero_in, lab, ridge)
+        Wo, bo = lstsq_blocks(T(h["a"], h["b"]), (o["a"] + o["b"]) / 2, lab, torch.zeros(z.shape[1], dtype=torch.long),
                                ridge)
         for k, v in (("intermediate.dense.weight", Wi), ("intermediate.dense.bias", bi), ("output.dense.weight", Wo),
                      ("output.dense.bias", bo)):
@@ -145,13 +116,3 @@ def pleas_bert(path_a, path_b, calibration: Path, width=1.0, ridge: float = 1e-8
     config = copy.deepcopy(cfg)
     config["intermediate_size"] = w
     return BertPleasResult(out, config, w, m, perms, tokens)
-
-
-def write(result: BertPleasResult, path_a, out: Path, overwrite: bool, extra: Optional[dict] = None) -> None:
-    """The merged folder: weights, A's config with the new ``intermediate_size``, A's tokenizer, ``pleas.json``."""
-    from mergelab.align.api import _write, load_model
-
-    a = load_model(path_a, "model A")
-    record = {"method": "pleas", "intermediate_size": result.width, "merged_units_per_layer": result.merged_units,
-              "calibration_tokens": result.tokens, **(extra or {})}
-    _write(a, result.state, Path(out), overwrite, record, config=result.config, record_name="pleas.json")

@@ -29,7 +29,8 @@ def align_checkpoints(recipe: Any, checkpoints: Dict[str, Any]) -> Tuple[Dict[st
     checkpoints as they are, when no input has a tokenizer: see :func:`build_output_vocab`)."""
     refs = list(checkpoints)
     ckpts = [checkpoints[r] for r in refs]
-    out = build_output_vocab(recipe.tokenizer_source, refs, ckpts, recipe.base_model, recipe.pad_to_multiple_of)
+    out = build_output_vocab(recipe.tokenizer_source, refs, ckpts, recipe.base_model, recipe.pad_to_multiple_of,
+                             getattr(recipe, "tokens", None))
     if out is None:
         return checkpoints, None
     base = refs.index(recipe.base_model) if recipe.base_model in refs else None

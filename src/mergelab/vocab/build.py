@@ -102,6 +102,8 @@ class OutputVocab:
     copy_from: Optional[Path]
     notes: List[str] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
+    # tokenizer: {tokens: ...}: output id -> (token, kind, model index or None, source row or None, force)
+    rules: Dict[int, tuple] = field(default_factory=dict)
 
     def present(self, i: int) -> torch.Tensor:
         return self.perms[i] >= 0
@@ -112,7 +114,8 @@ def _usable_vocab(tok, rows: int) -> Dict[str, int]:
 
 
 def build_output_vocab(source: str, refs: Sequence[str], checkpoints: Sequence[Any], base_ref: Optional[str],
-                       pad_to_multiple_of: Optional[int] = None) -> Optional[OutputVocab]:
+                       pad_to_multiple_of: Optional[int] = None,
+                       tokens: Optional[Dict[str, dict]] = None) -> Optional[OutputVocab]:
     """The output vocabulary for ``tokenizer_source: source`` over the opened ``checkpoints`` (in the order
     of ``refs``, the recipe's model references, base first).
 
@@ -120,6 +123,10 @@ def build_output_vocab(source: str, refs: Sequence[str], checkpoints: Sequence[A
     read as having the base's tokenizer when its embedding has the base's row count (mergekit assumes
     so silently; mergelab says so), and is an error otherwise. ``None`` when no input has a tokenizer
     and every embedding has the same rows (``base``/``MODEL``: nothing to match, rows stay as they are).
+
+    ``tokens`` (the recipe's ``tokenizer: {tokens: ...}``, checked by the recipe): each token the output
+    tokenizer lacks is added to it (a plain added token, as mergekit's ``add_tokens``), and its embedding
+    source becomes a rule of :attr:`OutputVocab.rules` (applied by :func:`mergelab.vocab.embed.aligned_rows`).
     """
     refs = list(refs)
     base_ref = base_ref or refs[0]
@@ -143,7 +150,7 @@ def build_output_vocab(source: str, refs: Sequence[str], checkpoints: Sequence[A
             f"shares the base's vocabulary")
     src_i = base_i if source in ("base", "union") else refs.index(source)
     if tokenizers[src_i] is None:
-        if len(set(rows)) == 1 and len(missing) == len(refs):
+        if len(set(rows)) == 1 and len(missing) == len(refs) and not tokens:
             return None  # nothing to match by string: rows stay as they are (the caller notes it)
         raise CheckpointError(f"tokenizer_source: {source} needs the tokenizer of '{refs[src_i]}' "
                               f"('{folders[src_i]}'), which has none (none of {', '.join(_TOKENIZER_FILES)})")
@@ -169,6 +176,14 @@ def build_output_vocab(source: str, refs: Sequence[str], checkpoints: Sequence[A
         out_tok, copy_from = _union_tokenizer(tokenizers, vocabs, base_i), None
     else:
         out_tok, copy_from = tokenizers[src_i], Path(folders[src_i])
+    new_tokens = [t for t in (tokens or {}) if t not in out_tok.get_vocab()]
+    if new_tokens:  # the source's files no longer are the output's tokenizer
+        out_tok = copy_tokenizer(out_tok) if copy_from is not None else out_tok
+        copy_from = None
+        for t in new_tokens:  # one at a time, in the recipe's order, as mergekit
+            out_tok.add_tokens(t)
+        notes.append(f"tokenizer.tokens: added {len(new_tokens)} token(s) to the output tokenizer: "
+                     f"{', '.join(repr(t) for t in new_tokens)}")
     vocab = out_tok.get_vocab()
     needed = max(vocab.values()) + 1 if vocab else 0
     size = max(needed, rows[src_i])
@@ -185,15 +200,48 @@ def build_output_vocab(source: str, refs: Sequence[str], checkpoints: Sequence[A
             if k is not None:
                 p[j] = k
         perms.append(p)
+    rules = _token_rules(tokens or {}, refs, vocab, vocabs, perms, rows)
     counts = torch.stack([p >= 0 for p in perms]).sum(0)
-    orphan = int((token_mask & (counts == 0)).sum())
+    ruled = torch.zeros(size, dtype=torch.bool)
+    ruled[list(rules)] = True
+    orphan = int((token_mask & (counts == 0) & ~ruled).sum())
     if orphan:
         warnings.append(f"{orphan} token(s) of the output tokenizer are in no model's embedding; their rows are zero")
     lacking = [f"'{refs[i]}' {int((token_mask & (p < 0)).sum())}" for i, p in enumerate(perms)]
     notes.append(f"tokenizer_source {source}: output vocabulary of {len(vocab)} tokens in {size} rows (inputs' rows: "
                  f"{', '.join(str(r) for r in rows)}); tokens each input lacks: {', '.join(lacking)}")
     return OutputVocab(source=source, tokenizer=out_tok, vocab=vocab, size=size, perms=perms, token_mask=token_mask,
-                       rows=rows, copy_from=copy_from, notes=notes, warnings=warnings)
+                       rows=rows, copy_from=copy_from, notes=notes, warnings=warnings, rules=rules)
+
+
+def _token_rules(tokens: Dict[str, dict], refs: List[str], vocab: Dict[str, int], vocabs: List[Dict[str, int]],
+                 perms: List[torch.Tensor], rows: List[int]) -> Dict[int, tuple]:
+    """``output id -> (token, kind, model index, source row, force)`` for the recipe's ``tokens``; a source
+    that cannot give the row the token needs is an error here, before any tensor is read (mergekit fails
+    the same cases during the merge)."""
+    out: Dict[int, tuple] = {}
+    for tok, cfg in tokens.items():
+        j, src = vocab[tok], cfg["source"]
+        where = f"tokenizer.tokens[{tok!r}]"
+        needed = cfg["force"] or any(int(p[j]) < 0 for p in perms)
+        m = refs.index(src["model"]) if "model" in src else None
+        row = None
+        if src["kind"] == "model" and needed and int(perms[m][j]) < 0:
+            raise RecipeError(f"{where}: source model '{src['model']}' does not have the token {tok!r}; use "
+                              f"{{kind: model_token, model, token}} to take another token's row")
+        if src["kind"] == "model_token":
+            if "token" in src:
+                if src["token"] not in vocabs[m]:
+                    raise RecipeError(f"{where}: token {src['token']!r} is not in the vocabulary of model "
+                                      f"'{src['model']}'")
+                row = vocabs[m][src["token"]]
+            else:
+                row = src["token_id"]
+                if row >= rows[m]:
+                    raise RecipeError(f"{where}: token_id {row} is out of range for model '{src['model']}' "
+                                      f"({rows[m]} embedding rows)")
+        out[j] = (tok, src["kind"], m, row, cfg["force"])
+    return out
 
 
 def _union_tokenizer(tokenizers: List[Any], vocabs: List[Dict[str, int]], base_i: int):

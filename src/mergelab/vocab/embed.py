@@ -17,6 +17,10 @@ vocabulary's rows (:class:`~mergelab.vocab.build.OutputVocab`), as mergekit 0.1.
   so a token a single expert added keeps that expert's row after any merge that returns its input
   when every input is equal (the means, task arithmetic, TIES...);
 * a token no model has: zeros (a warning);
+* a token of the recipe's ``tokenizer: {tokens: ...}`` (mergekit's per-token sources): when some model
+  lacks it, or with ``force: true``, the models lacking it (with ``force``: every model) get the row of
+  its source instead: ``zero``, a model's row of the same token, or a model's row of another token
+  (``model_token``, by string or id in that model's own vocabulary); the other rules do not apply to it;
 * padding rows (no token has their id): each model's mean token row (mergekit's choice, after
   Hewitt's vocabulary-expansion note).
 
@@ -33,6 +37,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from mergelab.errors import MergeLabError
 from mergelab.io.checkpoint import TensorInfo, owned_tensor
 from mergelab.vocab.build import OutputVocab, vocab_tensor_names
 
@@ -67,6 +72,18 @@ def aligned_rows(out: OutputVocab, tensors: List[torch.Tensor], base: Optional[i
         for p, r in zip(present, rows):
             fill = partial & ~p
             r[fill] = default[fill]
+    for j, (tok, kind, m, src, force) in out.rules.items():
+        lacking = [i for i, p in enumerate(present) if not bool(p[j])]
+        if not force and not lacking:
+            continue
+        if kind == "zero":
+            row = torch.zeros(rest, dtype=torch.float32)
+        elif kind == "model":
+            row = tensors[m][int(out.perms[m][j])].to(torch.float32)
+        else:
+            row = tensors[m][src].to(torch.float32)
+        for i in (range(len(tensors)) if force else lacking):
+            rows[i][j] = row
     pad = ~out.token_mask
     if bool(pad.any()):
         for r in rows:
@@ -96,9 +113,15 @@ class VocabAlignment:
             if name not in self._cache:
                 holders = [k for k, names in enumerate(self.names) if name in names]
                 tensors = [self.checkpoints[k].read(name, None, torch.float32, "cpu") for k in holders]
+                rules = {}
+                for j, (tok, kind, m, src, force) in self.out.rules.items():
+                    if m is not None and m not in holders:
+                        raise MergeLabError(f"tokenizer.tokens[{tok!r}] takes its row from model "
+                                            f"'{self.checkpoints[m].label}', which has no tensor '{name}'")
+                    rules[j] = (tok, kind, holders.index(m) if m is not None else None, src, force)
                 sub = OutputVocab(self.out.source, None, self.out.vocab, self.out.size,
                                   [self.out.perms[k] for k in holders], self.out.token_mask,
-                                  [self.out.rows[k] for k in holders], None)
+                                  [self.out.rows[k] for k in holders], None, rules=rules)
                 base = holders.index(self.base) if self.base in holders else None
                 merged = aligned_rows(sub, tensors, base, self.missing_tokens)
                 self._cache[name] = dict(zip(holders, merged))
