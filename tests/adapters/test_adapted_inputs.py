@@ -105,7 +105,7 @@ def _bad_adapter(case, fam, tmp_path):
         return (f"{base}+{bad}", f"'{st}': rank mismatch in module 'model.layers.0.mlp.down_proj': lora_A has 3 rows "
                                  f"but lora_B has 4 columns")
     if case == "other_shapes":  # trained on a base with a wider MLP, no recorded base: caught by the shapes
-        wide = fam_wide(tmp_path)
+        wide = _adapter_of_a_wider_base(tmp_path)
         return (f"{base}+{wide}", f"adapter '{wide}': module 'model.layers.0.mlp.down_proj' gives a delta of shape "
                                   f"(32, 96) (lora_B (32, 4) @ lora_A (4, 96)) but the base '{base}' has "
                                   f"'model.layers.0.mlp.down_proj.weight' of shape (32, 64): adapter of another base")
@@ -121,7 +121,7 @@ def _bad_adapter(case, fam, tmp_path):
     return f"{base}+{bad}", f"'{cfg_path}': field '{field}' is set (True)"
 
 
-def fam_wide(tmp_path):
+def _adapter_of_a_wider_base(tmp_path):
     """A PEFT LoRA (r=4) made on a base like ``fam``'s but with intermediate size 96, base not recorded."""
     from mergelab.synthetic import make_llama_family
 
