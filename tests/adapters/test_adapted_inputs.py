@@ -15,7 +15,7 @@ from mergelab.io.adapted import AdaptedCheckpoint, open_model, split_adapter_ref
 from mergelab.merge import merge, merge_state_dicts
 
 from ..conftest import run_cli
-from .helpers import peft_dense, random_adapter, state_of
+from .helpers import load_base, peft_dense, random_adapter, state_of
 
 peft = pytest.importorskip("peft")
 
@@ -75,37 +75,86 @@ def test_recipe_merge_equals_peft_densify_then_merge(fam, tmp_path):
     assert any("adapter" in fp for fp in manifest["inputs"].values())
 
 
-def test_cli_refusals_name_file_and_field(fam, tmp_path, capsys):
+def _bad_adapter(case, fam, tmp_path):
+    """``(model reference, expected message)`` for one bad input of issue 16 (items 1 and 7)."""
+    from safetensors.torch import load_file, save_file
+
     base, ads, other = fam
     bad = tmp_path / "bad"
     shutil.copytree(ads[0], bad)
-
-    def run(models, expect):
-        path = tmp_path / "r.yaml"
-        path.write_text(yaml.safe_dump(_recipe(base, [(m, 1.0) for m in models])))
-        code, _, err = run_cli(["merge", path, "-o", tmp_path / "o"], capsys)
-        assert code != 0 and expect in err, err
-        assert "Traceback" not in err and not (tmp_path / "o").exists()
-        assert not (tmp_path / "o.partial").exists()
-
-    (bad / "adapter_config.json").unlink()
-    run([f"{base}+{bad}"], "is not a PEFT adapter folder: '" + str(bad / "adapter_config.json") + "' is missing")
-    run([str(ads[0])], "is a PEFT adapter folder (it has adapter_config.json), not a model")
+    cfg_path, st = bad / "adapter_config.json", bad / "adapter_model.safetensors"
+    cfg = json.loads(cfg_path.read_text())
+    if case == "missing_config":
+        cfg_path.unlink()
+        return f"{base}+{bad}", f"is not a PEFT adapter folder: '{cfg_path}' is missing"
+    if case == "bare_adapter":
+        return str(ads[0]), "is a PEFT adapter folder (it has adapter_config.json), not a model"
+    if case == "recorded_base":
+        cfg["base_model_name_or_path"] = str(other)
+        cfg_path.write_text(json.dumps(cfg))
+        return f"{base}+{bad}", f"'{cfg_path}' field 'base_model_name_or_path' is '{other}'"
+    if case == "target_absent":
+        sd = {k.replace("layers.1.mlp.down_proj", "layers.7.mlp.down_proj"): v for k, v in load_file(str(st)).items()}
+        save_file(sd, str(st))
+        return f"{base}+{bad}", f"adapter '{bad}': target module 'model.layers.7.mlp.down_proj' is absent from the base"
+    if case == "rank_inside_file":
+        sd = load_file(str(st))
+        key = "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"
+        sd[key] = sd[key][:3].contiguous()
+        save_file(sd, str(st))
+        return (f"{base}+{bad}", f"'{st}': rank mismatch in module 'model.layers.0.mlp.down_proj': lora_A has 3 rows "
+                                 f"but lora_B has 4 columns")
+    if case == "other_shapes":  # trained on a base with a wider MLP, no recorded base: caught by the shapes
+        wide = _adapter_of_a_wider_base(tmp_path)
+        return (f"{base}+{wide}", f"adapter '{wide}': module 'model.layers.0.mlp.down_proj' gives a delta of shape "
+                                  f"(32, 96) (lora_B (32, 4) @ lora_A (4, 96)) but the base '{base}' has "
+                                  f"'model.layers.0.mlp.down_proj.weight' of shape (32, 64): adapter of another base")
     shutil.rmtree(bad)
-    shutil.copytree(ads[0], bad)
-    cfg = json.loads((bad / "adapter_config.json").read_text())
-    cfg["base_model_name_or_path"] = str(other)
-    (bad / "adapter_config.json").write_text(json.dumps(cfg))
-    run([f"{base}+{bad}"], "field 'base_model_name_or_path' is '" + str(other))
-    cfg["base_model_name_or_path"] = str(base)
-    (bad / "adapter_config.json").write_text(json.dumps(cfg))
-    from safetensors.torch import load_file, save_file
+    if case == "ia3":  # another PEFT type, saved by PEFT itself
+        from peft import IA3Config, get_peft_model
 
-    st = bad / "adapter_model.safetensors"
-    sd = load_file(str(st))
-    sd = {k.replace("layers.1.mlp.down_proj", "layers.7.mlp.down_proj"): v for k, v in sd.items()}
-    save_file(sd, str(st))
-    run([f"{base}+{bad}"], "target module 'model.layers.7.mlp.down_proj' is absent from the base")
+        get_peft_model(load_base(base), IA3Config(target_modules=["q_proj", "v_proj", "down_proj"],
+                                                  feedforward_modules=["down_proj"])).save_pretrained(str(bad))
+        return f"{base}+{bad}", f"'{cfg_path}': field 'peft_type' is 'IA3'; mergelab reads LoRA adapters only"
+    field = {"dora": "use_dora", "lora_bias": "lora_bias"}[case]  # LoRA variants, saved by PEFT itself
+    random_adapter(base, bad, seed=13, r=4, alpha=8, **{field: True})
+    return f"{base}+{bad}", f"'{cfg_path}': field '{field}' is set (True)"
+
+
+def _adapter_of_a_wider_base(tmp_path):
+    """A PEFT LoRA (r=4) made on a base like ``fam``'s but with intermediate size 96, base not recorded."""
+    from mergelab.synthetic import make_llama_family
+
+    wide = make_llama_family(tmp_path / "wide", experts=0, hidden=32, layers=2, intermediate=96, vocab=64)[0]
+    ad = random_adapter(wide, tmp_path / "wide_ad", seed=14, r=4, alpha=8)
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = None
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    return ad
+
+
+BAD_CASES = ["missing_config", "bare_adapter", "recorded_base", "target_absent", "rank_inside_file", "other_shapes",
+             "dora", "lora_bias", "ia3"]
+
+
+@pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed", "ignore:Adapter 'default'.*invalid shape")
+@pytest.mark.parametrize("output", [None, {"format": "peft", "combine": "cat"}], ids=["dense", "peft"])
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_cli_refusals_name_file_and_field(fam, tmp_path, capsys, case, output):
+    """`mergelab merge` with one good adapter and one bad input, to a model and to an adapter (the
+    adapter merge): exit code 2, the message names the file and the field or tensor, no traceback,
+    nothing at -o (nor a partial folder beside it)."""
+    base, ads, _ = fam
+    ref, expect = _bad_adapter(case, fam, tmp_path)
+    rec = _recipe(base, [(f"{base}+{ads[0]}", 0.5), (ref, 1.0)])
+    if output:
+        rec["output"] = output
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(rec))
+    code, out, err = run_cli(["merge", path, "-o", tmp_path / "o"], capsys)
+    assert code == 2 and expect in " ".join(err.split()), err
+    assert "Traceback" not in err + out
+    assert [p.name for p in tmp_path.iterdir() if p.name == "o" or p.name.startswith("o.")] == []
 
 
 def test_adapter_entry_needs_base_model(fam):

@@ -100,6 +100,13 @@ def test_run_lora_adapter_merges_rows(lora_prepared, tiny_base, mini_suite, tmp_
         assert row["status"] == "ok" and row["adapter_rank"] == 8 and row["adapter_bytes"] > 0
         assert row["merge_seconds"] > 0 and 0.0 <= row["max_relative_truncation_error"] < 1.0
     assert (out / "adapters" / "cat-task_arithmetic" / "adapter_config.json").is_file()
+    cat_bytes = (out / "adapters" / "cat-task_arithmetic" / "adapter_model.safetensors").stat().st_size
+    assert cat["adapter_bytes"] == cat_bytes
+    md = (out / "report.md").read_text()
+    m = cat["metrics"]
+    assert (f"| task arithmetic (adapter, cat) | lambda=1.0 | {100 * m['mean_accuracy']:.1f} | "
+            f"{100 * m['mean_normalised_accuracy']:.1f} | {cat['merge_seconds']:.2f} | {cat['merge_peak_mib']:.0f} | "
+            f"{cat_bytes:,} ({4 * len(suite.merge_task_names)}) | 0 (exact) |") in md
     for name in ("regmean (default)", "fisher (default)"):
         assert rows[name]["status"] == "ok", rows[name]
 

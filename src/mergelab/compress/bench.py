@@ -9,7 +9,7 @@ stored the same way in every scheme (``embed_density``), so the packs differ onl
 attention and MLP deltas are stored; bytes are reported for those matrices and in total.
 
 Writes ``compress.json``, ``compress.md`` (a table) and ``compress.png`` (accuracy against matrix bytes,
-one panel per expert) to ``out``.
+one column per expert, accuracy above test NLL, at most four experts a row) to ``out``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from mergelab.errors import MergeLabError
 LEVELS: Tuple[Tuple[str, float, float], ...] = (("graft-s", 0.5, 0.0625), ("graft-m", 0.8, 0.125),
                                                   ("graft-l", 0.95, 0.25), ("graft-xl", 0.99, 0.5))
 MATRIX = ("attention", "mlp")
+PLOT_COLUMNS = 4
 
 
 def _matrix_bytes(tensors: dict) -> int:
@@ -234,12 +235,19 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(report["experts"])
-    fig, axes = plt.subplots(2, len(names), figsize=(4.2 * len(names), 6.4), squeeze=False)
-    for col, name in enumerate(names):
+    cols = min(len(names), PLOT_COLUMNS)  # experts side by side; more wrap to further pairs of rows
+    blocks = -(-len(names) // cols)
+    fig, axes = plt.subplots(2 * blocks, cols, figsize=(4.2 * cols, 3.2 * 2 * blocks), squeeze=False)
+    for i in range(len(names), blocks * cols):
+        block, col = divmod(i, cols)
+        axes[2 * block][col].set_visible(False)
+        axes[2 * block + 1][col].set_visible(False)
+    for i, name in enumerate(names):
         e = report["experts"][name]
+        block, col = divmod(i, cols)
         for row, (key, ylabel) in enumerate((("accuracy", f"test {report.get('metric', 'exact match')}"),
                                               ("answer_nll", f"{report.get('nll', 'answer NLL')} (lower is better)"))):
-            ax = axes[row][col]
+            ax = axes[2 * block + row][col]
             for scheme, style in (("graft", "o-"), ("lowrank", "s--"), ("bitdelta", "D")):
                 rows = sorted((r for r in e["rows"] if r["scheme"] == scheme), key=lambda r: r["matrix_bytes"])
                 if rows:

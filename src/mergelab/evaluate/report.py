@@ -26,7 +26,8 @@ def _params(row: dict) -> str:
 
 
 def markdown(report: dict) -> str:
-    """The leaderboard (accuracies in %) and, per tuned method, every value tried on validation."""
+    """The leaderboard (accuracies in %), the sizes of merges that stay adapters (``bench run
+    --adapter-merges``) and, per tuned method, every value tried on validation."""
     tasks, held = report["merge_tasks"], report["held_out"]
     head = ["model", "coefficients", "mean acc", "norm. acc", "neg. flips", "held-out acc"] + tasks + \
         [f"{h} (held out)" for h in held] + ["merge s", "merge peak MiB"]
@@ -66,6 +67,19 @@ def markdown(report: dict) -> str:
     if noted:
         lines += ["", "Notes:", ""]
         lines += [f"- {r['name']}: {r['note']}" for r in noted]
+    adapters = [r for r in report["rows"] if r.get("status") == "ok" and "adapter_bytes" in r]
+    if adapters:
+        lines += ["", "Adapter merges (merge seconds and peak MiB of `mergelab merge` alone; adapter bytes of "
+                  "`adapter_model.safetensors`; max trunc. error: the largest per-module relative Frobenius error "
+                  "of the truncation, from the merged adapter's `mergelab.json`):", "",
+                  "| model | coefficients | mean acc | norm. acc | merge s | peak MiB | adapter bytes (rank) | "
+                  "max trunc. error |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in adapters:
+            err = r.get("max_relative_truncation_error")
+            err = "–" if err is None else "0 (exact)" if err == 0 else f"{err:.3f}"
+            lines.append(f"| {r['name']} | {_params(r)} | {_pct(r['metrics']['mean_accuracy'])} | "
+                         f"{_pct(r['metrics']['mean_normalised_accuracy'])} | {r['merge_seconds']:.2f} | "
+                         f"{r['merge_peak_mib']:.0f} | {r['adapter_bytes']:,} ({r['adapter_rank']}) | {err} |")
     searched = [r for r in report["rows"] if r.get("search")]
     if searched:
         lines += ["", "Coefficients tried (mean validation accuracy, %; the chosen one in bold):", ""]
