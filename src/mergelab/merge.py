@@ -330,7 +330,7 @@ def _write_metadata(plan, folder: Path, summary, report, index, started, device,
         written = write_tokenizer(vocab, folder)
         vocabulary = {"tokenizer_source": vocab.source, "rows": vocab.size, "tokens": len(vocab.vocab),
                       "missing_tokens": r.missing_tokens or "base", "pad_to_multiple_of": r.pad_to_multiple_of,
-                      "tokenizer_files_written": written, "tokens": r.tokens,
+                      "tokenizer_files_written": written, "token_rules": r.tokens,
                       "input_rows": {c.label: n for c, n in zip(plan.checkpoints, vocab.rows)}}
     chat = getattr(plan, "chat_template", None)
     if chat is not None and chat["template"] is not None:

@@ -204,3 +204,13 @@ def test_lora_experts_prepare_and_run(prepared, tmp_path):
         assert rows[name]["status"] == "ok" and rows[name]["params"] == rows["TIES (default)"]["params"]
         assert 0 <= rows[name]["max_relative_truncation_error"] < 1
     assert (out / "adapters" / "knots-ties" / "adapter_config.json").is_file()
+
+
+def test_run_merges_every_prepared_expert_not_only_the_last_prepare_runs():
+    """`bench prepare --tasks a,b` after a full prepare must not shrink what `bench run` merges by default."""
+    from mergelab.llmmix.run import prepared_tasks
+
+    prep = {"tasks": ["word_problems", "arithmetic"],
+            "models": {"refusal": {}, "multitask": {}, "arithmetic": {}, "my_jsonl_task": {}, "string_ops": {}}}
+    assert prepared_tasks(prep) == ["string_ops", "arithmetic", "word_problems", "refusal", "my_jsonl_task"]
+    assert prepared_tasks({}) == []

@@ -61,8 +61,9 @@ def test_token_sources_follow_mergekits_rules(token_experts, tmp_path, capsys):
     assert torch.equal(got[:n], plain[:n])      # `shared` (configured, all have it) and the rest: unchanged
     assert torch.equal(got[hello], plain[hello]) and not torch.equal(got[hello], zero)
     record = json.loads((tmp_path / "tokens" / "mergelab.json").read_text())["vocabulary"]
-    assert record["tokens"]["<rev>"] == {"source": {"kind": "model_token", "model": str(fam["base"]), "token_id": 7},
-                                         "force": True}
+    assert record["token_rules"]["<rev>"] == {"source": {"kind": "model_token", "model": str(fam["base"]),
+                                                         "token_id": 7}, "force": True}
+    assert record["tokens"] == n + 3  # the output tokenizer's size, kept beside the rules
 
 
 def test_bad_token_sources_write_nothing(token_experts, tmp_path, capsys):

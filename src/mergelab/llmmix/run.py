@@ -284,6 +284,18 @@ class LlmRunner(BenchRunner):
         self.tokenizer.save_pretrained(folder)
 
 
+
+def prepared_tasks(prep: dict) -> list:
+    """Every task ``bench prepare`` has made an expert for in this folder (``prepare.json``: the last
+    run's ``tasks`` and every recorded model, the multi-task one excepted), built-in tasks in the
+    registry's order, then the others; a later ``prepare --tasks a,b`` does not hide the earlier ones."""
+    from mergelab.llmmix.prepare import MULTITASK
+    from mergelab.llmmix.tasks import task_names
+
+    made = list(prep.get("tasks") or ()) + [m for m in (prep.get("models") or {}) if m != MULTITASK]
+    builtin = [t for t in task_names(held_out=False) if t in made]
+    return builtin + [t for t in dict.fromkeys(made) if t not in builtin]
+
 def run_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root: Optional[Path] = None,
                base_dir: Optional[Path] = None, merge_tasks: Optional[Sequence[str]] = None,
                held_out: Optional[Sequence[str]] = None, sizes: Optional[dict] = None, task_seed: int = 0,
@@ -308,7 +320,7 @@ def run_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root: Option
     folder = experts_folder(root, size, lora_rank)
     prep = json.loads((folder / "prepare.json").read_text(encoding="utf-8")) if (folder / "prepare.json").is_file() else {}
     base_dir = Path(base_dir) if base_dir else Path(prep["base"]) if prep.get("base") else base_folder(size, root)
-    names = list(merge_tasks) if merge_tasks else list(prep.get("tasks") or task_names(held_out=False))
+    names = list(merge_tasks) if merge_tasks else prepared_tasks(prep) or task_names(held_out=False)
     held_names = list(held_out) if held_out is not None else task_names(held_out=True)
     bad = [n for n in names if get_spec(n).held_out]
     if bad:

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from mergelab.errors import MergeLabError
-from mergelab.llmmix.prepare import MULTITASK
 
 
 def expert_order(tasks: Sequence[str], seed: int = 0) -> list:
@@ -188,7 +187,7 @@ def run_scale(sizes: Sequence[str], experts: Sequence[int], methods: Sequence[st
     held-out tasks, seed and grids is read back instead of rerun."""
     from mergelab.evaluate.plots import write_scale_chart
     from mergelab.llmmix.pretrain import default_root
-    from mergelab.llmmix.run import run_llmmix
+    from mergelab.llmmix.run import prepared_tasks, run_llmmix
 
     root = Path(root) if root else default_root()
     out = Path(out)
@@ -204,7 +203,7 @@ def run_scale(sizes: Sequence[str], experts: Sequence[int], methods: Sequence[st
             raise MergeLabError(f"{prep}: no prepared experts of size {size} (run `mergelab bench prepare "
                                 f"--suite llmmix --size {size}`)")
         rec = json.loads(prep.read_text(encoding="utf-8"))
-        prepared[size] = (set(rec.get("tasks") or ()) | set(rec.get("models") or {})) - {MULTITASK}
+        prepared[size] = set(prepared_tasks(rec))
     everything = expert_order(sorted(set().union(*prepared.values())), order_seed)
     order = {}
     for size in sizes:
