@@ -62,7 +62,13 @@ def main() -> None:
                          "share of the residual's largest entries kept), one variant each")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the MoE even if WORKDIR/moe exists")
+    ap.add_argument("--replot", action="store_true", help="only redraw --png from WORKDIR/results.json")
     args = ap.parse_args()
+    if args.replot:
+        res = json.loads((args.workdir / "results.json").read_text())
+        labels = sorted(dict.fromkeys(r["model"] for r in res["rows"][2:]), key=lambda m: "+" in m)
+        plot(res["rows"], labels, len(res["tasks"]), res["size"], args.png)
+        return
 
     import torch
     import yaml
@@ -182,27 +188,38 @@ def main() -> None:
     (work / "table.md").write_text(head + body)
     print(head + body)
     if args.png:
-        import matplotlib
+        plot(rows, sorted([v[0] for v in variants], key=lambda m: "+" in m), E, args.size, args.png)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for label, _, _ in variants:
-            pts = [(r["experts"], r["mean_token_acc"]) for r in rows if r["model"] == label]
-            if all(p[0] != E for p in pts):
-                pts.append((E, rows[1]["mean_token_acc"]))
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        ax.axhline(rows[0]["mean_token_acc"], color="grey", ls="--", label="dense experts")
-        ax.set_xlabel("experts kept per layer")
-        ax.set_ylabel(f"answer-token accuracy, mean of {E} tasks")
-        ax.set_xticks(range(1, E + 1))
-        ax.set_title(f"MC-SMoE on a {E}-expert Mixtral (llmmix {args.size})")
-        ax.legend()
-        fig.tight_layout()
-        args.png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.png, dpi=100)
+def plot(rows, labels, E: int, size: str, png: Path) -> None:
+    """Mean answer-token accuracy against experts kept, one line per variant (the MoE at K = E where the
+    variant has no row of its own); a variant equal to one drawn before it is dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    drawn = []
+    for label in labels:
+        pts = [(r["experts"], r["mean_token_acc"]) for r in rows if r["model"] == label]
+        if all(p[0] != E for p in pts):
+            pts.append((E, rows[1]["mean_token_acc"]))
+        pts.sort()
+        same = next((lab for lab, q in drawn if q == pts), None)
+        drawn.append((label, pts))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls="--" if same else "-",
+                label=label + (f" (= {same})" if same else ""))
+    ax.axhline(rows[0]["mean_token_acc"], color="grey", ls=":", label="dense experts (each on its task)")
+    ax.set_xlabel("experts kept per layer")
+    ax.set_ylabel(f"answer-token accuracy, mean of {E} tasks")
+    ax.set_xticks(range(1, E + 1))
+    ax.set_ylim(0, 1)
+    ax.set_title(f"MC-SMoE on a {E}-expert Mixtral (llmmix {size})")
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
 
 
 if __name__ == "__main__":
