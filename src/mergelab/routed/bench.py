@@ -237,7 +237,8 @@ class RoutedBench:
         one = linear_macs(model.module)
         info = {"split": split, "examples_per_task": s.wemoe_examples, "labels_used": False, "test_time": test_time}
         return [self.row(key, folder, tm.seconds, tm.mem.mib, info,
-                         params={"steps": s.wemoe_steps, "lr": s.wemoe_lr, "init_lambda": cfg.init_lambda},
+                         params={"steps": s.wemoe_steps, "lr": s.wemoe_lr, "batch": s.wemoe_batch,
+                                 "examples": s.wemoe_examples, "init_lambda": cfg.init_lambda},
                          entropy_first_last=[hist[0], hist[-1]] if hist else None,
                          inference={"linear_macs_vs_one_model": round((one + len(self.tasks) * mlp) / one, 3),
                                     "task_id_needed": False})]
