@@ -362,8 +362,9 @@ def build_twin(out: Path, base: Mapping[str, torch.Tensor], experts: Sequence[Ma
                router: Optional[TwinRouter] = None) -> Path:
     """Shared merge, exclusive factors, router trained on ``router_batches[k]`` (inputs of task ``k``,
     labels unused); writes the folder ``out`` and returns it. ``router``: one already trained by
-    :func:`train_twin_router` with the same router settings (then ``router_batches`` is not used, and the
-    shared merge is its ``shared``); the folder is the one training it here would give."""
+    :func:`train_twin_router` on the same base and experts with the same router settings (checked: the
+    tasks and settings; then ``router_batches`` is not used, and the shared merge is its ``shared``); the
+    folder is the one training it here would give."""
     if router is None:
         _check_router_batches(tasks, router_batches)
     else:
