@@ -6,8 +6,10 @@
    ``base-SIZE/final`` and ``experts-SIZE/<task>/final``).
 2. Calibration: ``--calibration-examples`` rendered prompt + answer texts of each task's **train** split.
 3. ``mergelab moe-compress --experts K`` (in-process: :func:`mergelab.moe.mcsmoe.compress_moe`) for
-   K = E-1 .. 1: the default (``reduced`` layout, aligned), ``--no-align`` (ablation) and ``--layout
-   shared`` (the paper's M-SMoE: router and E slots kept); ``--variants`` picks among them.
+   K = E-1 .. 1: the default (``reduced`` layout, aligned), ``--no-align`` (ablation), ``--layout shared``
+   (the paper's M-SMoE: router and E slots kept) and ``low-rank+sparse`` (the merge followed by the
+   compression step, ``--rank R --sparsity S``, one variant per pair of ``--lrs``; also at K = E, the
+   compression alone); ``--variants`` picks among them.
 4. On the first ``--test-limit`` test examples of every task, for the dense experts (each on its own
    task), the MoE and every compressed model: greedy exact match (the suite's metric) and, teacher-forced,
    the answer tokens' accuracy (argmax right, EOS included) and mean NLL, which still move where exact
@@ -32,7 +34,8 @@ from pathlib import Path
 TASKS = "string_ops,list_ops,translate_dates,language_id"
 # (label, folder name, compress_moe options)
 VARIANTS = [("MC-SMoE", "mcsmoe", {}), ("no alignment", "noalign", {"align": False}),
-            ("shared (paper M-SMoE)", "shared", {"layout": "shared"})]
+            ("shared (paper M-SMoE)", "shared", {"layout": "shared"}),
+            ("low-rank+sparse", "lrs", {"rank": None, "sparsity": None})]  # --rank / --sparsity fill these
 
 
 def cli(*args) -> None:
@@ -54,9 +57,18 @@ def main() -> None:
     ap.add_argument("--test-limit", type=int, default=100)
     ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS),
                     help="comma-separated labels of the compressed variants to run")
+    ap.add_argument("--lrs", default="32:0.05",
+                    help="low-rank+sparse variant: comma-separated RANK:SPARSITY pairs (rank of each merged matrix, "
+                         "share of the residual's largest entries kept), one variant each")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the MoE even if WORKDIR/moe exists")
+    ap.add_argument("--replot", action="store_true", help="only redraw --png from WORKDIR/results.json")
     args = ap.parse_args()
+    if args.replot:
+        res = json.loads((args.workdir / "results.json").read_text())
+        labels = sorted(dict.fromkeys(r["model"] for r in res["rows"][2:]), key=lambda m: "+" in m)
+        plot(res["rows"], labels, len(res["tasks"]), res["size"], args.png)
+        return
 
     import torch
     import yaml
@@ -131,21 +143,40 @@ def main() -> None:
     rows.append({"model": f"MoE ({len(names)} experts, top-1)", "experts": len(names), **score(work / "moe")})
     print(rows[-1], flush=True)
     E = len(names)
-    variants = [v for v in VARIANTS if v[0] in args.variants.split(",")]
+    wanted = args.variants.split(",")
+    unknown = [v for v in wanted if v not in [x[0] for x in VARIANTS]]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; known: {[x[0] for x in VARIANTS]}")
+    variants = []
+    for label, name, options in VARIANTS:
+        if label not in wanted:
+            continue
+        if name != "lrs":
+            variants.append((label, name, options))
+            continue
+        for pair in args.lrs.split(","):
+            r, _, sp = pair.partition(":")
+            variants.append((f"MC-SMoE + rank {int(r)} + sparse {float(sp):g}", f"lrs-r{int(r)}-s{float(sp):g}",
+                             {"rank": int(r), "sparsity": float(sp)}))
     cal = file_texts(work / "calibration.jsonl", n=None)
-    for k in range(E - 1, 0, -1):
+    for k in range(E, 0, -1):
         for label, name, options in variants:
+            if k == E and not name.startswith("lrs"):  # E groups of one: only the compression changes the MoE
+                continue
             out = work / f"k{k}-{name}"
             report = compress_moe(work / "moe", out, k, cal.texts, overwrite=True, calibration_source=cal.source,
                                   **options)
             groups = [lay["groups"] for lay in report.report["layers"]]
-            rows.append({"model": label, "experts": k, "groups": groups, **score(out)})
+            extra = {"compressed_fraction": report.report["compressed_fraction_of_merged_experts"]} \
+                if "compressed_fraction_of_merged_experts" in report.report else {}
+            rows.append({"model": label, "experts": k, "groups": groups, **extra, **score(out)})
             print(rows[-1], flush=True)
     for r in rows:
         r["mean"] = sum(r[n] for n in names) / len(names)
         r["mean_token_acc"] = sum(r[f"{n}:token_acc"] for n in names) / len(names)
         r["mean_nll"] = sum(r[f"{n}:nll"] for n in names) / len(names)
     res = {"tasks": names, "size": args.size, "test_limit": args.test_limit, "rows": rows,
+           "lrs": args.lrs,
            "seconds": round(time.time() - started, 1), "command": " ".join(sys.argv)}
     (work / "results.json").write_text(json.dumps(res, indent=2))
     head = ("| model | experts kept | " + " | ".join(names) + " | mean exact match | mean answer-token accuracy "
@@ -157,26 +188,38 @@ def main() -> None:
     (work / "table.md").write_text(head + body)
     print(head + body)
     if args.png:
-        import matplotlib
+        plot(rows, sorted([v[0] for v in variants], key=lambda m: "+" in m), E, args.size, args.png)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for label, _, _ in variants:
-            pts = [(E, rows[1]["mean_token_acc"])] + [(r["experts"], r["mean_token_acc"]) for r in rows
-                                                      if r["model"] == label]
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        ax.axhline(rows[0]["mean_token_acc"], color="grey", ls="--", label="dense experts")
-        ax.set_xlabel("experts kept per layer")
-        ax.set_ylabel(f"answer-token accuracy, mean of {E} llmmix tasks")
-        ax.set_xticks(range(1, E + 1))
-        ax.set_title(f"MC-SMoE on a {E}-expert Mixtral (llmmix {args.size})")
-        ax.legend()
-        fig.tight_layout()
-        args.png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.png, dpi=100)
+def plot(rows, labels, E: int, size: str, png: Path) -> None:
+    """Mean answer-token accuracy against experts kept, one line per variant (the MoE at K = E where the
+    variant has no row of its own); a variant equal to one drawn before it is dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    drawn = []
+    for label in labels:
+        pts = [(r["experts"], r["mean_token_acc"]) for r in rows if r["model"] == label]
+        if all(p[0] != E for p in pts):
+            pts.append((E, rows[1]["mean_token_acc"]))
+        pts.sort()
+        same = next((lab for lab, q in drawn if q == pts), None)
+        drawn.append((label, pts))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls="--" if same else "-",
+                label=label + (f" (= {same})" if same else ""))
+    ax.axhline(rows[0]["mean_token_acc"], color="grey", ls=":", label="dense experts (each on its task)")
+    ax.set_xlabel("experts kept per layer")
+    ax.set_ylabel(f"answer-token accuracy, mean of {E} tasks")
+    ax.set_xticks(range(1, E + 1))
+    ax.set_ylim(0, 1)
+    ax.set_title(f"MC-SMoE on a {E}-expert Mixtral (llmmix {size})")
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
 
 
 if __name__ == "__main__":

@@ -184,12 +184,16 @@ def test_routed_bench_on_llmmix_experts(trained_llamas, tmp_path):
         assert ind[t] == _bits(evaluate_task(ref, tok, build_task(t, seed=0, sizes=sizes), "test", limit=6).records)
 
 
-def test_twin_rank_sweep_rows_bytes_and_chart(trained_llamas, llamas, tmp_path):
-    """`--twin-ranks`: one Twin row per rank, one router for all, the exclusive bytes of each rank as counted
-    here from the experts' shapes (r (m + n + 1) floats per changed matrix and task, 1-D deltas dense), the
-    exact experts' deltas at full rank, and the rank table and chart."""
+def test_twin_rank_sweep_rows_bytes_and_chart(trained_llamas, llamas, tmp_path, monkeypatch):
+    """`--twin-ranks`: one Twin row per rank, one router for all (trained once), the exclusive bytes of each
+    rank as counted here from the experts' shapes (r (m + n + 1) floats per changed matrix and task, 1-D
+    deltas dense), the exact experts' deltas at full rank, and the rank table and chart."""
+    import mergelab.routed.twin as twin
     from mergelab.routed.bench import RoutedSettings, run_routed_llmmix
 
+    trainings = []
+    train = twin.train_router
+    monkeypatch.setattr(twin, "train_router", lambda *a, **k: trainings.append(1) or train(*a, **k))
     config, _, base, experts, _ = llamas
     full = max(min(v.shape) for v in base.values() if v.dim() == 2)
     settings = RoutedSettings(twin_epochs=2, twin_ranks=(1, full))
@@ -209,6 +213,8 @@ def test_twin_rank_sweep_rows_bytes_and_chart(trained_llamas, llamas, tmp_path):
         assert (out / "models" / f"twin-r{rank}" / "routed.json").is_file()
     assert rows[0]["exclusive_relative_error"] > 0.05 and rows[1]["exclusive_relative_error"] < 1e-5
     assert rows[0]["router_accuracy"] == rows[1]["router_accuracy"]  # one seeded router
+    assert len(trainings) == 1 and all(r["router_trained_once_for_sweep"] for r in rows)
+    assert all(r["merge_seconds"] >= r["router_seconds"] > 0 for r in rows)
     assert rows[0]["sizes"]["extra_bytes"] < rows[1]["sizes"]["extra_bytes"]
     md = (out / "twin_ranks.md").read_text().splitlines()
     assert md[0].startswith("| rank | mean acc | norm. acc") and [x.split(" | ")[0] for x in md[2:]] == ["| 1",

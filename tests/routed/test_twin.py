@@ -146,3 +146,51 @@ def test_router_keeps_the_most_confident_of_equally_accurate_epochs():
     with torch.no_grad():
         got = float(torch.nn.functional.cross_entropy(router(feats[val]), labels[val]))
     assert got == pytest.approx(loss[want], rel=1e-6)
+
+
+def test_a_router_trained_once_gives_the_folders_of_training_it_per_rank(family_states, tmp_path):
+    """A rank sweep trains the router once (`train_twin_router`) and passes it to `build_twin` for every
+    rank: each folder holds the same tensors and routes as the folder trained on its own (today's path),
+    and the router's tensors are the same at every rank."""
+    from safetensors.torch import load_file
+
+    from mergelab.errors import MergeLabError
+    from mergelab.routed.twin import train_twin_router
+
+    config, tok, base, experts, tasks = family_states
+    data = []
+    for t in tasks:
+        enc = tok(TEXTS[t], padding=True, return_tensors="pt")
+        data.append([{"input_ids": enc["input_ids"].clamp_max(config.vocab_size - 1),
+                      "attention_mask": enc["attention_mask"]}])
+    probe = {"input_ids": data[0][0]["input_ids"][:3], "attention_mask": data[0][0]["attention_mask"][:3]}
+
+    def cfg(rank):
+        return TwinConfig(rank=rank, router_hidden=16, router_epochs=12, router_lr=1e-2)
+
+    trained = train_twin_router(base, experts, tasks, config, data, cfg(None))
+    names = ("shared", "exclusive", "router")
+    routers = []
+    for rank in (2, 8):
+        own = build_twin(tmp_path / f"own-{rank}", base, experts, tasks, config, data, cfg(rank))
+        once = build_twin(tmp_path / f"once-{rank}", base, experts, tasks, config, None, cfg(rank), router=trained)
+        for n in names:
+            a, b = load_file(str(own / f"{n}.safetensors")), load_file(str(once / f"{n}.safetensors"))
+            assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), n
+        ma, mb = (json.loads((f / "routed.json").read_text()) for f in (own, once))
+        assert ma == mb
+        routers.append(load_file(str(once / "router.safetensors")))
+        a, b = routed.load(own), routed.load(once)
+        with torch.no_grad():
+            assert torch.equal(a.route(**probe), b.route(**probe))
+            assert torch.equal(a(**probe).last_hidden_state, b(**probe).last_hidden_state)
+    assert all(torch.equal(routers[0][k], routers[1][k]) for k in routers[0])
+    # a router trained with other router settings, or for other tasks, is refused before anything is written
+    with pytest.raises(MergeLabError, match="router_epochs=12"):
+        build_twin(tmp_path / "x", base, experts, tasks, config, None,
+                   TwinConfig(rank=2, router_hidden=16, router_epochs=13, router_lr=1e-2), router=trained)
+    with pytest.raises(MergeLabError, match="routes tasks"):
+        build_twin(tmp_path / "x", base, experts, list(reversed(tasks)), config, None, cfg(2), router=trained)
+    with pytest.raises(MergeLabError, match="router inputs for 0 tasks"):
+        build_twin(tmp_path / "x", base, experts, tasks, config, None, cfg(2))
+    assert not (tmp_path / "x").exists()

@@ -161,24 +161,46 @@ class RoutedBench:
 
     def twin(self) -> List[dict]:
         """One row at ``twin_rank`` / ``twin_density``, or one per rank of ``twin_ranks`` (a sweep: each rank
-        its own folder ``twin-r<rank>``, built from the same router inputs; the router's training is seeded,
-        so every rank gets the same router)."""
+        its own folder ``twin-r<rank>``). The router does not depend on the rank: a sweep merges the shared
+        model and trains the router once (:func:`mergelab.routed.twin.train_twin_router`) and builds every
+        rank with it, the same folders as training it per rank (seeded)."""
+        from mergelab.routed.twin import train_twin_router
+
         s = self.settings
         data = self.batches("validation", s.twin_examples, 64)
         if not s.twin_ranks:
             return [self._twin_row(s.twin_rank, "twin", DISPLAY["twin"], data)]
-        return [self._twin_row(r, f"twin-r{r}", f"{DISPLAY['twin']} (rank {r})", data) for r in s.twin_ranks]
+        with self._timer() as tm:
+            router = train_twin_router(self.base, self.experts, self.tasks, self.config, data,
+                                       self._twin_config(None), self.model_class, self.log)
+        self.log(f"twin: shared merge and router trained once for the {len(s.twin_ranks)} ranks in {tm.seconds:.1f} s")
+        return [self._twin_row(r, f"twin-r{r}", f"{DISPLAY['twin']} (rank {r})", data, router, tm)
+                for r in s.twin_ranks]
 
-    def _twin_row(self, rank: Optional[int], folder_name: str, name: str, data: List[list]) -> dict:
-        from mergelab.routed.twin import TwinConfig, build_twin
+    def _twin_config(self, rank: Optional[int]):
+        from mergelab.routed.twin import TwinConfig
 
         s = self.settings
-        cfg = TwinConfig(shared_method=s.twin_method, shared_params={"lambda": s.twin_lambda}, rank=rank,
-                         density=s.twin_density, router_epochs=s.twin_epochs, seed=self.seed)
+        return TwinConfig(shared_method=s.twin_method, shared_params={"lambda": s.twin_lambda}, rank=rank,
+                          density=s.twin_density, router_epochs=s.twin_epochs, seed=self.seed)
+
+    def _twin_row(self, rank: Optional[int], folder_name: str, name: str, data: List[list], router=None,
+                  router_timer=None) -> dict:
+        """``router``: trained once for a sweep; the row's build time and peak memory then include the
+        router's (``router_seconds``), so that each row still says what building that one model costs."""
+        from mergelab.routed.twin import build_twin
+
+        s = self.settings
+        cfg = self._twin_config(rank)
         folder = self.out / "models" / folder_name
         with self._timer() as tm:
             build_twin(folder, self.base, self.experts, self.tasks, self.config, data, cfg, heads=self.heads,
-                       model_class=self.model_class, log=self.log)
+                       model_class=self.model_class, log=self.log, router=router)
+        seconds, mib = tm.seconds, tm.mem.mib
+        extra = {}
+        if router_timer is not None:
+            seconds, mib = seconds + router_timer.seconds, max(mib, router_timer.mem.mib)
+            extra = {"router_seconds": round(router_timer.seconds, 2), "router_trained_once_for_sweep": True}
         import mergelab.routed as routed
 
         m = routed.load(folder)
@@ -188,7 +210,7 @@ class RoutedBench:
                       for mod in m.module.modules() if type(mod).__name__ == "RoutedLinear")
         info = {"split": "validation", "examples_per_task": s.twin_examples or "all", "labels_used": False,
                 "task_ids_used": True, "test_time": False}
-        return self.row("twin", folder, tm.seconds, tm.mem.mib, info, name=name,
+        return self.row("twin", folder, seconds, mib, info, name=name, **extra,
                         params={"shared": f"{s.twin_method} lambda={s.twin_lambda}",
                                 "rank": rank or f"{s.twin_density:g} of full"},
                         router_accuracy=m.manifest.get("router_accuracy"),
@@ -215,7 +237,8 @@ class RoutedBench:
         one = linear_macs(model.module)
         info = {"split": split, "examples_per_task": s.wemoe_examples, "labels_used": False, "test_time": test_time}
         return [self.row(key, folder, tm.seconds, tm.mem.mib, info,
-                         params={"steps": s.wemoe_steps, "lr": s.wemoe_lr, "init_lambda": cfg.init_lambda},
+                         params={"steps": s.wemoe_steps, "lr": s.wemoe_lr, "batch": s.wemoe_batch,
+                                 "examples": s.wemoe_examples, "init_lambda": cfg.init_lambda},
                          entropy_first_last=[hist[0], hist[-1]] if hist else None,
                          inference={"linear_macs_vs_one_model": round((one + len(self.tasks) * mlp) / one, 3),
                                     "task_id_needed": False})]

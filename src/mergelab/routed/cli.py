@@ -39,6 +39,7 @@ def bench(
     wemoe_steps: int = typer.Option(200, "--wemoe-steps"),
     wemoe_lr: float = typer.Option(1e-3, "--wemoe-lr"),
     wemoe_examples: int = typer.Option(64, "--wemoe-examples", help="Unlabelled inputs per task."),
+    wemoe_batch: int = typer.Option(16, "--wemoe-batch", help="Inputs per task in each router step (reference 16)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
@@ -68,11 +69,11 @@ def bench(
         raise MergeLabError(f"--twin-ranks must be distinct integers >= 1, got {twin_ranks}")
     if ranks and twin_rank is not None:
         raise MergeLabError("--twin-rank and --twin-ranks: give one of them")
-    if wemoe_steps < 0 or wemoe_examples < 1 or not wemoe_lr > 0:
-        raise MergeLabError("--wemoe-steps must be >= 0, --wemoe-examples >= 1 and --wemoe-lr > 0")
+    if wemoe_steps < 0 or wemoe_examples < 1 or wemoe_batch < 1 or not wemoe_lr > 0:
+        raise MergeLabError("--wemoe-steps must be >= 0, --wemoe-examples and --wemoe-batch >= 1 and --wemoe-lr > 0")
     settings = RoutedSettings(emr_reduction=emr_reduction, twin_density=twin_density, twin_rank=twin_rank,
                               twin_ranks=tuple(ranks), twin_lambda=twin_lambda, wemoe_steps=wemoe_steps,
-                              wemoe_lr=wemoe_lr, wemoe_examples=wemoe_examples, threads=threads)
+                              wemoe_lr=wemoe_lr, wemoe_examples=wemoe_examples, wemoe_batch=wemoe_batch, threads=threads)
     if suite == "llmmix":
         from mergelab.routed.bench import run_routed_llmmix
 

@@ -84,16 +84,30 @@ def rank_for(shape, cfg: TwinConfig) -> int:
     return cfg.rank if cfg.rank is not None else max(1, int(cfg.density * min(shape)))
 
 
+def shared_model(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
+                 tasks: Sequence[str], cfg: TwinConfig) -> Dict[str, torch.Tensor]:
+    """``theta_s``: the float tensors of ``base`` merged with ``cfg.shared_method`` (float32)."""
+    cfg.check()
+    keys = check_inputs(base, experts, tasks)
+    shared = merge_shared({k: base[k].float() for k in keys}, [{k: e[k].float() for k in keys} for e in experts],
+                          cfg.shared_method, cfg.shared_params, cfg.seed)
+    return {k: v.float() for k, v in shared.items()}
+
+
 def shared_and_exclusive(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
-                         tasks: Sequence[str], cfg: TwinConfig) -> tuple:
-    """``(theta_s, exclusive, info)``; ``exclusive[k][key]`` is a dense 1-D delta or ``(U, S, Vh)``."""
+                         tasks: Sequence[str], cfg: TwinConfig,
+                         shared: Optional[Mapping[str, torch.Tensor]] = None) -> tuple:
+    """``(theta_s, exclusive, info)``; ``exclusive[k][key]`` is a dense 1-D delta or ``(U, S, Vh)``.
+    ``shared``: ``theta_s`` already merged by :func:`shared_model` with the same settings (not merged again)."""
     from mergelab.compress.lowrank import truncated_svd
 
     cfg.check()
     keys = check_inputs(base, experts, tasks)
-    b = {k: base[k].float() for k in keys}
     ex = [{k: e[k].float() for k in keys} for e in experts]
-    shared = merge_shared(b, ex, cfg.shared_method, cfg.shared_params, cfg.seed)
+    if shared is None:
+        shared = shared_model(base, experts, tasks, cfg)
+    elif sorted(shared) != sorted(keys):
+        raise MergeLabError("twin: the given shared model does not hold the base's float tensors")
     exclusive: List[Dict[str, object]] = [dict() for _ in experts]
     err = {}
     for key in keys:
@@ -280,34 +294,102 @@ def train_router(features: torch.Tensor, labels: torch.Tensor, k: int, cfg: Twin
                            "router_heldback": int(n_val), "accuracy_by_epoch": history, "loss_by_epoch": losses}
 
 
-def build_twin(out: Path, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
-               tasks: Sequence[str], config, router_batches: Sequence[Sequence], cfg: TwinConfig = TwinConfig(),
-               model_class: str = "AutoModel", heads: Optional[Mapping[str, dict]] = None,
-               extra: Optional[dict] = None, log=lambda s: None) -> Path:
-    """Shared merge, exclusive factors, router trained on ``router_batches[k]`` (inputs of task ``k``,
-    labels unused); writes the folder ``out`` and returns it."""
-    if len(router_batches) != len(tasks):
-        raise MergeLabError(f"twin: router inputs for {len(router_batches)} tasks, {len(tasks)} experts")
+# the settings a trained router depends on (the rank / density of the exclusive parts are not among them)
+ROUTER_SETTINGS = ("shared_method", "shared_params", "router_hidden", "router_epochs", "router_lr", "router_batch",
+                   "dropout", "seed")
+
+
+@dataclass
+class TwinRouter:
+    """A router trained on the features of one shared model ``theta_s`` (:func:`train_twin_router`).
+
+    The router reads ``theta_s``'s hidden states only, so it does not depend on the rank of the exclusive
+    parts: a rank sweep trains it once and passes it to :func:`build_twin` for every rank, which gives the
+    same folders as training it per rank (the training is seeded)."""
+
+    router: nn.Module
+    info: dict  # train_router's info
+    input_dim: int
+    tasks: List[str]
+    shared: Dict[str, torch.Tensor]  # theta_s (the base's float tensors, merged), reused by build_twin
+    settings: dict  # ROUTER_SETTINGS of the TwinConfig it was trained with
+    seconds: float = 0.0  # shared merge, features and training
+
+
+def _router_settings(cfg: TwinConfig) -> dict:
+    d = asdict(cfg)
+    return {k: d[k] for k in ROUTER_SETTINGS}
+
+
+def _check_router_batches(tasks: Sequence[str], router_batches) -> None:
+    if router_batches is None or len(router_batches) != len(tasks):
+        n = 0 if router_batches is None else len(router_batches)
+        raise MergeLabError(f"twin: router inputs for {n} tasks, {len(tasks)} experts")
     for t, bs in zip(tasks, router_batches):  # before any work, so nothing is computed or written in vain
         if not bs or not any(int(b["input_ids"].numel()) for b in bs):
             raise MergeLabError(f"twin: no router inputs for task '{t}' (the router learns each task from its inputs)")
-    if Path(out).exists():
-        raise MergeLabError(f"output folder '{out}' exists; remove it or choose another")
-    shared, exclusive, info = shared_and_exclusive(base, experts, tasks, cfg)
-    full_shared = {**{k: v for k, v in base.items()}, **shared}
-    module = build_module(config, model_class, full_shared)
+
+
+def _train(base, shared, tasks, config, router_batches, cfg, model_class, log) -> tuple:
+    module = build_module(config, model_class, {**base, **shared})
     feats, labels = [], []
     for k, bs in enumerate(router_batches):
         f = shared_features(module, bs)
         feats.append(f)
         labels.append(torch.full((f.shape[0],), k, dtype=torch.long))
     router, rinfo = train_router(torch.cat(feats), torch.cat(labels), len(tasks), cfg, log)
+    return router, rinfo, int(feats[0].shape[1])
+
+
+def train_twin_router(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
+                      tasks: Sequence[str], config, router_batches: Sequence[Sequence], cfg: TwinConfig = TwinConfig(),
+                      model_class: str = "AutoModel", log=lambda s: None) -> TwinRouter:
+    """The shared merge and the router trained on its features of ``router_batches[k]`` (inputs of task
+    ``k``), for :func:`build_twin`'s ``router`` (a rank sweep trains it once)."""
+    import time
+
+    t0 = time.perf_counter()
+    _check_router_batches(tasks, router_batches)
+    shared = shared_model(base, experts, tasks, cfg)
+    router, rinfo, dim = _train(base, shared, tasks, config, router_batches, cfg, model_class, log)
+    return TwinRouter(router, rinfo, dim, list(tasks), shared, _router_settings(cfg), time.perf_counter() - t0)
+
+
+def build_twin(out: Path, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
+               tasks: Sequence[str], config, router_batches: Optional[Sequence[Sequence]] = None,
+               cfg: TwinConfig = TwinConfig(), model_class: str = "AutoModel",
+               heads: Optional[Mapping[str, dict]] = None, extra: Optional[dict] = None, log=lambda s: None,
+               router: Optional[TwinRouter] = None) -> Path:
+    """Shared merge, exclusive factors, router trained on ``router_batches[k]`` (inputs of task ``k``,
+    labels unused); writes the folder ``out`` and returns it. ``router``: one already trained by
+    :func:`train_twin_router` on the same base and experts with the same router settings (checked: the
+    tasks and settings; then ``router_batches`` is not used, and the shared merge is its ``shared``); the
+    folder is the one training it here would give."""
+    if router is None:
+        _check_router_batches(tasks, router_batches)
+    else:
+        if list(router.tasks) != list(tasks):
+            raise MergeLabError(f"twin: the trained router routes tasks {router.tasks}, not {list(tasks)}")
+        want = _router_settings(cfg)
+        diff = [k for k in ROUTER_SETTINGS if router.settings.get(k) != want[k]]
+        if diff:
+            raise MergeLabError(f"twin: the trained router was trained with {diff[0]}={router.settings.get(diff[0])!r}, "
+                                f"the settings give {want[diff[0]]!r} (train it with the same settings)")
+    if Path(out).exists():
+        raise MergeLabError(f"output folder '{out}' exists; remove it or choose another")
+    shared, exclusive, info = shared_and_exclusive(base, experts, tasks, cfg,
+                                                   shared=router.shared if router is not None else None)
+    full_shared = {**{k: v for k, v in base.items()}, **shared}
+    if router is None:
+        trained, rinfo, input_dim = _train(base, shared, tasks, config, router_batches, cfg, model_class, log)
+    else:
+        trained, rinfo, input_dim = router.router, dict(router.info), router.input_dim
     tmp = store.begin(Path(out))
     try:
         one = store.save_tensors(tmp / "shared.safetensors", {k: v for k, v in full_shared.items()})
         flat = exclusive_tensors(tasks, exclusive)
         ex_bytes = store.save_tensors(tmp / "exclusive.safetensors", flat)
-        rstate = router.state_dict()
+        rstate = trained.state_dict()
         r_bytes = store.save_tensors(tmp / "router.safetensors", rstate)
         extra_params = sum(v.numel() for v in flat.values()) + sum(
             v.numel() for v in rstate.values() if v.is_floating_point())
@@ -315,7 +397,7 @@ def build_twin(out: Path, base: Mapping[str, torch.Tensor], experts: Sequence[Ma
         if heads:
             store.save_heads(tmp / "heads.safetensors", heads)
         manifest = {"method": "twin", "tasks": list(tasks), "model_class": model_class,
-                    "router": {"input_dim": int(next(iter(feats)).shape[1]), "hidden": cfg.router_hidden,
+                    "router": {"input_dim": input_dim, "hidden": cfg.router_hidden,
                                "dropout": cfg.dropout, "input": "mean over real tokens of the shared model's "
                                                                 "last hidden state"},
                     "settings": asdict(cfg), **info, **rinfo, "heads": bool(heads),
