@@ -140,7 +140,10 @@ def main() -> None:
             folder = Path("out-m2n2", f"best-at-{n}")
             if folder.is_dir():
                 fit = h["best_at"][str(n)]["mean_score"] if h else None
-                test_row("M2N2", n, fit, state=read_state(folder),
+                state = read_state(folder)
+                # M2N2's own fitness is the accuracy over all pooled examples; the column is the mean over tasks
+                task_mean = val.scorer.score(state)["fitness"]
+                test_row("M2N2", n, task_mean, state=state, m2n2_pooled_validation=fit,
                          seconds_per_evaluation=round(float(np.mean(secs[:n])), 2) if h and secs else None)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
