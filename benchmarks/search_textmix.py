@@ -7,6 +7,11 @@ scores it on the full **test** splits with each task's expert head, and does the
 validation grid for task arithmetic (uniform weights ``lambda`` in 0.3, 0.5, 1.0, scored on the same
 capped validation). Writes ``results.json``, ``results.md`` and ``best_so_far.png`` into ``--out``.
 
+``--grid-evals N`` (N > 3) also runs the validation grid at the searches' budget: uniform weights
+``lambda = k / N`` for k = 1..N, evaluated coarse to fine (step 0.1 first, then 0.05, then the rest), so
+the first 10 and 20 points are grids too; each point's fitness is kept in ``grid.json`` in the work
+folder, and a rerun evaluates only the missing points.
+
     cd WORKDIR   # holds cma.yaml, random.yaml, m2n2.yaml, textmix-base/, out-cma/, out-random/, out-m2n2/
     python benchmarks/search_textmix.py --workdir . --budgets 50,100,200 --out docs/results/search-textmix
 """
@@ -32,6 +37,13 @@ def best_within(evals: list, n: int) -> dict:
     return max(pool, key=lambda e: (e["fitness"], -e["eval"]))
 
 
+def grid_order(n: int) -> list:
+    """``k / n`` for k = 1..n, coarse to fine: the multiples of 0.1, then of 0.05, then the rest."""
+    def level(k):
+        return 0 if (10 * k) % n == 0 else 1 if (20 * k) % n == 0 else 2
+    return [round(k / n, 6) for k in sorted(range(1, n + 1), key=lambda k: (level(k), k))]
+
+
 def curve(evals: list) -> list:
     best, out = -math.inf, []
     for e in evals:
@@ -46,6 +58,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="50,100,200")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--searches", default="grid,cma,random,m2n2", help="which rows to compute (default all)")
+    ap.add_argument("--grid-evals", type=int, default=3, help="N > 3: also the grid lambda = k/N, k = 1..N")
     args = ap.parse_args()
     os.chdir(args.workdir)
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -72,17 +85,38 @@ def main() -> None:
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
 
-    # the bench's grid: uniform weights, three points on the same capped validation
-    grid = []
-    for lam in (GRID if "grid" in only else ()):
-        x = np.full(val.genome.size, lam)
-        r = val.evaluate(x)
-        grid.append({"lambda": lam, "fitness": r["fitness"], "seconds": r["merge_and_score_seconds"]})
+    # the bench's grid: uniform weights, three points on the same validation; --grid-evals: a finer one
+    cache_path = Path("grid.json")
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    if cache.get("limit", "none") != cfg["fitness"].get("limit"):
+        cache = {"limit": cfg["fitness"].get("limit"), "points": {}}
+
+    def grid_point(lam):
+        key = f"{lam:.6g}"
+        if key not in cache["points"]:
+            r = val.evaluate(np.full(val.genome.size, lam))
+            cache["points"][key] = {"lambda": lam, "fitness": r["fitness"], "tasks": r["tasks"],
+                                    "seconds": r["merge_and_score_seconds"]}
+            cache_path.write_text(json.dumps(cache, indent=2) + "\n")
+            print(f"grid lambda {lam}: {r['fitness']:.4f} ({r['merge_and_score_seconds']:.1f} s)", flush=True)
+        return cache["points"][key]
+
+    grid = [grid_point(lam) for lam in (GRID if "grid" in only else ())]
     results["grid"] = grid
     if grid:
         g = max(grid, key=lambda e: e["fitness"])
         test_row("validation grid (task arithmetic, lambda in 0.3/0.5/1.0)", len(GRID), g["fitness"],
                  genes=np.full(val.genome.size, g["lambda"]), values={"lambda": g["lambda"]})
+    if "grid" in only and args.grid_evals > len(GRID):
+        fine = [grid_point(lam) for lam in grid_order(args.grid_evals)]
+        results["fine_grid"] = fine
+        results["curves"]["grid (lambda k/%d, coarse to fine)" % args.grid_evals] = curve(fine)
+        for n in sorted({10, 20, args.grid_evals}):  # the first n points: lambda = k / n
+            if n <= len(fine):
+                g = max(fine[:n], key=lambda e: e["fitness"])  # the earliest on ties
+                test_row(f"validation grid (uniform lambda, step {1 / n:g})", n,
+                         g["fitness"], genes=np.full(val.genome.size, g["lambda"]), values={"lambda": g["lambda"]},
+                         seconds_per_evaluation=round(float(np.mean([e["seconds"] for e in fine[:n]])), 2))
 
     for name, folder in (("CMA-ES", "out-cma"), ("random", "out-random")):
         if folder[4:] not in only or not Path(folder, "history.json").is_file():
@@ -106,7 +140,10 @@ def main() -> None:
             folder = Path("out-m2n2", f"best-at-{n}")
             if folder.is_dir():
                 fit = h["best_at"][str(n)]["mean_score"] if h else None
-                test_row("M2N2", n, fit, state=read_state(folder),
+                state = read_state(folder)
+                # M2N2's own fitness is the accuracy over all pooled examples; the column is the mean over tasks
+                task_mean = val.scorer.score(state)["fitness"]
+                test_row("M2N2", n, task_mean, state=state, m2n2_pooled_validation=fit,
                          seconds_per_evaluation=round(float(np.mean(secs[:n])), 2) if h and secs else None)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -116,7 +153,8 @@ def main() -> None:
 
 def _table(results: dict, path: Path) -> None:
     tasks = results["tasks"]
-    lines = ["| search | evaluations | validation fitness (capped) | test mean acc | " + " | ".join(tasks) +
+    kind = "full" if results["validation_limit_per_task"] is None else "capped"
+    lines = [f"| search | evaluations | validation fitness ({kind}) | test mean acc | " + " | ".join(tasks) +
              " | s / evaluation |", "|---" * (5 + len(tasks)) + "|"]
     for r in results["rows"]:
         fit = "–" if r["validation_fitness"] is None else f"{100 * r['validation_fitness']:.1f}"
@@ -138,7 +176,8 @@ def _plot(results: dict, grid: list, path: Path) -> None:
     if grid:
         ax.axhline(100 * max(g["fitness"] for g in grid), color="gray", ls="--", label="validation grid (3 points)")
     ax.set_xlabel("evaluations")
-    ax.set_ylabel(f"best validation fitness so far (%, {results['validation_limit_per_task']} / task)")
+    limit = results["validation_limit_per_task"]
+    ax.set_ylabel("best validation fitness so far (%, " + ("full splits)" if limit is None else f"{limit} / task)"))
     ax.set_title("textmix, task arithmetic with one weight per expert")
     ax.legend(loc="lower right")
     fig.tight_layout()

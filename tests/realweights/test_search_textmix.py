@@ -110,6 +110,39 @@ def test_one_resident_encoder(textmix):
         ev.scorer.score(wrong)
 
 
+def test_bench_evaluator_keeps_one_encoder_with_the_same_logits(textmix):
+    """`bench run`'s Evaluator (and the tuned bench, which scores through it) loads every encoder into one
+    kept BertModel; the logits equal those of a freshly built model (the code before) bit for bit, in
+    any order of states."""
+    from mergelab.evaluate.harness import Evaluator, gold
+    from mergelab.evaluate.metrics import correct_bits
+    from mergelab.evaluate.model import build_encoder, head_logits, pooled_features, read_state, split_state
+    from mergelab.search.candidate import CandidateEvaluator
+
+    root, base, experts, suite = textmix
+    names = [e.name for e in experts]
+    cand = CandidateEvaluator(_config(textmix))
+    config, tokenizer = cand.scorer.config, cand.scorer.tokenizer
+    heads = {n: split_state(read_state(e))[1] for n, e in zip(names, experts)}
+    encoders = [split_state(read_state(e))[0] for e in experts] + [split_state(cand.merge([0.6, 0.3, 0.5])[1])[0]]
+    ev = Evaluator(suite, config, tokenizer)
+    model = None
+    for i in (0, 3, 1, 2, 0):
+        enc = ev.encoder(encoders[i])
+        assert model is None or enc is model
+        model = enc
+        fresh = build_encoder(config, encoders[i])
+        want = {}
+        for n in names:
+            task = suite.task(n)
+            want[n] = head_logits(pooled_features(fresh, tokenizer, [e.text for e in task.split("validation")]),
+                                  heads[n])
+            assert torch.equal(head_logits(ev.features(enc, task, "validation"), heads[n]), want[n]), (i, n)
+        bits = ev.evaluate(encoders[i], heads, names, split="validation")["correct"]
+        assert ev.encoder(encoders[i]) is model
+        assert bits == {n: correct_bits(want[n].argmax(-1), gold(suite.task(n), "validation")) for n in names}
+
+
 def test_evolve_and_m2n2_on_textmix(textmix, tmp_path):
     from mergelab.evaluate.model import read_state
     from mergelab.search.fitness import make_scorer, parse_fitness

@@ -131,3 +131,51 @@ def test_bad_input_fails_before_any_work(family, tmp_path, capsys):
     cfg = config(family)
     msg = _bad(tmp_path, capsys, cfg, "--ray", "127.0.0.1:9")
     assert "--ray 127.0.0.1:9: no Ray cluster answers at 127.0.0.1:9" in msg
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under ``folder``: its bytes and modification time."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_with_another_config_is_refused(setup, full_run, tmp_path, capsys):
+    import shutil
+
+    _, _, cfg = setup
+    out = tmp_path / "out"
+    shutil.copytree(full_run[0], out)
+    before = snapshot(out)
+
+    def refused(change, *extra, command="evolve"):
+        c = json.loads(json.dumps(cfg))
+        change(c)
+        path = tmp_path / "other.yaml"
+        path.write_text(yaml.safe_dump(c))
+        code, stdout, stderr = run_cli([command, path, "-o", out, "--resume", "--quiet", *extra], capsys)
+        assert code == 2, stdout + stderr
+        assert "Traceback" not in stderr and snapshot(out) == before
+        return " ".join(stderr.split())
+
+    msg = refused(lambda c: c["search"].update(seed=4))
+    assert "holds a search of another config (search.seed: 3 there, 4 now)" in msg
+    a, b = cfg["genome"]["models"]
+    msg = refused(lambda c: c["genome"].update(models=[b, a]))
+    assert f'genome.models[0]: "{a}" there, "{b}" now' in msg and f'genome.models[1]: "{b}" there, "{a}" now' in msg
+    msg = refused(lambda c: c["genome"].update(layer_granularity=0))
+    assert "genome.layer_granularity: 1 there, 0 now" in msg
+    msg = refused(lambda c: c["fitness"].update(metric="accuracy", limit=2))
+    assert 'fitness.limit: null there, 2 now; fitness.metric: "loss" there, "accuracy" now' in msg
+    msg = refused(lambda c: None, "--strategy", "random")
+    assert 'search.strategy: "cma" there, "random" now' in msg
+    msg = refused(lambda c: c["search"].update(popsize=4), command="m2n2")  # checked before M2N2 reads search:
+    assert "search: unknown key(s) ['max_evals', 'popsize']" in msg
+    msg = refused(lambda c: c.update(search={"seed": 3}), command="m2n2")
+    assert "holds an evolve search (mergelab evolve), not an M2N2 run (mergelab m2n2)" in msg
+    # the budget is not part of the config a resume must share
+    c = json.loads(json.dumps(cfg))
+    c["search"]["max_evals"] = 9
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump(c))
+    code, _, _ = run_cli(["evolve", tmp_path / "more.yaml", "-o", out, "--resume", "--quiet"])
+    assert code == 0
+    evs = json.loads((out / "history.json").read_text())["evaluations"]
+    assert len(evs) == 9 and evs[:6] == json.loads((full_run[0] / "history.json").read_text())["evaluations"]

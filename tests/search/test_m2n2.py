@@ -159,3 +159,40 @@ def test_bad_input_fails_before_any_work(family, tmp_path, capsys):
     assert "--threads must be at least 1, got 0" in bad({}, "--threads", "0")
     assert "no Ray cluster answers at 127.0.0.1:9" in bad({}, "--ray", "127.0.0.1:9")
     assert "holds no search state" in bad({}, "--resume", resume_into=tmp_path / "empty")
+
+
+def test_resume_with_another_config_is_refused(batched, family, tmp_path, capsys):
+    import shutil
+
+    from tests.search.test_evolve import snapshot
+
+    path, full_out, _ = batched
+    out = tmp_path / "out"
+    shutil.copytree(full_out, out)
+    before = snapshot(out)
+    cfg = yaml.safe_load(path.read_text())
+
+    def refused(change, command="m2n2"):
+        c = json.loads(json.dumps(cfg))
+        change(c)
+        resume = [] if command == "map" else ["--resume"]
+        code, stdout, stderr = run_cli([command, _write(tmp_path, c, "other.yaml"), "-o", out, "--quiet", *resume],
+                                       capsys)
+        assert code == 2, stdout + stderr
+        assert "Traceback" not in stderr and snapshot(out) == before
+        return " ".join(stderr.split())
+
+    assert "another config (search.alpha: 1.0 there, 0.5 now; search.seed: 4 there, 5 now)" in \
+        refused(lambda c: c["search"].update(alpha=0.5, seed=5))
+    assert "search.batch_size: 2 there, 1 now" in refused(lambda c: c["search"].update(batch_size=1))
+    a, b = cfg["genome"]["models"]
+    assert f'genome.models[1]: "{b}" there, "{a}" now' in refused(lambda c: c["genome"].update(models=[b, a]))
+    assert "fitness.split: \"validation\" there, \"test\" now" in refused(lambda c: c["fitness"].update(split="test"))
+    assert "holds an M2N2 run (mergelab m2n2), not an evolve search (mergelab evolve)" in \
+        refused(lambda c: c.update(search={"max_evals": 4}), command="evolve")
+    # MAP has no --resume: a folder holding a search is refused without --overwrite
+    def to_map(c):
+        c["genome"].update(merge_method="task_arithmetic", base_model=str(family.base), parameters=["weight"])
+        c["search"] = {}
+
+    assert "exists and is not empty; pass --overwrite" in refused(to_map, command="map")

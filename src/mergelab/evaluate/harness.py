@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import torch
 
 from mergelab.evaluate.metrics import accuracy, correct_bits
-from mergelab.evaluate.model import build_encoder, fit_probe, head_logits, pooled_features
+from mergelab.evaluate.model import ResidentEncoder, fit_probe, head_logits, pooled_features
 from mergelab.evaluate.tasks import Suite, Task
 
 
@@ -28,16 +28,20 @@ def texts(task: Task, split: str) -> list:
 
 
 class Evaluator:
-    """Scores encoders on a suite; holds the tokenizer and config so repeated calls stay cheap."""
+    """Scores encoders on a suite; holds the tokenizer, the config and one resident encoder so repeated
+    calls stay cheap."""
 
     def __init__(self, suite: Suite, config, tokenizer, batch_size: int = 128):
         self.suite = suite
         self.config = config
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.resident = ResidentEncoder(config)
 
     def encoder(self, state: Mapping[str, torch.Tensor]):
-        return build_encoder(self.config, dict(state))
+        """The evaluator's one BertModel with ``state`` loaded (:class:`ResidentEncoder`): the next call
+        overwrites it, so score one encoder before asking for the next."""
+        return self.resident.load(dict(state))
 
     def features(self, encoder, task: Task, split: str) -> torch.Tensor:
         return pooled_features(encoder, self.tokenizer, texts(task, split), self.batch_size)

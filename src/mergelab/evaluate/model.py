@@ -149,6 +149,24 @@ def load_encoder(model, state: dict):
     return model.eval()
 
 
+class ResidentEncoder:
+    """One BertModel of ``config`` that every candidate is loaded into: built by :func:`build_encoder`
+    on the first :meth:`load`, overwritten in place by :func:`load_encoder` on each later one (the same
+    weights as a fresh model, without a 22M-parameter copy per candidate). The model :meth:`load`
+    returns holds the latest state only."""
+
+    def __init__(self, config):
+        self.config = config
+        self.model = None
+
+    def load(self, state: dict):
+        if self.model is None:
+            self.model = build_encoder(self.config, state)
+        else:
+            load_encoder(self.model, state)
+        return self.model
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor

@@ -41,7 +41,7 @@ class SearchConfig:
     search: dict
 
     def fingerprint(self) -> str:
-        """What a resumed search must share with the interrupted one."""
+        """sha256 of what evolve's state held before it stored its config (such states still resume)."""
         blob = {"genome": self.data["genome"], "fitness": self.fitness.describe(), "search": self.search}
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 

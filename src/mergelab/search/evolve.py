@@ -72,6 +72,58 @@ class SearchStateError(MergeLabError):
     """The output folder cannot be used (exists, or holds another search)."""
 
 
+def resumable(config: SearchConfig, search: dict) -> dict:
+    """What a resumed search must share with the interrupted one, as plain JSON: the genome as read
+    (model paths absolute), the fitness (tasks with their data's fingerprints, split, limit, ...) and
+    ``search`` (the caller leaves out what may change on resume: the budget, snapshots)."""
+    blob = {"genome": config.data["genome"], "fitness": config.fitness.describe(), "search": search}
+    return json.loads(json.dumps(blob, sort_keys=True, default=str))
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def differences(old: Any, new: Any, where: str = "") -> list:
+    """``"PATH: A there, B now"`` for every dotted path (``genome.models[1]``, ``search.seed``) at which
+    two JSON-like configs differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            path = f"{where}.{k}" if where else str(k)
+            if k not in old:
+                out.append(f"{path}: unset there, {_short(new[k])} now")
+            elif k not in new:
+                out.append(f"{path}: {_short(old[k])} there, unset now")
+            else:
+                out += differences(old[k], new[k], path)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in differences(a, b, f"{where}[{i}]")]
+    return [] if old == new else [f"{where}: {_short(old)} there, {_short(new)} now"]
+
+
+ALGORITHMS = {"evolve": "an evolve search (mergelab evolve)", "m2n2": "an M2N2 run (mergelab m2n2)"}
+
+
+def check_resume(out: Path, state: dict, algorithm: str, config: dict, fingerprint: Optional[str] = None) -> None:
+    """Refuse to ``--resume`` the state in ``out`` under another command or config, naming every
+    difference (``config`` from :func:`resumable`); nothing in ``out`` is touched. ``fingerprint``
+    checks states written before the config itself was stored in them."""
+    held = state.get("algorithm", "evolve" if "es" in state else None)
+    if held != algorithm:
+        raise SearchStateError(f"--resume: '{out}' holds {ALGORITHMS.get(held, 'another search')}, not "
+                               f"{ALGORITHMS[algorithm]}; use another folder or --overwrite")
+    if "config" in state:
+        diff = differences(state["config"], config)
+    else:
+        diff = [] if state.get("fingerprint") == fingerprint else ["genome, fitness or search settings"]
+    if diff:
+        raise SearchStateError(f"--resume: '{out}' holds a search of another config ({'; '.join(diff)}); resume "
+                               "with the config it was started with, or use another folder or --overwrite")
+
+
 def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     out = Path(out)
     if resume:
@@ -170,13 +222,11 @@ def evolve(config: Any, out: Path, *, workers: Optional[int] = None, ray_address
         raise MergeLabError(f"--workers must be at least 1, got {workers}")
     out = Path(out)
     budget = int(max_evals or cfg.search["max_evals"])
-    fingerprint = cfg.fingerprint()
+    same = resumable(cfg, {k: v for k, v in cfg.search.items() if k != "max_evals"})
     if resume and (out / STATE).is_file():
         with open(out / STATE, "rb") as f:
             state = pickle.load(f)
-        if state.get("fingerprint") != fingerprint:
-            raise SearchStateError(f"--resume: '{out}' holds a search of another config (genome, fitness or search "
-                                   "settings differ); use another folder or --overwrite")
+        check_resume(out, state, "evolve", same, cfg.fingerprint())
     if ray_address or use_ray or (workers or 1) > 1:
         from mergelab.search.pool import connect
 
@@ -231,7 +281,7 @@ def evolve(config: Any, out: Path, *, workers: Optional[int] = None, ray_address
                                        "digest": r.get("digest"), "recipe": genome.decode(x)}
             history["generations"] = gen + 1
             history.setdefault("generation_seconds", []).append(round(wall, 3))
-            _save(out, cfg, history, es, fingerprint)
+            _save(out, cfg, history, es, same)
             best = history["best"]
             log(f"generation {gen + 1}: {len(history['evaluations'])}/{budget} evaluations, best this generation "
                 f"{max(r['fitness'] for r in results):.4f}, best so far "
@@ -241,15 +291,15 @@ def evolve(config: Any, out: Path, *, workers: Optional[int] = None, ray_address
         history["stopped_by"] = "max_evals" if len(history["evaluations"]) >= budget else \
             ", ".join(f"{k}" for k in es.stop())
         history["seconds_this_run"] = round(time.perf_counter() - started, 2)
-        _save(out, cfg, history, es, fingerprint)
+        _save(out, cfg, history, es, same)
     finally:
         pool.close()
     return history
 
 
-def _save(out: Path, cfg: SearchConfig, history: dict, es, fingerprint: str) -> None:
+def _save(out: Path, cfg: SearchConfig, history: dict, es, same: dict) -> None:
     """State first (what a resume needs), then the readable files."""
-    state = {"fingerprint": fingerprint, "es": es, "np_random": np.random.get_state(), "history": history}
+    state = {"algorithm": "evolve", "config": same, "es": es, "np_random": np.random.get_state(), "history": history}
     write_atomic(out / STATE, pickle.dumps(state))
     write_json(out / "history.json", history)
     best = history["best"]

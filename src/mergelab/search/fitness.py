@@ -227,12 +227,13 @@ class EncoderScorer:
     """Scores merged BERT encoders on textmix tasks, each with its own expert's head (as ``bench run``)."""
 
     def __init__(self, spec: FitnessSpec):
-        from mergelab.evaluate.model import load_config, load_tokenizer, read_state, split_state
+        from mergelab.evaluate.model import ResidentEncoder, load_config, load_tokenizer, read_state, split_state
 
         self.spec = spec
         self.config = load_config(spec.model)
         self.tokenizer = load_tokenizer(spec.model)
         self.heads = {t: split_state(read_state(folder))[1] for t, folder in spec.heads.items()}
+        self.resident = ResidentEncoder(self.config)
         self.encoder = None
 
     @staticmethod
@@ -241,16 +242,12 @@ class EncoderScorer:
         return not name.startswith("classifier.")
 
     def load(self, state: dict) -> None:
-        """Load the merged encoder of ``state`` into the one resident BertModel (built on the first call,
-        then overwritten in place: no model is built per candidate)."""
-        from mergelab.evaluate.model import build_encoder, load_encoder, split_state
+        """Load the merged encoder of ``state`` into the one resident BertModel
+        (:class:`~mergelab.evaluate.model.ResidentEncoder`: no model is built per candidate)."""
+        from mergelab.evaluate.model import split_state
 
-        encoder = split_state(state)[0]
         try:
-            if self.encoder is None:
-                self.encoder = build_encoder(self.config, encoder)
-            else:
-                load_encoder(self.encoder, encoder)
+            self.encoder = self.resident.load(split_state(state)[0])
         except MergeLabError as e:
             raise MergeLabError(f"the merged weights do not fit the encoder of '{self.spec.model}': {e}") from None
 

@@ -55,7 +55,8 @@ import torch
 
 from mergelab.errors import MergeLabError
 from mergelab.search.candidate import SearchConfigError, read_config
-from mergelab.search.evolve import STATE, SearchStateError, plot_history, prepare_out, write_atomic, write_json
+from mergelab.search.evolve import (STATE, SearchStateError, check_resume, plot_history, prepare_out, resumable,
+                                    write_atomic, write_json)
 
 M2N2_KEYS = {"steps", "alpha", "seed", "matchmaker", "split_point", "archive_size", "save_best_at", "batch_size"}
 
@@ -223,7 +224,7 @@ def replay(seeds: List[torch.Tensor], steps: list) -> List[torch.Tensor]:
 
 
 def _fingerprint(cfg, opts: dict) -> str:
-    """What a resumed run must share with the interrupted one (the budget and snapshots may change)."""
+    """What a run's state held before it stored its config (:func:`~mergelab.search.evolve.check_resume`)."""
     search = {k: v for k, v in opts.items() if k not in ("steps", "save_best_at")}
     blob = {"genome": cfg.data["genome"], "fitness": cfg.fitness.describe(), "search": search}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
@@ -270,14 +271,13 @@ def run_m2n2(config: Any, out: Path, *, workers: Optional[int] = None, ray_addre
     if threads < 1:
         raise MergeLabError(f"--threads must be at least 1, got {threads}")
     out = Path(out)
-    fingerprint = _fingerprint(cfg, opts)
+    # the budget and the snapshots may change on resume
+    same = resumable(cfg, {k: v for k, v in opts.items() if k not in ("steps", "save_best_at")})
     state = None
     if resume and (out / STATE).is_file():
         with open(out / STATE, "rb") as fh:
             state = pickle.load(fh)
-        if state.get("algorithm") != "m2n2" or state.get("fingerprint") != fingerprint:
-            raise SearchStateError(f"--resume: '{out}' holds another search (another algorithm, genome, fitness or "
-                                   "search settings); use another folder or --overwrite")
+        check_resume(out, state, "m2n2", same, _fingerprint(cfg, opts))
     if ray_address or use_ray or (workers or 1) > 1:
         connect(ray_address, workers or 1)  # a cluster that cannot be joined fails before OUT is touched
     prepare_out(out, resume, overwrite)
@@ -306,7 +306,7 @@ def run_m2n2(config: Any, out: Path, *, workers: Optional[int] = None, ray_addre
             history.setdefault("best_at", {})[str(n)] = {"member": k, "mean_score": means[k]}
 
     def write_state() -> None:
-        blob = {"algorithm": "m2n2", "fingerprint": fingerprint, "rng": rng.bit_generator.state,
+        blob = {"algorithm": "m2n2", "config": same, "rng": rng.bit_generator.state,
                 "rows": rows, "digests": digests, "history": history}
         write_atomic(out / STATE, pickle.dumps(blob))
         write_json(out / "history.json", history)
