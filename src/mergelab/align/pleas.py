@@ -52,6 +52,20 @@ class PleasResult:
     perms: Dict[str, torch.Tensor]
 
 
+@dataclass
+class TransformerPleasResult:
+    """A PLeaS-merged transformer (BERT or Llama layout) ready for :func:`write_folder`: the merged
+    ``state``, A's ``config`` with ``intermediate_size = width``, matched pairs per layer, B's
+    permutations and the calibration tokens the fits used."""
+
+    state: Dict[str, torch.Tensor]
+    config: dict
+    width: int
+    merged_units: int  # matched pairs in every layer (one global width)
+    perms: Dict[str, torch.Tensor]
+    tokens: int
+
+
 def mlp_layers(state: Mapping[str, torch.Tensor]) -> List[str]:
     """The linear layers of an MLP state dict, in order (module names); anything else is an error."""
     mods: List[str] = []
@@ -216,9 +230,8 @@ def mlp_forward(state: Mapping[str, torch.Tensor], x: torch.Tensor, activation: 
     return _forward(state, layers, activation, x)[1][-1]
 
 
-def write_folder(result, path_a, out, overwrite: bool, extra: Optional[dict] = None) -> None:
-    """A merged transformer (:mod:`mergelab.align.pleas_bert`, :mod:`mergelab.align.pleas_llama`: a result
-    with ``state``, ``config``, ``width``, ``merged_units``, ``tokens``, ``perms``) as a HF folder: the
+def write_folder(result: TransformerPleasResult, path_a, out, overwrite: bool, extra: Optional[dict] = None) -> None:
+    """A merged transformer (:mod:`mergelab.align.pleas_bert`, :mod:`mergelab.align.pleas_llama`) as a HF folder: the
     weights, A's config with the new ``intermediate_size``, A's tokenizer and ``pleas.json`` (the widths,
     ``extra`` and the permutations applied to B)."""
     from pathlib import Path

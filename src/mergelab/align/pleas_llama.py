@@ -30,26 +30,15 @@ the width, A's tokenizer files, ``pleas.json``) that ``AutoModelForCausalLM.from
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Mapping
 
 import torch
 
 from mergelab.align.matching import activation_matching
-from mergelab.align.pleas import lstsq_blocks, resolve_width
+from mergelab.align.pleas import TransformerPleasResult, lstsq_blocks, resolve_width
 from mergelab.align.spec import LLAMA_TYPES, apply_permutations, llama_spec
 from mergelab.errors import MergeLabError
-
-
-@dataclass
-class LlamaPleasResult:
-    state: Dict[str, torch.Tensor]
-    config: dict
-    width: int
-    merged_units: int
-    perms: Dict[str, torch.Tensor]
-    tokens: int
 
 
 def same_tokenizer(a, b) -> None:
@@ -69,7 +58,7 @@ def same_tokenizer(a, b) -> None:
 
 
 def pleas_llama(path_a, path_b, calibration: Path, width=1.0, ridge: float = 1e-8, batch_size: int = 16,
-                max_length: int = 128) -> LlamaPleasResult:
+                max_length: int = 128) -> TransformerPleasResult:
     """PLeaS merge of two Llama-layout checkpoints (module docstring) on the texts of ``calibration``
     (``.txt``, one a line, or ``.jsonl`` with ``text``), tokenised with A's tokenizer. ``width``: a
     multiple of ``intermediate_size`` in [1.0, 2.0] or a unit count in [n, 2n], the same for every layer."""
@@ -141,4 +130,4 @@ def pleas_llama(path_a, path_b, calibration: Path, width=1.0, ridge: float = 1e-
                 out[p + k + ".bias"] = bias.to(a.state[p + k + ".bias"].dtype).contiguous()
     config = copy.deepcopy(cfg)
     config["intermediate_size"] = w
-    return LlamaPleasResult(out, config, w, m, perms, tokens)
+    return TransformerPleasResult(out, config, w, m, perms, tokens)
