@@ -230,6 +230,9 @@ def merge(
         checkpoints, vocab = align_checkpoints(r, checkpoints)
     plan = build_plan(r, checkpoints, strict=strict)
     if vocab is not None:
+        from mergelab.vocab import check_token_sources
+
+        check_token_sources(plan)  # a token's source model lacking a tensor it is read from: before any write
         plan.vocab = vocab
         plan.notes.extend(vocab.notes)
         plan.warnings.extend(vocab.warnings)

@@ -194,3 +194,31 @@ def test_a_router_trained_once_gives_the_folders_of_training_it_per_rank(family_
     with pytest.raises(MergeLabError, match="router inputs for 0 tasks"):
         build_twin(tmp_path / "x", base, experts, tasks, config, None, cfg(2))
     assert not (tmp_path / "x").exists()
+
+
+def test_a_router_trained_for_other_experts_is_refused_before_anything_is_written(family_states, tmp_path):
+    """A router trained for experts (A, B) given to `build_twin` with (A, C) under the same task names is
+    refused, naming the expert that differs; so is one given another base; nothing is written."""
+    from mergelab.errors import MergeLabError
+    from mergelab.routed.twin import train_twin_router
+
+    config, tok, base, experts, tasks = family_states
+    names = tasks[:2]
+    data = []
+    for t in names:
+        enc = tok(TEXTS[t], padding=True, return_tensors="pt")
+        data.append([{"input_ids": enc["input_ids"].clamp_max(config.vocab_size - 1),
+                      "attention_mask": enc["attention_mask"]}])
+    cfg = TwinConfig(rank=2, router_hidden=8, router_epochs=2, router_lr=1e-2)
+    trained = train_twin_router(base, experts[:2], names, config, data, cfg)
+    with pytest.raises(MergeLabError, match=f"this expert '{names[1]}'"):
+        build_twin(tmp_path / "x", base, [experts[0], experts[2]], names, config, None, cfg, router=trained)
+    other_base = dict(base)
+    k = next(n for n, v in base.items() if v.is_floating_point() and v.dim() == 2)
+    other_base[k] = base[k] + 1e-3
+    with pytest.raises(MergeLabError, match="this base"):
+        build_twin(tmp_path / "x", other_base, experts[:2], names, config, None, cfg, router=trained)
+    assert not (tmp_path / "x").exists()
+    # the same inputs are accepted
+    assert (build_twin(tmp_path / "ok", base, experts[:2], names, config, None, cfg, router=trained)
+            / "routed.json").exists()

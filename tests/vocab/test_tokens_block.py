@@ -86,3 +86,30 @@ def test_bad_token_sources_write_nothing(token_experts, tmp_path, capsys):
         assert code == 2 and text.startswith("error:") and "Traceback" not in text, text
         assert needle in text, (needle, text)
         assert not out.exists() and not Path(str(out) + ".partial").exists()
+
+
+def test_a_token_source_lacking_the_tensor_fails_at_planning(token_experts, untied_token_experts, tmp_path, capsys):
+    """A token whose source model lacks a vocabulary tensor the merge reads (a tied model asked for an untied
+    output's `lm_head` row) is refused at planning, naming the token, the model and the tensor; nothing is
+    written at -o (the check used to run only while the merge was writing)."""
+    tied, untied = token_experts, untied_token_experts
+    # passthrough ignores base_model: the output (and its lm_head) is the untied expert's, the tied base is
+    # only a token source
+    recipe = {"merge_method": "passthrough", "base_model": str(tied["base"]), "dtype": "float32",
+              "models": [{"model": str(untied["calc"])}],
+              "tokenizer": {"source": "union", "tokens": {
+                  "<x>": {"source": {"kind": "model_token", "model": str(tied["base"]), "token_id": 7}}}}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(["merge", path, "-o", out, "--quiet"], capsys)
+    text = " ".join((stdout + stderr).split())
+    assert code == 2 and "error:" in text and "Traceback" not in text, text
+    assert f"tokenizer.tokens['<x>'] takes its row from model '{tied['base']}'" in text, text
+    assert "no tensor 'lm_head.weight'" in text, text
+    assert not out.exists() and not Path(str(out) + ".partial").exists()
+    # planning (a dry run reads no tensor) finds it: before, only the merge's read of lm_head did
+    code, stdout, stderr = run_cli(["merge", path, "-o", out, "--dry-run"], capsys)
+    text = " ".join((stdout + stderr).split())
+    assert code == 2 and "no tensor 'lm_head.weight' (its head is tied to its embedding)" in text, text
+    assert not out.exists() and not Path(str(out) + ".partial").exists()

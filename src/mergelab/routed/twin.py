@@ -27,6 +27,7 @@ Storage: ``shared.safetensors`` (one model), ``exclusive.safetensors`` (``{task}
 from __future__ import annotations
 
 import copy
+import hashlib
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -314,6 +315,35 @@ class TwinRouter:
     shared: Dict[str, torch.Tensor]  # theta_s (the base's float tensors, merged), reused by build_twin
     settings: dict  # ROUTER_SETTINGS of the TwinConfig it was trained with
     seconds: float = 0.0  # shared merge, features and training
+    inputs: Dict[str, str] = field(default_factory=dict)  # input_fingerprints(base, experts, tasks)
+
+
+def state_fingerprint(state: Mapping[str, torch.Tensor], sample: int = 4096) -> str:
+    """sha256 over every tensor's name, dtype and shape, the float64 sum and sum of absolute values of all
+    its elements, and ``sample`` evenly strided elements (as float64). One pass over the weights (cheap next
+    to the merge); two different fine-tunes (which move nearly every weight) never collide in practice, a
+    change that keeps the sums and misses the sampled elements would."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach()
+        flat = t.reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if flat.numel():
+            x = flat.to(torch.float64)
+            step = max(1, flat.numel() // sample)
+            h.update(torch.stack([x.sum(), x.abs().sum()]).numpy().tobytes())
+            h.update(x[::step][:sample].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def input_fingerprints(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
+                       tasks: Sequence[str]) -> Dict[str, str]:
+    """``{"base": fp, "expert 'task'": fp, ...}`` (:func:`state_fingerprint`): what a trained router and its
+    shared merge were made from, checked by :func:`build_twin` before it reuses them."""
+    fps = {"base": state_fingerprint(base)}
+    for t, e in zip(tasks, experts):
+        fps[f"expert '{t}'"] = state_fingerprint(e)
+    return fps
 
 
 def _router_settings(cfg: TwinConfig) -> dict:
@@ -352,7 +382,8 @@ def train_twin_router(base: Mapping[str, torch.Tensor], experts: Sequence[Mappin
     _check_router_batches(tasks, router_batches)
     shared = shared_model(base, experts, tasks, cfg)
     router, rinfo, dim = _train(base, shared, tasks, config, router_batches, cfg, model_class, log)
-    return TwinRouter(router, rinfo, dim, list(tasks), shared, _router_settings(cfg), time.perf_counter() - t0)
+    return TwinRouter(router, rinfo, dim, list(tasks), shared, _router_settings(cfg), time.perf_counter() - t0,
+                      input_fingerprints(base, experts, tasks))
 
 
 def build_twin(out: Path, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
@@ -362,8 +393,10 @@ def build_twin(out: Path, base: Mapping[str, torch.Tensor], experts: Sequence[Ma
                router: Optional[TwinRouter] = None) -> Path:
     """Shared merge, exclusive factors, router trained on ``router_batches[k]`` (inputs of task ``k``,
     labels unused); writes the folder ``out`` and returns it. ``router``: one already trained by
-    :func:`train_twin_router` on the same base and experts with the same router settings (checked: the
-    tasks and settings; then ``router_batches`` is not used, and the shared merge is its ``shared``); the
+    :func:`train_twin_router` on the same base and experts with the same router settings (checked before
+    anything is written: the tasks, the settings, and the base's and each expert's
+    :func:`state_fingerprint`, so a router and shared merge made from other inputs are refused naming the
+    input that differs; then ``router_batches`` is not used, and the shared merge is its ``shared``); the
     folder is the one training it here would give."""
     if router is None:
         _check_router_batches(tasks, router_batches)
@@ -375,6 +408,14 @@ def build_twin(out: Path, base: Mapping[str, torch.Tensor], experts: Sequence[Ma
         if diff:
             raise MergeLabError(f"twin: the trained router was trained with {diff[0]}={router.settings.get(diff[0])!r}, "
                                 f"the settings give {want[diff[0]]!r} (train it with the same settings)")
+        if len(experts) != len(tasks):
+            raise MergeLabError(f"twin: {len(experts)} experts for {len(tasks)} tasks")
+        got = input_fingerprints(base, experts, tasks)
+        for k, fp in got.items():
+            if router.inputs.get(k) != fp:
+                raise MergeLabError(f"twin: the trained router and its shared merge were not made from this {k} "
+                                    f"(its weights differ from the ones the router was trained with; train the "
+                                    f"router on the same base and experts)")
     if Path(out).exists():
         raise MergeLabError(f"output folder '{out}' exists; remove it or choose another")
     shared, exclusive, info = shared_and_exclusive(base, experts, tasks, cfg,

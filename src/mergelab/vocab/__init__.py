@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from mergelab.vocab.build import OutputVocab, build_output_vocab
-from mergelab.vocab.embed import MISSING_TOKENS, VocabAlignedCheckpoint, VocabAlignment, aligned_rows
+from mergelab.vocab.embed import (MISSING_TOKENS, VocabAlignedCheckpoint, VocabAlignment, aligned_rows,
+                                  check_token_sources)
 
 __all__ = ["MISSING_TOKENS", "OutputVocab", "VocabAlignment", "VocabAlignedCheckpoint", "align_checkpoints",
-           "aligned_rows", "build_output_vocab", "write_tokenizer"]
+           "aligned_rows", "build_output_vocab", "check_token_sources", "write_tokenizer"]
 
 
 def align_checkpoints(recipe: Any, checkpoints: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[OutputVocab]]:

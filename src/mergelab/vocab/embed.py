@@ -108,17 +108,26 @@ class VocabAlignment:
     def is_vocab(self, i: int, name: str) -> bool:
         return name in self.names[i]
 
+    def check_sources(self, name: str) -> List[int]:
+        """The inputs holding vocabulary tensor ``name``; a ``tokenizer.tokens`` rule whose source model is not
+        among them (e.g. a tied model asked for an ``lm_head`` row) is an error naming the token, the model
+        and the tensor. :func:`check_token_sources` runs it at planning, before anything is written."""
+        holders = [k for k, names in enumerate(self.names) if name in names]
+        for tok, kind, m, src, force in self.out.rules.values():
+            if m is not None and m not in holders:
+                tied = " (its head is tied to its embedding)" if ("lm_head" in name or "embed_out" in name) else ""
+                raise MergeLabError(f"tokenizer.tokens[{tok!r}] takes its row from model "
+                                    f"'{self.checkpoints[m].label}', which has no tensor '{name}'{tied}; "
+                                    f"take the row from a model that has '{name}'")
+        return holders
+
     def rows(self, name: str, i: int) -> torch.Tensor:
         with self._lock:
             if name not in self._cache:
-                holders = [k for k, names in enumerate(self.names) if name in names]
+                holders = self.check_sources(name)
                 tensors = [self.checkpoints[k].read(name, None, torch.float32, "cpu") for k in holders]
-                rules = {}
-                for j, (tok, kind, m, src, force) in self.out.rules.items():
-                    if m is not None and m not in holders:
-                        raise MergeLabError(f"tokenizer.tokens[{tok!r}] takes its row from model "
-                                            f"'{self.checkpoints[m].label}', which has no tensor '{name}'")
-                    rules[j] = (tok, kind, holders.index(m) if m is not None else None, src, force)
+                rules = {j: (tok, kind, holders.index(m) if m is not None else None, src, force)
+                         for j, (tok, kind, m, src, force) in self.out.rules.items()}
                 sub = OutputVocab(self.out.source, None, self.out.vocab, self.out.size,
                                   [self.out.perms[k] for k in holders], self.out.token_mask,
                                   [self.out.rows[k] for k in holders], None, rules=rules)
@@ -175,3 +184,19 @@ class VocabAlignedCheckpoint:
         if isinstance(cfg.get("text_config"), dict) and "vocab_size" in cfg["text_config"]:
             cfg["text_config"] = {**cfg["text_config"], "vocab_size": self._alignment.out.size}
         return cfg
+
+
+def check_token_sources(plan: Any) -> None:
+    """Before anything is written: every vocabulary tensor the plan reads through a
+    :class:`VocabAlignedCheckpoint` has each ``tokenizer.tokens`` source model among its holders
+    (:meth:`VocabAlignment.check_sources`), so such a recipe fails at planning, not while merging."""
+    seen = set()
+    for job in plan.jobs:
+        for src in ([job.base] if job.base is not None else []) + list(job.models):
+            ckpt = plan.checkpoints[src.checkpoint]
+            if not isinstance(ckpt, VocabAlignedCheckpoint) or (src.name in seen):
+                continue
+            alignment = ckpt._alignment
+            if alignment.is_vocab(ckpt._index, src.name):
+                seen.add(src.name)
+                alignment.check_sources(src.name)
