@@ -93,6 +93,20 @@ def test_scale_study_end_to_end(prepared, tmp_path):
     assert res.exit_code == 0, res.output
     assert res.output.count("scale: reusing") == 2 and "validation" not in res.output
     assert json.loads((out / "scale.json").read_text())["results"] == study["results"]
+    # a report measured on other task data or other experts is rerun, not reused; one written before experts
+    # were fingerprinted is checked on its task data only
+    k2, k3 = out / "tiny" / "k2" / "report.json", out / "tiny" / "k3" / "report.json"
+    r2, r3 = json.loads(k2.read_text()), json.loads(k3.read_text())
+    assert r2["experts_fingerprint"] and r2["suite_fingerprint"]
+    k2.write_text(json.dumps({**r2, "experts_fingerprint": "0" * 16}))
+    k3.write_text(json.dumps({k: v for k, v in r3.items() if k != "experts_fingerprint"}))
+    res = CliRunner().invoke(app, args + ["--resume"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("scale: reusing") == 1 and f"reusing {k3}" in res.output
+    assert json.loads(k2.read_text())["experts_fingerprint"] == r2["experts_fingerprint"]  # rerun, rewritten
+    k3.write_text(json.dumps({**r3, "suite_fingerprint": "x" + r3["suite_fingerprint"][1:]}))
+    res = CliRunner().invoke(app, args + ["--resume"])
+    assert res.exit_code == 0 and res.output.count("scale: reusing") == 1 and f"reusing {k2}" in res.output
     res = CliRunner().invoke(app, [a if a != "lambda=0.5,1.0" else "lambda=0.5" for a in args] + ["--resume"])
     assert res.exit_code == 0 and "scale: reusing" not in res.output  # another grid: rerun
 

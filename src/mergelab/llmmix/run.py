@@ -285,6 +285,23 @@ class LlmRunner(BenchRunner):
 
 
 
+def suite_fingerprint(tasks: Sequence, held: Sequence) -> str:
+    """The data a report was measured on: each merged then held-out task's fingerprint (8 hex digits)."""
+    return "+".join(t.fingerprint()[:8] for t in list(tasks) + list(held))
+
+
+def experts_fingerprint(folder: Path, names: Sequence[str]) -> str:
+    """Which experts a report merged: a hash of each task's expert record settings in ``folder`` (base,
+    task data, recipe), so a retrained expert changes it ('' for a task with no record)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for n in names:
+        rec = Path(folder) / n / "finetune.json"
+        settings = json.loads(rec.read_text(encoding="utf-8")).get("settings", {}) if rec.is_file() else {}
+        h.update(f"{n}\x1f{json.dumps(settings, sort_keys=True)}\n".encode())
+    return h.hexdigest()[:16]
+
 def prepared_tasks(prep: dict) -> list:
     """Every task ``bench prepare`` has made an expert for in this folder (``prepare.json``: the last
     run's ``tasks`` and every recorded model, the multi-task one excepted), built-in tasks in the
@@ -341,7 +358,8 @@ def run_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root: Option
                        save_dir=Path(out) / "models" if save_models else None)
     rows = runner.references()
     report = {
-        "suite": "llmmix", "suite_fingerprint": "+".join(t.fingerprint()[:8] for t in tasks + held),
+        "suite": "llmmix", "suite_fingerprint": suite_fingerprint(tasks, held),
+        "experts_fingerprint": experts_fingerprint(folder, names),
         "suite_source": "mergelab.llmmix.tasks", "base_model": str(base_dir),
         "base_source": base_source(base_dir), "cache": str(folder),
         "merge_tasks": names, "held_out": held_names,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import random
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -57,7 +58,11 @@ def _pick(rows: Sequence[dict], method: str) -> Optional[dict]:
     return ok.get("tuned") or ok.get("default")
 
 
-def _reusable(run_dir: Path, subset, methods, held_out, seed, grids) -> Optional[dict]:
+def _reusable(run_dir: Path, subset, methods, held_out, seed, grids, identity: Callable[[list], tuple]) -> Optional[dict]:
+    """The complete report in ``run_dir`` when it measured this ``(size, k)`` exactly as asked: same tasks,
+    methods, seed, grids and held-out tasks, the same task data and the same experts (``identity(held)``
+    gives the current ``(suite_fingerprint, experts_fingerprint)``; a report older than the experts'
+    fingerprint is checked on its task data only); otherwise None (it is rerun)."""
     path = Path(run_dir) / "report.json"
     if not path.is_file():
         return None
@@ -66,7 +71,20 @@ def _reusable(run_dir: Path, subset, methods, held_out, seed, grids) -> Optional
             and rep.get("methods") == list(methods) and rep.get("seed") == seed
             and (held_out is None or rep.get("held_out") == list(held_out))
             and rep.get("grids") == json.loads(json.dumps(grids or {})))
-    return rep if same else None
+    if not same:
+        return None
+    suite, experts = identity(rep.get("held_out") or [])
+    # reports written before experts were fingerprinted (2026-12-04) are checked on their task data only
+    return rep if rep.get("suite_fingerprint") == suite and rep.get("experts_fingerprint", experts) == experts else None
+
+
+def _identity(folder: Path, subset, examples, held: list) -> tuple:
+    """``(suite_fingerprint, experts_fingerprint)`` of a run merging ``subset`` from ``folder`` today."""
+    from mergelab.llmmix.run import experts_fingerprint, suite_fingerprint
+    from mergelab.llmmix.tasks import build_task
+
+    return (suite_fingerprint([build_task(n, sizes=examples) for n in subset], [build_task(n, sizes=examples) for n in held]),
+            experts_fingerprint(folder, subset))
 
 
 def findings(results: Sequence[dict], sizes: Sequence[str], ks: Sequence[int], methods: Sequence[str]) -> list:
@@ -225,7 +243,8 @@ def run_scale(sizes: Sequence[str], experts: Sequence[int], methods: Sequence[st
             subset = order[size][:k]
             run_dir = out / size / f"k{k}"
             log(f"scale: size {size}, k={k}: {', '.join(subset)}")
-            rep = _reusable(run_dir, subset, methods, held_out, seed, grids) if resume else None
+            identity = partial(_identity, root / f"experts-{size}", subset, examples)
+            rep = _reusable(run_dir, subset, methods, held_out, seed, grids, identity) if resume else None
             if rep is not None:
                 log(f"scale: reusing {run_dir / 'report.json'}")
             else:
