@@ -284,7 +284,6 @@ class LlmRunner(BenchRunner):
         self.tokenizer.save_pretrained(folder)
 
 
-
 def suite_fingerprint(tasks: Sequence, held: Sequence) -> str:
     """The data a report was measured on: each merged then held-out task's fingerprint (8 hex digits)."""
     return "+".join(t.fingerprint()[:8] for t in list(tasks) + list(held))
@@ -292,7 +291,7 @@ def suite_fingerprint(tasks: Sequence, held: Sequence) -> str:
 
 def experts_fingerprint(folder: Path, names: Sequence[str]) -> str:
     """Which experts a report merged: a hash of each task's expert record settings in ``folder`` (base,
-    task data, recipe), so a retrained expert changes it ('' for a task with no record)."""
+    task data, recipe), so a retrained expert changes it (a task without a record counts as empty settings)."""
     import hashlib
 
     h = hashlib.sha256()
@@ -301,6 +300,7 @@ def experts_fingerprint(folder: Path, names: Sequence[str]) -> str:
         settings = json.loads(rec.read_text(encoding="utf-8")).get("settings", {}) if rec.is_file() else {}
         h.update(f"{n}\x1f{json.dumps(settings, sort_keys=True)}\n".encode())
     return h.hexdigest()[:16]
+
 
 def prepared_tasks(prep: dict) -> list:
     """Every task ``bench prepare`` has made an expert for in this folder (``prepare.json``: the last
@@ -312,6 +312,7 @@ def prepared_tasks(prep: dict) -> list:
     made = list(prep.get("tasks") or ()) + [m for m in (prep.get("models") or {}) if m != MULTITASK]
     builtin = [t for t in task_names(held_out=False) if t in made]
     return builtin + [t for t in dict.fromkeys(made) if t not in builtin]
+
 
 def run_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root: Optional[Path] = None,
                base_dir: Optional[Path] = None, merge_tasks: Optional[Sequence[str]] = None,

@@ -83,8 +83,8 @@ def _identity(folder: Path, subset, examples, held: list) -> tuple:
     from mergelab.llmmix.run import experts_fingerprint, suite_fingerprint
     from mergelab.llmmix.tasks import build_task
 
-    return (suite_fingerprint([build_task(n, sizes=examples) for n in subset], [build_task(n, sizes=examples) for n in held]),
-            experts_fingerprint(folder, subset))
+    tasks, held_tasks = ([build_task(n, sizes=examples) for n in names] for names in (subset, held))
+    return suite_fingerprint(tasks, held_tasks), experts_fingerprint(folder, subset)
 
 
 def findings(results: Sequence[dict], sizes: Sequence[str], ks: Sequence[int], methods: Sequence[str]) -> list:
