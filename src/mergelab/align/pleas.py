@@ -119,6 +119,31 @@ def resolve_width(width, group: str, layer: str, n: int) -> int:
     return units
 
 
+@dataclass
+class UnitSplit:
+    """PLeaS's partial merge of one layer's hidden units: the ``merged`` most similar matched pairs are
+    averaged, the ``rest`` kept once from each model, in blocks ``[merged | A-only | B-only]`` (the
+    paper's mask: block 1 may not read block 2 and vice versa, :func:`lstsq_blocks`)."""
+
+    merged: torch.Tensor
+    rest: torch.Tensor
+
+    @classmethod
+    def by_similarity(cls, feats_a: torch.Tensor, feats_b: torch.Tensor, merged: int) -> "UnitSplit":
+        """The ``merged`` units whose matched features ``[N, units]`` agree most (largest inner product)."""
+        rank = torch.argsort((feats_a * feats_b).sum(0), descending=True, stable=True)
+        return cls(rank[:merged].sort().values, rank[merged:].sort().values)
+
+    def features(self, fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
+        """The merged model's features ``[N, width]`` from both models' (units on dim 1)."""
+        M, R = self.merged, self.rest
+        return torch.cat([(fa[:, M] + fb[:, M]) / 2, fa[:, R], fb[:, R]], 1)
+
+    def labels(self) -> torch.Tensor:
+        """Each merged-model unit's block: 0 merged, 1 A-only, 2 B-only."""
+        return torch.tensor([0] * len(self.merged) + [1] * len(self.rest) + [2] * len(self.rest))
+
+
 def lstsq_blocks(Z: torch.Tensor, Y: torch.Tensor, zb: torch.Tensor, yb: torch.Tensor, ridge: float,
                   bias: bool = True):
     """Least squares ``Y ~ Z W^T + b`` per output block; A-only outputs (block 1) may not read B-only
@@ -183,14 +208,8 @@ def pleas_mlp(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.T
     ins_b, outs_b = _forward(state_b, layers, activation, inputs)
 
     # 2. partial merge: most similar pairs merged, blocks [merged | A-only | B-only]
-    order: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
-    merged_units = {}
-    for i, g in enumerate(groups):
-        sim = (ins_a[i + 1] * ins_b[i + 1]).sum(0)
-        m = 2 * n[g] - widths[g]
-        rank = torch.argsort(sim, descending=True, stable=True)
-        order[g] = (rank[:m].sort().values, rank[m:].sort().values)
-        merged_units[g] = m
+    merged_units = {g: 2 * n[g] - widths[g] for g in groups}
+    split = {g: UnitSplit.by_similarity(ins_a[i + 1], ins_b[i + 1], merged_units[g]) for i, g in enumerate(groups)}
 
     def blocks(g: Optional[str], fa: torch.Tensor, fb: torch.Tensor, last: bool = False):
         """Merged-model features of one group, and each column's block (0 merged, 1 A-only, 2 B-only)."""
@@ -198,9 +217,7 @@ def pleas_mlp(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.T
             if last and heads == "concat":
                 return torch.cat([fa, fb], 1), torch.tensor([1] * fa.shape[1] + [2] * fb.shape[1])
             return (fa + fb) / 2, torch.zeros(fa.shape[1], dtype=torch.long)
-        M, R = order[g]
-        f = torch.cat([(fa[:, M] + fb[:, M]) / 2, fa[:, R], fb[:, R]], 1)
-        return f, torch.tensor([0] * len(M) + [1] * len(R) + [2] * len(R))
+        return split[g].features(fa, fb), split[g].labels()
 
     # 3. least squares per layer
     out: Dict[str, torch.Tensor] = {}
@@ -228,6 +245,21 @@ def mlp_forward(state: Mapping[str, torch.Tensor], x: torch.Tensor, activation: 
     """The output of an MLP state dict (as :func:`pleas_mlp` reads and writes them)."""
     layers = mlp_layers(state)
     return _forward(state, layers, activation, x)[1][-1]
+
+
+def match_and_average(a, b, spec, calibration, batch_size: int, max_length: int):
+    """Steps 1-2 of PLeaS on a transformer (:mod:`.pleas_bert`, :mod:`.pleas_llama`): B's units matched to A's
+    by activation matching on the ``calibration`` texts (``spec`` says which axes share a permutation),
+    then every tensor averaged. Returns ``(perms, B's permuted state, the averaged state)``; the caller
+    replaces the MLP tensors by their least-squares fits."""
+    from mergelab.align.api import collect_activations
+
+    perms = activation_matching(spec, collect_activations(a, spec, calibration, a.path, batch_size, max_length),
+                                collect_activations(b, spec, calibration, a.path, batch_size, max_length))
+    sb = apply_permutations(b.state, spec, perms)
+    out = {k: ((v.double() + sb[k].double()) / 2).to(v.dtype) if v.is_floating_point() else v.clone()
+           for k, v in a.state.items()}
+    return perms, sb, out
 
 
 def write_folder(result: TransformerPleasResult, path_a, out, overwrite: bool, extra: Optional[dict] = None) -> None:
@@ -456,24 +488,17 @@ def pleas_conv(module_a: torch.nn.Module, module_b: torch.nn.Module, inputs: tor
     sb = apply_permutations(sb, spec, perms)
     ins_a, outs_a = _chain_forward(sa, layers, activation, inputs)
     ins_b, outs_b = _chain_forward(sb, layers, activation, inputs)
-    order, merged_units = {}, {}
-    for i, g in enumerate(groups):
-        sim = (hid(ins_a, i) * hid(ins_b, i)).sum(0)
-        m = 2 * n[g] - widths[g]
-        rank = torch.argsort(sim, descending=True, stable=True)
-        order[g] = (rank[:m].sort().values, rank[m:].sort().values)
-        merged_units[g] = m
+    merged_units = {g: 2 * n[g] - widths[g] for g in groups}
+    split = {g: UnitSplit.by_similarity(hid(ins_a, i), hid(ins_b, i), merged_units[g]) for i, g in enumerate(groups)}
 
     def blocks(g, fa, fb, last=False, per=1):
         if g is None:
             if last and heads == "concat":
                 return torch.cat([fa, fb], 1), torch.tensor([1] * fa.shape[1] + [2] * fb.shape[1])
             return (fa + fb) / 2, torch.zeros(fa.shape[1], dtype=torch.long)
-        M, R = order[g]
         if per > 1:  # flattened maps: unit c covers columns c*per ... c*per + per - 1
             fa, fb = fa.unflatten(1, (n[g], per)), fb.unflatten(1, (n[g], per))
-        f = torch.cat([(fa[:, M] + fb[:, M]) / 2, fa[:, R], fb[:, R]], 1)
-        lab = torch.tensor([0] * len(M) + [1] * len(R) + [2] * len(R))
+        f, lab = split[g].features(fa, fb), split[g].labels()
         return (f.flatten(1), lab.repeat_interleave(per)) if per > 1 else (f, lab)
 
     out: Dict[str, torch.Tensor] = {}

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Dict, Mapping
+from typing import Mapping
 
 import torch
 
-from mergelab.align.matching import activation_matching
-from mergelab.align.pleas import TransformerPleasResult, lstsq_blocks, resolve_width
-from mergelab.align.spec import apply_permutations, bert_spec
+from mergelab.align.pleas import (TransformerPleasResult, UnitSplit, lstsq_blocks, match_and_average,
+                                  resolve_width)
+from mergelab.align.spec import bert_spec
 from mergelab.errors import MergeLabError
 
 
@@ -46,7 +46,7 @@ def pleas_bert(path_a, path_b, calibration: Path, width=1.0, ridge: float = 1e-8
     ``intermediate_size`` in [1.0, 2.0] or a unit count in [n, 2n], the same for every layer."""
     from transformers.activations import ACT2FN
 
-    from mergelab.align.api import check_compatible, collect_activations, load_model, module_inputs, read_texts
+    from mergelab.align.api import check_compatible, load_model, module_inputs, read_texts
 
     a, b = load_model(path_a, "model A"), load_model(path_b, "model B")
     check_compatible(a, b)
@@ -68,12 +68,8 @@ def pleas_bert(path_a, path_b, calibration: Path, width=1.0, ridge: float = 1e-8
     texts = read_texts(Path(calibration))
 
     # 1. matching (residual stream, whole heads, FFN units)
-    perms = activation_matching(spec, collect_activations(a, spec, calibration, a.path, batch_size, max_length),
-                                collect_activations(b, spec, calibration, a.path, batch_size, max_length))
-    sb = apply_permutations(b.state, spec, perms)
     # 2. everything averaged; the FFNs are replaced below
-    out = {k: ((v.double() + sb[k].double()) / 2).to(v.dtype) if v.is_floating_point() else v.clone()
-           for k, v in a.state.items()}
+    perms, sb, out = match_and_average(a, b, spec, calibration, batch_size, max_length)
     # 3. the FFNs by least squares on the merged stream's estimate
     names = [f"encoder.layer.{i}.intermediate.dense" for i in range(layers)]
     ins_a = list(module_inputs(a, texts, a.path, names, batch_size, max_length).values())
@@ -91,10 +87,8 @@ def pleas_bert(path_a, path_b, calibration: Path, width=1.0, ridge: float = 1e-8
         pre_ = {s: z @ W1[s].T + b1[s] for s in "ab"}
         h = {s: act(pre_[s]) for s in "ab"}
         o = {s: h[s] @ W2[s].T + b2[s] for s in "ab"}
-        rank = torch.argsort((h["a"] * h["b"]).sum(0), descending=True, stable=True)
-        M, R = rank[:m].sort().values, rank[m:].sort().values
-        T = lambda fa, fb: torch.cat([(fa[:, M] + fb[:, M]) / 2, fa[:, R], fb[:, R]], 1)  # noqa: E731
-        lab = torch.tensor([0] * len(M) + [1] * len(R) + [2] * len(R))
+        split = UnitSplit.by_similarity(h["a"], h["b"], m)
+        T, lab = split.features, split.labels()
         zero_in = torch.zeros(z.shape[1], dtype=torch.long)
         Wi, bi = lstsq_blocks(z, T(pre_["a"], pre_["b"]), zero_in, lab, ridge)
         Wo, bo = lstsq_blocks(T(h["a"], h["b"]), (o["a"] + o["b"]) / 2, lab, torch.zeros(z.shape[1], dtype=torch.long),
