@@ -90,8 +90,12 @@ def shared_model(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str
     """``theta_s``: the float tensors of ``base`` merged with ``cfg.shared_method`` (float32)."""
     cfg.check()
     keys = check_inputs(base, experts, tasks)
-    shared = merge_shared({k: base[k].float() for k in keys}, [{k: e[k].float() for k in keys} for e in experts],
-                          cfg.shared_method, cfg.shared_params, cfg.seed)
+    return _merge_float({k: base[k].float() for k in keys}, [{k: e[k].float() for k in keys} for e in experts], cfg)
+
+
+def _merge_float(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
+                 cfg: TwinConfig) -> Dict[str, torch.Tensor]:
+    shared = merge_shared(base, experts, cfg.shared_method, cfg.shared_params, cfg.seed)
     return {k: v.float() for k, v in shared.items()}
 
 
@@ -105,8 +109,8 @@ def shared_and_exclusive(base: Mapping[str, torch.Tensor], experts: Sequence[Map
     cfg.check()
     keys = check_inputs(base, experts, tasks)
     ex = [{k: e[k].float() for k in keys} for e in experts]
-    if shared is None:
-        shared = shared_model(base, experts, tasks, cfg)
+    if shared is None:  # from the float copies made here, not a second set of them
+        shared = _merge_float({k: base[k].float() for k in keys}, ex, cfg)
     elif sorted(shared) != sorted(keys):
         raise MergeLabError("twin: the given shared model does not hold the base's float tensors")
     exclusive: List[Dict[str, object]] = [dict() for _ in experts]
