@@ -46,7 +46,7 @@ import numpy as np
 from mergelab.errors import MergeLabError
 from mergelab.llmmix.model import split_size
 from mergelab.llmmix.pretrain import plot_losses
-from mergelab.llmmix.training import (RunConfig, differing, lr_schedule, on_main_thread, read_log,
+from mergelab.llmmix.training import (RunConfig, answer_loss, differing, lr_schedule, on_main_thread, read_log,
                                       restores_torch_threads, rng_state, set_rng_state, write_json)
 
 
@@ -298,7 +298,7 @@ def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig
         log(f"fine-tuning {name} on {', '.join(t.name for t in tasks)} ({pool.n} examples) for steps "
             f"{start}..{cfg.steps} -> {run_dir}")
     bar, job = _progress(progress, name, start, cfg.steps)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     step = start
     model.train()
     try:
@@ -308,7 +308,7 @@ def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig
                 b = collate_for_training(batch_feats, pad)
                 b = {k: v.to(cfg.device) for k, v in b.items()}
                 if objective is None:
-                    loss, parts = model(**b).loss, {}
+                    loss, parts = answer_loss(model, b), {}
                 else:
                     loss, parts = objective.loss(model, batch_feats, b)
                 total = loss
@@ -335,7 +335,8 @@ def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig
                 elif step % max(1, cfg.steps // 10) == 0 or step == cfg.steps:
                     log(f"{name}: step {step}/{cfg.steps} loss {rec['loss']:.3f} ({rec['seconds']:.0f} s)")
                 if step % cfg.checkpoint_every == 0 and step < stop:
-                    run.update(to_step=step, seconds=round(time.time() - t0, 1))
+                    run.update(to_step=step, seconds=round(time.time() - t0, 1),
+                               cpu_seconds=round(time.process_time() - cpu0, 1))
                     save(step, elapsed + time.time() - t0)
     except KeyboardInterrupt:
         interrupted.update(flag=True, mid_step=True)
@@ -348,7 +349,8 @@ def finetune(base_dir: Path, tasks: Sequence, run_dir: Path, cfg: FinetuneConfig
         raise FinetuneError(f"stopped at once; the last checkpoint in {ckpt} is kept: run again to resume")
     seconds = time.time() - t0
     elapsed += seconds
-    run.update(to_step=step, seconds=round(seconds, 1), ended=_now())
+    run.update(to_step=step, seconds=round(seconds, 1), cpu_seconds=round(time.process_time() - cpu0, 1),
+               ended=_now())
     if step > start or not ckpt.is_file():
         save(step, elapsed)
     plot_losses(records, run_dir / "loss.png", f"llmmix fine-tuning: {name}")

@@ -1,6 +1,6 @@
 """What the llmmix training loops (pretraining a base, fine-tuning experts) share: the split of a run's
 settings into its identity and how it runs (:class:`RunConfig`), the learning-rate schedule, RNG state
-for exact resumption, the loss log and atomic JSON records."""
+for exact resumption, the loss log, atomic JSON records and the answer-only loss."""
 
 from __future__ import annotations
 
@@ -121,3 +121,21 @@ def restores_torch_threads(fn):
                 torch.set_num_threads(threads)
 
     return wrapper
+
+
+def answer_loss(model, batch: dict):
+    """The causal-LM loss transformers computes for ``model(**batch).loss`` (labels shifted one to the
+    left, positions labelled -100 ignored, the mean over the rest, logits in float32), with the LM head
+    applied only to the labelled positions. A fine-tuning example labels its answer alone (about a fifth
+    of a padded batch here), and the head over an 8k vocabulary is a third of a small model's
+    multiply-adds per token, so this makes a fine-tuning step about 20% cheaper; the value and the
+    gradients are the same up to float32 rounding. For decoder models whose logits are the head's
+    output as is (Llama, Mistral, Qwen); ``model`` may be wrapped by PEFT (its adapters are in place)."""
+    import torch
+
+    hidden = model.get_decoder()(input_ids=batch["input_ids"],
+                                 attention_mask=batch.get("attention_mask")).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
