@@ -89,3 +89,29 @@ def test_entropy_training_moves_only_routers_and_the_folder_round_trips(family_s
     mlp = sum(v.numel() for k, v in base.items() if is_mlp(k))
     assert s["expert_mlp_bytes"] == 4 * mlp * len(tasks)
     assert s["extra_bytes"] == s["expert_mlp_bytes"] + s["router_bytes"]
+
+
+def test_formed_and_deltas_paths_give_the_same_outputs_and_router_gradients(family_states, batch, monkeypatch):
+    """The two exact ways of applying the MLP task vectors (docs/routed.md) through the whole model."""
+    from mergelab.routed.layers import RoutedLinear
+
+    config, tok, base, experts, tasks = family_states
+    m = upscale(base, experts, tasks, config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for g in m.gates:
+            for p in g.parameters():
+                p.normal_(0, 0.1)
+    got = []
+    for path in ("formed", "deltas"):
+        monkeypatch.setattr(RoutedLinear, "path", path)
+        m.gates.zero_grad()
+        for p in m.gates.parameters():
+            p.requires_grad_(True)
+        out = m(**batch).last_hidden_state
+        out.square().mean().backward()
+        got.append((out.detach(), [p.grad.clone() for p in m.gates.parameters()]))
+    torch.testing.assert_close(got[0][0], got[1][0], atol=1e-5, rtol=1e-4)
+    for a, b in zip(got[0][1], got[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    assert any(float(g.abs().sum()) > 0 for g in got[0][1])

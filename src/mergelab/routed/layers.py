@@ -79,9 +79,21 @@ class _Routed(nn.Module):
 
 
 class RoutedLinear(_Routed):
-    """With dense weight deltas for every expert (WEMoE's MLP task vectors) and inputs of more than one
-    token, the per-input weights ``W + sum_k w[b, k] D_k`` are formed and applied by one batched product:
-    ``K |W| + T |W|`` multiply-adds per input instead of ``(K + 1) T |W|`` (the same function)."""
+    """With dense weight deltas for every expert (WEMoE's MLP task vectors) and inputs of ``T > 1``
+    tokens, two exact ways to apply ``W(b) = W + sum_k w[b, k] D_k`` (``W`` [O, I], ``B`` inputs):
+
+    - ``"formed"``: each input's weights formed and applied by one batched product, ``(K + T) O I``
+      multiply-adds per input and ``B O I`` numbers held (autograd keeps them for the backward pass);
+    - ``"deltas"``: ``x W^T + sum_k w[b, k] (x D_k^T)``, the ``K`` products as one matrix product with
+      the stacked deltas (read once per batch, not once per input), ``(K + 1) T O I`` multiply-adds per
+      input and ``B T K O`` numbers held.
+
+    ``path = "auto"`` (the class default) takes ``"deltas"`` when it holds fewer numbers (``T K < I``) and
+    ``"formed"`` otherwise; both are the same function with the same gradients
+    (``tests/routed/test_layers.py``). A single token, or a routed batch of another size than the
+    input's, takes the generic per-delta sum."""
+
+    path = "auto"
 
     def __init__(self, base: nn.Linear, mixture: Mixture, deltas: Dict[str, Sequence[Delta]]):
         super().__init__(mixture, deltas)
@@ -89,16 +101,30 @@ class RoutedLinear(_Routed):
         ds = self.deltas.get("weight", [])
         self._stack = None
         if ds and all(torch.is_tensor(d) for d in ds):
-            self._stack = torch.stack([d.float() for d in ds])
+            self._stack = torch.stack([d.float() for d in ds])  # [K, O, I]
             self.deltas["weight"] = list(self._stack.unbind(0))  # views: stored once
+
+    def _choose(self, x: torch.Tensor) -> str:
+        if self.path != "auto":
+            if self.path not in ("formed", "deltas"):
+                raise MergeLabError(f"RoutedLinear.path must be 'auto', 'formed' or 'deltas', got {self.path!r}")
+            return self.path
+        k, _, i = self._stack.shape
+        return "deltas" if x.shape[1] * k < i else "formed"
 
     def forward(self, x):
         w = self.mixture.get()
         if self._stack is not None and x.dim() == 3 and x.shape[1] > 1 and w.shape[0] == x.shape[0]:
-            weight = self.base.weight + torch.einsum("bk,koi->boi", w.to(self._stack.dtype), self._stack)
-            y = torch.bmm(x, weight.transpose(1, 2).to(x.dtype))
-            if self.base.bias is not None:
-                y = y + self.base.bias
+            if self._choose(x) == "formed":
+                weight = self.base.weight + torch.einsum("bk,koi->boi", w.to(self._stack.dtype), self._stack)
+                y = torch.bmm(x, weight.transpose(1, 2).to(x.dtype))
+                if self.base.bias is not None:
+                    y = y + self.base.bias
+            else:
+                k, o, i = self._stack.shape
+                b, t = x.shape[:2]
+                per = (x @ self._stack.view(k * o, i).T.to(x.dtype)).view(b, t, k, o)  # x D_k^T for every k
+                y = self.base(x) + torch.matmul(w.to(x.dtype).view(b, 1, 1, k), per).view(b, t, o)
         else:
             y = self.base(x)
             y = self._mix("weight", lambda d: _linear_delta(x, d), y)
