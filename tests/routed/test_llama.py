@@ -226,3 +226,25 @@ def test_twin_rank_sweep_rows_bytes_and_chart(trained_llamas, llamas, tmp_path, 
     with pytest.raises(MergeLabError, match="twin-r1"):
         run_routed_llmmix(["twin"], out, "tiny", prepared_root(trained_llamas, tmp_path / "again"), eval_limit=2,
                           settings=settings, references=False, log=lambda s: None, sizes=SIZES)
+
+
+def test_routed_llmmix_bench_sees_every_prepared_expert_not_only_the_last_prepare_runs(tmp_path):
+    """prepare.json's ``tasks`` holds only the last `bench prepare` run's tasks; an expert recorded by an
+    earlier run must still count as prepared (the task list of `bench run`, llmmix.run.prepared_tasks)."""
+    import json
+
+    from mergelab.errors import MergeLabError
+    from mergelab.routed.bench import run_routed_llmmix
+
+    folder = tmp_path / "experts-tiny"
+    folder.mkdir()
+    (folder / "prepare.json").write_text(json.dumps({
+        "base": str(tmp_path / "base"), "tasks": ["arithmetic"],
+        "models": {"string_ops": {"tasks": ["string_ops"]}, "arithmetic": {"tasks": ["arithmetic"]},
+                   "letter_count": {"tasks": ["letter_count"]}}}))
+    # string_ops (and a folder named after a held-out task) were recorded by earlier runs: accepted as
+    # prepared, so the next check (no held-out task may be merged) is the one that stops the run
+    with pytest.raises(MergeLabError, match="letter_count held out"):
+        run_routed_llmmix(["emr"], tmp_path / "out", "tiny", tmp_path, merge_tasks=["string_ops", "letter_count"])
+    with pytest.raises(MergeLabError, match="no prepared expert for list_ops.*prepared: string_ops, arithmetic, letter_count"):
+        run_routed_llmmix(["emr"], tmp_path / "out", "tiny", tmp_path, merge_tasks=["list_ops", "arithmetic"])

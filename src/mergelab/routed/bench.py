@@ -488,6 +488,7 @@ def run_routed_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root:
     from mergelab import __version__
     from mergelab.llmmix.prepare import experts_folder
     from mergelab.llmmix.pretrain import base_folder, default_root
+    from mergelab.llmmix.run import prepared_tasks
     from mergelab.llmmix.tasks import build_task, get_spec
 
     out = Path(out)
@@ -501,11 +502,12 @@ def run_routed_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root:
                             f"--size {size}`)")
     prep = json.loads((folder / "prepare.json").read_text(encoding="utf-8"))
     base_dir = Path(prep["base"]) if prep.get("base") else base_folder(size, root)
-    names = list(merge_tasks) if merge_tasks else list(prep.get("tasks") or [])
-    unknown = [n for n in names if n not in (prep.get("tasks") or [])]
+    prepared = prepared_tasks(prep)
+    names = list(merge_tasks) if merge_tasks else prepared
+    unknown = [n for n in names if n not in prepared]
     if unknown:
         raise MergeLabError(f"--tasks: no prepared expert for {', '.join(unknown)} in {folder} "
-                            f"(prepared: {', '.join(prep.get('tasks') or [])})")
+                            f"(prepared: {', '.join(prepared)})")
     bad = [n for n in names if get_spec(n).held_out]
     if bad:
         raise MergeLabError(f"--tasks: {', '.join(bad)} held out (no expert may see a held-out task)")
