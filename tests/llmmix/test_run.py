@@ -114,6 +114,39 @@ def test_run_refuses_mismatched_examples(prepared, tmp_path):
     assert not (tmp_path / "o" / "report.json").exists()
 
 
+def test_run_eval_limit_scores_the_first_examples_of_every_split(prepared, tmp_path):
+    """--eval-limit N: every row (experts, base, merges, held-out) is scored on the first N test examples,
+    the same examples as the full run's first N (greedy decoding is per example), and the report says so."""
+    common = ["run", "--suite", "llmmix", "--size", "tiny", "--cache", str(prepared), "--methods", "task_arithmetic",
+              "--no-tune", "--held-out", "letter_count", "--examples", EXAMPLES, "--threads", "1"]
+    res = CliRunner().invoke(app, common + ["--eval-limit", "3", "--out", str(tmp_path / "lim")])
+    assert res.exit_code == 0, res.output
+    full = CliRunner().invoke(app, common + ["--out", str(tmp_path / "full")])
+    assert full.exit_code == 0, full.output
+    rep = json.loads((tmp_path / "lim" / "report.json").read_text())
+    rows_full = {r["name"]: r for r in json.loads((tmp_path / "full" / "report.json").read_text())["rows"]}
+    assert rep["eval_limit"] == 3 and rep["test_sizes"] == {t: 3 for t in TASKS + ["letter_count"]}
+    assert "first 3 examples" in rep["protocol"]
+    rows = {r["name"]: r for r in rep["rows"] if r.get("status") == "ok"}
+    assert {"pretrained", "individual", "task arithmetic (default)"} <= set(rows)
+    for name, row in rows.items():
+        for t, bits in row["correct"].items():
+            assert bits == rows_full[name]["correct"][t][:3], (name, t)
+        for t in TASKS:
+            assert row["metrics"]["accuracy"][t] == pytest.approx(_acc(row["correct"][t]))
+    assert "(the first 3 examples of each)" in (tmp_path / "lim" / "report.md").read_text()
+
+
+def test_run_eval_limit_refused_where_it_does_not_apply(prepared, tmp_path):
+    res = CliRunner().invoke(app, ["run", "--suite", "textmix", "--eval-limit", "5", "--out", str(tmp_path / "t")])
+    assert res.exit_code != 0 and "--eval-limit applies to --suite llmmix" in str(res.exception)
+    res = CliRunner().invoke(app, ["run", "--suite", "llmmix", "--size", "tiny", "--cache", str(prepared),
+                                   "--methods", "task_arithmetic", "--held-out", "", "--examples", EXAMPLES,
+                                   "--eval-limit", "0", "--out", str(tmp_path / "z")])
+    assert res.exit_code != 0 and "--eval-limit must be >= 1, got 0" in str(res.exception)
+    assert not (tmp_path / "t").exists() and not (tmp_path / "z").exists()
+
+
 def test_run_reports_a_stale_multitask_model_instead_of_scoring_it(prepared, tmp_path):
     """A multi-task model trained on other data for one task (a task changed since) is not a reference:
     its row says so and names the task, where it used to be scored as if it were current."""

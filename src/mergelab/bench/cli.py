@@ -182,6 +182,8 @@ def run(
                                   "prepare --lora-rank R`)."),
     adapter_merges: bool = typer.Option(False, "--adapter-merges", help="With --lora-rank: also merge "
                                         "the adapters as adapters (cat, svd with task arithmetic and TIES, KnOTS-TIES)."),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="llmmix: score only the first N examples "
+                                             "of every validation and test split (default: all)."),
 ) -> None:
     """Merge the prepared experts with each method, evaluate every task, write the report and charts."""
     from mergelab.bench.cache import BenchCache
@@ -194,6 +196,8 @@ def run(
         raise MergeLabError("--methods: no method named")
     command = "mergelab bench run " + " ".join(shlex.quote(a) for a in sys.argv[3:]) if \
         sys.argv[1:3] == ["bench", "run"] else ""
+    if eval_limit is not None and suite != "llmmix":
+        raise MergeLabError(f"--eval-limit applies to --suite llmmix; --suite {suite} scores whole splits")
     if suite == "llmmix":
         from mergelab.llmmix.run import run_llmmix
 
@@ -202,7 +206,7 @@ def run(
         report = run_llmmix(names, out, size, cache, None if base == "minilm-l6" else Path(base), split_names(tasks),
                             split_names(held_out), _sizes(examples), tune=tune, seed=seed, grids=grids, command=command,
                             log=typer.echo, device=device, threads=threads, save_models=save_models,
-                            lora_rank=lora_rank, adapter_merges=adapter_merges)
+                            lora_rank=lora_rank, adapter_merges=adapter_merges, eval_limit=eval_limit)
         typer.echo(f"wrote {out / 'report.json'}, {out / 'report.md'} and charts ({report['seconds']:.0f} s)")
         return
     if threads:

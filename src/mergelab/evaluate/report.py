@@ -36,7 +36,9 @@ def markdown(report: dict) -> str:
         head += ["held-out text ppl", "ppl / base"]
     lines = [f"Suite `{report['suite']}` ({report['suite_fingerprint']}); merged tasks: {', '.join(tasks)}; "
              f"held out: {', '.join(held) or 'none'}. Accuracy, normalised accuracy (merged / expert) and "
-             "negative-flip rate (expert right, model wrong) on the test splits, in %.", "",
+             "negative-flip rate (expert right, model wrong) on the test splits"
+             + (f" (the first {report['eval_limit']} examples of each)" if report.get("eval_limit") else "")
+             + ", in %.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if any("perplexity" in r for r in report["rows"]):
         lines[0] += (f" Perplexity on a held-out general text ({report.get('perplexity_text', {}).get('source', '?')}); "

@@ -319,11 +319,14 @@ def run_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root: Option
                held_out: Optional[Sequence[str]] = None, sizes: Optional[dict] = None, task_seed: int = 0,
                tune: bool = True, seed: int = 0, grids: Optional[dict] = None, command: str = "",
                log: Callable[[str], None] = print, device: str = "cpu", threads: Optional[int] = None,
-               save_models: bool = False, lora_rank: int = 0, adapter_merges: bool = False) -> dict:
+               save_models: bool = False, lora_rank: int = 0, adapter_merges: bool = False,
+               eval_limit: Optional[int] = None) -> dict:
     """Run the llmmix protocol for ``methods`` on the experts in ``ROOT/experts-SIZE`` and write
     ``report.json``, ``report.md`` and the charts to ``out`` (rewritten after every method). With
     ``lora_rank`` the experts are the LoRA ones (``experts-SIZE-loraR``), and ``adapter_merges`` adds
-    the rows of :mod:`mergelab.bench.adapter_merges` (merges that stay adapters) after the dense ones."""
+    the rows of :mod:`mergelab.bench.adapter_merges` (merges that stay adapters) after the dense ones.
+    ``eval_limit`` scores only the first N examples of every validation and test split (the experts'
+    rows too, so normalised accuracy compares like with like); the report records it."""
     from mergelab import __version__
     from mergelab.evaluate.report import write_report
     from mergelab.llmmix.prepare import experts_folder
@@ -349,6 +352,8 @@ def run_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root: Option
         raise MergeLabError(f"a merge needs at least 2 tasks; got {names}")
     if adapter_merges and not lora_rank:
         raise MergeLabError("adapter merges need the LoRA experts: give --lora-rank R")
+    if eval_limit is not None and eval_limit < 1:
+        raise MergeLabError(f"--eval-limit must be >= 1, got {eval_limit}")
     check_grid_keys(grids, methods)
     plans = [plan_method(name, len(names), grids) for name in methods]
     start = time.perf_counter()
@@ -356,7 +361,7 @@ def run_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root: Option
     held = [build_task(n, seed=task_seed, sizes=sizes) for n in held_names]
     text = heldout_text(root, base_dir=base_dir)
     runner = LlmRunner(tasks, held, base_dir, folder, text, seed, log, device=device,
-                       save_dir=Path(out) / "models" if save_models else None)
+                       save_dir=Path(out) / "models" if save_models else None, eval_limit=eval_limit)
     rows = runner.references()
     report = {
         "suite": "llmmix", "suite_fingerprint": suite_fingerprint(tasks, held),
@@ -364,7 +369,8 @@ def run_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root: Option
         "suite_source": "mergelab.llmmix.tasks", "base_model": str(base_dir),
         "base_source": base_source(base_dir), "cache": str(folder),
         "merge_tasks": names, "held_out": held_names,
-        "test_sizes": {t.name: len(t.split("test")) for t in tasks + held},
+        "test_sizes": {t.name: min(len(t.split("test")), eval_limit or len(t.split("test"))) for t in tasks + held},
+        "eval_limit": eval_limit,
         "methods": list(methods), "tuned": tune, "grids": grids or {}, "seed": seed, "mergelab_version": __version__,
         "command": command, "seconds": 0.0,
         "perplexity_text": {"source": runner.ppl_source, "chars": len(text[0])},
@@ -372,7 +378,9 @@ def run_llmmix(methods: Sequence[str], out: Path, size: str = "3m", root: Option
         "protocol": ("whole causal LMs merged; coefficients chosen on the validation splits of the merged tasks "
                      "only; greedy exact-match (or pass@1) on the test splits, each reported row evaluated once; "
                      "held-out tasks seen by no expert and no tuning; a merge whose held-out-text perplexity "
-                     f"exceeds {COLLAPSE_RATIO:g}x the base's is flagged collapsed"),
+                     f"exceeds {COLLAPSE_RATIO:g}x the base's is flagged collapsed"
+                     + (f"; only the first {eval_limit} examples of every validation and test split scored"
+                        if eval_limit else "")),
         "rows": rows, "complete": not methods,
     }
     write_report(report, Path(out))
