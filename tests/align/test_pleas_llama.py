@@ -191,6 +191,8 @@ def test_bad_widths_params_and_tokenizers_write_nothing(pair, tmp_path):
              ({"width": INTER - 1}, "outside the allowed range"),
              ({"width": 2 * INTER + 1}, "outside the allowed range"),
              ({"width": {"mlp.0": 1.5}}, "single intermediate_size"),
+             ({"width": {"budget": 1.5}}, "LlamaConfig has a single intermediate_size for every layer, so per-layer "
+                                          "widths cannot be written"),
              ({"width": 1.5, "heads": "concat"}, "do not apply to a llama model")]
     for i, (params, needle) in enumerate(cases):
         recipe = tmp_path / f"r{i}.yml"

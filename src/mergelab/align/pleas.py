@@ -37,6 +37,7 @@ import torch
 
 from mergelab.align.matching import activation_matching
 from mergelab.align.spec import Axis, apply_permutations, chain_spec
+from mergelab.align.widths import budget_widths, is_budget
 from mergelab.errors import MergeLabError
 
 ACT = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
@@ -50,6 +51,7 @@ class PleasResult:
     widths: Dict[str, int]  # group -> merged width
     merged_units: Dict[str, int]  # group -> number of merged pairs
     perms: Dict[str, torch.Tensor]
+    budget: Optional[dict] = None  # how a width budget chose the widths (mergelab.align.widths.WidthChoice.record)
 
 
 @dataclass
@@ -100,6 +102,9 @@ def resolve_width(width, group: str, layer: str, n: int) -> int:
     [1.0, 2.0], an int an absolute count in [n, 2n]; a mapping is looked up by group (``P0``) or by the
     name of the layer that outputs it."""
     w = width
+    if isinstance(width, Mapping) and "budget" in width:
+        raise MergeLabError(f"width: a budget (per-layer widths chosen by PLeaS's QP) is not supported for layer "
+                            f"'{layer}' ({group}) here; it applies to MLP state dicts and ResNets (give widths instead)")
     if isinstance(width, Mapping):
         if group in width:
             w = width[group]
@@ -192,10 +197,26 @@ def pleas_mlp(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.T
     spec = chain_spec({k: tuple(v.shape) for k, v in state_a.items()})
     groups = [f"P{i}" for i in range(len(layers) - 1)]
     n = {g: spec.perms[g].size for g in groups}
-    widths = {g: resolve_width(width, g, layers[i], n[g]) for i, g in enumerate(groups)}
     if inputs.ndim != 2 or inputs.shape[1] != state_a[layers[0] + ".weight"].shape[1]:
         raise MergeLabError(f"calibration inputs have shape {tuple(inputs.shape)}; the MLP takes "
                             f"[N, {state_a[layers[0] + '.weight'].shape[1]}]")
+    if is_budget(width):  # per-layer widths by the paper's QP (mergelab.align.widths)
+        outs = state_a[layers[-1] + ".weight"].shape[0] * (2 if heads == "concat" else 1)
+        terms = [(float(state_a[layers[0] + ".weight"].shape[1]), None, groups[0])]
+        terms += [(1.0, groups[i - 1], groups[i]) for i in range(1, len(groups))]
+        terms += [(float(outs), groups[-1], None)]
+        la, lb = mlp_forward(state_a, inputs, activation), mlp_forward(state_b, inputs, activation)
+        target = (torch.cat([la, lb], 1) if heads == "concat" else (la + lb) / 2).double()
+
+        def score(ws: Dict[str, int]) -> float:
+            r = pleas_mlp(state_a, state_b, inputs, ws, activation, heads, ridge, layer_inputs)
+            return -float(((mlp_forward(r.state, inputs, activation).double() - target) ** 2).mean())
+
+        choice = budget_widths(width, n, terms, score)
+        result = pleas_mlp(state_a, state_b, inputs, choice.widths, activation, heads, ridge, layer_inputs)
+        result.budget = choice.record()
+        return result
+    widths = {g: resolve_width(width, g, layers[i], n[g]) for i, g in enumerate(groups)}
 
     # 1. matching on the post-activation hidden units (the next layer's inputs)
     ins_a, _ = _forward(state_a, layers, activation, inputs)
@@ -371,6 +392,7 @@ def run_recipe(recipe_path, out, overwrite: bool = False) -> PleasResult:
     write_checkpoint(a, res.state, out, overwrite, {"method": "pleas", "architecture": arch,
                                                     "models": [str(p) for p in paths],
                                                     "widths": res.widths, "merged_units": res.merged_units,
+                                                    **({"budget": res.budget} if res.budget else {}),
                                                     "parameters": params})
     return res
 

@@ -54,6 +54,9 @@ def pleas_bert(path_a, path_b, calibration: Path, width=1.0, ridge: float = 1e-8
     if cfg.get("model_type") != "bert":
         raise MergeLabError(f"PLeaS for transformers handles BERT so far; '{a.path}' is a "
                             f"'{cfg.get('model_type')}' model")
+    if isinstance(width, Mapping) and "budget" in width:
+        raise MergeLabError("width: a budget chooses a width per layer (PLeaS's QP), but BertConfig has a single "
+                            "intermediate_size for every layer, so per-layer widths cannot be written; give one width")
     if isinstance(width, Mapping):
         raise MergeLabError("width for BERT must be one number: BertConfig has a single intermediate_size for every "
                             "layer, so PLeaS gives every layer's FFN the same width")

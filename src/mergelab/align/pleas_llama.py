@@ -72,6 +72,9 @@ def pleas_llama(path_a, path_b, calibration: Path, width=1.0, ridge: float = 1e-
     if cfg.get("model_type") not in LLAMA_TYPES:
         raise MergeLabError(f"PLeaS for decoders handles the Llama layout ({', '.join(LLAMA_TYPES)}); '{a.path}' "
                             f"is a '{cfg.get('model_type')}' model")
+    if isinstance(width, Mapping) and "budget" in width:
+        raise MergeLabError("width: a budget chooses a width per layer (PLeaS's QP), but LlamaConfig has a single "
+                            "intermediate_size for every layer, so per-layer widths cannot be written; give one width")
     if isinstance(width, Mapping):
         raise MergeLabError("width for a Llama-layout model must be one number: its config has a single "
                             "intermediate_size for every layer, so PLeaS gives every layer's MLP the same width")
