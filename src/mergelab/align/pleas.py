@@ -301,7 +301,8 @@ def write_folder(result: TransformerPleasResult, path_a, out, overwrite: bool, e
 # --------------------------------------------------------------------------- recipe and command
 RECIPE_KEYS = {"merge_method", "models", "parameters", "calibration", "dtype", "architecture"}
 ARCHITECTURES = ("mlp", "resnet")
-PARAMETERS = {"width": 1.0, "activation": "relu", "heads": "average", "inputs": "original", "ridge": 1e-8}
+PARAMETERS = {"width": 1.0, "activation": "relu", "heads": "average", "inputs": "original", "ridge": 1e-8,
+              "attention_width": None}
 
 
 def run_recipe(recipe_path, out, overwrite: bool = False) -> PleasResult:
@@ -368,15 +369,23 @@ def run_recipe(recipe_path, out, overwrite: bool = False) -> PleasResult:
         else:
             raise MergeLabError(f"PLeaS handles plain MLP and ResNet state dicts and BERT and Llama-layout "
                                 f"({', '.join(LLAMA_TYPES)}) folders; '{a.path}' is a Hugging Face '{mt}' model")
-        fixed = sorted(k for k in given if k not in ("width", "ridge"))
+        allowed = ("width", "ridge") + (("attention_width",) if mt != "bert" else ())
+        fixed = sorted(k for k in given if k not in allowed)
         if fixed:
+            why = (" (BertConfig ties the head size to hidden_size / num_attention_heads, so the number of heads "
+                   "cannot change)" if "attention_width" in fixed and mt == "bert" else "")
             raise MergeLabError(f"{where}: parameter(s) {', '.join(fixed)} do not apply to a {mt} model (the "
                                 f"activation is the config's hidden_act, the model output is averaged, each FFN "
-                                f"reads the merged stream); only width and ridge")
-        r = merge(paths[0], paths[1], Path(data["calibration"]), width=params["width"], ridge=float(params["ridge"]))
+                                f"reads the merged stream){why}; only {', '.join(allowed)}")
+        extra = {"attention_width": params["attention_width"]} if mt != "bert" else {}
+        r = merge(paths[0], paths[1], Path(data["calibration"]), width=params["width"], ridge=float(params["ridge"]),
+                  **extra)
         write_folder(r, paths[0], out, overwrite, {"models": [str(p) for p in paths], "parameters": params})
         groups = {f"mlp.{i}": r.width for i in range(r.config["num_hidden_layers"])}
         return PleasResult(r.state, groups, {g: r.merged_units for g in groups}, r.perms)
+    if "attention_width" in given:
+        raise MergeLabError(f"{where}: attention_width applies to Llama-layout folders (their attention heads); "
+                            f"'{a.path}' is a state dict without attention")
     b = load_model(paths[1], "model B")
     x = read_inputs(Path(data["calibration"]))
     arch = data.get("architecture") or ("resnet" if {"stem.weight", "blocks.0.conv1.weight"} <= set(a.state) else "mlp")
