@@ -19,6 +19,8 @@ if __name__ == "__main__":
     ap.add_argument("--llama-only", action="store_true", help="only the Llama rows")
     ap.add_argument("--budget", type=float, default=None,
                     help="only PLeaS's per-layer widths under the FLOPs budget of this uniform width vs that width")
+    ap.add_argument("--llama-attention", action="store_true",
+                    help="with --llama-only: PLeaS widths 1 and 1.5 with and without the attention refitted")
     ap.add_argument("--llama-steps", type=int, default=400, help="training steps per Llama (default 400)")
     args = ap.parse_args()
     if args.budget is not None:
@@ -30,7 +32,11 @@ if __name__ == "__main__":
     if args.llama or args.llama_only:
         from mergelab.align.bench_llama import run_llama
 
-        run_llama(args.out, steps=args.llama_steps)
+        if args.llama_attention:
+            run_llama(args.out, steps=args.llama_steps, widths=(1.0, 1.5), free_widths=(),
+                      attention=((1.0, 1.0), (1.0, 1.5), (1.0, 2.0), (1.5, 1.5), (2.0, 2.0)))
+        else:
+            run_llama(args.out, steps=args.llama_steps)
     if args.minilm:
         from mergelab.align.bench_minilm import run_minilm
 
