@@ -35,8 +35,8 @@ from typing import Mapping
 
 import torch
 
-from mergelab.align.pleas import (TransformerPleasResult, UnitSplit, lstsq_blocks, match_and_average,
-                                  resolve_width)
+from mergelab.align.pleas import (AttentionNames, TransformerPleasResult, UnitSplit, lstsq_blocks,
+                                  match_and_average, refit_attention, resolve_width)
 from mergelab.align.spec import LLAMA_TYPES, llama_spec
 from mergelab.errors import MergeLabError
 
@@ -135,64 +135,12 @@ def pleas_llama(path_a, path_b, calibration: Path, width=1.0, ridge: float = 1e-
     config = copy.deepcopy(cfg)
     config["intermediate_size"] = w
     if heads is not None:
-        refit_attention(a, b, sb, spec, perms, out, texts, heads, ridge, batch_size, max_length, pre)
+        units = [AttentionNames(f"attn.{i}", f"layers.{i}.self_attn.o_proj",
+                                *(f"{pre}layers.{i}.self_attn.{k}" for k in ("q_proj", "k_proj", "v_proj", "o_proj")))
+                 for i in range(layers)]
+        refit_attention(a, b, sb, spec, perms, out, texts, heads, ridge, units, batch_size, max_length)
         d = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         group = cfg["num_attention_heads"] // (cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
         config.update(num_key_value_heads=heads, num_attention_heads=heads * group, head_dim=d)
     return TransformerPleasResult(out, config, w, m, perms, tokens)
 
-
-def refit_attention(a, b, sb, spec, perms, out, texts, heads: int, ridge, batch_size, max_length, pre) -> None:
-    """PLeaS on every layer's attention at ``heads`` KV heads (in ``[n_kv, 2 n_kv]``), written into ``out``.
-
-    The units are whole KV heads with their query groups (rotary dims never split). Of the ``n_kv``
-    matched head pairs, the ``2 n_kv - heads`` whose attention outputs (the ``o_proj`` inputs of their
-    query heads) correlate most are merged; the others are kept from each model, in blocks
-    ``[merged | A-only | B-only]``. ``q``/``k``/``v`` read the stream, so their least squares targets
-    ``[(q_A+q_B)/2 | q_A | q_B]`` are linear in it and the fit is exact: merged heads' rows are the
-    average of the pair, kept heads' rows are their model's. ``o_proj`` is the least-squares map from the
-    heads' features ``[(c_A+c_B)/2 | c_A | c_B]`` to ``(o_A+o_B)/2``, where ``c_X`` and ``o_X`` are
-    model X's own (B permuted) ``o_proj`` input and output on the calibration tokens (the paper's layer
-    inputs). At ``heads = 2 n_kv`` the attention is both models' side by side with ``o_proj = [O_A, O_B]/2``
-    (the mean of both attentions on any input, given more tokens than ``2 n_q d``); a permuted copy at
-    ``n_kv`` gives the model back."""
-    from mergelab.align.api import module_inputs
-    from mergelab.align.spec import Axis, index_vector
-
-    cfg = a.config
-    nq = cfg["num_attention_heads"]
-    n_kv = cfg.get("num_key_value_heads") or nq
-    d = cfg.get("head_dim") or cfg["hidden_size"] // nq
-    g = nq // n_kv
-    names = [f"layers.{i}.self_attn.o_proj" for i in range(cfg["num_hidden_layers"])]
-    ctx_a = module_inputs(a, texts, a.path, names, batch_size, max_length)
-    ctx_b = module_inputs(b, texts, a.path, names, batch_size, max_length)
-    for i, name in enumerate(names):
-        p = f"{pre}layers.{i}.self_attn."
-        A = f"attn.{i}"
-        ca = ctx_a[name]
-        cb = ctx_b[name][:, index_vector(spec.perms[A], Axis(A, "vo_o"), perms[A])]
-        per_head = lambda c: c.view(len(c), n_kv, g * d).permute(0, 2, 1).reshape(-1, n_kv)  # noqa: E731
-        split = UnitSplit.by_similarity(per_head(ca), per_head(cb), 2 * n_kv - heads)
-
-        def rows(key, per):  # q: g*d rows per KV head, k/v: d; blocks [merged | A-only | B-only]
-            wa, wb = a.state[key].double(), sb[key].double()
-            va, vb = wa.view(n_kv, per, *wa.shape[1:]), wb.view(n_kv, per, *wb.shape[1:])
-            M, R = split.merged, split.rest
-            return torch.cat([(va[M] + vb[M]) / 2, va[R], vb[R]]).reshape(-1, *wa.shape[1:]).to(a.state[key].dtype)
-
-        for k, per in (("q_proj", g * d), ("k_proj", d), ("v_proj", d)):
-            for leaf in ("weight", "bias"):
-                if p + f"{k}.{leaf}" in a.state:
-                    out[p + f"{k}.{leaf}"] = rows(p + f"{k}.{leaf}", per).contiguous()
-        ob = p + "o_proj.bias"
-        oa_ = ca @ a.state[p + "o_proj.weight"].double().T + (a.state[ob].double() if ob in a.state else 0)
-        ob_ = cb @ sb[p + "o_proj.weight"].double().T + (sb[ob].double() if ob in sb else 0)
-        unit = lambda c: c.view(len(c), n_kv, g * d)  # noqa: E731
-        Z = split.features(unit(ca), unit(cb)).reshape(len(ca), -1)
-        zb = split.labels().repeat_interleave(g * d)
-        W, bias = lstsq_blocks(Z, (oa_ + ob_) / 2, zb, torch.zeros(oa_.shape[1], dtype=torch.long), ridge,
-                               bias=ob in a.state)
-        out[p + "o_proj.weight"] = W.to(a.state[p + "o_proj.weight"].dtype).contiguous()
-        if ob in a.state:
-            out[ob] = bias.to(a.state[ob].dtype).contiguous()
