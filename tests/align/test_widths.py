@@ -131,4 +131,9 @@ def test_budget_recipe_and_errors(tmp_path):
         (tmp_path / f"bad{i}.yml").write_text(yaml.safe_dump(recipe))
         r = run_cli("pleas", tmp_path / f"bad{i}.yml", "-o", tmp_path / "n.pt")
         assert r.returncode == 2 and "Traceback" not in r.stderr and needle in " ".join(r.stderr.split()), r.stderr
-    assert set(tmp_path.iterdir()) == before | {tmp_path / f"bad{i}.yml" for i in range(len(cases))}
+    recipe["parameters"] = {"attention_width": 1.0}  # a state dict has no attention to refit
+    (tmp_path / "att.yml").write_text(yaml.safe_dump(recipe))
+    r = run_cli("pleas", tmp_path / "att.yml", "-o", tmp_path / "n.pt")
+    assert r.returncode == 2 and "attention_width applies to BERT and Llama-layout folders" in " ".join(r.stderr.split())
+    assert set(tmp_path.iterdir()) == before | {tmp_path / f"bad{i}.yml" for i in range(len(cases))} | {
+        tmp_path / "att.yml"}
