@@ -34,7 +34,7 @@ if __name__ == "__main__":
 
         if args.llama_attention:
             run_llama(args.out, steps=args.llama_steps, widths=(1.0, 1.5), free_widths=(),
-                      attention=((1.0, 1.0), (1.0, 1.5), (1.0, 2.0), (1.5, 1.5), (2.0, 2.0)))
+                      attention=((1.0, 1.0), (1.0, 2.0), (1.5, 2.0), (2.0, 2.0)))
         else:
             run_llama(args.out, steps=args.llama_steps)
     if args.minilm:

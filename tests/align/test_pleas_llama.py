@@ -216,7 +216,9 @@ def test_bad_widths_params_and_tokenizers_write_nothing(pair, tmp_path):
                                           "widths cannot be written"),
              ({"width": 1.5, "heads": "concat"}, "do not apply to a llama model"),
              ({"attention_width": 2.5}, "self_attn (num_key_value_heads)' (attn) is 2.5 x 2 = 5 units, outside the "
-                                        "allowed range [2, 4]")]
+                                        "allowed range [2, 4]"),
+             ({"attention_width": 3}, "requires hidden_size (32) to be a multiple of num_attention_heads; KV-head "
+                                      "counts it allows here: [2, 4]")]
     for i, (params, needle) in enumerate(cases):
         recipe = tmp_path / f"r{i}.yml"
         recipe.write_text(yaml.safe_dump({"merge_method": "pleas", "models": [str(a_dir), str(b_dir)],

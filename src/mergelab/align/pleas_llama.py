@@ -87,6 +87,12 @@ def pleas_llama(path_a, path_b, calibration: Path, width=1.0, ridge: float = 1e-
         raise MergeLabError("attention_width must be one number: LlamaConfig has one num_key_value_heads for every layer")
     heads = (resolve_width(attention_width, "attn", "model.layers.*.self_attn (num_key_value_heads)", n_kv)
              if attention_width is not None else None)
+    group = cfg["num_attention_heads"] // n_kv
+    if heads is not None and cfg["hidden_size"] % (heads * group):
+        ok = [k for k in range(n_kv, 2 * n_kv + 1) if cfg["hidden_size"] % (k * group) == 0]
+        raise MergeLabError(f"attention_width {attention_width!r} gives {heads} KV heads = {heads * group} attention "
+                            f"heads, and transformers' LlamaConfig requires hidden_size ({cfg['hidden_size']}) to be a "
+                            f"multiple of num_attention_heads; KV-head counts it allows here: {ok}")
     m = 2 * n - w
     if cfg.get("hidden_act", "silu") not in ACT2FN:
         raise MergeLabError(f"'{a.path}': unknown hidden_act {cfg.get('hidden_act')!r}")
