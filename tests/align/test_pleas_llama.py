@@ -4,7 +4,8 @@ with one tokenizer (GQA: 4 query heads on 2 KV heads; tied embeddings, as the ll
 Oracles, independent of the code under test: at width 2n the merged MLP is both MLPs side by side, so its
 gate and up weights are A's stacked on the permuted B's and its down weight is both halves over 2 (the
 least squares are exact with more calibration tokens than 2n); a permuted copy of A merged at width n is A
-(its logits, through transformers); widths outside [n, 2n], per layer, and a different tokenizer are refused
+(its logits, through transformers), also with its attention refitted; at attention_width 2 the attention is
+both models' heads side by side with o_proj halved; widths outside [n, 2n], per layer, and a different tokenizer are refused
 with nothing written."""
 
 from __future__ import annotations
@@ -110,9 +111,10 @@ def test_width_two_is_both_mlps_side_by_side(pair, tmp_path):
     from mergelab.align.spec import apply_permutations
 
     a_dir, b_dir, calib, held = pair
-    r = pleas_llama(a_dir, b_dir, calib, width=2.0)
+    r = pleas_llama(a_dir, b_dir, calib, width=2.0, attention_width=2.0)
     assert r.width == 2 * INTER and r.merged_units == 0 and r.config["intermediate_size"] == 2 * INTER
-    assert r.tokens > 2 * INTER
+    assert r.tokens > 2 * INTER and r.tokens > 2 * HIDDEN + 1
+    assert r.config["num_key_value_heads"] == 4 and r.config["num_attention_heads"] == 8 and r.config["head_dim"] == 8
     sa, sb = _state(a_dir), _state(b_dir)
     sbp = apply_permutations(sb, _spec(a_dir, sa), r.perms)
     assert any(not torch.equal(p, torch.arange(len(p))) for p in r.perms.values())  # the seeds differ
@@ -122,8 +124,12 @@ def test_width_two_is_both_mlps_side_by_side(pair, tmp_path):
             assert near(r.state[p + k + ".weight"], torch.cat([sa[p + k + ".weight"], sbp[p + k + ".weight"]]))
         k = p + "down_proj.weight"
         assert near(r.state[k], torch.cat([sa[k], sbp[k]], 1) / 2)
-        k = f"model.layers.{i}.self_attn.k_proj.weight"  # attention: matched (whole heads) and averaged
-        assert torch.allclose(r.state[k], (sa[k] + sbp[k]) / 2)
+        # attention at 2 x num_key_value_heads: A's KV heads (with their query groups) then the permuted B's,
+        # o_proj = [O_A, O_B] / 2
+        a_ = f"model.layers.{i}.self_attn."
+        for k in ("q_proj", "k_proj", "v_proj"):
+            assert torch.equal(r.state[a_ + k + ".weight"], torch.cat([sa[a_ + k + ".weight"], sbp[a_ + k + ".weight"]]))
+        assert near(r.state[a_ + "o_proj.weight"], torch.cat([sa[a_ + "o_proj.weight"], sbp[a_ + "o_proj.weight"]], 1) / 2)
     # on held-out tokens the merged MLP is the mean of both MLPs (SwiGLU computed here, not by the code)
     name = "layers.1.mlp"
     ia = module_inputs(load_model(a_dir, "A"), held, a_dir, [name])[name]
@@ -141,6 +147,17 @@ def test_width_two_is_both_mlps_side_by_side(pair, tmp_path):
     assert torch.equal(model.state_dict()["model.layers.0.mlp.up_proj.weight"],
                        r.state["model.layers.0.mlp.up_proj.weight"])
     assert json.loads((tmp_path / "merged" / "pleas.json").read_text())["merged_units_per_layer"] == 0
+    # the merged attention module, run by transformers, is the mean of A's and the permuted B's on any input
+    models = {"m": model.eval()}
+    for key, state in (("a", sa), ("b", sbp)):
+        models[key] = AutoModelForCausalLM.from_pretrained(str(a_dir)).eval()
+        models[key].load_state_dict(state, strict=False)
+    h = torch.randn(2, 7, HIDDEN, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(7)[None].expand(2, -1)
+    with torch.no_grad():
+        att = {k: m.model.layers[1].self_attn(h, position_embeddings=m.model.rotary_emb(h, pos), attention_mask=None)[0]
+               for k, m in models.items()}
+    assert near(att["m"], (att["a"] + att["b"]) / 2)
 
 
 def test_permuted_copy_at_width_one_is_the_model_cli(pair, tmp_path):
@@ -156,12 +173,14 @@ def test_permuted_copy_at_width_one_is_the_model_cli(pair, tmp_path):
     save_file(apply_permutations(sa, spec, random_permutations(spec, torch.Generator().manual_seed(5))),
               str(copy_dir / "model.safetensors"), metadata={"format": "pt"})
     recipe = tmp_path / "r.yml"
-    recipe.write_text(yaml.safe_dump({"merge_method": "pleas", "calibration": str(calib), "parameters": {"width": 1.0},
+    recipe.write_text(yaml.safe_dump({"merge_method": "pleas", "calibration": str(calib),
+                                      "parameters": {"width": 1.0, "attention_width": 1.0},
                                       "models": [{"model": str(a_dir)}, {"model": str(copy_dir)}]}))
     r = run_cli("pleas", recipe, "-o", tmp_path / "merged")
     assert r.returncode == 0, r.stderr
     assert "mlp.0 64 (64 merged)" in r.stdout
-    assert json.loads((tmp_path / "merged" / "config.json").read_text())["intermediate_size"] == INTER
+    cfg = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert cfg["intermediate_size"] == INTER and cfg["num_key_value_heads"] == 2  # attention refitted at 1 x heads
     want = _logits(a_dir, held)
     assert near(_logits(tmp_path / "merged", held), want)
     # a partial width through the CLI, B the other seed's model: 2n - 96 = 32 unit pairs merged. gate and up
@@ -175,6 +194,8 @@ def test_permuted_copy_at_width_one_is_the_model_cli(pair, tmp_path):
     assert record["intermediate_size"] == 96 and record["merged_units_per_layer"] == 32
     sbp = apply_permutations(_state(pair[1]), spec, {k: torch.tensor(v) for k, v in record["permutations"].items()})
     merged = _state(tmp_path / "merged96")
+    k = "model.layers.1.self_attn.k_proj.weight"  # no attention_width: attention matched (whole heads) and averaged
+    assert torch.allclose(merged[k], (sa[k] + sbp[k]) / 2)
     for k in ("model.layers.0.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"):
         w, wa, wb = merged[k], sa[k], sbp[k]
         R = torch.cdist(w[32:64], wa).argmin(1)  # which of A's rows each A-only row is
@@ -191,7 +212,13 @@ def test_bad_widths_params_and_tokenizers_write_nothing(pair, tmp_path):
              ({"width": INTER - 1}, "outside the allowed range"),
              ({"width": 2 * INTER + 1}, "outside the allowed range"),
              ({"width": {"mlp.0": 1.5}}, "single intermediate_size"),
-             ({"width": 1.5, "heads": "concat"}, "do not apply to a llama model")]
+             ({"width": {"budget": 1.5}}, "LlamaConfig has a single intermediate_size for every layer, so per-layer "
+                                          "widths cannot be written"),
+             ({"width": 1.5, "heads": "concat"}, "do not apply to a llama model"),
+             ({"attention_width": 2.5}, "self_attn (num_key_value_heads)' (attn) is 2.5 x 2 = 5 units, outside the "
+                                        "allowed range [2, 4]"),
+             ({"attention_width": 3}, "requires hidden_size (32) to be a multiple of num_attention_heads; KV-head "
+                                      "counts it allows here: [2, 4]")]
     for i, (params, needle) in enumerate(cases):
         recipe = tmp_path / f"r{i}.yml"
         recipe.write_text(yaml.safe_dump({"merge_method": "pleas", "models": [str(a_dir), str(b_dir)],
@@ -214,3 +241,4 @@ def test_bad_widths_params_and_tokenizers_write_nothing(pair, tmp_path):
     r = run_cli("pleas", recipe, "-o", tmp_path / "merged")
     assert r.returncode == 2 and "different tokenizers" in r.stderr, r.stderr
     assert not (tmp_path / "merged").exists()
+

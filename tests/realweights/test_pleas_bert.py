@@ -3,8 +3,9 @@
 At width 2 the merged FFN holds both models' units side by side, so the least squares are exact: the
 intermediate layer gives A's and the permuted B's pre-activations (on held-out texts), and on the calibration tokens
 the merged FFN equals the average of both FFNs on the same input (the output layer has more inputs than
-the test has tokens, so exact there). A permuted copy of A merged at width 1 gives A back. The
-output loads with AutoModel.from_pretrained; widths outside [n, 2n] or per layer are refused."""
+the test has tokens, so exact there). A permuted copy of A merged at width 1 gives A back, also with its
+attention output layer refitted. The output loads with AutoModel.from_pretrained; widths outside [n, 2n]
+or per layer, and more attention heads, are refused."""
 
 from __future__ import annotations
 
@@ -106,10 +107,15 @@ def test_permuted_copy_at_width_one_is_the_model(real_family, calib, tmp_path):
               str(copy_dir / "model.safetensors"), metadata={"format": "pt"})
     recipe = tmp_path / "r.yml"
     recipe.write_text(yaml.safe_dump({"merge_method": "pleas", "models": [{"model": str(a_dir)}, {"model": str(copy_dir)}],
-                                      "calibration": str(calib), "parameters": {"width": 1.0}}))
+                                      "calibration": str(calib), "parameters": {"width": 1.0, "attention_width": 1.0}}))
     r = run_cli("pleas", recipe, "-o", tmp_path / "merged")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "merged" / "pleas.json").read_text())["intermediate_size"] == 1536
+    # attention.output.dense was refitted by least squares on the calibration tokens (more than its 385
+    # inputs): A's own weights come back
+    merged = real_family.state(tmp_path / "merged")
+    k = next(k for k in sa if k.endswith("encoder.layer.0.attention.output.dense.weight"))
+    assert near(merged[k].double(), sa[k].double())
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
     enc = tok(calib.read_text().splitlines()[::7], padding=True, return_tensors="pt")  # calibration texts
     with torch.no_grad():
@@ -132,4 +138,8 @@ def test_width_checked_nothing_written(real_family, calib, tmp_path):
                                       "calibration": str(calib), "parameters": {"width": 1.5, "heads": "concat"}}))
     r = run_cli("pleas", recipe, "-o", tmp_path / "merged")
     assert r.returncode == 2 and "do not apply to a bert model" in " ".join(r.stderr.split())
+    recipe.write_text(yaml.safe_dump({"merge_method": "pleas", "models": [str(a_dir), str(b_dir)],
+                                      "calibration": str(calib), "parameters": {"attention_width": 2.0}}))
+    r = run_cli("pleas", recipe, "-o", tmp_path / "merged")
+    assert r.returncode == 2 and "number of heads cannot change" in " ".join(r.stderr.split()), r.stderr
     assert set(tmp_path.iterdir()) == before

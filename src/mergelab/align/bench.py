@@ -399,3 +399,70 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def run_budget(out: Path, budget_width: float = 1.5, pairs: int = 3, hidden=(16, 64), resnet: int = 16,
+               epochs: int = 30, log=print) -> dict:
+    """PLeaS's per-layer widths under a FLOPs budget (:mod:`mergelab.align.widths`) against one uniform width,
+    on digits (the same pairs, seeds and training as :func:`run`). Per net the budget is the paper's FLOPs
+    ratio of the uniform width ``budget_width``, so both rows cost the same; the budget's weights are the
+    paper's layerwise benefits scored on the calibration (training) inputs. Writes ``budget.json``."""
+    from mergelab.align.resnet import ResNet, pleas_resnet
+    from mergelab.align.widths import flops
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t0 = time.time()
+    data = load_digits_data()
+    results: Dict[str, dict] = {}
+    try:
+        for arch, h in [("mlp", h) for h in hidden] + ([("resnet", resnet)] if resnet else []):
+            for setting in ("shared", "disjoint"):
+                splits, tasks, heads = _setting(data, setting)
+                key = f"digits / {setting} / " + (f"hidden {h}" if arch == "mlp" else f"ResNet {h} channels")
+                rec = results.setdefault(key, {"uniform": [], "budget": [], "widths": [], "budget_ratio": None,
+                                               "flops_uniform": [], "flops_budget": []})
+                for p in range(pairs):
+                    sa, sb = 100 + 2 * p, 101 + 2 * p
+                    if arch == "mlp":
+                        a, b = (train_mlp(data.x_train[m], data.y_train[m] - c[0], len(c), h, s, epochs)
+                                for (m, c), s in zip(splits, (sa, sb)))
+                        merge = lambda w: pleas_mlp(a, b, data.x_train, width=w, heads=heads)  # noqa: E731
+                        acc = lambda st: _accuracy(mlp_forward(st, data.x_test).float(), data.y_test, tasks)  # noqa: E731
+                        n = {"P0": h, "P1": h}
+                        outs = len(tasks) * len(tasks[0][0]) if heads == "concat" else 10
+                        terms = [(64.0, None, "P0"), (1.0, "P0", "P1"), (float(outs), "P1", None)]
+                    else:
+                        nets = [train_resnet(data.x_train[m], data.y_train[m] - c[0], len(c), h, s, epochs)
+                                for (m, c), s in zip(splits, (sa, sb))]
+                        calib = data.x_train.reshape(-1, 1, 8, 8)
+                        merge = lambda w: pleas_resnet(nets[0], nets[1], calib, width=w, heads=heads)  # noqa: E731
+
+                        def acc(st):
+                            with torch.no_grad():
+                                return _accuracy(ResNet.from_state(st)(data.x_test), data.y_test, tasks)
+                        n = {"res": h, "block0": h, "block1": h}
+                        outs = 10
+                        terms = [(9 * 64.0, None, "res")] + [(9 * 64.0, x, y) for i in range(2) for x, y in
+                                                             (("res", f"block{i}"), (f"block{i}", "res"))]
+                        terms.append((float(outs), "res", None))
+                    base = flops(terms, n, {g: 0.0 for g in n})
+                    ratio = flops(terms, n, {g: budget_width - 1 for g in n}) / base
+                    rec["budget_ratio"] = round(ratio, 4)
+                    u = merge(budget_width)
+                    bud = merge({"budget": ratio})
+                    rec["uniform"].append(acc(u.state))
+                    rec["budget"].append(acc(bud.state))
+                    rec["widths"].append(bud.widths)
+                    rec["flops_uniform"].append(ratio)
+                    rec["flops_budget"].append(bud.budget["flops_ratio"])
+                log(f"{key}: budget {rec['budget_ratio']}: uniform {np.mean(rec['uniform']):.3f}, "
+                    f"budget {np.mean(rec['budget']):.3f}, widths {rec['widths']}")
+    finally:
+        torch.set_num_threads(threads)
+    report = {"uniform_width": budget_width, "pairs": pairs, "epochs": epochs, "seconds": round(time.time() - t0, 1),
+              "results": results}
+    (out / "budget.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

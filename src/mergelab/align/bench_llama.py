@@ -76,10 +76,11 @@ def _metrics(probs: torch.Tensor, held: torch.Tensor):
 
 def run_llama(out, root=None, size: str = "1m", steps: int = 300, seq_len: int = 64, batch: int = 16,
               lr: float = 3e-3, widths=(1.0, 1.25, 1.5, 2.0), free_widths=(1.0, 1.5), calib_blocks: int = 96,
-              held_blocks: int = 256,
+              held_blocks: int = 256, attention=(),
               log=print) -> dict:
     """Train (or reuse, under ``OUT/llama-seed{0,1}``) the two models, merge them and score every row;
-    writes ``OUT/llama.json`` and ``OUT/llama.md``."""
+    writes ``OUT/llama.json`` and ``OUT/llama.md``. ``attention``: ``(mlp width, attention width)`` pairs,
+    PLeaS rows with the attention refitted (``attention_width``)."""
     from transformers import AutoTokenizer
 
     from mergelab.align.api import align
@@ -142,6 +143,13 @@ def run_llama(out, root=None, size: str = "1m", steps: int = 300, seq_len: int =
         folder = out / f"pleas-{w:g}"
         write_folder(r, dirs[0], folder, overwrite=True)
         rows[f"PLeaS w={w:g} (intermediate {r.width})"] = list(_score(folder, held))
+        tokens_calib = r.tokens
+    for w, aw in attention:
+        r = pleas_llama(dirs[0], dirs[1], calib, width=float(w), attention_width=float(aw))
+        folder = out / f"pleas-{w:g}-attn-{aw:g}"
+        write_folder(r, dirs[0], folder, overwrite=True)
+        rows[f"PLeaS w={w:g}, attention refit at {aw:g} x heads ({r.config['num_key_value_heads']} KV heads)"] = list(
+            _score(folder, held))
         tokens_calib = r.tokens
     for w in free_widths:
         r = pleas_llama(dirs[0], dirs[1], noise, width=float(w))

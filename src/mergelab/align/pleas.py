@@ -37,6 +37,7 @@ import torch
 
 from mergelab.align.matching import activation_matching
 from mergelab.align.spec import Axis, apply_permutations, chain_spec
+from mergelab.align.widths import budget_widths, is_budget
 from mergelab.errors import MergeLabError
 
 ACT = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
@@ -50,6 +51,7 @@ class PleasResult:
     widths: Dict[str, int]  # group -> merged width
     merged_units: Dict[str, int]  # group -> number of merged pairs
     perms: Dict[str, torch.Tensor]
+    budget: Optional[dict] = None  # how a width budget chose the widths (mergelab.align.widths.WidthChoice.record)
 
 
 @dataclass
@@ -100,6 +102,9 @@ def resolve_width(width, group: str, layer: str, n: int) -> int:
     [1.0, 2.0], an int an absolute count in [n, 2n]; a mapping is looked up by group (``P0``) or by the
     name of the layer that outputs it."""
     w = width
+    if isinstance(width, Mapping) and "budget" in width:
+        raise MergeLabError(f"width: a budget (per-layer widths chosen by PLeaS's QP) is not supported for layer "
+                            f"'{layer}' ({group}) here; it applies to MLP state dicts and ResNets (give widths instead)")
     if isinstance(width, Mapping):
         if group in width:
             w = width[group]
@@ -192,10 +197,26 @@ def pleas_mlp(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.T
     spec = chain_spec({k: tuple(v.shape) for k, v in state_a.items()})
     groups = [f"P{i}" for i in range(len(layers) - 1)]
     n = {g: spec.perms[g].size for g in groups}
-    widths = {g: resolve_width(width, g, layers[i], n[g]) for i, g in enumerate(groups)}
     if inputs.ndim != 2 or inputs.shape[1] != state_a[layers[0] + ".weight"].shape[1]:
         raise MergeLabError(f"calibration inputs have shape {tuple(inputs.shape)}; the MLP takes "
                             f"[N, {state_a[layers[0] + '.weight'].shape[1]}]")
+    if is_budget(width):  # per-layer widths by the paper's QP (mergelab.align.widths)
+        outs = state_a[layers[-1] + ".weight"].shape[0] * (2 if heads == "concat" else 1)
+        terms = [(float(state_a[layers[0] + ".weight"].shape[1]), None, groups[0])]
+        terms += [(1.0, groups[i - 1], groups[i]) for i in range(1, len(groups))]
+        terms += [(float(outs), groups[-1], None)]
+        la, lb = mlp_forward(state_a, inputs, activation), mlp_forward(state_b, inputs, activation)
+        target = (torch.cat([la, lb], 1) if heads == "concat" else (la + lb) / 2).double()
+
+        def score(ws: Dict[str, int]) -> float:
+            r = pleas_mlp(state_a, state_b, inputs, ws, activation, heads, ridge, layer_inputs)
+            return -float(((mlp_forward(r.state, inputs, activation).double() - target) ** 2).mean())
+
+        choice = budget_widths(width, n, terms, score)
+        result = pleas_mlp(state_a, state_b, inputs, choice.widths, activation, heads, ridge, layer_inputs)
+        result.budget = choice.record()
+        return result
+    widths = {g: resolve_width(width, g, layers[i], n[g]) for i, g in enumerate(groups)}
 
     # 1. matching on the post-activation hidden units (the next layer's inputs)
     ins_a, _ = _forward(state_a, layers, activation, inputs)
@@ -262,6 +283,67 @@ def match_and_average(a, b, spec, calibration, batch_size: int, max_length: int)
     return perms, sb, out
 
 
+@dataclass
+class AttentionNames:
+    """One attention layer for :func:`refit_attention`: its permutation group, the module whose input is
+    the heads' outputs, and the tensor prefixes (``<prefix>.weight``/``.bias``) of q, k, v and o."""
+
+    perm: str
+    o_module: str
+    q: str
+    k: str
+    v: str
+    o: str
+
+
+def refit_attention(a, b, sb, spec, perms, out, texts, heads: int, ridge: float, layers: List[AttentionNames],
+                    batch_size: int = 16, max_length: int = 128) -> None:
+    """PLeaS on attention layers (Llama: :mod:`.pleas_llama`; BERT at its own head count: :mod:`.pleas_bert`)
+    at ``heads`` KV heads in ``[n_kv, 2 n_kv]``, written into ``out``. ``sb`` is B's permuted state.
+
+    The units are whole KV heads with their query groups (rotary dims never split). Of the ``n_kv``
+    matched head pairs, the ``2 n_kv - heads`` whose attention outputs (the o-projection inputs of their
+    query heads) correlate most are merged; the others are kept from each model, in blocks
+    ``[merged | A-only | B-only]``. ``q``/``k``/``v`` read the stream, so their least squares targets
+    ``[(q_A+q_B)/2 | q_A | q_B]`` are linear in it and the fit is exact: merged heads' rows are the
+    average of the pair, kept heads' rows are their model's. The o projection is the least-squares map
+    from the heads' features ``[(c_A+c_B)/2 | c_A | c_B]`` to ``(o_A+o_B)/2``, where ``c_X`` and ``o_X``
+    are model X's own (B permuted) o-projection input and output on the calibration tokens (the paper's
+    layer inputs). At ``heads = 2 n_kv`` the attention is both models' side by side with
+    ``o = [O_A, O_B]/2`` (the mean of both attentions on any input, given more tokens than ``2 n_q d``);
+    a permuted copy at ``n_kv`` gives the model back."""
+    from mergelab.align.api import module_inputs
+    from mergelab.align.spec import index_vector
+
+    ctx_a = module_inputs(a, texts, a.path, [u.o_module for u in layers], batch_size, max_length)
+    ctx_b = module_inputs(b, texts, a.path, [u.o_module for u in layers], batch_size, max_length)
+    for u in layers:
+        P = spec.perms[u.perm]
+        n_kv, d, g = P.n_heads, P.head_dim, P.group
+        ca = ctx_a[u.o_module]
+        cb = ctx_b[u.o_module][:, index_vector(P, Axis(u.perm, "vo_o"), perms[u.perm])]
+        unit = lambda c: c.view(len(c), n_kv, g * d)  # noqa: E731
+        split = UnitSplit.by_similarity(unit(ca).permute(0, 2, 1).reshape(-1, n_kv),
+                                        unit(cb).permute(0, 2, 1).reshape(-1, n_kv), 2 * n_kv - heads)
+        for prefix, per in ((u.q, g * d), (u.k, d), (u.v, d)):
+            for key in (prefix + ".weight", prefix + ".bias"):
+                if key in a.state:
+                    wa, wb = a.state[key].double(), sb[key].double()
+                    va, vb = wa.view(n_kv, per, *wa.shape[1:]), wb.view(n_kv, per, *wb.shape[1:])
+                    M, R = split.merged, split.rest
+                    out[key] = torch.cat([(va[M] + vb[M]) / 2, va[R], vb[R]]).reshape(-1, *wa.shape[1:]) \
+                        .to(a.state[key].dtype).contiguous()
+        ow, ob = u.o + ".weight", u.o + ".bias"
+        oa = ca @ a.state[ow].double().T + (a.state[ob].double() if ob in a.state else 0)
+        obb = cb @ sb[ow].double().T + (sb[ob].double() if ob in sb else 0)
+        Z = split.features(unit(ca), unit(cb)).reshape(len(ca), -1)
+        W, bias = lstsq_blocks(Z, (oa + obb) / 2, split.labels().repeat_interleave(g * d),
+                               torch.zeros(oa.shape[1], dtype=torch.long), ridge, bias=ob in a.state)
+        out[ow] = W.to(a.state[ow].dtype).contiguous()
+        if ob in a.state:
+            out[ob] = bias.to(a.state[ob].dtype).contiguous()
+
+
 def write_folder(result: TransformerPleasResult, path_a, out, overwrite: bool, extra: Optional[dict] = None) -> None:
     """A merged transformer (:mod:`mergelab.align.pleas_bert`, :mod:`mergelab.align.pleas_llama`) as a HF folder: the
     weights, A's config with the new ``intermediate_size``, A's tokenizer and ``pleas.json`` (the widths,
@@ -280,7 +362,8 @@ def write_folder(result: TransformerPleasResult, path_a, out, overwrite: bool, e
 # --------------------------------------------------------------------------- recipe and command
 RECIPE_KEYS = {"merge_method", "models", "parameters", "calibration", "dtype", "architecture"}
 ARCHITECTURES = ("mlp", "resnet")
-PARAMETERS = {"width": 1.0, "activation": "relu", "heads": "average", "inputs": "original", "ridge": 1e-8}
+PARAMETERS = {"width": 1.0, "activation": "relu", "heads": "average", "inputs": "original", "ridge": 1e-8,
+              "attention_width": None}
 
 
 def run_recipe(recipe_path, out, overwrite: bool = False) -> PleasResult:
@@ -347,15 +430,20 @@ def run_recipe(recipe_path, out, overwrite: bool = False) -> PleasResult:
         else:
             raise MergeLabError(f"PLeaS handles plain MLP and ResNet state dicts and BERT and Llama-layout "
                                 f"({', '.join(LLAMA_TYPES)}) folders; '{a.path}' is a Hugging Face '{mt}' model")
-        fixed = sorted(k for k in given if k not in ("width", "ridge"))
+        allowed = ("width", "ridge", "attention_width")
+        fixed = sorted(k for k in given if k not in allowed)
         if fixed:
             raise MergeLabError(f"{where}: parameter(s) {', '.join(fixed)} do not apply to a {mt} model (the "
                                 f"activation is the config's hidden_act, the model output is averaged, each FFN "
-                                f"reads the merged stream); only width and ridge")
-        r = merge(paths[0], paths[1], Path(data["calibration"]), width=params["width"], ridge=float(params["ridge"]))
+                                f"reads the merged stream); only {', '.join(allowed)}")
+        r = merge(paths[0], paths[1], Path(data["calibration"]), width=params["width"], ridge=float(params["ridge"]),
+                  attention_width=params["attention_width"])
         write_folder(r, paths[0], out, overwrite, {"models": [str(p) for p in paths], "parameters": params})
         groups = {f"mlp.{i}": r.width for i in range(r.config["num_hidden_layers"])}
         return PleasResult(r.state, groups, {g: r.merged_units for g in groups}, r.perms)
+    if "attention_width" in given:
+        raise MergeLabError(f"{where}: attention_width applies to BERT and Llama-layout folders (their attention); "
+                            f"'{a.path}' is a state dict without attention")
     b = load_model(paths[1], "model B")
     x = read_inputs(Path(data["calibration"]))
     arch = data.get("architecture") or ("resnet" if {"stem.weight", "blocks.0.conv1.weight"} <= set(a.state) else "mlp")
@@ -371,6 +459,7 @@ def run_recipe(recipe_path, out, overwrite: bool = False) -> PleasResult:
     write_checkpoint(a, res.state, out, overwrite, {"method": "pleas", "architecture": arch,
                                                     "models": [str(p) for p in paths],
                                                     "widths": res.widths, "merged_units": res.merged_units,
+                                                    **({"budget": res.budget} if res.budget else {}),
                                                     "parameters": params})
     return res
 

@@ -33,17 +33,21 @@ from typing import Mapping
 
 import torch
 
-from mergelab.align.pleas import (TransformerPleasResult, UnitSplit, lstsq_blocks, match_and_average,
-                                  resolve_width)
+from mergelab.align.pleas import (AttentionNames, TransformerPleasResult, UnitSplit, lstsq_blocks,
+                                  match_and_average, refit_attention, resolve_width)
 from mergelab.align.spec import bert_spec
 from mergelab.errors import MergeLabError
 
 
 def pleas_bert(path_a, path_b, calibration: Path, width=1.0, ridge: float = 1e-8, batch_size: int = 16,
-               max_length: int = 128) -> TransformerPleasResult:
+               max_length: int = 128, attention_width=None) -> TransformerPleasResult:
     """PLeaS merge of two BERT checkpoints (module docstring) on the texts of ``calibration`` (``.txt``, one
     a line, or ``.jsonl`` with ``text``), tokenised with A's tokenizer. ``width``: a multiple of
-    ``intermediate_size`` in [1.0, 2.0] or a unit count in [n, 2n], the same for every layer."""
+    ``intermediate_size`` in [1.0, 2.0] or a unit count in [n, 2n], the same for every layer.
+    ``attention_width``: None keeps attention matched and averaged; 1.0 (or ``num_attention_heads``)
+    refits ``attention.output.dense`` by least squares (:func:`mergelab.align.pleas.refit_attention`) at
+    the same heads; more heads are refused, since ``BertConfig`` ties the head size to
+    ``hidden_size / num_attention_heads``."""
     from transformers.activations import ACT2FN
 
     from mergelab.align.api import check_compatible, load_model, module_inputs, read_texts
@@ -54,6 +58,9 @@ def pleas_bert(path_a, path_b, calibration: Path, width=1.0, ridge: float = 1e-8
     if cfg.get("model_type") != "bert":
         raise MergeLabError(f"PLeaS for transformers handles BERT so far; '{a.path}' is a "
                             f"'{cfg.get('model_type')}' model")
+    if isinstance(width, Mapping) and "budget" in width:
+        raise MergeLabError("width: a budget chooses a width per layer (PLeaS's QP), but BertConfig has a single "
+                            "intermediate_size for every layer, so per-layer widths cannot be written; give one width")
     if isinstance(width, Mapping):
         raise MergeLabError("width for BERT must be one number: BertConfig has a single intermediate_size for every "
                             "layer, so PLeaS gives every layer's FFN the same width")
@@ -61,6 +68,13 @@ def pleas_bert(path_a, path_b, calibration: Path, width=1.0, ridge: float = 1e-8
     pre = next(k for k in a.state if k.endswith("embeddings.word_embeddings.weight"))[:-len("embeddings.word_embeddings.weight")]
     layers, n = cfg["num_hidden_layers"], cfg["intermediate_size"]
     w = resolve_width(width, "mlp", "encoder.layer.*.intermediate.dense (intermediate_size)", n)
+    if attention_width is not None:
+        nh = cfg["num_attention_heads"]
+        if isinstance(attention_width, Mapping) or resolve_width(
+                attention_width, "attn", "encoder.layer.*.attention (num_attention_heads)", nh) != nh:
+            raise MergeLabError(f"attention_width for BERT must be 1.0 ({nh} heads): BertConfig ties the head size to "
+                                f"hidden_size / num_attention_heads, so the number of heads cannot change; got "
+                                f"{attention_width!r}")
     m = 2 * n - w
     if cfg.get("hidden_act") not in ACT2FN:
         raise MergeLabError(f"'{a.path}': unknown hidden_act {cfg.get('hidden_act')!r}")
@@ -96,6 +110,13 @@ def pleas_bert(path_a, path_b, calibration: Path, width=1.0, ridge: float = 1e-8
         for k, v in (("intermediate.dense.weight", Wi), ("intermediate.dense.bias", bi), ("output.dense.weight", Wo),
                      ("output.dense.bias", bo)):
             out[p + k] = v.to(a.state[p + k].dtype).contiguous()
+    if attention_width is not None:  # the same heads; only attention.output.dense changes
+        units = [AttentionNames(f"attn.{i}", f"encoder.layer.{i}.attention.output.dense",
+                                *(f"{pre}encoder.layer.{i}.attention.{k}" for k in
+                                  ("self.query", "self.key", "self.value", "output.dense")))
+                 for i in range(layers)]
+        refit_attention(a, b, sb, spec, perms, out, texts, cfg["num_attention_heads"], ridge, units, batch_size,
+                        max_length)
     config = copy.deepcopy(cfg)
     config["intermediate_size"] = w
     return TransformerPleasResult(out, config, w, m, perms, tokens)

@@ -35,8 +35,8 @@ from typing import Mapping
 
 import torch
 
-from mergelab.align.pleas import (TransformerPleasResult, UnitSplit, lstsq_blocks, match_and_average,
-                                  resolve_width)
+from mergelab.align.pleas import (AttentionNames, TransformerPleasResult, UnitSplit, lstsq_blocks,
+                                  match_and_average, refit_attention, resolve_width)
 from mergelab.align.spec import LLAMA_TYPES, llama_spec
 from mergelab.errors import MergeLabError
 
@@ -58,10 +58,12 @@ def same_tokenizer(a, b) -> None:
 
 
 def pleas_llama(path_a, path_b, calibration: Path, width=1.0, ridge: float = 1e-8, batch_size: int = 16,
-                max_length: int = 128) -> TransformerPleasResult:
+                max_length: int = 128, attention_width=None) -> TransformerPleasResult:
     """PLeaS merge of two Llama-layout checkpoints (module docstring) on the texts of ``calibration``
     (``.txt``, one a line, or ``.jsonl`` with ``text``), tokenised with A's tokenizer. ``width``: a
-    multiple of ``intermediate_size`` in [1.0, 2.0] or a unit count in [n, 2n], the same for every layer."""
+    multiple of ``intermediate_size`` in [1.0, 2.0] or a unit count in [n, 2n], the same for every layer.
+    ``attention_width``: None keeps attention matched and averaged; a multiple of ``num_key_value_heads``
+    in [1.0, 2.0] (or a KV-head count) refits it (:func:`refit_attention`)."""
     from transformers.activations import ACT2FN
 
     from mergelab.align.api import check_compatible, load_model, module_inputs, read_texts
@@ -72,11 +74,25 @@ def pleas_llama(path_a, path_b, calibration: Path, width=1.0, ridge: float = 1e-
     if cfg.get("model_type") not in LLAMA_TYPES:
         raise MergeLabError(f"PLeaS for decoders handles the Llama layout ({', '.join(LLAMA_TYPES)}); '{a.path}' "
                             f"is a '{cfg.get('model_type')}' model")
+    if isinstance(width, Mapping) and "budget" in width:
+        raise MergeLabError("width: a budget chooses a width per layer (PLeaS's QP), but LlamaConfig has a single "
+                            "intermediate_size for every layer, so per-layer widths cannot be written; give one width")
     if isinstance(width, Mapping):
         raise MergeLabError("width for a Llama-layout model must be one number: its config has a single "
                             "intermediate_size for every layer, so PLeaS gives every layer's MLP the same width")
     layers, n = cfg["num_hidden_layers"], cfg["intermediate_size"]
     w = resolve_width(width, "mlp", "model.layers.*.mlp (intermediate_size)", n)
+    n_kv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    if isinstance(attention_width, Mapping):
+        raise MergeLabError("attention_width must be one number: LlamaConfig has one num_key_value_heads for every layer")
+    heads = (resolve_width(attention_width, "attn", "model.layers.*.self_attn (num_key_value_heads)", n_kv)
+             if attention_width is not None else None)
+    group = cfg["num_attention_heads"] // n_kv
+    if heads is not None and cfg["hidden_size"] % (heads * group):
+        ok = [k for k in range(n_kv, 2 * n_kv + 1) if cfg["hidden_size"] % (k * group) == 0]
+        raise MergeLabError(f"attention_width {attention_width!r} gives {heads} KV heads = {heads * group} attention "
+                            f"heads, and transformers' LlamaConfig requires hidden_size ({cfg['hidden_size']}) to be a "
+                            f"multiple of num_attention_heads; KV-head counts it allows here: {ok}")
     m = 2 * n - w
     if cfg.get("hidden_act", "silu") not in ACT2FN:
         raise MergeLabError(f"'{a.path}': unknown hidden_act {cfg.get('hidden_act')!r}")
@@ -124,4 +140,13 @@ def pleas_llama(path_a, path_b, calibration: Path, width=1.0, ridge: float = 1e-
                 out[p + k + ".bias"] = bias.to(a.state[p + k + ".bias"].dtype).contiguous()
     config = copy.deepcopy(cfg)
     config["intermediate_size"] = w
+    if heads is not None:
+        units = [AttentionNames(f"attn.{i}", f"layers.{i}.self_attn.o_proj",
+                                *(f"{pre}layers.{i}.self_attn.{k}" for k in ("q_proj", "k_proj", "v_proj", "o_proj")))
+                 for i in range(layers)]
+        refit_attention(a, b, sb, spec, perms, out, texts, heads, ridge, units, batch_size, max_length)
+        d = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        group = cfg["num_attention_heads"] // (cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+        config.update(num_key_value_heads=heads, num_attention_heads=heads * group, head_dim=d)
     return TransformerPleasResult(out, config, w, m, perms, tokens)
+

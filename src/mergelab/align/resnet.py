@@ -32,6 +32,7 @@ from mergelab.align.features import record
 from mergelab.align.matching import activation_matching
 from mergelab.align.pleas import ChainLayer, PleasResult, Width, fit_layer, resolve_width, write_layer
 from mergelab.align.spec import PermutationSpec, apply_permutations, spec_from_mapping
+from mergelab.align.widths import budget_widths, is_budget
 from mergelab.errors import MergeLabError
 
 BN_LEAVES = ("weight", "bias", "running_mean", "running_var")
@@ -148,6 +149,26 @@ def pleas_resnet(net_a: ResNet, net_b: ResNet, inputs: torch.Tensor, width: Unio
     n = {g: p.size for g, p in spec.perms.items()}
     groups = ["res"] + [f"block{i}" for i in range(L)]
     layer_of = {"res": "stem", **{f"block{i}": f"blocks.{i}.conv1" for i in range(L)}}
+    if is_budget(width):  # per-group widths by the paper's QP (mergelab.align.widths)
+        hw = float(inputs.shape[2] * inputs.shape[3])  # no downsampling: every conv runs at the input's size
+        outs = net_a.fc.weight.shape[0] * (2 if heads == "concat" else 1)
+        terms = [(9 * hw * net_a.in_channels, None, "res")]
+        for i in range(L):
+            terms += [(9 * hw, "res", f"block{i}"), (9 * hw, f"block{i}", "res")]
+        terms.append((float(outs), "res", None))
+        with torch.no_grad():
+            la, lb = net_a.eval()(inputs).double(), net_b.eval()(inputs).double()
+        target = torch.cat([la, lb], 1) if heads == "concat" else (la + lb) / 2
+
+        def score(ws: Dict[str, int]) -> float:
+            with torch.no_grad():
+                merged = ResNet.from_state(pleas_resnet(net_a, net_b, inputs, ws, heads, ridge).state, net_a.side)
+                return -float(((merged.double()(inputs.double()) - target) ** 2).mean())
+
+        choice = budget_widths(width, n, terms, score)
+        result = pleas_resnet(net_a, net_b, inputs, choice.widths, heads, ridge)
+        result.budget = choice.record()
+        return result
     widths = {g: resolve_width(width, g, layer_of[g], n[g]) for g in groups}
 
     batches = list(inputs.split(256))

@@ -155,6 +155,15 @@ class VocabAlignedCheckpoint:
             for name, info in inner.tensors.items()
         }
 
+    @property
+    def alignment(self) -> VocabAlignment:
+        """The :class:`VocabAlignment` this checkpoint is re-indexed by."""
+        return self._alignment
+
+    def is_vocab(self, name: str) -> bool:
+        """Whether tensor ``name`` of this checkpoint is a vocabulary tensor read through the alignment."""
+        return self._alignment.is_vocab(self._index, name)
+
     def __getattr__(self, attr: str) -> Any:
         if attr.startswith("_"):  # never reached for the wrapper's own fields once they are set
             raise AttributeError(attr)
@@ -167,7 +176,7 @@ class VocabAlignedCheckpoint:
 
     def read(self, name: str, rows: Optional[tuple] = None, dtype: Optional[torch.dtype] = None,
              device: str = "cpu") -> torch.Tensor:
-        if not self._alignment.is_vocab(self._index, name):
+        if not self.is_vocab(name):
             return self._inner.read(name, rows, dtype, device)
         t = self._alignment.rows(name, self._index)
         if rows is not None:
@@ -196,7 +205,6 @@ def check_token_sources(plan: Any) -> None:
             ckpt = plan.checkpoints[src.checkpoint]
             if not isinstance(ckpt, VocabAlignedCheckpoint) or (src.name in seen):
                 continue
-            alignment = ckpt._alignment
-            if alignment.is_vocab(ckpt._index, src.name):
+            if ckpt.is_vocab(src.name):
                 seen.add(src.name)
-                alignment.check_sources(src.name)
+                ckpt.alignment.check_sources(src.name)
