@@ -9,8 +9,8 @@ capped validation). Writes ``results.json``, ``results.md`` and ``best_so_far.pn
 
 ``--grid-evals N`` (N > 3) also runs the validation grid at the searches' budget: uniform weights
 ``lambda = k / N`` for k = 1..N, evaluated coarse to fine (step 0.1 first, then 0.05, then 0.01 when N is
-a multiple of 100, then the rest), so the first 10, 20 (and 100) points are grids too; each point's fitness is kept in ``grid.json`` in the work
-folder, and a rerun evaluates only the missing points.
+a multiple of 100, then the rest), so the first 10, 20 (and 100) points are grids too; each point's
+fitness is kept in ``grid.json`` in the work folder, and a rerun evaluates only the missing points.
 
     cd WORKDIR   # holds cma.yaml, random.yaml, m2n2.yaml, textmix-base/, out-cma/, out-random/, out-m2n2/
     python benchmarks/search_textmix.py --workdir . --budgets 50,100,200 --out docs/results/search-textmix

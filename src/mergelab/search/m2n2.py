@@ -36,10 +36,10 @@ of ``fitness.model``'s architecture (for ``suite: textmix`` the merged encoder, 
 paper's view of the examples as one pool of resources: the mean of all per-example scores, so a task
 weighs by its number of examples) or ``task_mean`` (the weighted mean over tasks of each task's mean,
 :meth:`~mergelab.search.fitness.FitnessSpec.task_mean`: the fitness ``evolve`` ranks by, for comparisons
-with it). It changes only which member is reported, never the search; every evaluation records both. ``state.pkl`` (after every round): the random
-generator, the per-example scores, the history and each member's sha256; the archive itself is not
-stored (a member of a MiniLM archive is 90 MB) but rebuilt on ``resume`` by replaying the recorded
-crossovers from the seeds, checked against those digests. A resumed run ends exactly as an
+with it). It changes only which member is reported, never the search; every evaluation records both.
+``state.pkl`` (after every round): the random generator, the per-example scores, the history and each
+member's sha256; the archive itself is not stored (a member of a MiniLM archive is 90 MB) but rebuilt on
+``resume`` by replaying the recorded crossovers from the seeds, checked against those digests. A resumed run ends exactly as an
 uninterrupted one; a larger ``steps`` continues a finished run.
 """
 
