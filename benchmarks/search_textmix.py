@@ -8,9 +8,9 @@ validation grid for task arithmetic (uniform weights ``lambda`` in 0.3, 0.5, 1.0
 capped validation). Writes ``results.json``, ``results.md`` and ``best_so_far.png`` into ``--out``.
 
 ``--grid-evals N`` (N > 3) also runs the validation grid at the searches' budget: uniform weights
-``lambda = k / N`` for k = 1..N, evaluated coarse to fine (step 0.1 first, then 0.05, then the rest), so
-the first 10 and 20 points are grids too; each point's fitness is kept in ``grid.json`` in the work
-folder, and a rerun evaluates only the missing points.
+``lambda = k / N`` for k = 1..N, evaluated coarse to fine (step 0.1 first, then 0.05, then 0.01 when N is
+a multiple of 100, then the rest), so the first 10, 20 (and 100) points are grids too; each point's
+fitness is kept in ``grid.json`` in the work folder, and a rerun evaluates only the missing points.
 
     cd WORKDIR   # holds cma.yaml, random.yaml, m2n2.yaml, textmix-base/, out-cma/, out-random/, out-m2n2/
     python benchmarks/search_textmix.py --workdir . --budgets 50,100,200 --out docs/results/search-textmix
@@ -37,10 +37,16 @@ def best_within(evals: list, n: int) -> dict:
     return max(pool, key=lambda e: (e["fitness"], -e["eval"]))
 
 
+STEPS = (10, 20, 100)  # the coarser grids inside a fine one: steps 0.1, 0.05, 0.01 (when they divide it)
+
+
 def grid_order(n: int) -> list:
-    """``k / n`` for k = 1..n, coarse to fine: the multiples of 0.1, then of 0.05, then the rest."""
+    """``k / n`` for k = 1..n, coarse to fine: the multiples of 0.1, then of 0.05, then of 0.01 (when n is a
+    multiple of 100), then the rest; so the first d points are the grid ``k / d`` for each such step."""
+    steps = [d for d in STEPS if n % d == 0 and d < n]
+
     def level(k):
-        return 0 if (10 * k) % n == 0 else 1 if (20 * k) % n == 0 else 2
+        return next((i for i, d in enumerate(steps) if (d * k) % n == 0), len(steps))
     return [round(k / n, 6) for k in sorted(range(1, n + 1), key=lambda k: (level(k), k))]
 
 
@@ -111,7 +117,7 @@ def main() -> None:
         fine = [grid_point(lam) for lam in grid_order(args.grid_evals)]
         results["fine_grid"] = fine
         results["curves"]["grid (lambda k/%d, coarse to fine)" % args.grid_evals] = curve(fine)
-        for n in sorted({10, 20, args.grid_evals}):  # the first n points: lambda = k / n
+        for n in sorted({d for d in STEPS if args.grid_evals % d == 0} | {args.grid_evals}):  # first n: k / n
             if n <= len(fine):
                 g = max(fine[:n], key=lambda e: e["fitness"])  # the earliest on ties
                 test_row(f"validation grid (uniform lambda, step {1 / n:g})", n,
@@ -134,16 +140,20 @@ def main() -> None:
         hp = Path("out-m2n2", "history.json")
         h = json.loads(hp.read_text()) if hp.is_file() else None
         if h is not None:
-            results["curves"]["M2N2"] = curve(h["evaluations"])
+            # the other searches' curves are means over tasks: M2N2's too when its history records them
+            by_task = all("task_mean" in e for e in h["evaluations"])
+            results["curves"]["M2N2" + ("" if by_task else " (pooled)")] = curve(
+                [{"fitness": e["task_mean"]} for e in h["evaluations"]] if by_task else h["evaluations"])
             secs = [e.get("seconds") for e in h["evaluations"] if e.get("seconds") is not None]
         for n in budgets:
             folder = Path("out-m2n2", f"best-at-{n}")
             if folder.is_dir():
                 fit = h["best_at"][str(n)]["mean_score"] if h else None
+                by = h["best_at"][str(n)].get("by", "pooled") if h else None
                 state = read_state(folder)
                 # M2N2's own fitness is the accuracy over all pooled examples; the column is the mean over tasks
                 task_mean = val.scorer.score(state)["fitness"]
-                test_row("M2N2", n, task_mean, state=state, m2n2_pooled_validation=fit,
+                test_row("M2N2", n, task_mean, state=state, m2n2_pooled_validation=fit, m2n2_best_by=by,
                          seconds_per_evaluation=round(float(np.mean(secs[:n])), 2) if h and secs else None)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -178,6 +178,9 @@ def test_evolve_and_m2n2_on_textmix(textmix, tmp_path):
         assert not any(k.startswith("classifier.") for k in state)
     best = read_state(tmp_path / "m2n2" / "best")
     assert scorer.score(best)["fitness"] == pytest.approx(hist["best"]["mean_score"], abs=1e-12)
+    # search.best_by task_mean's ranking is evolve's fitness: each task's accuracy, then their mean
+    assert hist["best"]["task_mean"] == pytest.approx(scorer.score(best)["fitness"], abs=1e-12)
+    assert [e["task_mean"] for e in hist["evaluations"][:3]] == pytest.approx(seeds, abs=1e-12)  # 24 per task
 
 
 def test_bad_textmix_fitness(textmix, tmp_path):

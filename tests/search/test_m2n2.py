@@ -136,6 +136,65 @@ def test_killed_run_resumes_to_the_same_result(batched, tmp_path):
     assert len(more["steps"]) == 6 and more["steps"][-1]["round"] == 4 and more["steps"][:5] == resumed["steps"]
 
 
+def test_task_mean_weighs_tasks_not_examples():
+    from types import SimpleNamespace
+
+    from mergelab.errors import MergeLabError
+    from mergelab.search.fitness import FitnessSpec
+
+    def task(name, n):
+        return SimpleNamespace(name=name, split=lambda split: list(range(n)))
+
+    spec = FitnessSpec([task("a", 3), task("b", 1)])
+    scores = [1, 1, 0, 0]  # a: 2/3, b: 0; pooled 2/4
+    assert spec.example_counts() == [3, 1]
+    assert spec.task_mean(scores) == pytest.approx((2 / 3 + 0) / 2)
+    spec.weights = {"b": 3.0}
+    assert spec.task_mean(scores) == pytest.approx((2 / 3 + 3 * 0) / 4)
+    spec.limit = 2  # the first 2 of a's 3 examples
+    assert spec.example_counts() == [2, 1] and spec.task_mean([1, 0, 1]) == pytest.approx((1 / 2 + 3 * 1) / 4)
+    with pytest.raises(MergeLabError, match="4 per-example scores for tasks of \\[2, 1\\] examples"):
+        spec.task_mean(scores)
+
+
+def test_best_by_task_mean_reports_another_member_of_the_same_search(batched, tmp_path):
+    import pickle
+
+    path, _, pooled = batched
+    cfg = yaml.safe_load(path.read_text())
+    cfg["fitness"]["weights"] = {"refusal": 4}  # tasks of 6 examples each: pooled and task means differ
+    cfg["search"]["best_by"] = "task_mean"
+    out = tmp_path / "out"
+    code, _, _ = run_cli(["m2n2", _write(tmp_path, cfg), "-o", out, "--quiet"])
+    assert code == 0
+    hist = json.loads((out / "history.json").read_text())
+    # the search itself is unchanged: same parents, splits, ratios, replacements and child scores
+    assert hist["steps"] == pooled["steps"]
+    assert [e["fitness"] for e in hist["evaluations"]] == [e["fitness"] for e in pooled["evaluations"]]
+
+    def oracle(row):  # language_id's 6 examples first, weight 1; refusal's 6, weight 4
+        return (np.mean(row[:6]) + 4 * np.mean(row[6:])) / 5
+
+    rows = pickle.loads((out / "state.pkl").read_bytes())["rows"]
+    assert len(rows[0]) == 12
+    assert hist["archive_task_means"] == pytest.approx([oracle(r) for r in rows])
+    assert hist["archive_mean_scores"] == pytest.approx([np.mean(r) for r in rows])
+    best = int(np.argmax([oracle(r) for r in rows]))
+    assert best != int(np.argmax([np.mean(r) for r in rows]))  # the two views disagree on this archive
+    assert hist["best"] == {"member": best, "mean_score": pytest.approx(np.mean(rows[best])),
+                            "task_mean": pytest.approx(oracle(rows[best])), "by": "task_mean"}
+    assert hist["best_at"]["4"]["by"] == "task_mean"
+    assert hist["best_at"]["4"]["task_mean"] == max(e["task_mean"] for e in hist["evaluations"][:4])
+    # best_by may change on resume (it does not change the search): the pooled view of the same archive
+    cfg["search"]["best_by"] = "pooled"
+    code, _, _ = run_cli(["m2n2", _write(tmp_path, cfg), "-o", out, "--resume", "--quiet"])
+    assert code == 0
+    again = json.loads((out / "history.json").read_text())
+    assert again["steps"] == hist["steps"] and again["best"]["by"] == "pooled"
+    assert again["best"]["member"] == int(np.argmax([np.mean(r) for r in rows])) != best
+    assert again["best"]["task_mean"] == pytest.approx(oracle(rows[again["best"]["member"]]))
+
+
 def test_bad_input_fails_before_any_work(family, tmp_path, capsys):
     def bad(search, *extra, resume_into=None):
         cfg = config(family, method="linear")
@@ -154,6 +213,7 @@ def test_bad_input_fails_before_any_work(family, tmp_path, capsys):
     assert "--steps: expected an integer >= 1, got 0" in bad({}, "--steps", "0")
     assert "search.archive_size: expected an integer >= 2, got 1" in bad({"archive_size": 1})
     assert "search.alpha: expected a number >= 0, got -1" in bad({"alpha": -1})
+    assert "search.best_by: expected one of ['pooled', 'task_mean'], got 'mean'" in bad({"best_by": "mean"})
     assert "search: unknown key(s) ['popsize']" in bad({"popsize": 4})
     assert "--workers must be at least 1, got 0" in bad({}, "--workers", "0")
     assert "--threads must be at least 1, got 0" in bad({}, "--threads", "0")

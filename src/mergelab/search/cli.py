@@ -92,8 +92,9 @@ def m2n2(
     hist = run_m2n2(config, out, workers=workers, ray_address=ray, threads=threads, steps=steps, resume=resume,
                     overwrite=overwrite, log=(lambda s: None) if quiet else _log)
     if not quiet:
-        out_console.print(f"best archive member: mean score {hist['best']['mean_score']:.4f}; model in {out}/best",
-                          highlight=False)
+        b = hist["best"]
+        out_console.print(f"best archive member (by {b['by']}): pooled mean score {b['mean_score']:.4f}, mean over "
+                          f"tasks {b['task_mean']:.4f}; model in {out}/best", highlight=False)
 
 
 COMMANDS = (("evolve", evolve), ("map", map_front), ("m2n2", m2n2))

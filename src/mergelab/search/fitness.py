@@ -65,6 +65,27 @@ class FitnessSpec:
             out.update(suite="textmix", heads=self.heads)
         return out
 
+    def example_counts(self) -> List[int]:
+        """How many examples each task contributes to the per-example scores (``example_scores``, in
+        task order): its split's first ``limit``."""
+        return [len(t.split(self.split)[: self.limit]) for t in self.tasks]
+
+    def task_mean(self, scores: Sequence[float], counts: Optional[Sequence[int]] = None) -> float:
+        """The weighted mean over tasks of each task's mean per-example score (``weights``, default 1):
+        for ``metric: accuracy`` the fitness ``score`` gives (each task's accuracy), where the plain mean of
+        ``scores`` weighs each task by its number of examples. ``counts``: :meth:`example_counts`."""
+        counts = list(self.example_counts() if counts is None else counts)
+        if sum(counts) != len(scores):
+            raise MergeLabError(f"fitness: {len(scores)} per-example scores for tasks of {counts} examples")
+        total = norm = 0.0
+        start = 0
+        for t, n in zip(self.tasks, counts):
+            w = self.weights.get(t.name, 1.0)
+            total += w * (float(sum(scores[start:start + n])) / max(n, 1))
+            norm += w
+            start += n
+        return total / (norm or 1.0)
+
 
 def parse_fitness(data: Any, default_model: str, where: str = "fitness", models: Sequence[str] = ()) -> FitnessSpec:
     """Read and check ``fitness:``, building the tasks (a missing or malformed task file is an error

@@ -32,10 +32,14 @@ and inserted here in order. B does change the search (children of one round see 
 ``history.png`` and ``best/``, the archive member with the best mean score, saved as a Hugging Face folder
 of ``fitness.model``'s architecture (for ``suite: textmix`` the merged encoder, without heads).
 ``search.save_best_at: [N, ...]`` also saves the best member after N evaluations (seeds included) as
-``best-at-N/``, to compare budgets from one run. ``state.pkl`` (after every round): the random
-generator, the per-example scores, the history and each member's sha256; the archive itself is not
-stored (a member of a MiniLM archive is 90 MB) but rebuilt on ``resume`` by replaying the recorded
-crossovers from the seeds, checked against those digests. A resumed run ends exactly as an
+``best-at-N/``, to compare budgets from one run. "Best" is by ``search.best_by``: ``pooled`` (default, the
+paper's view of the examples as one pool of resources: the mean of all per-example scores, so a task
+weighs by its number of examples) or ``task_mean`` (the weighted mean over tasks of each task's mean,
+:meth:`~mergelab.search.fitness.FitnessSpec.task_mean`: the fitness ``evolve`` ranks by, for comparisons
+with it). It changes only which member is reported, never the search; every evaluation records both.
+``state.pkl`` (after every round): the random generator, the per-example scores, the history and each
+member's sha256; the archive itself is not stored (a member of a MiniLM archive is 90 MB) but rebuilt on
+``resume`` by replaying the recorded crossovers from the seeds, checked against those digests. A resumed run ends exactly as an
 uninterrupted one; a larger ``steps`` continues a finished run.
 """
 
@@ -58,7 +62,10 @@ from mergelab.search.candidate import SearchConfigError, read_config
 from mergelab.search.evolve import (STATE, SearchStateError, check_resume, plot_history, prepare_out, resumable,
                                     write_atomic, write_json)
 
-M2N2_KEYS = {"steps", "alpha", "seed", "matchmaker", "split_point", "archive_size", "save_best_at", "batch_size"}
+M2N2_KEYS = {"steps", "alpha", "seed", "matchmaker", "split_point", "archive_size", "save_best_at", "batch_size",
+             "best_by"}
+BEST_BY = ("pooled", "task_mean")
+MAY_CHANGE = ("steps", "save_best_at", "best_by")  # on resume: the budget and what is reported, not the search
 
 
 def shared_fitness(S: np.ndarray, alpha: float) -> tuple:
@@ -190,6 +197,10 @@ def read_options(opts: Any, steps: Optional[int] = None) -> dict:
                                                 for n in save_at):
         raise SearchConfigError("m2n2: search.save_best_at: expected a list of evaluation counts")
     out["save_best_at"] = save_at
+    best_by = opts.get("best_by", "pooled")
+    if best_by not in BEST_BY:
+        raise SearchConfigError(f"m2n2: search.best_by: expected one of {list(BEST_BY)}, got {best_by!r}")
+    out["best_by"] = best_by
     return out
 
 
@@ -225,7 +236,7 @@ def replay(seeds: List[torch.Tensor], steps: list) -> List[torch.Tensor]:
 
 def _fingerprint(cfg, opts: dict) -> str:
     """What a run's state held before it stored its config (:func:`~mergelab.search.evolve.check_resume`)."""
-    search = {k: v for k, v in opts.items() if k not in ("steps", "save_best_at")}
+    search = {k: v for k, v in opts.items() if k not in MAY_CHANGE}
     blob = {"genome": cfg.data["genome"], "fitness": cfg.fitness.describe(), "search": search}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -271,8 +282,8 @@ def run_m2n2(config: Any, out: Path, *, workers: Optional[int] = None, ray_addre
     if threads < 1:
         raise MergeLabError(f"--threads must be at least 1, got {threads}")
     out = Path(out)
-    # the budget and the snapshots may change on resume
-    same = resumable(cfg, {k: v for k, v in opts.items() if k not in ("steps", "save_best_at")})
+    # the budget, the snapshots and what ranks them may change on resume
+    same = resumable(cfg, {k: v for k, v in opts.items() if k not in MAY_CHANGE})
     state = None
     if resume and (out / STATE).is_file():
         with open(out / STATE, "rb") as fh:
@@ -289,6 +300,13 @@ def run_m2n2(config: Any, out: Path, *, workers: Optional[int] = None, ray_addre
     del states
     size = opts["archive_size"] or len(seeds)
     alpha, save_at, total = opts["alpha"], opts["save_best_at"], opts["steps"]
+    counts = cfg.fitness.example_counts()
+
+    def ranked(rows: list) -> tuple:
+        """``(best member, pooled means, task means)`` of the archive, best by ``search.best_by``."""
+        pooled = [float(np.mean(r)) for r in rows]
+        by_task = [cfg.fitness.task_mean(r, counts) for r in rows]
+        return int(np.argmax(pooled if opts["best_by"] == "pooled" else by_task)), pooled, by_task
     pool = make_pool({"config": cfg.data, "layout": flat}, workers, ray_address, threads, use_ray, MemberEvaluator)
     saver = [pool.evaluator.scorer] if isinstance(pool, LocalPool) else []
 
@@ -300,10 +318,10 @@ def run_m2n2(config: Any, out: Path, *, workers: Optional[int] = None, ray_addre
     def snapshot() -> None:
         n = len(history["evaluations"])
         if n in save_at:
-            means = [float(np.mean(r)) for r in rows]
-            k = int(np.argmax(means))
+            k, pooled, by_task = ranked(rows)
             save(archive[k], out / f"best-at-{n}")
-            history.setdefault("best_at", {})[str(n)] = {"member": k, "mean_score": means[k]}
+            history.setdefault("best_at", {})[str(n)] = {"member": k, "mean_score": pooled[k],
+                                                         "task_mean": by_task[k], "by": opts["best_by"]}
 
     def write_state() -> None:
         blob = {"algorithm": "m2n2", "config": same, "rng": rng.bit_generator.state,
@@ -331,8 +349,8 @@ def run_m2n2(config: Any, out: Path, *, workers: Optional[int] = None, ray_addre
             history = {"algorithm": "m2n2", "config": str(cfg.path) if cfg.path else None, "alpha": alpha,
                        "seed": opts["seed"], "archive_size": size, "batch_size": opts["batch_size"], "rounds": 0,
                        "steps": [], "fitness": cfg.fitness.describe(),
-                       "evaluations": [{"eval": i + 1, "kind": "seed", "fitness": float(np.mean(s))}
-                                       for i, s in enumerate(rows)]}
+                       "evaluations": [{"eval": i + 1, "kind": "seed", "fitness": float(np.mean(s)),
+                                        "task_mean": cfg.fitness.task_mean(s, counts)} for i, s in enumerate(rows)]}
             snapshot()
             write_state()
         history["workers"] = pool.size
@@ -350,7 +368,7 @@ def run_m2n2(config: Any, out: Path, *, workers: Optional[int] = None, ray_addre
             for (p1, p2, split, w), child, r in zip(picks, children, results):
                 s = np.asarray(r["scores"], dtype=float)
                 evals.append({"eval": len(evals) + 1, "kind": "child", "fitness": float(np.mean(s)),
-                              "seconds": r["seconds"]})
+                              "task_mean": cfg.fitness.task_mean(s, counts), "seconds": r["seconds"]})
                 f_all, _ = shared_fitness(np.vstack([np.array(rows), s[None]]), alpha)
                 worst = int(np.argmin(f_all[:-1]))
                 if len(archive) < size:
@@ -376,10 +394,11 @@ def run_m2n2(config: Any, out: Path, *, workers: Optional[int] = None, ray_addre
                 log(f"m2n2 round {rnd}: {len(picks)} children in {wall:.1f} s ({wall / len(picks):.2f} s/evaluation)")
             if on_round is not None:
                 on_round(rnd)
-        means = [float(np.mean(r)) for r in rows]
-        best = int(np.argmax(means))
+        best, means, by_task = ranked(rows)
         history["archive_mean_scores"] = means
-        history["best"] = {"member": best, "mean_score": means[best]}
+        history["archive_task_means"] = by_task
+        history["best"] = {"member": best, "mean_score": means[best], "task_mean": by_task[best],
+                           "by": opts["best_by"]}
         history["seconds_this_run"] = round(time.perf_counter() - t_start, 2)
         history["seconds"] = round(history.get("seconds", 0.0) + history["seconds_this_run"], 2)
         save(archive[best], out / "best")
