@@ -12,6 +12,7 @@ import yaml
 
 from mergelab.errors import CheckpointError, RecipeError
 from mergelab.io.adapted import AdaptedCheckpoint, open_model, split_adapter_ref
+from mergelab.io.peft_adapter import read_lora
 from mergelab.merge import merge, merge_state_dicts
 
 from ..conftest import run_cli
@@ -73,6 +74,59 @@ def test_recipe_merge_equals_peft_densify_then_merge(fam, tmp_path):
         torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-6)
     manifest = json.loads((out / "mergelab.json").read_text())
     assert any("adapter" in fp for fp in manifest["inputs"].values())
+
+
+def _files(*folders):
+    return {p: p.stat().st_mtime_ns for f in folders for p in f.rglob("*")}
+
+
+def test_merge_forms_adapted_tensors_per_row_chunk_and_writes_nothing_else(fam, tmp_path, monkeypatch):
+    """Item 1: no densified copy. While merging, each adapted tensor is formed as ``W[rows] + s B[rows] A``
+    one row chunk at a time (so memory follows the chunk, not the tensor or the model), every row of
+    every adapted module exactly once per adapter; the result is PEFT's densify-then-merge; nothing is
+    written but the output (not beside it, not in the temporary folder, not into the base or adapters)."""
+    import tempfile
+
+    from mergelab.execute.local import LocalExecutor
+    from mergelab.io.peft_adapter import LoraModule
+
+    base, ads, _ = fam
+    chunk = 256  # elements: 4-8 rows of the 32 x 32 and 32 x 64 projections
+    formed = []
+    real_delta = LoraModule.delta
+
+    def spy(self, rows=None, dtype=torch.float32, device="cpu"):
+        d = real_delta(self, rows, dtype, device)
+        formed.append((self.weight_name, rows, tuple(d.shape)))
+        return d
+
+    monkeypatch.setattr(LoraModule, "delta", spy)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    work = tmp_path / "work"
+    work.mkdir()
+    inputs_before = _files(base, *ads)
+    rec = _recipe(base, [(f"{base}+{ads[0]}", 0.7), ({"adapter": str(ads[1])}, 0.5)])
+    out = merge(rec, work / "out", executor=LocalExecutor(chunk_elements=chunk, whole_elements=None)).out
+
+    expected = merge_state_dicts(state_of(base), [peft_dense(base, a) for a in ads], "task_arithmetic",
+                                 weight=[0.7, 0.5])
+    got = state_of(out)
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-6)
+    assert [p.name for p in work.iterdir()] == ["out"] and list(scratch.iterdir()) == []
+    assert _files(base, *ads) == inputs_before
+
+    shapes = {n: tuple(t.shape) for n, t in state_of(base).items()}
+    adapted = [m.weight_name for a in ads for m in read_lora(a).modules.values()]
+    assert len(adapted) == 12  # 2 adapters x 2 layers x (q, v, down)
+    assert formed and all(rows is not None and shape[0] == rows[1] - rows[0] and shape[1] == shapes[name][1]
+                          and shape[0] * shape[1] <= chunk for name, rows, shape in formed)
+    for name in set(adapted):
+        covered = sorted(r for n, r, _ in formed if n == name)
+        assert sum(b - a for a, b in covered) == adapted.count(name) * shapes[name][0], name
+        assert len(covered) > adapted.count(name)  # split: no call formed a whole tensor
 
 
 def _bad_adapter(case, fam, tmp_path):
@@ -213,7 +267,6 @@ def test_methods_lists_adapter_combine_types(capsys):
 def test_inspect_reads_adapters_through_the_factory(fam):
     """`mergelab inspect BASE BASE+ADAPTER`: the task vector is s*B@A on the adapted tensors, 0 elsewhere."""
     from mergelab.inspect.scan import inspect_models
-    from mergelab.io.peft_adapter import read_lora
 
     base, ads, _ = fam
     diag = inspect_models(str(base), [f"{base}+{ads[0]}"])

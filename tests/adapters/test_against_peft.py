@@ -5,8 +5,8 @@ Where PEFT is right (``cat``; ``svd``) the adapters agree within float32 roundin
 the dense merge (PEFT's own ``merge_and_unload`` of each adapter, then task arithmetic) is the
 oracle: mergelab equals it, PEFT does not:
 
-* ``linear`` combines the A's and the B's separately, so B'A' carries cross terms B_i A_j
-  (huggingface/peft#3004, open);
+* ``linear``, ``ties``, ``dare_linear``, ``dare_ties`` and ``magnitude_prune`` combine the A's and the
+  B's separately, so B'A' carries cross terms B_i A_j (huggingface/peft#3004, open);
 * the merged adapter inherits ``use_rslora`` from the first input while its scaling is meant to be 1,
   so it comes out sqrt(new rank) too large (huggingface/peft#3449, not in 0.21.2).
 """
@@ -89,20 +89,39 @@ def _deltas(state, base_state, names):
 ATTN = [f"model.layers.{i}.self_attn.{p}.weight" for i in range(2) for p in ("q_proj", "v_proj")]
 
 
-def test_peft_linear_has_cross_terms_mergelab_does_not(trained, tmp_path):
-    """huggingface/peft#3004: linear sums A's and B's separately."""
-    ads, w = [trained.adapters["arith"], trained.adapters["code"]], [1.0, 1.0]
-    peft_state, _ = peft_combined(trained.base, ads, w, "linear", tmp_path / "peft")
-    dense = dense_oracle(trained.base, ads, w)
+# PEFT's element-wise combination types at density 1 (nothing pruned or dropped, DARE's rescale 1): in delta
+# space linear, dare_linear and magnitude_prune are then task arithmetic, ties and dare_ties TIES with sign
+# election (equal weights: PEFT's mean of the agreeing entries is mergekit's normalised TIES). The oracle is that
+# merge of PEFT's own densified deltas; mergelab merges the adapters with cat, or with svd at full rank.
+ELEMENTWISE = [("linear", {}, "task_arithmetic", {}),
+               ("dare_linear", {"density": 1.0}, "task_arithmetic", {}),
+               ("magnitude_prune", {"density": 1.0}, "task_arithmetic", {}),
+               ("ties", {"density": 1.0}, "ties", {"density": 1.0}),
+               ("dare_ties", {"density": 1.0}, "ties", {"density": 1.0})]
+
+
+@pytest.mark.filterwarnings("ignore:The density 1.0 is greater")
+@pytest.mark.parametrize("ctype,peft_kw,method,params", ELEMENTWISE, ids=[c[0] for c in ELEMENTWISE])
+def test_peft_elementwise_types_have_cross_terms_mergelab_does_not(trained, tmp_path, ctype, peft_kw, method,
+                                                                    params):
+    """huggingface/peft#3004: these types combine the A's and the B's separately, so B'A' carries B_i A_j."""
     from peft import PeftModel
 
-    mine = ours(trained.base, ads, w, tmp_path / "ours", "cat")
-    our_state = PeftModel.from_pretrained(load_base(trained.base), str(mine)).merge_and_unload().state_dict()
+    ads, w = [trained.adapters["arith"], trained.adapters["code"]], [1.0, 1.0]
+    peft_state, _ = peft_combined(trained.base, ads, w, ctype, tmp_path / "peft", **peft_kw)
     b = state_of(trained.base)
+    dense = merge_state_dicts(b, [peft_dense(trained.base, a) for a in ads], method, weight=w, **params)
+    output = {"format": "peft", "combine": "cat"} if method == "task_arithmetic" else \
+        {"format": "peft", "combine": "svd", "rank": 32}  # 32 = min(out, in) of q and v: no truncation
+    rec = {"merge_method": method, "base_model": str(trained.base), "dtype": "float32", "output": output,
+           "parameters": params,
+           "models": [{"model": f"{trained.base}+{a}", "parameters": {"weight": x}} for a, x in zip(ads, w)]}
+    mine = merge(rec, tmp_path / "ours").out
+    our_state = PeftModel.from_pretrained(load_base(trained.base), str(mine)).merge_and_unload().state_dict()
     want = _deltas(dense, b, ATTN)
     for k in ATTN:
-        assert _rel(our_state[k] - b[k], want[k]) < 1e-5
-        assert _rel(peft_state[k] - b[k], want[k]) > 0.05, k  # PEFT's linear is not the sum of the deltas
+        assert _rel(our_state[k] - b[k], want[k]) < 1e-5, k
+        assert _rel(peft_state[k] - b[k], want[k]) > 0.05, k  # PEFT's result is not the merge of the deltas
 
 
 def test_peft_inherits_rslora_scaling_mergelab_does_not(trained, tmp_path):

@@ -99,6 +99,23 @@ def test_embeddings_as_lora_and_cli(trained, tmp_path, capsys):
     # (PEFT's merge_and_unload would apply the shared delta twice to the tied weight: its own warning)
 
 
+@pytest.mark.parametrize("policy,said", [("dense", "model.embed_tokens: embedding, kept dense (modules_to_save)"),
+                                         ("skip", "model.embed_tokens: embedding, changed, skipped")])
+def test_embedding_policy_is_said_in_the_output(trained, tmp_path, capsys, policy, said):
+    """Issue 16 item 4: what happened to the (tied) embedding is printed, and recorded in mergelab.json."""
+    base, (expert, _) = trained
+    code, out, err = run_cli(["extract", base, expert, "-o", tmp_path / "ad", "--rank", "2", "--embeddings", policy],
+                             capsys)
+    assert code == 0, err
+    assert said in " ".join(out.split())
+    report = json.loads((tmp_path / "ad" / "mergelab.json").read_text())
+    if policy == "dense":
+        assert "model.embed_tokens" in report["modules_to_save"] and report["skipped"] == []
+    else:
+        assert "model.embed_tokens.weight" in report["skipped"]
+        assert "model.embed_tokens" not in report["modules_to_save"]
+
+
 def test_bad_inputs_are_clear_and_write_nothing(trained, tiny_family, tmp_path, capsys):
     base, (expert, _) = trained
     bad = tmp_path / "bad"
