@@ -179,3 +179,36 @@ def test_resume_with_another_config_is_refused(setup, full_run, tmp_path, capsys
     assert code == 0
     evs = json.loads((out / "history.json").read_text())["evaluations"]
     assert len(evs) == 9 and evs[:6] == json.loads((full_run[0] / "history.json").read_text())["evaluations"]
+
+
+@pytest.mark.parametrize("method, genome", [
+    ("linear", {}),
+    ("task_arithmetic", {"layer_granularity": 1}),
+    ("dare_ties", {"filters": ["mlp"]}),  # random drops: the recipe's seed must reproduce them
+    ("slerp", {"layer_granularity": 1}),  # per group the top two models, the first as the base
+    ("della", {"parameters": ["weight", "density", "epsilon", "lambda"],  # a mergelab method, a global gene
+               "ranges": {"density": [0.3, 0.7], "epsilon": [0.0, 0.2], "lambda": [0.5, 1.5]}}),
+])
+def test_every_method_writes_a_recipe_that_merge_reproduces(family, tmp_path, capsys, method, genome):
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(config(family, method=method, max_evals=4, popsize=2, **genome)))
+    code, stdout, stderr = run_cli(["evolve", path, "-o", tmp_path / "out"], capsys)
+    assert code == 0, stderr
+    hist = json.loads((tmp_path / "out" / "history.json").read_text())
+    evs = hist["evaluations"]
+    assert len(evs) == 4 and all(e["fitness"] < 0 and "error" not in e for e in evs)
+    assert len({e["digest"] for e in evs}) == 4  # four different merges were scored
+    # progress: one line per generation on stderr, the result on stdout
+    text = " ".join(stderr.split())
+    assert "generation 1: 2/4 evaluations" in text and "generation 2: 4/4 evaluations" in text
+    assert f"best fitness {hist['best']['fitness']:.4f} after 4 evaluations" in " ".join(stdout.split())
+    recipe = yaml.safe_load((tmp_path / "out" / "best_recipe.yaml").read_text())
+    assert recipe["merge_method"] == method
+    if method == "della":
+        assert set(recipe["parameters"]) == {"lambda"} and 0.5 <= recipe["parameters"]["lambda"] <= 1.5
+    if genome.get("layer_granularity"):
+        assert len(recipe["slices"]) == 2
+    code, _, stderr = run_cli(["merge", tmp_path / "out" / "best_recipe.yaml", "-o", tmp_path / "merged", "--quiet"],
+                              capsys)
+    assert code == 0, stderr
+    assert digest(tmp_path / "merged") == hist["best"]["digest"]
