@@ -77,3 +77,31 @@ def test_map_end_to_end(family, tmp_path):
     assert non_dominated(F).all()
     # a one-hot preference picks the front point best for that task
     assert res["chosen"][0]["predicted"][names[0]] == pytest.approx(F[:, 0].max())
+
+
+def test_map_three_tasks_front_and_png(family, tmp_path):
+    """Three objectives (two task vectors): a front in 3-D, one chosen point per task and the equal
+    trade-off, the 3-D PNG."""
+    from PIL import Image
+
+    cfg = config(family, method="task_arithmetic")
+    cfg["fitness"]["tasks"] = ["language_id", "refusal", "string_ops"]
+    cfg["search"] = {"seed": 2, "pop_size": 40, "generations": 10}
+    path = tmp_path / "map.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, _, _ = run_cli(["map", path, "-o", tmp_path / "out", "--quiet"])
+    assert code == 0
+    res = json.loads((tmp_path / "out" / "front.json").read_text())
+    assert res["tasks"] == ["language_id", "refusal", "string_ops"]
+    F = np.array(res["front"]["predicted"])
+    assert F.shape[1] == 3 and non_dominated(F).all()
+    assert [ch["preference"] for ch in res["chosen"]] == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0],
+                                                         [1.0, 1.0, 1.0]]
+    for t in range(3):  # a one-hot preference picks the front point best for that task
+        assert res["chosen"][t]["predicted"][res["tasks"][t]] == pytest.approx(F[:, t].max())
+    errors = [abs(v) for ch in res["chosen"] for v in ch["surrogate_error"].values()]
+    assert res["surrogate_error_at_chosen"]["max_abs"] == pytest.approx(max(errors))
+    header = (tmp_path / "out" / "recipe-0.yaml").read_text().splitlines()[0]
+    assert header == "# mergelab map: preference [1.0, 0.0, 0.0] over ['language_id', 'refusal', 'string_ops']"
+    with Image.open(tmp_path / "out" / "front.png") as im:
+        assert im.size == (640, 480)
