@@ -72,6 +72,8 @@ def test_history_and_best(full_run):
         assert all(v < 0 for v in e["tasks"].values())
     assert len({e["digest"] for e in evs}) == 6  # six different merges
     assert (out / "history.png").stat().st_size > 1000
+    # candidates are merged in memory: OUT holds the search's four files and no checkpoint
+    assert sorted(p.name for p in out.rglob("*")) == ["best_recipe.yaml", "history.json", "history.png", "state.pkl"]
 
 
 def test_best_recipe_reproduces_scored_tensors(full_run, tmp_path):
