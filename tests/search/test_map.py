@@ -9,6 +9,7 @@ import yaml
 from mergelab.search.map import choose, fit_surrogate, non_dominated, pareto_front, predict, sample_points
 from tests.conftest import run_cli
 from tests.search.conftest import config
+from tests.search.test_evolve import digest
 
 pytest.importorskip("pymoo")
 
@@ -73,6 +74,9 @@ def test_map_end_to_end(family, tmp_path):
         recipe = yaml.safe_load((tmp_path / "out" / ch["recipe"]).read_text())
         weights = [m["parameters"]["weight"] for m in recipe["models"] if "parameters" in m]
         assert weights == pytest.approx(ch["point"])
+    # the recipe of a chosen trade-off gives, under mergelab merge, exactly the tensors evaluated for real
+    code, _, _ = run_cli(["merge", tmp_path / "out" / res["chosen"][-1]["recipe"], "-o", tmp_path / "merged", "--quiet"])
+    assert code == 0 and digest(tmp_path / "merged") == res["chosen"][-1]["digest"]
     F = np.array(res["front"]["predicted"])
     assert non_dominated(F).all()
     # a one-hot preference picks the front point best for that task
