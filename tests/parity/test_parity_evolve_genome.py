@@ -38,7 +38,8 @@ SCRIPT = textwrap.dedent(
         genome = ModelGenome(ModelGenomeDefinition.model_validate(case["genome"]))
         assert genome.num_layers == spec["layers"]
         x0 = genome.initial_genotype().reshape(-1).tolist()
-        out[case["id"]] = {"x0": x0, "config": yaml.safe_load(genome.genotype_merge_config(np.array(case["x"])).to_yaml())}
+        config = genome.genotype_merge_config(np.array(case["x"]))
+        out[case["id"]] = {"x0": x0, "config": yaml.safe_load(config.to_yaml())}
     json.dump(out, open(spec["report"], "w"))
     """  # the genotype as CMA-ES hands it over: a float64 NumPy array
 )

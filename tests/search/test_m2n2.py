@@ -277,7 +277,8 @@ def test_every_step_follows_competition_attraction_and_replacement(batched):
     alpha, seed, size = 1.0, cfg["search"]["seed"], cfg["search"]["archive_size"]
     torch.set_num_threads(1)  # as the run's evaluator
     scorer = make_scorer(read_config({**cfg, "search": {}}).fitness)
-    states = [{k: v.float() for k, v in load_file(str(m) + "/model.safetensors").items()} for m in cfg["genome"]["models"]]
+    states = [{k: v.float() for k, v in load_file(f"{m}/model.safetensors").items()}
+              for m in cfg["genome"]["models"]]
     names = sorted(states[0])
 
     def flat(state):

@@ -75,7 +75,8 @@ def test_map_end_to_end(family, tmp_path):
         weights = [m["parameters"]["weight"] for m in recipe["models"] if "parameters" in m]
         assert weights == pytest.approx(ch["point"])
     # the recipe of a chosen trade-off gives, under mergelab merge, exactly the tensors evaluated for real
-    code, _, _ = run_cli(["merge", tmp_path / "out" / res["chosen"][-1]["recipe"], "-o", tmp_path / "merged", "--quiet"])
+    recipe = tmp_path / "out" / res["chosen"][-1]["recipe"]
+    code, _, _ = run_cli(["merge", recipe, "-o", tmp_path / "merged", "--quiet"])
     assert code == 0 and digest(tmp_path / "merged") == res["chosen"][-1]["digest"]
     F = np.array(res["front"]["predicted"])
     assert non_dominated(F).all()
