@@ -214,3 +214,46 @@ def test_every_method_writes_a_recipe_that_merge_reproduces(family, tmp_path, ca
                               capsys)
     assert code == 0, stderr
     assert digest(tmp_path / "merged") == hist["best"]["digest"]
+
+
+def test_llmmix_fitness_scores_the_merge_as_the_bench_does(family, tmp_path):
+    """A candidate's llmmix fitness, from the resident model, against the merge written by `mergelab merge`
+    and loaded fresh: `accuracy` is what llmmix's evaluator (`bench run`'s) gives that folder (and the
+    resident model generates what the folder's model does); `loss` is
+    minus transformers' own causal-LM loss over each task's validation answers (the fine-tuning loss)."""
+    import torch
+
+    from mergelab.llmmix.generate import evaluate_model, evaluate_task, load_causal_lm
+    from mergelab.llmmix.tasks import build_task
+    from mergelab.llmmix.tasks.format import collate_for_training, encode_for_training
+    from mergelab.search.candidate import CandidateEvaluator
+    from tests.search.conftest import TASKS
+
+    cfg = config(family, method="task_arithmetic")
+    cfg["fitness"]["metric"] = "accuracy"
+    ev = CandidateEvaluator(cfg)
+    recipe, state = ev.merge([0.7, 0.4])
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert run_cli(["merge", path, "-o", tmp_path / "merged", "--quiet"])[0] == 0
+    tasks = [build_task(n, seed=0, sizes=SIZES) for n in TASKS]
+    got = ev.scorer.score(state)
+    fresh = evaluate_model(tmp_path / "merged", tasks, split="validation")
+    want = {n: r.accuracy for n, r in fresh.items()}
+    assert got["tasks"] == want and got["fitness"] == pytest.approx(sum(want.values()) / 2)
+    # these tiny experts answer nothing right (accuracy 0), so compare what the resident model generated
+    mine = {t.name: [r["prediction"] for r in evaluate_task(ev.scorer.model, ev.scorer.tokenizer, t,
+                                                            "validation").records] for t in tasks}
+    assert mine == {n: [r["prediction"] for r in fresh[n].records] for n in fresh}
+    assert any(p.strip() for preds in mine.values() for p in preds)
+
+    cfg["fitness"]["metric"] = "loss"
+    got = CandidateEvaluator(cfg).scorer.score(state)
+    model, tok = load_causal_lm(tmp_path / "merged")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    for task in tasks:
+        batch = collate_for_training([encode_for_training(tok, e) for e in task.split("validation")], pad)
+        with torch.no_grad():
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss
+        assert got["tasks"][task.name] == pytest.approx(-float(loss), rel=1e-5)
