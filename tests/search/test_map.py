@@ -84,7 +84,7 @@ def test_map_end_to_end(family, tmp_path):
     assert res["chosen"][0]["predicted"][names[0]] == pytest.approx(F[:, 0].max())
 
 
-def test_map_three_tasks_front_and_png(family, tmp_path):
+def test_map_three_tasks_front_and_png(family, tmp_path, capsys):
     """Three objectives (two task vectors): a front in 3-D, one chosen point per task and the equal
     trade-off, the 3-D PNG."""
     from PIL import Image
@@ -94,10 +94,13 @@ def test_map_three_tasks_front_and_png(family, tmp_path):
     cfg["search"] = {"seed": 2, "pop_size": 40, "generations": 10}
     path = tmp_path / "map.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    code, _, _ = run_cli(["map", path, "-o", tmp_path / "out", "--quiet"])
+    code, stdout, stderr = run_cli(["map", path, "-o", tmp_path / "out"], capsys)
     assert code == 0
     res = json.loads((tmp_path / "out" / "front.json").read_text())
     assert res["tasks"] == ["language_id", "refusal", "string_ops"]
+    e = res["surrogate_error_at_chosen"]  # reported on the command line too
+    assert "MAP: evaluating 14 sample points" in " ".join(stderr.split())
+    assert f"surrogate |error| mean {e['mean_abs']:.4g}, max {e['max_abs']:.4g}" in " ".join(stdout.split())
     F = np.array(res["front"]["predicted"])
     assert F.shape[1] == 3 and non_dominated(F).all()
     assert [ch["preference"] for ch in res["chosen"]] == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0],
