@@ -72,6 +72,8 @@ def test_history_and_best(full_run):
         assert all(v < 0 for v in e["tasks"].values())
     assert len({e["digest"] for e in evs}) == 6  # six different merges
     assert (out / "history.png").stat().st_size > 1000
+    # candidates are merged in memory: OUT holds the search's four files and no checkpoint
+    assert sorted(p.name for p in out.rglob("*")) == ["best_recipe.yaml", "history.json", "history.png", "state.pkl"]
 
 
 def test_best_recipe_reproduces_scored_tensors(full_run, tmp_path):
@@ -179,3 +181,79 @@ def test_resume_with_another_config_is_refused(setup, full_run, tmp_path, capsys
     assert code == 0
     evs = json.loads((out / "history.json").read_text())["evaluations"]
     assert len(evs) == 9 and evs[:6] == json.loads((full_run[0] / "history.json").read_text())["evaluations"]
+
+
+@pytest.mark.parametrize("method, genome", [
+    ("linear", {}),
+    ("task_arithmetic", {"layer_granularity": 1}),
+    ("dare_ties", {"filters": ["mlp"]}),  # random drops: the recipe's seed must reproduce them
+    ("slerp", {"layer_granularity": 1}),  # per group the top two models, the first as the base
+    ("della", {"parameters": ["weight", "density", "epsilon", "lambda"],  # a mergelab method, a global gene
+               "ranges": {"density": [0.3, 0.7], "epsilon": [0.0, 0.2], "lambda": [0.5, 1.5]}}),
+])
+def test_every_method_writes_a_recipe_that_merge_reproduces(family, tmp_path, capsys, method, genome):
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(config(family, method=method, max_evals=4, popsize=2, **genome)))
+    code, stdout, stderr = run_cli(["evolve", path, "-o", tmp_path / "out"], capsys)
+    assert code == 0, stderr
+    hist = json.loads((tmp_path / "out" / "history.json").read_text())
+    evs = hist["evaluations"]
+    assert len(evs) == 4 and all(e["fitness"] < 0 and "error" not in e for e in evs)
+    assert len({e["digest"] for e in evs}) == 4  # four different merges were scored
+    # progress: one line per generation on stderr, the result on stdout
+    text = " ".join(stderr.split())
+    assert "generation 1: 2/4 evaluations" in text and "generation 2: 4/4 evaluations" in text
+    assert f"best fitness {hist['best']['fitness']:.4f} after 4 evaluations" in " ".join(stdout.split())
+    recipe = yaml.safe_load((tmp_path / "out" / "best_recipe.yaml").read_text())
+    assert recipe["merge_method"] == method
+    if method == "della":
+        assert set(recipe["parameters"]) == {"lambda"} and 0.5 <= recipe["parameters"]["lambda"] <= 1.5
+    if genome.get("layer_granularity"):
+        assert len(recipe["slices"]) == 2
+    code, _, stderr = run_cli(["merge", tmp_path / "out" / "best_recipe.yaml", "-o", tmp_path / "merged", "--quiet"],
+                              capsys)
+    assert code == 0, stderr
+    assert digest(tmp_path / "merged") == hist["best"]["digest"]
+
+
+def test_llmmix_fitness_scores_the_merge_as_the_bench_does(family, tmp_path):
+    """A candidate's llmmix fitness, from the resident model, against the merge written by `mergelab merge`
+    and loaded fresh: `accuracy` is what llmmix's evaluator (`bench run`'s) gives that folder (and the
+    resident model generates what the folder's model does); `loss` is
+    minus transformers' own causal-LM loss over each task's validation answers (the fine-tuning loss)."""
+    import torch
+
+    from mergelab.llmmix.generate import evaluate_model, evaluate_task, load_causal_lm
+    from mergelab.llmmix.tasks import build_task
+    from mergelab.llmmix.tasks.format import collate_for_training, encode_for_training
+    from mergelab.search.candidate import CandidateEvaluator
+    from tests.search.conftest import TASKS
+
+    cfg = config(family, method="task_arithmetic")
+    cfg["fitness"]["metric"] = "accuracy"
+    ev = CandidateEvaluator(cfg)
+    recipe, state = ev.merge([0.7, 0.4])
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert run_cli(["merge", path, "-o", tmp_path / "merged", "--quiet"])[0] == 0
+    tasks = [build_task(n, seed=0, sizes=SIZES) for n in TASKS]
+    got = ev.scorer.score(state)
+    fresh = evaluate_model(tmp_path / "merged", tasks, split="validation")
+    want = {n: r.accuracy for n, r in fresh.items()}
+    assert got["tasks"] == want and got["fitness"] == pytest.approx(sum(want.values()) / 2)
+    # these tiny experts answer nothing right (accuracy 0), so compare what the resident model generated
+    mine = {t.name: [r["prediction"] for r in evaluate_task(ev.scorer.model, ev.scorer.tokenizer, t,
+                                                            "validation").records] for t in tasks}
+    assert mine == {n: [r["prediction"] for r in fresh[n].records] for n in fresh}
+    assert any(p.strip() for preds in mine.values() for p in preds)
+
+    cfg["fitness"]["metric"] = "loss"
+    got = CandidateEvaluator(cfg).scorer.score(state)
+    model, tok = load_causal_lm(tmp_path / "merged")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    for task in tasks:
+        batch = collate_for_training([encode_for_training(tok, e) for e in task.split("validation")], pad)
+        with torch.no_grad():
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss
+        assert got["tasks"][task.name] == pytest.approx(-float(loss), rel=1e-5)

@@ -256,3 +256,76 @@ def test_resume_with_another_config_is_refused(batched, family, tmp_path, capsys
         c["search"] = {}
 
     assert "exists and is not empty; pass --overwrite" in refused(to_map, command="map")
+
+
+def test_every_step_follows_competition_attraction_and_replacement(batched):
+    """The batched run (archive of 3 grown from the 2 experts, rounds of 2 children), step by step against
+    the paper's rules worked out here: the first parent drawn in proportion to the shared fitness
+    ``f_i = sum_j S_ij / (sum_i S_ij)^alpha``, the second in proportion to the attraction
+    ``sum_j max(0, S^_kj - S^_p1,j)`` (itself excluded), then split ~ U{0..D-1}, w ~ U(0, 1), all from
+    ``default_rng(seed)`` in that order, both children of a round from the archive at its start; each
+    child scored, then added while the archive is below its size, else put in place of the member with
+    the lowest shared fitness (archive and child) unless the child has it."""
+    from safetensors.torch import load_file
+
+    from mergelab.search.candidate import read_config
+    from mergelab.search.fitness import make_scorer
+    from mergelab.search.m2n2 import crossover
+
+    path, _, hist = batched
+    cfg = yaml.safe_load(path.read_text())
+    alpha, seed, size = 1.0, cfg["search"]["seed"], cfg["search"]["archive_size"]
+    torch.set_num_threads(1)  # as the run's evaluator
+    scorer = make_scorer(read_config({**cfg, "search": {}}).fitness)
+    states = [{k: v.float() for k, v in load_file(f"{m}/model.safetensors").items()}
+              for m in cfg["genome"]["models"]]
+    names = sorted(states[0])
+
+    def flat(state):
+        return torch.cat([state[k].reshape(-1) for k in names])
+
+    def scores(vec):
+        parts = torch.split(vec, [states[0][k].numel() for k in names])
+        return np.asarray(scorer.example_scores({k: p.reshape(states[0][k].shape).clone()
+                                                 for k, p in zip(names, parts)}), dtype=float)
+
+    def fitness(S):
+        z = S.sum(0) ** alpha
+        Sh = S / np.where(z == 0, 1.0, z)
+        return Sh.sum(1), Sh
+
+    archive = [flat(s) for s in states]
+    rows = [scores(v) for v in archive]
+    D = archive[0].numel()
+    rng = np.random.default_rng(seed)
+    steps = iter(hist["steps"])
+    for batch in (2, 2, 1):
+        f, Sh = fitness(np.array(rows))
+        drawn = []
+        for _ in range(batch):
+            p1 = int(rng.choice(len(f), p=f / f.sum()))
+            a = np.maximum(0.0, Sh - Sh[p1]).sum(1)
+            a[p1] = 0.0
+            p2 = int(rng.choice(len(a), p=a / a.sum()))
+            drawn.append((p1, p2, int(rng.integers(0, D)), float(rng.uniform(0.0, 1.0))))
+        children = [crossover(archive[p1], archive[p2], split, w) for p1, p2, split, w in drawn]
+        for (p1, p2, split, w), child in zip(drawn, children):
+            step = next(steps)
+            assert (step["parents"], step["split"], step["w"]) == ([p1, p2], split, w)
+            s = scores(child)
+            assert step["child_mean_score"] == pytest.approx(s.mean(), rel=1e-9)
+            f_all, _ = fitness(np.vstack(rows + [s]))
+            if len(archive) < size:
+                assert step["replaced"] is None
+                archive.append(child)
+                rows.append(s)
+            elif f_all[-1] > f_all[:-1].min():
+                weakest = int(np.argmin(f_all[:-1]))
+                assert step["replaced"] == weakest
+                archive[weakest], rows[weakest] = child, s
+            else:
+                assert step["replaced"] == "child is the weakest"
+    assert next(steps, None) is None
+    assert hist["archive_mean_scores"] == pytest.approx([r.mean() for r in rows], rel=1e-9)
+    # the run went through all three outcomes of an insertion: added, replaced a member, rejected
+    assert {type(s["replaced"]) for s in hist["steps"]} == {type(None), int, str}

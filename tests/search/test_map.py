@@ -9,6 +9,7 @@ import yaml
 from mergelab.search.map import choose, fit_surrogate, non_dominated, pareto_front, predict, sample_points
 from tests.conftest import run_cli
 from tests.search.conftest import config
+from tests.search.test_evolve import digest
 
 pytest.importorskip("pymoo")
 
@@ -73,7 +74,42 @@ def test_map_end_to_end(family, tmp_path):
         recipe = yaml.safe_load((tmp_path / "out" / ch["recipe"]).read_text())
         weights = [m["parameters"]["weight"] for m in recipe["models"] if "parameters" in m]
         assert weights == pytest.approx(ch["point"])
+    # the recipe of a chosen trade-off gives, under mergelab merge, exactly the tensors evaluated for real
+    recipe = tmp_path / "out" / res["chosen"][-1]["recipe"]
+    code, _, _ = run_cli(["merge", recipe, "-o", tmp_path / "merged", "--quiet"])
+    assert code == 0 and digest(tmp_path / "merged") == res["chosen"][-1]["digest"]
     F = np.array(res["front"]["predicted"])
     assert non_dominated(F).all()
     # a one-hot preference picks the front point best for that task
     assert res["chosen"][0]["predicted"][names[0]] == pytest.approx(F[:, 0].max())
+
+
+def test_map_three_tasks_front_and_png(family, tmp_path, capsys):
+    """Three objectives (two task vectors): a front in 3-D, one chosen point per task and the equal
+    trade-off, the 3-D PNG."""
+    from PIL import Image
+
+    cfg = config(family, method="task_arithmetic")
+    cfg["fitness"]["tasks"] = ["language_id", "refusal", "string_ops"]
+    cfg["search"] = {"seed": 2, "pop_size": 40, "generations": 10}
+    path = tmp_path / "map.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, stdout, stderr = run_cli(["map", path, "-o", tmp_path / "out"], capsys)
+    assert code == 0
+    res = json.loads((tmp_path / "out" / "front.json").read_text())
+    assert res["tasks"] == ["language_id", "refusal", "string_ops"]
+    e = res["surrogate_error_at_chosen"]  # reported on the command line too
+    assert "MAP: evaluating 14 sample points" in " ".join(stderr.split())
+    assert f"surrogate |error| mean {e['mean_abs']:.4g}, max {e['max_abs']:.4g}" in " ".join(stdout.split())
+    F = np.array(res["front"]["predicted"])
+    assert F.shape[1] == 3 and non_dominated(F).all()
+    assert [ch["preference"] for ch in res["chosen"]] == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0],
+                                                         [1.0, 1.0, 1.0]]
+    for t in range(3):  # a one-hot preference picks the front point best for that task
+        assert res["chosen"][t]["predicted"][res["tasks"][t]] == pytest.approx(F[:, t].max())
+    errors = [abs(v) for ch in res["chosen"] for v in ch["surrogate_error"].values()]
+    assert res["surrogate_error_at_chosen"]["max_abs"] == pytest.approx(max(errors))
+    header = (tmp_path / "out" / "recipe-0.yaml").read_text().splitlines()[0]
+    assert header == "# mergelab map: preference [1.0, 0.0, 0.0] over ['language_id', 'refusal', 'string_ops']"
+    with Image.open(tmp_path / "out" / "front.png") as im:
+        assert im.size == (640, 480)

@@ -95,7 +95,10 @@ class RayExecutor(Executor):
         if workers is not None and workers < 1:
             raise MergeLabError(f"--workers must be at least 1, got {workers}")
         if address:
+            from mergelab.search.pool import connect
+
             check_ray_address(address)
+            connect(address, workers or 1)  # a cluster that cannot be joined fails before anything is read
         else:
             try:
                 import ray  # noqa: F401

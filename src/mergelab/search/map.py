@@ -137,8 +137,6 @@ def plot_front(path: Path, names: List[str], samples: np.ndarray, front: np.ndar
         ax = fig.add_subplot()
         ax.scatter(samples[:, 0], samples[:, 1], s=12, alpha=0.6, label="sampled merges (real)")
         ax.plot(front[:, 0], front[:, 1], ".-", ms=3, label="surrogate Pareto front")
-        for ch in chosen:
-            ax.scatter(*ch["real"], marker="*", s=120, label=f"chosen {ch['preference']} (real)")
         ax.set_xlabel(names[0])
         ax.set_ylabel(names[1])
     else:
@@ -148,6 +146,8 @@ def plot_front(path: Path, names: List[str], samples: np.ndarray, front: np.ndar
         ax.set_xlabel(names[0])
         ax.set_ylabel(names[1])
         ax.set_zlabel(names[2])
+    for ch in chosen:
+        ax.scatter(*ch["real"], marker="*", s=120, label=f"chosen {ch['preference']} (real)")
     ax.legend(fontsize=7)
     ax.set_title("MAP: task trade-offs")
     fig.tight_layout()
@@ -182,7 +182,7 @@ def run_map(config: Any, out: Path, *, workers: Optional[int] = None, ray_addres
     names = [t.name for t in cfg.fitness.tasks]
     T = len(g.models)
     bounds = tuple(opts.get("bounds", (0.0, 1.0)))
-    prefs = opts.get("preferences") or [list(r) for r in np.eye(len(names))] + [[1.0] * len(names)]
+    prefs = opts.get("preferences") or [[float(v) for v in r] for r in np.eye(len(names))] + [[1.0] * len(names)]
     for p in prefs:
         if len(p) != len(names) or not all(isinstance(v, (int, float)) and v >= 0 for v in p) or not any(p):
             raise MergeLabError(f"map: preference {p} needs {len(names)} non-negative numbers, not all zero "

@@ -13,6 +13,7 @@ actors there are: candidates are handed out in order and their results come back
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import List, Optional, Sequence
 
@@ -24,22 +25,27 @@ class RayUnavailableError(MergeLabError):
 
 
 def check_ray_address(address: str, timeout: float = 3.0) -> None:
-    """Refuse, before any work, an address whose cluster cannot be reached."""
+    """Refuse, before any work, an address whose cluster cannot be reached (for ``auto``, the
+    ``RAY_ADDRESS`` it stands for when that is set)."""
     try:
         import ray  # noqa: F401
     except ImportError:
         raise RayUnavailableError("--ray needs the 'ray' package: pip install 'mergelab[search]'") from None
+    given = address
     if address == "auto":
-        return  # ray.init(address="auto") itself says whether a cluster runs here (checked in connect)
+        address = os.environ.get("RAY_ADDRESS", "")
+        if not address or address == "auto":
+            return  # ray.init(address="auto") itself says whether a cluster runs here (checked in connect)
+        given = f"auto (RAY_ADDRESS={address})"
     rest = address.split("://", 1)[1] if "://" in address else address
     host, _, port = rest.rpartition(":")
     if not host or not port.isdigit():
-        raise RayUnavailableError(f"--ray {address}: expected auto, HOST:PORT or ray://HOST:PORT")
+        raise RayUnavailableError(f"--ray {given}: expected auto, HOST:PORT or ray://HOST:PORT")
     try:
         with socket.create_connection((host, int(port)), timeout=timeout):
             pass
     except OSError as e:
-        raise RayUnavailableError(f"--ray {address}: no Ray cluster answers at {host}:{port} ({e.strerror or e}); "
+        raise RayUnavailableError(f"--ray {given}: no Ray cluster answers at {host}:{port} ({e.strerror or e}); "
                                   "start one with `ray start --head` or check the address") from None
 
 
