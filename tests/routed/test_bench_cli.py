@@ -86,6 +86,8 @@ def test_bad_input_clear_errors_nothing_written(prepared, tmp_path, capsys):  # 
     assert p.returncode != 0 and "--twin-ranks must be distinct integers >= 1" in p.stderr
     p = cli_in("bench", "--methods", "twin", "--twin-rank", "4", "--twin-ranks", "8,16", "--out", tmp_path / "b")
     assert p.returncode != 0 and "give one of them" in p.stderr
+    p = cli_in("bench", "--methods", "twin", "--twin-method", "tie", "--out", tmp_path / "b")
+    assert p.returncode != 0 and "unknown method 'tie'" in p.stderr and "'ties'" in p.stderr
     p = cli_in("bench", "--methods", "wemoe", "--wemoe-batch", "0", "--out", tmp_path / "b")
     assert p.returncode != 0 and "--wemoe-batch >= 1" in p.stderr
     # emr: experts of another shape, a missing folder, an existing output
