@@ -21,6 +21,7 @@ def cli(*args, timeout=300):
 
 
 def test_every_routed_method_writes_a_row_with_sizes_and_cost(prepared):  # noqa: F811
+    import mergelab.routed as routed
     from mergelab.routed.bench import METHODS, RoutedSettings, run_routed_bench
 
     suite, cache, base, root = prepared
@@ -56,6 +57,14 @@ def test_every_routed_method_writes_a_row_with_sizes_and_cost(prepared):  # noqa
     with pytest.raises(MergeLabError, match="exists"):
         run_routed_bench(suite, cache, ["emr"], out, base=str(base), settings=settings, log=lambda s: None)
     assert (out / "report.json").stat().st_mtime_ns == before
+    # Twin-Merging's shared model from another registered method (no lambda passed to one that takes none)
+    other = run_routed_bench(suite, cache, ["twin"], root / "routed-linear", base=str(base), references=False,
+                             settings=RoutedSettings(twin_method="linear", twin_epochs=3, eval_batch=16),
+                             log=lambda s: None)
+    (row,) = [r for r in other["rows"] if r.get("method") == "twin"]
+    assert row["status"] == "ok" and row["params"]["shared"] == "linear"
+    shared = routed.load(root / "routed-linear" / "models" / "twin").manifest
+    assert shared["shared_method"] == "linear" and shared["shared_params"] == {}
 
 
 class Run:
