@@ -262,7 +262,8 @@ def main() -> None:
     body = "".join(f"| {r['model']} | {r['experts'] or '-'} | "
                    + " | ".join(f"{r[n]:.2f} / {r[n + ':token_acc']:.2f}" for n in names)
                    + f" | {r['mean']:.3f} | {r['mean_token_acc']:.3f} | {r['mean_nll']:.2f} | {r['extra_params']:,} "
-                   f"| {r['extra_bytes'] / 2**20:.2f} | {r['vs_one_model']:.2f} | {r['linear_macs_vs_one_model']:.2f} |\n"
+                   f"| {r['extra_bytes'] / 2**20:.2f} | {r['vs_one_model']:.2f} "
+                   f"| {r['linear_macs_vs_one_model']:.2f} |\n"
                    for r in rows)
     (work / "table.md").write_text(head + body)
     print(head + body)

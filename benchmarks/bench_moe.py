@@ -135,8 +135,8 @@ def mk_tensors(folder: Path) -> dict:
     for pre in prefixes:
         n = len({k.split(".")[5] for k in mk if k.startswith(pre + ".mlp.experts.")})
         e = f"{pre}.mlp.experts"
-        out[f"{e}.gate_up_proj"] = torch.stack([torch.cat([mk[f"{e}.{i}.gate_proj.weight"], mk[f"{e}.{i}.up_proj.weight"]])
-                                                for i in range(n)])
+        out[f"{e}.gate_up_proj"] = torch.stack([torch.cat([mk[f"{e}.{i}.gate_proj.weight"],
+                                                           mk[f"{e}.{i}.up_proj.weight"]]) for i in range(n)])
         out[f"{e}.down_proj"] = torch.stack([mk[f"{e}.{i}.down_proj.weight"] for i in range(n)])
     return out
 
@@ -217,7 +217,8 @@ def main() -> None:
                 print(f"  {mode} {tool}: {seconds:.1f} s wall, {cpu:.1f} s CPU, {peak / 1e6:.0f} MB peak", flush=True)
             equal = same_tensors(outs["mergelab"], outs["mergekit"])
         for tool, runs in res.items():
-            rows.append({"mode": mode, "arch": args.arch, "tool": tool, "seconds": statistics.median(r[0] for r in runs),
+            rows.append({"mode": mode, "arch": args.arch, "tool": tool,
+                         "seconds": statistics.median(r[0] for r in runs),
                          "peak_bytes": statistics.median(r[1] for r in runs),
                          "cpu_seconds": statistics.median(r[2] for r in runs), "runs": len(runs),
                          "tensors_equal_mergekit": equal if tool == "mergelab" else None})
