@@ -15,6 +15,17 @@
    the answer tokens' accuracy (argmax right, EOS included) and mean NLL, which still move where exact
    match is near 0. The chart plots the answer-token accuracy.
 
+With ``--train-steps N`` the MoE that MC-SMoE compresses is **trained here**: step 1's MoE built top-2
+(with top-1 routing the router's renormalised weight is always 1 and gets no gradient), then trained as one
+model for N AdamW steps on the mixture of the tasks' training examples (routers, experts, attention and
+embeddings; :func:`mergelab.llmmix.finetune.finetune`, the experts' loss on the answer tokens, no replay);
+the rows then show the built top-2 MoE, the trained MoE and MC-SMoE of the trained one.
+
+Every row also gives its size and cost against one dense model (the base, whose architecture every expert
+shares): parameters and float32 bytes beyond it (``extra_params``, ``extra_bytes``) and the Linear
+multiply-adds per token against it (``linear_macs_vs_one_model``: attention, the ``top-k`` experts' MLPs, the
+router and the LM head, from the config), counted by :func:`cost`.
+
 Writes ``results.json`` and ``table.md`` to ``--workdir`` and the chart to ``--png``. Example (about
 4 minutes on 2 busy cores)::
 
@@ -36,6 +47,43 @@ TASKS = "string_ops,list_ops,translate_dates,language_id"
 VARIANTS = [("MC-SMoE", "mcsmoe", {}), ("no alignment", "noalign", {"align": False}),
             ("shared (paper M-SMoE)", "shared", {"layout": "shared"}),
             ("low-rank+sparse", "lrs", {"rank": None, "sparsity": None})]  # --rank / --sparsity fill these
+
+
+def _params(folder: Path) -> int:
+    """Number of stored tensor elements of the folder's safetensors files (headers only read)."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                shape = h.get_slice(k).get_shape()
+                size = 1
+                for d in shape:
+                    size *= d
+                n += size
+    return n
+
+
+def linear_macs(config: dict) -> int:
+    """Linear multiply-adds per token of a Llama or Mixtral config: q/k/v/o, the MLP of each of the
+    ``num_experts_per_tok`` experts a token runs (one for a dense model), the router and the LM head."""
+    H, L, V = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
+    I = config["intermediate_size"]
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    hd = config.get("head_dim") or H // heads
+    attn = H * heads * hd * 2 + H * kv * hd * 2
+    E = config.get("num_local_experts", 0)
+    k = config.get("num_experts_per_tok", 1) if E else 1
+    return L * (attn + k * 3 * H * I + E * H) + V * H
+
+
+def cost(folder: Path, dense: Path) -> dict:
+    """Size and per-token cost of the model in ``folder`` against the dense model ``dense`` (float32)."""
+    cfg, dcfg = (json.loads((Path(f) / "config.json").read_text()) for f in (folder, dense))
+    p, d = _params(folder), _params(dense)
+    return {"params": p, "extra_params": p - d, "extra_bytes": 4 * (p - d), "vs_one_model": round(p / d, 3),
+            "linear_macs_vs_one_model": round(linear_macs(cfg) / linear_macs(dcfg), 3)}
 
 
 def cli(*args) -> None:
@@ -62,11 +110,15 @@ def main() -> None:
                          "share of the residual's largest entries kept), one variant each")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the MoE even if WORKDIR/moe exists")
+    ap.add_argument("--train-steps", type=int, default=0,
+                    help="compress an MoE trained here: the built MoE, top-2, trained N steps on the tasks' mixture")
+    ap.add_argument("--train-lr", type=float, default=2e-3)
+    ap.add_argument("--train-batch", type=int, default=16)
     ap.add_argument("--replot", action="store_true", help="only redraw --png from WORKDIR/results.json")
     args = ap.parse_args()
     if args.replot:
         res = json.loads((args.workdir / "results.json").read_text())
-        labels = sorted(dict.fromkeys(r["model"] for r in res["rows"][2:]), key=lambda m: "+" in m)
+        labels = sorted(dict.fromkeys(r["model"] for r in res["rows"] if "groups" in r), key=lambda m: "+" in m)
         plot(res["rows"], labels, len(res["tasks"]), res["size"], args.png)
         return
 
@@ -138,9 +190,34 @@ def main() -> None:
     dense = {}
     for n, e in zip(names, experts):
         dense.update(score(e, only=n))
-    rows.append({"model": "dense experts (each on its task)", "experts": None, **dense})
+    one = cost(experts[0], base)  # every expert has the base's shapes; keeping all of them is E models
+    n_all = len(experts) * (one["params"] - one["extra_params"])
+    kept = {"params": n_all, "extra_params": n_all - n_all // len(experts),
+            "extra_bytes": 4 * (n_all - n_all // len(experts)), "vs_one_model": float(len(experts)),
+            "linear_macs_vs_one_model": 1.0}
+    rows.append({"model": "dense experts (each on its task)", "experts": None, **kept, **dense})
     print(rows[-1], flush=True)
-    rows.append({"model": f"MoE ({len(names)} experts, top-1)", "experts": len(names), **score(work / "moe")})
+    source = work / "moe"
+    if args.train_steps:
+        from mergelab.llmmix.finetune import FinetuneConfig, finetune
+
+        top2 = dict(cfg, experts_per_token=2)
+        (work / "moe-top2.yml").write_text(yaml.safe_dump(top2, sort_keys=False))
+        if not (work / "moe-top2" / "config.json").is_file() or args.rebuild:
+            cli("moe", work / "moe-top2.yml", "-o", work / "moe-top2", "--overwrite", "-q")
+        rows.append({"model": f"MoE ({len(names)} experts, top-2, built)", "experts": len(names),
+                     **cost(work / "moe-top2", base), **score(work / "moe-top2")})
+        print(rows[-1], flush=True)
+        run = finetune(work / "moe-top2", tasks, work / "moe-trained", FinetuneConfig(
+            steps=args.train_steps, lr=args.train_lr, batch_size=args.train_batch, replay_batch=0, eval_limit=20,
+            threads=args.threads), fresh=args.rebuild, progress=False, log=lambda m: print(m, flush=True))
+        source = run.final_dir
+        trained_label = f"MoE trained here ({len(names)} experts, top-2, {args.train_steps} steps)"
+        rows.append({"model": trained_label, "experts": len(names), "train_seconds": run.seconds, "source": True,
+                     **cost(source, base), **score(source)})
+    else:
+        rows.append({"model": f"MoE ({len(names)} experts, top-1)", "experts": len(names), "source": True,
+                     **cost(source, base), **score(source)})
     print(rows[-1], flush=True)
     E = len(names)
     wanted = args.variants.split(",")
@@ -164,27 +241,30 @@ def main() -> None:
             if k == E and not name.startswith("lrs"):  # E groups of one: only the compression changes the MoE
                 continue
             out = work / f"k{k}-{name}"
-            report = compress_moe(work / "moe", out, k, cal.texts, overwrite=True, calibration_source=cal.source,
+            report = compress_moe(source, out, k, cal.texts, overwrite=True, calibration_source=cal.source,
                                   **options)
             groups = [lay["groups"] for lay in report.report["layers"]]
             extra = {"compressed_fraction": report.report["compressed_fraction_of_merged_experts"]} \
                 if "compressed_fraction_of_merged_experts" in report.report else {}
-            rows.append({"model": label, "experts": k, "groups": groups, **extra, **score(out)})
+            rows.append({"model": label, "experts": k, "groups": groups, **extra, **cost(out, base), **score(out)})
             print(rows[-1], flush=True)
     for r in rows:
         r["mean"] = sum(r[n] for n in names) / len(names)
         r["mean_token_acc"] = sum(r[f"{n}:token_acc"] for n in names) / len(names)
         r["mean_nll"] = sum(r[f"{n}:nll"] for n in names) / len(names)
     res = {"tasks": names, "size": args.size, "test_limit": args.test_limit, "rows": rows,
-           "lrs": args.lrs,
+           "lrs": args.lrs, "train_steps": args.train_steps,
            "seconds": round(time.time() - started, 1), "command": " ".join(sys.argv)}
     (work / "results.json").write_text(json.dumps(res, indent=2))
     head = ("| model | experts kept | " + " | ".join(names) + " | mean exact match | mean answer-token accuracy "
-            "| mean answer NLL |\n")
-    head += "|---" * (len(names) + 5) + "|\n"
+            "| mean answer NLL | extra params | extra MiB (float32) | total / one model | linear MACs / one model |\n")
+    head += "|---" * (len(names) + 9) + "|\n"
     body = "".join(f"| {r['model']} | {r['experts'] or '-'} | "
                    + " | ".join(f"{r[n]:.2f} / {r[n + ':token_acc']:.2f}" for n in names)
-                   + f" | {r['mean']:.3f} | {r['mean_token_acc']:.3f} | {r['mean_nll']:.2f} |\n" for r in rows)
+                   + f" | {r['mean']:.3f} | {r['mean_token_acc']:.3f} | {r['mean_nll']:.2f} | {r['extra_params']:,} "
+                   f"| {r['extra_bytes'] / 2**20:.2f} | {r['vs_one_model']:.2f} "
+                   f"| {r['linear_macs_vs_one_model']:.2f} |\n"
+                   for r in rows)
     (work / "table.md").write_text(head + body)
     print(head + body)
     if args.png:
@@ -200,11 +280,12 @@ def plot(rows, labels, E: int, size: str, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    src = next((r for r in rows if r.get("source")), rows[1])  # the compressed MoE (older results: row 1)
     drawn = []
     for label in labels:
         pts = [(r["experts"], r["mean_token_acc"]) for r in rows if r["model"] == label]
         if all(p[0] != E for p in pts):
-            pts.append((E, rows[1]["mean_token_acc"]))
+            pts.append((E, src["mean_token_acc"]))
         pts.sort()
         same = next((lab for lab, q in drawn if q == pts), None)
         drawn.append((label, pts))
@@ -215,7 +296,8 @@ def plot(rows, labels, E: int, size: str, png: Path) -> None:
     ax.set_ylabel(f"answer-token accuracy, mean of {E} tasks")
     ax.set_xticks(range(1, E + 1))
     ax.set_ylim(0, 1)
-    ax.set_title(f"MC-SMoE on a {E}-expert Mixtral (llmmix {size})")
+    what = f"a {E}-expert MoE trained here" if "trained" in src["model"] else f"a {E}-expert Mixtral"
+    ax.set_title(f"MC-SMoE on {what} (llmmix {size})")
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     fig.tight_layout()
     Path(png).parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,9 @@ What it does, in one run:
 1. Writes a synthetic Llama base and ``--experts`` experts (:func:`mergelab.synthetic.make_llama_family`,
    bf16) plus a small byte-level BPE tokenizer into ``--workdir`` (default ``bench-out/moe``), reused later.
    Default size: hidden 512, 8 layers, intermediate 1408, vocab 32000 (about 50 M parameters per model).
+   ``--arch qwen2`` turns that family into Qwen2 models (seeded q/k/v biases added; output Qwen2-MoE with
+   the base as its shared expert, which is what mergekit-moe 0.1.5 can read) and ``--arch qwen3`` into
+   Qwen3 models (seeded q/k norms added; output Qwen3-MoE).
 2. Writes one mergekit-moe YAML per gate mode (``hidden``, ``cheap_embed``), four prompts per expert, and
    gives the *same file* to both tools.
 3. Runs each tool as its own process, ``--runs`` times per mode (median reported), alternating which goes
@@ -13,9 +16,9 @@ What it does, in one run:
    from a tiny wrapper: ``bench_vs_mergekit.measure``), and its CPU time (user + system), which moves less
    with the machine's load. mergelab runs with ``--no-routing-report`` (mergekit
    has no such check) and once more with it, reported on its own row.
-4. Checks that both outputs have the same tensors (bit for bit; mergekit's Qwen2-MoE per-expert layout does
-   not occur here: the outputs are Mixtral), prints a table with ratios (mergekit / mergelab) and writes
-   it to ``<workdir>/results-<time>.json``.
+4. Checks that both outputs have the same tensors (bit for bit; mergekit's per-expert Qwen2-MoE tensors are
+   packed as transformers packs them on load first), prints a table with ratios (mergekit / mergelab) and
+   writes it to ``<workdir>/results-<time>.json``. ``--no-report-row`` skips the run with the routing report.
 
 Example (a few minutes on 2 cores)::
 
@@ -82,6 +85,62 @@ def make_models(workdir: Path, experts: int, hidden: int, layers: int, intermedi
     return paths
 
 
+def convert_family(paths: list, arch: str, seed: int = 0) -> None:
+    """Turn the synthetic Llama folders into ``arch`` ("qwen2", "qwen3") models in place: config of that
+    model type, plus seeded q/k/v biases (Qwen2) or q/k RMSNorm weights (Qwen3), different per model."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    for i, p in enumerate(paths):
+        cfg = json.loads((p / "config.json").read_text())
+        if cfg["model_type"] == arch:
+            continue
+        H, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        hd = H // heads
+        files = sorted(p.glob("*.safetensors"))
+        tensors = {}
+        for f in files:
+            tensors.update(load_file(str(f)))
+        dtype = tensors["model.embed_tokens.weight"].dtype
+        g = torch.Generator().manual_seed(seed * 1000 + i)
+        for l in range(cfg["num_hidden_layers"]):
+            pre = f"model.layers.{l}.self_attn."
+            if arch == "qwen2":
+                for name, n in (("q_proj", heads * hd), ("k_proj", kv * hd), ("v_proj", kv * hd)):
+                    tensors[pre + name + ".bias"] = (0.1 * torch.randn(n, generator=g)).to(dtype)
+            else:
+                for name in ("q_norm", "k_norm"):
+                    tensors[pre + name + ".weight"] = (1 + 0.05 * torch.randn(hd, generator=g)).to(dtype)
+        for f in files:
+            f.unlink()
+        (p / "model.safetensors.index.json").unlink(missing_ok=True)
+        save_file(tensors, str(p / "model.safetensors"))
+        cfg.update(architectures=["Qwen2ForCausalLM" if arch == "qwen2" else "Qwen3ForCausalLM"], model_type=arch)
+        if arch == "qwen3":
+            cfg.update(head_dim=hd, attention_bias=False)
+        (p / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def mk_tensors(folder: Path) -> dict:
+    """A folder's tensors, mergekit's per-expert Qwen2-MoE layout packed as transformers 5 packs it on load
+    (``experts.gate_up_proj`` [E, 2I, H] gate rows first, ``experts.down_proj`` [E, H, I])."""
+    import torch
+    from safetensors.torch import load_file
+
+    mk = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        mk.update(load_file(str(f)))
+    out = {k: v for k, v in mk.items() if not (".mlp.experts." in k and k.split(".")[5].isdigit())}
+    prefixes = sorted({k.split(".mlp.experts.")[0] for k in mk if ".mlp.experts." in k and k.split(".")[5].isdigit()})
+    for pre in prefixes:
+        n = len({k.split(".")[5] for k in mk if k.startswith(pre + ".mlp.experts.")})
+        e = f"{pre}.mlp.experts"
+        out[f"{e}.gate_up_proj"] = torch.stack([torch.cat([mk[f"{e}.{i}.gate_proj.weight"],
+                                                           mk[f"{e}.{i}.up_proj.weight"]]) for i in range(n)])
+        out[f"{e}.down_proj"] = torch.stack([mk[f"{e}.{i}.down_proj.weight"] for i in range(n)])
+    return out
+
+
 def find_mergekit_moe() -> Path:
     candidates = []
     if os.environ.get("MERGEKIT_PYTHON"):
@@ -96,15 +155,8 @@ def find_mergekit_moe() -> Path:
 
 def same_tensors(a: Path, b: Path) -> bool:
     import torch
-    from safetensors.torch import load_file
 
-    def load(folder):
-        out = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            out.update(load_file(str(f)))
-        return out
-
-    x, y = load(a), load(b)
+    x, y = mk_tensors(a), mk_tensors(b)
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
@@ -118,15 +170,25 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=1408)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--modes", default="hidden,cheap_embed")
+    ap.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3"],
+                    help="input models (output: Mixtral, Qwen2-MoE with a shared expert, Qwen3-MoE)")
+    ap.add_argument("--no-report-row", action="store_true", help="skip mergelab's run with the routing report")
     args = ap.parse_args()
     workdir = Path(args.workdir).resolve()
+    if args.arch != "llama":
+        workdir = workdir / args.arch
     workdir.mkdir(parents=True, exist_ok=True)
     paths = make_models(workdir, args.experts, args.hidden, args.layers, args.intermediate, args.vocab)
+    if args.arch != "llama":
+        convert_family(paths, args.arch)
     mk = find_mergekit_moe()
     rows = []
     for mode in args.modes.split(","):
         cfg = {"base_model": str(paths[0]), "gate_mode": mode, "dtype": "bfloat16", "experts_per_token": 2,
                "experts": [{"source_model": str(p), "positive_prompts": PROMPTS[i]} for i, p in enumerate(paths[1:])]}
+        if args.arch == "qwen2":  # Qwen2 experts need Qwen2-MoE and its one shared expert (mergekit reads the base)
+            cfg["shared_experts"] = [{"source_model": str(paths[0]), "positive_prompts": PROMPTS[0][:2],
+                                      "residual_scale": 0.5}]
         recipe = workdir / f"moe-{mode}.yml"
         import yaml
 
@@ -139,10 +201,12 @@ def main() -> None:
                                                      "--overwrite", "-q"],
             "mergekit": [str(mk), str(recipe), str(outs["mergekit"])],
         }
+        if args.no_report_row:
+            del cmds["mergelab+report"]
         res = {t: [] for t in cmds}
         for r in range(args.runs):
             order = ["mergelab", "mergekit"] if r % 2 == 0 else ["mergekit", "mergelab"]
-            for tool in order + ["mergelab+report"]:
+            for tool in order + (["mergelab+report"] if "mergelab+report" in cmds else []):
                 shutil.rmtree(outs[tool], ignore_errors=True)
                 log = workdir / "logs" / f"{tool}-{mode}-{r}.log"
                 log.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +217,8 @@ def main() -> None:
                 print(f"  {mode} {tool}: {seconds:.1f} s wall, {cpu:.1f} s CPU, {peak / 1e6:.0f} MB peak", flush=True)
             equal = same_tensors(outs["mergelab"], outs["mergekit"])
         for tool, runs in res.items():
-            rows.append({"mode": mode, "tool": tool, "seconds": statistics.median(r[0] for r in runs),
+            rows.append({"mode": mode, "arch": args.arch, "tool": tool,
+                         "seconds": statistics.median(r[0] for r in runs),
                          "peak_bytes": statistics.median(r[1] for r in runs),
                          "cpu_seconds": statistics.median(r[2] for r in runs), "runs": len(runs),
                          "tensors_equal_mergekit": equal if tool == "mergelab" else None})

@@ -120,6 +120,34 @@ def test_mixtral_from_llama_layout_gates_and_generation(llama, tmp_path):
         assert 0.0 <= e["share_top1_tokens"] <= 1.0 and sum(e["top1_counts_tokens"]) > 0
 
 
+def test_gate_pass_holds_one_decoder_layer_at_a_time(llama):
+    """The base behind the hidden gates (``moe.stream.StreamedDecoder``) has, while layer l runs, layer l's
+    weights and no other layer's (bounded memory: embeddings plus one layer), none after the pass, and the
+    residual stream it sees entering each layer is the fully loaded transformers model's."""
+    from transformers import AutoModelForCausalLM
+
+    from mergelab.moe.stream import StreamedDecoder
+
+    dec = StreamedDecoder(llama[0], torch.float32, "base_model")
+    seen = []
+
+    def materialised():
+        return [i for i, layer in enumerate(dec.layers) if not any(p.is_meta for p in layer.parameters())]
+
+    dec.layer_input = lambda l, h: seen.append((l, materialised(), h.clone()))
+    ids = torch.tensor([[1, 50, 60, 70, 80], [1, 90, 91, 92, 93]])
+    mask = torch.ones_like(ids)
+    assert materialised() == []
+    dec.forward(ids, mask)
+    assert [(l, m) for l, m, _ in seen] == [(0, [0]), (1, [1])]
+    assert materialised() == [] and not dec.model.embed_tokens.weight.is_meta
+    full = AutoModelForCausalLM.from_pretrained(llama[0], dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = full(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for l, _, h in seen:
+        torch.testing.assert_close(h, want[l], rtol=1e-5, atol=1e-5)
+
+
 def test_identical_experts_give_the_base_model(llama, tmp_path):
     """E copies of the base with any router: top-k weights sum to 1, so each MoE layer is the base's
     MLP and the logits are the base's (fails if gate and up were swapped or experts misplaced)."""

@@ -2,7 +2,7 @@
 
 Cases: Llama experts -> Mixtral with ``hidden`` (bfloat16 forward, negative prompts), ``hidden_avg``,
 ``cheap_embed`` and seeded ``random`` / ``uniform_random`` gates; Qwen3 experts (explicit ``head_dim``,
-q/k norms) -> Qwen3-MoE; Qwen2 experts (q/k/v biases, tied embeddings) -> Qwen2-MoE with a shared expert
+q/k norms) -> Qwen3-MoE with ``hidden`` and ``cheap_embed`` gates; Qwen2 experts (q/k/v biases, tied embeddings) -> Qwen2-MoE with a shared expert
 and ``residual_scale``; Llama experts -> Qwen2-MoE (``architecture: qwen``, zero q/k/v biases). mergekit
 writes Qwen2-MoE experts per expert (``mlp.experts.{e}.gate_proj.weight``), which transformers packs on
 load; the test packs them the same way (gate rows first) before comparing. mergekit-moe 0.1.5 cannot
@@ -63,6 +63,9 @@ def cases(llama, qwen, qwen3):
         "qwen3_hidden": ({"base_model": str(qwen3[0]), "gate_mode": "hidden", "dtype": "bfloat16",
                           "experts": [dict(e, source_model=str(qwen3[i + 1])) for i, e in enumerate(llama_experts)]},
                          []),
+        "qwen3_cheap_embed": ({"base_model": str(qwen3[0]), "gate_mode": "cheap_embed", "experts_per_token": 1,
+                               "experts": [dict(e, source_model=str(qwen3[i + 1]))
+                                           for i, e in enumerate(llama_experts)]}, []),
         "qwen_hidden": ({"base_model": str(qwen[0]), "gate_mode": "hidden", "experts_per_token": 2,
                          "experts": qwen_experts, "shared_experts": shared_q}, []),
         "qwen_cheap_embed": ({"base_model": str(qwen[0]), "gate_mode": "cheap_embed", "dtype": "bfloat16",
@@ -113,7 +116,7 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("case", ["llama_hidden", "llama_hidden_bf16", "llama_cheap_embed", "llama_random",
                                   "llama_uniform_random", "llama_hidden_avg", "qwen_hidden", "qwen_cheap_embed",
-                                  "llama_to_qwen", "qwen3_hidden"])
+                                  "llama_to_qwen", "qwen3_hidden", "qwen3_cheap_embed"])
 def test_tensors_and_config_equal_mergekit_moe(runs, case):
     ours, theirs = runs[case]
     a, b = tensors(ours), packed(tensors(theirs), 2)

@@ -21,6 +21,7 @@ def cli(*args, timeout=300):
 
 
 def test_every_routed_method_writes_a_row_with_sizes_and_cost(prepared):  # noqa: F811
+    import mergelab.routed as routed
     from mergelab.routed.bench import METHODS, RoutedSettings, run_routed_bench
 
     suite, cache, base, root = prepared
@@ -56,6 +57,14 @@ def test_every_routed_method_writes_a_row_with_sizes_and_cost(prepared):  # noqa
     with pytest.raises(MergeLabError, match="exists"):
         run_routed_bench(suite, cache, ["emr"], out, base=str(base), settings=settings, log=lambda s: None)
     assert (out / "report.json").stat().st_mtime_ns == before
+    # Twin-Merging's shared model from another registered method (no lambda passed to one that takes none)
+    other = run_routed_bench(suite, cache, ["twin"], root / "routed-linear", base=str(base), references=False,
+                             settings=RoutedSettings(twin_method="linear", twin_epochs=3, eval_batch=16),
+                             log=lambda s: None)
+    (row,) = [r for r in other["rows"] if r.get("method") == "twin"]
+    assert row["status"] == "ok" and row["params"]["shared"] == "linear"
+    shared = routed.load(root / "routed-linear" / "models" / "twin").manifest
+    assert shared["shared_method"] == "linear" and shared["shared_params"] == {}
 
 
 class Run:
@@ -86,6 +95,8 @@ def test_bad_input_clear_errors_nothing_written(prepared, tmp_path, capsys):  # 
     assert p.returncode != 0 and "--twin-ranks must be distinct integers >= 1" in p.stderr
     p = cli_in("bench", "--methods", "twin", "--twin-rank", "4", "--twin-ranks", "8,16", "--out", tmp_path / "b")
     assert p.returncode != 0 and "give one of them" in p.stderr
+    p = cli_in("bench", "--methods", "twin", "--twin-method", "tie", "--out", tmp_path / "b")
+    assert p.returncode != 0 and "unknown method 'tie'" in p.stderr and "'ties'" in p.stderr
     p = cli_in("bench", "--methods", "wemoe", "--wemoe-batch", "0", "--out", tmp_path / "b")
     assert p.returncode != 0 and "--wemoe-batch >= 1" in p.stderr
     # emr: experts of another shape, a missing folder, an existing output

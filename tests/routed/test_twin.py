@@ -107,6 +107,27 @@ def test_truncation_error_and_size_accounting(family_states, twin_full):
     assert s["vs_all_experts"] == round((s["one_model_bytes"] + s["extra_bytes"]) / (3 * s["one_model_bytes"]), 4)
 
 
+def test_shared_model_from_another_method(family_states):
+    """The shared knowledge may come from any registered method: with ``linear`` (mergekit's weighted average;
+    weights 1, normalised) theta_s is the mean of the experts, and at full rank theta_s + delta_k is still
+    expert k."""
+    config, tok, base, experts, tasks = family_states
+    few = ["encoder.layer.0.intermediate.dense.weight", "encoder.layer.0.output.LayerNorm.weight",
+           "encoder.layer.0.attention.self.query.bias"]
+    b, ex = {k: base[k] for k in few}, [{k: e[k] for k in few} for e in experts]
+    shared, exclusive, info = shared_and_exclusive(b, ex, tasks, TwinConfig(shared_method="linear", shared_params={},
+                                                                            density=1.0))
+    assert info["shared_method"] == "linear"
+    for key in few:
+        torch.testing.assert_close(shared[key], sum(e[key] for e in ex) / len(ex), rtol=1e-6, atol=1e-7)
+        for k, e in enumerate(ex):
+            d = exclusive[k][key]
+            back = (d[0] * d[1]) @ d[2] if isinstance(d, tuple) else d
+            torch.testing.assert_close(shared[key] + back, e[key], rtol=1e-4, atol=1e-5)
+    default, _, _ = shared_and_exclusive(b, ex, tasks, TwinConfig(density=1.0))  # task arithmetic, lambda 0.3
+    assert not torch.allclose(default[few[0]], shared[few[0]], atol=1e-6)
+
+
 def test_bad_input_before_any_work(family_states, tmp_path):
     from mergelab.errors import MergeLabError
 

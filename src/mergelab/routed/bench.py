@@ -181,8 +181,14 @@ class RoutedBench:
         from mergelab.routed.twin import TwinConfig
 
         s = self.settings
-        return TwinConfig(shared_method=s.twin_method, shared_params={"lambda": s.twin_lambda}, rank=rank,
+        return TwinConfig(shared_method=s.twin_method, shared_params=self._twin_shared_params(), rank=rank,
                           density=s.twin_density, router_epochs=s.twin_epochs, seed=self.seed)
+
+    def _twin_shared_params(self) -> dict:
+        """``lambda`` for a shared method that takes one (task arithmetic, TIES, ...), else the method's defaults."""
+        from mergelab.methods.registry import get_method
+
+        return {"lambda": self.settings.twin_lambda} if get_method(self.settings.twin_method).param("lambda") else {}
 
     def _twin_row(self, rank: Optional[int], folder_name: str, name: str, data: List[list], router=None,
                   router_timer=None) -> dict:
@@ -211,7 +217,8 @@ class RoutedBench:
         info = {"split": "validation", "examples_per_task": s.twin_examples or "all", "labels_used": False,
                 "task_ids_used": True, "test_time": False}
         return self.row("twin", folder, seconds, mib, info, name=name, **extra,
-                        params={"shared": f"{s.twin_method} lambda={s.twin_lambda}",
+                        params={"shared": " ".join([s.twin_method] + [f"{k}={v}" for k, v in
+                                                                      self._twin_shared_params().items()]),
                                 "rank": rank or f"{s.twin_density:g} of full"},
                         router_accuracy=m.manifest.get("router_accuracy"),
                         exclusive_relative_error=m.manifest.get("mean_relative_error"),

@@ -35,7 +35,10 @@ def bench(
     twin_ranks: Optional[str] = typer.Option(None, "--twin-ranks",
                                              help="A rank sweep: one Twin row per rank (comma-separated, e.g. "
                                                   "12,32,64), with twin_ranks.md and twin_ranks.png."),
-    twin_lambda: float = typer.Option(0.3, "--twin-lambda", help="Task-arithmetic lambda of the shared model."),
+    twin_method: str = typer.Option("task_arithmetic", "--twin-method",
+                                    help="Registered merge method of the shared model (Twin-Merging's theta_s)."),
+    twin_lambda: float = typer.Option(0.3, "--twin-lambda",
+                                      help="lambda of the shared model's method (if the method takes one)."),
     wemoe_steps: int = typer.Option(200, "--wemoe-steps"),
     wemoe_lr: float = typer.Option(1e-3, "--wemoe-lr"),
     wemoe_examples: int = typer.Option(64, "--wemoe-examples", help="Unlabelled inputs per task."),
@@ -69,10 +72,14 @@ def bench(
         raise MergeLabError(f"--twin-ranks must be distinct integers >= 1, got {twin_ranks}")
     if ranks and twin_rank is not None:
         raise MergeLabError("--twin-rank and --twin-ranks: give one of them")
+    if "twin" in names:
+        from mergelab.methods.registry import get_method
+
+        get_method(twin_method)  # an unknown name: an error naming it (with the closest), before any work
     if wemoe_steps < 0 or wemoe_examples < 1 or wemoe_batch < 1 or not wemoe_lr > 0:
         raise MergeLabError("--wemoe-steps must be >= 0, --wemoe-examples and --wemoe-batch >= 1 and --wemoe-lr > 0")
     settings = RoutedSettings(emr_reduction=emr_reduction, twin_density=twin_density, twin_rank=twin_rank,
-                              twin_ranks=tuple(ranks), twin_lambda=twin_lambda, wemoe_steps=wemoe_steps,
+                              twin_ranks=tuple(ranks), twin_method=twin_method, twin_lambda=twin_lambda, wemoe_steps=wemoe_steps,
                               wemoe_lr=wemoe_lr, wemoe_examples=wemoe_examples, wemoe_batch=wemoe_batch, threads=threads)
     if suite == "llmmix":
         from mergelab.routed.bench import run_routed_llmmix
