@@ -126,3 +126,33 @@ def test_conv_net_full_width_ensemble_and_permuted_copy():
         m.load_state_dict(pleas_conv(a, c, x, width=1.0).state)
         assert torch.allclose(m.eval()(test), a(test), atol=1e-4 * float(a(test).abs().max()))
     assert pleas_conv(a, b, x, width=1.5).widths == {"P0": 9, "P1": 12, "P2": 15}
+
+
+def test_models_of_different_depth_are_refused(tmp_path):
+    """No policy pairs the layers of models of different depth: an MLP with a layer more or less, and a Llama
+    with 3 layers against 2, are refused naming both files, with nothing written."""
+    from tests.align.conftest import tiny_llama
+
+    torch.save(mlp(0, (8, 16, 12, 3)).state_dict(), tmp_path / "a.pt")
+    torch.save(mlp(1, (8, 16, 3)).state_dict(), tmp_path / "shallow.pt")
+    torch.save(mlp(2, (8, 16, 12, 12, 3)).state_dict(), tmp_path / "deep.pt")
+    torch.save(torch.randn(50, 8), tmp_path / "x.pt")
+    tiny_llama(0, layers=2).save_pretrained(tmp_path / "llama2")
+    tiny_llama(1, layers=3).save_pretrained(tmp_path / "llama3")
+    (tmp_path / "texts.txt").write_text("one text\nanother text\n")
+    cases = {"shallow": ("a.pt", "shallow.pt", "x.pt", ["tensor '4.weight' is in", "a.pt", "shallow.pt",
+                                                         "different depth", "PLeaS needs the same tensors"]),
+             "deep": ("a.pt", "deep.pt", "x.pt", ["tensor '6.weight' is in", "deep.pt", "a.pt", "different depth"]),
+             "llama": ("llama2", "llama3", "texts.txt", ["model A", "llama2' has 2 layers but model B",
+                                                         "llama3' has 3", "different depth"])}
+    for name, (a, b, calib, needles) in cases.items():
+        recipe = {"merge_method": "pleas", "models": [str(tmp_path / a), str(tmp_path / b)],
+                  "calibration": str(tmp_path / calib), "parameters": {"width": 1.5}}
+        (tmp_path / f"{name}.yml").write_text(yaml.safe_dump(recipe))
+    before = set(tmp_path.iterdir())
+    for name, (*_, needles) in cases.items():
+        r = run_cli("pleas", tmp_path / f"{name}.yml", "-o", tmp_path / "merged")
+        flat = " ".join(r.stderr.split())
+        assert r.returncode == 2 and "Traceback" not in r.stderr and flat.startswith("error:"), (name, r.stderr)
+        assert all(n in flat for n in needles), (name, needles, flat)
+    assert set(tmp_path.iterdir()) == before
