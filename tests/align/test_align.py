@@ -268,3 +268,40 @@ def test_llama_from_other_seed_aligned_by_cli_is_the_same_function(tmp_path):
             got = c(ids).logits
         assert close(got, want), (method, float((got - want).abs().max()))
         assert not torch.equal(c.model.layers[0].mlp.up_proj.weight, b.model.layers[0].mlp.up_proj.weight)
+
+
+def test_activation_matching_conv_net_and_resnet_recover_permutation():
+    """Activation matching for conv nets (Python API: a state dict does not record strides and padding): a
+    conv net with BatchNorm and a flatten, and a ResNet with its residual-stream spec, permuted at random,
+    give back the inverse permutation from their activations on random images."""
+    from mergelab.align.resnet import ResNet, resnet_spec
+
+    x = torch.randn(64, 1, 8, 8, generator=gen(13))
+    net = convnet(0)
+    torch.manual_seed(1)
+    res = ResNet(5, 6, 3, blocks=2).eval()  # stream of 5 channels, blocks of 6
+    with torch.no_grad():  # BatchNorm statistics that keep every unit alive: dead units are interchangeable
+        for model in (net, res):
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.normal_(0, 0.1)
+                    m.running_var.uniform_(0.5, 2.0)
+                    m.bias.uniform_(0.5, 1.0)
+        net.fc1.bias.uniform_(2.0, 3.0)
+    for model, spec, fresh in ((net, chain_spec(shapes(net.state_dict())), lambda: convnet(7)),
+                               (res, resnet_spec(res), lambda: ResNet(5, 6, 3, blocks=2).eval())):
+        sd = model.state_dict()
+        rp = random_permutations(spec, gen(14))
+        other = fresh()
+        other.load_state_dict(apply_permutations(sd, spec, rp))
+        with torch.no_grad():
+            assert close(other(x), model(x))
+
+        def call(m, b):
+            m(b)
+            return None
+
+        batches = list(x.split(16))
+        found = activation_matching(spec, record(model, spec, batches, call), record(other, spec, batches, call))
+        inv = invert(rp)
+        assert sorted(found) == sorted(spec.perms) and all(torch.equal(found[k], inv[k]) for k in spec.perms)
