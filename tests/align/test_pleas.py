@@ -68,6 +68,45 @@ def test_partial_width_first_layer_is_the_papers_merge():
     assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-10
 
 
+
+def test_partial_width_hidden_layer_is_the_masked_least_squares():
+    """The paper's step 3 on a hidden layer, written out here: inputs [(i_A+i_B)/2 | i_A | i_B] and targets
+    [(o_A+o_B)/2 | o_A | o_B] (each model's own features, B aligned, pairs merged by similarity), solved per
+    output block by plain least squares with A-only outputs blind to B-only inputs and the reverse."""
+    a, b, x = _models()
+    r = pleas_mlp(a, b, x, width={"P0": 24, "P1": 18})
+    spec = chain_spec({k: tuple(v.shape) for k, v in a.items()})
+    bp = apply_permutations(b, spec, r.perms)
+    d = {k: v.double() for k, v in a.items()}, {k: v.double() for k, v in bp.items()}
+    xd = x.double()
+    ha, hb = (torch.relu(xd @ s["0.weight"].T + s["0.bias"]) for s in d)
+    oa, ob = (h @ s["2.weight"].T + s["2.bias"] for h, s in zip((ha, hb), d))
+
+    def split(fa, fb, merged):
+        order = torch.argsort((fa * fb).sum(0), descending=True)
+        m, rest = order[:merged].sort().values, order[merged:].sort().values
+        feats = torch.cat([(fa[:, m] + fb[:, m]) / 2, fa[:, rest], fb[:, rest]], 1)
+        return feats, [0] * merged + [1] * len(rest) + [2] * len(rest)
+
+    Z, zb = split(ha, hb, 8)
+    yb = [0] * 6 + [1] * 6 + [2] * 6  # P1's pairs ranked by their post-activation similarity
+    order = torch.argsort((torch.relu(oa) * torch.relu(ob)).sum(0), descending=True)
+    m, rest = order[:6].sort().values, order[6:].sort().values
+    Y = torch.cat([(oa[:, m] + ob[:, m]) / 2, oa[:, rest], ob[:, rest]], 1)
+    W = torch.zeros(18, 24, dtype=torch.float64)
+    bias = torch.zeros(18, dtype=torch.float64)
+    for block, banned in ((0, None), (1, 2), (2, 1)):
+        rows = [i for i, v in enumerate(yb) if v == block]
+        cols = [j for j, v in enumerate(zb) if v != banned]
+        X = torch.cat([Z[:, cols], torch.ones(len(Z), 1, dtype=torch.float64)], 1)
+        sol = torch.linalg.lstsq(X, Y[:, rows], driver="gelsd").solution
+        W[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = sol[:-1].T
+        bias[rows] = sol[-1]
+    got = r.state["2.weight"].double()
+    assert got[:6].abs().max() > 0 and got[6:12, 16:].abs().max() == 0 and got[12:, 8:16].abs().max() == 0
+    assert torch.allclose(got, W, atol=1e-4 * float(W.abs().max()))
+    assert torch.allclose(r.state["2.bias"].double(), bias, atol=1e-4 * float(bias.abs().max()))
+
 def test_width_out_of_range():
     a, b, x = _models()
     with pytest.raises(MergeLabError, match=r"width for layer '0' \(P0\) is 2.5 x 16 = 40 units, outside the allowed range \[16, 32\]"):
