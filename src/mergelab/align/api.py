@@ -209,8 +209,19 @@ def collect_activations(loaded: Loaded, spec: PermutationSpec, calibration: Path
     from mergelab.align.features import record
 
     if loaded.config is None:
+        from mergelab.align.resnet import ResNet, layout_blocks
+
         x = read_inputs(calibration)
-        model = chain_module(loaded.state, activation)
+        if layout_blocks(loaded.shapes) is not None:  # mergelab's ResNet: its class knows strides and padding
+            model = ResNet.from_state(loaded.state)
+            c = model.in_channels
+            if x.ndim == 2 and x.shape[1] == c * model.side ** 2:
+                x = x.reshape(len(x), c, model.side, model.side)
+            if x.ndim != 4 or x.shape[1] != c:
+                raise MergeLabError(f"calibration inputs '{calibration}' have shape {tuple(x.shape)}; the ResNet "
+                                    f"'{loaded.path}' takes images [N, {c}, H, W]")
+        else:
+            model = chain_module(loaded.state, activation)
         return record(model, spec, [x[i:i + 256] for i in range(0, len(x), 256)], lambda m, b: (m(b), None)[1])
     from transformers import AutoTokenizer
 
