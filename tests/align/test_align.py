@@ -227,3 +227,81 @@ def test_bert_classifier_same_function_and_unknown_head_refused():
     mlm = BertForMaskedLM(cfg).state_dict()
     with pytest.raises(MergeLabError, match="tensor 'cls.predictions"):
         infer_spec(cfg.to_dict(), shapes(mlm))
+
+
+def test_llama_from_other_seed_aligned_by_cli_is_the_same_function(tmp_path):
+    """The issue's check on real matching (not a permuted copy): B from another initialisation, aligned to A by
+    weight and by activation matching through the CLI, loads with transformers and gives B's logits to float32
+    rounding, while its weights moved (the permutations are not the identity)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    import random
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 64)}}  # a word-level tokenizer of the model's 64 ids
+    tk = Tokenizer(models.WordLevel(vocab=words, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[UNK]")
+    tiny_llama(0).save_pretrained(tmp_path / "a")
+    tok.save_pretrained(tmp_path / "a")
+    b = tiny_llama(1)
+    b.save_pretrained(tmp_path / "b")
+    rng = random.Random(0)
+    (tmp_path / "texts.txt").write_text("\n".join(" ".join(f"w{rng.randrange(1, 64)}" for _ in range(12))
+                                                  for _ in range(40)) + "\n")
+    ids = torch.randint(0, 64, (3, 11), generator=gen(12))
+    with torch.no_grad():
+        want = b(ids).logits
+    for method in ("weight", "activation"):
+        extra = ["--calibration", tmp_path / "texts.txt"] if method == "activation" else []
+        r = run_cli("align", tmp_path / "a", tmp_path / "b", "-o", tmp_path / method, "--method", method, *extra)
+        assert r.returncode == 0, (method, r.stderr)
+        rec = json.loads((tmp_path / method / "alignment.json").read_text())
+        assert rec["distance_after"] < rec["distance_before"], method
+        assert any(p != sorted(p) for p in rec["permutations"].values()), method
+        c = AutoModelForCausalLM.from_pretrained(str(tmp_path / method), dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = c(ids).logits
+        assert close(got, want), (method, float((got - want).abs().max()))
+        assert not torch.equal(c.model.layers[0].mlp.up_proj.weight, b.model.layers[0].mlp.up_proj.weight)
+
+
+def test_activation_matching_conv_net_and_resnet_recover_permutation():
+    """Activation matching for conv nets (Python API: a state dict does not record strides and padding): a
+    conv net with BatchNorm and a flatten, and a ResNet with its residual-stream spec, permuted at random,
+    give back the inverse permutation from their activations on random images."""
+    from mergelab.align.resnet import ResNet, resnet_spec
+
+    x = torch.randn(64, 1, 8, 8, generator=gen(13))
+    net = convnet(0)
+    torch.manual_seed(1)
+    res = ResNet(5, 6, 3, blocks=2).eval()  # stream of 5 channels, blocks of 6
+    with torch.no_grad():  # BatchNorm statistics that keep every unit alive: dead units are interchangeable
+        for model in (net, res):
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.normal_(0, 0.1)
+                    m.running_var.uniform_(0.5, 2.0)
+                    m.bias.uniform_(0.5, 1.0)
+        net.fc1.bias.uniform_(2.0, 3.0)
+    for model, spec, fresh in ((net, chain_spec(shapes(net.state_dict())), lambda: convnet(7)),
+                               (res, resnet_spec(res), lambda: ResNet(5, 6, 3, blocks=2).eval())):
+        sd = model.state_dict()
+        rp = random_permutations(spec, gen(14))
+        other = fresh()
+        other.load_state_dict(apply_permutations(sd, spec, rp))
+        with torch.no_grad():
+            assert close(other(x), model(x))
+
+        def call(m, b):
+            m(b)
+            return None
+
+        batches = list(x.split(16))
+        found = activation_matching(spec, record(model, spec, batches, call), record(other, spec, batches, call))
+        inv = invert(rp)
+        assert sorted(found) == sorted(spec.perms) and all(torch.equal(found[k], inv[k]) for k in spec.perms)

@@ -68,6 +68,45 @@ def test_partial_width_first_layer_is_the_papers_merge():
     assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-10
 
 
+
+def test_partial_width_hidden_layer_is_the_masked_least_squares():
+    """The paper's step 3 on a hidden layer, written out here: inputs [(i_A+i_B)/2 | i_A | i_B] and targets
+    [(o_A+o_B)/2 | o_A | o_B] (each model's own features, B aligned, pairs merged by similarity), solved per
+    output block by plain least squares with A-only outputs blind to B-only inputs and the reverse."""
+    a, b, x = _models()
+    r = pleas_mlp(a, b, x, width={"P0": 24, "P1": 18})
+    spec = chain_spec({k: tuple(v.shape) for k, v in a.items()})
+    bp = apply_permutations(b, spec, r.perms)
+    d = {k: v.double() for k, v in a.items()}, {k: v.double() for k, v in bp.items()}
+    xd = x.double()
+    ha, hb = (torch.relu(xd @ s["0.weight"].T + s["0.bias"]) for s in d)
+    oa, ob = (h @ s["2.weight"].T + s["2.bias"] for h, s in zip((ha, hb), d))
+
+    def split(fa, fb, merged):
+        order = torch.argsort((fa * fb).sum(0), descending=True)
+        m, rest = order[:merged].sort().values, order[merged:].sort().values
+        feats = torch.cat([(fa[:, m] + fb[:, m]) / 2, fa[:, rest], fb[:, rest]], 1)
+        return feats, [0] * merged + [1] * len(rest) + [2] * len(rest)
+
+    Z, zb = split(ha, hb, 8)
+    yb = [0] * 6 + [1] * 6 + [2] * 6  # P1's pairs ranked by their post-activation similarity
+    order = torch.argsort((torch.relu(oa) * torch.relu(ob)).sum(0), descending=True)
+    m, rest = order[:6].sort().values, order[6:].sort().values
+    Y = torch.cat([(oa[:, m] + ob[:, m]) / 2, oa[:, rest], ob[:, rest]], 1)
+    W = torch.zeros(18, 24, dtype=torch.float64)
+    bias = torch.zeros(18, dtype=torch.float64)
+    for block, banned in ((0, None), (1, 2), (2, 1)):
+        rows = [i for i, v in enumerate(yb) if v == block]
+        cols = [j for j, v in enumerate(zb) if v != banned]
+        X = torch.cat([Z[:, cols], torch.ones(len(Z), 1, dtype=torch.float64)], 1)
+        sol = torch.linalg.lstsq(X, Y[:, rows], driver="gelsd").solution
+        W[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = sol[:-1].T
+        bias[rows] = sol[-1]
+    got = r.state["2.weight"].double()
+    assert got[:6].abs().max() > 0 and got[6:12, 16:].abs().max() == 0 and got[12:, 8:16].abs().max() == 0
+    assert torch.allclose(got, W, atol=1e-4 * float(W.abs().max()))
+    assert torch.allclose(r.state["2.bias"].double(), bias, atol=1e-4 * float(bias.abs().max()))
+
 def test_width_out_of_range():
     a, b, x = _models()
     with pytest.raises(MergeLabError, match=r"width for layer '0' \(P0\) is 2.5 x 16 = 40 units, outside the allowed range \[16, 32\]"):
@@ -126,3 +165,33 @@ def test_conv_net_full_width_ensemble_and_permuted_copy():
         m.load_state_dict(pleas_conv(a, c, x, width=1.0).state)
         assert torch.allclose(m.eval()(test), a(test), atol=1e-4 * float(a(test).abs().max()))
     assert pleas_conv(a, b, x, width=1.5).widths == {"P0": 9, "P1": 12, "P2": 15}
+
+
+def test_models_of_different_depth_are_refused(tmp_path):
+    """No policy pairs the layers of models of different depth: an MLP with a layer more or less, and a Llama
+    with 3 layers against 2, are refused naming both files, with nothing written."""
+    from tests.align.conftest import tiny_llama
+
+    torch.save(mlp(0, (8, 16, 12, 3)).state_dict(), tmp_path / "a.pt")
+    torch.save(mlp(1, (8, 16, 3)).state_dict(), tmp_path / "shallow.pt")
+    torch.save(mlp(2, (8, 16, 12, 12, 3)).state_dict(), tmp_path / "deep.pt")
+    torch.save(torch.randn(50, 8), tmp_path / "x.pt")
+    tiny_llama(0, layers=2).save_pretrained(tmp_path / "llama2")
+    tiny_llama(1, layers=3).save_pretrained(tmp_path / "llama3")
+    (tmp_path / "texts.txt").write_text("one text\nanother text\n")
+    cases = {"shallow": ("a.pt", "shallow.pt", "x.pt", ["tensor '4.weight' is in", "a.pt", "shallow.pt",
+                                                         "different depth", "PLeaS needs the same tensors"]),
+             "deep": ("a.pt", "deep.pt", "x.pt", ["tensor '6.weight' is in", "deep.pt", "a.pt", "different depth"]),
+             "llama": ("llama2", "llama3", "texts.txt", ["model A", "llama2' has 2 layers but model B",
+                                                         "llama3' has 3", "different depth"])}
+    for name, (a, b, calib, needles) in cases.items():
+        recipe = {"merge_method": "pleas", "models": [str(tmp_path / a), str(tmp_path / b)],
+                  "calibration": str(tmp_path / calib), "parameters": {"width": 1.5}}
+        (tmp_path / f"{name}.yml").write_text(yaml.safe_dump(recipe))
+    before = set(tmp_path.iterdir())
+    for name, (*_, needles) in cases.items():
+        r = run_cli("pleas", tmp_path / f"{name}.yml", "-o", tmp_path / "merged")
+        flat = " ".join(r.stderr.split())
+        assert r.returncode == 2 and "Traceback" not in r.stderr and flat.startswith("error:"), (name, r.stderr)
+        assert all(n in flat for n in needles), (name, needles, flat)
+    assert set(tmp_path.iterdir()) == before

@@ -58,16 +58,30 @@ def test_spec_residual_stream_is_one_group_and_align_cli_recovers(tmp_path):
     assert r.returncode == 0, r.stderr
     c = torch.load(tmp_path / "c.pt", weights_only=True)
     assert all(torch.equal(c[k], sd[k]) for k in sd)
-    # Two different nets. With the spec the aligned net is B's function; without it, the state dict's
-    # shapes happen to chain (6 -> 5 -> 6 -> 5 -> 6), so align infers a plain chain, permutes the stream
-    # independently per block and breaks the skip connections: residual nets need --spec.
+    # Two different nets. The state dict's shapes happen to chain (6 -> 5 -> 6 -> 5 -> 6): a chain spec would
+    # permute the stream independently per block and break the skip connections. align recognises the layout
+    # and takes the residual spec, so with or without --spec, by weight or by activation matching (on images),
+    # the aligned net is B's function.
+    from mergelab.align.spec import chain_spec, infer_spec
+
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    assert sorted(infer_spec(None, shapes).perms) == ["block0", "block1", "res"]
+    chain = chain_spec(shapes)
+    with torch.no_grad():
+        assert not close(ResNet.from_state(apply_permutations(sd, chain, random_permutations(
+            chain, torch.Generator().manual_seed(5))))(x), net(x))
     torch.save(resnet(9).state_dict(), tmp_path / "b9.pt")
-    for flags, same in (([], False), (["--spec", tmp_path / "spec.yml"], True)):
-        out = tmp_path / f"aligned{len(flags)}.pt"
+    torch.save(images(64, 7), tmp_path / "images.pt")
+    runs = {"weight": [], "weight-spec": ["--spec", tmp_path / "spec.yml"],
+            "activation": ["--method", "activation", "--calibration", tmp_path / "images.pt"]}
+    for name, flags in runs.items():
+        out = tmp_path / f"aligned-{name}.pt"
         r = run_cli("align", tmp_path / "a.pt", tmp_path / "b9.pt", "-o", out, *flags)
         assert r.returncode == 0, r.stderr
+        aligned = torch.load(out, weights_only=True)
+        assert not torch.equal(aligned["blocks.0.conv2.weight"], resnet(9).state_dict()["blocks.0.conv2.weight"])
         with torch.no_grad():
-            assert close(ResNet.from_state(torch.load(out, weights_only=True))(x), resnet(9)(x)) == same
+            assert close(ResNet.from_state(aligned)(x), resnet(9)(x)), name
 
 def test_weight_matching_returns_inverse_permutation():
     net = resnet(1)

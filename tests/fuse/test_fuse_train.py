@@ -139,7 +139,25 @@ def test_fusechat_varm_merge_matches_the_formula(trained_llamas, tmp_path):
         w = [x / sum(u) for x in u] if all(x > 0 for x in u) else [1 / len(u)] * len(u)
         expect = sum(wi * t[k].double() for wi, t in zip(w, ts))
         assert torch.allclose(got[k].double(), expect, atol=1e-6), k
-    chat_merge(base, experts, tmp_path / "sce", method="sce")
-    assert weights(tmp_path / "sce").keys() == b.keys()
+    # SCE (FuseChat 2.0) as mergekit 0.1.5 computes it with select_topk 1 (no selection), written out here:
+    # weights from the task vectors' energy (uniform when it sums below 1e-6), the sign elected by their sum
+    # (+1 on a tie), entries of the other sign erased, the weighted mean of the rest added to the pivot.
+    for semantics in ("mergekit", "paper"):
+        chat_merge(base, experts, tmp_path / f"sce-{semantics}", method="sce",
+                   parameters={"semantics": semantics})
+        got = weights(tmp_path / f"sce-{semantics}")
+        assert got.keys() == b.keys()
+        for k in b:
+            tau = torch.stack([t[k].double() - b[k].double() for t in ts])
+            energy = torch.stack([(x.float() ** 2).mean() for x in tau]).double()
+            uniform = energy.sum() == 0 if semantics == "paper" else energy.sum().abs() < 1e-6
+            w = torch.full_like(energy, 1 / len(ts)) if uniform else energy / energy.sum()
+            elected = torch.where(tau.sum(0) >= 0, 1.0, -1.0).double()
+            keep = (tau.sign() == elected).double() * w.reshape(-1, *([1] * (tau.dim() - 1)))
+            div = keep.sum(0)
+            div = torch.where(div == 0, 1.0, div) if semantics == "paper" else div.clamp(min=1e-6)
+            expect = b[k].double() + (tau * keep).sum(0) / div
+            assert torch.allclose(got[k].double(), expect, atol=1e-6), (semantics, k)
+        assert any(not got[k].equal(weights(tmp_path / "varm")[k]) for k in b)
     with pytest.raises(FuseError, match="varm or sce"):
         chat_merge(base, experts, tmp_path / "ties", method="ties")

@@ -222,3 +222,43 @@ def test_missing_tokens_rule_end_to_end(rule, token_experts, tmp_path, capsys):
     expect = b + 0.7 * (r - b) + 0.7 * (c2 - b)
     torch.testing.assert_close(load_tensors(out)[EMBED][i], expect, rtol=0, atol=1e-6)
     assert json.loads((out / "mergelab.json").read_text())["vocabulary"]["missing_tokens"] == rule
+
+
+def test_rows_are_matched_by_token_string_not_by_index(token_experts, tmp_path, capsys):
+    """``rev`` re-saved with a tokenizer that gives four shared tokens other ids, its embedding rows moved
+    with them (the same model): a ``union`` merge with it is bit for bit the merge with the original ``rev``.
+    Matching rows by index would mix the swapped tokens' rows."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    fam = dict(token_experts)
+    shuffled = tmp_path / "rev_shuffled"
+    shutil.copytree(fam["rev"], shuffled)
+    tj = json.loads((shuffled / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    added = {t["content"] for t in tj.get("added_tokens", [])}
+    tok = AutoTokenizer.from_pretrained(str(fam["rev"]))
+    used = [i for i in dict.fromkeys(tok(PROMPTS[1]).input_ids) if tok.convert_ids_to_tokens(i) not in added][:2]
+    others = [i for t, i in sorted(vocab.items(), key=lambda kv: -kv[1]) if t not in added and i not in used][:2]
+    perm = list(range(load_tensors(fam["rev"])[EMBED].shape[0]))  # new id -> old id
+    for i, j in zip(used, others):
+        perm[i], perm[j] = j, i
+    by_id = {i: t for t, i in vocab.items()}
+    for new, old in enumerate(perm):
+        if old in by_id and new != old:
+            vocab[by_id[old]] = new
+    (shuffled / "tokenizer.json").write_text(json.dumps(tj))
+    state = load_tensors(fam["rev"])
+    state[EMBED] = state[EMBED][torch.tensor(perm)].contiguous()
+    save_file(state, str(shuffled / "model.safetensors"), metadata={"format": "pt"})
+    new_ids = AutoTokenizer.from_pretrained(str(shuffled))(PROMPTS[1]).input_ids
+    assert new_ids != tok(PROMPTS[1]).input_ids and [perm[i] for i in new_ids] == tok(PROMPTS[1]).input_ids
+    fam["rev_shuffled"] = shuffled
+    want = load_tensors(_merge(tmp_path, fam, "union_rev", capsys, tokenizer_source="union"))
+    got = load_tensors(_merge(tmp_path, fam, "union_shuffled", capsys, experts=("calc", "rev_shuffled"),
+                              tokenizer_source="union"))
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    # without a tokenizer source the rows are merged by index, and the swapped tokens' rows come out mixed
+    by_index = load_tensors(_merge(tmp_path, fam, "by_index", capsys, experts=("calc", "rev_shuffled"),
+                                   vocab_policy="common_submatrix"))
+    assert not torch.equal(by_index[EMBED][used], want[EMBED][used])

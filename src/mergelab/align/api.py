@@ -58,15 +58,18 @@ def load_model(ref, label: str) -> Loaded:
     return Loaded(path, state, ck.config(), path.is_file())
 
 
-def check_compatible(ref: Loaded, model: Loaded) -> None:
-    """Same architecture, depth and shapes, else an error naming the files and the first tensor at fault."""
+def check_compatible(ref: Loaded, model: Loaded, roles=("REFERENCE", "MODEL"), command: str = "align") -> None:
+    """Same architecture, depth and shapes, else an error naming the files and the first tensor at fault.
+    ``roles`` name the two models in the message and ``command`` what needs them aligned (``align``,
+    ``PLeaS``)."""
+    r, m = roles
     rc, mc = ref.config or {}, model.config or {}
     if rc.get("model_type") != mc.get("model_type"):
-        raise MergeLabError(f"REFERENCE '{ref.path}' is a '{rc.get('model_type')}' model but MODEL '{model.path}' is "
-                            f"a '{mc.get('model_type')}' model: align needs one architecture")
+        raise MergeLabError(f"{r} '{ref.path}' is a '{rc.get('model_type')}' model but {m} '{model.path}' is "
+                            f"a '{mc.get('model_type')}' model: {command} needs one architecture")
     if "num_hidden_layers" in rc and rc.get("num_hidden_layers") != mc.get("num_hidden_layers"):
-        raise MergeLabError(f"REFERENCE '{ref.path}' has {rc['num_hidden_layers']} layers but MODEL '{model.path}' has "
-                            f"{mc.get('num_hidden_layers')}: align permutes units of the same layers, it has no "
+        raise MergeLabError(f"{r} '{ref.path}' has {rc['num_hidden_layers']} layers but {m} '{model.path}' has "
+                            f"{mc.get('num_hidden_layers')}: {command} pairs units of the same layers, it has no "
                             f"policy to pair layers of models of different depth")
     only_ref = [k for k in ref.state if k not in model.state]
     only_model = [k for k in model.state if k not in ref.state]
@@ -74,13 +77,13 @@ def check_compatible(ref: Loaded, model: Loaded) -> None:
         k, where, other = (only_ref[0], ref, model) if only_ref else (only_model[0], model, ref)
         n = len(only_ref) + len(only_model)
         raise MergeLabError(f"tensor '{k}' is in '{where.path}' but not in '{other.path}' ({n} tensors differ: a "
-                            f"different depth or architecture); align needs the same tensors in both models")
+                            f"different depth or architecture); {command} needs the same tensors in both models")
     for k, v in ref.state.items():
         w = model.state[k]
         if tuple(v.shape) != tuple(w.shape):
-            raise MergeLabError(f"tensor '{k}' has shape {tuple(w.shape)} in MODEL '{model.path}' but "
-                                f"{tuple(v.shape)} in REFERENCE '{ref.path}': align needs the same widths "
-                                f"(for models of different widths see PLeaS)")
+            hint = " (for models of different widths see PLeaS)" if command == "align" else ""
+            raise MergeLabError(f"tensor '{k}' has shape {tuple(w.shape)} in {m} '{model.path}' but "
+                                f"{tuple(v.shape)} in {r} '{ref.path}': {command} needs the same widths{hint}")
 
 
 def load_spec(spec_file: Optional[Path], model: Loaded, residual: bool) -> PermutationSpec:
@@ -206,8 +209,19 @@ def collect_activations(loaded: Loaded, spec: PermutationSpec, calibration: Path
     from mergelab.align.features import record
 
     if loaded.config is None:
+        from mergelab.align.resnet import ResNet, layout_blocks
+
         x = read_inputs(calibration)
-        model = chain_module(loaded.state, activation)
+        if layout_blocks(loaded.shapes) is not None:  # mergelab's ResNet: its class knows strides and padding
+            model = ResNet.from_state(loaded.state)
+            c = model.in_channels
+            if x.ndim == 2 and x.shape[1] == c * model.side ** 2:
+                x = x.reshape(len(x), c, model.side, model.side)
+            if x.ndim != 4 or x.shape[1] != c:
+                raise MergeLabError(f"calibration inputs '{calibration}' have shape {tuple(x.shape)}; the ResNet "
+                                    f"'{loaded.path}' takes images [N, {c}, H, W]")
+        else:
+            model = chain_module(loaded.state, activation)
         return record(model, spec, [x[i:i + 256] for i in range(0, len(x), 256)], lambda m, b: (m(b), None)[1])
     from transformers import AutoTokenizer
 

@@ -11,8 +11,8 @@ its own head). Per pair of models (different seeds for initialisation and data o
 * plain weight averaging, weight matching + averaging, activation matching + averaging (width 1.0);
   for the conv nets also both matchings + averaging followed by Git Re-Basin's BatchNorm reset
   (running statistics recomputed on the training images);
-* for the MLPs, ZipIt-style merging (:mod:`mergelab.align.zipit`): both hidden layers zipped (width 1.0),
-  or only the first (partial zipping: the second stays both models side by side);
+* for the MLPs and the plain conv net, ZipIt-style merging (:mod:`mergelab.align.zipit`): both hidden
+  layers zipped (width 1.0), or only the first (partial zipping: the second stays both models side by side);
 * PLeaS at widths 1.0 ... 2.0 with calibration inputs from the training set, and PLeaS-free with
   calibration inputs from another domain (8x8 grayscale patches of scikit-learn's two sample photos).
 
@@ -33,7 +33,7 @@ import torch
 from mergelab.align.matching import activation_matching, weight_matching
 from mergelab.align.pleas import mlp_forward, pleas_mlp
 from mergelab.align.spec import Axis, apply_permutations, chain_spec
-from mergelab.align.zipit import zipit_mlp
+from mergelab.align.zipit import zipit_conv, zipit_mlp
 
 WIDTHS = (1.0, 1.25, 1.5, 1.75, 2.0)
 
@@ -300,6 +300,9 @@ def _run_pair_conv(data: Data, setting: str, seed_a: int, seed_b: int, width: in
         rows["activation matching + average"] = score(am)
         rows["weight matching + average + BN reset"] = score(wm, reset=True)
         rows["activation matching + average + BN reset"] = score(am, reset=True)
+        if arch == "conv":  # ZipIt for the plain chain (the ResNet's stream would need its own zip)
+            for depth, name in ((-1, "ZipIt (both hidden layers zipped)"), (1, "ZipIt partial (first layer zipped)")):
+                rows[name] = score(zipit_conv(nets[0], nets[1], calib, depth=depth, heads=heads))
         for w in widths:
             rows[f"PLeaS w={w:g}"] = score(pleas(nets[0], nets[1], calib, width=float(w), heads=heads).state)
             other = data.other_domain.reshape(-1, 1, 8, 8)

@@ -383,7 +383,7 @@ def run_recipe(recipe_path, out, overwrite: bool = False) -> PleasResult:
 
     import yaml
 
-    from mergelab.align.api import load_model, read_inputs, write_checkpoint
+    from mergelab.align.api import check_compatible, load_model, read_inputs, write_checkpoint
 
     recipe_path = Path(recipe_path)
     try:
@@ -445,6 +445,7 @@ def run_recipe(recipe_path, out, overwrite: bool = False) -> PleasResult:
         raise MergeLabError(f"{where}: attention_width applies to BERT and Llama-layout folders (their attention); "
                             f"'{a.path}' is a state dict without attention")
     b = load_model(paths[1], "model B")
+    check_compatible(a, b, ("model A", "model B"), "PLeaS")  # depth and tensors, naming both files
     x = read_inputs(Path(data["calibration"]))
     arch = data.get("architecture") or ("resnet" if {"stem.weight", "blocks.0.conv1.weight"} <= set(a.state) else "mlp")
     if arch not in ARCHITECTURES:

@@ -69,7 +69,7 @@ def pleas_llama(path_a, path_b, calibration: Path, width=1.0, ridge: float = 1e-
     from mergelab.align.api import check_compatible, load_model, module_inputs, read_texts
 
     a, b = load_model(path_a, "model A"), load_model(path_b, "model B")
-    check_compatible(a, b)
+    check_compatible(a, b, ("model A", "model B"), "PLeaS")
     cfg = a.config or {}
     if cfg.get("model_type") not in LLAMA_TYPES:
         raise MergeLabError(f"PLeaS for decoders handles the Llama layout ({', '.join(LLAMA_TYPES)}); '{a.path}' "

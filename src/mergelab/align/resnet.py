@@ -98,6 +98,21 @@ def spec_mapping(blocks: int) -> dict:
     return {"axes": axes}
 
 
+def layout_blocks(shapes: Mapping[str, tuple]) -> Union[int, None]:
+    """The number of blocks when ``shapes`` (a state dict's tensor names) are exactly :class:`ResNet`'s layout
+    (``stem``, ``stem_bn``, ``blocks.i.{conv1,bn1,conv2,bn2}``, ``fc``), else None. ``align`` uses it to take
+    the residual spec instead of inferring a chain, which would break the skip connections."""
+    n = sum(1 for k in shapes if k.startswith("blocks.") and k.endswith(".conv1.weight"))
+    bn = BN_LEAVES + ("num_batches_tracked",)
+    want = {"stem.weight", "fc.weight", "fc.bias", *(f"stem_bn.{leaf}" for leaf in bn)}
+    for i in range(n):
+        want |= {f"blocks.{i}.conv1.weight", f"blocks.{i}.conv2.weight"}
+        want |= {f"blocks.{i}.{m}.{leaf}" for m in ("bn1", "bn2") for leaf in bn}
+    keys = set(shapes)
+    optional = {k for k in want if k.endswith("num_batches_tracked")}
+    return n if n and want - optional <= keys <= want else None
+
+
 def resnet_spec(net: ResNet) -> PermutationSpec:
     shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     return spec_from_mapping(spec_mapping(len(net.blocks)), shapes, where="ResNet spec")

@@ -397,7 +397,9 @@ def spec_from_mapping(data: Mapping, shapes: Mapping[str, tuple], where: str = "
 
 
 def infer_spec(config: Optional[dict], shapes: Mapping[str, tuple], residual: bool = True) -> PermutationSpec:
-    """The spec for a checkpoint: BERT or Llama layout from ``config.json``, else a feed-forward chain."""
+    """The spec for a checkpoint: BERT or Llama layout from ``config.json``; for a state dict, the residual spec
+    of :class:`mergelab.align.resnet.ResNet`'s layout when its tensor names are exactly that, else a
+    feed-forward chain."""
     mt = (config or {}).get("model_type")
     if mt == "bert":
         return bert_spec(config, shapes, residual)
@@ -406,4 +408,9 @@ def infer_spec(config: Optional[dict], shapes: Mapping[str, tuple], residual: bo
     if mt is not None:
         raise MergeLabError(f"align does not know the '{mt}' architecture (known: bert, {', '.join(LLAMA_TYPES)}, "
                             f"and plain MLP/conv chains without config.json); give a permutation spec with --spec")
+    from mergelab.align.resnet import layout_blocks, spec_mapping
+
+    blocks = layout_blocks(shapes)
+    if blocks is not None:  # its widths may chain (6 -> 5 -> 6), but a chain would break the skip connections
+        return spec_from_mapping(spec_mapping(blocks), shapes, where="ResNet spec")
     return chain_spec(shapes)
