@@ -35,12 +35,13 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
+from mergelab.align.chain import (ACT, ChainLayer, chain_forward, conv_chain, feature_rows, mlp_layers,  # noqa: F401
+                                  write_layer)
 from mergelab.align.matching import activation_matching
 from mergelab.align.spec import Axis, apply_permutations, chain_spec
 from mergelab.align.widths import budget_widths, is_budget
 from mergelab.errors import MergeLabError
 
-ACT = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
 Width = Union[int, float]
 
@@ -66,21 +67,6 @@ class TransformerPleasResult:
     merged_units: int  # matched pairs in every layer (one global width)
     perms: Dict[str, torch.Tensor]
     tokens: int
-
-
-def mlp_layers(state: Mapping[str, torch.Tensor]) -> List[str]:
-    """The linear layers of an MLP state dict, in order (module names); anything else is an error."""
-    mods: List[str] = []
-    for k, v in state.items():
-        m, _, leaf = k.rpartition(".")
-        if leaf not in ("weight", "bias") or (leaf == "weight" and v.ndim != 2):
-            raise MergeLabError(f"PLeaS handles MLP chains of linear layers; tensor '{k}' of shape {tuple(v.shape)} "
-                                f"is not a linear layer's weight or bias")
-        if m not in mods:
-            mods.append(m)
-    if len(mods) < 2:
-        raise MergeLabError("PLeaS needs an MLP with at least one hidden layer (two linear layers)")
-    return mods
 
 
 def _forward(state, layers, act, x) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
@@ -496,63 +482,6 @@ def _resnet_recipe(a, b, x: torch.Tensor, params: dict, given: Mapping, where: s
 
 
 # --------------------------------------------------------------------------- conv nets
-@dataclass
-class ChainLayer:
-    """One layer of a plain conv net: a ``Conv2d`` or ``Linear`` module, the BatchNorm after it (folded
-    into the least-squares targets), and whether its input is flattened conv maps."""
-
-    name: str
-    kind: str
-    stride: Tuple[int, int] = (1, 1)
-    padding: Tuple[int, int] = (0, 0)
-    kernel: Tuple[int, int] = (1, 1)
-    norm: Optional[str] = None
-    flatten: bool = False
-
-
-def conv_chain(module: torch.nn.Module) -> List[ChainLayer]:
-    """The layers of a plain conv net (Conv2d [+ BatchNorm2d] ... flatten, Linear ...) in definition order;
-    the module's forward must apply them in that order with one nonlinearity after every layer but the last."""
-    layers: List[ChainLayer] = []
-    for name, m in module.named_modules():
-        if isinstance(m, torch.nn.Conv2d):
-            if m.groups != 1 or m.dilation != (1, 1) or m.padding_mode != "zeros" or isinstance(m.padding, str):
-                raise MergeLabError(f"PLeaS: conv layer '{name}' uses groups, dilation or non-zero padding modes")
-            layers.append(ChainLayer(name, "conv", tuple(m.stride), tuple(m.padding), tuple(m.kernel_size)))
-        elif isinstance(m, torch.nn.Linear):
-            layers.append(ChainLayer(name, "linear", flatten=bool(layers) and layers[-1].kind == "conv"))
-        elif isinstance(m, torch.nn.BatchNorm2d) and layers:
-            layers[-1].norm = name
-    if len(layers) < 2:
-        raise MergeLabError("PLeaS needs at least two conv/linear layers")
-    return layers
-
-
-def _chain_forward(state, layers: List[ChainLayer], act: str, x: torch.Tensor):
-    """Per layer: its input (maps or vectors) and its output after the folded BatchNorm (float64)."""
-    F = torch.nn.functional
-    ins, outs = [], []
-    h = x.double()
-    for i, L in enumerate(layers):
-        if L.flatten:
-            h = h.flatten(1)
-        ins.append(h)
-        w, b = state[L.name + ".weight"].double(), state.get(L.name + ".bias")
-        b = b.double() if b is not None else None
-        o = F.conv2d(h, w, b, L.stride, L.padding) if L.kind == "conv" else F.linear(h, w, b)
-        if L.norm:
-            n = L.norm + "."
-            o = F.batch_norm(o, state[n + "running_mean"].double(), state[n + "running_var"].double(),
-                             state[n + "weight"].double(), state[n + "bias"].double(), False, 0.0, 1e-5)
-        outs.append(o)
-        h = ACT[act](o) if i < len(layers) - 1 else o
-    return ins, outs
-
-
-def _rows(f: torch.Tensor) -> torch.Tensor:
-    return f.movedim(1, -1).reshape(-1, f.shape[1]) if f.ndim == 4 else f
-
-
 def pleas_conv(module_a: torch.nn.Module, module_b: torch.nn.Module, inputs: torch.Tensor,
                width: Union[Width, Mapping[str, Width]] = 1.0, activation: str = "relu", heads: str = "average",
                ridge: float = 1e-8) -> PleasResult:
@@ -569,15 +498,15 @@ def pleas_conv(module_a: torch.nn.Module, module_b: torch.nn.Module, inputs: tor
     groups = [f"P{i}" for i in range(len(layers) - 1)]
     n = {g: spec.perms[g].size for g in groups}
     widths = {g: resolve_width(width, g, layers[i].name, n[g]) for i, g in enumerate(groups)}
-    ins_a, _ = _chain_forward(sa, layers, activation, inputs)
-    ins_b, _ = _chain_forward(sb, layers, activation, inputs)
+    ins_a, _ = chain_forward(sa, layers, activation, inputs)
+    ins_b, _ = chain_forward(sb, layers, activation, inputs)
     hid = lambda ins, i: ins[i + 1].unflatten(1, (n[groups[i]], -1)).movedim(1, -1).reshape(-1, n[groups[i]]) \
-        if layers[i + 1].flatten else _rows(ins[i + 1])  # noqa: E731
+        if layers[i + 1].flatten else feature_rows(ins[i + 1])  # noqa: E731
     perms = activation_matching(spec, {g: [(Axis(g), hid(ins_a, i))] for i, g in enumerate(groups)},
                                 {g: [(Axis(g), hid(ins_b, i))] for i, g in enumerate(groups)})
     sb = apply_permutations(sb, spec, perms)
-    ins_a, outs_a = _chain_forward(sa, layers, activation, inputs)
-    ins_b, outs_b = _chain_forward(sb, layers, activation, inputs)
+    ins_a, outs_a = chain_forward(sa, layers, activation, inputs)
+    ins_b, outs_b = chain_forward(sb, layers, activation, inputs)
     merged_units = {g: 2 * n[g] - widths[g] for g in groups}
     split = {g: UnitSplit.by_similarity(hid(ins_a, i), hid(ins_b, i), merged_units[g]) for i, g in enumerate(groups)}
 
@@ -610,25 +539,5 @@ def fit_layer(L: ChainLayer, Z: torch.Tensor, zb: torch.Tensor, Y: torch.Tensor,
     if L.kind == "conv":
         k = L.kernel[0] * L.kernel[1]
         Zu = torch.nn.functional.unfold(Z, L.kernel, padding=L.padding, stride=L.stride)  # [N, C*k, L]
-        Z, zb, Y = Zu.transpose(1, 2).reshape(-1, Zu.shape[1]), zb.repeat_interleave(k), _rows(Y)
+        Z, zb, Y = Zu.transpose(1, 2).reshape(-1, Zu.shape[1]), zb.repeat_interleave(k), feature_rows(Y)
     return lstsq_blocks(Z, Y, zb, yb, ridge, bias=bias)
-
-
-def write_layer(out: Dict[str, torch.Tensor], like: Mapping[str, torch.Tensor], L: ChainLayer, W: torch.Tensor,
-                b: torch.Tensor) -> None:
-    """Store a fitted layer ``W`` (rows = outputs; conv kernels flattened), ``b`` under ``L``'s names, in
-    ``like``'s dtypes. A BatchNorm after it is written as the identity (weight 1, mean 0, var 1 - eps)
-    carrying the intercept as its bias when the layer has none."""
-    dt = like[L.name + ".weight"].dtype
-    out[L.name + ".weight"] = (W.reshape(W.shape[0], -1, *L.kernel) if L.kind == "conv" else W).to(dt)
-    if L.name + ".bias" in like:
-        out[L.name + ".bias"] = b.to(dt)
-        b = torch.zeros_like(b)
-    if L.norm:
-        p = L.norm + "."
-        out[p + "weight"] = torch.ones(W.shape[0], dtype=dt)
-        out[p + "bias"] = b.to(dt)
-        out[p + "running_mean"] = torch.zeros(W.shape[0], dtype=dt)
-        out[p + "running_var"] = torch.full((W.shape[0],), 1 - 1e-5, dtype=dt)
-        if p + "num_batches_tracked" in like:
-            out[p + "num_batches_tracked"] = like[p + "num_batches_tracked"].clone()

@@ -28,9 +28,10 @@ from typing import Dict, List, Mapping, Sequence, Union
 
 import torch
 
+from mergelab.align.chain import ChainLayer, write_layer
 from mergelab.align.features import record
 from mergelab.align.matching import activation_matching
-from mergelab.align.pleas import ChainLayer, PleasResult, Width, fit_layer, resolve_width, write_layer
+from mergelab.align.pleas import PleasResult, Width, fit_layer, resolve_width
 from mergelab.align.spec import PermutationSpec, apply_permutations, spec_from_mapping
 from mergelab.align.widths import budget_widths, is_budget
 from mergelab.errors import MergeLabError

@@ -29,7 +29,7 @@ from typing import Dict, List, Mapping, Tuple
 
 import torch
 
-from mergelab.align.pleas import ACT, _chain_forward, _rows, conv_chain, mlp_layers, write_layer
+from mergelab.align.chain import ACT, chain_forward, conv_chain, feature_rows, mlp_layers, write_layer
 from mergelab.errors import MergeLabError
 
 
@@ -116,7 +116,7 @@ def zipit_conv(module_a: torch.nn.Module, module_b: torch.nn.Module, inputs: tor
     depth = hidden if depth < 0 else depth
     if not 0 <= depth <= hidden:
         raise MergeLabError(f"ZipIt depth {depth} is outside [0, {hidden}] (the net has {hidden} hidden layers)")
-    outs = [_chain_forward(s, layers, activation, inputs)[1] for s in (sa, sb)]
+    outs = [chain_forward(s, layers, activation, inputs)[1] for s in (sa, sb)]
 
     def folded(state, L):  # the layer with its BatchNorm folded in: (weight, bias), float64
         w = state[L.name + ".weight"].double()
@@ -135,7 +135,7 @@ def zipit_conv(module_a: torch.nn.Module, module_b: torch.nn.Module, inputs: tor
         (wa, ba), (wb, bb) = folded(sa, L), folded(sb, L)
         n = wa.shape[0]
         if i < depth:
-            feats = torch.cat([_rows(ACT[activation](o[i])) for o in outs], 1)
+            feats = torch.cat([feature_rows(ACT[activation](o[i])) for o in outs], 1)
             M, U = merge_unmerge(greedy_pairs(feats), 2 * n)
         elif i < hidden:
             M = U = eye(2 * n)
