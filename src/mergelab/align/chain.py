@@ -105,3 +105,11 @@ def write_layer(out: Dict[str, torch.Tensor], like: Mapping[str, torch.Tensor], 
         out[p + "running_var"] = torch.full((W.shape[0],), 1 - 1e-5, dtype=dt)
         if p + "num_batches_tracked" in like:
             out[p + "num_batches_tracked"] = like[p + "num_batches_tracked"].clone()
+
+
+def check_same_shapes(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor], who: str) -> None:
+    """Every tensor of model A is in model B with the same shape, else an error naming the first one."""
+    for k, v in state_a.items():
+        if k not in state_b or tuple(state_b[k].shape) != tuple(v.shape):
+            raise MergeLabError(f"{who}: tensor '{k}' has shape {tuple(v.shape)} in model A but "
+                                f"{tuple(state_b[k].shape) if k in state_b else 'is missing'} in model B")

@@ -35,8 +35,8 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from mergelab.align.chain import (ACT, ChainLayer, chain_forward, conv_chain, feature_rows, mlp_layers,  # noqa: F401
-                                  write_layer)
+from mergelab.align.chain import (ACT, ChainLayer, chain_forward, check_same_shapes, conv_chain,  # noqa: F401
+                                  feature_rows, mlp_layers, write_layer)
 from mergelab.align.matching import activation_matching
 from mergelab.align.spec import Axis, apply_permutations, chain_spec
 from mergelab.align.widths import budget_widths, is_budget
@@ -176,10 +176,7 @@ def pleas_mlp(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.T
     if layer_inputs not in ("original", "merged"):
         raise MergeLabError(f"inputs must be 'original' (the paper) or 'merged', got '{layer_inputs}'")
     layers = mlp_layers(state_a)
-    for k, v in state_a.items():
-        if k not in state_b or tuple(state_b[k].shape) != tuple(v.shape):
-            raise MergeLabError(f"PLeaS: tensor '{k}' has shape {tuple(v.shape)} in model A but "
-                                f"{tuple(state_b[k].shape) if k in state_b else 'is missing'} in model B")
+    check_same_shapes(state_a, state_b, "PLeaS")
     spec = chain_spec({k: tuple(v.shape) for k, v in state_a.items()})
     groups = [f"P{i}" for i in range(len(layers) - 1)]
     n = {g: spec.perms[g].size for g in groups}
@@ -494,6 +491,7 @@ def pleas_conv(module_a: torch.nn.Module, module_b: torch.nn.Module, inputs: tor
     layers = conv_chain(module_a)
     sa = {k: v.detach() for k, v in module_a.state_dict().items()}
     sb = {k: v.detach() for k, v in module_b.state_dict().items()}
+    check_same_shapes(sa, sb, "PLeaS")
     spec = chain_spec({k: tuple(v.shape) for k, v in sa.items()})
     groups = [f"P{i}" for i in range(len(layers) - 1)]
     n = {g: spec.perms[g].size for g in groups}

@@ -28,7 +28,7 @@ from typing import Dict, List, Mapping, Sequence, Union
 
 import torch
 
-from mergelab.align.chain import ChainLayer, write_layer
+from mergelab.align.chain import ChainLayer, check_same_shapes, write_layer
 from mergelab.align.features import record
 from mergelab.align.matching import activation_matching
 from mergelab.align.pleas import PleasResult, Width, fit_layer, resolve_width
@@ -154,10 +154,7 @@ def pleas_resnet(net_a: ResNet, net_b: ResNet, inputs: torch.Tensor, width: Unio
         raise MergeLabError(f"heads must be 'average' (shared labels) or 'concat' (disjoint labels), got '{heads}'")
     sa = {k: v.detach() for k, v in net_a.state_dict().items()}
     sb = {k: v.detach() for k, v in net_b.state_dict().items()}
-    for k, v in sa.items():
-        if k not in sb or sb[k].shape != v.shape:
-            raise MergeLabError(f"PLeaS: tensor '{k}' has shape {tuple(v.shape)} in model A but "
-                                f"{tuple(sb[k].shape) if k in sb else 'is missing'} in model B")
+    check_same_shapes(sa, sb, "PLeaS")
     if inputs.ndim == 2:
         inputs = inputs.reshape(-1, net_a.in_channels, net_a.side, net_a.side)
     L = len(net_a.blocks)

@@ -29,7 +29,8 @@ from typing import Dict, List, Mapping, Tuple
 
 import torch
 
-from mergelab.align.chain import ACT, chain_forward, conv_chain, feature_rows, mlp_layers, write_layer
+from mergelab.align.chain import (ACT, chain_forward, check_same_shapes, conv_chain, feature_rows, mlp_layers,
+                                  write_layer)
 from mergelab.errors import MergeLabError
 
 
@@ -108,10 +109,7 @@ def zipit_conv(module_a: torch.nn.Module, module_b: torch.nn.Module, inputs: tor
     layers = conv_chain(module_a)
     sa = {k: v.detach() for k, v in module_a.state_dict().items()}
     sb = {k: v.detach() for k, v in module_b.state_dict().items()}
-    for k, v in sa.items():
-        if k not in sb or sb[k].shape != v.shape:
-            raise MergeLabError(f"ZipIt: tensor '{k}' has shape {tuple(v.shape)} in model A but "
-                                f"{tuple(sb[k].shape) if k in sb else 'is missing'} in model B")
+    check_same_shapes(sa, sb, "ZipIt")
     hidden = len(layers) - 1
     depth = hidden if depth < 0 else depth
     if not 0 <= depth <= hidden:
