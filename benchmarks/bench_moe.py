@@ -121,24 +121,17 @@ def convert_family(paths: list, arch: str, seed: int = 0) -> None:
         (p / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def mk_tensors(folder: Path) -> dict:
-    """A folder's tensors, mergekit's per-expert Qwen2-MoE layout packed as transformers 5 packs it on load
-    (``experts.gate_up_proj`` [E, 2I, H] gate rows first, ``experts.down_proj`` [E, H, I])."""
-    import torch
+def folder_tensors(folder: Path) -> dict:
+    """A folder's tensors, mergekit's per-expert Qwen2-MoE layout packed as mergelab writes it
+    (:func:`mergelab.moe.build.pack_per_expert`)."""
     from safetensors.torch import load_file
 
-    mk = {}
+    from mergelab.moe.build import pack_per_expert
+
+    tensors = {}
     for f in sorted(folder.glob("*.safetensors")):
-        mk.update(load_file(str(f)))
-    out = {k: v for k, v in mk.items() if not (".mlp.experts." in k and k.split(".")[5].isdigit())}
-    prefixes = sorted({k.split(".mlp.experts.")[0] for k in mk if ".mlp.experts." in k and k.split(".")[5].isdigit()})
-    for pre in prefixes:
-        n = len({k.split(".")[5] for k in mk if k.startswith(pre + ".mlp.experts.")})
-        e = f"{pre}.mlp.experts"
-        out[f"{e}.gate_up_proj"] = torch.stack([torch.cat([mk[f"{e}.{i}.gate_proj.weight"],
-                                                           mk[f"{e}.{i}.up_proj.weight"]]) for i in range(n)])
-        out[f"{e}.down_proj"] = torch.stack([mk[f"{e}.{i}.down_proj.weight"] for i in range(n)])
-    return out
+        tensors.update(load_file(str(f)))
+    return pack_per_expert(tensors)
 
 
 def find_mergekit_moe() -> Path:
@@ -156,7 +149,7 @@ def find_mergekit_moe() -> Path:
 def same_tensors(a: Path, b: Path) -> bool:
     import torch
 
-    x, y = mk_tensors(a), mk_tensors(b)
+    x, y = folder_tensors(a), folder_tensors(b)
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 

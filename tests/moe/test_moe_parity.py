@@ -18,6 +18,7 @@ import textwrap
 import pytest
 import torch
 
+from mergelab.moe.build import pack_per_expert
 from tests.conftest import run_cli
 from tests.moe.test_moe import ARITH, ROPE, STRINGS, tensors, write
 from tests.moe.tiny import make_family
@@ -75,21 +76,6 @@ def cases(llama, qwen, qwen3):
     }
 
 
-def packed(mk: dict, layers: int) -> dict:
-    """mergekit's per-expert Qwen2-MoE tensors packed as transformers 5 packs them on load."""
-    out = {k: v for k, v in mk.items() if ".mlp.experts." not in k}
-    for l in range(layers):
-        pre = f"model.layers.{l}.mlp.experts"
-        n = len({k.split(".")[5] for k in mk if k.startswith(pre + ".") and k.split(".")[5].isdigit()})
-        if n == 0:
-            out.update({k: v for k, v in mk.items() if k.startswith(pre)})
-            continue
-        out[f"{pre}.gate_up_proj"] = torch.stack([torch.cat([mk[f"{pre}.{e}.gate_proj.weight"],
-                                                             mk[f"{pre}.{e}.up_proj.weight"]]) for e in range(n)])
-        out[f"{pre}.down_proj"] = torch.stack([mk[f"{pre}.{e}.down_proj.weight"] for e in range(n)])
-    return out
-
-
 KEYS = ("architectures", "model_type", "num_local_experts", "num_experts", "num_experts_per_tok", "hidden_size",
         "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
         "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "rope_parameters", "rms_norm_eps",
@@ -119,7 +105,7 @@ def runs(tmp_path_factory):
                                   "llama_to_qwen", "qwen3_hidden", "qwen3_cheap_embed"])
 def test_tensors_and_config_equal_mergekit_moe(runs, case):
     ours, theirs = runs[case]
-    a, b = tensors(ours), packed(tensors(theirs), 2)
+    a, b = tensors(ours), pack_per_expert(tensors(theirs))
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k

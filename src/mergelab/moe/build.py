@@ -38,6 +38,25 @@ ROUTING_FILE = "moe_routing.json"
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def pack_per_expert(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``tensors`` with mergekit-moe's per-expert MLP layout (``...mlp.experts.{e}.{gate,up,down}_proj.weight``,
+    its Qwen2-MoE output) packed into the layout this module writes, as transformers 5 packs it on load
+    (``experts.gate_up_proj`` [E, 2I, H] gate rows first, ``experts.down_proj`` [E, H, I]); other tensors
+    unchanged. Lets a mergekit-moe output be compared tensor by tensor with ``build_moe``'s."""
+    def expert_index(key: str) -> str:
+        return key.split(".mlp.experts.", 1)[1].split(".", 1)[0] if ".mlp.experts." in key else ""
+
+    per = {k for k in tensors if expert_index(k).isdigit()}
+    out = {k: v for k, v in tensors.items() if k not in per}
+    for pre in sorted({k.split(".mlp.experts.")[0] for k in per}):
+        e = f"{pre}.mlp.experts"
+        n = len({expert_index(k) for k in per if k.startswith(e + ".")})
+        out[f"{e}.gate_up_proj"] = torch.stack([torch.cat([tensors[f"{e}.{i}.gate_proj.weight"],
+                                                           tensors[f"{e}.{i}.up_proj.weight"]]) for i in range(n)])
+        out[f"{e}.down_proj"] = torch.stack([tensors[f"{e}.{i}.down_proj.weight"] for i in range(n)])
+    return out
+
+
 @dataclass
 class MoEResult:
     out: Path
