@@ -50,19 +50,10 @@ VARIANTS = [("MC-SMoE", "mcsmoe", {}), ("no alignment", "noalign", {"align": Fal
 
 
 def _params(folder: Path) -> int:
-    """Number of stored tensor elements of the folder's safetensors files (headers only read)."""
-    from safetensors import safe_open
+    """Number of stored tensor elements of the checkpoint in ``folder`` (headers only read)."""
+    from mergelab.io.checkpoint import Checkpoint
 
-    n = 0
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():
-                shape = h.get_slice(k).get_shape()
-                size = 1
-                for d in shape:
-                    size *= d
-                n += size
-    return n
+    return sum(info.numel for info in Checkpoint.open(str(folder)).tensors.values())
 
 
 def linear_macs(config: dict) -> int:
