@@ -35,7 +35,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from mergelab.align.chain import (ACT, ChainLayer, chain_forward, check_same_shapes, conv_chain,  # noqa: F401
+from mergelab.align.chain import (ACT, ChainLayer, chain_forward, check_same_shapes, conv_chain,
                                   feature_rows, mlp_layers, write_layer)
 from mergelab.align.matching import activation_matching
 from mergelab.align.spec import Axis, apply_permutations, chain_spec

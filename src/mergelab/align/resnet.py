@@ -19,7 +19,7 @@ and each block's ``conv2`` is fitted to ``T(g_A, g_B)`` where ``g_X`` is model X
 ``BN2`` output before the addition): ``T(s_A, s_B) + T(g_A, g_B) = T(s_A + g_A, s_B + g_B)``. The
 inner channels of each block have a width of their own. Every conv is fitted by least squares on its
 unfolded input patches with the A-only/B-only mask; each BatchNorm is folded into its conv's targets
-and written back as the identity carrying the intercept (:func:`pleas.write_layer`).
+and written back as the identity carrying the intercept (:func:`mergelab.align.chain.write_layer`).
 """
 
 from __future__ import annotations

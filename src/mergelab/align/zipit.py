@@ -10,7 +10,7 @@ A *merge* matrix ``M`` (``n x 2n``, 1/2 on both features of a pair) and an *unme
 ``W = M_l blockdiag(W_A, W_B) U_{l-1}`` and ``b = M_l [b_A; b_B]`` (the input layer reads the shared
 input: ``U_0 = [I; I]``).
 
-**Conv nets** (:func:`zipit_conv`, plain chains as :func:`mergelab.align.pleas.conv_chain` reads them):
+**Conv nets** (:func:`zipit_conv`, plain chains as :func:`mergelab.align.chain.conv_chain` reads them):
 each BatchNorm is folded into its conv, the features are the channels' post-activation values at every
 position, and ``M``/``U`` act on the output and input channel axes of each kernel (a flattened conv map
 feeding a linear layer unmerges each channel's block of positions). Zipped BatchNorms are written as the
